@@ -1,0 +1,256 @@
+"""Where models live, and the one search order every loader uses.
+
+Search order for a model ``name`` of a family:
+  1. ``name`` itself, when it is an existing path (absolute, or relative to the cwd);
+  2. ComfyUI's model folders for the family (only when the ComfyUI adapter registered
+     a provider: the library never imports ComfyUI);
+  3. ``<models_dir>/<folder>`` for each models dir given by :func:`configure`
+     (``xmgie --models-dir``) and by ``XMGIE_MODELS_DIR`` (os.pathsep-separated);
+  4. the Hugging Face cache, local files only (never a download).
+
+Tiny mode (``xmgie run --tiny``, and the tests) points every family at the random-weight
+models written by :mod:`mgie_core.tiny`, whatever name a workflow asks for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from .errors import ModelNotFoundError
+
+ENV_MODELS_DIR = "XMGIE_MODELS_DIR"
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    key: str                    # stable id used by loaders and nodes
+    what: str                   # human name for messages
+    folder: str                 # sub-folder name under a models dir / ComfyUI folder name
+    kind: str                   # "file" or "folder"
+    extensions: tuple[str, ...] = ()
+    default_names: tuple[str, ...] = ()
+    published: str = ""
+    hf_repos: tuple[str, ...] = ()       # Hub ids looked up in the local HF cache
+    folder_marker: str = ""              # a file a valid folder must contain
+    comfy_folders: tuple[str, ...] = ()  # ComfyUI folder names (defaults to (folder,))
+    tiny_name: str = ""                  # path of the tiny model under <tiny_root>/<folder>/
+
+    @property
+    def comfy_names(self) -> tuple[str, ...]:
+        return self.comfy_folders or (self.folder,)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    FAMILIES[family.key] = family
+    return family
+
+
+SD_CHECKPOINT = register_family(Family(
+    key="sd_checkpoint", what="Stable Diffusion 1.x checkpoint", folder="checkpoints",
+    kind="file", extensions=(".safetensors", ".ckpt"),
+    default_names=("v1-5-pruned-emaonly.safetensors",),
+    published="https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5 "
+              "(v1-5-pruned-emaonly.safetensors), or any SD 1.x fine-tune",
+    tiny_name="tiny-sd15.safetensors"))
+
+SD_DIFFUSERS = register_family(Family(
+    key="sd_diffusers", what="Stable Diffusion 1.x diffusers folder", folder="diffusers",
+    kind="folder", folder_marker="model_index.json",
+    default_names=("stable-diffusion-v1-5",),
+    hf_repos=("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"),
+    published="https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5 "
+              "(the whole repository, diffusers layout)",
+    tiny_name="tiny-sd15"))
+
+IP2P_DIFFUSERS = register_family(Family(
+    key="ip2p_diffusers", what="InstructPix2Pix diffusers folder", folder="diffusers",
+    kind="folder", folder_marker="model_index.json",
+    default_names=("instruct-pix2pix",),
+    hf_repos=("timbrooks/instruct-pix2pix",),
+    published="https://huggingface.co/timbrooks/instruct-pix2pix (diffusers layout)",
+    tiny_name="tiny-ip2p"))
+
+MGIE_UNET = register_family(Family(
+    key="mgie_unet", what="MGIE instruction UNet (unet.pt)", folder="mgie",
+    kind="file", extensions=(".pt", ".pth", ".safetensors"),
+    default_names=("unet.pt",),
+    published="Apple's MGIE release (github.com/apple/ml-mgie, checkpoint mgie_7b: "
+              "unet.pt and mllm.pt); put unet.pt in the mgie folder",
+    tiny_name="unet.pt"))
+
+SAM = register_family(Family(
+    key="sam", what="Segment Anything checkpoint", folder="sams",
+    kind="file", extensions=(".pth", ".pt"),
+    default_names=("sam_vit_b_01ec64.pth", "sam_vit_l_0b3195.pth", "sam_vit_h_4b8939.pth"),
+    published="https://github.com/facebookresearch/segment-anything#model-checkpoints",
+    tiny_name="sam_vit_tiny.pth"))
+
+BLIP2 = register_family(Family(
+    key="blip2", what="BLIP-2 captioner (Hugging Face folder)", folder="blip2",
+    kind="folder", folder_marker="config.json",
+    default_names=("blip2-opt-2.7b",),
+    hf_repos=("Salesforce/blip2-opt-2.7b",),
+    published="https://huggingface.co/Salesforce/blip2-opt-2.7b (the whole repository)",
+    tiny_name="tiny-blip2"))
+
+VLM = register_family(Family(
+    key="vlm", what="vision-language model (Hugging Face folder, image-text-to-text)",
+    folder="vlm", kind="folder", folder_marker="config.json",
+    comfy_folders=("vlm", "LLM"),
+    default_names=("Qwen2.5-VL-3B-Instruct", "llava-1.5-7b-hf"),
+    hf_repos=("Qwen/Qwen2.5-VL-3B-Instruct", "llava-hf/llava-1.5-7b-hf"),
+    published="any transformers image-text-to-text model with a chat template, e.g. "
+              "https://huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct",
+    tiny_name="tiny-vlm"))
+
+CLIP_VISION = register_family(Family(
+    key="clip_vision", what="CLIP vision encoder (Hugging Face folder)", folder="clip_vision",
+    kind="folder", folder_marker="config.json",
+    default_names=("clip-vit-large-patch14",),
+    hf_repos=("openai/clip-vit-large-patch14",),
+    published="https://huggingface.co/openai/clip-vit-large-patch14 (the whole repository)",
+    tiny_name="tiny-clip-vision"))
+
+FACE_RECOGNITION = register_family(Family(
+    key="face_recognition", what="face-recognition state dict (ArcFace IResNet)",
+    folder="face_recognition", kind="file", extensions=(".pth", ".pt", ".safetensors"),
+    default_names=("arcface_r100.pth",),
+    published="insightface arcface_torch (github.com/deepinsight/insightface, "
+              "recognition/arcface_torch: an IResNet backbone.pth); rename it as you like",
+    tiny_name="arcface_tiny.pth"))
+
+
+# --- configuration ------------------------------------------------------------------
+
+_models_dirs: list[Path] = []
+_tiny_root: Optional[Path] = None
+# Returns the ComfyUI folders for a ComfyUI folder name; installed by the adapter.
+_comfy_provider: Optional[Callable[[str], list[str]]] = None
+
+
+def configure(models_dir: Optional[Iterable[str | Path] | str | Path] = None,
+              tiny_root: Optional[str | Path] = None, *, reset: bool = False) -> None:
+    """Set the ``--models-dir`` folders and/or tiny mode. ``reset`` clears both first."""
+    global _models_dirs, _tiny_root
+    if reset:
+        _models_dirs = []
+        _tiny_root = None
+    if models_dir is not None:
+        if isinstance(models_dir, (str, Path)):
+            models_dir = [models_dir]
+        _models_dirs = [Path(p).expanduser() for p in models_dir]
+    if tiny_root is not None:
+        _tiny_root = Path(tiny_root)
+
+
+def tiny_root() -> Optional[Path]:
+    return _tiny_root
+
+
+def set_comfy_provider(provider: Optional[Callable[[str], list[str]]]) -> None:
+    global _comfy_provider
+    _comfy_provider = provider
+
+
+def models_dirs() -> list[Path]:
+    dirs = list(_models_dirs)
+    env = os.environ.get(ENV_MODELS_DIR, "")
+    dirs += [Path(p).expanduser() for p in env.split(os.pathsep) if p]
+    return dirs
+
+
+def search_dirs(family: Family | str) -> list[Path]:
+    """Folders searched for a family, in order (HF cache not included)."""
+    fam = FAMILIES[family] if isinstance(family, str) else family
+    dirs: list[Path] = []
+    if _comfy_provider is not None:
+        for name in fam.comfy_names:
+            try:
+                dirs += [Path(p) for p in _comfy_provider(name)]
+            except Exception:  # an unregistered folder name in an older ComfyUI
+                pass
+    dirs += [d / fam.folder for d in models_dirs()]
+    seen, out = set(), []
+    for d in dirs:
+        if str(d) not in seen:
+            seen.add(str(d))
+            out.append(d)
+    return out
+
+
+def _valid(fam: Family, p: Path) -> bool:
+    if fam.kind == "folder":
+        return p.is_dir() and (not fam.folder_marker or (p / fam.folder_marker).exists())
+    return p.is_file()
+
+
+def _hf_cache(repo_id: str) -> Optional[Path]:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        return None
+
+
+def resolve(family: Family | str, name: str) -> Path:
+    """Find model ``name`` of ``family`` or raise :class:`ModelNotFoundError`."""
+    fam = FAMILIES[family] if isinstance(family, str) else family
+    if _tiny_root is not None:
+        p = _tiny_root / fam.folder / fam.tiny_name
+        if not _valid(fam, p):
+            raise ModelNotFoundError(f"tiny {fam.what}", fam.tiny_name, [p],
+                                     hint="Tiny models are written by xmgie's tiny module; "
+                                          "rerun with --tiny to rebuild them.")
+        return p
+    searched: list[Path | str] = []
+    if name:
+        direct = Path(name).expanduser()
+        if _valid(fam, direct):
+            return direct
+        if direct.is_absolute():
+            searched.append(direct)
+        for d in search_dirs(fam):
+            p = d / name
+            searched.append(p)
+            if _valid(fam, p):
+                return p
+    repos = ([name] if name.count("/") == 1 and not Path(name).is_absolute() else []) \
+        + list(fam.hf_repos if name in fam.default_names or not name else ())
+    for repo in repos:
+        searched.append(f"Hugging Face cache (local files only): {repo}")
+        p = _hf_cache(repo)
+        if p is not None and _valid(fam, p):
+            return p
+    raise ModelNotFoundError(
+        fam.what, name, searched, fam.published,
+        hint=f"Put it in a '{fam.folder}' folder: ComfyUI's models/{fam.comfy_names[0]}, "
+             f"or <models dir>/{fam.folder} with --models-dir or {ENV_MODELS_DIR}.")
+
+
+def list_models(family: Family | str) -> list[str]:
+    """Names to offer in a node's dropdown: what is found, then the published defaults
+    (picking a missing default gives the clear not-found error at run time)."""
+    fam = FAMILIES[family] if isinstance(family, str) else family
+    if _tiny_root is not None:
+        return list(fam.default_names)
+    found: list[str] = []
+    for d in search_dirs(fam):
+        if not d.is_dir():
+            continue
+        for p in sorted(d.rglob("*") if fam.kind == "file" else d.iterdir()):
+            if fam.kind == "file" and p.is_file() and p.suffix.lower() in fam.extensions:
+                found.append(p.relative_to(d).as_posix())
+            elif fam.kind == "folder" and _valid(fam, p):
+                found.append(p.name)
+    out = []
+    for n in found + list(fam.default_names):
+        if n not in out:
+            out.append(n)
+    return out
