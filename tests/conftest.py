@@ -1,0 +1,56 @@
+"""Test setup: offline, no network at all, and tiny random-weight models on disk."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ["XMGIE_NO_PROGRESS"] = "1"
+os.environ.pop("XMGIE_MODELS_DIR", None)
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+_real_connect = socket.socket.connect
+
+
+def _no_inet_connect(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        raise RuntimeError(f"a test tried to reach the network ({address!r}); tests are offline")
+    return _real_connect(self, address)
+
+
+socket.socket.connect = _no_inet_connect
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    """A models folder for the tiny models; families are written on first use."""
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_root):
+    """``tiny_models("sam")`` writes (once) and returns the tiny model path of a family."""
+    from xmgie.mgie_core import tiny
+
+    def get(family: str):
+        tiny.ensure_tiny_models(tiny_root, [family])
+        return tiny.tiny_path(tiny_root, family)
+
+    return get
+
+
+@pytest.fixture
+def clean_paths():
+    """Reset the library's model search configuration around a test."""
+    from xmgie.mgie_core import paths
+
+    paths.configure(reset=True)
+    yield paths
+    paths.configure(reset=True)
