@@ -84,6 +84,18 @@ MGIE_UNET = register_family(Family(
               "unet.pt and mllm.pt); put unet.pt in the mgie folder",
     tiny_name="unet.pt"))
 
+CLIP_TOKENIZER = register_family(Family(
+    key="clip_tokenizer", what="CLIP tokenizer for SD 1.x single-file checkpoints",
+    folder="clip_tokenizer", kind="folder", folder_marker="vocab.json",
+    # ComfyUI ships this tokenizer as comfy/sd1_tokenizer; the adapter registers it.
+    default_names=("clip-vit-large-patch14", "sd1_tokenizer"),
+    hf_repos=("openai/clip-vit-large-patch14",),
+    published="the tokenizer files (vocab.json, merges.txt, tokenizer_config.json, "
+              "special_tokens_map.json) of https://huggingface.co/openai/clip-vit-large-patch14 "
+              "or the tokenizer/ folder of stable-diffusion-v1-5; inside ComfyUI its own "
+              "comfy/sd1_tokenizer is used",
+    tiny_name="tiny-clip-tokenizer"))
+
 SAM = register_family(Family(
     key="sam", what="Segment Anything checkpoint", folder="sams",
     kind="file", extensions=(".pth", ".pt"),

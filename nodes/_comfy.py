@@ -37,6 +37,17 @@ def _register_folders(folder_paths) -> None:
                     known_exts.update(exts)
             else:
                 folder_paths.folder_names_and_paths[name] = ([default], exts)
+    # ComfyUI ships the SD 1.x CLIP tokenizer as comfy/sd1_tokenizer: let the
+    # single-file loader find it under the name "sd1_tokenizer".
+    try:
+        import comfy
+
+        comfy_dir = os.path.dirname(comfy.__file__)
+        known = folder_paths.folder_names_and_paths[paths.CLIP_TOKENIZER.folder][0]
+        if comfy_dir not in known:
+            known.append(comfy_dir)
+    except Exception:
+        pass
 
 
 def install() -> bool:

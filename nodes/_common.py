@@ -17,8 +17,8 @@ PREFIX = "XMGIE"
 ROOT_CATEGORY = "xmgie"
 
 # Custom socket types (transparent dataclasses from mgie_core).
-SD_MODEL = "XMGIE_SD"            # mgie_core.models.sd.SDModel
-INSTRUCT_MODEL = "XMGIE_INSTRUCT"  # mgie_core.models.sd.SDModel with an 8-channel UNet
+SD_MODEL = "XMGIE_SD"            # mgie_core.models.sd.SDModel (4- or 8-channel UNet)
+
 LATENT = "XMGIE_LATENT"          # mgie_core.models.sd.Latents
 SAM_MODEL = "XMGIE_SAM"
 CAPTIONER = "XMGIE_CAPTIONER"

@@ -27,6 +27,7 @@ MAKERS: dict[str, str] = {
     "sd_checkpoint": "sd:make_sd_checkpoint",
     "ip2p_diffusers": "sd:make_ip2p_diffusers",
     "mgie_unet": "sd:make_mgie_unet",
+    "clip_tokenizer": "sd:make_clip_tokenizer",
     "sam": "sam:make_sam",
     "clip_vision": "identity:make_clip_vision",
     "face_recognition": "identity:make_face_recognition",
@@ -67,9 +68,14 @@ def ensure_tiny_models(root: Optional[Path | str] = None,
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
         try:
-            tmp = tmp_dir / target.name
-            maker(family)(tmp)
-            os.replace(tmp, target)
+            maker(family)(tmp_dir / target.name)
+            # A maker may write side files (a config folder beside a checkpoint): move
+            # them first, the model itself last, so its presence means "complete".
+            for entry in sorted(tmp_dir.iterdir(), key=lambda p: p.name == target.name):
+                dest = target.parent / entry.name
+                if dest.exists() and entry.name != target.name:
+                    shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+                os.replace(entry, dest)
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return root
