@@ -100,7 +100,7 @@ def make_sd_checkpoint(path: Path) -> None:
     path = Path(path)
     unet, vae, text_encoder = build(4)
     save_file(pipeline_to_ldm(unet, vae, text_encoder), str(path))
-    write_configs(path.with_name(path.stem + SIDE_CONFIG_SUFFIX), 4, with_tokenizer=False)
+    write_configs(path.with_name(path.stem + SIDE_CONFIG_SUFFIX), 4, with_tokenizer=True)
 
 
 def make_mgie_unet(path: Path) -> None:
