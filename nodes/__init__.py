@@ -8,6 +8,8 @@ import importlib
 _MODULES = [
     "loaders",
     "latents",
+    "sam",
+    "identity",
 ]
 
 NODE_CLASS_MAPPINGS: dict = {}
