@@ -1,0 +1,181 @@
+"""``xmgie``: run or check a ComfyUI workflow without ComfyUI.
+
+    xmgie check WORKFLOW.json [--tiny] [--set NODE_ID.INPUT=VALUE ...]
+    xmgie run WORKFLOW.json [--tiny] [--set ...] [--output-dir DIR] [--input-dir DIR ...]
+                            [--models-dir DIR ...] [--device cpu|cuda|...]
+
+The registry is the pack's nodes plus standalone stand-ins for the ComfyUI core nodes
+the shipped workflows use (LoadImage, LoadImageMask, SaveImage, PreviewImage).
+
+Exit status: 0 success; 1 invalid workflow or a node failed; 2 the workflow file is
+missing or not JSON (or bad command-line usage); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .mgie_core import paths, runtime, workflow
+from .mgie_core.errors import XMGIEError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+TINY_NOTE = ("note: --tiny uses random-weight tiny models: it proves the install and the "
+             "graph, and the image it produces is meaningless.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xmgie", description="Run or check a ComfyUI workflow (UI or API format) "
+        "headlessly with the xMGIE nodes.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("workflow", type=Path, help="workflow JSON file (UI or API format)")
+    common.add_argument("--tiny", action="store_true",
+                        help="use random-weight tiny models (built on first use) for every "
+                             "model: checks the install and the graph quickly")
+    common.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="NODE_ID.INPUT=VALUE",
+                        help="override an input, e.g. --set 3.seed=42 --set 6.text='a red car' "
+                             "(VALUE is parsed as JSON when it can be; repeatable)")
+    common.add_argument("--input-dir", action="append", type=Path, default=None, metavar="DIR",
+                        help="folder of input images (repeatable; default ./input); the "
+                             "workflow's folder and its inputs/ sub-folder are searched after")
+    common.add_argument("--models-dir", action="append", type=Path, default=None, metavar="DIR",
+                        help="models folder holding checkpoints/, diffusers/, mgie/, ... "
+                             f"(repeatable; also ${paths.ENV_MODELS_DIR})")
+
+    commands.add_parser("check", parents=[common], help="validate a workflow, run nothing",
+                        description="Validate every node and link of a workflow; print all "
+                                    "problems at once.")
+    run = commands.add_parser("run", parents=[common], help="run a workflow",
+                              description="Validate, then run the nodes the outputs need.")
+    run.add_argument("--output-dir", type=Path, default=Path("output"), metavar="DIR",
+                     help="where SaveImage/PreviewImage write (default ./output)")
+    run.add_argument("--device", default=None,
+                     help="torch device for the models, e.g. cpu, cuda, cuda:1, mps "
+                          "(default: the best available)")
+    return parser
+
+
+def build_registry() -> dict[str, type]:
+    """The pack's nodes, plus core stand-ins for the ids the pack does not define."""
+    # Imported here, not at module level, so `xmgie.cli` imports even when a node
+    # module is broken (the error then comes out as a message, not a traceback).
+    from .nodes import NODE_CLASS_MAPPINGS
+    from .nodes.core_standins import STANDINS
+
+    return {**STANDINS, **NODE_CLASS_MAPPINGS}
+
+
+def configure_models(args: argparse.Namespace) -> None:
+    """Device, model folders and tiny mode; before validation, because model dropdown
+    lists depend on them."""
+    if getattr(args, "device", None):
+        os.environ["XMGIE_DEVICE"] = args.device  # read by mgie_core.runtime
+    if args.models_dir:
+        paths.configure(models_dir=args.models_dir)
+    if args.tiny:
+        from .mgie_core import tiny
+
+        print(TINY_NOTE, file=sys.stderr)
+        paths.configure(tiny_root=tiny.ensure_tiny_models())
+
+
+def run_context(args: argparse.Namespace):
+    from .nodes.core_standins import RunContext
+
+    return RunContext(input_dirs=list(args.input_dir or [Path("input")]),
+                      output_dir=getattr(args, "output_dir", Path("output")),
+                      workflow_dir=args.workflow.resolve().parent)
+
+
+def prepare(args: argparse.Namespace, data: dict,
+            registry: dict[str, type]) -> tuple[dict, dict]:
+    """Convert, override and validate; returns (API prompt, extra_pnginfo)."""
+    prompt = workflow.to_api(data, registry)
+    prompt = workflow.apply_overrides(prompt, args.overrides, registry)
+    prompt = workflow.check(prompt, registry)
+    # ComfyUI embeds the UI workflow in saved PNGs; an API file has none to embed.
+    extra_pnginfo = {"workflow": data} if workflow.is_ui_format(data) else {}
+    return prompt, extra_pnginfo
+
+
+def cmd_check(args: argparse.Namespace, data: dict, registry: dict[str, type]) -> int:
+    prompt, _ = prepare(args, data, registry)
+    print(f"OK: {len(prompt)} nodes")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, data: dict, registry: dict[str, type]) -> int:
+    from .nodes import core_standins
+
+    prompt, extra_pnginfo = prepare(args, data, registry)
+    start = time.perf_counter()
+
+    def report(t: workflow.NodeTiming) -> None:
+        print(f"[{t.node_id}] {t.class_type}: {t.seconds:.2f} s", flush=True)
+
+    workflow.execute(prompt, registry, on_node=report, extra_pnginfo=extra_pnginfo)
+    written = core_standins.context().written
+    print(f"Done in {time.perf_counter() - start:.2f} s.")
+    if written:
+        print(f"Wrote {len(written)} file(s):")
+        for path in written:
+            print(f"  {path}")
+    else:
+        print("No files written (the workflow has no SaveImage/PreviewImage node).")
+    return EXIT_OK
+
+
+def _print_errors(exc: workflow.WorkflowError) -> None:
+    if len(exc.errors) == 1:
+        print(f"error: {exc.errors[0]}", file=sys.stderr)
+        return
+    print(f"error: {len(exc.errors)} problems in the workflow:", file=sys.stderr)
+    for message in exc.errors:
+        print(f"  - {message}", file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return int(exc.code or 0)
+    command = {"check": cmd_check, "run": cmd_run}[args.command]
+    try:
+        data = workflow.load_file(args.workflow)  # first: a bad path fails fast
+        try:
+            registry = build_registry()
+        except Exception as exc:
+            print(f"error: the xMGIE nodes could not be imported ({type(exc).__name__}: {exc}); "
+                  "reinstall the package or fix the module named above.", file=sys.stderr)
+            return EXIT_FAILED
+        configure_models(args)
+        from .nodes import core_standins
+
+        with core_standins.using_context(run_context(args)):
+            return command(args, data, registry)
+    except workflow.WorkflowFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except workflow.WorkflowError as exc:
+        _print_errors(exc)
+        return EXIT_FAILED
+    except (KeyboardInterrupt, runtime.Interrupted):
+        print("Interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except XMGIEError as exc:  # e.g. tiny models could not be built
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
