@@ -96,7 +96,7 @@ def clip_bpe(n_merges: int = 700) -> tuple[dict[str, int], list[str]]:
 
 
 @lru_cache(maxsize=None)
-def gpt2_bpe(n_merges: int = 700, specials: tuple[str, ...] = ("<|endoftext|>",)
+def gpt2_bpe(n_merges: int = 900, specials: tuple[str, ...] = ("<|endoftext|>",)
              ) -> tuple[dict[str, int], list[str]]:
     """GPT-2 layout (space as 'Ġ' prefix); used for OPT/LLaMA-style tiny tokenizers."""
     b2u = bytes_to_unicode()
