@@ -10,6 +10,9 @@ _MODULES = [
     "latents",
     "sam",
     "identity",
+    "caption",
+    "vlm",
+    "plan",
 ]
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -87,7 +87,9 @@ def _finish(unet, vae, text_encoder, tokenizer, scheduler_config, source: Path,
     nbytes = sum(p.numel() * torch.finfo(dtype).bits // 8 for m in modules for p in m.parameters())
     runtime.free_memory_for(nbytes, device)
     for m in modules:
-        m.requires_grad_(False).eval().to(device=device, dtype=dtype)
+        m.requires_grad_(False).eval().to(device=device)
+        if next(m.parameters()).dtype != dtype:  # diffusers warns on every same-dtype cast
+            m.to(dtype=dtype)
     return SDModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                    scheduler=ddim_scheduler(scheduler_config), device=device, dtype=dtype,
                    source=str(source))
