@@ -1,0 +1,404 @@
+"""One attention-control mechanism for every stage, built on diffusers attention processors.
+
+Every attention layer of the UNet gets a :class:`ControlledAttnProcessor`. With no hook
+asking for anything it runs exactly the computation of diffusers' ``AttnProcessor2_0``
+(PyTorch SDPA). Hooks change a layer only where they need to:
+
+* ``logit_bias``: an additive bias on the logits (CAM in logits mode), still SDPA;
+* ``qk_source``: take queries/keys of one batch row from another (self-attention
+  injection: softmax(Q_rec K_rec^T) V_edit is SDPA on swapped Q, K, and exact);
+* ``needs_probs`` / ``edit_probs`` / ``observe``: explicit softmax probabilities, only in
+  layers where a hook must read or rewrite them (capture, cross-attention injection,
+  CAM on probabilities). Cross-attention maps are (HW x 77) and cheap; self-attention
+  maps are never materialised by the built-in hooks.
+
+A UNet call is described by an :class:`AttnContext`: the step, and the layout of the batch
+(which row is which branch and which guidance half), so hooks address rows by meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+COND, UNCOND = "cond", "uncond"
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    """Meaning of each batch row of one UNet call: (branch, guidance half)."""
+
+    rows: tuple[tuple[str, str], ...]
+
+    def index(self, branch: str, half: str) -> Optional[int]:
+        try:
+            return self.rows.index((branch, half))
+        except ValueError:
+            return None
+
+    def indices(self, half: Optional[str] = None, branch: Optional[str] = None) -> list[int]:
+        return [i for i, (b, h) in enumerate(self.rows)
+                if (half is None or h == half) and (branch is None or b == branch)]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclasses.dataclass
+class AttnContext:
+    step: int                    # denoising step index, 0 = noisiest
+    num_steps: int
+    layout: BatchLayout
+    latent_hw: tuple[int, int]   # latent height, width of this call
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    name: str          # e.g. "down_blocks.2.attentions.0.transformer_blocks.0.attn2"
+    is_cross: bool
+
+    @property
+    def block(self) -> str:
+        """'down_blocks.2', 'mid_block', 'up_blocks.1' ..."""
+        parts = self.name.split(".")
+        return parts[0] if parts[0] == "mid_block" else ".".join(parts[:2])
+
+    def in_set(self, prefixes: Iterable[str]) -> bool:
+        return any(self.name == p or self.name.startswith(p + ".") for p in prefixes)
+
+
+def layer_hw(ctx: AttnContext, tokens: int) -> tuple[int, int]:
+    """Spatial size of a layer from its token count and the call's latent size."""
+    h, w = ctx.latent_hw
+    f = math.sqrt(h * w / tokens)
+    return int(round(h / f)), int(round(w / f))
+
+
+class AttnHook:
+    """Base class: override what you need. Every method gets the layer and context."""
+
+    def needs_probs(self, layer: LayerInfo, ctx: AttnContext) -> bool:
+        return False
+
+    def logit_bias(self, layer: LayerInfo, ctx: AttnContext, n_query: int, n_key: int,
+                   device, dtype) -> Optional[torch.Tensor]:
+        """Additive bias broadcastable to (batch, heads, n_query, n_key), or None."""
+        return None
+
+    def qk_source(self, layer: LayerInfo, ctx: AttnContext, n_query: int
+                  ) -> Optional[dict[int, int]]:
+        """{target row: source row}: the target row uses the source row's Q and K."""
+        return None
+
+    def edit_probs(self, layer: LayerInfo, ctx: AttnContext, probs: torch.Tensor) -> torch.Tensor:
+        """Rewrite probabilities (batch, heads, n_query, n_key); return the new tensor."""
+        return probs
+
+    def observe(self, layer: LayerInfo, ctx: AttnContext, probs: torch.Tensor) -> None:
+        """Read the final probabilities of a layer (capture)."""
+
+
+class AttentionController:
+    """Owns the hooks and the context of the current UNet call."""
+
+    def __init__(self):
+        self.hooks: list[AttnHook] = []
+        self.context: Optional[AttnContext] = None
+        self.explicit_layers: set[str] = set()   # names computed explicitly this call
+
+    def reset_call(self, ctx: Optional[AttnContext]) -> None:
+        self.context = ctx
+        self.explicit_layers.clear()
+
+
+class ControlledAttnProcessor:
+    """Diffusers attention processor that consults the controller's hooks."""
+
+    def __init__(self, controller: AttentionController, layer: LayerInfo):
+        self.controller = controller
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        ctl, layer = self.controller, self.layer
+        ctx = ctl.context
+        hooks = ctl.hooks if ctx is not None else []
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch, _, _ = hidden_states.shape
+        seq_k = hidden_states.shape[1] if encoder_hidden_states is None \
+            else encoder_hidden_states.shape[1]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq_k, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        n_q, n_k = query.shape[2], key.shape[2]
+        # Row substitutions of Q and K (self-attention injection).
+        for hook in hooks:
+            mapping = hook.qk_source(layer, ctx, query.shape[2])
+            if mapping:
+                query, key = query.clone(), key.clone()
+                for dst, src in mapping.items():
+                    query[dst] = query[src]
+                    key[dst] = key[src]
+        bias = attention_mask
+        for hook in hooks:
+            extra = hook.logit_bias(layer, ctx, n_q, n_k, query.device, query.dtype)
+            if extra is not None:
+                bias = extra if bias is None else bias + extra
+
+        if any(hook.needs_probs(layer, ctx) for hook in hooks):
+            ctl.explicit_layers.add(layer.name)
+            logits = (query @ key.transpose(-1, -2)) * attn.scale
+            if bias is not None:
+                logits = logits + bias
+            probs = logits.softmax(dim=-1)
+            for hook in hooks:
+                probs = hook.edit_probs(layer, ctx, probs)
+            for hook in hooks:
+                hook.observe(layer, ctx, probs)
+            out = probs.to(value.dtype) @ value
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias,
+                                                 dropout_p=0.0, is_causal=False)
+
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def attention_layers(unet) -> list[LayerInfo]:
+    return [LayerInfo(name[: -len(".processor")], name.endswith("attn2.processor"))
+            for name in unet.attn_processors]
+
+
+def install(unet) -> AttentionController:
+    """Put controlled processors on every attention layer (idempotent per UNet)."""
+    existing = getattr(unet, "_xmgie_controller", None)
+    if existing is not None:
+        return existing
+    controller = AttentionController()
+    unet.set_attn_processor({f"{l.name}.processor": ControlledAttnProcessor(controller, l)
+                             for l in attention_layers(unet)})
+    unet._xmgie_controller = controller
+    return controller
+
+
+def uninstall(unet) -> None:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    if getattr(unet, "_xmgie_controller", None) is not None:
+        unet.set_attn_processor(AttnProcessor2_0())
+        del unet._xmgie_controller
+
+
+# --- masks at layer resolution ------------------------------------------------------
+
+class MaskPyramid:
+    """A mask resized to each layer resolution (bicubic, then threshold 0.5:
+    ALGORITHMS.md section 4), cached."""
+
+    def __init__(self, mask: torch.Tensor):
+        # mask: [H,W] or [B,H,W] float in 0..1 at image or latent resolution
+        self.mask = mask if mask.ndim == 3 else mask[None]
+        self._cache: dict[tuple[int, int, str], torch.Tensor] = {}
+
+    def at(self, hw: tuple[int, int], device, binary: bool = True) -> torch.Tensor:
+        key = (hw[0], hw[1], str(device), binary)
+        if key not in self._cache:
+            m = F.interpolate(self.mask[:, None].float(), size=hw, mode="bicubic",
+                              align_corners=False)[:, 0]
+            m = (m > 0.5).float() if binary else m.clamp(0, 1)
+            self._cache[key] = m.to(device)
+        return self._cache[key]
+
+
+# --- built-in hooks -----------------------------------------------------------------
+
+class CaptureHook(AttnHook):
+    """Keep cross-attention probabilities of chosen layers and rows for the current call.
+
+    ``maps[layer_name]`` is (len(rows), heads, HW, 77). Gradients flow through when the
+    UNet call is under autograd (MAG needs that)."""
+
+    def __init__(self, layers: Sequence[str], rows: Optional[Sequence[tuple[str, str]]] = None,
+                 cross: bool = True, steps: Optional[Iterable[int]] = None):
+        self.layers = tuple(layers)
+        self.rows = tuple(rows) if rows else None
+        self.cross = cross
+        self.steps = set(steps) if steps is not None else None
+        self.maps: dict[str, torch.Tensor] = {}
+
+    def _applies(self, layer, ctx) -> bool:
+        return (layer.is_cross == self.cross and layer.in_set(self.layers)
+                and (self.steps is None or ctx.step in self.steps))
+
+    def needs_probs(self, layer, ctx):
+        return self._applies(layer, ctx)
+
+    def observe(self, layer, ctx, probs):
+        if not self._applies(layer, ctx):
+            return
+        if self.rows is None:
+            self.maps[layer.name] = probs
+        else:
+            idx = [ctx.layout.index(*r) for r in self.rows]
+            self.maps[layer.name] = probs[[i for i in idx if i is not None]]
+
+
+def cam_logit_bias(mask_hw: torch.Tensor, in_tokens: Sequence[int], out_tokens: Sequence[int],
+                   n_key: int, dtype) -> torch.Tensor:
+    """(B_mask, 1, HW, n_key) additive bias: IN tokens only inside the mask, OUT tokens
+    only outside (PFB-Diff's CAM on the logits)."""
+    m = mask_hw.flatten(1)[:, None, :, None]              # (B,1,HW,1)
+    neg = torch.finfo(dtype).min
+    bias = torch.zeros(m.shape[0], 1, m.shape[2], n_key, dtype=dtype, device=m.device)
+    if in_tokens:
+        bias[..., list(in_tokens)] = torch.where(m > 0.5, 0.0, neg).to(dtype)
+    if out_tokens:
+        bias[..., list(out_tokens)] = torch.where(m > 0.5, neg, 0.0).to(dtype)
+    return bias
+
+
+class CAMHook(AttnHook):
+    """Cross-attention masking (ALGORITHMS.md section 4) on the conditional rows."""
+
+    DEFAULT_LAYERS = ("down_blocks.2", "mid_block", "up_blocks.1",
+                      "up_blocks.2.attentions.0", "up_blocks.2.attentions.1")
+
+    def __init__(self, mask: torch.Tensor, in_tokens: Sequence[int], out_tokens: Sequence[int] = (),
+                 layers: Sequence[str] = DEFAULT_LAYERS, mode: str = "logits",
+                 branches: Sequence[str] = ("edit",), steps: Optional[Iterable[int]] = None):
+        if mode not in ("logits", "probs"):
+            raise ValueError(f"CAM mode must be 'logits' or 'probs', not {mode!r}")
+        self.pyramid = mask if isinstance(mask, MaskPyramid) else MaskPyramid(mask)
+        self.in_tokens, self.out_tokens = list(in_tokens), list(out_tokens)
+        self.layers, self.mode = tuple(layers), mode
+        self.branches = tuple(branches)
+        self.steps = set(steps) if steps is not None else None
+
+    def _rows(self, layer, ctx) -> list[int]:
+        if not layer.is_cross or not layer.in_set(self.layers):
+            return []
+        if self.steps is not None and ctx.step not in self.steps:
+            return []
+        return [i for i, (b, h) in enumerate(ctx.layout.rows) if h == COND and b in self.branches]
+
+    def logit_bias(self, layer, ctx, n_query, n_key, device, dtype):
+        rows = self._rows(layer, ctx)
+        if self.mode != "logits" or not rows:
+            return None
+        m = self.pyramid.at(layer_hw(ctx, n_query), device)
+        cam = cam_logit_bias(m, self.in_tokens, self.out_tokens, n_key, dtype)
+        bias = torch.zeros(len(ctx.layout), 1, n_query, n_key, dtype=dtype, device=device)
+        bias[rows] = cam.expand(len(rows), -1, -1, -1) if cam.shape[0] == 1 else cam
+        return bias
+
+    def needs_probs(self, layer, ctx):
+        return self.mode == "probs" and bool(self._rows(layer, ctx))
+
+    def edit_probs(self, layer, ctx, probs):
+        rows = self._rows(layer, ctx)
+        if self.mode != "probs" or not rows:
+            return probs
+        m = self.pyramid.at(layer_hw(ctx, probs.shape[2]), probs.device)
+        m = m.flatten(1)[:, None, :].to(probs.dtype)                  # (B,1,HW)
+        probs = probs.clone()
+        for t in self.in_tokens:
+            probs[rows, :, :, t] = probs[rows, :, :, t] * m
+        for t in self.out_tokens:
+            probs[rows, :, :, t] = probs[rows, :, :, t] * (1 - m)
+        return probs
+
+
+def token_alignment(source_ids: Sequence[int], target_ids: Sequence[int]) -> torch.Tensor:
+    """For each target token position, the aligned source position, or -1 for a new token
+    (prompt-to-prompt refine's alignment of the two token sequences)."""
+    import difflib
+
+    mapper = torch.full((len(target_ids),), -1, dtype=torch.long)
+    sm = difflib.SequenceMatcher(a=list(source_ids), b=list(target_ids), autojunk=False)
+    for block in sm.get_matching_blocks():
+        for k in range(block.size):
+            mapper[block.b + k] = block.a + k
+    return mapper
+
+
+class InjectionHook(AttnHook):
+    """Prompt-to-prompt "refine" (ALGORITHMS.md section 3) on the conditional rows.
+
+    Cross-attention, steps < cross_steps, every layer: the edit row's maps of tokens
+    aligned with the source take the reconstruction row's maps; new tokens keep their own.
+    Self-attention, steps < self_steps, layers at ``self_max_res`` and below: the edit row
+    attends with the reconstruction row's queries and keys (its maps, exactly)."""
+
+    def __init__(self, mapper: torch.Tensor, cross_steps: int, self_steps: int,
+                 self_max_res: int = 32, source: str = "rec", target: str = "edit",
+                 base_latent_res: int = 64):
+        self.mapper = mapper
+        self.cross_steps, self.self_steps = cross_steps, self_steps
+        self.self_max_res = self_max_res
+        self.source, self.target = source, target
+        self.base_latent_res = base_latent_res
+
+    def _pair(self, ctx):
+        s, t = ctx.layout.index(self.source, COND), ctx.layout.index(self.target, COND)
+        return (s, t) if s is not None and t is not None else None
+
+    def qk_source(self, layer, ctx, n_query):
+        pair = self._pair(ctx)
+        if pair is None or layer.is_cross or ctx.step >= self.self_steps:
+            return None
+        # "32x32 and below" at 512 px, i.e. layers downsampled at least 2x from the
+        # latent: compare the downsampling factor so the rule holds at any image size.
+        h, _ = layer_hw(ctx, n_query)
+        factor = ctx.latent_hw[0] / h
+        return {pair[1]: pair[0]} if self.base_latent_res / factor <= self.self_max_res else None
+
+    def needs_probs(self, layer, ctx):
+        return layer.is_cross and ctx.step < self.cross_steps and self._pair(ctx) is not None
+
+    def edit_probs(self, layer, ctx, probs):
+        if not self.needs_probs(layer, ctx):
+            return probs
+        s, t = self._pair(ctx)
+        mapper = self.mapper.to(probs.device)
+        keep_new = (mapper < 0)
+        replaced = probs[s][..., mapper.clamp(min=0)]
+        new_t = torch.where(keep_new, probs[t], replaced)
+        probs = probs.clone()
+        probs[t] = new_t
+        return probs

@@ -1,0 +1,185 @@
+"""Inversion of a photo's latent into the diffusion trajectory (ALGORITHMS.md section 2):
+DDIM, null-text, negative-prompt and direct inversion.
+
+All methods start with DDIM inversion under the source prompt (guidance 1), which gives
+the stored trajectory z*_t. They differ in what the reconstruction branch needs to come
+back to z*_0 under classifier-free guidance:
+  * ddim: nothing (it drifts under guidance 7.5);
+  * null_text: one optimised unconditional embedding per step;
+  * negative_prompt: the source prompt's own embedding as the unconditional one;
+  * direct: a per-step latent offset added to the source branch (evaluated exactly by
+    the sampler: the source branch follows z*_t).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import torch
+
+from . import runtime
+from .diffusion import (Schedule, denoise_step, encode_prompt, invert_step, make_schedule,
+                        unet_eps)
+from .errors import InputError
+from .models.sd import SDModel
+
+log = logging.getLogger(__name__)
+
+METHODS = ("ddim", "null_text", "negative_prompt", "direct")
+
+
+@dataclasses.dataclass
+class InversionResult:
+    """What an inversion hands to the sampler (custom socket type XMGIE_INVERSION)."""
+
+    method: str
+    source_prompt: str
+    latents: torch.Tensor                 # (N+1, B, 4, h, w): [i] = z*_{t_i}, [N] = z*_0
+    timesteps: torch.Tensor               # (N,) descending
+    guidance_scale: float
+    null_embeddings: Optional[torch.Tensor] = None   # (N, 1, 77, D): per-step uncond
+    offsets: Optional[torch.Tensor] = None           # (N, B, 4, h, w): direct inversion
+    settings: dict = dataclasses.field(default_factory=dict)
+    image_size: tuple[int, int] = (0, 0)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def z_T(self) -> torch.Tensor:
+        return self.latents[0]
+
+    def __repr__(self) -> str:
+        return (f"InversionResult({self.method}, {self.num_steps} steps, "
+                f"'{self.source_prompt[:40]}', latents {tuple(self.latents.shape[1:])})")
+
+
+def _check(z0: torch.Tensor, method: str, steps: int) -> None:
+    if method not in METHODS:
+        raise InputError("method", f"is {method!r}", "one of " + ", ".join(METHODS))
+    if z0.ndim != 4 or z0.shape[1] != 4:
+        raise InputError("latent", f"has shape {tuple(z0.shape)}", "SD latents [B,4,h,w]")
+
+
+@torch.no_grad()
+def ddim_trajectory(sd: SDModel, z0: torch.Tensor, cond: torch.Tensor, sch: Schedule
+                    ) -> torch.Tensor:
+    """z*_0 -> z*_T with the source prompt only (guidance 1). Returns (N+1, B, ...) in
+    denoising order: [0] = z*_T (t_0), ..., [N] = z*_0."""
+    n = sch.num_steps
+    z = z0.to(sd.device, torch.float32)
+    states = [z]
+    with runtime.progress(n, "DDIM inversion") as bar:
+        for i in reversed(range(n)):          # from t = 1 up to t = 981
+            eps = unet_eps(sd, z, int(sch.timesteps[i]), cond.expand(z.shape[0], -1, -1))
+            z = invert_step(sch, i, z, eps)
+            states.append(z)
+            bar.update()
+    return torch.stack(states[::-1]).cpu()
+
+
+def _guided_eps(sd, z, t, cond, uncond, scale):
+    b = z.shape[0]
+    eps = unet_eps(sd, torch.cat([z, z]), t, torch.cat([uncond.expand(b, -1, -1),
+                                                        cond.expand(b, -1, -1)]))
+    eu, ec = eps.chunk(2)
+    return eu + scale * (ec - eu)
+
+
+def null_text_optimisation(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor,
+                           uncond: torch.Tensor, sch: Schedule, scale: float,
+                           inner_steps: int = 10, lr: float = 1e-2,
+                           early_stop: float = 1e-5) -> torch.Tensor:
+    """Per step i: Adam on the unconditional embedding (warm-started from step i-1),
+    lr * (1 - i/100), at most ``inner_steps`` iterations, stopping once the loss is below
+    early_stop + i * 2e-5; then advance with it. The embedding and loss stay float32."""
+    n = sch.num_steps
+    nulls = []
+    u = uncond.detach().float().clone()
+    z = traj[0].to(sd.device, torch.float32)
+    with runtime.progress(n, "null-text inversion") as bar:
+        for i in range(n):
+            t = int(sch.timesteps[i])
+            target = traj[i + 1].to(sd.device, torch.float32)
+            u = u.detach().clone().requires_grad_(True)
+            opt = torch.optim.Adam([u], lr=lr * (1.0 - i / 100.0))
+            with torch.no_grad():
+                eps_c = unet_eps(sd, z, t, cond.expand(z.shape[0], -1, -1))
+            for _ in range(inner_steps):
+                eps_u = unet_eps(sd, z, t, u.expand(z.shape[0], -1, -1))
+                eps = eps_u + scale * (eps_c - eps_u)
+                loss = torch.nn.functional.mse_loss(denoise_step(sch, i, z, eps), target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if not torch.isfinite(u.grad).all():
+                    log.warning("null-text inversion: non-finite gradient at step %d; "
+                                "keeping the embedding of the last good iteration", i)
+                    break
+                opt.step()
+                if loss.item() < early_stop + i * 2e-5:
+                    break
+                runtime.check_interrupt()
+            u = u.detach()
+            nulls.append(u.cpu())
+            with torch.no_grad():
+                z = denoise_step(sch, i, z, _guided_eps(sd, z, t, cond, u, scale))
+            bar.update()
+    return torch.stack(nulls)
+
+
+@torch.no_grad()
+def direct_offsets(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+                   sch: Schedule, scale: float) -> torch.Tensor:
+    """Direct inversion: offset_i = z*_{t_{i+1}} - guided step from z*_{t_i}."""
+    offsets = []
+    with runtime.progress(sch.num_steps, "direct inversion") as bar:
+        for i in range(sch.num_steps):
+            z = traj[i].to(sd.device, torch.float32)
+            stepped = denoise_step(sch, i, z, _guided_eps(sd, z, int(sch.timesteps[i]),
+                                                          cond, uncond, scale))
+            offsets.append((traj[i + 1].to(sd.device) - stepped).cpu())
+            bar.update()
+    return torch.stack(offsets)
+
+
+def invert(sd: SDModel, z0: torch.Tensor, source_prompt: str, method: str = "null_text",
+           steps: int = 50, guidance_scale: float = 7.5, inner_steps: int = 10,
+           image_size: tuple[int, int] = (0, 0), record_offsets: bool = False
+           ) -> InversionResult:
+    """Invert latents ``z0`` (B,4,h,w, scaled) under ``source_prompt``.
+
+    Direct inversion: the offset of step i is defined so that the guided source step
+    from z*_{t_i} lands on z*_{t_{i+1}}. The sampler evaluates that definition against the
+    step it actually takes, i.e. its source branch follows the stored trajectory exactly,
+    so no pre-pass is needed. ``record_offsets`` still computes them in a pre-pass (N
+    guided UNet calls), e.g. for other samplers; re-adding offsets computed in another
+    batch layout lets float noise (~1e-6) grow through guidance."""
+    _check(z0, method, steps)
+    if sd.instruct:
+        raise InputError("sd_model", "is an 8-channel instruction model",
+                         "a text-to-image SD 1.x model for inversion",
+                         "Load SD 1.5 with a checkpoint or diffusers loader for this branch.")
+    sch = make_schedule(sd, steps)
+    cond = encode_prompt(sd, source_prompt)
+    empty = encode_prompt(sd, "")
+    traj = ddim_trajectory(sd, z0, cond, sch)
+    result = InversionResult(method, source_prompt, traj, sch.timesteps, guidance_scale,
+                             settings={"steps": steps}, image_size=image_size)
+    if method == "null_text":
+        result.null_embeddings = null_text_optimisation(sd, traj, cond, empty, sch,
+                                                        guidance_scale, inner_steps)
+        result.settings["inner_steps"] = inner_steps
+    elif method == "negative_prompt":
+        result.null_embeddings = cond.cpu()[None].expand(steps, -1, -1, -1).clone()
+    elif method == "direct" and record_offsets:
+        result.offsets = direct_offsets(sd, traj, cond, empty, sch, guidance_scale)
+    return result
+
+
+def source_null(inv: InversionResult, sd: SDModel, i: int) -> torch.Tensor:
+    """The unconditional embedding the source branch uses at step i."""
+    if inv.null_embeddings is not None:
+        return inv.null_embeddings[i].to(sd.device)
+    return encode_prompt(sd, "")

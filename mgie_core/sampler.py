@@ -1,0 +1,311 @@
+"""Two-branch editing sampler (ALGORITHMS.md sections 0, 3, 4, 5), read top to bottom:
+
+  1. prompts -> embeddings; the reconstruction branch starts from the inverted z*_T;
+  2. every step, ONE batched UNet call holds every branch and both guidance halves;
+     attention hooks (injection, CAM, capture) and feature hooks (PFB) act inside it;
+  3. guidance per branch, a DDIM step per branch (direct inversion's offset on the
+     source branch), then each control's end-of-step work (latent blending).
+
+The instruction-UNet path (8 channels, InstructPix2Pix / MGIE) is the same loop with
+its three-way guidance and an image latent concatenated to the input.
+
+Controls are objects with optional methods, chained by the nodes into one list:
+  setup(run), attn_hooks(run) -> list, before_step(run, i), after_step(run, i), teardown(run)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import torch
+
+from . import attention, runtime
+from .attention import COND, UNCOND, AttnContext, BatchLayout
+from .diffusion import Schedule, denoise_step, encode_prompt, make_schedule, token_ids, unet_eps
+from .errors import InputError
+from .inversion import InversionResult, source_null
+from .models.sd import SDModel
+
+REC, EDIT, REF = "rec", "edit", "ref"
+IMG = "img"   # instruction path: the text-null, image-conditioned guidance row
+
+
+@dataclasses.dataclass
+class Conditioning:
+    """Text conditioning for the instruction UNet: CLIP-encoded text or MGIE's visual
+    tokens through its edit head (custom socket type XMGIE_CONDITIONING)."""
+
+    cond: torch.Tensor   # (1, 77, D)
+    null: torch.Tensor   # (1, 77, D)
+    text: str = ""
+    source: str = "clip"
+
+    def __repr__(self) -> str:
+        return f"Conditioning({self.source}, {tuple(self.cond.shape)}, '{self.text[:40]}')"
+
+
+@dataclasses.dataclass
+class CAMSettings:
+    in_words: Sequence[str] = ()
+    out_words: Sequence[str] = ()
+    mode: str = "logits"
+    layers: Sequence[str] = attention.CAMHook.DEFAULT_LAYERS
+
+
+@dataclasses.dataclass
+class SamplingRun:
+    """State shared with controls during one sampling loop."""
+
+    sd: SDModel
+    schedule: Schedule
+    layout: BatchLayout
+    latents: dict[str, torch.Tensor]            # branch -> current latent (float32)
+    controller: attention.AttentionController
+    mask: Optional[torch.Tensor] = None          # [B,H,W] edit mask, any resolution
+    inversion: Optional[InversionResult] = None
+    reference: Optional[torch.Tensor] = None     # (N+1, B, 4, h, w) reference trajectory
+    step: int = 0
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def reference_at(self, i: int) -> Optional[torch.Tensor]:
+        """Reference latent before step i (i = N: the clean latent)."""
+        if self.reference is None:
+            return None
+        return self.reference[i].to(self.latents[EDIT].device)
+
+
+@dataclasses.dataclass
+class EditResult:
+    edit: torch.Tensor            # (B,4,h,w) final edit-branch latent, CPU float32
+    reconstruction: Optional[torch.Tensor]
+    settings: dict
+
+
+def _call(control, name, *args):
+    fn = getattr(control, name, None)
+    return fn(*args) if fn is not None else None
+
+
+def _latent_hw(z: torch.Tensor) -> tuple[int, int]:
+    return int(z.shape[-2]), int(z.shape[-1])
+
+
+def _word_tokens(sd: SDModel, prompt: str, words: Sequence[str], name: str) -> list[int]:
+    from .plan import find_word_tokens
+
+    try:
+        return find_word_tokens(sd.tokenizer, prompt, list(words))
+    except InputError:
+        raise
+    except Exception as exc:  # a plain ValueError from the tokenizer helper
+        raise InputError(name, str(exc), "words that occur in the prompt") from exc
+
+
+def _run_unet(run: SamplingRun, groups: list[tuple[BatchLayout, torch.Tensor, torch.Tensor]],
+              t: int, i: int) -> torch.Tensor:
+    """Call the UNet once per group (one group when batched); return eps rows in the
+    order of the concatenated layouts."""
+    outs = []
+    for layout, z, emb in groups:
+        run.controller.reset_call(AttnContext(i, run.schedule.num_steps, layout,
+                                              _latent_hw(z)))
+        run.layout = layout
+        outs.append(unet_eps(run.sd, z, t, emb))
+    run.controller.reset_call(None)
+    return torch.cat(outs)
+
+
+def _validate_mask(mask, z: torch.Tensor, image_size) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    from .images import check_mask
+
+    m = mask if mask.ndim == 3 else mask[None]
+    hw = tuple(m.shape[1:])
+    latent = _latent_hw(z)
+    if image_size and all(image_size) and hw != tuple(image_size) and hw != latent:
+        raise InputError("mask", f"is {hw[1]}x{hw[0]} pixels but the image is "
+                         f"{image_size[1]}x{image_size[0]}", "a mask of the image's size",
+                         "Resize the mask to the image, or make it from this image.")
+    return check_mask("mask", m, allow_empty=False, allow_full=True)
+
+
+def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
+         mask: Optional[torch.Tensor] = None, cam: Optional[CAMSettings] = None,
+         controls: Sequence[Any] = (), cross_replace: float = 0.8, self_replace: float = 0.5,
+         self_max_res: int = 32, guidance_scale: Optional[float] = None,
+         batched: bool = True, keep_reconstruction: bool = True) -> EditResult:
+    """Two-branch prompt-to-prompt editing from an inversion (text-to-image UNet)."""
+    if sd.instruct:
+        raise InputError("sd_model", "is an 8-channel instruction model",
+                         "the text-to-image model the image was inverted with",
+                         "Use the instruction sampler for InstructPix2Pix / MGIE models.")
+    if not target_prompt.strip():
+        raise InputError("target_prompt", "is empty", "a description of the edited image")
+    n = inversion.num_steps
+    sch = make_schedule(sd, n)
+    if not torch.equal(sch.timesteps, inversion.timesteps):
+        raise InputError("inversion", "was made with another schedule", f"{n} DDIM steps")
+    scale = inversion.guidance_scale if guidance_scale is None else guidance_scale
+    z_T = inversion.z_T().to(sd.device, torch.float32)
+    mask = _validate_mask(mask, z_T, inversion.image_size)
+
+    cond_src = encode_prompt(sd, inversion.source_prompt)
+    cond_tgt = encode_prompt(sd, target_prompt)
+    b = z_T.shape[0]
+    controller = attention.install(sd.unet)
+    run = SamplingRun(sd, sch, BatchLayout(()), {REC: z_T.clone(), EDIT: z_T.clone()},
+                      controller, mask=mask, inversion=inversion, reference=inversion.latents)
+
+    hooks: list[attention.AttnHook] = []
+    mapper = attention.token_alignment(token_ids(sd, inversion.source_prompt),
+                                       token_ids(sd, target_prompt))
+    cross_steps, self_steps = int(cross_replace * n), int(self_replace * n)
+    if cross_steps or self_steps:
+        hooks.append(attention.InjectionHook(mapper, cross_steps, self_steps, self_max_res))
+    if cam is not None and (cam.in_words or cam.out_words):
+        if mask is None:
+            raise InputError("mask", "is missing", "a mask for cross-attention masking (CAM)")
+        hooks.append(attention.CAMHook(
+            mask, _word_tokens(sd, target_prompt, cam.in_words, "cam_in_words"),
+            _word_tokens(sd, target_prompt, cam.out_words, "cam_out_words"),
+            layers=cam.layers, mode=cam.mode))
+    for c in controls:
+        _call(c, "setup", run)
+        hooks += _call(c, "attn_hooks", run) or []
+    controller.hooks = hooks
+
+    rows = ((REC, UNCOND), (EDIT, UNCOND), (REC, COND), (EDIT, COND))
+    try:
+        with runtime.progress(n, "editing") as bar:
+            for i in range(n):
+                run.step = i
+                t = int(sch.timesteps[i])
+                for c in controls:
+                    _call(c, "before_step", run, i)
+                null = source_null(inversion, sd, i).expand(b, -1, -1)
+                zr, ze = run.latents[REC], run.latents[EDIT]
+                embs = {UNCOND: null, COND: None}
+                z_rows = {REC: zr, EDIT: ze}
+                e_rows = {(REC, UNCOND): null, (EDIT, UNCOND): null,
+                          (REC, COND): cond_src.expand(b, -1, -1),
+                          (EDIT, COND): cond_tgt.expand(b, -1, -1)}
+                groups = [rows] if batched else [rows[:2], rows[2:]]
+                eps = _run_unet(run, [(BatchLayout(g), torch.cat([z_rows[r[0]] for r in g]),
+                                       torch.cat([e_rows[r] for r in g])) for g in groups],
+                                t, i)
+                e = dict(zip(rows, eps.split(b)))
+                for br in (REC, EDIT):
+                    guided = e[(br, UNCOND)] + scale * (e[(br, COND)] - e[(br, UNCOND)])
+                    if br == REC and inversion.method == "direct":
+                        # step + offset_i, with the offset taken against this very step:
+                        # the source branch lands on the stored z*_{t_{i+1}} exactly.
+                        run.latents[br] = inversion.latents[i + 1].to(sd.device)
+                    else:
+                        run.latents[br] = denoise_step(sch, i, run.latents[br], guided)
+                for c in controls:
+                    _call(c, "after_step", run, i)
+                bar.update()
+    finally:
+        controller.hooks = []
+        controller.reset_call(None)
+        for c in controls:
+            _call(c, "teardown", run)
+    return EditResult(run.latents[EDIT].cpu(),
+                      run.latents[REC].cpu() if keep_reconstruction else None,
+                      {"target_prompt": target_prompt, "guidance_scale": scale,
+                       "cross_replace": cross_replace, "self_replace": self_replace,
+                       "batched": batched, "steps": n, "inversion": inversion.method})
+
+
+def encode_instruction(sd: SDModel, text: str) -> Conditioning:
+    return Conditioning(encode_prompt(sd, text).cpu(), encode_prompt(sd, "").cpu(), text, "clip")
+
+
+def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditioning, *,
+                  steps: int = 100, text_scale: float = 7.5, image_scale: float = 1.5,
+                  seed: int = 0, mask: Optional[torch.Tensor] = None,
+                  source_latent: Optional[torch.Tensor] = None,
+                  cam: Optional[CAMSettings] = None, controls: Sequence[Any] = (),
+                  batched: bool = True) -> EditResult:
+    """Instruction-UNet sampling (section 0): rows [cond,img], [null,img], [null,0];
+    eps = e_u + s_T (e_text - e_img) + s_I (e_img - e_u).
+
+    ``image_latent`` is the VAE posterior mode *without* the scaling factor. With a
+    ``source_latent`` (scaled), a reference branch runs on the source latent noised with
+    the same noise, giving PFB its reference features and latent blending its target."""
+    if not sd.instruct:
+        raise InputError("sd_model", "has a 4-channel UNet",
+                         "an 8-channel instruction model (InstructPix2Pix or MGIE)",
+                         "Load it with the InstructPix2Pix or MGIE UNet loader.")
+    sch = make_schedule(sd, steps)
+    b = image_latent.shape[0]
+    img = image_latent.to(sd.device, torch.float32)
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    noise = torch.randn(img.shape, generator=gen).to(sd.device)
+    cond = conditioning.cond.to(sd.device).float().expand(b, -1, -1)
+    null = conditioning.null.to(sd.device).float().expand(b, -1, -1)
+    mask = _validate_mask(mask, img, None)
+    controller = attention.install(sd.unet)
+
+    reference = None
+    if source_latent is not None:
+        z0 = source_latent.to(sd.device, torch.float32)
+        refs = [sch.abar(int(t)) ** 0.5 * z0 + (1 - sch.abar(int(t))) ** 0.5 * noise
+                for t in sch.timesteps] + [z0]
+        reference = torch.stack(refs).cpu()
+    run = SamplingRun(sd, sch, BatchLayout(()), {EDIT: noise.clone()}, controller, mask=mask,
+                      reference=reference)
+    if reference is not None:
+        run.latents[REF] = reference[0].to(sd.device)
+
+    hooks: list[attention.AttnHook] = []
+    if cam is not None and (cam.in_words or cam.out_words):
+        if mask is None:
+            raise InputError("mask", "is missing", "a mask for cross-attention masking (CAM)")
+        text = conditioning.text
+        hooks.append(attention.CAMHook(mask, _word_tokens(sd, text, cam.in_words, "cam_in_words"),
+                                       _word_tokens(sd, text, cam.out_words, "cam_out_words"),
+                                       layers=cam.layers, mode=cam.mode))
+    for c in controls:
+        _call(c, "setup", run)
+        hooks += _call(c, "attn_hooks", run) or []
+    controller.hooks = hooks
+
+    branches = [EDIT] + ([REF] if reference is not None else [])
+    halves = (COND, IMG, UNCOND)
+    rows = tuple((br, h) for h in halves for br in branches)
+    zeros = torch.zeros_like(img)
+    try:
+        with runtime.progress(steps, "instruction editing") as bar:
+            for i in range(steps):
+                run.step = i
+                t = int(sch.timesteps[i])
+                for c in controls:
+                    _call(c, "before_step", run, i)
+                if reference is not None:
+                    run.latents[REF] = run.reference_at(i)
+                inputs = {(br, h): torch.cat([run.latents[br], zeros if h == UNCOND else img], 1)
+                          for br, h in rows}
+                embs = {(br, h): cond if h == COND else null for br, h in rows}
+                groups = [rows] if batched else [tuple(r for r in rows if r[1] == h)
+                                                 for h in halves]
+                eps = _run_unet(run, [(BatchLayout(g), torch.cat([inputs[r] for r in g]),
+                                       torch.cat([embs[r] for r in g])) for g in groups], t, i)
+                order = [r for g in groups for r in g]
+                e = dict(zip(order, eps.split(b)))
+                eu, ei, et = e[(EDIT, UNCOND)], e[(EDIT, IMG)], e[(EDIT, COND)]
+                guided = eu + text_scale * (et - ei) + image_scale * (ei - eu)
+                run.latents[EDIT] = denoise_step(sch, i, run.latents[EDIT], guided)
+                for c in controls:
+                    _call(c, "after_step", run, i)
+                bar.update()
+    finally:
+        controller.hooks = []
+        controller.reset_call(None)
+        for c in controls:
+            _call(c, "teardown", run)
+    return EditResult(run.latents[EDIT].cpu(), None,
+                      {"steps": steps, "text_scale": text_scale, "image_scale": image_scale,
+                       "seed": seed, "batched": batched, "conditioning": conditioning.source})

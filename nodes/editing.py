@@ -1,0 +1,213 @@
+"""Editing nodes: inversion, the controls chained into the sampler, and the samplers."""
+
+from __future__ import annotations
+
+from ..mgie_core import inversion as inv_mod
+from ..mgie_core import pfb, sampler, vae
+from ..mgie_core.attention import CAMHook
+from ..mgie_core.images import check_image, check_mask
+from ._common import CONDITIONING, CONTROLS, INVERSION, LATENT, PREFIX, SD_MODEL, category, inp
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip() for w in (text or "").split(",") if w.strip()]
+
+
+def _mask(mask, image_hw):
+    return check_mask("mask", mask, size=image_hw)
+
+
+class Invert:
+    NODE_ID = f"{PREFIX}Invert"
+    DISPLAY_NAME = "xMGIE Invert Image"
+    CATEGORY = category("editing")
+    DESCRIPTION = ("Inverts a photo into the diffusion trajectory under its source prompt: "
+                   "DDIM, null-text (optimised, slow), negative-prompt or direct (no "
+                   "optimisation, exact reconstruction). Feeds the two-branch sampler.")
+    RETURN_TYPES = (INVERSION, LATENT)
+    RETURN_NAMES = ("inversion", "latent")
+    FUNCTION = "invert"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "sd_model": (SD_MODEL, inp("Text-to-image SD 1.x model.")),
+            "image": ("IMAGE", inp("Photo to edit (RGB, sides multiples of 8).")),
+            "source_prompt": ("STRING", inp("What the photo shows, e.g. 'a cat wearing a "
+                                            "blue shirt'.", multiline=True, default="")),
+            "method": (list(inv_mod.METHODS), inp("direct: exact and fast (default). "
+                                                  "null_text: the reference method, ~500 "
+                                                  "UNet passes. negative_prompt: fast, "
+                                                  "approximate. ddim: plain.",
+                                                  default="direct")),
+            "steps": ("INT", inp("DDIM steps.", default=50, min=1, max=1000)),
+            "guidance": ("FLOAT", inp("Classifier-free guidance the edit will use.",
+                                      default=7.5, min=1.0, max=30.0, step=0.1)),
+            "inner_steps": ("INT", inp("Null-text only: Adam iterations per step.",
+                                       default=10, min=1, max=100)),
+        }}
+
+    def invert(self, sd_model, image, source_prompt, method, steps, guidance, inner_steps):
+        image = check_image("image", image, multiple_of=sd_model.vae_scale)
+        lat = vae.encode(sd_model, image.clone())
+        result = inv_mod.invert(sd_model, lat.samples, source_prompt, method=method,
+                                steps=steps, guidance_scale=guidance, inner_steps=inner_steps,
+                                image_size=tuple(image.shape[1:3]))
+        return (result, lat)
+
+
+class PFBControlNode:
+    NODE_ID = f"{PREFIX}PFBControl"
+    DISPLAY_NAME = "xMGIE PFB Feature Blending"
+    CATEGORY = category("editing/controls")
+    DESCRIPTION = ("Progressive feature blending (PFB-Diff): inside the sampler, UNet "
+                   "features outside the mask are taken from the reconstruction branch, "
+                   "and early latents are blended, so the background stays the photo's.")
+    RETURN_TYPES = (CONTROLS,)
+    RETURN_NAMES = ("controls",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "mask": ("MASK", inp("Edit region (white).")),
+            "preset": (list(pfb.PRESETS), inp("object: edit an object (16x16 and 8x8 "
+                                              "blocks, every step). background: replace the "
+                                              "background around the object.",
+                                              default="object")),
+            "alpha": ("FLOAT", inp("Weight of the edit features inside the mask "
+                                   "(1 = official code).", default=1.0, min=0.0, max=1.0,
+                                   step=0.05)),
+            "latent_blend": ("BOOLEAN", inp("Also blend latents in the early steps.",
+                                            default=True)),
+        }, "optional": {
+            "controls": (CONTROLS, inp("Controls to chain before this one.")),
+        }}
+
+    def make(self, mask, preset, alpha, latent_blend, controls=None):
+        ctrl = pfb.PFBControl(check_mask("mask", mask.clone()), preset=preset, alpha=alpha,
+                              latent_blend=latent_blend)
+        return (list(controls or []) + [ctrl],)
+
+
+class CAMSampler:
+    NODE_ID = f"{PREFIX}CAMSampler"
+    DISPLAY_NAME = "xMGIE CAM-Masked Two-Branch Sampler"
+    CATEGORY = category("editing")
+    DESCRIPTION = ("Denoises a reconstruction branch and an edit branch together from the "
+                   "inversion, in one batched UNet call per step, with prompt-to-prompt "
+                   "attention injection, cross-attention masking (CAM) and chained controls.")
+    RETURN_TYPES = (LATENT, LATENT)
+    RETURN_NAMES = ("edited", "reconstruction")
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "sd_model": (SD_MODEL, inp("The model the image was inverted with.")),
+            "inversion": (INVERSION, inp("Output of xMGIE Invert Image.")),
+            "target_prompt": ("STRING", inp("The source prompt with the edit, e.g. 'a cat "
+                                            "wearing a red shirt'.", multiline=True,
+                                            default="")),
+            "cam_in_words": ("STRING", inp("Comma-separated words of the target prompt that "
+                                           "may attend only inside the mask (the edit).",
+                                           default="")),
+            "cam_out_words": ("STRING", inp("Comma-separated words that may attend only "
+                                            "outside the mask.", default="")),
+            "cam_mode": (["logits", "probs"], inp("logits: mask before softmax (official "
+                                                  "code). probs: multiply probabilities "
+                                                  "(paper).", default="logits")),
+            "cross_replace": ("FLOAT", inp("Fraction of steps with cross-attention "
+                                           "injection.", default=0.8, min=0.0, max=1.0,
+                                           step=0.05)),
+            "self_replace": ("FLOAT", inp("Fraction of steps with self-attention injection "
+                                          "(32x32 layers and below).", default=0.5, min=0.0,
+                                          max=1.0, step=0.05)),
+            "batched": ("BOOLEAN", inp("One UNet call per step for every branch and both "
+                                       "guidance halves (faster).", default=True)),
+        }, "optional": {
+            "mask": ("MASK", inp("Edit region (white), needed for CAM and controls.")),
+            "controls": (CONTROLS, inp("Controls from PFB/MAG/identity nodes.")),
+        }}
+
+    def sample(self, sd_model, inversion, target_prompt, cam_in_words, cam_out_words, cam_mode,
+               cross_replace, self_replace, batched, mask=None, controls=None):
+        cam = sampler.CAMSettings(_words(cam_in_words), _words(cam_out_words), cam_mode,
+                                  CAMHook.DEFAULT_LAYERS)
+        m = _mask(mask, inversion.image_size) if mask is not None else None
+        res = sampler.edit(sd_model, inversion, target_prompt, mask=m, cam=cam,
+                           controls=list(controls or []), cross_replace=cross_replace,
+                           self_replace=self_replace, batched=batched)
+        size = inversion.image_size
+        return (vae.Latents(res.edit, size), vae.Latents(res.reconstruction, size))
+
+
+class EncodeInstruction:
+    NODE_ID = f"{PREFIX}EncodeInstruction"
+    DISPLAY_NAME = "xMGIE Encode Instruction (CLIP)"
+    CATEGORY = category("instruction")
+    DESCRIPTION = ("Encodes an instruction with the model's CLIP text encoder for the "
+                   "instruction sampler (InstructPix2Pix style). MGIE's visual-token "
+                   "conditioning plugs into the same input.")
+    RETURN_TYPES = (CONDITIONING,)
+    RETURN_NAMES = ("conditioning",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "sd_model": (SD_MODEL, inp("Instruction model whose text encoder is used.")),
+            "instruction": ("STRING", inp("e.g. 'make the carpet yellow'.", multiline=True,
+                                          default="")),
+        }}
+
+    def encode(self, sd_model, instruction):
+        return (sampler.encode_instruction(sd_model, instruction),)
+
+
+class InstructSampler:
+    NODE_ID = f"{PREFIX}InstructSampler"
+    DISPLAY_NAME = "xMGIE Instruction Sampler"
+    CATEGORY = category("instruction")
+    DESCRIPTION = ("Samples an 8-channel instruction UNet (InstructPix2Pix or MGIE) with "
+                   "text and image guidance; CAM and chained controls (PFB) keep the edit "
+                   "inside the mask.")
+    RETURN_TYPES = (LATENT,)
+    RETURN_NAMES = ("edited",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "sd_model": (SD_MODEL, inp("8-channel instruction model.")),
+            "image": ("IMAGE", inp("Photo to edit (RGB, sides multiples of 8).")),
+            "conditioning": (CONDITIONING, inp("From Encode Instruction or MGIE.")),
+            "steps": ("INT", inp("DDIM steps (MGIE uses 100).", default=100, min=1, max=1000)),
+            "text_scale": ("FLOAT", inp("Text guidance s_T.", default=7.5, min=0.0, max=30.0,
+                                        step=0.1)),
+            "image_scale": ("FLOAT", inp("Image guidance s_I.", default=1.5, min=0.0,
+                                         max=10.0, step=0.05)),
+            "seed": ("INT", inp("Noise seed.", default=0, min=0, max=2 ** 63 - 1)),
+            "cam_in_words": ("STRING", inp("Comma-separated words of the instruction that "
+                                           "may attend only inside the mask.", default="")),
+            "batched": ("BOOLEAN", inp("One UNet call per step for all rows.", default=True)),
+        }, "optional": {
+            "mask": ("MASK", inp("Edit region (white), for CAM and controls.")),
+            "controls": (CONTROLS, inp("Controls from PFB and other control nodes.")),
+        }}
+
+    def sample(self, sd_model, image, conditioning, steps, text_scale, image_scale, seed,
+               cam_in_words, batched, mask=None, controls=None):
+        image = check_image("image", image, multiple_of=sd_model.vae_scale)
+        m = _mask(mask, tuple(image.shape[1:3])) if mask is not None else None
+        mode = vae.encode(sd_model, image.clone())          # scaled posterior mode
+        unscaled = mode.samples / sd_model.vae.config.scaling_factor
+        cam = sampler.CAMSettings(_words(cam_in_words)) if cam_in_words.strip() else None
+        res = sampler.edit_instruct(sd_model, unscaled, conditioning, steps=steps,
+                                    text_scale=text_scale, image_scale=image_scale, seed=seed,
+                                    mask=m, source_latent=mode.samples, cam=cam,
+                                    controls=list(controls or []), batched=batched)
+        return (vae.Latents(res.edit, tuple(image.shape[1:3])),)
+
+
+NODES = [Invert, PFBControlNode, CAMSampler, EncodeInstruction, InstructSampler]
