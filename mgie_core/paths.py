@@ -96,6 +96,15 @@ CLIP_TOKENIZER = register_family(Family(
               "comfy/sd1_tokenizer is used",
     tiny_name="tiny-clip-tokenizer"))
 
+MGIE = register_family(Family(
+    key="mgie", what="MGIE multimodal LLM (mllm.pt + LLaVA-7B v1)", folder="mgie",
+    kind="folder", folder_marker="mllm.pt", default_names=("mgie_7b",),
+    published="Apple's MGIE release (github.com/apple/ml-mgie, checkpoint mgie_7b: mllm.pt) "
+              "on top of LLaVA-7B v1 (the LLaVA-7b-delta-v1 applied to LLaMA-7B) and "
+              "https://huggingface.co/openai/clip-vit-large-patch14; see "
+              "mgie_core/models/mgie.py for the folder layout",
+    tiny_name="tiny-mgie"))
+
 SAM = register_family(Family(
     key="sam", what="Segment Anything checkpoint", folder="sams",
     kind="file", extensions=(".pth", ".pt"),

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Optional
 from .. import paths
 
 # Bump when a maker changes so cached tiny models are rebuilt.
-TINY_VERSION = "2"
+TINY_VERSION = "3"
 ENV_TINY_DIR = "XMGIE_TINY_DIR"
 
 # family key -> "module:function"; each function takes the final path to write.
@@ -33,6 +33,7 @@ MAKERS: dict[str, str] = {
     "face_recognition": "identity:make_face_recognition",
     "blip2": "blip2:make_blip2",
     "vlm": "vlm:make_vlm",
+    "mgie": "mgie:make_mgie",
 }
 
 
