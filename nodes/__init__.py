@@ -13,6 +13,10 @@ _MODULES = [
     "caption",
     "vlm",
     "plan",
+    "editing",
+    "masks",
+    "mgie",
+    "blur",
 ]
 
 NODE_CLASS_MAPPINGS: dict = {}

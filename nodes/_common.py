@@ -24,6 +24,10 @@ SAM_MODEL = "XMGIE_SAM"
 CAPTIONER = "XMGIE_CAPTIONER"
 VLM_MODEL = "XMGIE_VLM"
 IDENTITY_ENCODER = "XMGIE_IDENTITY"
+INVERSION = "XMGIE_INVERSION"    # mgie_core.inversion.InversionResult
+CONTROLS = "XMGIE_CONTROLS"      # list of sampling controls (PFB, MAG, identity ...)
+CONDITIONING = "XMGIE_CONDITIONING"  # mgie_core.sampler.Conditioning
+MGIE_MODEL = "XMGIE_MGIE"        # mgie_core.models.mgie.MGIEModel
 
 
 def category(sub: str = "") -> str:

@@ -131,3 +131,14 @@ def test_workflows_are_valid_json():
     assert files
     for p in files:
         json.loads(p.read_text())
+
+
+def test_readme_lists_every_node_and_workflow():
+    import xmgie
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("<!-- nodes:start -->")[1].split("<!-- nodes:end -->")[0]
+    for node_id in xmgie.NODE_CLASS_MAPPINGS:
+        assert f"`{node_id}`" in table, f"README's node table misses {node_id}"
+    for wf in (ROOT / "workflows").glob("*.json"):
+        assert wf.name in readme, f"README does not mention workflows/{wf.name}"
