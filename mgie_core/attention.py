@@ -84,6 +84,11 @@ class AttnHook:
     def needs_probs(self, layer: LayerInfo, ctx: AttnContext) -> bool:
         return False
 
+    def qk_override(self, layer: LayerInfo, ctx: AttnContext, query: torch.Tensor,
+                    key: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Return new (query, key) for the whole batch, or None (cached injection)."""
+        return None
+
     def logit_bias(self, layer: LayerInfo, ctx: AttnContext, n_query: int, n_key: int,
                    device, dtype) -> Optional[torch.Tensor]:
         """Additive bias broadcastable to (batch, heads, n_query, n_key), or None."""
@@ -169,6 +174,10 @@ class ControlledAttnProcessor:
                 for dst, src in mapping.items():
                     query[dst] = query[src]
                     key[dst] = key[src]
+        for hook in hooks:
+            replaced = hook.qk_override(layer, ctx, query, key)
+            if replaced is not None:
+                query, key = replaced
         bias = attention_mask
         for hook in hooks:
             extra = hook.logit_bias(layer, ctx, n_q, n_k, query.device, query.dtype)

@@ -162,8 +162,10 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     mapper = attention.token_alignment(token_ids(sd, inversion.source_prompt),
                                        token_ids(sd, target_prompt))
     cross_steps, self_steps = int(cross_replace * n), int(self_replace * n)
+    injection = None
     if cross_steps or self_steps:
-        hooks.append(attention.InjectionHook(mapper, cross_steps, self_steps, self_max_res))
+        injection = attention.InjectionHook(mapper, cross_steps, self_steps, self_max_res)
+        hooks.append(injection)
     if cam is not None and (cam.in_words or cam.out_words):
         if mask is None:
             raise InputError("mask", "is missing", "a mask for cross-attention masking (CAM)")
@@ -171,6 +173,11 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
             mask, _word_tokens(sd, target_prompt, cam.in_words, "cam_in_words"),
             _word_tokens(sd, target_prompt, cam.out_words, "cam_out_words"),
             layers=cam.layers, mode=cam.mode))
+    # What latent-optimising controls (MAG, A-STAR, identity) need to re-run the edit
+    # branch on their own: prompts, the injection to replay, the sampler's other hooks.
+    run.extras.update(cond_src=cond_src, cond_tgt=cond_tgt, null=None, injection=injection,
+                      sampler_hooks=list(hooks), target_prompt=target_prompt,
+                      guidance_scale=scale)
     for c in controls:
         _call(c, "setup", run)
         hooks += _call(c, "attn_hooks", run) or []
@@ -182,11 +189,11 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
             for i in range(n):
                 run.step = i
                 t = int(sch.timesteps[i])
+                null = source_null(inversion, sd, i).expand(b, -1, -1)
+                run.extras["null"] = null
                 for c in controls:
                     _call(c, "before_step", run, i)
-                null = source_null(inversion, sd, i).expand(b, -1, -1)
                 zr, ze = run.latents[REC], run.latents[EDIT]
-                embs = {UNCOND: null, COND: None}
                 z_rows = {REC: zr, EDIT: ze}
                 e_rows = {(REC, UNCOND): null, (EDIT, UNCOND): null,
                           (REC, COND): cond_src.expand(b, -1, -1),

@@ -211,3 +211,54 @@ class InstructSampler:
 
 
 NODES = [Invert, PFBControlNode, CAMSampler, EncodeInstruction, InstructSampler]
+
+
+class MAGControlNode:
+    NODE_ID = f"{PREFIX}MAGControl"
+    DISPLAY_NAME = "xMGIE MAG Attention Guidance"
+    CATEGORY = category("editing/controls")
+    DESCRIPTION = ("MAG-Edit's mask-based attention-adjusted guidance: in the early steps "
+                   "the edit latent is optimised inside the mask so the edit words' "
+                   "cross-attention concentrates there; late steps blend the background "
+                   "back from the reconstruction.")
+    RETURN_TYPES = (CONTROLS,)
+    RETURN_NAMES = ("controls",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "mask": ("MASK", inp("Edit region (white).")),
+            "words": ("STRING", inp("Comma-separated words of the target prompt to pull "
+                                    "into the mask, e.g. 'yellow'.", default="")),
+            "negative_words": ("STRING", inp("Comma-separated words of the target prompt "
+                                             "to push out of the mask (may be empty).",
+                                             default="")),
+            "opt_fraction": ("FLOAT", inp("Fraction of steps optimised (25 of 50).",
+                                          default=0.5, min=0.0, max=1.0, step=0.02)),
+            "iterations": ("INT", inp("Updates per optimised step.", default=15, min=1,
+                                      max=100)),
+            "scale": ("FLOAT", inp("Loss scale (2.5 in MAG-Edit).", default=2.5, min=0.0,
+                                   max=100.0, step=0.1)),
+            "spatial_ratio": ("BOOLEAN", inp("Add the spatial-ratio term.", default=False)),
+            "negative_weight": ("FLOAT", inp("Weight of the negative words' term.",
+                                             default=5.5, min=0.0, max=100.0, step=0.1)),
+            "blend_fraction": ("FLOAT", inp("Fraction of final steps that blend the "
+                                            "background from the reconstruction (15 of 50).",
+                                            default=0.3, min=0.0, max=1.0, step=0.02)),
+        }, "optional": {
+            "controls": (CONTROLS, inp("Controls to chain before this one.")),
+        }}
+
+    def make(self, mask, words, negative_words, opt_fraction, iterations, scale,
+             spatial_ratio, negative_weight, blend_fraction, controls=None):
+        from ..mgie_core.mag import MAGControl
+
+        ctrl = MAGControl(check_mask("mask", mask.clone()), _words(words),
+                          _words(negative_words), opt_fraction=opt_fraction,
+                          iterations=iterations, scale=scale, use_spatial_ratio=spatial_ratio,
+                          negative_weight=negative_weight, blend_fraction=blend_fraction)
+        return (list(controls or []) + [ctrl],)
+
+
+NODES.append(MAGControlNode)

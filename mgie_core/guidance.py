@@ -1,0 +1,222 @@
+"""Shared machinery for test-time latent optimisation inside the sampler (MAG, A-STAR,
+identity guidance): re-run the edit branch with gradients, cheaply and exactly.
+
+* The reconstruction branch does not change within a step: its conditional row is run
+  ONCE per step (no gradient) and its cross-attention maps and self-attention queries and
+  keys are cached; every optimisation iteration replays the injection from that cache
+  onto a single edit row (MAG-Edit's reference code recomputes it every iteration).
+* The forward pass for a loss stops right after the last attention layer the loss reads
+  (``StopForward`` from a forward hook), so the backward goes only through that prefix.
+* Optimised latents and losses stay float32 whatever the UNet's precision; a non-finite
+  gradient skips the update with a warning and never touches the latent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import attention
+from .attention import COND, AttnContext, AttnHook, BatchLayout, LayerInfo, layer_hw
+from .diffusion import unet_eps
+
+log = logging.getLogger(__name__)
+
+EDIT_COND = BatchLayout((("edit", COND),))
+REC_COND = BatchLayout((("rec", COND),))
+
+
+class StopForward(Exception):
+    """Raised after the last layer a loss needs; ends the UNet forward early."""
+
+
+def execution_rank(name: str) -> tuple:
+    """Order of an attention layer in the UNet's forward (down, mid, up)."""
+    parts = name.split(".")
+    nums = [int(p) for p in parts if p.isdigit()]
+    stage = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[parts[0]]
+    return (stage, *nums, parts[-1])
+
+
+def last_in_execution(names: Iterable[str]) -> str:
+    return max(names, key=execution_rank)
+
+
+@contextlib.contextmanager
+def truncated(unet, layer_name: Optional[str]):
+    """Stop the UNet forward right after ``layer_name`` (None: run it all)."""
+    if layer_name is None:
+        yield
+        return
+
+    def stop(module, inputs, output):
+        raise StopForward
+
+    handle = dict(unet.named_modules())[layer_name].register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class SourceRecorder(AttnHook):
+    """Caches the reconstruction row's cross-attention maps and self-attention Q/K."""
+
+    def __init__(self):
+        self.probs: dict[str, torch.Tensor] = {}
+        self.qk: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def needs_probs(self, layer, ctx):
+        return layer.is_cross
+
+    def observe(self, layer, ctx, probs):
+        if layer.is_cross:
+            self.probs[layer.name] = probs[ctx.layout.index("rec", COND)].detach()
+
+    def qk_override(self, layer, ctx, query, key):
+        if not layer.is_cross:
+            r = ctx.layout.index("rec", COND)
+            self.qk[layer.name] = (query[r].detach(), key[r].detach())
+        return None
+
+
+class CachedInjection(AttnHook):
+    """Prompt-to-prompt injection replayed onto edit rows from a :class:`SourceRecorder`
+    (same rule as :class:`attention.InjectionHook`, without the source row in the batch)."""
+
+    def __init__(self, injection: attention.InjectionHook, recorder: SourceRecorder):
+        self.inj, self.rec = injection, recorder
+
+    def _edit_rows(self, ctx):
+        return ctx.layout.indices(half=COND, branch="edit")
+
+    def qk_override(self, layer, ctx, query, key):
+        if layer.is_cross or ctx.step >= self.inj.self_steps or layer.name not in self.rec.qk:
+            return None
+        h, _ = layer_hw(ctx, query.shape[2])
+        if self.inj.base_latent_res / (ctx.latent_hw[0] / h) > self.inj.self_max_res:
+            return None
+        q_src, k_src = self.rec.qk[layer.name]
+        query, key = query.clone(), key.clone()
+        for r in self._edit_rows(ctx):
+            query[r], key[r] = q_src.to(query.dtype), k_src.to(key.dtype)
+        return query, key
+
+    def needs_probs(self, layer, ctx):
+        return layer.is_cross and ctx.step < self.inj.cross_steps and layer.name in self.rec.probs
+
+    def edit_probs(self, layer, ctx, probs):
+        if not self.needs_probs(layer, ctx):
+            return probs
+        src = self.rec.probs[layer.name].to(probs.dtype)
+        mapper = self.inj.mapper.to(probs.device)
+        replaced = src[..., mapper.clamp(min=0)]
+        probs = probs.clone()
+        for r in self._edit_rows(ctx):
+            probs[r] = torch.where(mapper < 0, probs[r], replaced)
+        return probs
+
+
+def _call_unet(run, layout: BatchLayout, z: torch.Tensor, emb: torch.Tensor, step: int,
+               hooks: Sequence[AttnHook], stop_layer: Optional[str]) -> Optional[torch.Tensor]:
+    ctl = run.controller
+    saved_hooks, saved_ctx = ctl.hooks, ctl.context
+    ctl.hooks = list(hooks)
+    ctl.reset_call(AttnContext(step, run.schedule.num_steps, layout, tuple(z.shape[-2:])))
+    try:
+        with truncated(run.sd.unet, stop_layer):
+            return unet_eps(run.sd, z, int(run.schedule.timesteps[step]), emb)
+    except StopForward:
+        return None
+    finally:
+        ctl.hooks, ctl.context = saved_hooks, saved_ctx
+
+
+def source_cache(run, step: int, stop_layer: Optional[str] = None) -> SourceRecorder:
+    """The reconstruction row's maps and Q/K at ``step``: computed once per step."""
+    key = ("source_cache", step, stop_layer)
+    cached = run.extras.get(key)
+    if cached is None:
+        for k in [k for k in run.extras if isinstance(k, tuple) and k[0] == "source_cache"]:
+            del run.extras[k]          # keep only the current step's cache
+        cached = SourceRecorder()
+        with torch.no_grad():
+            _call_unet(run, REC_COND, run.latents["rec"], run.extras["cond_src"], step,
+                       [cached], stop_layer)
+        run.extras[key] = cached
+        run.extras["source_passes"] = run.extras.get("source_passes", 0) + 1
+    return cached
+
+
+def sampler_hooks_for_edit(run) -> list[AttnHook]:
+    """The sampler's own hooks that act on the edit row (CAM), without the in-batch
+    injection (replayed from the cache instead)."""
+    return [h for h in run.extras.get("sampler_hooks", [])
+            if not isinstance(h, attention.InjectionHook)]
+
+
+def edit_maps(run, z: torch.Tensor, step: int, layers: Sequence[str],
+              extra_hooks: Sequence[AttnHook] = (), truncate: bool = True
+              ) -> dict[str, torch.Tensor]:
+    """Cross-attention maps (heads, HW, 77) of the edit branch's conditional pass at the
+    given layers, differentiable w.r.t. ``z``, after injection and CAM, with the forward
+    stopped after the last of ``layers``."""
+    layers = list(layers)
+    stop = last_in_execution(layers) if truncate else None
+    hooks: list[AttnHook] = []
+    inj = run.extras.get("injection")
+    if inj is not None:
+        hooks.append(CachedInjection(inj, source_cache(run, step, stop)))
+    hooks += sampler_hooks_for_edit(run)
+    capture = attention.CaptureHook(layers, rows=[("edit", COND)])
+    hooks += [capture, *extra_hooks]
+    _call_unet(run, EDIT_COND, z, run.extras["cond_tgt"], step, hooks, stop)
+    run.extras["edit_passes"] = run.extras.get("edit_passes", 0) + 1
+    missing = [l for l in layers if l not in capture.maps]
+    if missing:
+        raise RuntimeError(f"layers {missing} produced no maps (not cross-attention?)")
+    return {name: capture.maps[name][0] for name in layers}
+
+
+def layers_at_factor(unet, factor: int) -> list[str]:
+    """Cross-attention layers working at latent/factor resolution (factor 4: the 16x16
+    maps at 512 px), in execution order."""
+    from .masks import map_layers
+
+    return sorted(map_layers(unet, factor), key=execution_rank)
+
+
+def sigma(run, step: int) -> float:
+    """sigma_t = sqrt((1 - abar_t) / abar_t)  (MAG-Edit's step size)."""
+    a = run.schedule.abar(int(run.schedule.timesteps[step]))
+    return ((1 - a) / a) ** 0.5
+
+
+def latent_mask(run, like: torch.Tensor) -> torch.Tensor:
+    """The edit mask at the latent's resolution, (B,1,h,w) in {0,1}."""
+    if run.mask is None:
+        raise ValueError("this control needs a mask")
+    pyr = run.extras.setdefault("mask_pyramid", attention.MaskPyramid(run.mask))
+    return pyr.at(tuple(like.shape[-2:]), like.device)[:, None]
+
+
+def finite_grad(grad: torch.Tensor, what: str, step: int) -> bool:
+    if torch.isfinite(grad).all():
+        return True
+    log.warning("%s: non-finite gradient at step %d; this update is skipped", what, step)
+    return False
+
+
+def masked_update(z: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor,
+                  step_size: float) -> torch.Tensor:
+    """z - step * grad inside the mask; outside, the very same values (torch.where, not
+    arithmetic, so they stay bit-identical)."""
+    return torch.where(mask > 0.5, z - step_size * grad, z)
+
+
+def dilate3(mask: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(mask, 3, stride=1, padding=1)

@@ -1,0 +1,165 @@
+"""MAG: mask-based attention-adjusted guidance (MAG-Edit; ALGORITHMS.md section 6).
+
+A sampling control. In the first steps (default 25 of 50) it runs 15 gradient updates of
+the edit branch's latent per step, inside the mask only, from losses on the edit
+branch's five 16x16 cross-attention maps (after injection):
+
+  token ratio   r_h(p) = mean_{k in word} A_h(p,k) / sum_k A_h(p,k);
+                act_h = mean_{p in M16} r_h(p);
+                L_TR = sum_words sum_maps mean_h (1 - act_h)^2 / (n_maps n_words)
+  spatial ratio act = attention of the word inside M / over the whole map; mean(3 - 4 act)
+  negative      weight x the token ratio of words that must leave the region (5.5)
+
+  g = d(2.5 L)/dz;  sigma_t = sqrt((1 - abar_t)/abar_t);
+  z <- z (1 - M64) + (z - sigma_t g) M64
+
+and, in the last steps (default 15 of 50), blends the latent with the reconstruction
+through the mask dilated by a 3x3 max-pool. The reconstruction's maps are computed once
+per step and the loss's forward stops after the last 16x16 layer (see guidance.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+
+from . import guidance
+from .attention import AttnContext, BatchLayout, MaskPyramid, layer_hw
+from .errors import InputError
+
+
+# --- losses on maps (heads, HW, 77) -----------------------------------------------------
+
+def token_ratio_activation(A: torch.Tensor, tokens: Sequence[int], inside: torch.Tensor
+                           ) -> torch.Tensor:
+    """act_h for one map and one word: (heads,). ``inside`` is a bool (HW,) mask."""
+    ratio = A[..., list(tokens)].mean(-1) / A.sum(-1).clamp_min(1e-12)     # (heads, HW)
+    return ratio[:, inside].mean(-1)
+
+
+def token_ratio_loss(maps: Sequence[torch.Tensor], groups: Sequence[Sequence[int]],
+                     insides: Sequence[torch.Tensor]) -> torch.Tensor:
+    total = maps[0].new_zeros((), dtype=torch.float32)
+    for A, inside in zip(maps, insides):
+        for tokens in groups:
+            act = token_ratio_activation(A.float(), tokens, inside)
+            total = total + ((1 - act) ** 2).mean()
+    return total / (len(maps) * len(groups))
+
+
+def spatial_ratio_loss(maps: Sequence[torch.Tensor], groups: Sequence[Sequence[int]],
+                       insides: Sequence[torch.Tensor]) -> torch.Tensor:
+    terms = []
+    for A, inside in zip(maps, insides):
+        for tokens in groups:
+            w = A.float()[..., list(tokens)].mean(-1)                          # (heads, HW)
+            act = w[:, inside].sum(-1) / w.sum(-1).clamp_min(1e-12)
+            terms.append((3 - 4 * act).mean())
+    return torch.stack(terms).mean()
+
+
+def negative_loss(maps: Sequence[torch.Tensor], groups: Sequence[Sequence[int]],
+                  insides: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean token ratio of the negative words inside the mask (to be pushed down)."""
+    terms = [token_ratio_activation(A.float(), tokens, inside).mean()
+             for A, inside in zip(maps, insides) for tokens in groups]
+    return torch.stack(terms).mean()
+
+
+# --- the control ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class MAGControl:
+    mask: torch.Tensor                       # [H,W] or [B,H,W] edit region
+    words: Sequence[str]                     # words of the target prompt to pull in
+    negative_words: Sequence[str] = ()       # words of the target prompt to push out
+    opt_fraction: float = 25 / 50            # first 25 of 50 steps
+    iterations: int = 15
+    scale: float = 2.5
+    use_token_ratio: bool = True
+    use_spatial_ratio: bool = False
+    negative_weight: float = 5.5
+    blend_fraction: float = 15 / 50          # latent blend in the last 15 of 50 steps
+    truncate: bool = True                    # stop the loss forward after the last map
+
+    def __post_init__(self):
+        if not list(self.words):
+            raise InputError("words", "is empty", "at least one word of the target prompt")
+        m = self.mask if self.mask.ndim == 3 else self.mask[None]
+        self._pyramid = MaskPyramid((m.float() > 0.5).float())
+        self.history: list[dict] = []        # per update: step, loss, activation
+
+    def setup(self, run) -> None:
+        from .plan import word_token_groups
+
+        prompt = run.extras.get("target_prompt")
+        if prompt is None:
+            raise InputError("controls", "include MAG on a sampler without a target prompt",
+                             "the two-branch (inversion) sampler")
+        tok = run.sd.tokenizer
+        self._groups = word_token_groups(tok, prompt, list(self.words))
+        self._neg = word_token_groups(tok, prompt, list(self.negative_words)) \
+            if self.negative_words else []
+        self._layers = guidance.layers_at_factor(run.sd.unet, 4)
+        n = run.schedule.num_steps
+        self._n_opt = int(round(self.opt_fraction * n))
+        self._n_blend = int(round(self.blend_fraction * n))
+
+    def loss(self, maps: dict[str, torch.Tensor], latent_hw) -> tuple[torch.Tensor, float]:
+        As = [maps[name] for name in self._layers]
+        insides = []
+        for A in As:
+            hw = layer_hw(AttnContext(0, 1, BatchLayout(()), latent_hw), A.shape[1])
+            insides.append(self._pyramid.at(hw, A.device)[0].flatten() > 0.5)
+        if not any(bool(i.any()) for i in insides):
+            raise InputError("mask", "vanishes at the 16x16 attention resolution",
+                             "a larger edit region", "MAG reads 16x16 maps (at 512 px).")
+        pairs = [(A, i) for A, i in zip(As, insides) if bool(i.any())]
+        As, insides = [p[0] for p in pairs], [p[1] for p in pairs]
+        total = As[0].new_zeros((), dtype=torch.float32)
+        if self.use_token_ratio:
+            total = total + token_ratio_loss(As, self._groups, insides)
+        if self.use_spatial_ratio:
+            total = total + spatial_ratio_loss(As, self._groups, insides)
+        if self._neg:
+            total = total + self.negative_weight * negative_loss(As, self._neg, insides)
+        with torch.no_grad():
+            act = torch.stack([token_ratio_activation(A.float(), g, i).mean()
+                               for A, i in zip(As, insides) for g in self._groups]).mean()
+        return total, float(act)
+
+    def before_step(self, run, i: int) -> None:
+        if i >= self._n_opt:
+            return
+        z = run.latents["edit"].float()
+        m64 = guidance.latent_mask(run, z) if run.mask is not None else \
+            self._pyramid.at(tuple(z.shape[-2:]), z.device)[:, None]
+        step = guidance.sigma(run, i)
+        for it in range(self.iterations):
+            zv = z.detach().requires_grad_(True)
+            maps = guidance.edit_maps(run, zv, i, self._layers, truncate=self.truncate)
+            loss, act = self.loss(maps, tuple(z.shape[-2:]))
+            (grad,) = torch.autograd.grad(self.scale * loss, zv)
+            self.history.append({"step": i, "iteration": it, "loss": float(loss.detach()),
+                                 "activation": act})
+            if not guidance.finite_grad(grad, "MAG", i):
+                continue
+            z = guidance.masked_update(z, grad.float(), m64, step)
+        run.latents["edit"] = z.detach()
+
+    def teardown(self, run) -> None:
+        # UNet passes spent: the reconstruction once per optimised step, the edit row
+        # once per iteration (forward + backward).
+        self.passes = {"source": run.extras.get("source_passes", 0),
+                       "edit": run.extras.get("edit_passes", 0)}
+
+    def after_step(self, run, i: int) -> None:
+        n = run.schedule.num_steps
+        if i < n - self._n_blend or "rec" not in run.latents:
+            return
+        z = run.latents["edit"]
+        m = guidance.dilate3(self._pyramid.at(tuple(z.shape[-2:]), z.device)[:, None])
+        run.latents["edit"] = m * z + (1 - m) * run.latents["rec"]
+
