@@ -122,7 +122,11 @@ def cmd_run(args: argparse.Namespace, data: dict, registry: dict[str, type]) -> 
     def report(t: workflow.NodeTiming) -> None:
         print(f"[{t.node_id}] {t.class_type}: {t.seconds:.2f} s", flush=True)
 
-    workflow.execute(prompt, registry, on_node=report, extra_pnginfo=extra_pnginfo)
+    result = workflow.execute(prompt, registry, on_node=report, extra_pnginfo=extra_pnginfo)
+    # Text that output nodes show in ComfyUI (captions, scores) is printed here.
+    for node_id, ui in result.ui.items():
+        for line in ui.get("text", []) if isinstance(ui, dict) else []:
+            print(f"[{node_id}] {line}")
     written = core_standins.context().written
     print(f"Done in {time.perf_counter() - start:.2f} s.")
     if written:

@@ -42,6 +42,7 @@ class Caption:
                    "the model's text is returned. A batch gives one caption per line.")
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("caption",)
+    OUTPUT_NODE = True  # shows the caption, like ComfyUI's show-text nodes
     FUNCTION = "caption"
 
     @classmethod
@@ -62,7 +63,8 @@ class Caption:
     def caption(self, captioner, image, max_new_tokens, prompt=""):
         captions = cap_lib.caption(captioner, image, prompt=prompt or "",
                                    max_new_tokens=int(max_new_tokens))
-        return ("\n".join(captions),)
+        text = "\n".join(captions)
+        return {"ui": {"text": [text]}, "result": (text,)}
 
 
 NODES = [LoadBLIP2, Caption]

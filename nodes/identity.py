@@ -52,6 +52,7 @@ class IdentityScore:
                    "With a mask, both images are first cropped to the mask's box.")
     RETURN_TYPES = ("FLOAT", "STRING")
     RETURN_NAMES = ("ips", "report")
+    OUTPUT_NODE = True  # shows the score
     FUNCTION = "score"
 
     @classmethod
@@ -78,7 +79,7 @@ class IdentityScore:
         mean = float(scores.mean())
         report = (f"IPS ({identity_encoder.kind}) mean {mean:.4f} over {len(scores)} "
                   f"image(s): " + ", ".join(f"{s:.4f}" for s in scores.tolist()))
-        return (mean, report)
+        return {"ui": {"text": [report]}, "result": (mean, report)}
 
 
 NODES = [LoadIdentityEncoder, IdentityScore]

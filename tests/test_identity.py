@@ -284,9 +284,9 @@ def test_nodes(tiny_models, clean_paths):
     for kind, name in (("face_recognition", face.name), ("clip_vision", clip.name)):
         (enc,) = id_nodes.LoadIdentityEncoder().load(kind, name)
         img = _images(b=2)
-        ips, report = id_nodes.IdentityScore().score(enc, img, img)
+        ips, report = id_nodes.IdentityScore().score(enc, img, img)["result"]
         assert ips == pytest.approx(1.0, abs=1e-5) and kind in report
         mask = torch.zeros(1, 64, 80)
         mask[:, 10:50, 20:60] = 1
-        ips, _ = id_nodes.IdentityScore().score(enc, img, _images(b=1, seed=9), mask, 0.1)
+        ips, _ = id_nodes.IdentityScore().score(enc, img, _images(b=1, seed=9), mask, 0.1)["result"]
         assert -1.0 <= ips <= 1.0
