@@ -226,5 +226,7 @@ def load_mgie_unet(name: str, base: SDModel) -> SDModel:
     result = unet.load_state_dict(state, strict=False)
     check_state_dict_keys(paths.MGIE_UNET.what, path, result.missing_keys,
                           result.unexpected_keys)
-    unet.requires_grad_(False).eval().to(device=base.device, dtype=base.dtype)
+    unet.requires_grad_(False).eval().to(device=base.device)
+    if base.dtype != torch.float32:
+        unet.to(dtype=base.dtype)
     return dataclasses.replace(base, unet=unet, source=f"{base.source} + {path}")
