@@ -160,13 +160,18 @@ def sampler_hooks_for_edit(run) -> list[AttnHook]:
 
 
 def edit_maps(run, z: torch.Tensor, step: int, layers: Sequence[str],
-              extra_hooks: Sequence[AttnHook] = (), truncate: bool = True
-              ) -> dict[str, torch.Tensor]:
+              extra_hooks: Sequence[AttnHook] = (), truncate: bool = True,
+              cache_source: bool = True) -> dict[str, torch.Tensor]:
     """Cross-attention maps (heads, HW, 77) of the edit branch's conditional pass at the
     given layers, differentiable w.r.t. ``z``, after injection and CAM, with the forward
-    stopped after the last of ``layers``."""
+    stopped after the last of ``layers``.
+
+    ``truncate=False`` / ``cache_source=False`` reproduce the reference call pattern (full
+    forward; reconstruction recomputed for every call) for benchmarks and tests."""
     layers = list(layers)
     stop = last_in_execution(layers) if truncate else None
+    if not cache_source:
+        run.extras.pop(("source_cache", step, stop), None)
     hooks: list[AttnHook] = []
     inj = run.extras.get("injection")
     if inj is not None:

@@ -83,6 +83,7 @@ class MAGControl:
     negative_weight: float = 5.5
     blend_fraction: float = 15 / 50          # latent blend in the last 15 of 50 steps
     truncate: bool = True                    # stop the loss forward after the last map
+    cache_source: bool = True                # reconstruction maps once per step (exact)
 
     def __post_init__(self):
         if not list(self.words):
@@ -139,7 +140,8 @@ class MAGControl:
         step = guidance.sigma(run, i)
         for it in range(self.iterations):
             zv = z.detach().requires_grad_(True)
-            maps = guidance.edit_maps(run, zv, i, self._layers, truncate=self.truncate)
+            maps = guidance.edit_maps(run, zv, i, self._layers, truncate=self.truncate,
+                                      cache_source=self.cache_source)
             loss, act = self.loss(maps, tuple(z.shape[-2:]))
             (grad,) = torch.autograd.grad(self.scale * loss, zv)
             self.history.append({"step": i, "iteration": it, "loss": float(loss.detach()),

@@ -135,9 +135,14 @@ def test_activation_rises_and_outside_stays_bit_identical(sd, inv, mask, monkeyp
 
 def test_reconstruction_maps_once_per_step(sd, inv, mask):
     ctl = mag.MAGControl(mask, ["yellow"], iterations=4)
-    sampler.edit(sd, inv, TGT, mask=mask, controls=[ctl])
+    cached = sampler.edit(sd, inv, TGT, mask=mask, controls=[ctl])
     n_opt = round(0.5 * STEPS)
     assert ctl.passes == {"source": n_opt, "edit": n_opt * 4}
+    # the reference pattern (recompute every iteration) gives the same result
+    ref = mag.MAGControl(mask, ["yellow"], iterations=4, cache_source=False)
+    again = sampler.edit(sd, inv, TGT, mask=mask, controls=[ref])
+    assert ref.passes == {"source": n_opt * 4, "edit": n_opt * 4}
+    torch.testing.assert_close(again.edit, cached.edit, atol=1e-6, rtol=0)
 
 
 def test_truncated_forward_matches_full_forward(sd, inv, mask):
