@@ -54,3 +54,21 @@ def clean_paths():
     paths.configure(reset=True)
     yield paths
     paths.configure(reset=True)
+
+
+def examples_dir():
+    """../shared/data/examples beside the repository (as in CI). A user's clone may not
+    have it: those tests skip there, but under CI a missing folder is a failure."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "examples"
+    if not (path / "manifest.json").exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"the shared examples are missing under CI: {path}")
+        pytest.skip(f"shared examples not present at {path}")
+    return path
+
+
+@pytest.fixture
+def shared_examples():
+    return examples_dir()
