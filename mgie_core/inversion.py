@@ -178,8 +178,10 @@ def invert(sd: SDModel, z0: torch.Tensor, source_prompt: str, method: str = "nul
     return result
 
 
-def source_null(inv: InversionResult, sd: SDModel, i: int) -> torch.Tensor:
-    """The unconditional embedding the source branch uses at step i."""
+def source_null(inv: InversionResult, sd: SDModel, i: int,
+                empty: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The unconditional embedding the source branch uses at step i (``empty``: the
+    empty prompt's embedding, when the caller already has it)."""
     if inv.null_embeddings is not None:
         return inv.null_embeddings[i].to(sd.device)
-    return encode_prompt(sd, "")
+    return empty if empty is not None else encode_prompt(sd, "")

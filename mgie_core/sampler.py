@@ -153,6 +153,7 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
 
     cond_src = encode_prompt(sd, inversion.source_prompt)
     cond_tgt = encode_prompt(sd, target_prompt)
+    empty = encode_prompt(sd, "") if inversion.null_embeddings is None else None
     b = z_T.shape[0]
     controller = attention.install(sd.unet)
     run = SamplingRun(sd, sch, BatchLayout(()), {REC: z_T.clone(), EDIT: z_T.clone()},
@@ -189,7 +190,7 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
             for i in range(n):
                 run.step = i
                 t = int(sch.timesteps[i])
-                null = source_null(inversion, sd, i).expand(b, -1, -1)
+                null = source_null(inversion, sd, i, empty).expand(b, -1, -1)
                 run.extras["null"] = null
                 for c in controls:
                     _call(c, "before_step", run, i)
