@@ -506,7 +506,6 @@ LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
 def load_llava(llava: Path, config: dict, dtype, device):
     """LlamaForCausalLM + mm_projector from the LLaVA fork's folder (its config.json has
     model_type 'llava', which transformers' own Llava class does not read)."""
-    from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
 
     kwargs = {k: config[k] for k in LLAMA_KEYS if config.get(k) is not None}
@@ -523,7 +522,9 @@ def load_llava(llava: Path, config: dict, dtype, device):
     for k in list(weights):
         if k.startswith(("model.vision_tower.", "vision_tower.")) or k.endswith("inv_freq"):
             weights.pop(k)
-    with init_empty_weights():  # parameters on the meta device, buffers (rotary) real
+    # Build on the meta device (no 7B random init), load with assign=True, then rebuild
+    # the rotary embedding, whose inv_freq buffer is computed, not stored in the weights.
+    with torch.device("meta"):
         llm = LlamaForCausalLM(lcfg)
     own = set(llm.state_dict())
     check_state_dict_keys(WHAT, llava, sorted(own - set(weights)), sorted(set(weights) - own))
@@ -532,6 +533,12 @@ def load_llava(llava: Path, config: dict, dtype, device):
     except RuntimeError as e:
         raise ModelLoadError(WHAT, llava, f"the weights do not fit config.json: "
                              f"{_first_line(e)}") from e
+    rotary = llm.model.rotary_emb
+    llm.model.rotary_emb = type(rotary)(config=lcfg)
+    still_meta = [n for n, t in [*llm.named_parameters(), *llm.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise ModelLoadError(WHAT, llava, f"{len(still_meta)} tensors were not loaded "
+                             f"(e.g. {', '.join(still_meta[:4])})")
     if set(proj_sd) != {"weight", "bias"}:
         raise ModelLoadError(WHAT, llava, "its weights have no model.mm_projector.weight/bias "
                              "(the LLaVA projector)", "Use LLaVA-7B v1 (with the delta applied), "
