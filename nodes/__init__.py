@@ -17,6 +17,7 @@ _MODULES = [
     "masks",
     "mgie",
     "blur",
+    "astar",
 ]
 
 NODE_CLASS_MAPPINGS: dict = {}
