@@ -201,8 +201,12 @@ class AStarControl:
                 l_seg = segregation_loss(A)
                 l_ret = retention_loss(A, self._prev) if self._prev is not None \
                     else A.new_zeros(())
-                (grad,) = torch.autograd.grad(l_seg + l_ret, zv, allow_unused=True)
-            if grad is None:      # every concept map injected: nothing depends on z
+                total = l_seg + l_ret
+                # One concept at the first step (no pair, no previous map), or every
+                # concept map injected: the loss is a constant and there is nothing to do.
+                grad = torch.autograd.grad(total, zv, allow_unused=True)[0] \
+                    if total.requires_grad else None
+            if grad is None:
                 grad = torch.zeros_like(z)
             ok = guidance.finite_grad(grad, "A-STAR", i)
             self.history.append({"step": i, "iteration": it, "seg": float(l_seg.detach()),

@@ -270,3 +270,13 @@ def test_node_chains_controls(mask):
     assert ctl.step_size == 1.5 and ctl.threshold == 0.6 and ctl.mask is not None
     (alone,) = AStarControlNode().make("cat", 0.5, 2.5, 0.5)
     assert len(alone) == 1 and alone[0].mask is None
+
+
+def test_single_concept_first_step_is_a_no_op_not_an_error(sd, inv):
+    """One concept: no pair to segregate and no previous map at step 0 -> constant loss."""
+    ctl = astar.AStarControl(["cat"], steps_fraction=0.34)
+    res = sampler.edit(sd, inv, TGT, controls=[ctl])
+    assert torch.isfinite(res.edit).all()
+    first = [h for h in ctl.history if h["step"] == 0]
+    assert first and all(h["seg"] == 0 and h["ret"] == 0 for h in first)
+    assert any(h["ret"] > 0 for h in ctl.history if h["step"] > 0)
