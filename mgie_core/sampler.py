@@ -87,6 +87,14 @@ def _call(control, name, *args):
     return fn(*args) if fn is not None else None
 
 
+def _finish(run: SamplingRun, controls: Sequence[Any]) -> None:
+    """Leave the UNet as it was: no hooks, no context; let every control clean up."""
+    run.controller.hooks = []
+    run.controller.reset_call(None)
+    for c in controls:
+        _call(c, "teardown", run)
+
+
 def _latent_hw(z: torch.Tensor) -> tuple[int, int]:
     return int(z.shape[-2]), int(z.shape[-1])
 
@@ -216,10 +224,7 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
                     _call(c, "after_step", run, i)
                 bar.update()
     finally:
-        controller.hooks = []
-        controller.reset_call(None)
-        for c in controls:
-            _call(c, "teardown", run)
+        _finish(run, controls)
     return EditResult(run.latents[EDIT].cpu(),
                       run.latents[REC].cpu() if keep_reconstruction else None,
                       {"target_prompt": target_prompt, "guidance_scale": scale,
@@ -310,10 +315,7 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
                     _call(c, "after_step", run, i)
                 bar.update()
     finally:
-        controller.hooks = []
-        controller.reset_call(None)
-        for c in controls:
-            _call(c, "teardown", run)
+        _finish(run, controls)
     return EditResult(run.latents[EDIT].cpu(), None,
                       {"steps": steps, "text_scale": text_scale, "image_scale": image_scale,
                        "seed": seed, "batched": batched, "conditioning": conditioning.source})

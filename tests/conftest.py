@@ -72,3 +72,29 @@ def examples_dir():
 @pytest.fixture
 def shared_examples():
     return examples_dir()
+
+
+def _load_tiny(tiny_root, tiny_models, family: str, loader_name: str, name: str):
+    from xmgie.mgie_core import paths
+    from xmgie.mgie_core.models import sd as sdm
+
+    tiny_models(family)
+    paths.configure(reset=True)
+    paths.configure(models_dir=[tiny_root])
+    try:
+        return getattr(sdm, loader_name)(name)
+    finally:
+        paths.configure(reset=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_root, tiny_models):
+    """The tiny SD 1.x model loaded once through the public loader (shared: tests must
+    not change its weights; deep-copy it to change precision)."""
+    return _load_tiny(tiny_root, tiny_models, "sd_diffusers", "load_sd_diffusers", "tiny-sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_ip2p(tiny_root, tiny_models):
+    return _load_tiny(tiny_root, tiny_models, "ip2p_diffusers", "load_instruct_diffusers",
+                      "tiny-ip2p")

@@ -10,7 +10,6 @@ import torch
 
 from xmgie.mgie_core import astar, guidance, inversion, sampler, vae
 from xmgie.mgie_core.errors import InputError
-from xmgie.mgie_core.models import sd as sdm
 
 SRC = "a photo of a red carpet in a room"
 TGT = "a cat and a dog in a room"          # cat, dog: new tokens, not injected
@@ -103,16 +102,8 @@ def test_concept_maps_average_heads_layers_tokens():
 # --- the control on the tiny SD --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def sd(tiny_root, tiny_models):
-    from xmgie.mgie_core import paths
-
-    tiny_models("sd_diffusers")
-    paths.configure(reset=True)
-    paths.configure(models_dir=[tiny_root])
-    try:
-        return sdm.load_sd_diffusers("tiny-sd15")
-    finally:
-        paths.configure(reset=True)
+def sd(tiny_sd):
+    return tiny_sd
 
 
 @pytest.fixture(scope="module")

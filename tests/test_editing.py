@@ -10,7 +10,6 @@ import torch
 
 from xmgie.mgie_core import attention, diffusion, inversion, sampler, vae
 from xmgie.mgie_core.errors import InputError
-from xmgie.mgie_core.models import sd as sdm
 from xmgie.mgie_core.pfb import PFBControl
 
 SRC = "a photo of a red carpet in a room"
@@ -19,19 +18,8 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def models(tiny_root, tiny_models):
-    from xmgie.mgie_core import paths
-
-    tiny_models("sd_diffusers")
-    tiny_models("ip2p_diffusers")
-    paths.configure(reset=True)
-    paths.configure(models_dir=[tiny_root])
-    try:
-        sd = sdm.load_sd_diffusers("tiny-sd15")
-        ip = sdm.load_instruct_diffusers("tiny-ip2p")
-    finally:
-        paths.configure(reset=True)
-    return sd, ip
+def models(tiny_sd, tiny_ip2p):
+    return tiny_sd, tiny_ip2p
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import torch
 
 from xmgie.mgie_core import guidance, inversion, mag, sampler, vae
 from xmgie.mgie_core.errors import InputError
-from xmgie.mgie_core.models import sd as sdm
 
 SRC = "a photo of a red carpet in a room"
 TGT = "a photo of a yellow carpet in a room"
@@ -83,16 +82,8 @@ def test_spatial_and_negative_terms():
 # --- on the tiny model ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def sd(tiny_root, tiny_models):
-    from xmgie.mgie_core import paths
-
-    tiny_models("sd_diffusers")
-    paths.configure(reset=True)
-    paths.configure(models_dir=[tiny_root])
-    try:
-        return sdm.load_sd_diffusers("tiny-sd15")
-    finally:
-        paths.configure(reset=True)
+def sd(tiny_sd):
+    return tiny_sd
 
 
 @pytest.fixture(scope="module")
