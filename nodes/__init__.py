@@ -18,6 +18,7 @@ _MODULES = [
     "mgie",
     "blur",
     "astar",
+    "identity_guidance",
 ]
 
 NODE_CLASS_MAPPINGS: dict = {}
