@@ -141,8 +141,11 @@ def source_cache(run, step: int, stop_layer: Optional[str] = None) -> SourceReco
     key = ("source_cache", step, stop_layer)
     cached = run.extras.get(key)
     if cached is None:
-        for k in [k for k in run.extras if isinstance(k, tuple) and k[0] == "source_cache"]:
-            del run.extras[k]          # keep only the current step's cache
+        # Keep this step's entries (controls that stop at different layers share the
+        # step: MAG and identity guidance must not evict each other); drop older steps.
+        for k in [k for k in run.extras if isinstance(k, tuple) and k[0] == "source_cache"
+                  and k[1] != step]:
+            del run.extras[k]
         cached = SourceRecorder()
         with torch.no_grad():
             _call_unet(run, REC_COND, run.latents["rec"], run.extras["cond_src"], step,

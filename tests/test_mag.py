@@ -232,3 +232,22 @@ def test_bad_words(sd, inv, mask):
         sampler.edit(sd, inv, TGT, mask=mask, controls=[mag.MAGControl(mask, ["purple"])])
     with pytest.raises(InputError, match="words"):
         mag.MAGControl(mask, [])
+
+
+def test_controls_stopping_at_different_layers_share_the_step_cache(sd, inv, mask):
+    """Two cache users in one step (different stop layers) do not evict each other."""
+    from xmgie.mgie_core import guidance
+
+    class TwoReaders(mag.MAGControl):
+        def before_step(self, run, i):
+            if i < self._n_opt:
+                for _ in range(2):
+                    guidance.source_cache(run, i, self._layers[-1])
+                    guidance.source_cache(run, i, None)
+            super().before_step(run, i)
+
+    ctl = TwoReaders(mask, ["yellow"], iterations=2)
+    sampler.edit(sd, inv, TGT, mask=mask, controls=[ctl])
+    n_opt = round(0.5 * STEPS)
+    # per optimised step: one truncated and one full reconstruction pass, no more
+    assert ctl.passes["source"] == 2 * n_opt
