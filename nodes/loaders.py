@@ -6,7 +6,7 @@ from ..mgie_core import paths
 from ..mgie_core.models import sd
 from ._common import PREFIX, SD_MODEL, category, inp
 
-DTYPES = ["auto", "fp16", "bf16", "fp32"]
+DTYPES = list(sd.DTYPES)
 _DTYPE_TIP = "Weights' precision. auto = fp16 on a CUDA GPU, fp32 on the CPU."
 
 

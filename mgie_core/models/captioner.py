@@ -20,10 +20,9 @@ import torch
 
 from .. import paths, runtime
 from ..errors import InputError, ModelLoadError
-from .sd import resolve_dtype
+from .sd import DTYPES, resolve_dtype  # noqa: F401  (DTYPES re-exported for nodes)
 from .validate import check_files, check_state_dict_keys, check_tokenizer
 
-DTYPES = ("auto", "fp16", "bf16", "fp32")
 TOKENIZER_FIX = ("Copy the tokenizer files of the model (tokenizer.json or vocab.json + "
                  "merges.txt, tokenizer_config.json, special_tokens_map.json) into this folder.")
 

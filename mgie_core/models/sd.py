@@ -57,6 +57,9 @@ class SDModel:
         return f"SDModel({kind}, {self.source}, {self.device}, {self.dtype})"
 
 
+DTYPES = ("auto", "fp16", "bf16", "fp32")   # the choices loaders offer
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
