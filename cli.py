@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .mgie_core import paths, runtime, workflow
+from .mgie_core import paths, runtime
+from .runner import engine
 from .mgie_core.errors import XMGIEError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -69,7 +70,7 @@ def build_registry() -> dict[str, type]:
     # Imported here, not at module level, so `xmgie.cli` imports even when a node
     # module is broken (the error then comes out as a message, not a traceback).
     from .nodes import NODE_CLASS_MAPPINGS
-    from .nodes.core_standins import STANDINS
+    from .runner.core_nodes import STANDINS
 
     return {**STANDINS, **NODE_CLASS_MAPPINGS}
 
@@ -89,7 +90,7 @@ def configure_models(args: argparse.Namespace) -> None:
 
 
 def run_context(args: argparse.Namespace):
-    from .nodes.core_standins import RunContext
+    from .runner.core_nodes import RunContext
 
     return RunContext(input_dirs=list(args.input_dir or [Path("input")]),
                       output_dir=getattr(args, "output_dir", Path("output")),
@@ -99,11 +100,11 @@ def run_context(args: argparse.Namespace):
 def prepare(args: argparse.Namespace, data: dict,
             registry: dict[str, type]) -> tuple[dict, dict]:
     """Convert, override and validate; returns (API prompt, extra_pnginfo)."""
-    prompt = workflow.to_api(data, registry)
-    prompt = workflow.apply_overrides(prompt, args.overrides, registry)
-    prompt = workflow.check(prompt, registry)
+    prompt = engine.to_api(data, registry)
+    prompt = engine.apply_overrides(prompt, args.overrides, registry)
+    prompt = engine.check(prompt, registry)
     # ComfyUI embeds the UI workflow in saved PNGs; an API file has none to embed.
-    extra_pnginfo = {"workflow": data} if workflow.is_ui_format(data) else {}
+    extra_pnginfo = {"workflow": data} if engine.is_ui_format(data) else {}
     return prompt, extra_pnginfo
 
 
@@ -114,20 +115,20 @@ def cmd_check(args: argparse.Namespace, data: dict, registry: dict[str, type]) -
 
 
 def cmd_run(args: argparse.Namespace, data: dict, registry: dict[str, type]) -> int:
-    from .nodes import core_standins
+    from .runner import core_nodes
 
     prompt, extra_pnginfo = prepare(args, data, registry)
     start = time.perf_counter()
 
-    def report(t: workflow.NodeTiming) -> None:
+    def report(t: engine.NodeTiming) -> None:
         print(f"[{t.node_id}] {t.class_type}: {t.seconds:.2f} s", flush=True)
 
-    result = workflow.execute(prompt, registry, on_node=report, extra_pnginfo=extra_pnginfo)
+    result = engine.execute(prompt, registry, on_node=report, extra_pnginfo=extra_pnginfo)
     # Text that output nodes show in ComfyUI (captions, scores) is printed here.
     for node_id, ui in result.ui.items():
         for line in ui.get("text", []) if isinstance(ui, dict) else []:
             print(f"[{node_id}] {line}")
-    written = core_standins.context().written
+    written = core_nodes.context().written
     print(f"Done in {time.perf_counter() - start:.2f} s.")
     if written:
         print(f"Wrote {len(written)} file(s):")
@@ -138,7 +139,7 @@ def cmd_run(args: argparse.Namespace, data: dict, registry: dict[str, type]) -> 
     return EXIT_OK
 
 
-def _print_errors(exc: workflow.WorkflowError) -> None:
+def _print_errors(exc: engine.WorkflowError) -> None:
     if len(exc.errors) == 1:
         print(f"error: {exc.errors[0]}", file=sys.stderr)
         return
@@ -155,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(exc.code or 0)
     command = {"check": cmd_check, "run": cmd_run}[args.command]
     try:
-        data = workflow.load_file(args.workflow)  # first: a bad path fails fast
+        data = engine.load_file(args.workflow)  # first: a bad path fails fast
         try:
             registry = build_registry()
         except Exception as exc:
@@ -163,14 +164,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   "reinstall the package or fix the module named above.", file=sys.stderr)
             return EXIT_FAILED
         configure_models(args)
-        from .nodes import core_standins
+        from .runner import core_nodes
 
-        with core_standins.using_context(run_context(args)):
+        with core_nodes.using_context(run_context(args)):
             return command(args, data, registry)
-    except workflow.WorkflowFileError as exc:
+    except engine.WorkflowFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except workflow.WorkflowError as exc:
+    except engine.WorkflowError as exc:
         _print_errors(exc)
         return EXIT_FAILED
     except (KeyboardInterrupt, runtime.Interrupted):

@@ -28,10 +28,10 @@ def _inputs(tmp_path: Path) -> tuple[Path, Path]:
 
 def _overrides(wf: Path, tmp_path: Path) -> list[str]:
     from xmgie import cli
-    from xmgie.mgie_core import workflow
+    from xmgie.runner import engine
 
     registry = cli.build_registry()
-    prompt = workflow.to_api(json.loads(wf.read_text()), registry)
+    prompt = engine.to_api(json.loads(wf.read_text()), registry)
     img, mask = _inputs(tmp_path)
     sets = []
     for node_id, node in prompt.items():
@@ -43,7 +43,7 @@ def _overrides(wf: Path, tmp_path: Path) -> list[str]:
         elif node["class_type"] == "XMGIESAMSegment":
             sets += [f"{node_id}.points=64,64", f"{node_id}.negative_points=10,10"]
         for name, value in FAST.items():
-            if name in inputs and not workflow.is_link(inputs[name]):
+            if name in inputs and not engine.is_link(inputs[name]):
                 sets.append(f"{node_id}.{name}={value}")
     return [a for s in sets for a in ("--set", s)]
 

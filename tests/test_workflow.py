@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 from xmgie import cli
-from xmgie.mgie_core import paths, runtime, workflow
-from xmgie.nodes import core_standins
+from xmgie.mgie_core import paths, runtime
+from xmgie.runner import engine
+from xmgie.runner import core_nodes
 
 # --- test nodes ---------------------------------------------------------------------------
 
@@ -138,7 +139,7 @@ class TinyOnly:
 
 TEST_NODES = {c.__name__: c for c in
               (Number, Add, Seeded, NamedSeed, MakeImage, Boom, Collect, TinyOnly)}
-REGISTRY = {**core_standins.STANDINS, **TEST_NODES}
+REGISTRY = {**core_nodes.STANDINS, **TEST_NODES}
 
 
 @pytest.fixture(autouse=True)
@@ -208,7 +209,7 @@ def test_validate_reports_every_problem_at_once_and_runs_nothing():
         "5": node("Add", a=["1", 0], b="x"),                    # STRING for INT
         "6": node("Collect", value=["5", 0]),
     }
-    errors = workflow.validate(prompt, REGISTRY)
+    errors = engine.validate(prompt, REGISTRY)
     assert len(errors) == 6, errors
     text = "\n".join(errors)
     assert "node 1 (Number), input 'value': 2.5 is not an integer" in text
@@ -217,14 +218,14 @@ def test_validate_reports_every_problem_at_once_and_runs_nothing():
     assert "node 3 (Add), input 'a': links to node 9, which does not exist" in text
     assert "node 4 (Add), input 'a'" in text and "1 output(s)" in text
     assert "node 5 (Add), input 'b'" in text
-    with pytest.raises(workflow.WorkflowError) as info:
-        workflow.execute(prompt, REGISTRY)
+    with pytest.raises(engine.WorkflowError) as info:
+        engine.execute(prompt, REGISTRY)
     assert len(info.value.errors) == 6
     assert CALLS == []
 
 
 def test_integral_float_is_accepted_for_int():
-    prompt = workflow.check({"1": node("Number", value=8.0)}, REGISTRY)
+    prompt = engine.check({"1": node("Number", value=8.0)}, REGISTRY)
     assert prompt["1"]["inputs"]["value"] == 8 and isinstance(prompt["1"]["inputs"]["value"], int)
 
 
@@ -266,7 +267,7 @@ def test_ui_conversion_widgets_seed_control_reroute_primitive_note_mute():
         "links": [[1, 1, 0, 2, 0, "INT"], [2, 2, 0, 4, 0, "INT"], [3, 7, 0, 5, 2, "FLOAT"],
                   [4, 4, 0, 9, 0, "INT"], [5, 5, 0, 10, 0, "STRING"]],
     }
-    api = workflow.to_api(ui, REGISTRY)
+    api = engine.to_api(ui, REGISTRY)
     assert api == {
         "1": node("Number", value=5),
         "4": node("Add", a=["1", 0], b=7),
@@ -274,7 +275,7 @@ def test_ui_conversion_widgets_seed_control_reroute_primitive_note_mute():
         "9": node("Collect", value=["4", 0]),
         "10": node("Collect", value=["5", 0]),
     }
-    workflow.execute(api, REGISTRY)
+    engine.execute(api, REGISTRY)
     assert COLLECTED["9"]["value"] == 12
     assert COLLECTED["10"]["value"] == "42|slow|0.25|False|hello"
 
@@ -282,7 +283,7 @@ def test_ui_conversion_widgets_seed_control_reroute_primitive_note_mute():
 @pytest.mark.parametrize("widgets", [[3, "fixed", 4], [3, 4]])
 def test_ui_seed_named_input_skips_control_value_only_when_present(widgets):
     ui = {"nodes": [ui_node(1, "NamedSeed", widgets)], "links": []}
-    assert workflow.to_api(ui, REGISTRY)["1"]["inputs"] == {"noise_seed": 3, "steps": 4}
+    assert engine.to_api(ui, REGISTRY)["1"]["inputs"] == {"noise_seed": 3, "steps": 4}
 
 
 def test_ui_bypassed_node_passes_its_input_through():
@@ -295,9 +296,9 @@ def test_ui_bypassed_node_passes_its_input_through():
         ],
         "links": [[1, 1, 0, 2, 0, "INT"], [2, 2, 0, 3, 0, "INT"]],
     }
-    api = workflow.to_api(ui, REGISTRY)
+    api = engine.to_api(ui, REGISTRY)
     assert "2" not in api and api["3"]["inputs"]["value"] == ["1", 0]
-    workflow.execute(api, REGISTRY)
+    engine.execute(api, REGISTRY)
     assert COLLECTED["3"]["value"] == 5
 
 
@@ -308,7 +309,7 @@ def test_ui_input_fed_by_muted_node_is_reported_missing():
                   ui_node(3, "Collect", inputs=[socket("value", "*", 1)])],
         "links": [[1, 1, 0, 3, 0, "INT"]],
     }
-    errors = workflow.validate(workflow.to_api(ui, REGISTRY), REGISTRY)
+    errors = engine.validate(engine.to_api(ui, REGISTRY), REGISTRY)
     assert errors == ["node 3 (Collect), input 'value': required input is missing; "
                       "expected a link from an output of type *"]
 
@@ -342,7 +343,7 @@ def test_overrides_parse_json_and_keep_text_for_strings():
     prompt = {"1": node("Number", value=1),
               "2": node("Seeded", seed=1, mode="fast", scale=1.0, enabled=True),
               "3": node("Collect", value=["2", 0])}
-    out = workflow.apply_overrides(prompt, ["1.value=9", "2.label=123", "2.mode=slow",
+    out = engine.apply_overrides(prompt, ["1.value=9", "2.label=123", "2.mode=slow",
                                             "2.enabled=false", "3.value=[\"1\", 0]"], REGISTRY)
     assert prompt["1"]["inputs"]["value"] == 1  # the original is not changed
     assert out["1"]["inputs"]["value"] == 9
@@ -350,7 +351,7 @@ def test_overrides_parse_json_and_keep_text_for_strings():
     assert out["2"]["inputs"]["mode"] == "slow"
     assert out["2"]["inputs"]["enabled"] is False
     assert out["3"]["inputs"]["value"] == ["1", 0]  # a link
-    workflow.execute(out, REGISTRY)
+    engine.execute(out, REGISTRY)
     assert COLLECTED == {"3": COLLECTED["3"]} and COLLECTED["3"]["value"] == 9
 
 
@@ -398,19 +399,19 @@ def test_load_image_rgba_follows_comfyui_mask_convention(tmp_path):
     rgba = rng.integers(0, 256, (6, 5, 4), dtype=np.uint8)
     write_png(tmp_path / "input" / "rgba.png", rgba)
     write_png(tmp_path / "input" / "rgb.png", rgba[..., :3].copy())
-    with core_standins.using_context(core_standins.RunContext(input_dirs=[tmp_path / "input"])):
-        image, mask = core_standins.LoadImage().load_image("rgba.png")
+    with core_nodes.using_context(core_nodes.RunContext(input_dirs=[tmp_path / "input"])):
+        image, mask = core_nodes.LoadImage().load_image("rgba.png")
         assert image.shape == (1, 6, 5, 3) and image.dtype == torch.float32
         assert mask.shape == (1, 6, 5) and mask.dtype == torch.float32
         alpha = torch.from_numpy(rgba[..., 3].astype(np.float32) / 255.0)
         assert torch.allclose(image[0], torch.from_numpy(rgba[..., :3] / 255.0).float())
         assert torch.allclose(mask[0], 1.0 - alpha)  # transparent = masked
 
-        _, no_alpha = core_standins.LoadImage().load_image("rgb.png")
+        _, no_alpha = core_nodes.LoadImage().load_image("rgb.png")
         assert no_alpha.shape == (1, 6, 5) and not no_alpha.any()
 
-        (alpha_mask,) = core_standins.LoadImageMask().load_image("rgba.png", "alpha")
-        (red_mask,) = core_standins.LoadImageMask().load_image("rgba.png", "red")
+        (alpha_mask,) = core_nodes.LoadImageMask().load_image("rgba.png", "alpha")
+        (red_mask,) = core_nodes.LoadImageMask().load_image("rgba.png", "red")
         assert torch.allclose(alpha_mask[0], 1.0 - alpha)
         assert torch.allclose(red_mask[0], torch.from_numpy(rgba[..., 0] / 255.0).float())
 
@@ -428,9 +429,9 @@ def test_missing_image_is_caught_by_check_naming_every_folder(tmp_path, capsys):
 
 def test_preview_image_writes_into_preview_subfolder(tmp_path):
     wf = {"1": node("MakeImage", value=255), "2": node("PreviewImage", images=["1", 0])}
-    ctx = core_standins.RunContext(output_dir=tmp_path / "out")
-    with core_standins.using_context(ctx):
-        result = workflow.execute(wf, REGISTRY)
+    ctx = core_nodes.RunContext(output_dir=tmp_path / "out")
+    with core_nodes.using_context(ctx):
+        result = engine.execute(wf, REGISTRY)
     assert ctx.written == [tmp_path / "out" / "preview" / "preview_00001_.png"]
     assert result.ui["2"]["images"] == [{"filename": "preview_00001_.png",
                                          "subfolder": "preview", "type": "temp"}]
@@ -439,9 +440,9 @@ def test_preview_image_writes_into_preview_subfolder(tmp_path):
 def test_save_image_refuses_a_prefix_outside_the_output_folder(tmp_path):
     wf = {"1": node("MakeImage", value=1),
           "2": node("SaveImage", images=["1", 0], filename_prefix="../escape")}
-    with core_standins.using_context(core_standins.RunContext(output_dir=tmp_path / "out")):
-        with pytest.raises(workflow.WorkflowError, match="outside the output folder"):
-            workflow.execute(wf, REGISTRY)
+    with core_nodes.using_context(core_nodes.RunContext(output_dir=tmp_path / "out")):
+        with pytest.raises(engine.WorkflowError, match="outside the output folder"):
+            engine.execute(wf, REGISTRY)
 
 
 # --- execution ----------------------------------------------------------------------------
@@ -449,8 +450,8 @@ def test_save_image_refuses_a_prefix_outside_the_output_folder(tmp_path):
 def test_node_exception_is_wrapped_with_node_id(tmp_path, capsys):
     wf = {"1": node("Number", value=1), "7": node("Boom", x=["1", 0]),
           "8": node("Collect", value=["7", 0])}
-    with pytest.raises(workflow.WorkflowError) as info:
-        workflow.execute(wf, REGISTRY)
+    with pytest.raises(engine.WorkflowError) as info:
+        engine.execute(wf, REGISTRY)
     err = info.value
     assert (err.node_id, err.class_type) == ("7", "Boom")
     assert "node 7 (Boom) failed: ValueError: kaboom" in str(err)
@@ -465,7 +466,7 @@ def test_only_nodes_feeding_outputs_run_each_once():
           "4": node("Add", a=["2", 0], b=["3", 0]),
           "5": node("Collect", value=["4", 0]),
           "6": node("MakeImage", value=3)}                     # feeds no output
-    result = workflow.execute(wf, REGISTRY)
+    result = engine.execute(wf, REGISTRY)
     assert result.executed == ["1", "2", "3", "4", "5"]
     assert CALLS.count("Number") == 1 and "MakeImage" not in CALLS
     assert COLLECTED["5"]["value"] == 7
@@ -474,13 +475,13 @@ def test_only_nodes_feeding_outputs_run_each_once():
 
 def test_without_output_nodes_every_node_runs():
     wf = {"1": node("Number", value=2), "2": node("MakeImage", value=3)}
-    assert workflow.execute(wf, REGISTRY).executed == ["1", "2"]
+    assert engine.execute(wf, REGISTRY).executed == ["1", "2"]
 
 
 def test_outputs_are_passed_by_reference_and_hidden_inputs_supplied():
     wf = {"1": node("MakeImage", value=3), "2": node("Collect", value=["1", 0]),
           "3": node("Collect", value=["1", 0])}
-    result = workflow.execute(wf, REGISTRY, extra_pnginfo={"workflow": {"x": 1}})
+    result = engine.execute(wf, REGISTRY, extra_pnginfo={"workflow": {"x": 1}})
     assert COLLECTED["2"]["value"] is result.outputs["1"][0] is COLLECTED["3"]["value"]
     assert COLLECTED["2"]["prompt"]["1"]["class_type"] == "MakeImage"
     assert COLLECTED["2"]["extra_pnginfo"] == {"workflow": {"x": 1}}
@@ -496,7 +497,7 @@ def test_interrupt_between_nodes_stops_the_run(tmp_path, capsys):
     try:
         wf = {"1": node("Number", value=1), "2": node("Collect", value=["1", 0])}
         with pytest.raises(runtime.Interrupted):
-            workflow.execute(wf, REGISTRY)
+            engine.execute(wf, REGISTRY)
         assert CALLS == ["Number"]
         CALLS.clear()
         assert cli.main(["run", write_json(tmp_path / "wf.json", wf)]) == 130
@@ -548,5 +549,5 @@ def test_real_registry_is_the_pack_plus_standins(monkeypatch):
 
     registry = cli.build_registry()
     assert set(NODE_CLASS_MAPPINGS) <= set(registry)
-    assert set(core_standins.STANDINS) <= set(registry)
-    assert not set(core_standins.STANDINS) & set(NODE_CLASS_MAPPINGS)
+    assert set(core_nodes.STANDINS) <= set(registry)
+    assert not set(core_nodes.STANDINS) & set(NODE_CLASS_MAPPINGS)

@@ -53,8 +53,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
-from . import runtime
-from .errors import XMGIEError
+from ..mgie_core import runtime
+from ..mgie_core.errors import XMGIEError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
 from ..mgie_core.errors import InputError
-from ._common import inp
+from ..nodes._common import inp
 
 PREVIEW_SUBFOLDER = "preview"
 
