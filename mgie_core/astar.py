@@ -45,6 +45,7 @@ import torch
 from . import guidance
 from .attention import MaskPyramid
 from .errors import InputError
+from .tokens import word_token_groups
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,6 @@ class AStarControl:
         self._prev: Optional[torch.Tensor] = None
 
     def setup(self, run) -> None:
-        from .plan import word_token_groups
-
         prompt = run.extras.get("target_prompt")
         if prompt is None:
             raise InputError("controls", "include A-STAR on a sampler without a target "

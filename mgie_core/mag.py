@@ -28,6 +28,7 @@ import torch
 from . import guidance
 from .attention import AttnContext, BatchLayout, MaskPyramid, layer_hw
 from .errors import InputError
+from .tokens import word_token_groups
 
 
 # --- losses on maps (heads, HW, 77) -----------------------------------------------------
@@ -93,8 +94,6 @@ class MAGControl:
         self.history: list[dict] = []        # per update: step, loss, activation
 
     def setup(self, run) -> None:
-        from .plan import word_token_groups
-
         prompt = run.extras.get("target_prompt")
         if prompt is None:
             raise InputError("controls", "include MAG on a sampler without a target prompt",

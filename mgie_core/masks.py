@@ -37,7 +37,7 @@ from .diffusion import encode_prompt
 from .errors import InputError
 from .images import check_image, check_mask
 from .models.sd import SDModel
-from .plan import word_token_groups
+from .tokens import word_token_groups
 
 DEFAULT_TIMESTEPS = (501, 601, 701)
 MAP_FACTOR = 4   # layers at latent / 4 (16x16 for 64x64 latents, i.e. 512 px images)

@@ -102,7 +102,7 @@ MGIE = register_family(Family(
     published="Apple's MGIE release (github.com/apple/ml-mgie, checkpoint mgie_7b: mllm.pt) "
               "on top of LLaVA-7B v1 (the LLaVA-7b-delta-v1 applied to LLaMA-7B) and "
               "https://huggingface.co/openai/clip-vit-large-patch14; see "
-              "mgie_core/models/mgie.py for the folder layout",
+              "mgie_core/models/mgie/layout.py for the folder layout",
     tiny_name="tiny-mgie"))
 
 SAM = register_family(Family(

@@ -31,7 +31,9 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterable, Sequence
 
+from ._compat import moved
 from .errors import InputError, XMGIEError, names_list
+from .tokens import as_text, clean_word
 
 FIELDS = ("expressive_instruction", "source_prompt", "target_prompt", "edit_words",
           "source_words", "object")
@@ -647,7 +649,7 @@ def _json_candidates(text: str, skip_target: str = "") -> tuple[dict[str, Any], 
         if not rec:  # one level of nesting: {"plan": {...}}
             subs = [v for v in d.values() if isinstance(v, dict)]
             rec = _recognised(subs[0]) if len(subs) == 1 else {}
-        echoed = skip_target and _as_text(rec.get("target_prompt", "")) == skip_target
+        echoed = skip_target and as_text(rec.get("target_prompt", "")) == skip_target
         if echoed and not best:
             best, best_trunc, best_echoed = rec, r.truncated, True
         elif not echoed and (len(rec) > len(best) or (best and best_echoed)):
@@ -726,24 +728,6 @@ def _inline_fields(text: str) -> dict[str, Any]:
     return out
 
 
-def _as_text(v: Any) -> str:
-    if isinstance(v, (list, tuple)):
-        v = next((x for x in v if isinstance(x, str) and x.strip()), "")
-    if isinstance(v, dict):
-        v = next((x for x in v.values() if isinstance(x, str) and x.strip()), "")
-    s = re.sub(r"\s+", " ", str(v if v is not None else "")).strip()
-    # Quotes around the whole value ("a photo of ...") are not part of it.
-    while len(s) >= 2 and s[0] in "\"'\u201c\u2018`" and s[-1] in "\"'\u201d\u2019`":
-        s = s[1:-1].strip()
-    return s
-
-
-def _clean_word(w: Any) -> str:
-    s = _as_text(w)
-    s = s.strip(" \t\"'`\u201c\u201d\u2018\u2019[](){}.,;:!?")
-    return re.sub(r"\s+", " ", s)
-
-
 def _as_words(v: Any) -> list[str]:
     if isinstance(v, str):
         s = v.strip()
@@ -760,7 +744,7 @@ def _as_words(v: Any) -> list[str]:
         v = [v]
     out: list[str] = []
     for x in v:
-        w = _clean_word(x)
+        w = clean_word(x)
         if w and w.lower() not in (o.lower() for o in out) and w.lower() not in (
                 "none", "n/a", "null", "empty"):
             out.append(w)
@@ -816,10 +800,10 @@ def parse_plan(answer: str, instruction: str, source_caption: str | None = None
         notes.append(f"read {names_list(sorted(got))} from the answer ({how})")
     if truncated:
         notes.append("the answer was cut off; its complete fields were kept")
-    plan.expressive_instruction = _as_text(got.get("expressive_instruction", ""))
-    plan.source_prompt = _as_text(got.get("source_prompt", ""))
-    plan.target_prompt = _as_text(got.get("target_prompt", ""))
-    plan.object = _clean_word(got.get("object", ""))
+    plan.expressive_instruction = as_text(got.get("expressive_instruction", ""))
+    plan.source_prompt = as_text(got.get("source_prompt", ""))
+    plan.target_prompt = as_text(got.get("target_prompt", ""))
+    plan.object = clean_word(got.get("object", ""))
     edit_given = _as_words(got.get("edit_words", []))
     src_given = _as_words(got.get("source_words", []))
     if isinstance(got.get("edit_words"), dict) and not src_given:
@@ -857,7 +841,7 @@ def _complete(plan: EditPlan, edit_given: list[str], src_given: list[str],
               source_caption: str | None) -> None:
     """Fill the plan's missing fields with the module's fallback rules (in place)."""
     notes, used = plan.notes, plan.fallbacks_used
-    caption = _as_text(source_caption or "")
+    caption = as_text(source_caption or "")
 
     # source prompt <- source_caption
     if not plan.source_prompt and caption:
@@ -960,9 +944,9 @@ def plan_from_prompts(instruction: str, source_prompt: str, target_prompt: str,
     by diffing the prompts, an empty object is guessed from the instruction.
     """
     plan = EditPlan(instruction=(instruction or "").strip(),
-                    source_prompt=_as_text(source_prompt or ""),
-                    target_prompt=_as_text(target_prompt or ""),
-                    object=_clean_word(object or ""))
+                    source_prompt=as_text(source_prompt or ""),
+                    target_prompt=as_text(target_prompt or ""),
+                    object=clean_word(object or ""))
     edit = _split_words(edit_words)
     src = _split_words(source_words)
     if plan.target_prompt:
@@ -978,83 +962,10 @@ def plan_from_prompts(instruction: str, source_prompt: str, target_prompt: str,
 # Token positions for attention control
 # ---------------------------------------------------------------------------------------
 
-_MARKS = ("\u0120", "\u2581")  # GPT-2 / SentencePiece word-start marks
-
-
-def _has_conventions(tokens: list[str]) -> bool:
-    return any(t.endswith("</w>") or t.startswith(_MARKS) for t in tokens)
-
-
-def _bare(tok: str) -> str:
-    return tok.replace("</w>", "").lstrip("".join(_MARKS))
-
-
-def _is_word_start(tokens: list[str], i: int) -> bool:
-    if i == 0 or not _has_conventions(tokens):
-        return True
-    prev, t = tokens[i - 1], tokens[i]
-    return (prev.endswith("</w>") or t.startswith(_MARKS)
-            or not _bare(prev)[-1:].isalnum() or not _bare(t)[:1].isalnum())
-
-
-def _is_word_end(tokens: list[str], j: int) -> bool:
-    """True if a match covering tokens[..j-1] ends a word."""
-    if j >= len(tokens) or not _has_conventions(tokens):
-        return True
-    last, nxt = tokens[j - 1], tokens[j]
-    return (last.endswith("</w>") or nxt.startswith(_MARKS)
-            or not _bare(nxt)[:1].isalnum() or not _bare(last)[-1:].isalnum())
-
-
-def word_token_groups(tokenizer, prompt: str, words: Sequence[str]) -> list[list[int]]:
-    """For each word (or phrase), its token positions in the padded CLIP sequence.
-
-    Position 0 is BOS, so the first prompt token is at 1; a word split into several BPE
-    tokens gives all of them; every occurrence is returned (as prompt-to-prompt does).
-    """
-    if isinstance(words, str):
-        words = [words]
-    max_len = int(getattr(tokenizer, "model_max_length", 77) or 77)
-    if max_len > 10_000:
-        max_len = 77
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    toks = tokenizer.convert_ids_to_tokens(ids)
-    groups: list[list[int]] = []
-    for w in words:
-        w_clean = _clean_word(w)
-        found: list[int] = []
-        for variant in dict.fromkeys([w_clean, " " + w_clean, w_clean.lower(),
-                                      " " + w_clean.lower()]):
-            if not variant.strip():
-                continue
-            wid = tokenizer(variant, add_special_tokens=False)["input_ids"]
-            n = len(wid)
-            if not n:
-                continue
-            for i in range(len(ids) - n + 1):
-                if ids[i:i + n] == wid and _is_word_start(toks, i) \
-                        and _is_word_end(toks, i + n):
-                    found += [i + 1 + k for k in range(n) if i + 1 + k not in found]
-            if found:
-                break
-        if not found:
-            raise InputError("words", f"the word {w!r} does not occur in the prompt "
-                             f"{prompt!r}", "words copied from the prompt (edit words from "
-                             "the target prompt, source words from the source prompt)",
-                             f"Add {w!r} to the prompt or remove it from the words.")
-        if max(found) >= max_len - 1:
-            raise InputError("words", f"the word {w!r} falls beyond the first {max_len - 2}"
-                             f" tokens of the prompt {prompt!r}", f"prompts that fit in "
-                             f"{max_len} CLIP tokens", "Shorten the prompt.")
-        groups.append(sorted(found))
-    return groups
-
-
-def find_word_tokens(tokenizer, prompt: str, words: Sequence[str]) -> list[int]:
-    """Sorted positions (77-token CLIP sequence, BOS at 0) of all tokens of ``words``."""
-    return sorted({p for g in word_token_groups(tokenizer, prompt, words) for p in g})
-
 
 __all__ = ["EditPlan", "PlanParseError", "PLAN_PROMPT", "build_plan_prompt", "parse_plan",
-           "make_plan", "plan_from_prompts", "find_word_tokens", "word_token_groups",
-           "guess_object", "diff_words", "find_phrase", "loads_tolerant", "canonical_key"]
+           "make_plan", "plan_from_prompts", "guess_object", "diff_words", "find_phrase",
+           "loads_tolerant", "canonical_key"]
+
+# Token-position helpers moved to mgie_core.tokens (kept here for one release).
+__getattr__ = moved(__name__, {"find_word_tokens": ".tokens", "word_token_groups": ".tokens"})

@@ -25,24 +25,12 @@ from .attention import COND, UNCOND, AttnContext, BatchLayout
 from .diffusion import Schedule, denoise_step, encode_prompt, make_schedule, token_ids, unet_eps
 from .errors import InputError
 from .inversion import InversionResult, source_null
+from .models.conditioning import Conditioning
 from .models.sd import SDModel
+from .tokens import find_word_tokens
 
 REC, EDIT, REF = "rec", "edit", "ref"
 IMG = "img"   # instruction path: the text-null, image-conditioned guidance row
-
-
-@dataclasses.dataclass
-class Conditioning:
-    """Text conditioning for the instruction UNet: CLIP-encoded text or MGIE's visual
-    tokens through its edit head (custom socket type XMGIE_CONDITIONING)."""
-
-    cond: torch.Tensor   # (1, 77, D)
-    null: torch.Tensor   # (1, 77, D)
-    text: str = ""
-    source: str = "clip"
-
-    def __repr__(self) -> str:
-        return f"Conditioning({self.source}, {tuple(self.cond.shape)}, '{self.text[:40]}')"
 
 
 @dataclasses.dataclass
@@ -100,8 +88,6 @@ def _latent_hw(z: torch.Tensor) -> tuple[int, int]:
 
 
 def _word_tokens(sd: SDModel, prompt: str, words: Sequence[str], name: str) -> list[int]:
-    from .plan import find_word_tokens
-
     try:
         return find_word_tokens(sd.tokenizer, prompt, list(words))
     except InputError:

@@ -26,7 +26,7 @@ VLM_MODEL = "XMGIE_VLM"
 IDENTITY_ENCODER = "XMGIE_IDENTITY"
 INVERSION = "XMGIE_INVERSION"    # mgie_core.inversion.InversionResult
 CONTROLS = "XMGIE_CONTROLS"      # list of sampling controls (PFB, MAG, identity ...)
-CONDITIONING = "XMGIE_CONDITIONING"  # mgie_core.sampler.Conditioning
+CONDITIONING = "XMGIE_CONDITIONING"  # mgie_core.models.conditioning.Conditioning
 MGIE_MODEL = "XMGIE_MGIE"        # mgie_core.models.mgie.MGIEModel
 
 

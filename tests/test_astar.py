@@ -129,7 +129,7 @@ class SegProbe:
         self.seg: dict[int, float] = {}
 
     def setup(self, run):
-        from xmgie.mgie_core.plan import word_token_groups
+        from xmgie.mgie_core.tokens import word_token_groups
 
         self.groups = word_token_groups(run.sd.tokenizer, run.extras["target_prompt"], WORDS)
         self.layers = guidance.layers_at_factor(run.sd.unet, 4)

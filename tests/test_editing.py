@@ -248,7 +248,7 @@ def test_controlled_processor_without_hooks_is_sdpa(sd, z0):
 def test_cam_logits_masks_token_mass(sd, z0, mask):
     z, emb = _batch(sd, z0)
     tgt_ids = diffusion.token_ids(sd, TGT)
-    from xmgie.mgie_core.plan import find_word_tokens
+    from xmgie.mgie_core.tokens import find_word_tokens
 
     in_tok = find_word_tokens(sd.tokenizer, TGT, ["yellow"])
     out_tok = find_word_tokens(sd.tokenizer, TGT, ["room"])

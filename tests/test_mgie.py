@@ -149,7 +149,7 @@ def test_generation_is_greedy_no_repeat_3grams_and_bounded(model, lib, monkeypat
 
 
 def test_instruct_returns_conditioning_and_independent_null(model, lib):
-    from xmgie.mgie_core.sampler import Conditioning
+    from xmgie.mgie_core.models.conditioning import Conditioning
 
     text, cond = model.instruct(_image(), "make it look like winter", max_new_tokens=10)
     assert isinstance(cond, Conditioning) and cond.source == "mgie" and cond.text == text

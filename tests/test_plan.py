@@ -8,6 +8,7 @@ import json
 import pytest
 
 from xmgie.mgie_core import plan as P
+from xmgie.mgie_core import tokens as T
 from xmgie.mgie_core.errors import InputError, XMGIEError
 
 CARPET = dict(instruction="make the carpet yellow",
@@ -429,14 +430,14 @@ def test_find_word_tokens_single_and_multi_token(clip_tok):
     ids = clip_tok(prompt, padding="max_length", max_length=77)["input_ids"]
     toks = clip_tok.convert_ids_to_tokens(ids)
     assert toks[0] == "<|startoftext|>"
-    assert P.find_word_tokens(clip_tok, prompt, ["flower"]) == [toks.index("flower</w>")]
-    hb = P.find_word_tokens(clip_tok, prompt, ["hummingbird"])
+    assert T.find_word_tokens(clip_tok, prompt, ["flower"]) == [toks.index("flower</w>")]
+    hb = T.find_word_tokens(clip_tok, prompt, ["hummingbird"])
     assert len(hb) > 1 and hb == list(range(hb[0], hb[-1] + 1))   # several BPE tokens
     assert "".join(toks[i] for i in hb).replace("</w>", "") == "hummingbird"
     assert hb[0] == 5          # BOS, a, photo, of, a
-    groups = P.word_token_groups(clip_tok, prompt, ["hummingbird", "flower"])
+    groups = T.word_token_groups(clip_tok, prompt, ["hummingbird", "flower"])
     assert groups == [hb, [toks.index("flower</w>")]]
-    assert P.find_word_tokens(clip_tok, prompt, ["hummingbird", "flower"]) == \
+    assert T.find_word_tokens(clip_tok, prompt, ["hummingbird", "flower"]) == \
         sorted(hb + groups[1])
 
 
@@ -444,24 +445,24 @@ def test_find_word_tokens_punctuation_case_and_boundaries(clip_tok):
     prompt = "A red carpet, a Yellow sofa (cute)!"
     ids = clip_tok(prompt)["input_ids"]
     toks = clip_tok.convert_ids_to_tokens(ids)
-    assert P.find_word_tokens(clip_tok, prompt, ["carpet"]) == [toks.index("carpet</w>")]
-    assert P.find_word_tokens(clip_tok, prompt, ["cute"]) == [toks.index("cute</w>")]
-    assert P.find_word_tokens(clip_tok, prompt, ["yellow sofa"]) == [
+    assert T.find_word_tokens(clip_tok, prompt, ["carpet"]) == [toks.index("carpet</w>")]
+    assert T.find_word_tokens(clip_tok, prompt, ["cute"]) == [toks.index("cute</w>")]
+    assert T.find_word_tokens(clip_tok, prompt, ["yellow sofa"]) == [
         toks.index("yellow</w>"), toks.index("sofa</w>")]
-    assert P.find_word_tokens(clip_tok, prompt, ["Red"]) == [2]
+    assert T.find_word_tokens(clip_tok, prompt, ["Red"]) == [2]
     # "bird" is a token of "hummingbird" but not a word of the prompt.
     with pytest.raises(InputError) as ei:
-        P.find_word_tokens(clip_tok, "a photo of a hummingbird", ["bird"])
+        T.find_word_tokens(clip_tok, "a photo of a hummingbird", ["bird"])
     assert "'bird'" in str(ei.value) and "a photo of a hummingbird" in str(ei.value)
 
 
 def test_find_word_tokens_all_occurrences_and_errors(clip_tok):
-    assert P.find_word_tokens(clip_tok, "a red car and a red house", ["red"]) == [2, 6]
+    assert T.find_word_tokens(clip_tok, "a red car and a red house", ["red"]) == [2, 6]
     with pytest.raises(InputError, match="'husky'.*'a happy corgi'"):
-        P.find_word_tokens(clip_tok, "a happy corgi", ["husky"])
+        T.find_word_tokens(clip_tok, "a happy corgi", ["husky"])
     long = " ".join(["cat"] * 80) + " dog"
     with pytest.raises(InputError, match="beyond"):
-        P.find_word_tokens(clip_tok, long, ["dog"])
+        T.find_word_tokens(clip_tok, long, ["dog"])
 
 
 # --------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ import torch
 
 from .. import paths, runtime
 from ..errors import InputError, ModelLoadError
-from .captioner import (_check_positive, decode_new, generation_kwargs, interrupt_criteria,
-                        load_model, load_processor, read_config, to_device, to_pil_images)
+from .hf import (check_positive, decode_new, generation_kwargs, interrupt_criteria,
+                 load_model, load_processor, read_config, to_device, to_pil_images)
 from .sd import resolve_dtype
 
 
@@ -75,7 +75,7 @@ def ask(vlm: VLM, image: torch.Tensor, question: str, max_new_tokens: int = 256)
                          "Ask about each image separately.")
     if not isinstance(question, str) or not question.strip():
         raise InputError("question", "it is empty", "a question or instruction about the image")
-    _check_positive("max_new_tokens", max_new_tokens)
+    check_positive("max_new_tokens", max_new_tokens)
     pil = to_pil_images(image, "image")[0]
     processor, model = vlm.processor, vlm.model
     messages = [{"role": "user", "content": [

@@ -1,0 +1,121 @@
+"""The library's layering: mgie_core is the editing library and nothing else.
+
+* no module of mgie_core imports ComfyUI, the pack's node glue or the graph engine;
+* no import runs from a lower layer back up (the model layer never imports the
+  sampler, the controls or the plan);
+* names that moved keep working from their old path for one release, with a warning.
+"""
+
+from __future__ import annotations
+
+import ast
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CORE = ROOT / "mgie_core"
+
+# Lower layers first; a module may import its own layer or any layer below.
+LAYERS = [
+    {"errors", "_compat", "paths", "runtime"},
+    {"models", "configs", "images", "tokens"},
+    {"diffusion", "vae", "attention", "blur"},
+    {"inversion", "guidance", "pfb", "masks", "plan"},
+    {"sampler", "mag", "astar", "identity_guidance"},
+    {"tiny"},
+]
+LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def _core_imports(path: Path) -> list[tuple[str, int]]:
+    """(imported top-level name, line) for every import in a module of mgie_core, with
+    relative imports resolved to the mgie_core module they name."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    rel = path.relative_to(CORE).with_suffix("").parts
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                out.append((node.module or "", node.lineno))
+                continue
+            base = list(rel[:-1])   # the package holding the module (or the __init__)
+            base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+            if node.level - 1 > len(rel) - 1:
+                out.append(("<above mgie_core>." + (node.module or ""), node.lineno))
+                continue
+            target = base + (node.module.split(".") if node.module else [])
+            if not target:  # "from . import x" at the root of mgie_core
+                out += [("mgie_core." + a.name, node.lineno) for a in node.names]
+            else:
+                out.append(("mgie_core." + ".".join(target), node.lineno))
+    return out
+
+
+def _modules():
+    return sorted(p for p in CORE.rglob("*.py") if "configs" not in p.parts)
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_core_never_imports_host_or_glue(path):
+    bad = [(m, line) for m, line in _core_imports(path)
+           if m.split(".")[0] in {"comfy", "folder_paths", "execution", "server", "nodes",
+                                  "comfy_execution", "runner", "cli"}
+           or m.startswith("<above mgie_core>")]
+    assert not bad, f"{path.name} imports the host, the node glue or the graph engine: {bad}"
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_import_runs_back_up(path):
+    rel = path.relative_to(CORE).parts
+    own = rel[0].removesuffix(".py")
+    if own == "__init__":
+        return
+    mine = LAYER_OF.get(own)
+    assert mine is not None, f"mgie_core/{rel[0]} is in no layer: add it to LAYERS"
+    for m, line in _core_imports(path):
+        if not m.startswith("mgie_core."):
+            continue
+        top = m.split(".")[1]
+        theirs = LAYER_OF.get(top)
+        if theirs is None or top == own:
+            continue
+        assert theirs <= mine, (f"{'/'.join(rel)}:{line} imports mgie_core.{top} "
+                                f"(layer {theirs}) from layer {mine}: imports must run down")
+
+
+def test_model_layer_never_imports_the_sampler():
+    for path in (CORE / "models").rglob("*.py"):
+        for m, line in _core_imports(path):
+            assert not m.startswith(("mgie_core.sampler", "mgie_core.plan", "mgie_core.mag",
+                                     "mgie_core.astar", "mgie_core.pfb")), (path, line, m)
+
+
+@pytest.mark.parametrize("old_module, name, new_module", [
+    ("xmgie.mgie_core.plan", "find_word_tokens", "xmgie.mgie_core.tokens"),
+    ("xmgie.mgie_core.plan", "word_token_groups", "xmgie.mgie_core.tokens"),
+    ("xmgie.mgie_core.models.captioner", "TOKENIZER_FIX", "xmgie.mgie_core.models.hf"),
+    ("xmgie.mgie_core.models.captioner", "read_config", "xmgie.mgie_core.models.hf"),
+])
+def test_moved_names_still_import_with_a_warning(old_module, name, new_module):
+    import importlib
+
+    old, new = importlib.import_module(old_module), importlib.import_module(new_module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = getattr(old, name)
+    assert value is getattr(new, name)
+    if name in vars(old):  # still used by the old module itself: no warning needed
+        return
+    assert any(issubclass(w.category, DeprecationWarning) and new_module.split(".", 1)[1]
+               in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
+def test_unknown_name_on_a_module_with_moved_names_is_an_attribute_error():
+    from xmgie.mgie_core import plan
+
+    with pytest.raises(AttributeError):
+        plan.no_such_name  # noqa: B018
