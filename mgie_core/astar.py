@@ -43,7 +43,8 @@ from typing import Optional, Sequence
 import torch
 
 from . import guidance
-from .attention import MaskPyramid
+from .attention import Branch, MaskPyramid
+from .control import Control
 from .errors import InputError
 from .tokens import word_token_groups
 
@@ -126,7 +127,9 @@ def binarise(A: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 # --- the control ------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class AStarControl:
+class AStarControl(Control):
+    name = "A-STAR"
+
     words: Sequence[str]                     # concept words of the target prompt
     steps_fraction: float = 0.5              # optimise the first 50% of the steps
     iterations: int = 1                      # updates per step (A-STAR: one)
@@ -155,8 +158,8 @@ class AStarControl:
         self._prev: Optional[torch.Tensor] = None
 
     def setup(self, run) -> None:
-        prompt = run.extras.get("target_prompt")
-        if prompt is None:
+        prompt = run.target_prompt
+        if not run.two_branch:
             raise InputError("controls", "include A-STAR on a sampler without a target "
                              "prompt", "the two-branch (inversion) sampler")
         self._groups = word_token_groups(run.sd.tokenizer, prompt, list(self.words))
@@ -166,7 +169,7 @@ class AStarControl:
         self.history = []
         if len(self._groups) < 2:
             log.info("A-STAR with one concept word: retention only, nothing to segregate")
-        inj = run.extras.get("injection")
+        inj = run.injection
         if inj is not None and inj.cross_steps > 0 and self._n_opt > 0:
             mapper = inj.mapper
             frozen = [w for w, g in zip(self.words, self._groups)
@@ -187,7 +190,7 @@ class AStarControl:
     def before_step(self, run, i: int) -> None:
         if i >= self._n_opt:
             return
-        z = run.latents["edit"].float()
+        z = run.latents[Branch.EDIT].float()
         region = self._region(run, z)
         alpha = self.step_size * guidance.sigma(run, i)
         A = None
@@ -218,7 +221,7 @@ class AStarControl:
         # Retention's B for the next step: this step's maps (of the last iteration's
         # input latent; recomputing after the update would cost one more forward).
         self._prev = binarise(A, self.threshold)
-        run.latents["edit"] = z.detach()
+        run.latents[Branch.EDIT] = z.detach()
 
     def teardown(self, run) -> None:
         self._prev = None

@@ -19,18 +19,45 @@ A UNet call is described by an :class:`AttnContext`: the step, and the layout of
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-COND, UNCOND = "cond", "uncond"
+class _Name(str, enum.Enum):
+    """A name that is also its plain string ("rec" == Branch.REC), so layouts, dict keys
+    and logs read the same either way."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+class Branch(_Name):
+    """What a batch row denoises."""
+
+    REC = "rec"     # reconstruction: the source prompt from the inverted latent
+    EDIT = "edit"   # the edit: the target prompt (or the instruction)
+    REF = "ref"     # instruction path: the source latent noised, PFB's reference
+
+
+class Half(_Name):
+    """Which guidance term a batch row computes."""
+
+    COND = "cond"       # the prompt (or instruction) condition
+    UNCOND = "uncond"   # the null condition
+    IMG = "img"         # instruction path: null text, image-conditioned
+
+
+COND, UNCOND = Half.COND, Half.UNCOND
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchLayout:
-    """Meaning of each batch row of one UNet call: (branch, guidance half)."""
+    """Meaning of each batch row of one UNet call: (:class:`Branch`, :class:`Half`)."""
 
     rows: tuple[tuple[str, str], ...]
 

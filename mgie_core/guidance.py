@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from . import attention
-from .attention import COND, AttnContext, AttnHook, BatchLayout, LayerInfo, layer_hw
+from .attention import COND, AttnContext, AttnHook, BatchLayout, Branch, LayerInfo, layer_hw
 from .diffusion import unet_eps
 
 log = logging.getLogger(__name__)
 
-EDIT_COND = BatchLayout((("edit", COND),))
-REC_COND = BatchLayout((("rec", COND),))
+EDIT_COND = BatchLayout(((Branch.EDIT, COND),))
+REC_COND = BatchLayout(((Branch.REC, COND),))
 
 
 class StopForward(Exception):
@@ -75,11 +75,11 @@ class SourceRecorder(AttnHook):
 
     def observe(self, layer, ctx, probs):
         if layer.is_cross:
-            self.probs[layer.name] = probs[ctx.layout.index("rec", COND)].detach()
+            self.probs[layer.name] = probs[ctx.layout.index(Branch.REC, COND)].detach()
 
     def qk_override(self, layer, ctx, query, key):
         if not layer.is_cross:
-            r = ctx.layout.index("rec", COND)
+            r = ctx.layout.index(Branch.REC, COND)
             self.qk[layer.name] = (query[r].detach(), key[r].detach())
         return None
 
@@ -92,7 +92,7 @@ class CachedInjection(AttnHook):
         self.inj, self.rec = injection, recorder
 
     def _edit_rows(self, ctx):
-        return ctx.layout.indices(half=COND, branch="edit")
+        return ctx.layout.indices(half=COND, branch=Branch.EDIT)
 
     def qk_override(self, layer, ctx, query, key):
         if layer.is_cross or ctx.step >= self.inj.self_steps or layer.name not in self.rec.qk:
@@ -138,28 +138,26 @@ def _call_unet(run, layout: BatchLayout, z: torch.Tensor, emb: torch.Tensor, ste
 
 def source_cache(run, step: int, stop_layer: Optional[str] = None) -> SourceRecorder:
     """The reconstruction row's maps and Q/K at ``step``: computed once per step."""
-    key = ("source_cache", step, stop_layer)
-    cached = run.extras.get(key)
+    key = (step, stop_layer)
+    cached = run.source_caches.get(key)
     if cached is None:
         # Keep this step's entries (controls that stop at different layers share the
         # step: MAG and identity guidance must not evict each other); drop older steps.
-        for k in [k for k in run.extras if isinstance(k, tuple) and k[0] == "source_cache"
-                  and k[1] != step]:
-            del run.extras[k]
+        for k in [k for k in run.source_caches if k[0] != step]:
+            del run.source_caches[k]
         cached = SourceRecorder()
         with torch.no_grad():
-            _call_unet(run, REC_COND, run.latents["rec"], run.extras["cond_src"], step,
+            _call_unet(run, REC_COND, run.latents[Branch.REC], run.cond_src, step,
                        [cached], stop_layer)
-        run.extras[key] = cached
-        run.extras["source_passes"] = run.extras.get("source_passes", 0) + 1
+        run.source_caches[key] = cached
+        run.source_passes += 1
     return cached
 
 
 def sampler_hooks_for_edit(run) -> list[AttnHook]:
     """The sampler's own hooks that act on the edit row (CAM), without the in-batch
     injection (replayed from the cache instead)."""
-    return [h for h in run.extras.get("sampler_hooks", [])
-            if not isinstance(h, attention.InjectionHook)]
+    return [h for h in run.sampler_hooks if not isinstance(h, attention.InjectionHook)]
 
 
 def edit_maps(run, z: torch.Tensor, step: int, layers: Sequence[str],
@@ -174,16 +172,16 @@ def edit_maps(run, z: torch.Tensor, step: int, layers: Sequence[str],
     layers = list(layers)
     stop = last_in_execution(layers) if truncate else None
     if not cache_source:
-        run.extras.pop(("source_cache", step, stop), None)
+        run.source_caches.pop((step, stop), None)
     hooks: list[AttnHook] = []
-    inj = run.extras.get("injection")
+    inj = run.injection
     if inj is not None:
         hooks.append(CachedInjection(inj, source_cache(run, step, stop)))
     hooks += sampler_hooks_for_edit(run)
-    capture = attention.CaptureHook(layers, rows=[("edit", COND)])
+    capture = attention.CaptureHook(layers, rows=[(Branch.EDIT, COND)])
     hooks += [capture, *extra_hooks]
-    _call_unet(run, EDIT_COND, z, run.extras["cond_tgt"], step, hooks, stop)
-    run.extras["edit_passes"] = run.extras.get("edit_passes", 0) + 1
+    _call_unet(run, EDIT_COND, z, run.cond_tgt, step, hooks, stop)
+    run.edit_passes += 1
     missing = [l for l in layers if l not in capture.maps]
     if missing:
         raise RuntimeError(f"layers {missing} produced no maps (not cross-attention?)")
@@ -206,10 +204,7 @@ def sigma(run, step: int) -> float:
 
 def latent_mask(run, like: torch.Tensor) -> torch.Tensor:
     """The edit mask at the latent's resolution, (B,1,h,w) in {0,1}."""
-    if run.mask is None:
-        raise ValueError("this control needs a mask")
-    pyr = run.extras.setdefault("mask_pyramid", attention.MaskPyramid(run.mask))
-    return pyr.at(tuple(like.shape[-2:]), like.device)[:, None]
+    return run.mask_at(tuple(like.shape[-2:]), like.device)[:, None]
 
 
 def finite_grad(grad: torch.Tensor, what: str, step: int) -> bool:

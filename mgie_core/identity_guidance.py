@@ -49,12 +49,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import guidance
-from .attention import COND, UNCOND, BatchLayout, MaskPyramid
+from .attention import COND, UNCOND, BatchLayout, Branch, MaskPyramid
+from .control import Control
 from .errors import InputError, names_list
 from .models.identity import IdentityEncoder, crop_to_mask
 
 MEMORY_MODES = ("checkpoint", "downscale", "none")
-EDIT_GUIDED = BatchLayout((("edit", UNCOND), ("edit", COND)))
+EDIT_GUIDED = BatchLayout(((Branch.EDIT, UNCOND), (Branch.EDIT, COND)))
 
 
 # --- reference embedding ---------------------------------------------------------------
@@ -157,7 +158,8 @@ def decode_for_grad(sd, x0: torch.Tensor, memory: str = "checkpoint") -> torch.T
 # --- the control -----------------------------------------------------------------------
 
 @dataclasses.dataclass
-class IdentityGuidance:
+class IdentityGuidance(Control):
+    name = "identity guidance"
     """Identity guidance control (see the module docstring for the update rule).
 
     The reference e_id is ``embedding`` (an :class:`IdentityEmbedding` or a [B,D]
@@ -199,7 +201,7 @@ class IdentityGuidance:
 
     # -- sampler protocol ---------------------------------------------------------
     def setup(self, run) -> None:
-        if "cond_tgt" not in run.extras or "rec" not in run.latents:
+        if not run.two_branch:
             raise InputError("controls", "include identity guidance, which needs the "
                              "two-branch sampler", "the CAM-masked two-branch sampler "
                              "(sampler.edit)", "The instruction sampler is not supported yet.")
@@ -236,7 +238,7 @@ class IdentityGuidance:
     def before_step(self, run, i: int) -> None:
         if i not in self._window or self.weight == 0:
             return
-        z = run.latents["edit"].float()
+        z = run.latents[Branch.EDIT].float()
         m = (self._pyramid.at(tuple(z.shape[-2:]), z.device)[:, None]
              if self.use_mask else torch.ones_like(z[:, :1]))
         a = run.schedule.abar(int(run.schedule.timesteps[i]))
@@ -251,24 +253,23 @@ class IdentityGuidance:
                    / (m.sum((1, 2, 3), keepdim=True) * g.shape[1]).clamp_min(1)).sqrt()
             step = g / rms.clamp_min(1e-12)
             z = guidance.masked_update(z, step, m, self.weight * a ** 0.5)
-        run.latents["edit"] = z.detach()
+        run.latents[Branch.EDIT] = z.detach()
 
     # -- the loss -----------------------------------------------------------------
     def edit_eps(self, run, z: torch.Tensor, i: int) -> torch.Tensor:
         """Guided eps of the edit branch at ``z`` (no gradient), as the sampler computes
         it: injection replayed from the reconstruction row's cache, plus CAM."""
         hooks = []
-        inj = run.extras.get("injection")
+        inj = run.injection
         if inj is not None:
             hooks.append(guidance.CachedInjection(inj, guidance.source_cache(run, i)))
         hooks += guidance.sampler_hooks_for_edit(run)
         b = z.shape[0]
-        emb = torch.cat([run.extras["null"].expand(b, -1, -1),
-                         run.extras["cond_tgt"].expand(b, -1, -1)])
+        emb = torch.cat([run.null.expand(b, -1, -1), run.cond_tgt.expand(b, -1, -1)])
         with torch.no_grad():
             e = guidance._call_unet(run, EDIT_GUIDED, torch.cat([z, z]), emb, i, hooks, None)
         eu, ec = e.float().split(b)
-        return eu + run.extras["guidance_scale"] * (ec - eu)
+        return eu + run.guidance_scale * (ec - eu)
 
     def loss_and_grad(self, run, z: torch.Tensor, i: int) -> tuple[float, torch.Tensor]:
         """(mean 1 - cos, dL/dz in float32) at ``z`` with eps held constant."""

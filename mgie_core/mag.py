@@ -26,7 +26,8 @@ from typing import Optional, Sequence
 import torch
 
 from . import guidance
-from .attention import AttnContext, BatchLayout, MaskPyramid, layer_hw
+from .attention import AttnContext, BatchLayout, Branch, MaskPyramid, layer_hw
+from .control import Control
 from .errors import InputError
 from .tokens import word_token_groups
 
@@ -72,7 +73,9 @@ def negative_loss(maps: Sequence[torch.Tensor], groups: Sequence[Sequence[int]],
 # --- the control ---------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class MAGControl:
+class MAGControl(Control):
+    name = "MAG"
+
     mask: torch.Tensor                       # [H,W] or [B,H,W] edit region
     words: Sequence[str]                     # words of the target prompt to pull in
     negative_words: Sequence[str] = ()       # words of the target prompt to push out
@@ -94,8 +97,8 @@ class MAGControl:
         self.history: list[dict] = []        # per update: step, loss, activation
 
     def setup(self, run) -> None:
-        prompt = run.extras.get("target_prompt")
-        if prompt is None:
+        prompt = run.target_prompt
+        if not run.two_branch:
             raise InputError("controls", "include MAG on a sampler without a target prompt",
                              "the two-branch (inversion) sampler")
         tok = run.sd.tokenizer
@@ -133,7 +136,7 @@ class MAGControl:
     def before_step(self, run, i: int) -> None:
         if i >= self._n_opt:
             return
-        z = run.latents["edit"].float()
+        z = run.latents[Branch.EDIT].float()
         m64 = guidance.latent_mask(run, z) if run.mask is not None else \
             self._pyramid.at(tuple(z.shape[-2:]), z.device)[:, None]
         step = guidance.sigma(run, i)
@@ -148,19 +151,18 @@ class MAGControl:
             if not guidance.finite_grad(grad, "MAG", i):
                 continue
             z = guidance.masked_update(z, grad.float(), m64, step)
-        run.latents["edit"] = z.detach()
+        run.latents[Branch.EDIT] = z.detach()
 
     def teardown(self, run) -> None:
         # UNet passes spent: the reconstruction once per optimised step, the edit row
         # once per iteration (forward + backward).
-        self.passes = {"source": run.extras.get("source_passes", 0),
-                       "edit": run.extras.get("edit_passes", 0)}
+        self.passes = {"source": run.source_passes, "edit": run.edit_passes}
 
     def after_step(self, run, i: int) -> None:
         n = run.schedule.num_steps
-        if i < n - self._n_blend or "rec" not in run.latents:
+        if i < n - self._n_blend or Branch.REC not in run.latents:
             return
-        z = run.latents["edit"]
+        z = run.latents[Branch.EDIT]
         m = guidance.dilate3(self._pyramid.at(tuple(z.shape[-2:]), z.device)[:, None])
-        run.latents["edit"] = m * z + (1 - m) * run.latents["rec"]
+        run.latents[Branch.EDIT] = m * z + (1 - m) * run.latents[Branch.REC]
 

@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import MaskPyramid
+from .attention import Branch, MaskPyramid
+from .control import Control
 from .errors import InputError
 
 PRESETS = {
@@ -44,7 +45,9 @@ def dilate(mask: torch.Tensor, px_at_512: float) -> torch.Tensor:
 
 
 @dataclasses.dataclass
-class PFBControl:
+class PFBControl(Control):
+    name = "PFB"
+
     mask: torch.Tensor                       # [B,H,W] object mask (white = edited object)
     preset: str = "object"
     alpha: float | dict = 1.0                # per-block a_l, or one value for all
@@ -88,15 +91,15 @@ class PFBControl:
         self._run = None
 
     def before_step(self, run, i: int) -> None:
-        if self.follow_inversion and "rec" in run.latents:
-            run.latents["rec"] = run.reference_at(i)
+        if self.follow_inversion and Branch.REC in run.latents:
+            run.latents[Branch.REC] = run.reference_at(i)
 
     def after_step(self, run, i: int) -> None:
         if not self.latent_blend or i >= self._latent_steps:
             return
-        z = run.latents["edit"]
+        z = run.latents[Branch.EDIT]
         m = self._blend_mask.at(tuple(z.shape[-2:]), z.device)[:, None]
-        run.latents["edit"] = m * z + (1 - m) * run.reference_at(i + 1)
+        run.latents[Branch.EDIT] = m * z + (1 - m) * run.reference_at(i + 1)
 
     # -- feature blending ----------------------------------------------------------
     def _active(self, run) -> bool:
@@ -107,10 +110,10 @@ class PFBControl:
         return float(self.alpha.get(name, 1.0)) if isinstance(self.alpha, dict) else float(self.alpha)
 
     def blend(self, h: torch.Tensor, layout, name: str) -> torch.Tensor:
-        ref_branch = "rec" if any(b == "rec" for b, _ in layout.rows) else "ref"
+        ref_branch = Branch.REC if any(b == Branch.REC for b, _ in layout.rows) else Branch.REF
         pairs = []
         for half in {hh for _, hh in layout.rows}:
-            e, r = layout.index("edit", half), layout.index(ref_branch, half)
+            e, r = layout.index(Branch.EDIT, half), layout.index(ref_branch, half)
             if e is not None and r is not None:
                 pairs.append((e, r))
         if not pairs:

@@ -9,19 +9,21 @@
 The instruction-UNet path (8 channels, InstructPix2Pix / MGIE) is the same loop with
 its three-way guidance and an image latent concatenated to the input.
 
-Controls are objects with optional methods, chained by the nodes into one list:
-  setup(run), attn_hooks(run) -> list, before_step(run, i), after_step(run, i), teardown(run)
+Controls are :class:`~.control.Control` objects chained by the nodes into one list; the
+sampler calls their hooks (setup, attn_hooks, before_step, after_step, teardown) at fixed
+points of the loop and shares the run's context with them as a :class:`SamplingRun`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from . import attention, runtime
-from .attention import COND, UNCOND, AttnContext, BatchLayout
+from .attention import COND, UNCOND, AttnContext, BatchLayout, Branch, Half
+from .control import Control, SamplingRun, check_controls
 from .diffusion import Schedule, denoise_step, encode_prompt, make_schedule, token_ids, unet_eps
 from .errors import InputError
 from .inversion import InversionResult, source_null
@@ -29,8 +31,8 @@ from .models.conditioning import Conditioning
 from .models.sd import SDModel
 from .tokens import find_word_tokens
 
-REC, EDIT, REF = "rec", "edit", "ref"
-IMG = "img"   # instruction path: the text-null, image-conditioned guidance row
+REC, EDIT, REF = Branch.REC, Branch.EDIT, Branch.REF
+IMG = Half.IMG   # instruction path: the text-null, image-conditioned guidance row
 
 
 @dataclasses.dataclass
@@ -42,45 +44,34 @@ class CAMSettings:
 
 
 @dataclasses.dataclass
-class SamplingRun:
-    """State shared with controls during one sampling loop."""
-
-    sd: SDModel
-    schedule: Schedule
-    layout: BatchLayout
-    latents: dict[str, torch.Tensor]            # branch -> current latent (float32)
-    controller: attention.AttentionController
-    mask: Optional[torch.Tensor] = None          # [B,H,W] edit mask, any resolution
-    inversion: Optional[InversionResult] = None
-    reference: Optional[torch.Tensor] = None     # (N+1, B, 4, h, w) reference trajectory
-    step: int = 0
-    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def reference_at(self, i: int) -> Optional[torch.Tensor]:
-        """Reference latent before step i (i = N: the clean latent)."""
-        if self.reference is None:
-            return None
-        return self.reference[i].to(self.latents[EDIT].device)
-
-
-@dataclasses.dataclass
 class EditResult:
     edit: torch.Tensor            # (B,4,h,w) final edit-branch latent, CPU float32
     reconstruction: Optional[torch.Tensor]
     settings: dict
 
 
-def _call(control, name, *args):
-    fn = getattr(control, name, None)
-    return fn(*args) if fn is not None else None
-
-
-def _finish(run: SamplingRun, controls: Sequence[Any]) -> None:
+def _finish(run: SamplingRun, controls: Sequence[Control]) -> None:
     """Leave the UNet as it was: no hooks, no context; let every control clean up."""
     run.controller.hooks = []
     run.controller.reset_call(None)
     for c in controls:
-        _call(c, "teardown", run)
+        c.teardown(run)
+
+
+def _setup_controls(run: SamplingRun, controls: Sequence[Control],
+                    hooks: list[attention.AttnHook]) -> list[attention.AttnHook]:
+    """Set every control up (tearing down those already set up if one fails) and return
+    the sampler's hooks followed by the controls' own."""
+    done: list[Control] = []
+    try:
+        for c in controls:
+            c.setup(run)
+            done.append(c)
+            hooks = hooks + list(c.attn_hooks(run))
+    except BaseException:
+        _finish(run, done)
+        raise
+    return hooks
 
 
 def _latent_hw(z: torch.Tensor) -> tuple[int, int]:
@@ -127,7 +118,7 @@ def _validate_mask(mask, z: torch.Tensor, image_size) -> Optional[torch.Tensor]:
 
 def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
          mask: Optional[torch.Tensor] = None, cam: Optional[CAMSettings] = None,
-         controls: Sequence[Any] = (), cross_replace: float = 0.8, self_replace: float = 0.5,
+         controls: Sequence[Control] = (), cross_replace: float = 0.8, self_replace: float = 0.5,
          self_max_res: int = 32, guidance_scale: Optional[float] = None,
          batched: bool = True, keep_reconstruction: bool = True) -> EditResult:
     """Two-branch prompt-to-prompt editing from an inversion (text-to-image UNet)."""
@@ -149,6 +140,7 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     cond_tgt = encode_prompt(sd, target_prompt)
     empty = encode_prompt(sd, "") if inversion.null_embeddings is None else None
     b = z_T.shape[0]
+    controls = check_controls(controls)
     controller = attention.install(sd.unet)
     run = SamplingRun(sd, sch, BatchLayout(()), {REC: z_T.clone(), EDIT: z_T.clone()},
                       controller, mask=mask, inversion=inversion, reference=inversion.latents)
@@ -170,13 +162,10 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
             layers=cam.layers, mode=cam.mode))
     # What latent-optimising controls (MAG, A-STAR, identity) need to re-run the edit
     # branch on their own: prompts, the injection to replay, the sampler's other hooks.
-    run.extras.update(cond_src=cond_src, cond_tgt=cond_tgt, null=None, injection=injection,
-                      sampler_hooks=list(hooks), target_prompt=target_prompt,
-                      guidance_scale=scale)
-    for c in controls:
-        _call(c, "setup", run)
-        hooks += _call(c, "attn_hooks", run) or []
-    controller.hooks = hooks
+    run.source_prompt, run.target_prompt = inversion.source_prompt, target_prompt
+    run.cond_src, run.cond_tgt, run.guidance_scale = cond_src, cond_tgt, scale
+    run.injection, run.sampler_hooks = injection, list(hooks)
+    controller.hooks = _setup_controls(run, controls, hooks)
 
     rows = ((REC, UNCOND), (EDIT, UNCOND), (REC, COND), (EDIT, COND))
     try:
@@ -185,9 +174,9 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
                 run.step = i
                 t = int(sch.timesteps[i])
                 null = source_null(inversion, sd, i, empty).expand(b, -1, -1)
-                run.extras["null"] = null
+                run.null = null
                 for c in controls:
-                    _call(c, "before_step", run, i)
+                    c.before_step(run, i)
                 zr, ze = run.latents[REC], run.latents[EDIT]
                 z_rows = {REC: zr, EDIT: ze}
                 e_rows = {(REC, UNCOND): null, (EDIT, UNCOND): null,
@@ -207,7 +196,7 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
                     else:
                         run.latents[br] = denoise_step(sch, i, run.latents[br], guided)
                 for c in controls:
-                    _call(c, "after_step", run, i)
+                    c.after_step(run, i)
                 bar.update()
     finally:
         _finish(run, controls)
@@ -226,7 +215,7 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
                   steps: int = 100, text_scale: float = 7.5, image_scale: float = 1.5,
                   seed: int = 0, mask: Optional[torch.Tensor] = None,
                   source_latent: Optional[torch.Tensor] = None,
-                  cam: Optional[CAMSettings] = None, controls: Sequence[Any] = (),
+                  cam: Optional[CAMSettings] = None, controls: Sequence[Control] = (),
                   batched: bool = True) -> EditResult:
     """Instruction-UNet sampling (section 0): rows [cond,img], [null,img], [null,0];
     eps = e_u + s_T (e_text - e_img) + s_I (e_img - e_u).
@@ -246,6 +235,7 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
     cond = conditioning.cond.to(sd.device).float().expand(b, -1, -1)
     null = conditioning.null.to(sd.device).float().expand(b, -1, -1)
     mask = _validate_mask(mask, img, None)
+    controls = check_controls(controls)
     controller = attention.install(sd.unet)
 
     reference = None
@@ -267,10 +257,7 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
         hooks.append(attention.CAMHook(mask, _word_tokens(sd, text, cam.in_words, "cam_in_words"),
                                        _word_tokens(sd, text, cam.out_words, "cam_out_words"),
                                        layers=cam.layers, mode=cam.mode))
-    for c in controls:
-        _call(c, "setup", run)
-        hooks += _call(c, "attn_hooks", run) or []
-    controller.hooks = hooks
+    controller.hooks = _setup_controls(run, controls, hooks)
 
     branches = [EDIT] + ([REF] if reference is not None else [])
     halves = (COND, IMG, UNCOND)
@@ -282,7 +269,7 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
                 run.step = i
                 t = int(sch.timesteps[i])
                 for c in controls:
-                    _call(c, "before_step", run, i)
+                    c.before_step(run, i)
                 if reference is not None:
                     run.latents[REF] = run.reference_at(i)
                 inputs = {(br, h): torch.cat([run.latents[br], zeros if h == UNCOND else img], 1)
@@ -298,7 +285,7 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
                 guided = eu + text_scale * (et - ei) + image_scale * (ei - eu)
                 run.latents[EDIT] = denoise_step(sch, i, run.latents[EDIT], guided)
                 for c in controls:
-                    _call(c, "after_step", run, i)
+                    c.after_step(run, i)
                 bar.update()
     finally:
         _finish(run, controls)

@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 
+from xmgie.mgie_core.control import Control
 from xmgie.mgie_core import astar, guidance, inversion, sampler, vae
 from xmgie.mgie_core.errors import InputError
 
@@ -121,7 +122,7 @@ def inv(sd):
                             image_size=(128, 128))
 
 
-class SegProbe:
+class SegProbe(Control):
     """Measures L_seg (peak-normalised maps, as the control sees them) on the edit
     latent at every step, without gradient and without changing anything."""
 
@@ -131,7 +132,7 @@ class SegProbe:
     def setup(self, run):
         from xmgie.mgie_core.tokens import word_token_groups
 
-        self.groups = word_token_groups(run.sd.tokenizer, run.extras["target_prompt"], WORDS)
+        self.groups = word_token_groups(run.sd.tokenizer, run.target_prompt, WORDS)
         self.layers = guidance.layers_at_factor(run.sd.unet, 4)
 
     def before_step(self, run, i):
@@ -173,7 +174,7 @@ def test_segregation_lower_than_without_control(runs):
     assert res.edit.dtype == torch.float32 and torch.isfinite(res.edit).all()
 
 
-class LatentWatch:
+class LatentWatch(Control):
     def __init__(self, store, key):
         self.store, self.key = store, key
 

@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 
+from xmgie.mgie_core.control import Control
 from xmgie.mgie_core import attention, diffusion, inversion, sampler, vae
 from xmgie.mgie_core.errors import InputError
 from xmgie.mgie_core.pfb import PFBControl
@@ -332,7 +333,7 @@ def test_self_attention_injection_copies_maps_exactly(sd, z0):
 
 # --- PFB -----------------------------------------------------------------------------------
 
-class _BlockCapture:
+class _BlockCapture(Control):
     """A control that records block outputs after PFB has blended them."""
 
     def __init__(self, blocks):

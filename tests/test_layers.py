@@ -22,7 +22,8 @@ LAYERS = [
     {"errors", "_compat", "paths", "runtime"},
     {"models", "configs", "images", "tokens"},
     {"diffusion", "vae", "attention", "blur"},
-    {"inversion", "guidance", "pfb", "masks", "plan"},
+    {"inversion", "masks", "plan"},
+    {"control", "guidance", "pfb"},
     {"sampler", "mag", "astar", "identity_guidance"},
     {"tiny"},
 ]

@@ -1,0 +1,154 @@
+"""What a sampler control is, and the run it acts on.
+
+A control (PFB, MAG, A-STAR, identity guidance, ...) is a :class:`Control`: typed hooks
+with no-op defaults, called by the sampler at fixed points of its loop, in the order the
+controls were chained (diffusers' ``PipelineCallback`` has the same shape)::
+
+    setup(run)                 once, before the first step
+    attn_hooks(run) -> list    attention hooks to install for the whole run
+    before_step(run, i)        before step i's UNet call (latent optimisation goes here)
+    after_step(run, i)         after step i's DDIM update (latent blending goes here)
+    teardown(run)              once, always, even when the run fails or is interrupted
+
+A subclass whose public method looks like a misspelt hook (``before_setp``,
+``on_step_end``) is refused when the class is created, so a typo fails loudly instead
+of never being called.
+
+:class:`SamplingRun` is the edit context a sampler owns for one run: the model, the
+schedule, the branch latents, the mask, the prompts and embeddings, and the per-step
+caches controls share. Controls read the run's mask unless they were given their own
+(an explicit, documented override on each control).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from . import attention
+from .attention import AttnHook, BatchLayout, Branch, MaskPyramid
+from .diffusion import Schedule
+from .inversion import InversionResult
+from .models.sd import SDModel
+
+HOOKS = ("setup", "attn_hooks", "before_step", "after_step", "teardown")
+# Public method names a hook-like typo tends to have.
+_HOOKISH_PREFIXES = ("before_", "after_", "on_", "setup", "teardown", "attn_hook")
+
+
+def _misspelt_hooks(cls: type) -> list[str]:
+    problems = []
+    for name, value in vars(cls).items():
+        if name.startswith("_") or name in HOOKS or not callable(value) \
+                or isinstance(value, (staticmethod, classmethod, type)):
+            continue
+        close = difflib.get_close_matches(name, HOOKS, n=1, cutoff=0.75)
+        if close or name.startswith(_HOOKISH_PREFIXES):
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"{name}{hint}")
+    return problems
+
+
+class Control:
+    """Base class of every sampler control: override the hooks you need.
+
+    ``name`` is how errors and run reports refer to the control (e.g. the node's name)."""
+
+    name: ClassVar[str] = "control"
+    # Extra public methods a subclass may define whose names look hook-like on purpose.
+    NOT_HOOKS: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        bad = [p for p in _misspelt_hooks(cls) if p.split(" ")[0] not in cls.NOT_HOOKS]
+        if bad:
+            raise TypeError(f"{cls.__name__} defines {', '.join(bad)}, which is not a sampler "
+                            f"hook; the hooks are {', '.join(HOOKS)}. A misspelt hook would "
+                            f"never be called: rename it, or list it in NOT_HOOKS.")
+
+    def setup(self, run: "SamplingRun") -> None:
+        """Once before the first step: read the run, check inputs, register hooks."""
+
+    def attn_hooks(self, run: "SamplingRun") -> list[AttnHook]:
+        """Attention hooks this control adds for the whole run."""
+        return []
+
+    def before_step(self, run: "SamplingRun", i: int) -> None:
+        """Before step i's UNet call."""
+
+    def after_step(self, run: "SamplingRun", i: int) -> None:
+        """After step i's update of every branch."""
+
+    def teardown(self, run: "SamplingRun") -> None:
+        """Once at the end, also after an error or an interruption: undo what setup did."""
+
+
+def check_controls(controls) -> list[Control]:
+    """The controls list a sampler was given, each checked to be a :class:`Control`."""
+    from .errors import InputError
+
+    out = list(controls or ())
+    for c in out:
+        if not isinstance(c, Control):
+            raise InputError("controls", f"holds a {type(c).__name__}, which is not a sampler "
+                             "control", "controls made by the control nodes (PFB, MAG, A-STAR, "
+                             "identity guidance), chained through their 'controls' input",
+                             "Subclass mgie_core.control.Control for a control of your own.")
+    return out
+
+
+@dataclasses.dataclass
+class SamplingRun:
+    """The edit context of one sampling run, shared with its controls.
+
+    The sampler owns the mask (and, when it was given one, the edit plan); a control uses
+    ``run.mask`` unless it was built with a mask of its own."""
+
+    sd: SDModel
+    schedule: Schedule
+    layout: BatchLayout
+    latents: dict[Branch, torch.Tensor]          # branch -> current latent (float32)
+    controller: attention.AttentionController
+    mask: Optional[torch.Tensor] = None          # [B,H,W] edit mask, any resolution
+    inversion: Optional[InversionResult] = None
+    reference: Optional[torch.Tensor] = None     # (N+1, B, 4, h, w) reference trajectory
+    step: int = 0
+    plan: Optional[Any] = None                   # the EditPlan the run was driven by
+
+    # Two-branch (inversion) sampler only; None on the instruction path.
+    source_prompt: Optional[str] = None
+    target_prompt: Optional[str] = None
+    cond_src: Optional[torch.Tensor] = None      # (1, 77, D) source prompt embedding
+    cond_tgt: Optional[torch.Tensor] = None      # (1, 77, D) target prompt embedding
+    null: Optional[torch.Tensor] = None          # (B, 77, D) this step's unconditional row
+    guidance_scale: float = 7.5
+    injection: Optional[attention.InjectionHook] = None
+    sampler_hooks: list[AttnHook] = dataclasses.field(default_factory=list)
+
+    # Shared by latent-optimising controls within a step (see guidance.py).
+    source_caches: dict[tuple[int, Optional[str]], Any] = dataclasses.field(
+        default_factory=dict)
+    source_passes: int = 0                        # reconstruction-row passes for the caches
+    edit_passes: int = 0                          # edit-row passes for losses
+    _mask_pyramid: Optional[MaskPyramid] = dataclasses.field(default=None, repr=False)
+
+    @property
+    def two_branch(self) -> bool:
+        return self.cond_tgt is not None and Branch.REC in self.latents
+
+    def reference_at(self, i: int) -> Optional[torch.Tensor]:
+        """Reference latent before step i (i = N: the clean latent)."""
+        if self.reference is None:
+            return None
+        return self.reference[i].to(self.latents[Branch.EDIT].device)
+
+    def mask_at(self, hw: tuple[int, int], device) -> torch.Tensor:
+        """The run's mask at ``hw``, (B, h, w) in {0, 1}; cached per resolution."""
+        if self.mask is None:
+            raise ValueError("this run has no mask")
+        if self._mask_pyramid is None:
+            self._mask_pyramid = MaskPyramid(self.mask)
+        return self._mask_pyramid.at(tuple(hw), device)
