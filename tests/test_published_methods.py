@@ -525,3 +525,23 @@ def test_gb_kernel_truncation_rule_is_ceil_not_scipys():
     # scipy.ndimage truncates at int(4 sigma + 0.5): not the same rule (sigma 0.3: 1 vs 2)
     assert int(4 * 0.3 + 0.5) != (blur.gaussian_kernel1d(0.3).numel() - 1) // 2
     assert "scipy.ndimage's default" not in (blur.__doc__ or "")
+
+
+# --- the nodes expose the options ------------------------------------------------------------------
+
+def test_nodes_expose_the_new_options_as_optional_inputs():
+    from xmgie.nodes.editing import CAMSampler, InstructSampler, PFBControlNode
+
+    for cls, name, default in ((PFBControlNode, "reference", "cond"),
+                               (PFBControlNode, "placement", "pfb_diff"),
+                               (CAMSampler, "p2p_mode", "refine"),
+                               (InstructSampler, "scheduler", "euler_ancestral")):
+        spec = cls.INPUT_TYPES()
+        assert name not in spec["required"]     # saved workflows without it stay valid
+        choices, opts = spec["optional"][name]
+        assert opts["default"] == default and default in choices and opts["tooltip"]
+    (ctl,), = PFBControlNode().make(torch.ones(1, 64, 64), "object", 1.0, True,
+                                    reference="per_half", placement="block_outputs")
+    assert (ctl.reference, ctl.placement) == ("per_half", "block_outputs")
+    (ctl,), = PFBControlNode().make(torch.ones(1, 64, 64), "object", 1.0, True)
+    assert (ctl.reference, ctl.placement) == ("cond", "pfb_diff")
