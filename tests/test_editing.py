@@ -8,7 +8,6 @@ import logging
 import pytest
 import torch
 
-from xmgie.mgie_core.control import Control
 from xmgie.mgie_core import attention, diffusion, inversion, sampler, vae
 from xmgie.mgie_core.errors import InputError
 from xmgie.mgie_core.pfb import PFBControl
