@@ -106,7 +106,13 @@ def layer_hw(ctx: AttnContext, tokens: int) -> tuple[int, int]:
 
 
 class AttnHook:
-    """Base class: override what you need. Every method gets the layer and context."""
+    """Base class: override what you need. Every method gets the layer and context.
+
+    ``PROBS_ORDER`` orders the hooks' ``edit_probs`` calls (lower first; equal values keep
+    the installation order): constraints that must hold whatever other hooks write, such
+    as CAM's masking, come last."""
+
+    PROBS_ORDER = 0
 
     def needs_probs(self, layer: LayerInfo, ctx: AttnContext) -> bool:
         return False
@@ -217,7 +223,7 @@ class ControlledAttnProcessor:
             if bias is not None:
                 logits = logits + bias
             probs = logits.softmax(dim=-1)
-            for hook in hooks:
+            for hook in sorted(hooks, key=lambda h: h.PROBS_ORDER):
                 probs = hook.edit_probs(layer, ctx, probs)
             for hook in hooks:
                 hook.observe(layer, ctx, probs)
@@ -330,10 +336,24 @@ def cam_logit_bias(mask_hw: torch.Tensor, in_tokens: Sequence[int], out_tokens: 
 
 
 class CAMHook(AttnHook):
-    """Cross-attention masking (ALGORITHMS.md section 4) on the conditional rows."""
+    """Cross-attention masking (ALGORITHMS.md section 4) on the conditional rows.
+
+    ``mode="logits"`` (PFB-Diff's code): the IN/OUT tokens' logits are pushed to -inf
+    before the softmax, so each row renormalises over the tokens left. ``mode="probs"``
+    (the paper's A * M): the probabilities are multiplied by the mask, not renormalised.
+
+    CAM holds whatever other hooks write into the maps. Where a layer's probabilities are
+    explicit (prompt-to-prompt injection, capture), CAM also edits them after every other
+    hook (``PROBS_ORDER``): in logits mode the masked entries are zeroed and the row
+    renormalised, which is what -inf logits do to a softmax, so a map that injection
+    copied from the reconstruction branch is masked too. Without that, injection would
+    overwrite the masked maps of any CAM word that also occurs in the source prompt
+    during the cross-replace window (an OUT word kept probability 0.019 inside the mask at
+    step 0 on the tiny model)."""
 
     DEFAULT_LAYERS = ("down_blocks.2", "mid_block", "up_blocks.1",
                       "up_blocks.2.attentions.0", "up_blocks.2.attentions.1")
+    PROBS_ORDER = 100   # after injection and any other rewrite of the maps
 
     def __init__(self, mask: torch.Tensor, in_tokens: Sequence[int], out_tokens: Sequence[int] = (),
                  layers: Sequence[str] = DEFAULT_LAYERS, mode: str = "logits",
@@ -368,21 +388,81 @@ class CAMHook(AttnHook):
 
     def edit_probs(self, layer, ctx, probs):
         rows = self._rows(layer, ctx)
-        if self.mode != "probs" or not rows:
+        if not rows:
             return probs
         m = self.pyramid.at(layer_hw(ctx, probs.shape[2]), probs.device)
         m = m.flatten(1)[:, None, :].to(probs.dtype)                  # (B,1,HW)
+        keep = torch.ones(m.shape[0], 1, m.shape[2], probs.shape[-1], dtype=probs.dtype,
+                          device=probs.device)
+        keep[..., self.in_tokens] = m[..., None]
+        keep[..., self.out_tokens] = (1 - m)[..., None]
+        sub = probs[rows] * keep
+        if self.mode == "logits":
+            # -inf logits: the row renormalises over the tokens left
+            sub = sub / sub.sum(-1, keepdim=True).clamp_min(torch.finfo(sub.dtype).tiny)
         probs = probs.clone()
-        for t in self.in_tokens:
-            probs[rows, :, :, t] = probs[rows, :, :, t] * m
-        for t in self.out_tokens:
-            probs[rows, :, :, t] = probs[rows, :, :, t] * (1 - m)
+        probs[rows] = sub
         return probs
+
+
+def replace_mapper(tokenizer, source_prompt: str, target_prompt: str) -> torch.Tensor:
+    """Prompt-to-prompt "replace" for word swaps: an (L, L) matrix M (L = 77) with
+    target map k = sum_s M[s, k] * source map s (P2P's ``get_replacement_mapper``).
+
+    The prompts must have the same number of words (split on whitespace). Equal words map
+    token for token; a swapped word's tokens map onto the new word's tokens, one to one
+    when their token counts are equal, otherwise every source token of the word to every
+    target token with weight 1 / (target token count), as P2P does.
+
+    Past the last word (end-of-text and padding) the alignment keeps the offset the swaps
+    built up: target position k takes source position k - (length difference), clamped to
+    the window. P2P instead maps position k to k after its last swapped word, which, when
+    a swap changes the token count, pairs the words after it with shifted source positions
+    and can map the source's padding onto target words; we shift deliberately. With equal
+    token counts both rules are the same matrix."""
+    from .errors import InputError
+
+    max_len = int(getattr(tokenizer, "model_max_length", 77) or 77)
+    if max_len > 10_000:
+        max_len = 77
+    ws, wt = source_prompt.split(), target_prompt.split()
+    if len(ws) != len(wt):
+        raise InputError("target_prompt", f"has {len(wt)} words and the source prompt "
+                         f"{len(ws)}", "a word swap of the source prompt (the same number of "
+                         "words) for prompt-to-prompt replace",
+                         "Use p2p_mode 'refine' to add or remove words.")
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    per_s, per_t = [ids(w) for w in ws], [ids(w) for w in wt]
+    for prompt, per in ((source_prompt, per_s), (target_prompt, per_t)):
+        if [i for p in per for i in p] != ids(" ".join(prompt.split())):
+            raise InputError("target_prompt", "tokenizes differently word by word than as "
+                             "a whole", "a tokenizer that splits at spaces (CLIP)",
+                             "Use p2p_mode 'refine'.")
+    M = torch.zeros(max_len, max_len)
+    M[0, 0] = 1.0                                              # start of text
+    i = j = 1
+    for a, b in zip(per_s, per_t):
+        if len(a) == len(b):
+            for q in range(len(a)):
+                if i + q < max_len and j + q < max_len:
+                    M[i + q, j + q] = 1.0
+        else:
+            rows = [r for r in range(i, i + len(a)) if r < max_len]
+            cols = [c for c in range(j, j + len(b)) if c < max_len]
+            if rows and cols:
+                M[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = 1.0 / len(b)
+        i, j = i + len(a), j + len(b)
+    for k in range(min(j, max_len), max_len):                  # end of text and padding
+        M[min(max(k - (j - i), 0), max_len - 1), k] = 1.0
+    return M
 
 
 def token_alignment(source_ids: Sequence[int], target_ids: Sequence[int]) -> torch.Tensor:
     """For each target token position, the aligned source position, or -1 for a new token
-    (prompt-to-prompt refine's alignment of the two token sequences)."""
+    (prompt-to-prompt refine's alignment of the two token sequences).
+
+    The alignment runs over the padded sequences, so past the prompt the end-of-text and
+    padding tokens align with the source's shifted by the length difference."""
     import difflib
 
     mapper = torch.full((len(target_ids),), -1, dtype=torch.long)
@@ -394,21 +474,35 @@ def token_alignment(source_ids: Sequence[int], target_ids: Sequence[int]) -> tor
 
 
 class InjectionHook(AttnHook):
-    """Prompt-to-prompt "refine" (ALGORITHMS.md section 3) on the conditional rows.
+    """Prompt-to-prompt injection (ALGORITHMS.md section 3) on the conditional rows.
 
-    Cross-attention, steps < cross_steps, every layer: the edit row's maps of tokens
-    aligned with the source take the reconstruction row's maps; new tokens keep their own.
-    Self-attention, steps < self_steps, layers at ``self_max_res`` and below: the edit row
-    attends with the reconstruction row's queries and keys (its maps, exactly)."""
+    Cross-attention, steps < cross_steps, every layer: with a 1-D ``mapper`` ("refine",
+    from :func:`token_alignment`) the edit row's maps of tokens aligned with the source
+    take the reconstruction row's maps and new tokens keep their own; with a 2-D mapper
+    ("replace", from :func:`replace_mapper`) the edit row's maps are all the source maps
+    mixed by the matrix. Self-attention, steps < self_steps, layers at ``self_max_res``
+    and below: the edit row attends with the reconstruction row's queries and keys (its
+    maps, exactly), in both modes."""
 
     def __init__(self, mapper: torch.Tensor, cross_steps: int, self_steps: int,
                  self_max_res: int = 32, source: str = "rec", target: str = "edit",
                  base_latent_res: int = 64):
+        if mapper.ndim not in (1, 2):
+            raise ValueError("mapper must be a token alignment (1-D) or a replace matrix (2-D)")
         self.mapper = mapper
+        self.mode = "replace" if mapper.ndim == 2 else "refine"
         self.cross_steps, self.self_steps = cross_steps, self_steps
         self.self_max_res = self_max_res
         self.source, self.target = source, target
         self.base_latent_res = base_latent_res
+
+    def inject_cross(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """The edit row's cross-attention probabilities (..., HW, L) after injection from
+        the source row's ``src``; ``tgt`` are its own (kept for new tokens in refine)."""
+        if self.mode == "replace":
+            return src @ self.mapper.to(src.device, src.dtype)
+        mapper = self.mapper.to(src.device)
+        return torch.where(mapper < 0, tgt, src[..., mapper.clamp(min=0)])
 
     def _pair(self, ctx):
         s, t = ctx.layout.index(self.source, COND), ctx.layout.index(self.target, COND)
@@ -431,10 +525,7 @@ class InjectionHook(AttnHook):
         if not self.needs_probs(layer, ctx):
             return probs
         s, t = self._pair(ctx)
-        mapper = self.mapper.to(probs.device)
-        keep_new = (mapper < 0)
-        replaced = probs[s][..., mapper.clamp(min=0)]
-        new_t = torch.where(keep_new, probs[t], replaced)
+        new_t = self.inject_cross(probs[s], probs[t])
         probs = probs.clone()
         probs[t] = new_t
         return probs

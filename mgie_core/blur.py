@@ -20,9 +20,12 @@ Definitions used here (the tests pin each of them down):
   whose error reaches several pixels 10-30 px from the edge (short by up to 29 % along
   diagonals), far beyond the 1 px the sigma map needs.
 * ``G_sigma`` is the sampled Gaussian exp(-x^2 / (2 sigma^2)) truncated at
-  ``ceil(4 sigma)`` pixels (scipy.ndimage's default), normalised to sum 1, applied
+  ``ceil(4 sigma)`` pixels, normalised to sum 1, applied
   separably over the reflect-padded image (torch's "reflect": the edge pixel is not
   repeated; padding wider than the image keeps reflecting). sigma = 0 is the identity.
+  The radius rounds up, so the kernel always reaches 4 sigma; scipy.ndimage's
+  ``gaussian_filter`` rounds to nearest instead (radius ``int(4 sigma + 0.5)``: 1 rather
+  than 2 at sigma = 0.3). The error bounds below are for this rule.
 
 Implementation. The exact distance is a separable squared-distance transform: a column
 pass gives each pixel the vertical distance g to the nearest outside pixel of its column,
@@ -61,7 +64,7 @@ import torch.nn.functional as F
 from .errors import InputError
 from .images import check_image, check_mask
 
-TRUNCATE = 4.0          # kernel radius = ceil(TRUNCATE * sigma)
+TRUNCATE = 4.0          # kernel radius = ceil(TRUNCATE * sigma) (scipy: rounded)
 FIRST_LEVEL = 0.33      # smallest non-zero level of the default ladder
 LEVEL_RATIO = 1.15      # largest ratio between consecutive default levels
 _U_PARAM_BELOW = 1.0    # interpolate in u = exp(-1/(2 s^2)) on intervals ending <= this

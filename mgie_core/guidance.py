@@ -113,11 +113,9 @@ class CachedInjection(AttnHook):
         if not self.needs_probs(layer, ctx):
             return probs
         src = self.rec.probs[layer.name].to(probs.dtype)
-        mapper = self.inj.mapper.to(probs.device)
-        replaced = src[..., mapper.clamp(min=0)]
         probs = probs.clone()
         for r in self._edit_rows(ctx):
-            probs[r] = torch.where(mapper < 0, probs[r], replaced)
+            probs[r] = self.inj.inject_cross(src, probs[r])
         return probs
 
 

@@ -1,15 +1,43 @@
 """PFB: progressive feature blending (PFB-Diff; ALGORITHMS.md section 5).
 
-A sampling control. At the chosen UNet blocks, the edit branch's output features are
-blended with the reference branch's features of the same guidance half, in the same
-batched call:
+A sampling control. At chosen places inside the UNet, the edit branch's features are
+blended with the reference branch's, in the same batched call:
 
     h = m * (a_l * h_edit + (1 - a_l) * h_ref) + (1 - m) * h_ref
 
-with m the (binary) mask resized to the block's output; a_l = 1 is the official code.
-The reference is the reconstruction branch pinned to the stored inverted latent z*_t
+with m the (binary) mask resized to the features; a_l = 1 is the official code. The
+reference is the reconstruction branch pinned to the stored inverted latent z*_t
 (text-to-image path) or the noised source latent (instruction path), so no extra UNet
 pass is needed. Latent blending z = m z + (1 - m) z_ref follows each early step.
+
+Where (``placement="pfb_diff"``, the default) follows the authors' code
+(CMACH508/PFB-Diff, ``UNetModel.forward_fusion`` with the ``fusion_layers`` of
+``edit_coco_object.py`` / ``edit_coco_background.py``). In diffusers terms, for SD 1.x
+at 512 px (latent 64x64; "16x16" is down block 2, "8x8" down block 3 and the middle):
+
+* encoder: the *input* of each unit (a resnet with its attention, or a downsampler) of
+  down blocks 2 and 3 except the first, i.e. ``down_blocks.2.resnets.1``,
+  ``down_blocks.2.downsamplers.0``, ``down_blocks.3.resnets.0``,
+  ``down_blocks.3.resnets.1`` (16, 16, 8, 8). The blend replaces the tensor flowing on;
+  the skip connection saved before it is the edit's own, unblended. The background
+  preset starts one unit earlier, at ``down_blocks.2.resnets.0`` (16x16, the output of
+  the 32x32 block's downsampler: ALGORITHMS.md's "from 32x32").
+* middle: the mid block's *input* is blended with the reference's mid block *output*
+  (``h_ref[12]`` in the authors' indexing; both are 8x8 with the same channels).
+* decoder: the *output* of every up-block unit that is at 16x16 or 8x8, before it is
+  concatenated with the next skip: ``up_blocks.0.resnets.0``, ``up_blocks.0.resnets.1``,
+  ``up_blocks.0.upsamplers.0``, ``up_blocks.1.attentions.0``,
+  ``up_blocks.1.attentions.1`` (8, 8, 16, 16, 16). The middle output itself (the first
+  up unit's input) is not blended.
+
+The same rules, by block index, place the sites on any UNet with SD 1.x's block
+structure (the tiny test UNet has one layer per block, so fewer units).
+``placement="block_outputs"`` is the earlier xMGIE placement, kept as an option: the
+outputs of whole diffusers blocks (after their up/down samplers), including a down
+block's skip tensors. It is not PFB-Diff's.
+
+PFB-Diff resizes its 64x64 mask bicubically to each site *without* thresholding; here
+the mask is resized and thresholded at 0.5 like CAM's (ALGORITHMS.md section 4).
 """
 
 from __future__ import annotations
@@ -20,74 +48,192 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import Branch, MaskPyramid
+from .attention import COND, Branch, MaskPyramid
 from .control import Control
 from .errors import InputError
 
 PRESETS = {
-    # blocks working at 16x16 and 8x8 (512 px), every step; latent blending 24/50 steps
-    "object": dict(blocks=("down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.1"),
-                   min_t=-1, latent_fraction=24 / 50, dilate_px=0, background=False),
-    # blocks from 32x32 down to 8x8, while t > 200 (40/50 steps); latent blending 9/50;
-    # mask = 1 - dilate(object mask, 36 px at 512 px)
-    "background": dict(blocks=("down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block",
-                               "up_blocks.0", "up_blocks.1", "up_blocks.2"),
-                       min_t=200, latent_fraction=9 / 50, dilate_px=36, background=True),
+    # 16x16 and 8x8, every step; latent blending for the first 24 of 50 steps
+    "object": dict(first_unit=False, min_t=-1, latent_fraction=24 / 50, dilate_px=0,
+                   background=False,
+                   blocks=("down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.1")),
+    # from the 32x32 block's downsampled output down to 8x8, while t > 200 (40 of 50
+    # steps); latent blending for the first 9; mask = 1 - dilate(object mask, 36 px)
+    "background": dict(first_unit=True, min_t=200, latent_fraction=9 / 50, dilate_px=36,
+                       background=True,
+                       blocks=("down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block",
+                               "up_blocks.0", "up_blocks.1", "up_blocks.2")),
 }
+PLACEMENTS = ("pfb_diff", "block_outputs")
+REFERENCES = ("cond", "per_half")
+FEATURE_LEVEL = 2        # PFB-Diff blends at latent / 4 and below (16x16 and 8x8 at 512 px)
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One place where features are blended."""
+
+    module: str          # diffusers module name, e.g. "down_blocks.2.resnets.1"
+    hook: str            # "input" (what enters the module), "output", "block_output"
+    level: int           # features at latent / 2**level
+    ref: str = "same"    # "same" tensor of the reference rows, or their "mid_output"
+
+
+def pfb_diff_sites(unet, preset: str = "object") -> list[Site]:
+    """PFB-Diff's blend sites on ``unet`` in execution order (see the module docstring)."""
+    downs, ups = list(unet.down_blocks), list(unet.up_blocks)
+    if len(downs) <= FEATURE_LEVEL or len(ups) <= FEATURE_LEVEL or unet.mid_block is None:
+        raise InputError("sd_model", f"has a UNet with {len(downs)} down blocks",
+                         "an SD 1.x UNet (four down blocks, a middle, four up blocks)")
+    sites: list[Site] = []
+    for d in range(FEATURE_LEVEL, len(downs)):
+        units = [f"down_blocks.{d}.resnets.{k}" for k in range(len(downs[d].resnets))]
+        if getattr(downs[d], "downsamplers", None):
+            units.append(f"down_blocks.{d}.downsamplers.0")
+        if d == FEATURE_LEVEL and not PRESETS[preset]["first_unit"]:
+            units = units[1:]
+        sites += [Site(u, "input", d) for u in units]
+    sites.append(Site("mid_block", "input", len(downs) - 1, ref="mid_output"))
+    for u, block in enumerate(ups):
+        level = len(ups) - 1 - u
+        n = len(block.resnets)
+        has_attn = getattr(block, "attentions", None) is not None
+        for k in range(n):
+            if k == n - 1 and getattr(block, "upsamplers", None):
+                module, out_level = f"up_blocks.{u}.upsamplers.0", level - 1
+            else:
+                kind = "attentions" if has_attn else "resnets"
+                module, out_level = f"up_blocks.{u}.{kind}.{k}", level
+            if out_level >= FEATURE_LEVEL:
+                sites.append(Site(module, "output", out_level))
+    return sites
+
+
+def block_output_sites(unet, blocks: Sequence[str]) -> list[Site]:
+    """The ``block_outputs`` placement: whole diffusers blocks' outputs (and skips)."""
+    n = len(unet.down_blocks)
+
+    def level(name: str) -> int:
+        if name == "mid_block":
+            return n - 1
+        kind, idx = name.split(".")[:2]
+        idx = int(idx)
+        if kind == "down_blocks":
+            return min(idx + 1, n - 1) if getattr(unet.down_blocks[idx], "downsamplers", None) \
+                else idx
+        up_level = n - 1 - idx
+        return up_level - 1 if getattr(unet.up_blocks[idx], "upsamplers", None) else up_level
+
+    return [Site(b, "block_output", level(b)) for b in blocks]
 
 
 def dilate(mask: torch.Tensor, px_at_512: float) -> torch.Tensor:
-    """Max-pool dilation of a [B,H,W] mask by a radius given in pixels at 512 px."""
-    r = int(round(px_at_512 * mask.shape[-1] / 512))
-    if r <= 0:
+    """``cv2.dilate`` of a [B,H,W] mask with a k x k kernel of ones (PFB-Diff's
+    background mask: k = 36 at 512 px; here k = round(px_at_512 * W / 512)).
+
+    OpenCV's default anchor for an even kernel is k // 2, so output (y, x) is the maximum
+    over input rows y - k//2 .. y + k - 1 - k//2 (and columns likewise); outside the
+    image counts as 0. A kernel of k pixels, not a radius: radius 36 (73 x 73) more than
+    doubles the added area (on a 512 px ellipse of 39,608 px: 38,304 px added against
+    17,325). PFB-Diff works at 512 px only; scaling k with the width keeps the same margin
+    relative to the image at other sizes (9 px at 128)."""
+    k = int(round(px_at_512 * mask.shape[-1] / 512))
+    if k <= 1:
         return mask
-    return F.max_pool2d(mask[:, None], 2 * r + 1, stride=1, padding=r)[:, 0]
+    lo, hi = k // 2, k - 1 - k // 2
+    padded = F.pad(mask[:, None].float(), (lo, hi, lo, hi), value=0.0)
+    return F.max_pool2d(padded, k, stride=1)[:, 0].to(mask.dtype)
 
 
 @dataclasses.dataclass
 class PFBControl(Control):
+    """PFB feature and latent blending.
+
+    ``reference`` chooses the reference features each guidance half of the edit blends
+    with. "cond" (default, PFB-Diff's code): every half takes the reference's
+    *conditional* features (source prompt; on the instruction path the instruction- and
+    image-conditioned row). On the text-to-image path those are the features of the pass
+    that made the stored trajectory (DDIM inversion, guidance 1, source prompt), so the
+    blended background follows z*_t whatever inversion method is used; each half's own
+    unconditional reference instead depends on the inversion (empty prompt for DDIM and
+    direct inversion, whose guided step from z*_t leaves the trajectory; optimised nulls
+    for null-text; the source prompt for negative-prompt inversion). "per_half": each
+    half blends with the reference's features of the same half (the earlier xMGIE rule).
+
+    ``placement``: "pfb_diff" (default, the authors' sites, see the module docstring) or
+    "block_outputs" (whole-block outputs including skips; ``blocks`` overrides the
+    preset's blocks there). ``alpha`` is one a_l for all sites, or a dict keyed by module
+    name or prefix ("mid_block", "up_blocks.1"); the longest matching key wins."""
+
     name = "PFB"
 
     mask: torch.Tensor                       # [B,H,W] object mask (white = edited object)
     preset: str = "object"
-    alpha: float | dict = 1.0                # per-block a_l, or one value for all
-    blocks: Optional[Sequence[str]] = None   # override the preset's blocks
+    alpha: float | dict = 1.0                # per-site a_l, or one value for all
+    blocks: Optional[Sequence[str]] = None   # block_outputs placement: override the blocks
     latent_blend: bool = True
     follow_inversion: bool = True            # pin the reconstruction branch to z*_t
+    reference: str = "cond"
+    placement: str = "pfb_diff"
 
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise InputError("preset", f"is {self.preset!r}", "object or background")
+        if self.reference not in REFERENCES:
+            raise InputError("reference", f"is {self.reference!r}", " or ".join(REFERENCES))
+        if self.placement not in PLACEMENTS:
+            raise InputError("placement", f"is {self.placement!r}", " or ".join(PLACEMENTS))
+        if self.blocks is not None and self.placement != "block_outputs":
+            raise InputError("blocks", "are given with the pfb_diff placement",
+                             "blocks only with placement='block_outputs'",
+                             "PFB-Diff's sites follow from the preset.")
         cfg = PRESETS[self.preset]
         m = self.mask if self.mask.ndim == 3 else self.mask[None]
         m = (m.float() > 0.5).float()
         if cfg["background"]:
             m = 1 - dilate(m, cfg["dilate_px"])
         self._blend_mask = MaskPyramid(m)
-        self._blocks = tuple(self.blocks or cfg["blocks"])
         self._handles: list = []
         self._run = None
+        self.sites: list[Site] = []
+        self._cache: dict[str, torch.Tensor] = {}   # site -> conditional reference rows
+        self._cache_step: Optional[int] = None
+        self._in_reference_pass = False
 
     # -- sampler protocol ---------------------------------------------------------
     def setup(self, run) -> None:
         self._run = run
-        self._latent_steps = int(round(PRESETS[self.preset]["latent_fraction"]
-                                       * run.schedule.num_steps))
-        modules = dict(run.sd.unet.named_modules())
-        missing = [b for b in self._blocks if b not in modules]
-        if missing:
-            raise InputError("blocks", f"names {missing} that this UNet does not have",
-                             "SD 1.x block names like down_blocks.2, mid_block, up_blocks.1")
+        cfg = PRESETS[self.preset]
+        self._latent_steps = int(round(cfg["latent_fraction"] * run.schedule.num_steps))
+        self._active_steps = [float(t) > cfg["min_t"] for t in run.schedule.timesteps.tolist()]
+        unet = run.sd.unet
+        modules = dict(unet.named_modules())
+        if self.placement == "pfb_diff":
+            self.sites = pfb_diff_sites(unet, self.preset)
+        else:
+            blocks = tuple(self.blocks or cfg["blocks"])
+            missing = [b for b in blocks if b not in modules]
+            if missing:
+                raise InputError("blocks", f"names {missing} that this UNet does not have",
+                                 "SD 1.x block names like down_blocks.2, mid_block, up_blocks.1")
+            self.sites = block_output_sites(unet, blocks)
         if run.reference is None:
             raise InputError("controls", "include PFB but the sampler has no reference",
                              "a source image (instruction path) or an inversion")
-        for name in self._blocks:
-            self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+        for site in self.sites:
+            mod = modules[site.module]
+            if site.hook == "input":
+                h = mod.register_forward_pre_hook(self._pre_hook(site), with_kwargs=True)
+            else:
+                h = mod.register_forward_hook(self._post_hook(site))
+            self._handles.append(h)
 
     def teardown(self, run) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._cache.clear()
+        self._cache_step = None
         self._run = None
 
     def before_step(self, run, i: int) -> None:
@@ -102,41 +248,141 @@ class PFBControl(Control):
         run.latents[Branch.EDIT] = m * z + (1 - m) * run.reference_at(i + 1)
 
     # -- feature blending ----------------------------------------------------------
-    def _active(self, run) -> bool:
-        t = int(run.schedule.timesteps[run.step])
-        return t > PRESETS[self.preset]["min_t"]
-
     def _alpha(self, name: str) -> float:
-        return float(self.alpha.get(name, 1.0)) if isinstance(self.alpha, dict) else float(self.alpha)
+        if not isinstance(self.alpha, dict):
+            return float(self.alpha)
+        keys = [k for k in self.alpha if name == k or name.startswith(k + ".")]
+        return float(self.alpha[max(keys, key=len)]) if keys else 1.0
 
-    def blend(self, h: torch.Tensor, layout, name: str) -> torch.Tensor:
-        ref_branch = Branch.REC if any(b == Branch.REC for b, _ in layout.rows) else Branch.REF
-        pairs = []
-        for half in {hh for _, hh in layout.rows}:
-            e, r = layout.index(Branch.EDIT, half), layout.index(ref_branch, half)
-            if e is not None and r is not None:
-                pairs.append((e, r))
-        if not pairs:
+    def _context(self):
+        run = self._run
+        if run is None or self._in_reference_pass:
+            return None
+        ctx = run.controller.context
+        if ctx is None or not self._active_steps[ctx.step]:
+            return None
+        if self._cache_step != ctx.step:
+            self._cache.clear()
+            self._cache_step = ctx.step
+        return ctx
+
+    @staticmethod
+    def _ref_branch(layout) -> str:
+        return Branch.REC if any(b == Branch.REC for b, _ in layout.rows) else Branch.REF
+
+    def _plan(self, layout) -> list[tuple[int, str]]:
+        """(edit row, reference half) for every edit row of this call: the conditional
+        half for all ("cond", PFB-Diff's rule and our default, see the class docstring
+        for why), or the row's own half ("per_half")."""
+        return [(i, COND if self.reference == "cond" else h)
+                for i, (b, h) in enumerate(layout.rows) if b == Branch.EDIT]
+
+    def _blend(self, h: torch.Tensor, layout, site: Site,
+               refs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Blend the edit rows of ``h`` with ``refs[half]`` (bsz rows each).
+
+        The mask is resized bicubically and thresholded at 0.5 (MaskPyramid), where
+        PFB-Diff uses the bicubic resize as it is: we keep one mask per resolution for
+        CAM, PFB and latent blending, and a bicubic resize of a binary mask over- and
+        undershoots [0, 1] at the edge, which would extrapolate beyond both branches."""
+        plan = [(e, refs[half]) for e, half in self._plan(layout) if half in refs]
+        if not plan:
             return h
         m = self._blend_mask.at(tuple(h.shape[-2:]), h.device)[:, None].to(h.dtype)
-        a = self._alpha(name)
+        a = self._alpha(site.module)
         out = h.clone()
         bsz = h.shape[0] // len(layout)
-        for e, r in pairs:
-            he, hr = h[e * bsz:(e + 1) * bsz], h[r * bsz:(r + 1) * bsz]
+        for e, hr in plan:
+            he = h[e * bsz:(e + 1) * bsz]
             inner = he if a == 1.0 else a * he + (1 - a) * hr
             out[e * bsz:(e + 1) * bsz] = m * inner + (1 - m) * hr
         return out
 
-    def _hook(self, name: str):
-        def hook(module, inputs, output):
-            run = self._run
-            if run is None or run.controller.context is None or not self._active(run):
+    def _references(self, h: torch.Tensor, layout, site: Site, compute=None
+                    ) -> dict[str, torch.Tensor]:
+        """The reference rows each edit row needs, by half: from this call, or (the
+        conditional rule in an unbatched sampler) from this step's conditional call."""
+        plan = self._plan(layout)
+        if not plan:
+            return {}
+        bsz = h.shape[0] // len(layout)
+        ref_branch = self._ref_branch(layout)
+        halves = sorted({half for _, half in plan})
+        present = {half: layout.index(ref_branch, half) for half in halves}
+        present = {k: v for k, v in present.items() if v is not None}
+        refs: dict[str, torch.Tensor] = {}
+        if present:
+            rows = list(present.values())
+            got = compute(rows, bsz) if compute is not None else \
+                torch.cat([h[r * bsz:(r + 1) * bsz] for r in rows])
+            for k, half in enumerate(present):
+                refs[half] = got[k * bsz:(k + 1) * bsz]
+        if COND in refs:
+            self._cache[site.module] = refs[COND].detach()
+        elif self.reference == "cond" and site.module in self._cache:
+            refs[COND] = self._cache[site.module]
+        return refs
+
+    def _mid_output(self, module, args, kwargs, layout):
+        """The reference rows' mid-block output, computed from their own mid input before
+        the call's mid block runs (PFB-Diff blends the mid *input* with it). Attention
+        hooks are off for this pass: the sampler's hooks never change reference rows; the
+        result equals the batched pass's up to SDPA-versus-explicit-softmax rounding."""
+        def compute(rows, bsz):
+            idx = torch.cat([torch.arange(r * bsz, (r + 1) * bsz) for r in rows]).to(args[0].device)
+            total = len(layout) * bsz
+            pick = lambda x: x.index_select(0, idx) if torch.is_tensor(x) and x.ndim and \
+                x.shape[0] == total else x
+            ctl = self._run.controller
+            saved = ctl.context
+            ctl.context, self._in_reference_pass = None, True
+            try:
+                return module.forward(*[pick(a) for a in args],
+                                      **{k: pick(v) for k, v in kwargs.items()})
+            finally:
+                ctl.context, self._in_reference_pass = saved, False
+        return compute
+
+    def _pre_hook(self, site: Site):
+        def hook(module, args, kwargs):
+            ctx = self._context()
+            if ctx is None:
                 return None
-            layout = run.controller.context.layout
-            if isinstance(output, tuple):      # down blocks: (hidden, residuals)
+            layout = ctx.layout
+            if args:
+                h = args[0]
+            else:
+                key = next(iter(kwargs))
+                h = kwargs[key]
+            compute = self._mid_output(module, args, kwargs, layout) \
+                if site.ref == "mid_output" else None
+            refs = self._references(h, layout, site, compute)
+            new = self._blend(h, layout, site, refs)
+            if new is h:
+                return None
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, key: new}
+        return hook
+
+    def _post_hook(self, site: Site):
+        def hook(module, inputs, output):
+            ctx = self._context()
+            if ctx is None:
+                return None
+            layout = ctx.layout
+            if site.hook == "block_output" and isinstance(output, tuple):  # down blocks
                 hidden, res = output
-                return (self.blend(hidden, layout, name),
-                        tuple(self.blend(r, layout, name) for r in res))
-            return self.blend(output, layout, name)
+                return (self._blend(hidden, layout, site,
+                                    self._references(hidden, layout, site)),
+                        tuple(self._blend(r, layout, site,
+                                          self._references(r, layout,
+                                                           Site(f"{site.module}#{k}", site.hook,
+                                                                site.level)))
+                              for k, r in enumerate(res)))
+            if isinstance(output, tuple):          # transformer blocks: (hidden,)
+                h = output[0]
+                return (self._blend(h, layout, site, self._references(h, layout, site)),
+                        *output[1:])
+            return self._blend(output, layout, site, self._references(output, layout, site))
         return hook

@@ -24,7 +24,8 @@ import torch
 from . import attention, runtime
 from .attention import COND, UNCOND, AttnContext, BatchLayout, Branch, Half
 from .control import Control, SamplingRun, check_controls
-from .diffusion import Schedule, denoise_step, encode_prompt, make_schedule, token_ids, unet_eps
+from .diffusion import (Schedule, denoise_step, encode_prompt, instruct_solver, make_schedule,
+                        token_ids, unet_eps)
 from .errors import InputError
 from .inversion import InversionResult, source_null
 from .models.conditioning import Conditioning
@@ -120,8 +121,14 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
          mask: Optional[torch.Tensor] = None, cam: Optional[CAMSettings] = None,
          controls: Sequence[Control] = (), cross_replace: float = 0.8, self_replace: float = 0.5,
          self_max_res: int = 32, guidance_scale: Optional[float] = None,
-         batched: bool = True, keep_reconstruction: bool = True) -> EditResult:
-    """Two-branch prompt-to-prompt editing from an inversion (text-to-image UNet)."""
+         batched: bool = True, keep_reconstruction: bool = True,
+         p2p_mode: str = "refine") -> EditResult:
+    """Two-branch prompt-to-prompt editing from an inversion (text-to-image UNet).
+
+    ``p2p_mode``: "refine" (default; words may be added or removed: aligned tokens take
+    the reconstruction's cross-attention maps, new tokens keep theirs) or "replace" (word
+    swaps, the same number of words: every map of the edit comes from the source maps
+    through P2P's replacement matrix, see :func:`attention.replace_mapper`)."""
     if sd.instruct:
         raise InputError("sd_model", "is an 8-channel instruction model",
                          "the text-to-image model the image was inverted with",
@@ -146,8 +153,13 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
                       controller, mask=mask, inversion=inversion, reference=inversion.latents)
 
     hooks: list[attention.AttnHook] = []
-    mapper = attention.token_alignment(token_ids(sd, inversion.source_prompt),
-                                       token_ids(sd, target_prompt))
+    if p2p_mode == "refine":
+        mapper = attention.token_alignment(token_ids(sd, inversion.source_prompt),
+                                           token_ids(sd, target_prompt))
+    elif p2p_mode == "replace":
+        mapper = attention.replace_mapper(sd.tokenizer, inversion.source_prompt, target_prompt)
+    else:
+        raise InputError("p2p_mode", f"is {p2p_mode!r}", "refine or replace")
     cross_steps, self_steps = int(cross_replace * n), int(self_replace * n)
     injection = None
     if cross_steps or self_steps:
@@ -182,11 +194,13 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
                 e_rows = {(REC, UNCOND): null, (EDIT, UNCOND): null,
                           (REC, COND): cond_src.expand(b, -1, -1),
                           (EDIT, COND): cond_tgt.expand(b, -1, -1)}
-                groups = [rows] if batched else [rows[:2], rows[2:]]
+                # unbatched: the conditional half first, so PFB's conditional reference
+                # features exist when the unconditional call needs them
+                groups = [rows] if batched else [rows[2:], rows[:2]]
                 eps = _run_unet(run, [(BatchLayout(g), torch.cat([z_rows[r[0]] for r in g]),
                                        torch.cat([e_rows[r] for r in g])) for g in groups],
                                 t, i)
-                e = dict(zip(rows, eps.split(b)))
+                e = dict(zip([r for g in groups for r in g], eps.split(b)))
                 for br in (REC, EDIT):
                     guided = e[(br, UNCOND)] + scale * (e[(br, COND)] - e[(br, UNCOND)])
                     if br == REC and inversion.method == "direct":
@@ -204,7 +218,7 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
                       run.latents[REC].cpu() if keep_reconstruction else None,
                       {"target_prompt": target_prompt, "guidance_scale": scale,
                        "cross_replace": cross_replace, "self_replace": self_replace,
-                       "batched": batched, "steps": n, "inversion": inversion.method})
+                       "p2p_mode": p2p_mode, "batched": batched, "steps": n, "inversion": inversion.method})
 
 
 def encode_instruction(sd: SDModel, text: str) -> Conditioning:
@@ -216,21 +230,28 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
                   seed: int = 0, mask: Optional[torch.Tensor] = None,
                   source_latent: Optional[torch.Tensor] = None,
                   cam: Optional[CAMSettings] = None, controls: Sequence[Control] = (),
-                  batched: bool = True) -> EditResult:
+                  batched: bool = True, scheduler: str = "euler_ancestral") -> EditResult:
     """Instruction-UNet sampling (section 0): rows [cond,img], [null,img], [null,0];
     eps = e_u + s_T (e_text - e_img) + s_I (e_img - e_u).
 
     ``image_latent`` is the VAE posterior mode *without* the scaling factor. With a
     ``source_latent`` (scaled), a reference branch runs on the source latent noised with
-    the same noise, giving PFB its reference features and latent blending its target."""
+    the same noise, giving PFB its reference features and latent blending its target.
+
+    ``scheduler``: "euler_ancestral" (default) is InstructPix2Pix's shipped scheduler,
+    which MGIE's demo samples with through diffusers' InstructPix2Pix pipeline: with the
+    same seed this sampler gives that pipeline's result (tested), so MGIE and IP2P edits
+    match their authors' outputs. "ddim" is deterministic after the initial noise (the
+    convention of the inversion-based stages, ALGORITHMS.md section 0)."""
     if not sd.instruct:
         raise InputError("sd_model", "has a 4-channel UNet",
                          "an 8-channel instruction model (InstructPix2Pix or MGIE)",
                          "Load it with the InstructPix2Pix or MGIE UNet loader.")
-    sch = make_schedule(sd, steps)
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    solver = instruct_solver(scheduler, sd, steps, gen)
+    sch = solver.schedule
     b = image_latent.shape[0]
     img = image_latent.to(sd.device, torch.float32)
-    gen = torch.Generator("cpu").manual_seed(int(seed))
     noise = torch.randn(img.shape, generator=gen).to(sd.device)
     cond = conditioning.cond.to(sd.device).float().expand(b, -1, -1)
     null = conditioning.null.to(sd.device).float().expand(b, -1, -1)
@@ -241,11 +262,9 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
     reference = None
     if source_latent is not None:
         z0 = source_latent.to(sd.device, torch.float32)
-        refs = [sch.abar(int(t)) ** 0.5 * z0 + (1 - sch.abar(int(t))) ** 0.5 * noise
-                for t in sch.timesteps] + [z0]
-        reference = torch.stack(refs).cpu()
-    run = SamplingRun(sd, sch, BatchLayout(()), {EDIT: noise.clone()}, controller, mask=mask,
-                      reference=reference)
+        reference = torch.stack([solver.noised(z0, noise, i) for i in range(steps + 1)]).cpu()
+    run = SamplingRun(sd, sch, BatchLayout(()), {EDIT: solver.start(noise)}, controller,
+                      mask=mask, reference=reference)
     if reference is not None:
         run.latents[REF] = reference[0].to(sd.device)
 
@@ -260,19 +279,21 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
     controller.hooks = _setup_controls(run, controls, hooks)
 
     branches = [EDIT] + ([REF] if reference is not None else [])
-    halves = (COND, IMG, UNCOND)
+    halves = (COND, IMG, UNCOND)     # the conditional half first (PFB's reference rows)
     rows = tuple((br, h) for h in halves for br in branches)
     zeros = torch.zeros_like(img)
+    timesteps = solver.timesteps
     try:
         with runtime.progress(steps, "instruction editing") as bar:
             for i in range(steps):
                 run.step = i
-                t = int(sch.timesteps[i])
+                t = timesteps[i]
                 for c in controls:
                     c.before_step(run, i)
                 if reference is not None:
                     run.latents[REF] = run.reference_at(i)
-                inputs = {(br, h): torch.cat([run.latents[br], zeros if h == UNCOND else img], 1)
+                scaled = {br: solver.model_input(run.latents[br], i) for br in branches}
+                inputs = {(br, h): torch.cat([scaled[br], zeros if h == UNCOND else img], 1)
                           for br, h in rows}
                 embs = {(br, h): cond if h == COND else null for br, h in rows}
                 groups = [rows] if batched else [tuple(r for r in rows if r[1] == h)
@@ -283,7 +304,7 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
                 e = dict(zip(order, eps.split(b)))
                 eu, ei, et = e[(EDIT, UNCOND)], e[(EDIT, IMG)], e[(EDIT, COND)]
                 guided = eu + text_scale * (et - ei) + image_scale * (ei - eu)
-                run.latents[EDIT] = denoise_step(sch, i, run.latents[EDIT], guided)
+                run.latents[EDIT] = solver.step(run.latents[EDIT], guided, i)
                 for c in controls:
                     c.after_step(run, i)
                 bar.update()
@@ -291,4 +312,5 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
         _finish(run, controls)
     return EditResult(run.latents[EDIT].cpu(), None,
                       {"steps": steps, "text_scale": text_scale, "image_scale": image_scale,
-                       "seed": seed, "batched": batched, "conditioning": conditioning.source})
+                       "seed": seed, "batched": batched, "conditioning": conditioning.source,
+                       "scheduler": scheduler})

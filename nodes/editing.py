@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..mgie_core import inversion as inv_mod
 from ..mgie_core import pfb, sampler, vae
 from ..mgie_core.attention import CAMHook
+from ..mgie_core.diffusion import INSTRUCT_SCHEDULERS
 from ..mgie_core.images import check_image, check_mask
 from ._common import CONDITIONING, CONTROLS, INVERSION, LATENT, PREFIX, SD_MODEL, category, inp
 
@@ -71,9 +72,11 @@ class PFBControlNode:
     def INPUT_TYPES(cls):
         return {"required": {
             "mask": ("MASK", inp("Edit region (white).")),
-            "preset": (list(pfb.PRESETS), inp("object: edit an object (16x16 and 8x8 "
-                                              "blocks, every step). background: replace the "
-                                              "background around the object.",
+            "preset": (list(pfb.PRESETS), inp("object: edit an object (features at 16x16 "
+                                              "and 8x8, every step). background: replace "
+                                              "the background around the object (mask = "
+                                              "outside the object dilated by 36 px at 512 "
+                                              "px; features while t > 200).",
                                               default="object")),
             "alpha": ("FLOAT", inp("Weight of the edit features inside the mask "
                                    "(1 = official code).", default=1.0, min=0.0, max=1.0,
@@ -82,11 +85,25 @@ class PFBControlNode:
                                             default=True)),
         }, "optional": {
             "controls": (CONTROLS, inp("Controls to chain before this one.")),
+            "reference": (list(pfb.REFERENCES), inp(
+                "Which reference features each guidance half of the edit blends with. "
+                "cond (default, PFB-Diff's code): every half takes the reference's "
+                "conditional features, those of the pass that made the inverted "
+                "trajectory, so the background follows the photo whatever the inversion "
+                "method. per_half: each half its own half's (earlier xMGIE rule).",
+                default="cond")),
+            "placement": (list(pfb.PLACEMENTS), inp(
+                "pfb_diff (default): PFB-Diff's sites, inside the 16x16 and 8x8 UNet "
+                "blocks, skip connections left unblended. block_outputs: the outputs of "
+                "whole blocks and their skips (earlier xMGIE placement, not PFB-Diff's).",
+                default="pfb_diff")),
         }}
 
-    def make(self, mask, preset, alpha, latent_blend, controls=None):
+    def make(self, mask, preset, alpha, latent_blend, controls=None, reference="cond",
+             placement="pfb_diff"):
         ctrl = pfb.PFBControl(check_mask("mask", mask.clone()), preset=preset, alpha=alpha,
-                              latent_blend=latent_blend)
+                              latent_blend=latent_blend, reference=reference,
+                              placement=placement)
         return (list(controls or []) + [ctrl],)
 
 
@@ -128,16 +145,23 @@ class CAMSampler:
         }, "optional": {
             "mask": ("MASK", inp("Edit region (white), needed for CAM and controls.")),
             "controls": (CONTROLS, inp("Controls from PFB/MAG/identity nodes.")),
+            "p2p_mode": (["refine", "replace"], inp(
+                "Prompt-to-prompt cross-attention injection. refine (default): words may be "
+                "added or removed; words shared with the source prompt take its maps, new "
+                "words keep their own. replace: a word swap (same number of words, e.g. "
+                "red -> yellow); every word, the new one included, takes the maps of the "
+                "source word in its place.", default="refine")),
         }}
 
     def sample(self, sd_model, inversion, target_prompt, cam_in_words, cam_out_words, cam_mode,
-               cross_replace, self_replace, batched, mask=None, controls=None):
+               cross_replace, self_replace, batched, mask=None, controls=None,
+               p2p_mode="refine"):
         cam = sampler.CAMSettings(_words(cam_in_words), _words(cam_out_words), cam_mode,
                                   CAMHook.DEFAULT_LAYERS)
         m = _mask(mask, inversion.image_size) if mask is not None else None
         res = sampler.edit(sd_model, inversion, target_prompt, mask=m, cam=cam,
                            controls=list(controls or []), cross_replace=cross_replace,
-                           self_replace=self_replace, batched=batched)
+                           self_replace=self_replace, batched=batched, p2p_mode=p2p_mode)
         size = inversion.image_size
         return (vae.Latents(res.edit, size), vae.Latents(res.reconstruction, size))
 
@@ -182,7 +206,8 @@ class InstructSampler:
             "sd_model": (SD_MODEL, inp("8-channel instruction model.")),
             "image": ("IMAGE", inp("Photo to edit (RGB, sides multiples of 8).")),
             "conditioning": (CONDITIONING, inp("From Encode Instruction or MGIE.")),
-            "steps": ("INT", inp("DDIM steps (MGIE uses 100).", default=100, min=1, max=1000)),
+            "steps": ("INT", inp("Sampling steps (MGIE and InstructPix2Pix use 100).",
+                                 default=100, min=1, max=1000)),
             "text_scale": ("FLOAT", inp("Text guidance s_T.", default=7.5, min=0.0, max=30.0,
                                         step=0.1)),
             "image_scale": ("FLOAT", inp("Image guidance s_I.", default=1.5, min=0.0,
@@ -194,10 +219,15 @@ class InstructSampler:
         }, "optional": {
             "mask": ("MASK", inp("Edit region (white), for CAM and controls.")),
             "controls": (CONTROLS, inp("Controls from PFB and other control nodes.")),
+            "scheduler": (list(INSTRUCT_SCHEDULERS), inp(
+                "euler_ancestral (default): InstructPix2Pix's scheduler, which MGIE's demo "
+                "samples with; the same seed gives diffusers' InstructPix2Pix pipeline's "
+                "result. ddim: deterministic after the initial noise.",
+                default="euler_ancestral")),
         }}
 
     def sample(self, sd_model, image, conditioning, steps, text_scale, image_scale, seed,
-               cam_in_words, batched, mask=None, controls=None):
+               cam_in_words, batched, mask=None, controls=None, scheduler="euler_ancestral"):
         image = check_image("image", image, multiple_of=sd_model.vae_scale)
         m = _mask(mask, tuple(image.shape[1:3])) if mask is not None else None
         mode = vae.encode(sd_model, image.clone())          # scaled posterior mode
@@ -206,7 +236,8 @@ class InstructSampler:
         res = sampler.edit_instruct(sd_model, unscaled, conditioning, steps=steps,
                                     text_scale=text_scale, image_scale=image_scale, seed=seed,
                                     mask=m, source_latent=mode.samples, cam=cam,
-                                    controls=list(controls or []), batched=batched)
+                                    controls=list(controls or []), batched=batched,
+                                    scheduler=scheduler)
         return (vae.Latents(res.edit, tuple(image.shape[1:3])),)
 
 
