@@ -15,6 +15,7 @@ import torch
 
 from .. import runtime
 from ..errors import InputError, ModelLoadError
+from ..images import check_pixels
 from .validate import (check_files, check_hf_folder, check_loading_info, check_tokenizer,
                        first_line, read_json)
 
@@ -122,6 +123,7 @@ def to_pil_images(images: torch.Tensor, name: str = "image") -> list:
         raise InputError(name, f"got a tensor of shape {tuple(images.shape)}",
                          "an IMAGE tensor [B,H,W,3] with 3 channels (RGB)",
                          "Convert RGBA or grayscale images to RGB first.")
+    check_pixels(name, images)
     arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return [Image.fromarray(a, mode="RGB") for a in arr]
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import paths, runtime
 from ..errors import InputError, ModelLoadError
+from ..images import check_pixels
 from .validate import load_state_dict_checked, read_weights_file
 
 WHAT = "Segment Anything checkpoint"
@@ -272,6 +273,7 @@ def segment(model: SamModel, image: torch.Tensor, points=None, labels=None, box=
 
     if image.ndim != 3 or image.shape[-1] != 3:
         raise InputError("image", f"shape {tuple(image.shape)}", "one image [H,W,3]")
+    check_pixels("image", image)
     h, w = int(image.shape[0]), int(image.shape[1])
     pts, labels, box = _check_prompts(points, labels, box, w, h)
     runtime.check_interrupt()
