@@ -463,8 +463,14 @@ def test_mgie_unet_errors_name_the_file(run, models, damage):
     path = models.copy("mgie_unet")
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[:5000])
-    elif damage == "pickle":
-        torch.save({"conv_in.weight": torch.zeros(1), "opt": {1, 2}}, path)  # a set: not weights
+    elif damage == "pickle":   # a pickle that runs code when unpickled without weights_only
+        marker = path.parent / "PICKLE_RAN"
+
+        class Payload:
+            def __reduce__(self):
+                return (Path.write_text, (marker, "ran"))
+
+        torch.save({"conv_in.weight": torch.zeros(1), "x": Payload()}, path)
     elif damage == "wrong_shape":
         drop_keys(path, lambda k: k == "conv_out.weight",
                   replace=lambda t: torch.zeros(t.shape[0] + 1, *t.shape[1:]))
@@ -477,6 +483,19 @@ def test_mgie_unet_errors_name_the_file(run, models, damage):
     wf, _ = loader_workflow("mgie_unet")
     wf["2"]["inputs"]["unet_name"] = path.name
     run.fails(wf, "(XMGIELoadMGIEUNet) failed", str(path))
+    assert not (path.parent / "PICKLE_RAN").exists()
+
+
+def test_legacy_feature_extractor_names_are_not_mistaken_for_code(run, models):
+    """OpenAI CLIP's published preprocessor_config.json still says CLIPFeatureExtractor,
+    a name transformers 5 reads as CLIPImageProcessor: it is not custom code."""
+    model = models.copy("clip_vision")
+    _edit_json(model / "preprocessor_config.json", lambda d: (
+        d.pop("image_processor_type"), d.update(feature_extractor_type="CLIPFeatureExtractor")))
+    photo(run.input)
+    wf, _ = loader_workflow("clip_vision")
+    code, err = run(wf)
+    assert code == 0, err
 
 
 def test_checkpoint_with_optional_keys_still_loads(run, models):

@@ -100,11 +100,19 @@ def read_json(path: Path | str, what: str, fix: str = "") -> dict:
 
 
 def _transformers_names(names: Iterable[str]) -> list[str]:
-    """The names transformers does not define (looked up in transformers only)."""
+    """The names transformers does not define (looked up in transformers only). The
+    legacy ``...FeatureExtractor`` names published configs still carry (e.g. OpenAI
+    CLIP's ``CLIPFeatureExtractor``) count as their ``...ImageProcessor`` successors,
+    which is how transformers 5 reads them."""
     import transformers
 
-    return [n for n in names if not (isinstance(n, str) and n.isidentifier()
-                                     and hasattr(transformers, n))]
+    def known(name) -> bool:
+        if not (isinstance(name, str) and name.isidentifier()):
+            return False
+        return any(hasattr(transformers, n) for n in
+                   (name, name.replace("FeatureExtractor", "ImageProcessor")))
+
+    return [n for n in names if not known(n)]
 
 
 def check_hf_folder(folder: Path | str, what: str, *, model_types: Optional[Iterable[str]] = None,
