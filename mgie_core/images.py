@@ -119,8 +119,9 @@ def check_image(name: str, image: torch.Tensor, multiple_of: int = 1,
     if b == 0 or h == 0 or w == 0:
         raise InputError(name, f"is empty (shape {tuple(image.shape)})", "an image [B,H,W,3]")
     if max_batch is not None and b > max_batch:
+        most = "one image" if max_batch == 1 else f"at most {max_batch} images"
         raise InputError(name, f"is a batch of {b} images (an animated file gives one per "
-                         "frame)", f"{'one image' if max_batch == 1 else f'at most {max_batch} images'}",
+                         "frame)", most,
                          "Pick one image of the batch first (ComfyUI: 'Image From Batch'), or "
                          "run the workflow once per image.")
     check_size(name, w, h)

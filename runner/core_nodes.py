@@ -154,9 +154,10 @@ def _frames(path: Path) -> list[Image.Image]:
     try:
         with _own_pixel_limit(), Image.open(path) as img:
             frames: list[Image.Image] = []
+            first_size = None
             for frame in ImageSequence.Iterator(img):
                 w, h = frame.size  # from the header: nothing is decoded yet
-                if frames and (w, h) != first_size:
+                if first_size is not None and (w, h) != first_size:
                     continue
                 # This frame and the ones kept before it, together.
                 images_mod.check_size(f"image '{path.name}'", w, h, len(frames) + 1)
@@ -236,7 +237,7 @@ def split_prefix(folder: Path, filename_prefix: str, width: int = 0,
     normal = os.path.normpath(prefix)
     sub, stem = os.path.dirname(normal), os.path.basename(normal)
     target = Path(os.path.join(folder, sub))
-    if not is_within(folder, target) or stem in ("", ".."):
+    if not is_within(folder, target) or not stem:
         raise InputError("filename_prefix", f"'{filename_prefix}' points outside the output "
                          f"folder {Path(folder).resolve()}", "a name or a sub-folder path "
                          "inside it (e.g. edits/cat)")

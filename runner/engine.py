@@ -348,9 +348,10 @@ class _UIGraph:
         for n in data["nodes"]:
             node_id = str(n["id"])
             if node_id in self.nodes:
+                first = self.nodes[node_id].get("type")
                 raise WorkflowFileError(
-                    f"the UI workflow has two nodes with id {node_id} ({self.nodes[node_id].get('type')} "
-                    f"and {n.get('type')}); expected unique node ids, as ComfyUI's Save writes "
+                    f"the UI workflow has two nodes with id {node_id} ({first} and "
+                    f"{n.get('type')}); expected unique node ids, as ComfyUI's Save writes "
                     "them. Open the workflow in ComfyUI and save it again.")
             self.nodes[node_id] = n
         self.links = _ui_links(data)

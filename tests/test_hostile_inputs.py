@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from xmgie import cli
 from xmgie.mgie_core import images as images_mod
-from xmgie.mgie_core import paths, tiny
+from xmgie.mgie_core import tiny
 from xmgie.mgie_core.vae import Latents
 from xmgie.runner import core_nodes
 
@@ -353,7 +353,8 @@ CODE_CASES = [
 
 
 @pytest.mark.parametrize("family, rel, change, names", CODE_CASES,
-                         ids=[f"{c[0]}-{c[1].split('/')[-1]}-{i}" for i, c in enumerate(CODE_CASES)])
+                         ids=[f"{c[0]}-{c[1].split('/')[-1]}-{i}"
+                              for i, c in enumerate(CODE_CASES)])
 def test_model_folders_never_import_code(run, models, tmp_path, monkeypatch,
                                          family, rel, change, names):
     module = f"xmgie_payload_{abs(hash((family, rel, names))) % 10**8}"
@@ -387,10 +388,6 @@ def test_model_index_with_an_unknown_component_class_is_refused(run, models):
 
 
 # --- every weight accounted for, in every loader family ------------------------------------
-
-def _first(path: Path, prefix: str):
-    return lambda k: k.startswith(prefix)
-
 
 KEY_CASES = [
     # family, file in the copy, keys to drop, what the error must name
@@ -616,8 +613,9 @@ def test_empty_and_dot_prefix_write_inside_the_output_folder(run, prefix):
 def test_prefix_variables_are_expanded_like_comfyui(run):
     import time
 
+    prefix = "%year%/%width%x%height%_b%batch_num%"
     wf = {"1": n("BadImage", kind="ok", size=8),
-          "2": n("SaveImage", images=["1", 0], filename_prefix="%year%/%width%x%height%_b%batch_num%")}
+          "2": n("SaveImage", images=["1", 0], filename_prefix=prefix)}
     code, err = run(wf)
     assert code == 0, err
     year = time.localtime().tm_year

@@ -17,7 +17,7 @@ from .. import runtime
 from ..errors import InputError, ModelLoadError
 from ..images import check_pixels
 from .validate import (check_files, check_hf_folder, check_loading_info, check_tokenizer,
-                       first_line, read_json)
+                       first_line, read_json, weights_file)
 
 TOKENIZER_FIX = ("Copy the tokenizer files of the model (tokenizer.json or vocab.json + "
                  "merges.txt, tokenizer_config.json, special_tokens_map.json) into this folder.")
@@ -94,7 +94,7 @@ def load_model(cls, folder: Path, what: str, dtype: torch.dtype, device: torch.d
                              f"{type(e).__name__}: {first_line(e)}",
                              "The folder needs config.json and the weights "
                              "(model*.safetensors or pytorch_model*.bin) of the model.") from e
-    check_loading_info(info, what, folder, optional)
+    check_loading_info(info, what, weights_file(folder), optional)
     return model.requires_grad_(False).eval().to(device)
 
 

@@ -11,7 +11,6 @@ the image tensor, never through PIL or numpy.
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -25,7 +24,7 @@ from ..errors import InputError, ModelLoadError, names_list
 from . import iresnet
 from .validate import (CLIP_ARCHITECTURES, CLIP_TEXT_KEYS, check_hf_folder, check_loading_info,
                        describe_load_error, load_state_dict_checked, read_json,
-                       read_weights_file)
+                       read_weights_file, weights_file)
 
 KINDS = ("clip_vision", "face_recognition")
 FAMILY_OF_KIND = {"clip_vision": paths.CLIP_VISION, "face_recognition": paths.FACE_RECOGNITION}
@@ -228,7 +227,7 @@ def load_clip_vision(name: str, device=None, dtype: Optional[torch.dtype] = None
                              "pytorch_model.bin) of a CLIP model.") from e
     # Text-model weights of a whole CLIP folder are expected extras; missing, reshaped or
     # other unexpected weights mean random layers or another model.
-    check_loading_info(info, what, folder, CLIP_TEXT_KEYS)
+    check_loading_info(info, what, weights_file(folder), CLIP_TEXT_KEYS)
     pre = _clip_preprocessing(folder, int(model.config.image_size))
     return IdentityEncoder(kind="clip_vision", model=_freeze(model, device, dtype),
                            device=device, dtype=dtype, path=folder, **pre)

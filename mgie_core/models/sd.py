@@ -19,7 +19,8 @@ from .. import paths, runtime
 from ..errors import ModelLoadError, XMGIEError
 from .validate import (check_files, check_loading_info, check_state_dict_keys, check_tokenizer,
                        check_tokenizer_folder, compare_state_dicts, describe_load_error,
-                       load_state_dict_checked, read_sd_configs, read_weights_file)
+                       load_state_dict_checked, read_sd_configs, read_weights_file,
+                       weights_file)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "sd15"
 SIDE_CONFIG_SUFFIX = ".config"
@@ -113,12 +114,6 @@ def _load_tokenizer(folder: Path, what: str):
     return tok
 
 
-def _weights_file(folder: Path) -> Path:
-    """The weights file of a component folder, for messages (the folder if unclear)."""
-    files = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
-    return files[0] if len(files) == 1 else folder
-
-
 def _from_pretrained(cls, path: Path, subfolder: str, what: str, fix: str,
                      optional: tuple[str, ...] = ()):
     """``cls.from_pretrained`` of one component, every key checked (a missing weight
@@ -128,7 +123,7 @@ def _from_pretrained(cls, path: Path, subfolder: str, what: str, fix: str,
                                           output_loading_info=True)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelLoadError(what, path / subfolder, describe_load_error(exc), fix) from exc
-    check_loading_info(info, f"{what} ({subfolder})", _weights_file(path / subfolder), optional)
+    check_loading_info(info, f"{what} ({subfolder})", weights_file(path / subfolder), optional)
     return model
 
 
@@ -277,7 +272,8 @@ def load_sd_checkpoint(name: str, dtype="auto", device=None,
     configs = read_sd_configs(config_dir, f"{what} config")
     tokenizer = _load_tokenizer(find_clip_tokenizer(config_dir), "CLIP tokenizer")
     state = read_checkpoint(path, what)
-    unet = _build(what, config_dir, "unet", lambda: UNet2DConditionModel.from_config(configs["unet"]))
+    unet = _build(what, config_dir, "unet",
+                  lambda: UNet2DConditionModel.from_config(configs["unet"]))
     vae = _build(what, config_dir, "vae", lambda: AutoencoderKL.from_config(configs["vae"]))
     text_encoder = _build(what, config_dir, "text_encoder", lambda: CLIPTextModel(
         CLIPTextConfig.from_dict(configs["text_encoder"])))
@@ -292,7 +288,8 @@ def load_sd_checkpoint(name: str, dtype="auto", device=None,
     except Exception as exc:
         raise ModelLoadError(what, path, f"its weights could not be converted: "
                              f"{describe_load_error(exc)}",
-                             f"Only SD 1.x checkpoints are supported (config used: {config_dir}).") from exc
+                             "Only SD 1.x checkpoints are supported (config used: "
+                             f"{config_dir}).") from exc
     for module, sub_state, label, optional in converted:
         load_state_dict_checked(module, sub_state, f"{what} ({label})", path, optional)
     del state, converted

@@ -386,6 +386,14 @@ def check_loading_info(info: Mapping, what: str, path: Path | str,
                           info.get("unexpected_keys", ()) or (), mismatched, optional)
 
 
+def weights_file(folder: Path | str) -> Path:
+    """The weights file of a model folder, for messages (the folder when there are
+    several shards or none)."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
+    return files[0] if len(files) == 1 else folder
+
+
 def describe_load_error(exc: BaseException) -> str:
     """The useful part of a loading exception: torch's "size mismatch for <tensor>"
     lines when there are any (they come after a generic first line), else line one."""

@@ -16,7 +16,7 @@ from ..hf import TOKENIZER_FIX, first_line
 from ..sd import resolve_dtype
 from ..validate import (CLIP_ARCHITECTURES, CLIP_TEXT_KEYS, check_hf_folder, check_loading_info,
                         check_state_dict_keys, check_tokenizer, describe_load_error,
-                        read_weights_file)
+                        read_weights_file, weights_file)
 from .layout import IM_END, IM_PATCH, IM_START, IMG_TOKENS, LLAMA_KEYS, MLLM_FILE, WHAT, family
 from .model import EditHead, MGIEModel
 
@@ -174,7 +174,7 @@ def load_vision_tower(folder: Path, llava: Path, config: dict, dtype, device):
         raise ModelLoadError(WHAT, found, f"the CLIP vision tower could not be loaded: "
                              f"{describe_load_error(e)}",
                              "The folder needs config.json and model weights.") from e
-    check_loading_info(info, f"{WHAT} vision tower", found, VISION_OPTIONAL)
+    check_loading_info(info, f"{WHAT} vision tower", weights_file(found), VISION_OPTIONAL)
     size = vcfg.image_size
     if (found / "preprocessor_config.json").exists():
         processor = CLIPImageProcessor.from_pretrained(str(found), local_files_only=True)
@@ -208,7 +208,8 @@ def load_llava(llava: Path, config: dict, dtype, device):
     with torch.device("meta"):
         llm = LlamaForCausalLM(lcfg)
     own = set(llm.state_dict())
-    check_state_dict_keys(WHAT, llava, sorted(own - set(weights)), sorted(set(weights) - own))
+    check_state_dict_keys(WHAT, weights_file(llava), sorted(own - set(weights)),
+                          sorted(set(weights) - own))
     try:
         llm.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, assign=True)
     except RuntimeError as e:
