@@ -20,8 +20,10 @@ from .errors import InputError
 
 ENV_MAX_PIXELS = "XMGIE_MAX_IMAGE_PIXELS"
 DEFAULT_MAX_PIXELS = 4096 * 4096
-# One 8-bit step: values this far outside 0..1 are rounding, not another range.
-RANGE_TOLERANCE = 1.0 / 255.0
+# How far outside 0..1 an IMAGE may stray: resampling (ComfyUI's bicubic upscale does not
+# clamp) overshoots by a few percent at sharp edges, which is still a 0..1 image; values
+# a quarter of the range beyond it are another convention (0..255, -1..1).
+RANGE_TOLERANCE = 0.25
 
 _max_pixels: Optional[int] = None
 
@@ -82,7 +84,7 @@ def check_finite(name: str, tensor: torch.Tensor, what: str = "values",
 
 
 def check_pixels(name: str, image: torch.Tensor) -> None:
-    """Values of an IMAGE: finite, and in 0..1 (within one 8-bit step)."""
+    """Values of an IMAGE: finite, and in 0..1 (give or take :data:`RANGE_TOLERANCE`)."""
     check_finite(name, image, "pixel values")
     if image.numel() == 0 or not image.is_floating_point():
         return

@@ -49,7 +49,7 @@ class Show:
         return {"ui": {"text": [type(value).__name__]}}
 
 
-BAD_KINDS = ["nan", "inf", "255", "minus1", "ok"]
+BAD_KINDS = ["nan", "inf", "255", "minus1", "overshoot", "ok"]
 
 
 def _bad(shape, kind):
@@ -62,6 +62,8 @@ def _bad(shape, kind):
         x = x * 255
     elif kind == "minus1":
         x = x * 2 - 1
+    elif kind == "overshoot":   # what a bicubic upscale does at sharp edges
+        x = x * 1.1 - 0.05
     return x
 
 
@@ -542,6 +544,15 @@ def test_vae_encoder_giving_inf_is_refused_at_encode(run, models):
     photo(run.input)
     run.fails(vae_roundtrip(CKPT), "node 3 (XMGIEVAEEncode) failed", "encoded latent",
               "infinite")
+
+
+def test_resampling_overshoot_is_still_an_image(run):
+    wf = {"1": n("BadImage", kind="overshoot", size=16), "2": n("BadMask", kind="ok", size=16),
+          "3": n("XMGIEGBBlur", image=["1", 0], mask=["2", 0], sigma_max=3.0, sigma_s=5.0),
+          "4": n("SaveImage", images=["3", 0], filename_prefix="out")}
+    code, err = run(wf)
+    assert code == 0, err
+    assert len(run.written()) == 1
 
 
 @pytest.mark.parametrize("kind, words", [("nan", "NaN"), ("inf", "infinite"),
