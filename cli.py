@@ -8,7 +8,7 @@ The registry is the pack's nodes plus standalone stand-ins for the ComfyUI core 
 the shipped workflows use (LoadImage, LoadImageMask, SaveImage, PreviewImage).
 
 Exit status: 0 success; 1 invalid workflow or a node failed; 2 the workflow file is
-missing or not JSON (or bad command-line usage); 130 interrupted.
+missing or not JSON, or bad command-line usage (including a bad --set); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .mgie_core import paths, runtime
+from .mgie_core import images, paths, runtime
 from .runner import engine
 from .mgie_core.errors import XMGIEError
 
@@ -28,6 +28,20 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 TINY_NOTE = ("note: --tiny uses random-weight tiny models: it proves the install and the "
              "graph, and the image it produces is meaningless.")
+
+
+class UsageError(engine.WorkflowFileError):
+    """Bad command-line usage found after parsing (e.g. a --set naming no input)."""
+
+
+def _pixels(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("expected at least 1 pixel")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--models-dir", action="append", type=Path, default=None, metavar="DIR",
                         help="models folder holding checkpoints/, diffusers/, mgie/, ... "
                              f"(repeatable; also ${paths.ENV_MODELS_DIR})")
+    common.add_argument("--max-image-pixels", type=_pixels, default=None, metavar="N",
+                        help="largest image accepted, in pixels (width x height; default "
+                             f"{images.DEFAULT_MAX_PIXELS} = 4096x4096; also "
+                             f"${images.ENV_MAX_PIXELS}); larger images are refused before "
+                             "they are decoded")
 
     commands.add_parser("check", parents=[common], help="validate a workflow, run nothing",
                         description="Validate every node and link of a workflow; print all "
@@ -82,6 +101,8 @@ def configure_models(args: argparse.Namespace) -> None:
         os.environ["XMGIE_DEVICE"] = args.device  # read by mgie_core.runtime
     if args.models_dir:
         paths.configure(models_dir=args.models_dir)
+    if getattr(args, "max_image_pixels", None):
+        images.set_max_pixels(args.max_image_pixels)
     if args.tiny:
         from .mgie_core import tiny
 
@@ -101,7 +122,10 @@ def prepare(args: argparse.Namespace, data: dict,
             registry: dict[str, type]) -> tuple[dict, dict]:
     """Convert, override and validate; returns (API prompt, extra_pnginfo)."""
     prompt = engine.to_api(data, registry)
-    prompt = engine.apply_overrides(prompt, args.overrides, registry)
+    try:
+        prompt = engine.apply_overrides(prompt, args.overrides, registry)
+    except engine.WorkflowError as exc:  # a bad --set is a usage error, like argparse's
+        raise UsageError(exc.errors) from exc
     prompt = engine.check(prompt, registry)
     # ComfyUI embeds the UI workflow in saved PNGs; an API file has none to embed.
     extra_pnginfo = {"workflow": data} if engine.is_ui_format(data) else {}
@@ -169,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with core_nodes.using_context(run_context(args)):
             return command(args, data, registry)
     except engine.WorkflowFileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print_errors(exc)
         return EXIT_USAGE
     except engine.WorkflowError as exc:
         _print_errors(exc)

@@ -13,6 +13,7 @@ import torch
 
 from .errors import InputError
 from .models.sd import SDModel
+from .tokens import warn_if_truncated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +86,9 @@ def invert_step(sch: Schedule, i: int, z: torch.Tensor, eps: torch.Tensor) -> to
 
 @torch.no_grad()
 def encode_prompt(sd: SDModel, prompt: str) -> torch.Tensor:
-    """CLIP text embedding (1, 77, D) of the last hidden layer, float32 on the device."""
+    """CLIP text embedding (1, 77, D) of the last hidden layer, float32 on the device.
+    Words past the 77-token window are dropped, and logged (:func:`tokens.warn_if_truncated`)."""
+    warn_if_truncated(sd.tokenizer, prompt)
     tok = sd.tokenizer(prompt, padding="max_length", max_length=sd.tokenizer.model_max_length,
                        truncation=True, return_tensors="pt")
     out = sd.text_encoder(tok.input_ids.to(sd.device))

@@ -10,10 +10,13 @@ as in prompt-to-prompt, and a word that is absent or past the 77-token window is
 
 from __future__ import annotations
 
+import logging
 import re
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from .errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 def as_text(v: Any) -> str:
@@ -111,3 +114,28 @@ def word_token_groups(tokenizer, prompt: str, words: Sequence[str]) -> list[list
 def find_word_tokens(tokenizer, prompt: str, words: Sequence[str]) -> list[int]:
     """Sorted positions (77-token CLIP sequence, BOS at 0) of all tokens of ``words``."""
     return sorted({p for g in word_token_groups(tokenizer, prompt, words) for p in g})
+
+
+def dropped_text(tokenizer, prompt: str, max_length: Optional[int] = None) -> str:
+    """The end of ``prompt`` a CLIP tokenizer cuts off at its window (``max_length``
+    tokens with the start and end tokens; 77 for SD 1.x), as text; "" when it fits."""
+    max_length = int(max_length or getattr(tokenizer, "model_max_length", 77))
+    ids = tokenizer(prompt, add_special_tokens=False, truncation=False,
+                    verbose=False)["input_ids"]
+    room = max(0, max_length - 2)
+    if len(ids) <= room:
+        return ""
+    return tokenizer.decode(ids[room:], skip_special_tokens=True).strip()
+
+
+def warn_if_truncated(tokenizer, prompt: str, name: str = "prompt") -> str:
+    """Log which words of ``prompt`` the text encoder will not see (CLIP reads 75
+    prompt tokens); returns them ("" when nothing is dropped)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        return ""
+    dropped = dropped_text(tokenizer, prompt)
+    if dropped:
+        limit = int(getattr(tokenizer, "model_max_length", 77))
+        log.warning("%s is longer than the text encoder's %d tokens; these words are "
+                    "dropped: %r. Shorten it (put what matters first).", name, limit, dropped)
+    return dropped

@@ -6,8 +6,11 @@ import dataclasses
 
 import torch
 
-from .images import check_image
+from .images import check_finite, check_image
 from .models.sd import SDModel
+
+_VAE_FIX = ("The VAE produced them from finite input: its weights may be damaged, or half "
+            "precision overflowed (load the model with dtype fp32).")
 
 
 @dataclasses.dataclass
@@ -29,11 +32,18 @@ def encode(sd: SDModel, image: torch.Tensor, name: str = "image", mode: bool = T
     dist = sd.vae.encode(x).latent_dist
     z = dist.mode() if mode else dist.mean
     z = z * sd.vae.config.scaling_factor
+    check_finite("encoded latent", z, "latent values", _VAE_FIX)
     return Latents(z.float().cpu(), tuple(image.shape[1:3]))
 
 
 @torch.no_grad()
-def decode(sd: SDModel, latents: Latents | torch.Tensor) -> torch.Tensor:
+def decode(sd: SDModel, latents: Latents | torch.Tensor, name: str = "latent") -> torch.Tensor:
+    """Images [B,H,W,3] in 0..1. NaN/Inf latents are refused before decoding, and a
+    decoder that turns finite latents into NaN/Inf pixels is an error, not a black image."""
     z = latents.samples if isinstance(latents, Latents) else latents
+    check_finite(name, z, "latent values", "The node that made these latents produced them "
+                 "(a sampler diverging, damaged weights, or half precision overflowing: try "
+                 "fp32).")
     x = sd.vae.decode(z.to(sd.device, sd.dtype) / sd.vae.config.scaling_factor).sample
+    check_finite("decoded image", x, "pixel values", _VAE_FIX)
     return ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()

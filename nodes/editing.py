@@ -6,7 +6,7 @@ from ..mgie_core import inversion as inv_mod
 from ..mgie_core import pfb, sampler, vae
 from ..mgie_core.attention import CAMHook
 from ..mgie_core.diffusion import INSTRUCT_SCHEDULERS
-from ..mgie_core.images import check_image, check_mask
+from ..mgie_core.images import check_finite, check_image, check_mask
 from ._common import CONDITIONING, CONTROLS, INVERSION, LATENT, PREFIX, SD_MODEL, category, inp
 
 
@@ -16,6 +16,15 @@ def _words(text: str) -> list[str]:
 
 def _mask(mask, image_hw):
     return check_mask("mask", mask, size=image_hw)
+
+
+_DIVERGED = ("The sampler produced them from finite inputs: the model's weights may be "
+             "damaged, or half precision overflowed (load the model with dtype fp32).")
+
+
+def _finite_latent(name: str, latent):
+    check_finite(name, latent, "latent values", _DIVERGED)
+    return latent
 
 
 class Invert:
@@ -49,7 +58,7 @@ class Invert:
         }}
 
     def invert(self, sd_model, image, source_prompt, method, steps, guidance, inner_steps):
-        image = check_image("image", image, multiple_of=sd_model.vae_scale)
+        image = check_image("image", image, multiple_of=sd_model.vae_scale, max_batch=1)
         lat = vae.encode(sd_model, image.clone())
         result = inv_mod.invert(sd_model, lat.samples, source_prompt, method=method,
                                 steps=steps, guidance_scale=guidance, inner_steps=inner_steps,
@@ -163,7 +172,8 @@ class CAMSampler:
                            controls=list(controls or []), cross_replace=cross_replace,
                            self_replace=self_replace, batched=batched, p2p_mode=p2p_mode)
         size = inversion.image_size
-        return (vae.Latents(res.edit, size), vae.Latents(res.reconstruction, size))
+        return (vae.Latents(_finite_latent("edited latent", res.edit), size),
+                vae.Latents(_finite_latent("reconstruction latent", res.reconstruction), size))
 
 
 class EncodeInstruction:
@@ -228,7 +238,7 @@ class InstructSampler:
 
     def sample(self, sd_model, image, conditioning, steps, text_scale, image_scale, seed,
                cam_in_words, batched, mask=None, controls=None, scheduler="euler_ancestral"):
-        image = check_image("image", image, multiple_of=sd_model.vae_scale)
+        image = check_image("image", image, multiple_of=sd_model.vae_scale, max_batch=1)
         m = _mask(mask, tuple(image.shape[1:3])) if mask is not None else None
         mode = vae.encode(sd_model, image.clone())          # scaled posterior mode
         unscaled = mode.samples / sd_model.vae.config.scaling_factor
@@ -238,7 +248,7 @@ class InstructSampler:
                                     mask=m, source_latent=mode.samples, cam=cam,
                                     controls=list(controls or []), batched=batched,
                                     scheduler=scheduler)
-        return (vae.Latents(res.edit, tuple(image.shape[1:3])),)
+        return (vae.Latents(_finite_latent("edited latent", res.edit), tuple(image.shape[1:3])),)
 
 
 NODES = [Invert, PFBControlNode, CAMSampler, EncodeInstruction, InstructSampler]

@@ -14,6 +14,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
+import time
+import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -22,6 +25,7 @@ import torch
 from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
+from ..mgie_core import images as images_mod
 from ..mgie_core.errors import InputError
 from ..nodes._common import inp
 
@@ -49,23 +53,51 @@ class RunContext:
         return dirs
 
     def resolve_image(self, name: str) -> Path:
-        """Path of the image ``name`` (absolute, or relative to the search dirs)."""
+        """Path of the image ``name``, which must lie inside one of the search folders.
+
+        As ComfyUI's ``folder_paths.get_annotated_filepath``: a name may end with an
+        annotation ``[input]``, ``[output]`` or ``[temp]`` choosing the folder, and a name
+        that resolves outside its folder (``../``, an absolute path elsewhere, a symlink
+        leading out) is refused. ``--input-dir`` widens the input folders."""
         if not isinstance(name, str) or not name.strip():
             raise InputError("image", f"got {name!r}", "an image file name")
-        path = Path(name).expanduser()
-        if path.is_absolute():
-            if path.is_file():
-                return path
-            raise InputError("image", f"the file {path} does not exist",
-                             "an existing image file", "Check the path.")
-        searched = self.image_search_dirs()
-        for folder in searched:
-            if (folder / path).is_file():
-                return folder / path
-        shown = ", ".join(str(d.resolve()) for d in searched) or "(no folder)"
+        if "\0" in name:
+            raise InputError("image", f"{name!r} holds a NUL character", "an image file name")
+        bare, folders = self._annotated(name)
+        inside = False
+        for folder in folders:
+            candidate = Path(os.path.abspath(os.path.join(folder, os.path.expanduser(bare))))
+            if not is_within(folder, candidate):
+                continue
+            inside = True
+            if candidate.is_file():
+                return candidate
+        shown = ", ".join(str(Path(d).resolve()) for d in folders) or "(no folder)"
+        if not inside:
+            raise InputError("image", f"'{name}' points outside the input folders ({shown})",
+                             "a file name inside an input folder (sub-folders allowed)",
+                             "Copy the image into the input folder, or add its folder with "
+                             "--input-dir.")
         raise InputError("image", f"'{name}' was not found in {shown}",
-                         "an image in one of these folders or an absolute path",
+                         "an image in one of these folders",
                          "Put the image there or pass its folder with --input-dir.")
+
+    def _annotated(self, name: str) -> tuple[str, list[Path]]:
+        for suffix, folders in ((" [input]", [Path(d) for d in self.input_dirs]),
+                                (" [output]", [Path(self.output_dir)]),
+                                (" [temp]", [Path(self.output_dir) / PREVIEW_SUBFOLDER])):
+            if name.endswith(suffix):
+                return name[:-len(suffix)], folders
+        return name, self.image_search_dirs()
+
+
+def is_within(folder: Path | str, target: Path | str) -> bool:
+    """True if ``target`` resolves (symlinks followed) to ``folder`` or a path inside it."""
+    try:
+        base = os.path.realpath(folder)
+        return os.path.commonpath((base, os.path.realpath(target))) == base
+    except ValueError:  # another drive on Windows, a NUL byte
+        return False
 
 
 _context = RunContext()
@@ -93,18 +125,53 @@ def using_context(ctx: RunContext) -> Iterator[RunContext]:
 
 # --- image helpers ----------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _own_pixel_limit() -> Iterator[None]:
+    # PIL's decompression-bomb check (a warning above 89 MP, an error above 179 MP, on
+    # open) is replaced by the pack's own, done on each frame's header size below: it
+    # has the pack's limit, says how to raise it, and covers all frames together.
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _unreadable(path: Path, exc: BaseException) -> InputError:
+    return InputError("image", f"the file {path} could not be read as an image "
+                      f"({type(exc).__name__}: {str(exc).strip() or 'no details'})",
+                      "a complete PNG, JPEG, WebP, GIF, BMP or TIFF file",
+                      "The file may be truncated or damaged: save or download it again.")
+
+
 def _frames(path: Path) -> list[Image.Image]:
     """The frames of an image file, EXIF-transposed; frames whose size differs from the
-    first are dropped (ComfyUI does the same for animated files)."""
-    with Image.open(path) as img:
-        frames = []
-        for frame in ImageSequence.Iterator(img):
-            frame = ImageOps.exif_transpose(frame)
-            if frames and frame.size != frames[0].size:
-                continue
-            frames.append(frame.copy())
-            if img.format == "MPO":  # multi-picture JPEGs: the first picture only
-                break
+    first are dropped (ComfyUI's LoadImage does the same for animated files, and returns
+    the others as a batch). The size of each frame is checked against the pixel limit
+    (:func:`mgie_core.images.max_pixels`) from the file header, before it is decoded;
+    a truncated or damaged file is an error naming it."""
+    try:
+        with _own_pixel_limit(), Image.open(path) as img:
+            frames: list[Image.Image] = []
+            first_size = None
+            for frame in ImageSequence.Iterator(img):
+                w, h = frame.size  # from the header: nothing is decoded yet
+                if first_size is not None and (w, h) != first_size:
+                    continue
+                # This frame and the ones kept before it, together.
+                images_mod.check_size(f"image '{path.name}'", w, h, len(frames) + 1)
+                first_size = (w, h)
+                frame = ImageOps.exif_transpose(frame)
+                frames.append(frame.copy())
+                if img.format == "MPO":  # multi-picture JPEGs: the first picture only
+                    break
+    except InputError:
+        raise
+    except Exception as exc:  # truncated, not an image, broken EXIF...
+        raise _unreadable(path, exc) from exc
+    if not frames:
+        raise _unreadable(path, ValueError("no frame"))
     return frames
 
 
@@ -144,16 +211,51 @@ def image_to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, {1: "L", 3: "RGB", 4: "RGBA"}[channels])
 
 
+def _expand(prefix: str, width: int, height: int) -> str:
+    """ComfyUI's prefix variables (folder_paths.get_save_image_path): %width%,
+    %height%, %year%, %month%, %day%, %hour%, %minute%, %second% (local time)."""
+    if "%" not in prefix:
+        return prefix
+    now = time.localtime()
+    for key, value in (("%width%", str(width)), ("%height%", str(height)),
+                       ("%year%", str(now.tm_year)), ("%month%", f"{now.tm_mon:02d}"),
+                       ("%day%", f"{now.tm_mday:02d}"), ("%hour%", f"{now.tm_hour:02d}"),
+                       ("%minute%", f"{now.tm_min:02d}"), ("%second%", f"{now.tm_sec:02d}")):
+        prefix = prefix.replace(key, value)
+    return prefix
+
+
+def split_prefix(folder: Path, filename_prefix: str, width: int = 0,
+                 height: int = 0) -> tuple[Path, str]:
+    """(folder to write in, file name stem) for a prefix, as ComfyUI's
+    ``get_save_image_path``: variables expanded, the prefix normalised, its directory
+    part a sub-folder of ``folder`` (never outside it), its last part the stem. So ""
+    and "." give the stem "." inside the output folder, like ComfyUI."""
+    if not isinstance(filename_prefix, str) or "\0" in filename_prefix:
+        raise InputError("filename_prefix", f"got {filename_prefix!r}", "a file name prefix")
+    prefix = _expand(filename_prefix, width, height)
+    normal = os.path.normpath(prefix)
+    sub, stem = os.path.dirname(normal), os.path.basename(normal)
+    target = Path(os.path.join(folder, sub))
+    if not is_within(folder, target) or not stem:
+        raise InputError("filename_prefix", f"'{filename_prefix}' points outside the output "
+                         f"folder {Path(folder).resolve()}", "a name or a sub-folder path "
+                         "inside it (e.g. edits/cat)")
+    return target, stem
+
+
 def _next_counter(folder: Path, stem: str) -> int:
-    """ComfyUI's file numbering: one past the highest ``<stem>_NNNNN_.png`` there."""
+    """ComfyUI's file numbering: one past the highest number N of the files named
+    ``<stem>_N...`` there (the counter of ``<stem>_00007_.png`` is 7)."""
     highest = 0
     if folder.is_dir():
-        for entry in folder.iterdir():
-            name = entry.name
-            if name.startswith(stem + "_") and name.endswith("_.png"):
-                digits = name[len(stem) + 1:-len("_.png")]
-                if digits.isdigit():
-                    highest = max(highest, int(digits))
+        head = os.path.normcase(stem + "_")
+        for entry in os.listdir(folder):
+            if os.path.normcase(entry[:len(head)]) != head:
+                continue
+            digits = entry[len(head):].split(".")[0].split("_")[0]
+            if digits.isdigit():
+                highest = max(highest, int(digits))
     return highest + 1
 
 
@@ -167,26 +269,85 @@ def _png_info(prompt: Optional[dict], extra_pnginfo: Optional[dict]) -> PngInfo:
     return info
 
 
+# A file name taken by another process is retried with the next number; this many at most.
+MAX_NAME_TRIES = 10000
+
+
+def _write_new(folder: Path, name_of, counter: int, write) -> tuple[Path, int]:
+    """Write a file under the first free name ``name_of(counter)``, counting up.
+
+    The data goes to a hidden temporary file first, which is then hard-linked to the
+    final name: the link fails if the name exists (exclusive creation, so two saves at
+    the same moment never overwrite each other: the loser takes the next number), and
+    the final name only ever appears complete (an interruption or a crash during the
+    write leaves no partial PNG). Where hard links are unsupported the name is reserved
+    with an exclusive open and the temporary file renamed over it."""
+    tmp = folder / f".{name_of(counter)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "xb") as fh:
+            write(fh)
+        for _ in range(MAX_NAME_TRIES):
+            final = folder / name_of(counter)
+            try:
+                os.link(tmp, final)
+                return final, counter
+            except FileExistsError:
+                counter += 1
+            except OSError:  # no hard links here (some network or FAT file systems)
+                try:
+                    with open(final, "xb"):
+                        pass
+                except FileExistsError:
+                    counter += 1
+                    continue
+                os.replace(tmp, final)
+                return final, counter
+        raise InputError("filename_prefix", f"no free file name after {MAX_NAME_TRIES} tries "
+                         f"in {folder}", "a prefix with free numbers", "Use another prefix.")
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def check_save_images(images, name: str = "images") -> torch.Tensor:
+    """The batch to save: [B,H,W,C] (or [H,W,C]) with C = 1, 3 or 4, finite, in 0..1."""
+    if not isinstance(images, torch.Tensor):
+        raise InputError(name, f"got {type(images).__name__}", "an IMAGE tensor [B,H,W,C]")
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or images.shape[0] == 0:
+        raise InputError(name, f"has shape {tuple(images.shape)}", "an IMAGE [B,H,W,C] with "
+                         "1, 3 or 4 channels")
+    images_mod.check_pixels(name, images)
+    return images
+
+
 def save_images(images: torch.Tensor, folder: Path, filename_prefix: str,
                 prompt: Optional[dict] = None, extra_pnginfo: Optional[dict] = None,
                 compress_level: int = 4) -> list[Path]:
     """Write a batch as ``<prefix>_00001_.png``, ... under ``folder``; returns the paths.
 
-    ``filename_prefix`` may hold sub-folders ("edits/cat"); it may not leave ``folder``."""
-    if images.ndim == 3:
-        images = images.unsqueeze(0)
+    The prefix follows ComfyUI (:func:`split_prefix`: sub-folders, %year%-style
+    variables, %batch_num%); it may not leave ``folder``. Every image is checked
+    (finite, 0..1) before the first file is written, and each file is created
+    exclusively and atomically (:func:`_write_new`)."""
+    images = check_save_images(images)
     folder = Path(folder).resolve()
-    target = (folder / filename_prefix).resolve()
-    if folder != target and folder not in target.parents:
-        raise InputError("filename_prefix", f"'{filename_prefix}' points outside the output "
-                         f"folder {folder}", "a name or a sub-folder path inside it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    counter = _next_counter(target.parent, target.name)
+    target, stem = split_prefix(folder, filename_prefix, int(images.shape[2]),
+                                int(images.shape[1]))
+    target.mkdir(parents=True, exist_ok=True)
+    counter = _next_counter(target, stem)
     info = _png_info(prompt, extra_pnginfo)
+    pils = [image_to_pil(image) for image in images]
     written = []
-    for image in images:
-        path = target.parent / f"{target.name}_{counter:05d}_.png"
-        image_to_pil(image).save(path, pnginfo=info, compress_level=compress_level)
+    for batch_number, pil in enumerate(pils):
+        base = stem.replace("%batch_num%", str(batch_number))
+
+        def write(fh, pil=pil):
+            pil.save(fh, format="PNG", pnginfo=info, compress_level=compress_level)
+
+        path, counter = _write_new(target, lambda c, base=base: f"{base}_{c:05d}_.png",
+                                   counter, write)
         written.append(path)
         counter += 1
     return written
@@ -194,9 +355,11 @@ def save_images(images: torch.Tensor, folder: Path, filename_prefix: str,
 
 # --- nodes ------------------------------------------------------------------------------
 
-_IMAGE_NAME_TIP = ("Image file: an absolute path, or a name looked up in the input folders "
+_IMAGE_NAME_TIP = ("Image file name (sub-folders allowed), looked up in the input folders "
                    "(--input-dir, default ./input), then the workflow's folder, then its "
-                   "inputs/ sub-folder.")
+                   "inputs/ sub-folder; it may not point outside them. 'name [output]' "
+                   "reads from the output folder, as in ComfyUI. Images above the pixel "
+                   "limit (XMGIE_MAX_IMAGE_PIXELS, default 4096x4096) are refused.")
 
 
 class LoadImage:
@@ -265,7 +428,10 @@ class SaveImage:
     CATEGORY = "image"
     DESCRIPTION = ("Saves the images as PNG files <prefix>_00001_.png, ... in the output "
                    "folder (--output-dir), numbering after the files already there. The "
-                   "workflow is embedded in each PNG, as ComfyUI does.")
+                   "workflow is embedded in each PNG, as ComfyUI does. Images with NaN/Inf "
+                   "or values outside 0..1 are refused before anything is written; each file "
+                   "is created under a free name only when complete, so concurrent saves "
+                   "never overwrite each other and an interrupted save leaves no file.")
     RETURN_TYPES = ()
     FUNCTION = "save_images"
     OUTPUT_NODE = True
@@ -280,7 +446,9 @@ class SaveImage:
                 "images": ("IMAGE", inp("The images to save.")),
                 "filename_prefix": ("STRING", inp(
                     "File name prefix; may include sub-folders of the output folder "
-                    "(e.g. edits/cat).", default="ComfyUI")),
+                    "(e.g. edits/cat) and ComfyUI's variables %year%, %month%, %day%, "
+                    "%hour%, %minute%, %second%, %width%, %height%, %batch_num%.",
+                    default="ComfyUI")),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }

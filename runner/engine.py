@@ -232,10 +232,35 @@ def load_file(path: str | Path) -> dict:
         raise WorkflowFileError(
             f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
             "expected a ComfyUI workflow saved with Save or Save (API)") from exc
+    except RecursionError:
+        raise WorkflowFileError(_too_deep(path)) from None
     if not isinstance(data, dict):
         raise WorkflowFileError(f"{path} holds a JSON {type(data).__name__}; expected a "
                                 "ComfyUI workflow object (UI or API format)")
+    if nesting_depth(data) > MAX_JSON_DEPTH:
+        raise WorkflowFileError(_too_deep(path))
     return data
+
+
+# ComfyUI's own files nest about ten levels (subgraphs a few more); far deeper nesting
+# would only make recursive code (repr, json.dumps of the prompt into PNGs) fail later.
+MAX_JSON_DEPTH = 100
+
+
+def _too_deep(path: str | Path) -> str:
+    return (f"{path} nests JSON arrays/objects more than {MAX_JSON_DEPTH} levels deep; "
+            "expected a ComfyUI workflow saved with Save or Save (API)")
+
+
+def nesting_depth(data: Any) -> int:
+    """How deeply lists/dicts nest in ``data`` (iterative: any depth is measured)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        if isinstance(obj, (dict, list)):
+            deepest = max(deepest, depth)
+            stack += [(v, depth + 1) for v in (obj.values() if isinstance(obj, dict) else obj)]
+    return deepest
 
 
 def is_ui_format(data: Mapping) -> bool:
@@ -319,30 +344,44 @@ class _UIGraph:
     bypassed nodes."""
 
     def __init__(self, data: Mapping):
-        self.nodes = {str(n["id"]): n for n in data["nodes"]}
+        self.nodes = {}
+        for n in data["nodes"]:
+            node_id = str(n["id"])
+            if node_id in self.nodes:
+                first = self.nodes[node_id].get("type")
+                raise WorkflowFileError(
+                    f"the UI workflow has two nodes with id {node_id} ({first} and "
+                    f"{n.get('type')}); expected unique node ids, as ComfyUI's Save writes "
+                    "them. Open the workflow in ComfyUI and save it again.")
+            self.nodes[node_id] = n
         self.links = _ui_links(data)
 
     def mode(self, node_id: str) -> int:
         return int(self.nodes[node_id].get("mode", 0) or 0)
 
-    def source(self, link_id: Optional[int], depth: int = 0) -> Optional[tuple[str, Any]]:
+    def source(self, link_id: Optional[int]) -> Optional[tuple[str, Any]]:
         """Where a link's value comes from: ``("link", [id, slot])``, ``("value", v)``,
-        or None when it comes from nothing (a muted node, a dangling reroute)."""
-        link = self.links.get(link_id) if link_id is not None else None
-        if link is None or link.src not in self.nodes or depth > len(self.nodes):
-            return None
-        node = self.nodes[link.src]
-        kind = node.get("type")
-        if kind == "Reroute":
-            return self.source(_input_link(node, 0), depth + 1)
-        if kind == "PrimitiveNode":
-            values = node.get("widgets_values") or []
-            return ("value", values[0]) if values else None
-        if self.mode(link.src) == MODE_MUTED:
-            return None
-        if self.mode(link.src) == MODE_BYPASSED:
-            return self.source(self._bypass_input(node, link.src_slot), depth + 1)
-        return ("link", [link.src, link.src_slot])
+        or None when it comes from nothing (a muted node, a dangling reroute, a loop of
+        reroutes). Followed iteratively, so chains of any length work."""
+        for _ in range(len(self.nodes) + 1):
+            link = self.links.get(link_id) if link_id is not None else None
+            if link is None or link.src not in self.nodes:
+                return None
+            node = self.nodes[link.src]
+            kind = node.get("type")
+            if kind == "Reroute":
+                link_id = _input_link(node, 0)
+                continue
+            if kind == "PrimitiveNode":
+                values = node.get("widgets_values") or []
+                return ("value", values[0]) if values else None
+            if self.mode(link.src) == MODE_MUTED:
+                return None
+            if self.mode(link.src) == MODE_BYPASSED:
+                link_id = self._bypass_input(node, link.src_slot)
+                continue
+            return ("link", [link.src, link.src_slot])
+        return None
 
     @staticmethod
     def _bypass_input(node: Mapping, slot: int) -> Optional[int]:
@@ -458,7 +497,9 @@ def _override_value(text: str, spec: Optional[InputSpec]) -> Any:
     # STRING or combo input keeps the raw text, so 6.text=123 stays the string "123".
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
+        return text
+    if nesting_depth(value) > MAX_JSON_DEPTH:
         return text
     if spec is not None and (spec.type == "STRING" or spec.choices is not None) \
             and not isinstance(value, str) and not is_link(value):
@@ -633,29 +674,39 @@ def _validate_inputs_hook(spec: NodeSpec, node_id: str, inputs: dict) -> list[st
 
 
 def _find_cycles(prompt: Prompt) -> list[str]:
-    """One message per link that closes a cycle (depth-first search, back edges)."""
+    """One message per link that closes a cycle (depth-first search, back edges).
+
+    Iterative (an explicit stack), so a chain of thousands of nodes is checked without
+    reaching Python's recursion limit."""
     deps = _dependencies(prompt)
     state: dict[str, int] = {}   # 1 = on the current path, 2 = done
     errors = []
-
-    def visit(node_id: str, path: list[str]) -> None:
-        state[node_id] = 1
-        path.append(node_id)
-        for name, src in deps[node_id]:
+    for root in sorted(prompt, key=_id_key):
+        if root in state:
+            continue
+        path: list[str] = [root]
+        state[root] = 1
+        stack = [iter(deps[root])]          # the links still to follow, per path node
+        while stack:
+            step = next(stack[-1], None)
+            if step is None:
+                state[path.pop()] = 2
+                stack.pop()
+                continue
+            name, src = step
             if state.get(src) == 1:
+                node_id = path[-1]
                 loop = path[path.index(src):] + [src]
-                class_type = prompt[node_id].get("class_type")
-                errors.append(f"{_where(node_id, class_type, name)}: links to node {src}, which "
-                              f"depends on this node (cycle {' -> '.join(reversed(loop))}); "
-                              "expected a graph without cycles")
+                shown = list(reversed(loop))
+                if len(shown) > 12:
+                    shown = shown[:6] + [f"... ({len(loop) - 11} more) ..."] + shown[-5:]
+                errors.append(f"{_where(node_id, prompt[node_id].get('class_type'), name)}: "
+                              f"links to node {src}, which depends on this node (cycle "
+                              f"{' -> '.join(shown)}); expected a graph without cycles")
             elif src not in state:
-                visit(src, path)
-        path.pop()
-        state[node_id] = 2
-
-    for node_id in sorted(prompt, key=_id_key):
-        if node_id not in state:
-            visit(node_id, [])
+                state[src] = 1
+                path.append(src)
+                stack.append(iter(deps[src]))
     return errors
 
 

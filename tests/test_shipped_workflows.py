@@ -36,10 +36,11 @@ def _overrides(wf: Path, tmp_path: Path) -> list[str]:
     sets = []
     for node_id, node in prompt.items():
         inputs = node["inputs"]
+        # Names in the input folder (--input-dir below): LoadImage reads nowhere else.
         if node["class_type"] == "LoadImage":
-            sets.append(f"{node_id}.image={img}")
+            sets.append(f"{node_id}.image={img.name}")
         elif node["class_type"] == "LoadImageMask":
-            sets.append(f"{node_id}.image={mask}")
+            sets.append(f"{node_id}.image={mask.name}")
         elif node["class_type"] == "XMGIESAMSegment":
             sets += [f"{node_id}.points=64,64", f"{node_id}.negative_points=10,10"]
         for name, value in FAST.items():
@@ -59,7 +60,7 @@ def test_workflow_checks_and_runs_under_tiny(wf, tmp_path, tiny_root, clean_path
         assert cli.main(["check", str(wf), "--tiny"]) == 0
         out_dir = tmp_path / "out"
         rc = cli.main(["run", str(wf), "--tiny", "--output-dir", str(out_dir),
-                       *_overrides(wf, tmp_path)])
+                       "--input-dir", str(tmp_path), *_overrides(wf, tmp_path)])
     finally:
         if old is None:
             os.environ.pop(tiny.ENV_TINY_DIR, None)

@@ -361,15 +361,17 @@ def test_set_override_through_cli(tmp_path, capsys):
     assert COLLECTED["2"]["value"] == 42
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("99.value=1", "there is no node 99"),
-    ("1.nope=1", "node 1 (Number) has no input 'nope'; expected one of value"),
-    ("garbage", "expected NODE_ID.INPUT=VALUE"),
-    ("1.value=1000", "node 1 (Number), input 'value': 1000 is out of range"),
+@pytest.mark.parametrize("override, expected, code", [
+    # A --set that names nothing is a usage error (exit 2, like argparse's own errors);
+    # a value the input refuses is a workflow validation error (exit 1).
+    ("99.value=1", "there is no node 99", 2),
+    ("1.nope=1", "node 1 (Number) has no input 'nope'; expected one of value", 2),
+    ("garbage", "expected NODE_ID.INPUT=VALUE", 2),
+    ("1.value=1000", "node 1 (Number), input 'value': 1000 is out of range", 1),
 ])
-def test_bad_set_override_is_rejected(tmp_path, capsys, override, expected):
+def test_bad_set_override_is_rejected(tmp_path, capsys, override, expected, code):
     wf = {"1": node("Number", value=1), "2": node("Collect", value=["1", 0])}
-    assert cli.main(["check", write_json(tmp_path / "wf.json", wf), "--set", override]) == 1
+    assert cli.main(["check", write_json(tmp_path / "wf.json", wf), "--set", override]) == code
     assert expected in capsys.readouterr().err
 
 

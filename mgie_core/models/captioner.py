@@ -18,9 +18,12 @@ import torch
 from .. import paths, runtime
 from .._compat import moved
 from ..errors import InputError, ModelLoadError
-from .hf import (check_positive, decode_new, generation_kwargs, interrupt_criteria, load_model,
-                 load_processor, read_config, to_device, to_pil_images)
+from .hf import (check_folder, check_positive, decode_new, generation_kwargs, interrupt_criteria,
+                 load_model, load_processor, read_config, to_device, to_pil_images)
 from .sd import DTYPES, resolve_dtype  # noqa: F401  (DTYPES re-exported for nodes)
+
+ARCHITECTURES = ("Blip2ForConditionalGeneration",)
+
 
 @dataclasses.dataclass
 class Captioner:
@@ -48,6 +51,8 @@ def load_blip2(name: str, dtype="auto", device=None) -> Captioner:
                              f"'{config.get('model_type')}', not 'blip-2'",
                              "Pick a BLIP-2 folder such as Salesforce/blip2-opt-2.7b; other "
                              "vision-language models load with the VLM loader.")
+    # Every config read as data: no auto_map, transformers' BLIP-2 class only.
+    check_folder(folder, what, architectures=ARCHITECTURES)
     processor = load_processor(Blip2Processor, folder, what)
     if getattr(processor, "num_query_tokens", None) is None:
         # Older copies of the repository lack it in processor_config.json; without it

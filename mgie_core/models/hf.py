@@ -8,26 +8,38 @@ honours interruption (ComfyUI's cancel, Ctrl-C) after every generated token.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 
 from .. import runtime
 from ..errors import InputError, ModelLoadError
-from .validate import check_files, check_state_dict_keys, check_tokenizer
+from ..images import check_pixels
+from .validate import (check_files, check_hf_folder, check_loading_info, check_tokenizer,
+                       first_line, read_json, weights_file)
 
 TOKENIZER_FIX = ("Copy the tokenizer files of the model (tokenizer.json or vocab.json + "
                  "merges.txt, tokenizer_config.json, special_tokens_map.json) into this folder.")
 
 
 def read_config(folder: Path, what: str) -> dict:
-    try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(what, folder, f"config.json could not be read ({e})",
-                             "Copy the whole model repository into this folder.") from e
+    """``config.json`` as data (refused when it asks for code)."""
+    return read_json(Path(folder) / "config.json", what,
+                     "Copy the whole model repository into this folder.")
+
+
+def check_folder(folder: Path, what: str, model_types: Optional[Iterable[str]] = None,
+                 architectures: Optional[Iterable[str]] = None) -> dict:
+    """Every JSON config of a Hugging Face folder checked before transformers reads it
+    (:func:`validate.check_hf_folder`: no ``auto_map``, only transformers classes, the
+    model types this loader reads); returns config.json."""
+    return check_hf_folder(folder, what, model_types=model_types, architectures=architectures)
+
+
+def _no_code(cls) -> dict:
+    # The Auto classes are the ones that could resolve an auto_map; say no explicitly.
+    return {"trust_remote_code": False} if cls.__name__.startswith("Auto") else {}
 
 
 def load_processor(cls, folder: Path, what: str):
@@ -38,7 +50,7 @@ def load_processor(cls, folder: Path, what: str):
     tokenizer: both become a :class:`ModelLoadError` naming the folder."""
     check_files(folder, ["tokenizer_config.json"], what, TOKENIZER_FIX)
     try:
-        processor = cls.from_pretrained(str(folder), local_files_only=True)
+        processor = cls.from_pretrained(str(folder), local_files_only=True, **_no_code(cls))
     except Exception as e:
         raise ModelLoadError(what, folder, f"its processor (tokenizer and image preprocessor) "
                              f"could not be read: {type(e).__name__}: {first_line(e)}",
@@ -63,21 +75,26 @@ def _reasonable_max_length(tokenizer, folder: Path) -> None:
         tokenizer.model_max_length = 1_000_000
 
 
-def load_model(cls, folder: Path, what: str, dtype: torch.dtype, device: torch.device):
+# Buffers older exports saved that transformers computes itself.
+OPTIONAL_KEYS = ("*.position_ids",)
+
+
+def load_model(cls, folder: Path, what: str, dtype: torch.dtype, device: torch.device,
+               optional: Sequence[str] = OPTIONAL_KEYS):
+    """``cls.from_pretrained`` offline with every weight checked: a missing, unexpected or
+    reshaped weight is an error naming the folder (keys matching ``optional`` excepted)."""
     nbytes = weights_bytes(folder, dtype)
     if nbytes:
         runtime.free_memory_for(nbytes, device)
     try:
         model, info = cls.from_pretrained(str(folder), local_files_only=True, dtype=dtype,
-                                          output_loading_info=True)
+                                          output_loading_info=True, **_no_code(cls))
     except Exception as e:  # no weights file, unknown architecture, corrupt safetensors...
         raise ModelLoadError(what, folder, f"transformers could not load the model: "
                              f"{type(e).__name__}: {first_line(e)}",
                              "The folder needs config.json and the weights "
                              "(model*.safetensors or pytorch_model*.bin) of the model.") from e
-    missing = sorted(set(info.get("missing_keys", ())) | {
-        k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())})
-    check_state_dict_keys(what, folder, missing, [])
+    check_loading_info(info, what, weights_file(folder), optional)
     return model.requires_grad_(False).eval().to(device)
 
 
@@ -87,11 +104,6 @@ def weights_bytes(folder: Path, dtype: torch.dtype) -> int:
                 for p in folder.glob(pattern))
     # Assume 2-byte weights on disk (the common case for released models).
     return total * torch.finfo(dtype).bits // 16
-
-
-def first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else "(no message)"
 
 
 def check_positive(name: str, value) -> None:
@@ -111,6 +123,7 @@ def to_pil_images(images: torch.Tensor, name: str = "image") -> list:
         raise InputError(name, f"got a tensor of shape {tuple(images.shape)}",
                          "an IMAGE tensor [B,H,W,3] with 3 channels (RGB)",
                          "Convert RGBA or grayscale images to RGB first.")
+    check_pixels(name, images)
     arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return [Image.fromarray(a, mode="RGB") for a in arr]
 

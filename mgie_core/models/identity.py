@@ -11,7 +11,6 @@ the image tensor, never through PIL or numpy.
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -23,7 +22,9 @@ from torch import nn
 from .. import paths, runtime
 from ..errors import InputError, ModelLoadError, names_list
 from . import iresnet
-from .validate import check_state_dict_keys
+from .validate import (CLIP_ARCHITECTURES, CLIP_TEXT_KEYS, check_hf_folder, check_loading_info,
+                       describe_load_error, load_state_dict_checked, read_json,
+                       read_weights_file, weights_file)
 
 KINDS = ("clip_vision", "face_recognition")
 FAMILY_OF_KIND = {"clip_vision": paths.CLIP_VISION, "face_recognition": paths.FACE_RECOGNITION}
@@ -158,11 +159,7 @@ def _clip_preprocessing(folder: Path, image_size: int) -> dict:
                       f"normalisation at {image_size}x{image_size}")
         return dict(size=(image_size, image_size), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
                     resize_shortest=image_size, interpolation="bicubic")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelLoadError("CLIP vision preprocessor_config.json", cfg_path,
-                             f"not valid JSON ({e})") from e
+    cfg = read_json(cfg_path, "CLIP vision preprocessor_config.json")
     mean = tuple(float(v) for v in cfg.get("image_mean", OPENAI_CLIP_MEAN))
     std = tuple(float(v) for v in cfg.get("image_std", OPENAI_CLIP_STD))
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -194,11 +191,9 @@ def _clip_vision_config(folder: Path):
     config may carry the class default instead, so it is copied over."""
     from transformers import CLIPConfig, CLIPVisionConfig
 
-    try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(paths.CLIP_VISION.what, folder / "config.json",
-                             f"not valid JSON ({e})") from e
+    # Every config read as data first: no auto_map, CLIP classes only.
+    model_type = check_hf_folder(folder, paths.CLIP_VISION.what,
+                                 architectures=CLIP_ARCHITECTURES).get("model_type")
     if model_type == "clip":
         full = CLIPConfig.from_pretrained(folder, local_files_only=True)
         vision = full.vision_config
@@ -226,41 +221,26 @@ def load_clip_vision(name: str, device=None, dtype: Optional[torch.dtype] = None
         model, info = CLIPVisionModelWithProjection.from_pretrained(
             folder, config=config, local_files_only=True, output_loading_info=True)
     except Exception as e:  # no weights file, wrong model type, corrupt safetensors...
-        raise ModelLoadError(what, folder, f"transformers could not load it ({e})",
+        raise ModelLoadError(what, folder, f"transformers could not load it "
+                             f"({describe_load_error(e)})",
                              "The folder needs config.json and model.safetensors (or "
                              "pytorch_model.bin) of a CLIP model.") from e
-    # Text-model weights of a whole CLIP folder are expected extras; missing or reshaped
-    # vision weights mean random layers.
-    mismatched = {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())}
-    missing = sorted(set(info.get("missing_keys", ())) | mismatched)
-    check_state_dict_keys(what, folder, missing, [])
+    # Text-model weights of a whole CLIP folder are expected extras; missing, reshaped or
+    # other unexpected weights mean random layers or another model.
+    check_loading_info(info, what, weights_file(folder), CLIP_TEXT_KEYS)
     pre = _clip_preprocessing(folder, int(model.config.image_size))
     return IdentityEncoder(kind="clip_vision", model=_freeze(model, device, dtype),
                            device=device, dtype=dtype, path=folder, **pre)
 
 
 def _read_face_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    what = paths.FACE_RECOGNITION.what
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelLoadError(what, path, f"the file could not be read as weights ({e})",
-                             "Use an arcface_torch backbone.pth state dict (loaded with "
-                             "weights_only=True: a pickled whole model is refused).") from e
-    if isinstance(sd, dict) and "conv1.weight" not in sd:
-        for wrapper in ("state_dict", "model"):
-            if isinstance(sd.get(wrapper), dict):
-                sd = sd[wrapper]
-                break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ModelLoadError(what, path, "the file is not a state dict of tensors",
-                             "Use an arcface_torch backbone.pth state dict.")
+    sd = read_weights_file(path, paths.FACE_RECOGNITION.what, wrappers=("state_dict", "model"),
+                           unwrap_unless="conv1.")
     return iresnet.strip_prefix(sd)
+
+
+# BatchNorm's update counters: unused in eval mode, absent from files of older torch.
+FACE_OPTIONAL = ("*.num_batches_tracked",)
 
 
 def load_face_recognition(name: str, device=None, dtype: Optional[torch.dtype] = None
@@ -281,12 +261,7 @@ def load_face_recognition(name: str, device=None, dtype: Optional[torch.dtype] =
                              "Use an insightface arcface_torch backbone (iresnet18/34/50/100)."
                              ) from e
     model = iresnet.IResNet(config)
-    try:
-        result = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ModelLoadError(what, path, f"weights do not fit the {config.name} read from the "
-                             f"file: {e}", "Use an insightface arcface_torch backbone.") from e
-    check_state_dict_keys(what, path, list(result.missing_keys), list(result.unexpected_keys))
+    load_state_dict_checked(model, sd, f"{what} ({config.name})", path, FACE_OPTIONAL)
     size = (iresnet.INPUT_SIZE, iresnet.INPUT_SIZE)
     return IdentityEncoder(kind="face_recognition", model=_freeze(model, device, dtype),
                            size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),

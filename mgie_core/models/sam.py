@@ -19,7 +19,8 @@ from torch import nn
 
 from .. import paths, runtime
 from ..errors import InputError, ModelLoadError
-from .validate import check_state_dict_keys
+from ..images import check_pixels
+from .validate import load_state_dict_checked, read_weights_file
 
 WHAT = "Segment Anything checkpoint"
 
@@ -198,36 +199,20 @@ def build_sam(arch: SamArch) -> nn.Module:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle with non-tensor objects, truncated file, not a zip...
-        raise ModelLoadError(WHAT, path, f"torch.load(weights_only=True) failed: {e}",
-                             "Use an official .pth state dict; re-download it if the file "
-                             "is truncated.") from e
-    if isinstance(sd, dict) and not any(k.startswith("image_encoder.") for k in sd):
-        for wrapper in ("model", "state_dict"):
-            if isinstance(sd.get(wrapper), dict):
-                sd = sd[wrapper]
-                break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ModelLoadError(WHAT, path, "the file is not a state dict of tensors",
-                             "Use an official .pth state dict such as sam_vit_b_01ec64.pth.")
-    return sd
+    """The checkpoint's tensors (``torch.load(weights_only=True)``; a ``model`` or
+    ``state_dict`` wrapper is unwrapped); every failure names the file."""
+    return read_weights_file(path, WHAT, wrappers=("model", "state_dict"),
+                             unwrap_unless="image_encoder.")
 
 
 def load_sam(name: str, device: Optional[torch.device | str] = None) -> SamModel:
-    """Find SAM checkpoint ``name`` (file name or path), build its architecture and load it."""
+    """Find SAM checkpoint ``name`` (file name or path), build its architecture and load it
+    (every weight checked: missing, unexpected and reshaped ones are named)."""
     path = paths.resolve(paths.SAM, name)
     sd = read_state_dict(path)
     arch = infer_arch(sd, path)
     sam = build_sam(arch)
-    try:
-        result = sam.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ModelLoadError(WHAT, path, f"weights do not fit the architecture read from "
-                             f"the file ({arch.model_type}): {e}",
-                             "The file is damaged or not a Segment Anything checkpoint.") from e
-    check_state_dict_keys(WHAT, path, list(result.missing_keys), list(result.unexpected_keys))
+    load_state_dict_checked(sam, sd, f"{WHAT} ({arch.model_type})", path)
     sam.eval().requires_grad_(False)
     sam.to(torch.device(device) if device is not None else runtime.device())
     return SamModel(sam=sam, model_type=arch.model_type, path=path)
@@ -288,6 +273,7 @@ def segment(model: SamModel, image: torch.Tensor, points=None, labels=None, box=
 
     if image.ndim != 3 or image.shape[-1] != 3:
         raise InputError("image", f"shape {tuple(image.shape)}", "one image [H,W,3]")
+    check_pixels("image", image)
     h, w = int(image.shape[0]), int(image.shape[1])
     pts, labels, box = _check_prompts(points, labels, box, w, h)
     runtime.check_interrupt()

@@ -10,7 +10,6 @@ the file), because without one ``from_single_file`` reaches the Hub.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +17,10 @@ import torch
 
 from .. import paths, runtime
 from ..errors import ModelLoadError, XMGIEError
-from .validate import check_files, check_state_dict_keys, check_tokenizer
+from .validate import (check_files, check_loading_info, check_state_dict_keys, check_tokenizer,
+                       check_tokenizer_folder, compare_state_dicts, describe_load_error,
+                       load_state_dict_checked, read_sd_configs, read_weights_file,
+                       weights_file)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "sd15"
 SIDE_CONFIG_SUFFIX = ".config"
@@ -101,6 +103,7 @@ def _finish(unet, vae, text_encoder, tokenizer, scheduler_config, source: Path,
 def _load_tokenizer(folder: Path, what: str):
     from transformers import CLIPTokenizer
 
+    check_tokenizer_folder(folder, what)
     try:
         tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # missing vocab/merges raise deep inside tokenizers
@@ -111,8 +114,30 @@ def _load_tokenizer(folder: Path, what: str):
     return tok
 
 
+def _from_pretrained(cls, path: Path, subfolder: str, what: str, fix: str,
+                     optional: tuple[str, ...] = ()):
+    """``cls.from_pretrained`` of one component, every key checked (a missing weight
+    would otherwise keep its random initialisation with only a logged warning)."""
+    try:
+        model, info = cls.from_pretrained(path, subfolder=subfolder, local_files_only=True,
+                                          output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(what, path / subfolder, describe_load_error(exc), fix) from exc
+    check_loading_info(info, f"{what} ({subfolder})", weights_file(path / subfolder), optional)
+    return model
+
+
+# Buffers older exports of CLIPTextModel saved; transformers computes them.
+TEXT_ENCODER_OPTIONAL = ("*embeddings.position_ids",)
+
+
 def load_diffusers_folder(path: Path, what: str, dtype="auto", device=None) -> SDModel:
-    """Load unet/vae/text_encoder/tokenizer/scheduler from a diffusers SD 1.x folder."""
+    """Load unet/vae/text_encoder/tokenizer/scheduler from a diffusers SD 1.x folder.
+
+    Every config is read as data first (:func:`validate.read_sd_configs`: the classes
+    model_index.json names must be the SD 1.x ones, no code); the components are then
+    built with the fixed diffusers/transformers classes, never the classes the folder
+    names."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -121,17 +146,13 @@ def load_diffusers_folder(path: Path, what: str, dtype="auto", device=None) -> S
           "and scheduler/ sub-folders, each with its config and weights."
     check_files(path, ["model_index.json", "unet/config.json", "vae/config.json",
                        "text_encoder/config.json", "tokenizer", "scheduler"], what, fix)
+    configs = read_sd_configs(path, what)
     tokenizer = _load_tokenizer(path / "tokenizer", what)
-    try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder",
-                                                     local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(what, path, str(exc).splitlines()[0], fix) from exc
-    sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text()) \
-        if (path / "scheduler" / "scheduler_config.json").exists() else None
-    return _finish(unet, vae, text_encoder, tokenizer, sched_cfg, path, device, dtype)
+    unet = _from_pretrained(UNet2DConditionModel, path, "unet", what, fix)
+    vae = _from_pretrained(AutoencoderKL, path, "vae", what, fix)
+    text_encoder = _from_pretrained(CLIPTextModel, path, "text_encoder", what, fix,
+                                    TEXT_ENCODER_OPTIONAL)
+    return _finish(unet, vae, text_encoder, tokenizer, configs["scheduler"], path, device, dtype)
 
 
 def load_sd_diffusers(name: str, dtype="auto", device=None) -> SDModel:
@@ -177,34 +198,102 @@ def single_file_config(checkpoint: Path) -> Path:
     return side if (side / "model_index.json").exists() else CONFIG_DIR
 
 
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def read_checkpoint(path: Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors / .ckpt / .pt file; errors name the file."""
+    return read_weights_file(path, what)
 
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+# Single-file layout: the three models under these prefixes (ComfyUI's checkpoints).
+LDM_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+                "text_encoder": "cond_stage_model.transformer."}
+# Keys an SD 1.x single file may carry besides the weights the models use: the DDPM
+# schedule buffers of the original training code, the EMA copy of the UNet
+# (v1-5-pruned.ckpt holds one; the non-EMA weights are loaded), and the text encoder's
+# position_ids buffer, which transformers computes.
+SINGLE_FILE_OPTIONAL = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "model_ema.*", "cond_stage_model.transformer.text_model.embeddings.position_ids")
+
+
+def _normalise_ldm_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Older files name the CLIP weights without the "text_model." level.
+    pre = LDM_PREFIXES["text_encoder"]
+    return {(pre + "text_model." + k[len(pre):]
+             if k.startswith(pre) and not k.startswith(pre + "text_model.") else k): v
+            for k, v in state.items()}
+
+
+def check_single_file_keys(state: dict[str, torch.Tensor], unet, vae, text_encoder,
+                           what: str, path: Path) -> None:
+    """Every weight of the three models present in the file with its shape, and no
+    other key than :data:`SINGLE_FILE_OPTIONAL` (names as the file spells them)."""
+    from .ldm_convert import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+
+    expected = {}
+    expected.update(unet_to_ldm(unet.state_dict(), unet.config))
+    expected.update(vae_to_ldm(vae.state_dict(), vae.config))
+    expected.update(text_encoder_to_ldm(text_encoder.state_dict()))
+    missing, unexpected, mismatched = compare_state_dicts(
+        expected, _normalise_ldm_keys(state), loose_1x1=True)
+    check_state_dict_keys(what, path, missing, unexpected, mismatched, SINGLE_FILE_OPTIONAL)
+
+
+def _build(what: str, config_dir: Path, component: str, build):
+    try:
+        return build()
+    except Exception as exc:
+        raise ModelLoadError(what, config_dir / component, f"its config does not build a "
+                             f"{component}: {describe_load_error(exc)}",
+                             "Use the config folder of an SD 1.x model.") from exc
 
 
 def load_sd_checkpoint(name: str, dtype="auto", device=None,
                        config_dir: Optional[Path] = None) -> SDModel:
-    """An SD 1.x single-file checkpoint (.safetensors/.ckpt, ComfyUI models/checkpoints)."""
-    from diffusers import StableDiffusionPipeline
+    """An SD 1.x single-file checkpoint (.safetensors/.ckpt, ComfyUI models/checkpoints).
 
+    The architecture comes from a local config folder (``<stem>.config/`` beside the file,
+    else the pack's SD 1.5), read as data (:func:`validate.read_sd_configs`); the three
+    models are built with the fixed diffusers/transformers classes and filled from the
+    file with diffusers' own LDM key converters. Unlike ``from_single_file``, nothing the
+    config folder names is imported, and every weight must be in the file: a missing or
+    unexpected key, or one of the wrong shape, is an error naming it."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint,
+                                                     convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    what = paths.SD_CHECKPOINT.what
     path = paths.resolve(paths.SD_CHECKPOINT, name)
     config_dir = Path(config_dir) if config_dir else single_file_config(path)
+    configs = read_sd_configs(config_dir, f"{what} config")
     tokenizer = _load_tokenizer(find_clip_tokenizer(config_dir), "CLIP tokenizer")
+    state = read_checkpoint(path, what)
+    unet = _build(what, config_dir, "unet",
+                  lambda: UNet2DConditionModel.from_config(configs["unet"]))
+    vae = _build(what, config_dir, "vae", lambda: AutoencoderKL.from_config(configs["vae"]))
+    text_encoder = _build(what, config_dir, "text_encoder", lambda: CLIPTextModel(
+        CLIPTextConfig.from_dict(configs["text_encoder"])))
+    check_single_file_keys(state, unet, vae, text_encoder, what, path)
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config_dir), local_files_only=True, tokenizer=tokenizer,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        te_state = convert_ldm_clip_checkpoint(_normalise_ldm_keys(state))
+        if not hasattr(text_encoder, "text_model"):  # transformers >= 5.6 flattened it
+            te_state = {k.removeprefix("text_model."): v for k, v in te_state.items()}
+        converted = [(unet, convert_ldm_unet_checkpoint(state, unet.config), "unet", ()),
+                     (vae, convert_ldm_vae_checkpoint(state, vae.config), "vae", ()),
+                     (text_encoder, te_state, "text_encoder", TEXT_ENCODER_OPTIONAL)]
     except Exception as exc:
-        raise ModelLoadError(paths.SD_CHECKPOINT.what, path,
-                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                             f"Only SD 1.x checkpoints are supported (config used: {config_dir})."
-                             ) from exc
-    return _finish(pipe.unet, pipe.vae, pipe.text_encoder, tokenizer,
-                   dict(pipe.scheduler.config), path, device, dtype)
+        raise ModelLoadError(what, path, f"its weights could not be converted: "
+                             f"{describe_load_error(exc)}",
+                             "Only SD 1.x checkpoints are supported (config used: "
+                             f"{config_dir}).") from exc
+    for module, sub_state, label, optional in converted:
+        load_state_dict_checked(module, sub_state, f"{what} ({label})", path, optional)
+    del state, converted
+    return _finish(unet, vae, text_encoder, tokenizer, configs["scheduler"], path, device, dtype)
 
 
 def load_mgie_unet(name: str, base: SDModel) -> SDModel:
@@ -212,23 +301,21 @@ def load_mgie_unet(name: str, base: SDModel) -> SDModel:
     VAE, text encoder and tokenizer of an SD 1.5 model."""
     from diffusers import UNet2DConditionModel
 
+    what = paths.MGIE_UNET.what
     path = paths.resolve(paths.MGIE_UNET, name)
-    state = read_checkpoint(path)
-    if not isinstance(state, dict) or "conv_in.weight" not in state:
-        raise ModelLoadError(paths.MGIE_UNET.what, path,
-                             "it is not a diffusers UNet state dict (no conv_in.weight)",
-                             "Use unet.pt from the MGIE release.")
-    in_ch = state["conv_in.weight"].shape[1]
+    state = read_checkpoint(path, what)
+    if "conv_in.weight" not in state:
+        raise ModelLoadError(what, path, "it is not a diffusers UNet state dict (no "
+                             "conv_in.weight)", "Use unet.pt from the MGIE release.")
+    shape = tuple(state["conv_in.weight"].shape)
+    in_ch = shape[1] if len(shape) == 4 else "?"
     if in_ch != 8:
-        raise ModelLoadError(paths.MGIE_UNET.what, path,
-                             f"its conv_in takes {in_ch} channels, not 8",
-                             "Use unet.pt from the MGIE release.")
+        raise ModelLoadError(what, path, f"its conv_in.weight has shape {shape}: it takes "
+                             f"{in_ch} channels, not 8", "Use unet.pt from the MGIE release.")
     config = dict(base.unet.config)
     config["in_channels"] = 8
     unet = UNet2DConditionModel.from_config(config)
-    result = unet.load_state_dict(state, strict=False)
-    check_state_dict_keys(paths.MGIE_UNET.what, path, result.missing_keys,
-                          result.unexpected_keys)
+    load_state_dict_checked(unet, state, what, path)
     unet.requires_grad_(False).eval().to(device=base.device)
     if base.dtype != torch.float32:
         unet.to(dtype=base.dtype)

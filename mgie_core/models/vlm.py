@@ -18,7 +18,7 @@ import torch
 
 from .. import paths, runtime
 from ..errors import InputError, ModelLoadError
-from .hf import (check_positive, decode_new, generation_kwargs, interrupt_criteria,
+from .hf import (check_folder, check_positive, decode_new, generation_kwargs, interrupt_criteria,
                  load_model, load_processor, read_config, to_device, to_pil_images)
 from .sd import resolve_dtype
 
@@ -41,6 +41,13 @@ class VLM:
         return f"VLM({self.model_type}, {self.path}, {self.device}, {self.dtype})"
 
 
+def image_text_to_text_types() -> list[str]:
+    """The model types transformers' AutoModelForImageTextToText builds."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return list(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
 def load_vlm(name: str, dtype="auto", device=None) -> VLM:
     """Load an image-text-to-text model folder by name or path."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -51,6 +58,9 @@ def load_vlm(name: str, dtype="auto", device=None) -> VLM:
     if not config.get("model_type"):
         raise ModelLoadError(what, folder, "config.json has no model_type",
                              "Copy the whole Hugging Face repository of the model.")
+    # Every config read as data first: no auto_map, and a model type transformers itself
+    # maps to an image-text-to-text class (so no folder can name code of its own).
+    check_folder(folder, what, model_types=image_text_to_text_types())
     processor = load_processor(AutoProcessor, folder, what)
     if not getattr(processor, "chat_template", None):
         raise ModelLoadError(

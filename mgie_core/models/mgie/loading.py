@@ -12,11 +12,20 @@ from torch import nn
 
 from ... import paths, runtime
 from ...errors import ModelLoadError, ModelNotFoundError
-from ..hf import TOKENIZER_FIX, first_line, read_config
+from ..hf import TOKENIZER_FIX, first_line
 from ..sd import resolve_dtype
-from ..validate import check_state_dict_keys, check_tokenizer
+from ..validate import (CLIP_ARCHITECTURES, CLIP_TEXT_KEYS, check_hf_folder, check_loading_info,
+                        check_state_dict_keys, check_tokenizer, describe_load_error,
+                        read_weights_file, weights_file)
 from .layout import IM_END, IM_PATCH, IM_START, IMG_TOKENS, LLAMA_KEYS, MLLM_FILE, WHAT, family
 from .model import EditHead, MGIEModel
+
+
+# What the LLaVA folder's config.json may say it is (the LLaVA fork's class, or LLaMA's).
+LLAVA_MODEL_TYPES = ("llava", "llama")
+LLAVA_ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlamaForCausalLM")
+# A whole CLIP folder as the vision tower also carries the image projection, unused here.
+VISION_OPTIONAL = CLIP_TEXT_KEYS + ("visual_projection.*",)
 
 
 def load_mgie(name: str, dtype="auto", device=None) -> MGIEModel:
@@ -26,7 +35,10 @@ def load_mgie(name: str, dtype="auto", device=None) -> MGIEModel:
     fam = family()
     folder = paths.resolve(fam, name)
     llava = find_llava_folder(folder)
-    config = read_config(llava, WHAT)
+    # Every config of the folder read as data first: no auto_map, no class but LLaVA's /
+    # LLaMA's (the language model is always built as transformers' LlamaForCausalLM).
+    config = check_hf_folder(llava, WHAT, model_types=LLAVA_MODEL_TYPES,
+                             architectures=LLAVA_ARCHITECTURES)
     device = torch.device(device) if device is not None else runtime.device()
     dtype = resolve_dtype(dtype, device)
 
@@ -34,7 +46,8 @@ def load_mgie(name: str, dtype="auto", device=None) -> MGIEModel:
     if not (llava / "tokenizer_config.json").exists():
         raise ModelLoadError(WHAT, llava, "missing tokenizer_config.json", TOKENIZER_FIX)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(llava), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(llava), local_files_only=True,
+                                                  trust_remote_code=False)
     except Exception as e:
         raise ModelLoadError(WHAT, llava, f"its tokenizer could not be read: "
                              f"{type(e).__name__}: {first_line(e)}", TOKENIZER_FIX +
@@ -86,7 +99,7 @@ def load_mgie(name: str, dtype="auto", device=None) -> MGIEModel:
             projector.load_state_dict(proj)
         except RuntimeError as e:
             raise ModelLoadError(WHAT, folder / MLLM_FILE, f"model.mm_projector does not fit: "
-                                 f"{first_line(e)}") from e
+                                 f"{describe_load_error(e)}") from e
     edit_head = EditHead.from_state_dict(head_sd, path=folder / MLLM_FILE)
     emb = mllm["emb"].reshape(1, len(IMG_TOKENS), -1)
     if emb.shape[-1] != llm.config.hidden_size or edit_head.llm2hid.in_features != emb.shape[-1]:
@@ -108,15 +121,7 @@ def load_mgie(name: str, dtype="auto", device=None) -> MGIEModel:
 
 
 def read_mllm(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelLoadError(WHAT, path, f"it could not be read: {type(e).__name__}: "
-                             f"{first_line(e)}", "Download mllm.pt again.") from e
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ModelLoadError(WHAT, path, f"it holds a {type(sd).__name__}, not a state dict")
+    sd = read_weights_file(path, WHAT)
     required = ["model.embed_tokens.weight", "lm_head.weight", "emb"]
     missing = [k for k in required if k not in sd]
     if not any(k.startswith("edit_head.") for k in sd):
@@ -158,6 +163,8 @@ def load_vision_tower(folder: Path, llava: Path, config: dict, dtype, device):
                                  f"(looked in {', '.join(str(p) for p in candidates)} and the "
                                  f"clip_vision folders)", f"Put {paths.CLIP_VISION.published} "
                                  f"into {folder / base}.") from e
+    check_hf_folder(found, f"{WHAT} vision tower", model_types=("clip", "clip_vision_model"),
+                    architectures=CLIP_ARCHITECTURES)
     try:
         vcfg = CLIPVisionConfig.from_pretrained(str(found), local_files_only=True)
         vision, info = CLIPVisionModel.from_pretrained(
@@ -165,9 +172,9 @@ def load_vision_tower(folder: Path, llava: Path, config: dict, dtype, device):
             output_loading_info=True)
     except Exception as e:
         raise ModelLoadError(WHAT, found, f"the CLIP vision tower could not be loaded: "
-                             f"{type(e).__name__}: {first_line(e)}",
+                             f"{describe_load_error(e)}",
                              "The folder needs config.json and model weights.") from e
-    check_state_dict_keys(f"{WHAT} vision tower", found, list(info.get("missing_keys", ())), [])
+    check_loading_info(info, f"{WHAT} vision tower", weights_file(found), VISION_OPTIONAL)
     size = vcfg.image_size
     if (found / "preprocessor_config.json").exists():
         processor = CLIPImageProcessor.from_pretrained(str(found), local_files_only=True)
@@ -201,12 +208,13 @@ def load_llava(llava: Path, config: dict, dtype, device):
     with torch.device("meta"):
         llm = LlamaForCausalLM(lcfg)
     own = set(llm.state_dict())
-    check_state_dict_keys(WHAT, llava, sorted(own - set(weights)), sorted(set(weights) - own))
+    check_state_dict_keys(WHAT, weights_file(llava), sorted(own - set(weights)),
+                          sorted(set(weights) - own))
     try:
         llm.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, assign=True)
     except RuntimeError as e:
         raise ModelLoadError(WHAT, llava, f"the weights do not fit config.json: "
-                             f"{first_line(e)}") from e
+                             f"{describe_load_error(e)}") from e
     rotary = llm.model.rotary_emb
     llm.model.rotary_emb = type(rotary)(config=lcfg)
     still_meta = [n for n, t in [*llm.named_parameters(), *llm.named_buffers()] if t.is_meta]
@@ -233,14 +241,5 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
                              "Copy the whole LLaVA-7B v1 folder.")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
-        try:
-            if f.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                sd.update(load_file(str(f)))
-            else:
-                sd.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
-        except Exception as e:
-            raise ModelLoadError(WHAT, f, f"it could not be read: {type(e).__name__}: "
-                                 f"{first_line(e)}") from e
+        sd.update(read_weights_file(f, WHAT, mmap=True))
     return sd

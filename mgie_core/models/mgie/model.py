@@ -202,8 +202,10 @@ class MGIEModel:
             raise InputError("instruction", "it is empty", "an editing instruction, e.g. "
                              "'make it look like winter'")
         check_positive("max_new_tokens", max_new_tokens)
+        self.check_instruction(instruction)
         enc = self.tokenizer(self.prompt(instruction.strip()), return_tensors="pt")
         ids = enc["input_ids"].to(self.device)
+        self.check_context(ids.shape[1], max_new_tokens)
         n_patch = int((ids[0] == self.token_id(IM_PATCH)).sum())
         if n_patch != self.num_patches:
             raise ModelLoadError(WHAT, self.path, f"the tokenizer split the image placeholder "
@@ -227,6 +229,42 @@ class MGIEModel:
                                     text=expressive, source="mgie")
         return MGIEOutput(expressive=expressive, answer=answer, conditioning=conditioning,
                           hidden=hidden.float().cpu(), generated_ids=new, fallback=fallback)
+
+    def reserved_texts(self) -> list[str]:
+        """Token texts an instruction may not hold: the image placeholders, MGIE's [IMG]
+        tokens and the tokenizer's special tokens (they would change the prompt's
+        layout, not its meaning)."""
+        tok = self.tokenizer
+        special = [getattr(tok, a, None) for a in ("bos_token", "eos_token", "unk_token",
+                                                    "pad_token")]
+        return [t for t in [IM_PATCH, IM_START, IM_END, *IMG_TOKENS, *special]
+                if isinstance(t, str) and t]
+
+    def check_instruction(self, instruction: str) -> None:
+        found = [t for t in self.reserved_texts() if t in instruction]
+        if found:
+            raise InputError("instruction", f"contains {', '.join(repr(t) for t in found)}, "
+                             "text MGIE's prompt reserves for the image and its own tokens",
+                             "plain editing text", "Remove it from the instruction.")
+
+    def context_length(self) -> int:
+        return int(getattr(self.llm.config, "max_position_embeddings", 0) or 0)
+
+    def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """The prompt, the answer and the 8 [IMG] tokens must fit the language model's
+        context; past it the positions have no meaning (LLaMA-7B: 2048)."""
+        ctx = self.context_length()
+        need = prompt_tokens + int(max_new_tokens) + len(IMG_TOKENS)
+        if ctx and need > ctx:
+            room = ctx - prompt_tokens - len(IMG_TOKENS)
+            fix = (f"Shorten the instruction, or lower max_new_tokens to {room} or less."
+                   if room >= 1 else "Shorten the instruction (a sentence or two is what "
+                   "MGIE was trained on).")
+            raise InputError("instruction", f"makes a prompt of {prompt_tokens} tokens (with "
+                             f"the image's {self.num_patches}); with max_new_tokens="
+                             f"{int(max_new_tokens)} and the 8 [IMG] tokens that is {need}, "
+                             f"past the language model's context of {ctx} tokens",
+                             "an instruction that fits", fix)
 
     def answer_ids(self, new: list[int]) -> tuple[list[int], bool]:
         """The generated ids before [IMG0] (and before </s>), and whether [IMG0] is absent."""
