@@ -51,7 +51,12 @@ def psnr(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """SSIM per image (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 1)."""
+    """SSIM per image (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 1).
+
+    torchmetrics' convention, which PIE-Bench uses: the SSIM map is averaged over the
+    whole image, its borders computed on reflect-padded images. scikit-image and Wang et
+    al.'s code average only the windows inside the image, which differs slightly near
+    the borders (tests/test_eval.py checks both against one formula)."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     return structural_similarity_index_measure(pred, ref, data_range=1.0, reduction="none")

@@ -120,8 +120,11 @@ def add_parsers(commands) -> None:
 
 
 def _configure(args) -> None:
+    """Model folders, tiny mode and device from this command's options only."""
     from .. import cli
+    from ..mgie_core import paths
 
+    paths.configure(reset=True)
     cli.configure_models(args)
 
 

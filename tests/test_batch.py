@@ -20,16 +20,6 @@ WF = ROOT / "workflows"
 YELLOW = WF / "edit_carpet_yellow_api.json"
 
 
-@pytest.fixture
-def tiny_env(tiny_root, clean_paths, monkeypatch):
-    """--tiny runs build and find the tiny models in the session's tiny folder."""
-    from xmgie.mgie_core import tiny
-
-    monkeypatch.setenv(tiny.ENV_TINY_DIR, str(tiny_root))
-    tiny.ensure_tiny_models(tiny_root)
-    return tiny_root
-
-
 def _registry():
     from xmgie import cli
 
