@@ -92,7 +92,7 @@ def _device(device) -> torch.device:
 
 @contextlib.contextmanager
 def _weights_only_loads():
-    """torch-fidelity calls ``torch.load(path, weights_only=False)``; torch's
+    """torch-fidelity loads its weights file with weights_only switched off; torch's
     TORCH_FORCE_WEIGHTS_ONLY_LOAD makes that load refuse anything but tensors, as every
     load of this pack does."""
     old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
