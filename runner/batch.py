@@ -74,7 +74,7 @@ from ..mgie_core import paths, runtime
 from ..mgie_core.errors import XMGIEError
 from . import core_nodes, engine
 from .dataset import Dataset, Item, pie_bench_mask
-from .variants import Variant, apply_variant, parse_target, select_nodes
+from .variants import Variant, apply_variant, parse_target
 
 BATCH_FILE = "batch.json"
 VARIANTS_FILE = "variants.json"
@@ -308,20 +308,28 @@ class PassCounter:
     def totals(self) -> tuple[int, int]:
         return self.forward, self.backward
 
+    # UNet2DConditionModel.forward(sample, timestep, encoder_hidden_states, ...)
+    _TAPPED = (("sample", 0), ("encoder_hidden_states", 2))
+
     def _pre(self, module, args, kwargs):
         self.forward += 1
         if not torch.is_grad_enabled():
             return None
-        sample = args[0] if args else kwargs.get("sample")
-        ehs = kwargs.get("encoder_hidden_states")
-        if isinstance(sample, torch.Tensor) and sample.requires_grad:
-            sample = _TapBackward.apply(self, sample)
-            if args:
-                return (sample, *args[1:]), kwargs
-            return args, {**kwargs, "sample": sample}
-        if isinstance(ehs, torch.Tensor) and ehs.requires_grad:
-            return args, {**kwargs, "encoder_hidden_states": _TapBackward.apply(self, ehs)}
+        for name, position in self._TAPPED:  # the latent first (MAG), else the text (null-text)
+            in_args = len(args) > position
+            value = args[position] if in_args else kwargs.get(name)
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                tapped = _TapBackward.apply(self, value)
+                if in_args:
+                    return (*args[:position], tapped, *args[position + 1:]), kwargs
+                return args, {**kwargs, name: tapped}
         return None
+
+    def close(self) -> None:
+        """Remove the hooks (the models stay as they were)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._watched = [], set()
 
 
 def _literal_key(value: Any, keep: list) -> Any:

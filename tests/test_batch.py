@@ -377,3 +377,33 @@ def test_a_run_folder_of_another_batch_is_refused(tmp_path, tiny_env, capsys):
     assert _batch(WF / "vae_roundtrip_api.json", "--dataset", data, "--tiny", "--seed", "9",
                   "--out", run) == 101
     assert "holds another batch (different seed)" in capsys.readouterr().err
+
+
+def test_pass_counter_counts_unet_forwards_and_backwards(tiny_sd):
+    import torch
+
+    from xmgie.runner.batch import PassCounter
+
+    counter = PassCounter()
+    counter.watch(tiny_sd)
+    counter.watch(tiny_sd)  # watched once
+    unet = tiny_sd.unet
+    size = unet.config.sample_size
+    ehs = torch.randn(1, 4, unet.config.cross_attention_dim)
+    try:
+        with torch.no_grad():
+            unet(torch.randn(1, 4, size, size), 10, encoder_hidden_states=ehs)
+        assert counter.totals() == (1, 0)
+        latent = torch.randn(1, 4, size, size, requires_grad=True)    # MAG: d/d latent
+        unet(latent, 10, encoder_hidden_states=ehs).sample.sum().backward()
+        assert counter.totals() == (2, 1) and latent.grad is not None
+        text = ehs.clone().requires_grad_(True)                        # null-text: d/d text
+        unet(torch.randn(1, 4, size, size), 10, text).sample.sum().backward()
+        assert counter.totals() == (3, 2) and text.grad is not None
+        unet(latent, 10, encoder_hidden_states=text).sample.sum()      # no backward
+        assert counter.totals() == (4, 2)
+    finally:
+        counter.close()
+    with torch.no_grad():
+        unet(torch.randn(1, 4, size, size), 10, encoder_hidden_states=ehs)
+    assert counter.totals() == (4, 2)  # hooks removed

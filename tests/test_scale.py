@@ -24,7 +24,7 @@ def _records(run: Path) -> dict[str, dict]:
 
 def test_ray_two_workers_match_a_single_process(tmp_path, tiny_env, shared_examples):
     try:
-        import ray  # noqa: F401
+        import ray  # noqa: F401  (only: is it installed?)
     except ImportError:
         pytest.skip("Ray is not installed (pip install \"xmgie[scale]\"); CI installs it")
     from xmgie import cli
