@@ -280,6 +280,9 @@ def evaluate_runs(run_dir: Path, runs=None, options: Optional[EvalOptions] = Non
             if reference is not None:
                 ref_item = reference.get(item_id)
                 ref = _load_rgb(Path(ref_item.fields["image"])) if ref_item else None
+                if ref is None and row is rows[0]:
+                    notes.append(f"{item_id}: not in the reference dataset; its paired "
+                                 "metrics are left out")
             values: dict[str, float] = {}
             if ref is not None:
                 fitted = _fit(edited, ref.shape[-2:])

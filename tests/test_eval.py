@@ -360,3 +360,36 @@ def test_batch_then_eval_variants_on_the_shared_examples(tmp_path, tiny_env, sha
         with Image.open(ev / "pictures" / name) as im:
             assert im.size[0] > 100 and im.size[1] > 100
     assert "Evaluated 4 item(s) x 3 row(s)." in out
+
+
+def test_pie_bench_run_and_background_metrics_from_the_files(tmp_path, tiny_env, capsys):
+    """A PIE-Bench mapping file through batch and eval: its run-length masks are written
+    once, and the background MSE/PSNR equal a direct computation on the saved files."""
+    from test_batch import make_pie_bench
+
+    from xmgie import cli
+    from xmgie.runner.dataset import load_dataset, pie_bench_mask
+
+    folder, _ = make_pie_bench(tmp_path / "pie")
+    run = tmp_path / "run"
+    assert cli.main(["batch", str(WF / "vae_roundtrip_api.json"), "--dataset", str(folder),
+                     "--tiny", "--out", str(run)]) == 0
+    assert cli.main(["eval", str(run), "--metrics", "psnr,bg_mse,bg_psnr",
+                     "--no-pictures"]) == 0
+    table = json.loads((run / "eval" / "table.json").read_text())
+    dataset = load_dataset(folder)
+    mses = []
+    for item in dataset:
+        rec = json.loads((run / "items" / item.id / "record.json").read_text())
+        mask_file = run / "masks" / f"{item.id}.png"
+        assert rec["inputs"]["mask"] == str(mask_file.resolve())
+        mask = np.asarray(Image.open(mask_file), dtype=np.float64) / 255
+        np.testing.assert_array_equal(mask, pie_bench_mask(item.mask_rle))
+        src = np.asarray(Image.open(item.fields["image"]).convert("RGB"), np.float64) / 255
+        res = np.asarray(Image.open(run / "items" / item.id / rec["outputs"][0]["file"]),
+                         np.float64) / 255
+        mses.append((((res - src) * (1 - mask)[..., None]) ** 2).mean())
+    values = table["rows"][0]["values"]
+    assert values["bg_mse"] == pytest.approx(np.mean(mses), rel=1e-5)
+    assert values["bg_psnr"] == pytest.approx(np.mean([10 * np.log10(1 / m) for m in mses]),
+                                              rel=1e-5)
