@@ -244,11 +244,14 @@ def item_prompt(prompt: engine.Prompt, mapping: Mapping[str, list[str]], item: I
                 and tuple(t.rpartition(".")[::2]) not in fixed]
         if not live:
             continue
-        if field not in item.fields or item.fields[field] is None:
+        if field == "seed" and item.fields.get("seed") is None:
+            value = seed  # items without their own seed get the derived one
+        elif field not in item.fields or item.fields[field] is None:
             raise ItemError(f"item '{item.id}' has no '{field}', which the workflow takes at "
                             f"{', '.join(live)}; add it to the item, or pass --map {field}= "
                             "to keep the workflow's value")
-        value = _field_value(item.fields[field])
+        else:
+            value = _field_value(item.fields[field])
         for target in live:
             nid, _, name = target.rpartition(".")
             out[nid]["inputs"][name] = value

@@ -8,8 +8,8 @@ Exit status of ``batch``: 0 every item done; 1-100 the number of items that fail
 100 or more); 101 the batch could not start (bad workflow, dataset, options or run
 folder); 130 interrupted (rerun the same command to resume).
 Exit status of ``eval``: 0 every metric computed; 1 some metric could not be computed
-(the table is still written with the others) or the evaluation failed; 2 bad usage;
-101 a variant batch could not start; 130 interrupted.
+(the table is still written with the others), a variant batch could not start, or the
+evaluation failed; 2 bad usage; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -62,7 +62,10 @@ def add_parsers(commands) -> None:
         "batch", help="run a workflow over a dataset (resumable)",
         description="Map a workflow over a dataset (manifest.jsonl / manifest.json or a "
                     "PIE-Bench mapping_file.json): one output folder and record per item, "
-                    "deterministic per-item seeds, resumable, optionally on Ray workers.")
+                    "deterministic per-item seeds, resumable, optionally on Ray workers.",
+        epilog="Exit status: 0 every item done; 1-100 the number of items that failed (100: "
+               "100 or more); 101 the batch could not start; 130 interrupted (rerun the "
+               "same command to resume).")
     batch.add_argument("workflow", type=Path, help="workflow JSON file (UI or API format)")
     batch.add_argument("--dataset", required=True, type=Path, metavar="D",
                        help="dataset folder (or its manifest / mapping_file.json)")
@@ -87,7 +90,9 @@ def add_parsers(commands) -> None:
         "eval", help="metrics, ablation table and pictures of a batch run",
         description="Compute PSNR, SSIM, LPIPS, MSE, FID, IS, CLIP score, background "
                     "preservation and IPS for a run folder (and its variants); write a "
-                    "table (CSV, JSON, Markdown) and pictures.")
+                    "table (CSV, JSON, Markdown) and pictures.",
+        epilog="Exit status: 0 every metric computed; 1 some metric could not be computed "
+               "(the others are still written) or the evaluation failed; 2 bad usage.")
     ev.add_argument("run_dir", type=Path, metavar="RUN", help="run folder of xmgie batch")
     ev.add_argument("--reference", type=Path, default=None, metavar="DATASET",
                     help="dataset of reference images: paired metrics compare each result "

@@ -214,6 +214,10 @@ def test_seeds_are_per_item_and_written_into_seed_inputs():
     assert prompt["1"]["inputs"]["seed"] == 7  # the workflow itself is not changed
     fixed_out, _ = item_prompt(prompt, {}, Item("a", {}), 5, {("1", "seed")}, reg)
     assert fixed_out["1"]["inputs"]["seed"] == 7  # a variant's value wins
+    # A dataset with a seed field for some items: the others keep their derived seed.
+    own, _ = item_prompt(prompt, {"seed": ["1.seed"]}, Item("a", {"seed": 42}), 5, set(), reg)
+    derived, _ = item_prompt(prompt, {"seed": ["1.seed"]}, Item("b", {}), 5, set(), reg)
+    assert own["1"]["inputs"]["seed"] == 42 and derived["1"]["inputs"]["seed"] == 5
 
 
 # --- variants ----------------------------------------------------------------------------
