@@ -13,26 +13,8 @@ Run folder (``--out RUN``)::
     RUN/variants.json           with --variants: the variants and their run folders
     RUN/variants/<name>/...     one run folder per variant (the base variant is RUN)
 
-Mapping rule (dataset field -> workflow inputs), applied to the API form, so UI and API
-files behave the same:
-
-* ``image`` -> ``image`` of the workflow's one ``LoadImage`` node; ``mask`` -> ``image`` of
-  its one ``LoadImageMask`` node (dataset masks are white-on-black pictures: the node
-  should read a colour channel, as the shipped workflows do). With several such nodes,
-  say which with ``--map``.
-* every other field -> every widget input of that name holding a literal value (e.g.
-  ``source_prompt`` -> XMGIEInvert.source_prompt), plus the aliases in ``ALIASES``
-  (``edit_words`` -> the samplers' ``cam_in_words`` and MAG/A-STAR ``words``; ``object`` ->
-  XMGIEAttentionMask.word). Lists become comma-separated text.
-* ``--map FIELD=NODE.INPUT[,NODE.INPUT...]`` replaces the rule for a field (NODE: an id, a
-  class_type or a title); ``--map FIELD=`` leaves the workflow's value alone.
-* Only fields the dataset has are mapped. An item that lacks a mapped field fails with an
-  error saying so (a workflow value meant for another photo is never used silently).
-* Seeds: each item gets ``item_seed(--seed, id)`` (or its own ``seed`` field), written
-  into every seed input (INT inputs named like a seed) and used to seed torch, numpy
-  and random before it runs, so a rerun, a resumed run or a Ray worker gives the same
-  result for the same item.
-* A variant's ``set`` values win over mapped values.
+The dataset's fields are written into each item's copy of the workflow by the rule of
+:mod:`.mapping` (with the per-item seed).
 
 Resuming: an item is done when ``items/<id>/record.json`` says "ok" and every output it
 lists is there with its recorded size; a rerun skips done items and retries the others.
@@ -42,22 +24,17 @@ leftovers are removed when the next batch starts. A failing item is recorded wit
 error and the batch goes on; the exit status is the number of failed items (100 means
 100 or more).
 
-Model reuse: a :class:`Session` (one per process, one per Ray worker) wraps every loader
-node (CATEGORY ``xmgie/loaders``) so its outputs are cached, keyed by the loader's
-inputs, the model folders, tiny mode and the device: models load once per process and
-stay loaded across items and variants (``ModelCache.MAX_ENTRIES`` most recent sets are
-kept). UNet passes are counted with hooks on the cached models' UNets.
+Model reuse: one :class:`Session` per process keeps the models loaded (see
+:mod:`.model_cache`).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import datetime
 import hashlib
 import json
 import os
-import random
 import shutil
 import socket
 import sys
@@ -65,16 +42,18 @@ import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
-import torch
 
-from ..mgie_core import paths, runtime
+from ..mgie_core import runtime
 from ..mgie_core.errors import XMGIEError
 from . import core_nodes, engine
 from .dataset import Dataset, Item, pie_bench_mask
-from .variants import Variant, apply_variant, parse_target
+from .mapping import (BatchError, ItemError, canonical_sha, item_prompt, item_seed,
+                      parse_map_options, resolve_mapping, seed_everything)
+from .model_cache import ModelCache, PassCounter, default_registry
+from .variants import Variant, apply_variant
 
 BATCH_FILE = "batch.json"
 VARIANTS_FILE = "variants.json"
@@ -85,26 +64,6 @@ RECORD_FILE = "record.json"
 LOCK_FILE = "batch.lock"
 EXIT_MAX_FAILED = 100
 EXIT_SETUP = 101          # the batch could not start (bad workflow, dataset or options)
-SEED_MODULUS = 2 ** 31    # fits every seed input of the pack and of ComfyUI
-LOADER_CATEGORY = "xmgie/loaders"
-
-# Field aliases beyond "an input of the same name": (class_type, input).
-ALIASES: dict[str, tuple[tuple[str, str], ...]] = {
-    "edit_words": (("XMGIECAMSampler", "cam_in_words"), ("XMGIEInstructSampler", "cam_in_words"),
-                   ("XMGIEMAGControl", "words"), ("XMGIEAStarControl", "words")),
-    "object": (("XMGIEAttentionMask", "word"),),
-}
-# Fields that name a file, and the one loader node type that takes them.
-FILE_FIELDS = {"image": "LoadImage", "mask": "LoadImageMask"}
-
-
-class BatchError(XMGIEError, ValueError):
-    """The batch cannot start: bad options, a run folder of another batch, ..."""
-
-
-class ItemError(XMGIEError, ValueError):
-    """One item cannot run (e.g. it lacks a field the workflow takes)."""
-
 
 # --- small file helpers -----------------------------------------------------------------
 
@@ -130,283 +89,6 @@ def sha256_file(path: Path) -> str:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def canonical_sha(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-# --- mapping and seeds ------------------------------------------------------------------
-
-def item_seed(base: int, item_id: str) -> int:
-    """A seed per item that depends only on the base seed and the item's id (not on the
-    item's position, the worker or the order items run in)."""
-    digest = hashlib.sha256(f"{int(base)}:{item_id}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % SEED_MODULUS
-
-
-def parse_map_options(options: Sequence[str]) -> dict[str, list[str]]:
-    """``["edit_words=6.cam_in_words,MAG.words", "mask="]`` -> {field: [targets]}."""
-    out: dict[str, list[str]] = {}
-    for text in options or ():
-        field, sep, targets = text.partition("=")
-        field = field.strip()
-        if not sep or not field:
-            raise BatchError(f"--map {text!r}: expected FIELD=NODE.INPUT[,NODE.INPUT...] "
-                             "(e.g. --map edit_words=6.cam_in_words) or FIELD= to leave the "
-                             "workflow's value alone")
-        out[field] = [t.strip() for t in targets.split(",") if t.strip()]
-    return out
-
-
-def _spec(registry: engine.Registry, class_type: Any) -> Optional[engine.NodeSpec]:
-    cls = registry.get(class_type) if isinstance(class_type, str) else None
-    return engine.node_spec(class_type, cls) if cls is not None else None
-
-
-def resolve_mapping(prompt: engine.Prompt, registry: engine.Registry, fields: Iterable[str],
-                    explicit: Mapping[str, list[str]]) -> dict[str, list[str]]:
-    """field -> ["NODE_ID.INPUT", ...] by the module's rule; raises BatchError."""
-    mapping: dict[str, list[str]] = {}
-    errors = []
-    for field in sorted(set(fields) | set(explicit)):
-        if field in explicit:
-            targets = []
-            for target in explicit[field]:
-                try:
-                    pairs = parse_target(prompt, target, f"--map {field}")
-                except XMGIEError as exc:
-                    errors.append(str(exc))
-                    continue
-                for nid, name in pairs:
-                    spec = _spec(registry, prompt[nid].get("class_type"))
-                    if spec is not None and name not in spec.inputs:
-                        errors.append(f"--map {field}: node {nid} ({spec.class_type}) has no "
-                                      f"input '{name}'; expected one of {', '.join(spec.inputs)}")
-                    targets.append(f"{nid}.{name}")
-            mapping[field] = targets
-            continue
-        if field in FILE_FIELDS:
-            ids = [nid for nid, n in prompt.items() if n.get("class_type") == FILE_FIELDS[field]]
-            if len(ids) > 1:
-                errors.append(f"the dataset's '{field}' could go to several {FILE_FIELDS[field]} "
-                              f"nodes ({', '.join(sorted(ids))}); say which with --map "
-                              f"{field}=NODE_ID.image")
-            mapping[field] = [f"{ids[0]}.image"] if len(ids) == 1 else []
-            continue
-        targets = []
-        aliases = ALIASES.get(field, ())
-        for nid in sorted(prompt, key=lambda i: (0, int(i), "") if i.isdigit() else (1, 0, i)):
-            node = prompt[nid]
-            spec = _spec(registry, node.get("class_type"))
-            if spec is None:
-                continue
-            for name, input_spec in spec.inputs.items():
-                named = name == field or (spec.class_type, name) in aliases
-                if named and input_spec.is_widget and not engine.is_link(node["inputs"].get(name)):
-                    targets.append(f"{nid}.{name}")
-        mapping[field] = targets
-    if errors:
-        raise BatchError(errors[0] if len(errors) == 1 else
-                         f"{len(errors)} problems with the mapping:\n" +
-                         "\n".join(f"  - {e}" for e in errors))
-    return mapping
-
-
-def _field_value(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return ", ".join(str(v) for v in value)
-    return value
-
-
-def seed_inputs(prompt: engine.Prompt, registry: engine.Registry) -> list[tuple[str, str, Any]]:
-    """(node id, input, max) of every literal seed input of the prompt."""
-    out = []
-    for nid, node in prompt.items():
-        spec = _spec(registry, node.get("class_type"))
-        if spec is None:
-            continue
-        for name, input_spec in spec.inputs.items():
-            if input_spec.is_seed and not engine.is_link(node["inputs"].get(name)):
-                out.append((nid, name, input_spec.options.get("max")))
-    return out
-
-
-def item_prompt(prompt: engine.Prompt, mapping: Mapping[str, list[str]], item: Item,
-                seed: int, fixed: set, registry: engine.Registry
-                ) -> tuple[engine.Prompt, dict[str, Any]]:
-    """A copy of ``prompt`` with the item's fields and seed written in; returns it and
-    what was written ("NODE.INPUT" -> value). Raises ItemError for a missing field."""
-    out = {nid: {**n, "inputs": dict(n.get("inputs") or {})} for nid, n in prompt.items()}
-    written: dict[str, Any] = {}
-    for field, targets in mapping.items():
-        live = [t for t in targets if t.rpartition(".")[0] in out
-                and tuple(t.rpartition(".")[::2]) not in fixed]
-        if not live:
-            continue
-        if field == "seed" and item.fields.get("seed") is None:
-            value = seed  # items without their own seed get the derived one
-        elif field not in item.fields or item.fields[field] is None:
-            raise ItemError(f"item '{item.id}' has no '{field}', which the workflow takes at "
-                            f"{', '.join(live)}; add it to the item, or pass --map {field}= "
-                            "to keep the workflow's value")
-        else:
-            value = _field_value(item.fields[field])
-        for target in live:
-            nid, _, name = target.rpartition(".")
-            out[nid]["inputs"][name] = value
-            written[target] = value
-    for nid, name, top in seed_inputs(out, registry):
-        if (nid, name) in fixed or f"{nid}.{name}" in written:
-            continue
-        value = seed if top is None else seed % (int(top) + 1)
-        out[nid]["inputs"][name] = value
-        written[f"{nid}.{name}"] = value
-    return out, written
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (every device), numpy and random, so nodes that draw random numbers
-    without a seed input are repeatable per item too."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-# --- per-process model reuse and pass counting -------------------------------------------
-
-class _TapBackward(torch.autograd.Function):
-    """Identity on a UNet input; its backward counts one backward pass through the UNet."""
-
-    @staticmethod
-    def forward(ctx, counter, x):
-        ctx.counter = counter
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.counter.backward += 1
-        return None, grad
-
-
-class PassCounter:
-    """UNet forward and backward passes of the models a process loaded.
-
-    Forwards are counted by a forward pre-hook (so a forward stopped early, as MAG's
-    truncated loss does, still counts); backwards by passing a grad-requiring input
-    through :class:`_TapBackward`, one count per backward pass that reaches the UNet."""
-
-    def __init__(self):
-        self.forward = 0
-        self.backward = 0
-        self._watched: set[int] = set()
-        self._handles: list = []
-
-    def watch(self, value: Any) -> None:
-        unet = getattr(value, "unet", None)
-        if isinstance(unet, torch.nn.Module) and id(unet) not in self._watched:
-            self._watched.add(id(unet))
-            self._handles.append(unet.register_forward_pre_hook(self._pre, with_kwargs=True))
-
-    def totals(self) -> tuple[int, int]:
-        return self.forward, self.backward
-
-    # UNet2DConditionModel.forward(sample, timestep, encoder_hidden_states, ...)
-    _TAPPED = (("sample", 0), ("encoder_hidden_states", 2))
-
-    def _pre(self, module, args, kwargs):
-        self.forward += 1
-        if not torch.is_grad_enabled():
-            return None
-        for name, position in self._TAPPED:  # the latent first (MAG), else the text (null-text)
-            in_args = len(args) > position
-            value = args[position] if in_args else kwargs.get(name)
-            if isinstance(value, torch.Tensor) and value.requires_grad:
-                tapped = _TapBackward.apply(self, value)
-                if in_args:
-                    return (*args[:position], tapped, *args[position + 1:]), kwargs
-                return args, {**kwargs, name: tapped}
-        return None
-
-    def close(self) -> None:
-        """Remove the hooks (the models stay as they were)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self._watched = [], set()
-
-
-def _literal_key(value: Any, keep: list) -> Any:
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    keep.append(value)  # keeps the object alive, so its id is not reused
-    return ("object", id(value))
-
-
-class ModelCache:
-    """Outputs of loader nodes, keyed by class, inputs and the model search settings.
-
-    Linked inputs (e.g. the SD model a LoadMGIEUNet wraps) are keyed by object identity:
-    they are themselves cached loader outputs, so the key is stable across items."""
-
-    MAX_ENTRIES = 6
-
-    def __init__(self, on_load: Optional[Callable[[Any], None]] = None):
-        self._entries: collections.OrderedDict = collections.OrderedDict()
-        self.on_load = on_load
-        self.loads: list[str] = []        # loader classes that loaded (missed) since reset
-        self.hits: list[str] = []
-
-    def reset_log(self) -> None:
-        self.loads, self.hits = [], []
-
-    def _key(self, class_type: str, kwargs: dict, keep: list) -> tuple:
-        env = (str(paths.tiny_root()), tuple(str(p) for p in paths.models_dirs()),
-               str(runtime.device()))
-        items = tuple(sorted((k, _literal_key(v, keep)) for k, v in kwargs.items()
-                             if k not in ("unique_id", "prompt", "extra_pnginfo")))
-        return (class_type, items, env)
-
-    def call(self, class_type: str, compute: Callable[[], Any], kwargs: dict) -> Any:
-        keep: list = []
-        key = self._key(class_type, kwargs, keep)
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            self.hits.append(class_type)
-            return self._entries[key][0]
-        result = compute()
-        self.loads.append(class_type)
-        self._entries[key] = (result, keep)
-        while len(self._entries) > self.MAX_ENTRIES:
-            self._entries.popitem(last=False)
-        if self.on_load is not None:
-            outputs = result.get("result", ()) if isinstance(result, dict) else result
-            for value in outputs if isinstance(outputs, (tuple, list)) else (outputs,):
-                self.on_load(value)
-        return result
-
-    def wrap(self, registry: engine.Registry) -> dict[str, type]:
-        """A registry whose loader nodes answer from the cache."""
-        return {ct: (self._cached_class(ct, cls)
-                     if getattr(cls, "CATEGORY", "") == LOADER_CATEGORY else cls)
-                for ct, cls in registry.items()}
-
-    def _cached_class(self, class_type: str, cls: type) -> type:
-        cache, fn_name = self, cls.FUNCTION
-        original = getattr(cls, fn_name)
-
-        def cached(self, **kwargs):
-            return cache.call(class_type, lambda: original(self, **kwargs), kwargs)
-
-        return type(cls.__name__, (cls,), {fn_name: cached, "__module__": cls.__module__,
-                                           "__doc__": cls.__doc__})
-
-
-def default_registry() -> dict[str, type]:
-    """The pack's nodes plus the core stand-ins (what ``xmgie run`` uses)."""
-    from ..nodes import NODE_CLASS_MAPPINGS
-    from .core_nodes import STANDINS
-
-    return {**STANDINS, **NODE_CLASS_MAPPINGS}
 
 
 # --- settings of one run folder -----------------------------------------------------------

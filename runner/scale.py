@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..mgie_core.errors import XMGIEError
-from .batch import BatchError, BatchSettings, Session, read_record
+from .batch import BatchSettings, Session, read_record
 from .dataset import Item
+from .mapping import BatchError
 
 LOCAL = "local"
 

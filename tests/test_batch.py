@@ -155,7 +155,7 @@ def test_pie_bench_mapping_file(tmp_path):
 # --- mapping rule ----------------------------------------------------------------------
 
 def test_default_rule_maps_fields_by_input_name_and_aliases():
-    from xmgie.runner.batch import resolve_mapping
+    from xmgie.runner.mapping import resolve_mapping
 
     prompt = _api(WF / "edit_carpet_guided_api.json")
     fields = ["image", "mask", "source_prompt", "target_prompt", "edit_words", "object",
@@ -170,7 +170,7 @@ def test_default_rule_maps_fields_by_input_name_and_aliases():
 
 
 def test_rule_is_the_same_for_ui_and_api_files():
-    from xmgie.runner.batch import resolve_mapping
+    from xmgie.runner.mapping import resolve_mapping
 
     for name in ("vae_roundtrip.json", "vae_roundtrip_api.json"):
         data = json.loads((WF / name).read_text())
@@ -180,7 +180,7 @@ def test_rule_is_the_same_for_ui_and_api_files():
 
 
 def test_map_option_overrides_and_errors():
-    from xmgie.runner.batch import BatchError, parse_map_options, resolve_mapping
+    from xmgie.runner.mapping import BatchError, parse_map_options, resolve_mapping
 
     prompt, reg = _api(YELLOW), _registry()
     explicit = parse_map_options(["edit_words=XMGIECAMSampler.cam_out_words",
@@ -201,7 +201,7 @@ def test_map_option_overrides_and_errors():
 
 
 def test_seeds_are_per_item_and_written_into_seed_inputs():
-    from xmgie.runner.batch import item_prompt, item_seed
+    from xmgie.runner.mapping import item_prompt, item_seed
     from xmgie.runner.dataset import Item
 
     assert item_seed(0, "a") == item_seed(0, "a") != item_seed(0, "b") != item_seed(1, "b")
@@ -295,7 +295,7 @@ def test_ui_workflow_batch_and_records(tmp_path, tiny_env, capsys):
                   "--out", run) == 0
     settings = json.loads((run / "batch.json").read_text())
     assert settings["mapping"]["image"] == ["1.image"] and settings["seed"] == 5
-    from xmgie.runner.batch import item_seed
+    from xmgie.runner.mapping import item_seed
 
     for item in ("carpet", "corgi"):
         rec = json.loads((run / "items" / item / "record.json").read_text())
@@ -386,7 +386,7 @@ def test_a_run_folder_of_another_batch_is_refused(tmp_path, tiny_env, capsys):
 def test_pass_counter_counts_unet_forwards_and_backwards(tiny_sd):
     import torch
 
-    from xmgie.runner.batch import PassCounter
+    from xmgie.runner.model_cache import PassCounter
 
     counter = PassCounter()
     counter.watch(tiny_sd)
