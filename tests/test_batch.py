@@ -326,12 +326,14 @@ def test_killed_batch_resumes_without_recomputing_finished_items(tmp_path, tiny_
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT.parent)] + [
         p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
         "XMGIE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "xmgie", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "xmgie", *args], env=env,
+                                stdout=sink, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
     try:
         while len(_records(run)) < 2:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert proc.poll() is None, log.read_text()[-2000:]
             assert time.monotonic() < deadline, "the batch made no progress"
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
@@ -339,7 +341,7 @@ def test_killed_batch_resumes_without_recomputing_finished_items(tmp_path, tiny_
     finally:
         if proc.poll() is None:
             proc.kill()
-        proc.stderr.close()
+            proc.wait(30)
     before = _records(run)
     assert {"carpet", "corgi"} <= set(before) and len(before) < 4, sorted(before)
     stamps = {i: (run / "items" / i / "record.json").stat().st_mtime_ns for i in before}
