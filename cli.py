@@ -3,6 +3,10 @@
     xmgie check WORKFLOW.json [--tiny] [--set NODE_ID.INPUT=VALUE ...]
     xmgie run WORKFLOW.json [--tiny] [--set ...] [--output-dir DIR] [--input-dir DIR ...]
                             [--models-dir DIR ...] [--device cpu|cuda|...]
+    xmgie batch WORKFLOW.json --dataset D [--out RUN] [--map ...] [--ray [ADDRESS]] ...
+    xmgie eval RUN [--reference DATASET] [--variants V.json] ...
+
+(batch and eval: see runner/batch_cli.py, with their own exit statuses).
 
 The registry is the pack's nodes plus standalone stand-ins for the ComfyUI core nodes
 the shipped workflows use (LoadImage, LoadImageMask, SaveImage, PreviewImage).
@@ -81,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None,
                      help="torch device for the models, e.g. cpu, cuda, cuda:1, mps "
                           "(default: the best available)")
+    from .runner import batch_cli  # xmgie batch / xmgie eval
+
+    batch_cli.add_parsers(commands)
     return parser
 
 
@@ -177,7 +184,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error argparse already printed
-        return int(exc.code or 0)
+        code = int(exc.code or 0)
+        words = list(sys.argv[1:] if argv is None else argv)
+        if code == 2 and words[:1] == ["batch"]:
+            from .runner.batch import EXIT_SETUP  # batch's 2 means "2 items failed"
+
+            return EXIT_SETUP
+        return code
+    if args.command in ("batch", "eval"):
+        from .runner import batch_cli
+
+        return batch_cli.main(args)
     command = {"check": cmd_check, "run": cmd_run}[args.command]
     try:
         data = engine.load_file(args.workflow)  # first: a bad path fails fast

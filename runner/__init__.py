@@ -7,4 +7,9 @@ never imports it.
 * :mod:`.core_nodes` holds standalone versions of the ComfyUI core nodes that workflows
   use (LoadImage, LoadImageMask, SaveImage, PreviewImage) and the run context (input and
   output folders) they read.
+* :mod:`.batch` (``xmgie batch``) maps a workflow over a dataset (:mod:`.dataset`) by the
+  rule of :mod:`.mapping`, keeping models loaded per process (:mod:`.model_cache`), with
+  named variants (:mod:`.variants`), optionally on Ray workers (:mod:`.scale`);
+  :mod:`.batch_cli` holds the ``batch`` and ``eval`` commands (evaluation itself is the
+  pack-level ``evaluation`` package).
 """

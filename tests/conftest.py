@@ -98,3 +98,13 @@ def tiny_sd(tiny_root, tiny_models):
 def tiny_ip2p(tiny_root, tiny_models):
     return _load_tiny(tiny_root, tiny_models, "ip2p_diffusers", "load_instruct_diffusers",
                       "tiny-ip2p")
+
+
+@pytest.fixture
+def tiny_env(tiny_root, clean_paths, monkeypatch):
+    """CLI runs with --tiny build and find the tiny models in the session's tiny folder."""
+    from xmgie.mgie_core import tiny
+
+    monkeypatch.setenv(tiny.ENV_TINY_DIR, str(tiny_root))
+    tiny.ensure_tiny_models(tiny_root)
+    return tiny_root

@@ -1,0 +1,397 @@
+"""Evaluate run folders of ``xmgie batch`` (and their variants) into one table.
+
+Rows are variants (or the run itself), columns metrics. Every row is evaluated on the
+same items: those that succeeded in every row, so an ablation compares like with like.
+For each item the result image is the first file saved by the workflow's first SaveImage
+node (``--image-node`` picks another node). Paired metrics (PSNR, SSIM, LPIPS, MSE)
+compare it with the source photo, or with the item of the same id in ``--reference``;
+background metrics compare it with the source outside the mask; CLIP scores use the
+item's target prompt; IPS compares it with the source; FID and IS are computed per row
+over all its results, FID against the reference set (the sources, or every image of
+``--reference``). A result whose size differs from its reference is resized to it
+(bicubic, antialiased) for the paired metrics; the report says how many were.
+
+A metric whose network cannot be loaded is reported with the loader's error, and the
+others are still computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..mgie_core.errors import XMGIEError
+from ..runner.batch import BATCH_FILE, ITEMS_DIR, RECORD_FILE
+from . import metrics as M
+
+ALL_METRICS = ("psnr", "ssim", "lpips", "mse", "fid", "is", "clip_score", "clip_score_edited",
+               "bg_psnr", "bg_ssim", "bg_lpips", "bg_mse", "ips")
+# Which loaded network a metric needs (None: pure math).
+NETWORK_OF = {"lpips": "lpips", "bg_lpips": "lpips", "fid": "inception", "is": "inception",
+              "clip_score": "clip", "clip_score_edited": "clip", "ips": "ips"}
+
+
+class EvalError(XMGIEError, ValueError):
+    """The run folder or the options cannot be evaluated."""
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    metrics: tuple[str, ...] = ALL_METRICS
+    reference: Optional[Path] = None
+    lpips_net: str = "alex"
+    fid_feature: int = 2048
+    clip_model: Optional[str] = None
+    ips_encoder: Optional[str] = None
+    image_node: Optional[str] = None
+    out: Optional[Path] = None
+    pictures: bool = True
+    device: Optional[str] = None
+
+    @classmethod
+    def from_args(cls, args) -> "EvalOptions":
+        chosen = ALL_METRICS
+        if args.metrics:
+            chosen = tuple(m.strip().lower() for m in args.metrics.split(",") if m.strip())
+            unknown = [m for m in chosen if m not in ALL_METRICS]
+            if unknown:
+                raise EvalError(f"--metrics: unknown {', '.join(unknown)}; expected some of "
+                                f"{', '.join(ALL_METRICS)}")
+        return cls(metrics=chosen, reference=args.reference, lpips_net=args.lpips_net,
+                   fid_feature=args.fid_feature, clip_model=args.clip_model,
+                   ips_encoder=args.ips_encoder, image_node=args.image_node, out=args.out,
+                   pictures=not args.no_pictures, device=args.device)
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    description: str
+    run_dir: Path
+    values: dict[str, float] = dataclasses.field(default_factory=dict)
+    per_item: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    results: dict[str, Path] = dataclasses.field(default_factory=dict)  # item -> image
+
+
+@dataclasses.dataclass
+class EvalResult:
+    run_dir: Path
+    out_dir: Path
+    rows: list[Row]
+    metrics: list[str]                  # computed, in column order
+    errors: dict[str, str]              # metric -> why it is missing
+    items: list[str]                    # evaluated item ids
+    sources: dict[str, Path]
+    masks: dict[str, Optional[Path]]
+    notes: list[str]
+    files: list[Path] = dataclasses.field(default_factory=list)
+
+
+# --- reading runs ------------------------------------------------------------------------
+
+def _records(run_dir: Path) -> dict[str, dict]:
+    out = {}
+    items = Path(run_dir) / ITEMS_DIR
+    if not items.is_dir():
+        return out
+    for folder in sorted(items.iterdir()):
+        if folder.name.startswith(".") or not (folder / RECORD_FILE).is_file():
+            continue
+        try:
+            record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if record.get("status") == "ok":
+            out[record["id"]] = record
+    return out
+
+
+def _result_file(run_dir: Path, record: dict, prompt: dict, image_node: Optional[str]
+                 ) -> Optional[Path]:
+    outputs = [o for o in record.get("outputs") or [] if str(o["file"]).lower().endswith(".png")]
+    if image_node is not None:
+        chosen = [o for o in outputs if o.get("node") == str(image_node)]
+    else:
+        saves = sorted({o.get("node") for o in outputs
+                        if (prompt.get(str(o.get("node"))) or {}).get("class_type") == "SaveImage"},
+                       key=lambda n: (0, int(n)) if str(n).isdigit() else (1, str(n)))
+        chosen = [o for o in outputs if saves and o.get("node") == saves[0]] or outputs
+    if not chosen:
+        return None
+    return Path(run_dir) / ITEMS_DIR / record["id"] / chosen[0]["file"]
+
+
+def _load_rgb(path: Path) -> torch.Tensor:
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0)
+
+
+def _load_mask(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """A white-on-black mask as [1, 1, H, W] in {0, 1} at ``size`` (H, W)."""
+    with Image.open(path) as im:
+        im = im.convert("L")
+        if im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), Image.NEAREST)
+        arr = np.asarray(im, dtype=np.float32) / 255.0
+    return (torch.from_numpy(arr.copy()) > 0.5).float()[None, None]
+
+
+def _u8(image: torch.Tensor) -> torch.Tensor:
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _fit(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image, size=size, mode="bicubic", antialias=True,
+                         align_corners=False).clamp(0, 1)
+
+
+# --- networks, loaded lazily; a failure is kept as the reason ------------------------------
+
+class _Networks:
+    def __init__(self, options: EvalOptions):
+        self.options = options
+        self._cache: dict[str, Any] = {}
+        self.errors: dict[str, str] = {}
+
+    def get(self, key: str):
+        if key in self.errors:
+            return None
+        if key not in self._cache:
+            from . import networks
+
+            o = self.options
+            loaders: dict[str, Callable[[], Any]] = {
+                "lpips": lambda: networks.load_lpips(o.lpips_net, device=o.device),
+                "inception": lambda: networks.load_inception(fid_feature=o.fid_feature,
+                                                             device=o.device),
+                "clip": lambda: networks.load_clip(o.clip_model, device=o.device),
+                "ips": lambda: networks.load_ips_encoder(o.ips_encoder, device=o.device),
+            }
+            try:
+                self._cache[key] = loaders[key]()
+            except (XMGIEError, ImportError, OSError) as exc:
+                self.errors[key] = str(exc)
+                return None
+        return self._cache[key]
+
+
+# --- evaluation ----------------------------------------------------------------------------
+
+def _rows(run_dir: Path, runs) -> list[Row]:
+    if runs:
+        rows = []
+        for variant, folder in runs:
+            rows.append(Row(variant.name, variant.description, Path(folder)))
+        return rows
+    settings = json.loads((Path(run_dir) / BATCH_FILE).read_text(encoding="utf-8"))
+    variant = settings.get("variant") or {}
+    name = variant.get("name") or Path(settings.get("workflow", "run")).stem
+    return [Row(name, variant.get("description", ""), Path(run_dir))]
+
+
+def evaluate_runs(run_dir: Path, runs=None, options: Optional[EvalOptions] = None,
+                  progress: bool = True) -> EvalResult:
+    """Evaluate ``run_dir`` (or the ``runs`` [(variant, folder)] of its variants), write
+    the table and pictures (see :mod:`.report`) and return what was computed."""
+    from . import report
+
+    options = options or EvalOptions()
+    run_dir = Path(run_dir)
+    rows = _rows(run_dir, runs)
+    records = {row.name: _records(row.run_dir) for row in rows}
+    prompts = {}
+    for row in rows:
+        try:
+            prompts[row.name] = json.loads((row.run_dir / BATCH_FILE).read_text())["prompt"]
+        except (OSError, ValueError, KeyError):
+            raise EvalError(f"{row.run_dir} has no readable {BATCH_FILE}; has the variant "
+                            f"'{row.name}' been run?") from None
+    first = records[rows[0].name]
+    common = [i for i in first if all(i in records[r.name] for r in rows)]
+    notes: list[str] = []
+    for row in rows:
+        left = len(records[row.name]) - len(common)
+        if left:
+            notes.append(f"{row.name}: {left} successful item(s) left out because they "
+                         "failed (or are missing) in another row")
+    if not common:
+        raise EvalError(f"no item succeeded in every row of {run_dir}; nothing to evaluate "
+                        "(see the items' record.json)")
+    sources = {i: Path(first[i]["inputs"]["image"]) for i in common}
+    masks = {i: (Path(first[i]["inputs"]["mask"]) if first[i]["inputs"].get("mask") else None)
+             for i in common}
+    prompts_text = {i: first[i]["inputs"].get("target_prompt") for i in common}
+    reference = None
+    if options.reference is not None:
+        from ..runner.dataset import load_dataset
+
+        reference = load_dataset(options.reference).by_id()
+    nets = _Networks(options)
+    wanted = [m for m in ALL_METRICS if m in options.metrics]
+    errors: dict[str, str] = {}
+    resized = 0
+    ref_feats: Optional[torch.Tensor] = None
+
+    def need(metric: str) -> bool:
+        return metric in wanted and metric not in errors
+
+    def network(metric: str):
+        key = NETWORK_OF.get(metric)
+        if key is None:
+            return None
+        net = nets.get(key)
+        if net is None:
+            for m in wanted:
+                if NETWORK_OF.get(m) == key:
+                    errors[m] = nets.errors[key]
+        return net
+
+    if need("fid"):
+        inception = network("fid")
+        if inception is not None:
+            paths = ([Path(item.fields["image"]) for item in reference.values()]
+                     if reference is not None else [sources[i] for i in common])
+            ref_feats = torch.cat([inception(_u8(_load_rgb(p)))[0] for p in paths])
+
+    bar = _bar(len(rows) * len(common), progress)
+    for row in rows:
+        feats, logits = [], []
+        for item_id in common:
+            record = records[row.name][item_id]
+            result_path = _result_file(row.run_dir, record, prompts[row.name], options.image_node)
+            if result_path is None or not result_path.is_file():
+                notes.append(f"{row.name}/{item_id}: no result image")
+                continue
+            row.results[item_id] = result_path
+            edited = _load_rgb(result_path)
+            source = _load_rgb(sources[item_id])
+            ref = source
+            if reference is not None:
+                ref_item = reference.get(item_id)
+                ref = _load_rgb(Path(ref_item.fields["image"])) if ref_item else None
+                if ref is None and row is rows[0]:
+                    notes.append(f"{item_id}: not in the reference dataset; its paired "
+                                 "metrics are left out")
+            values: dict[str, float] = {}
+            if ref is not None:
+                fitted = _fit(edited, ref.shape[-2:])
+                resized += fitted is not edited
+                if need("psnr"):
+                    values["psnr"] = float(M.psnr(fitted, ref)[0])
+                if need("ssim"):
+                    values["ssim"] = float(M.ssim(fitted, ref)[0])
+                if need("mse"):
+                    values["mse"] = float(M.mse(fitted, ref)[0])
+                if need("lpips") and network("lpips") is not None:
+                    values["lpips"] = float(M.lpips_distance(nets.get("lpips"), fitted, ref)[0])
+            on_source = _fit(edited, source.shape[-2:])
+            mask = _load_mask(masks[item_id], source.shape[-2:]) if masks[item_id] else None
+            if mask is not None:
+                bg_e, bg_s = M.background(on_source, source, mask)
+                if need("bg_psnr"):
+                    values["bg_psnr"] = float(M.psnr(bg_e, bg_s)[0])
+                if need("bg_ssim"):
+                    values["bg_ssim"] = float(M.ssim(bg_e, bg_s)[0])
+                if need("bg_mse"):
+                    values["bg_mse"] = float(M.mse(bg_e, bg_s)[0])
+                if need("bg_lpips") and network("bg_lpips") is not None:
+                    values["bg_lpips"] = float(M.lpips_distance(nets.get("lpips"), bg_e, bg_s)[0])
+            text = prompts_text[item_id]
+            if text and (need("clip_score") or need("clip_score_edited")) \
+                    and network("clip_score") is not None:
+                model, processor = nets.get("clip")
+                images = [_u8(on_source)[0]]
+                if mask is not None:
+                    images.append(_u8(on_source * mask)[0])
+                scores = M.clip_scores(model, processor, images, [text] * len(images))
+                if need("clip_score"):
+                    values["clip_score"] = float(scores[0])
+                if need("clip_score_edited") and mask is not None:
+                    values["clip_score_edited"] = float(scores[1])
+            if need("ips") and network("ips") is not None:
+                try:
+                    values["ips"] = float(M.ips_scores(nets.get("ips"), on_source, source,
+                                                       mask)[0])
+                except XMGIEError as exc:
+                    notes.append(f"{row.name}/{item_id}: IPS not computed ({exc})")
+            if (need("fid") or need("is")) and network("fid") is not None:
+                f, lg = nets.get("inception")(_u8(edited))
+                feats.append(f)
+                logits.append(lg)
+            row.per_item[item_id] = values
+            bar.update(1)
+        for metric in wanted:
+            if metric in ("fid", "is"):
+                continue
+            vals = [v[metric] for v in row.per_item.values() if metric in v]
+            if vals:
+                row.values[metric] = M.finite_mean(vals)
+        if feats:
+            if need("fid") and ref_feats is not None:
+                try:
+                    row.values["fid"] = M.fid(ref_feats, torch.cat(feats))
+                except ValueError as exc:
+                    errors["fid"] = str(exc)
+            if need("is"):
+                row.values["is"] = M.inception_score(torch.cat(logits))[0]
+    bar.close()
+    if resized:
+        notes.append(f"{resized} result(s) were resized to their reference's size for the "
+                     "paired metrics")
+    computed = [m for m in wanted if any(m in row.values for row in rows)]
+    for m in wanted:
+        if m not in computed and m not in errors:
+            errors[m] = {"clip_score": "no item has a target_prompt",
+                         "clip_score_edited": "no item has a mask and a target_prompt",
+                         "ips": "no item could be scored (see the notes)"}.get(
+                m, "no item has what it needs (a mask for background metrics)")
+    result = EvalResult(run_dir=run_dir, out_dir=Path(options.out or run_dir / "eval"),
+                        rows=rows, metrics=computed, errors=errors, items=common,
+                        sources=sources, masks=masks, notes=notes)
+    report.write_all(result, pictures=options.pictures)
+    return result
+
+
+def _bar(total: int, enabled: bool):
+    import os
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="eval", unit="image",
+                disable=not enabled or os.environ.get("XMGIE_NO_PROGRESS") == "1")
+
+
+def print_result(result: EvalResult, file=None) -> None:
+    file = file or sys.stdout
+    from .report import format_value
+
+    print(f"Evaluated {len(result.items)} item(s) x {len(result.rows)} row(s).", file=file)
+    header = ["variant"] + [M.LABELS.get(m, m) for m in result.metrics]
+    print("  " + " | ".join(header), file=file)
+    for row in result.rows:
+        print("  " + " | ".join([row.name] + [format_value(row.values.get(m))
+                                             for m in result.metrics]), file=file)
+    for metric, why in result.errors.items():
+        first = why.strip().splitlines()[0] if why.strip() else "failed"
+        print(f"error: {M.LABELS.get(metric, metric)} not computed: {first}", file=sys.stderr)
+    if result.errors:
+        shown = set()
+        for why in result.errors.values():
+            if why not in shown and "\n" in why:
+                shown.add(why)
+                print(why, file=sys.stderr)
+    for note in result.notes[:20]:
+        print(f"note: {note}", file=file)
+    print(f"Wrote {len(result.files)} file(s) under {result.out_dir} "
+          f"(report: {result.out_dir / 'report.md'}).", file=file)
