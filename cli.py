@@ -2,7 +2,7 @@
 
     xmgie check WORKFLOW.json [--tiny] [--set NODE_ID.INPUT=VALUE ...]
     xmgie run WORKFLOW.json [--tiny] [--set ...] [--output-dir DIR] [--input-dir DIR ...]
-                            [--models-dir DIR ...] [--device cpu|cuda|...]
+                            [--models-dir DIR ...] [--device cpu|cuda|...] [--offload]
 
 The registry is the pack's nodes plus standalone stand-ins for the ComfyUI core nodes
 the shipped workflows use (LoadImage, LoadImageMask, SaveImage, PreviewImage).
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None,
                      help="torch device for the models, e.g. cpu, cuda, cuda:1, mps "
                           "(default: the best available)")
+    run.add_argument("--offload", action="store_true",
+                     help="keep models on the CPU and move each to the device only while "
+                          "a node uses it (least GPU memory, slower; also XMGIE_OFFLOAD=1)")
     return parser
 
 
@@ -80,6 +83,8 @@ def configure_models(args: argparse.Namespace) -> None:
     lists depend on them."""
     if getattr(args, "device", None):
         os.environ["XMGIE_DEVICE"] = args.device  # read by mgie_core.runtime
+    if hasattr(args, "offload"):  # run only; XMGIE_OFFLOAD=1 does the same
+        runtime.set_offload_after_use(args.offload or os.environ.get("XMGIE_OFFLOAD") == "1")
     if args.models_dir:
         paths.configure(models_dir=args.models_dir)
     if args.tiny:
@@ -102,7 +107,7 @@ def prepare(args: argparse.Namespace, data: dict,
     """Convert, override and validate; returns (API prompt, extra_pnginfo)."""
     prompt = engine.to_api(data, registry)
     prompt = engine.apply_overrides(prompt, args.overrides, registry)
-    prompt = engine.check(prompt, registry)
+    prompt = engine.check_runnable(prompt, registry)   # node problems and no output node
     # ComfyUI embeds the UI workflow in saved PNGs; an API file has none to embed.
     extra_pnginfo = {"workflow": data} if engine.is_ui_format(data) else {}
     return prompt, extra_pnginfo
