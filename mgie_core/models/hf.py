@@ -64,9 +64,9 @@ def _reasonable_max_length(tokenizer, folder: Path) -> None:
 
 
 def load_model(cls, folder: Path, what: str, dtype: torch.dtype, device: torch.device):
-    nbytes = weights_bytes(folder, dtype)
-    if nbytes:
-        runtime.free_memory_for(nbytes, device)
+    """``cls.from_pretrained`` offline, frozen, on the CPU, with normal (not inference)
+    weights; the caller registers it with ``runtime.manage``, which places it on
+    ``device`` (freeing room there first) or leaves it to the host."""
     try:
         model, info = cls.from_pretrained(str(folder), local_files_only=True, dtype=dtype,
                                           output_loading_info=True)
@@ -78,7 +78,7 @@ def load_model(cls, folder: Path, what: str, dtype: torch.dtype, device: torch.d
     missing = sorted(set(info.get("missing_keys", ())) | {
         k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())})
     check_state_dict_keys(what, folder, missing, [])
-    return model.requires_grad_(False).eval().to(device)
+    return model.requires_grad_(False).eval()
 
 
 def weights_bytes(folder: Path, dtype: torch.dtype) -> int:

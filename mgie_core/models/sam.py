@@ -215,6 +215,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+@runtime.builds_weights
 def load_sam(name: str, device: Optional[torch.device | str] = None) -> SamModel:
     """Find SAM checkpoint ``name`` (file name or path), build its architecture and load it."""
     path = paths.resolve(paths.SAM, name)
@@ -229,8 +230,8 @@ def load_sam(name: str, device: Optional[torch.device | str] = None) -> SamModel
                              "The file is damaged or not a Segment Anything checkpoint.") from e
     check_state_dict_keys(WHAT, path, list(result.missing_keys), list(result.unexpected_keys))
     sam.eval().requires_grad_(False)
-    sam.to(torch.device(device) if device is not None else runtime.device())
-    return SamModel(sam=sam, model_type=arch.model_type, path=path)
+    model = SamModel(sam=sam, model_type=arch.model_type, path=path)
+    return runtime.manage(model, {f"SAM {path.name}": sam}, device)
 
 
 # --- segmentation -------------------------------------------------------------------

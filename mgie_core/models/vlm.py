@@ -41,6 +41,7 @@ class VLM:
         return f"VLM({self.model_type}, {self.path}, {self.device}, {self.dtype})"
 
 
+@runtime.builds_weights
 def load_vlm(name: str, dtype="auto", device=None) -> VLM:
     """Load an image-text-to-text model folder by name or path."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -62,7 +63,8 @@ def load_vlm(name: str, dtype="auto", device=None) -> VLM:
     device = torch.device(device) if device is not None else runtime.device()
     dtype = resolve_dtype(dtype, device)
     model = load_model(AutoModelForImageTextToText, folder, what, dtype, device)
-    return VLM(model=model, processor=processor, device=device, dtype=dtype, path=folder)
+    vlm = VLM(model=model, processor=processor, device=device, dtype=dtype, path=folder)
+    return runtime.manage(vlm, {f"VLM {folder.name}": model}, device)
 
 
 def ask(vlm: VLM, image: torch.Tensor, question: str, max_new_tokens: int = 256) -> str:
