@@ -25,7 +25,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import attention, runtime
+from . import attention
 from .attention import COND, AttnContext, AttnHook, BatchLayout, Branch, LayerInfo, layer_hw
 from .diffusion import unet_eps
 from .errors import GradientError, why_no_gradient
