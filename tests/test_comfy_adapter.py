@@ -98,13 +98,13 @@ def test_gradient_stage_runs_under_comfyui_hooks_in_inference_mode(comfy):
     from xmgie.mgie_core import inversion, mag, runtime, sampler, vae
 
     sd = _load_sd()
-    mask = torch.zeros(1, 64, 64)
-    mask[:, 16:48, 16:48] = 1
+    mask = torch.zeros(1, 128, 128)
+    mask[:, 32:96, 40:104] = 1
     with torch.inference_mode(), runtime.use(sd):
-        image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+        image = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(0))
         z0 = vae.encode(sd, image).samples
         inv = inversion.invert(sd, z0, "a photo of a red carpet", method="null_text",
-                               steps=2, inner_steps=2, image_size=(64, 64))
+                               steps=2, inner_steps=2, image_size=(128, 128))
         ctl = mag.MAGControl(mask, ["yellow"], iterations=2)
         res = sampler.edit(sd, inv, "a photo of a yellow carpet", mask=mask, controls=[ctl])
     assert inv.updates.get("null-text inversion").applied > 0
