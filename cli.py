@@ -2,7 +2,7 @@
 
     xmgie check WORKFLOW.json [--tiny] [--set NODE_ID.INPUT=VALUE ...]
     xmgie run WORKFLOW.json [--tiny] [--set ...] [--output-dir DIR] [--input-dir DIR ...]
-                            [--models-dir DIR ...] [--device cpu|cuda|...]
+                            [--models-dir DIR ...] [--device cpu|cuda|...] [--offload]
     xmgie batch WORKFLOW.json --dataset D [--out RUN] [--map ...] [--ray [ADDRESS]] ...
     xmgie eval RUN [--reference DATASET] [--variants V.json] ...
 
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None,
                      help="torch device for the models, e.g. cpu, cuda, cuda:1, mps "
                           "(default: the best available)")
+    run.add_argument("--offload", action="store_true",
+                     help="keep models on the CPU and move each to the device only while "
+                          "a node uses it (least GPU memory, slower; also XMGIE_OFFLOAD=1)")
     from .runner import batch_cli  # xmgie batch / xmgie eval
 
     batch_cli.add_parsers(commands)
@@ -106,6 +109,8 @@ def configure_models(args: argparse.Namespace) -> None:
     lists depend on them."""
     if getattr(args, "device", None):
         os.environ["XMGIE_DEVICE"] = args.device  # read by mgie_core.runtime
+    if hasattr(args, "offload"):  # run only; XMGIE_OFFLOAD=1 does the same
+        runtime.set_offload_after_use(args.offload or os.environ.get("XMGIE_OFFLOAD") == "1")
     if args.models_dir:
         paths.configure(models_dir=args.models_dir)
     if getattr(args, "max_image_pixels", None):
@@ -133,7 +138,7 @@ def prepare(args: argparse.Namespace, data: dict,
         prompt = engine.apply_overrides(prompt, args.overrides, registry)
     except engine.WorkflowError as exc:  # a bad --set is a usage error, like argparse's
         raise UsageError(exc.errors) from exc
-    prompt = engine.check(prompt, registry)
+    prompt = engine.check_runnable(prompt, registry)   # node problems and no output node
     # ComfyUI embeds the UI workflow in saved PNGs; an API file has none to embed.
     extra_pnginfo = {"workflow": data} if engine.is_ui_format(data) else {}
     return prompt, extra_pnginfo

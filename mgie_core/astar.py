@@ -42,7 +42,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import guidance
+from . import guidance, runtime
 from .attention import Branch, MaskPyramid
 from .control import Control
 from .errors import InputError
@@ -187,15 +187,35 @@ class AStarControl(Control):
             return self._pyramid.at(tuple(z.shape[-2:]), z.device)[:, None]
         return guidance.latent_mask(run, z) if run.mask is not None else None
 
+    def constant_loss_reason(self, run, i: int) -> Optional[str]:
+        """Why the loss at step i is a constant by construction (so there is no gradient
+        to follow and the update is skipped, counted with this reason), or None.
+
+        * one concept at the first optimised step: no pair to segregate and no previous
+          region to retain;
+        * every concept word is also in the source prompt and its map is injected from
+          the reconstruction at this step (cross-attention injection), so no map depends
+          on the latent."""
+        if len(self._groups) < 2 and self._prev is None:
+            return "constant loss: one concept and no previous region (first step)"
+        inj = run.injection
+        if inj is not None and i < inj.cross_steps:
+            mapper = inj.mapper
+            if all(all(p < len(mapper) and int(mapper[p]) >= 0 for p in g)
+                   for g in self._groups):
+                return ("constant loss: every concept map is injected from the "
+                        "reconstruction at this step")
+        return None
+
     def before_step(self, run, i: int) -> None:
         if i >= self._n_opt:
             return
-        z = run.latents[Branch.EDIT].float()
-        region = self._region(run, z)
-        alpha = self.step_size * guidance.sigma(run, i)
-        A = None
-        for it in range(self.iterations):
-            with torch.enable_grad():
+        with runtime.autograd():
+            z = runtime.autograd_input(run.latents[Branch.EDIT]).float()
+            region = self._region(run, z)
+            alpha = self.step_size * guidance.sigma(run, i)
+            A = None
+            for it in range(self.iterations):
                 zv = z.detach().requires_grad_(True)
                 maps = guidance.edit_maps(run, zv, i, self._layers)
                 hw = map_hw(z.shape[-2:], next(iter(maps.values())).shape[-2])
@@ -204,24 +224,28 @@ class AStarControl(Control):
                 l_ret = retention_loss(A, self._prev) if self._prev is not None \
                     else A.new_zeros(())
                 total = l_seg + l_ret
-                # One concept at the first step (no pair, no previous map), or every
-                # concept map injected: the loss is a constant and there is nothing to do.
-                grad = torch.autograd.grad(total, zv, allow_unused=True)[0] \
-                    if total.requires_grad else None
-            if grad is None:
-                grad = torch.zeros_like(z)
-            ok = guidance.finite_grad(grad, "A-STAR", i)
-            self.history.append({"step": i, "iteration": it, "seg": float(l_seg.detach()),
-                                 "ret": float(l_ret.detach()), "applied": ok})
-            if not ok:
-                continue
-            grad = grad.float()
-            z = (z - alpha * grad) if region is None else \
-                guidance.masked_update(z, grad, region, alpha)
-        # Retention's B for the next step: this step's maps (of the last iteration's
-        # input latent; recomputing after the update would cost one more forward).
-        self._prev = binarise(A, self.threshold)
-        run.latents[Branch.EDIT] = z.detach()
+                record = {"step": i, "iteration": it, "seg": float(l_seg.detach()),
+                          "ret": float(l_ret.detach()), "applied": False}
+                self.history.append(record)
+                constant = self.constant_loss_reason(run, i)
+                if constant is not None:
+                    # A legitimate no-op, counted; the forward above still gives this
+                    # step's maps for the next step's retention term.
+                    record["skipped"] = constant
+                    run.report.skipped(self.name, constant)
+                    continue
+                # Anything else without a gradient is a failure, not a zero update.
+                grad = guidance.gradient(total, zv, self.name, i)
+                if not guidance.count_update(run, self.name, grad, i):
+                    continue
+                record["applied"] = True
+                grad = grad.float()
+                z = (z - alpha * grad) if region is None else \
+                    guidance.masked_update(z, grad, region, alpha)
+            # Retention's B for the next step: this step's maps (of the last iteration's
+            # input latent; recomputing after the update would cost one more forward).
+            self._prev = binarise(A, self.threshold)
+            run.latents[Branch.EDIT] = z.detach()
 
     def teardown(self, run) -> None:
         self._prev = None

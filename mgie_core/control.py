@@ -15,8 +15,11 @@ A subclass whose public method looks like a misspelt hook (``before_setp``,
 of never being called.
 
 :class:`SamplingRun` is the edit context a sampler owns for one run: the model, the
-schedule, the branch latents, the mask, the prompts and embeddings, and the per-step
-caches controls share. Controls read the run's mask unless they were given their own
+schedule, the branch latents, the mask, the prompts and embeddings, the per-step
+caches controls share, and ``report``, where optimising controls count the updates they
+applied and skipped (``run.report.applied(self.name)``, ``run.report.skipped(self.name,
+reason)``; see :mod:`.report`). Per-run state lives on the run, not on the control: a
+host that caches node outputs (ComfyUI) hands the same control object to later runs. Controls read the run's mask unless they were given their own
 (an explicit, documented override on each control).
 """
 
@@ -33,6 +36,7 @@ from .attention import AttnHook, BatchLayout, Branch, MaskPyramid
 from .diffusion import Schedule
 from .inversion import InversionResult
 from .models.sd import SDModel
+from .report import UpdateReport
 
 HOOKS = ("setup", "attn_hooks", "before_step", "after_step", "teardown")
 # Public method names a hook-like typo tends to have.
@@ -133,6 +137,8 @@ class SamplingRun:
         default_factory=dict)
     source_passes: int = 0                        # reconstruction-row passes for the caches
     edit_passes: int = 0                          # edit-row passes for losses
+    # Updates each optimising control applied and skipped in this run (see report.py).
+    report: UpdateReport = dataclasses.field(default_factory=UpdateReport)
     _mask_pyramid: Optional[MaskPyramid] = dataclasses.field(default=None, repr=False)
 
     @property

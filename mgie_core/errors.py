@@ -56,3 +56,42 @@ class ModelLoadError(XMGIEError, RuntimeError):
 def names_list(items: Iterable[str]) -> str:
     items = list(items)
     return ", ".join(repr(i) for i in items) if items else "(none)"
+
+
+class GradientError(XMGIEError, RuntimeError):
+    """A gradient-based stage could not compute its gradient: it refuses to go on as if
+    it had (a silent zero update would leave the image unchanged without a word)."""
+
+    def __init__(self, stage: str, step: int, reason: str, fix: str = ""):
+        self.stage = stage
+        self.step = step
+        msg = f"{stage}: no gradient at step {step}: {reason}."
+        if fix:
+            msg += f" {fix}"
+        super().__init__(msg)
+
+
+def why_no_gradient(loss, wrt) -> tuple[str, str]:
+    """(reason, fix) for a loss that carries no gradient to ``wrt``: the usual causes are
+    the caller's inference mode or no_grad, inference-tensor inputs or weights, or a loss
+    that does not depend on ``wrt``."""
+    import torch
+
+    if torch.is_inference_mode_enabled():
+        return ("it was computed inside torch.inference_mode()",
+                "Run the optimisation inside mgie_core.runtime.autograd().")
+    if not torch.is_grad_enabled():
+        return ("gradients are disabled (torch.no_grad())",
+                "Run the optimisation inside mgie_core.runtime.autograd().")
+    if getattr(wrt, "is_inference", lambda: False)():
+        return ("the optimised tensor is an inference tensor",
+                "Pass it through mgie_core.runtime.autograd_input() first.")
+    if not getattr(wrt, "requires_grad", False):
+        return ("the optimised tensor does not require a gradient",
+                "Call requires_grad_(True) on it inside the autograd block.")
+    if not getattr(loss, "requires_grad", False):
+        return ("the loss carries no autograd graph (it was computed under torch.no_grad() "
+                "or inference mode, or from detached values)",
+                "Compute it inside mgie_core.runtime.autograd() from the optimised tensor.")
+    return ("the loss does not depend on the optimised tensor",
+            "Check that the loss reads the model's output for this tensor.")

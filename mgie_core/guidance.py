@@ -9,6 +9,11 @@ identity guidance): re-run the edit branch with gradients, cheaply and exactly.
   (``StopForward`` from a forward hook), so the backward goes only through that prefix.
 * Optimised latents and losses stay float32 whatever the UNet's precision; a non-finite
   gradient skips the update with a warning and never touches the latent.
+* The controls optimise inside :func:`runtime.autograd` (ComfyUI runs nodes inside
+  inference mode) and take the latent through :func:`runtime.autograd_input`;
+  :func:`gradient` raises :class:`GradientError` naming the control when the loss carries
+  no gradient, and :func:`count_update` records every update applied or skipped (with
+  its reason) in the run's report.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 from . import attention
 from .attention import COND, AttnContext, AttnHook, BatchLayout, Branch, LayerInfo, layer_hw
 from .diffusion import unet_eps
+from .errors import GradientError, why_no_gradient
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +216,33 @@ def finite_grad(grad: torch.Tensor, what: str, step: int) -> bool:
         return True
     log.warning("%s: non-finite gradient at step %d; this update is skipped", what, step)
     return False
+
+
+def gradient(loss: torch.Tensor, wrt: torch.Tensor, stage: str, step: int) -> torch.Tensor:
+    """d loss / d wrt; raises :class:`GradientError` naming ``stage`` (the control) and
+    the reason when autograd cannot give it (inference mode, no_grad, inference-tensor
+    inputs, a loss that does not depend on ``wrt``) instead of letting a zero or missing
+    gradient pass for an update."""
+    if not loss.requires_grad:
+        raise GradientError(stage, step, *why_no_gradient(loss, wrt))
+    (grad,) = torch.autograd.grad(loss, wrt, allow_unused=True)
+    if grad is None:
+        raise GradientError(stage, step, *why_no_gradient(loss, wrt))
+    return grad
+
+
+def count_update(run, stage: str, grad: torch.Tensor, step: int) -> bool:
+    """Whether to apply an update with ``grad``; records the verdict in ``run.report``.
+    Skipped: a non-finite gradient (with a warning) and an all-zero one (the update
+    would change nothing)."""
+    if not finite_grad(grad, stage, step):
+        run.report.skipped(stage, "non-finite gradient")
+        return False
+    if not bool(grad.any()):
+        run.report.skipped(stage, "zero gradient")
+        return False
+    run.report.applied(stage)
+    return True
 
 
 def masked_update(z: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor,

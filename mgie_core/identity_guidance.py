@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import guidance
+from . import guidance, runtime
 from .attention import COND, UNCOND, BatchLayout, Branch, MaskPyramid
 from .control import Control
 from .errors import InputError, names_list
@@ -231,6 +231,7 @@ class IdentityGuidance(Control):
             emb = embed_identity(self.encoder, src, mask if crop else None, margin)
         vec = emb.vector if isinstance(emb, IdentityEmbedding) else emb
         self._e_id = F.normalize(vec.detach().float(), dim=-1).to(self.encoder.device)
+        self.history = []                    # per run (a cached node output is reused)
 
     def teardown(self, run) -> None:
         self._pyramid = None
@@ -245,7 +246,7 @@ class IdentityGuidance(Control):
         for it in range(self.iterations):
             loss, grad = self.loss_and_grad(run, z, i)
             self.history.append({"step": i, "iteration": it, "loss": loss})
-            if not guidance.finite_grad(grad, "identity guidance", i):
+            if not guidance.count_update(run, self.name, grad, i):
                 continue
             # dL/dx0 = sqrt(abar) dL/dz; normalised over the updated region (per image)
             g = grad * a ** 0.5
@@ -272,17 +273,20 @@ class IdentityGuidance(Control):
         return eu + run.guidance_scale * (ec - eu)
 
     def loss_and_grad(self, run, z: torch.Tensor, i: int) -> tuple[float, torch.Tensor]:
-        """(mean 1 - cos, dL/dz in float32) at ``z`` with eps held constant."""
-        eps = self.edit_eps(run, z.detach(), i)
-        a = run.schedule.abar(int(run.schedule.timesteps[i]))
-        zv = z.detach().float().requires_grad_(True)
-        with torch.enable_grad():
+        """(mean 1 - cos, dL/dz in float32) at ``z`` with eps held constant. Runs inside
+        :func:`runtime.autograd` with its inputs as normal tensors, whatever mode the
+        sampler runs in; no gradient raises :class:`GradientError`."""
+        with runtime.autograd():
+            z, e_id = runtime.autograd_input((z, self._e_id))
+            eps = self.edit_eps(run, z.detach(), i)
+            a = run.schedule.abar(int(run.schedule.timesteps[i]))
+            zv = z.detach().float().requires_grad_(True)
             x0 = (zv - (1 - a) ** 0.5 * eps) / a ** 0.5
             img = decode_for_grad(run.sd, x0, self.memory)
             if self._box is not None:
                 img = crop_box(img, self._box)
             e = self.encoder.embed(img)
-            ref = self._e_id if self._e_id.shape[0] in (1, e.shape[0]) else self._e_id[:1]
+            ref = e_id if e_id.shape[0] in (1, e.shape[0]) else e_id[:1]
             loss = (1 - (e * ref).sum(-1)).mean()
-            (grad,) = torch.autograd.grad(loss * z.shape[0], zv)
+            grad = guidance.gradient(loss * z.shape[0], zv, self.name, i)
         return float(loss.detach()), grad.float()

@@ -22,12 +22,14 @@ import torch
 from . import runtime
 from .diffusion import (Schedule, denoise_step, encode_prompt, invert_step, make_schedule,
                         unet_eps)
-from .errors import InputError
+from .errors import GradientError, InputError, why_no_gradient
 from .models.sd import SDModel
+from .report import UpdateReport
 
 log = logging.getLogger(__name__)
 
 METHODS = ("ddim", "null_text", "negative_prompt", "direct")
+NULL_TEXT = "null-text inversion"     # the stage's name in errors and update reports
 
 
 @dataclasses.dataclass
@@ -43,6 +45,7 @@ class InversionResult:
     offsets: Optional[torch.Tensor] = None           # (N, B, 4, h, w): direct inversion
     settings: dict = dataclasses.field(default_factory=dict)
     image_size: tuple[int, int] = (0, 0)
+    updates: UpdateReport = dataclasses.field(default_factory=UpdateReport)  # null-text
 
     @property
     def num_steps(self) -> int:
@@ -91,41 +94,57 @@ def _guided_eps(sd, z, t, cond, uncond, scale):
 def null_text_optimisation(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor,
                            uncond: torch.Tensor, sch: Schedule, scale: float,
                            inner_steps: int = 10, lr: float = 1e-2,
-                           early_stop: float = 1e-5) -> torch.Tensor:
+                           early_stop: float = 1e-5,
+                           report: Optional[UpdateReport] = None) -> torch.Tensor:
     """Per step i: Adam on the unconditional embedding (warm-started from step i-1),
     lr * (1 - i/100), at most ``inner_steps`` iterations, stopping once the loss is below
-    early_stop + i * 2e-5; then advance with it. The embedding and loss stay float32."""
+    early_stop + i * 2e-5; then advance with it. The embedding and loss stay float32.
+
+    Runs inside :func:`runtime.autograd` (ComfyUI calls nodes inside inference mode) with
+    its inputs cloned when they are inference tensors. Every Adam step applied, and every
+    iteration skipped for a non-finite gradient, is counted in ``report``; a loss that
+    carries no gradient raises :class:`GradientError`."""
+    report = report if report is not None else UpdateReport()
     n = sch.num_steps
     nulls = []
-    u = uncond.detach().float().clone()
-    z = traj[0].to(sd.device, torch.float32)
-    with runtime.progress(n, "null-text inversion") as bar:
-        for i in range(n):
-            t = int(sch.timesteps[i])
-            target = traj[i + 1].to(sd.device, torch.float32)
-            u = u.detach().clone().requires_grad_(True)
-            opt = torch.optim.Adam([u], lr=lr * (1.0 - i / 100.0))
-            with torch.no_grad():
-                eps_c = unet_eps(sd, z, t, cond.expand(z.shape[0], -1, -1))
-            for _ in range(inner_steps):
-                eps_u = unet_eps(sd, z, t, u.expand(z.shape[0], -1, -1))
-                eps = eps_u + scale * (eps_c - eps_u)
-                loss = torch.nn.functional.mse_loss(denoise_step(sch, i, z, eps), target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if not torch.isfinite(u.grad).all():
-                    log.warning("null-text inversion: non-finite gradient at step %d; "
-                                "keeping the embedding of the last good iteration", i)
-                    break
-                opt.step()
-                if loss.item() < early_stop + i * 2e-5:
-                    break
-                runtime.check_interrupt()
-            u = u.detach()
-            nulls.append(u.cpu())
-            with torch.no_grad():
-                z = denoise_step(sch, i, z, _guided_eps(sd, z, t, cond, u, scale))
-            bar.update()
+    with runtime.autograd():
+        traj, cond, uncond = runtime.autograd_input((traj, cond, uncond))
+        u = uncond.detach().float().clone()
+        z = traj[0].to(sd.device, torch.float32)
+        with runtime.progress(n, "null-text inversion") as bar:
+            for i in range(n):
+                t = int(sch.timesteps[i])
+                target = traj[i + 1].to(sd.device, torch.float32)
+                u = u.detach().clone().requires_grad_(True)
+                opt = torch.optim.Adam([u], lr=lr * (1.0 - i / 100.0))
+                with torch.no_grad():
+                    eps_c = unet_eps(sd, z, t, cond.expand(z.shape[0], -1, -1))
+                for _ in range(inner_steps):
+                    eps_u = unet_eps(sd, z, t, u.expand(z.shape[0], -1, -1))
+                    eps = eps_u + scale * (eps_c - eps_u)
+                    loss = torch.nn.functional.mse_loss(denoise_step(sch, i, z, eps), target)
+                    if not loss.requires_grad:
+                        raise GradientError(NULL_TEXT, i, *why_no_gradient(loss, u))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if u.grad is None:
+                        raise GradientError(NULL_TEXT, i, *why_no_gradient(loss, u))
+                    if not torch.isfinite(u.grad).all():
+                        log.warning("null-text inversion: non-finite gradient at step %d; "
+                                    "keeping the embedding of the last good iteration", i)
+                        report.skipped(NULL_TEXT, "non-finite gradient")
+                        break
+                    opt.step()
+                    report.applied(NULL_TEXT)
+                    if loss.item() < early_stop + i * 2e-5:
+                        break
+                    runtime.check_interrupt()
+                u = u.detach()
+                nulls.append(u.cpu())
+                with torch.no_grad():
+                    z = denoise_step(sch, i, z, _guided_eps(sd, z, t, cond, u, scale))
+                bar.update()
+    report.log(log, "inversion")
     return torch.stack(nulls)
 
 
@@ -169,7 +188,8 @@ def invert(sd: SDModel, z0: torch.Tensor, source_prompt: str, method: str = "nul
                              settings={"steps": steps}, image_size=image_size)
     if method == "null_text":
         result.null_embeddings = null_text_optimisation(sd, traj, cond, empty, sch,
-                                                        guidance_scale, inner_steps)
+                                                        guidance_scale, inner_steps,
+                                                        report=result.updates)
         result.settings["inner_steps"] = inner_steps
     elif method == "negative_prompt":
         result.null_embeddings = cond.cpu()[None].expand(steps, -1, -1, -1).clone()

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import guidance
+from . import guidance, runtime
 from .attention import AttnContext, BatchLayout, Branch, MaskPyramid, layer_hw
 from .control import Control
 from .errors import InputError
@@ -109,13 +109,15 @@ class MAGControl(Control):
         n = run.schedule.num_steps
         self._n_opt = int(round(self.opt_fraction * n))
         self._n_blend = int(round(self.blend_fraction * n))
+        self.history = []                    # per run (a cached node output is reused)
 
     def loss(self, maps: dict[str, torch.Tensor], latent_hw) -> tuple[torch.Tensor, float]:
         As = [maps[name] for name in self._layers]
         insides = []
         for A in As:
             hw = layer_hw(AttnContext(0, 1, BatchLayout(()), latent_hw), A.shape[1])
-            insides.append(self._pyramid.at(hw, A.device)[0].flatten() > 0.5)
+            inside = self._pyramid.at(hw, A.device)[0].flatten() > 0.5
+            insides.append(runtime.autograd_input(inside))   # indexes A: saved for backward
         if not any(bool(i.any()) for i in insides):
             raise InputError("mask", "vanishes at the 16x16 attention resolution",
                              "a larger edit region", "MAG reads 16x16 maps (at 512 px).")
@@ -136,22 +138,23 @@ class MAGControl(Control):
     def before_step(self, run, i: int) -> None:
         if i >= self._n_opt:
             return
-        z = run.latents[Branch.EDIT].float()
-        m64 = guidance.latent_mask(run, z) if run.mask is not None else \
-            self._pyramid.at(tuple(z.shape[-2:]), z.device)[:, None]
-        step = guidance.sigma(run, i)
-        for it in range(self.iterations):
-            zv = z.detach().requires_grad_(True)
-            maps = guidance.edit_maps(run, zv, i, self._layers, truncate=self.truncate,
-                                      cache_source=self.cache_source)
-            loss, act = self.loss(maps, tuple(z.shape[-2:]))
-            (grad,) = torch.autograd.grad(self.scale * loss, zv)
-            self.history.append({"step": i, "iteration": it, "loss": float(loss.detach()),
-                                 "activation": act})
-            if not guidance.finite_grad(grad, "MAG", i):
-                continue
-            z = guidance.masked_update(z, grad.float(), m64, step)
-        run.latents[Branch.EDIT] = z.detach()
+        with runtime.autograd():
+            z = runtime.autograd_input(run.latents[Branch.EDIT]).float()
+            m64 = guidance.latent_mask(run, z) if run.mask is not None else \
+                self._pyramid.at(tuple(z.shape[-2:]), z.device)[:, None]
+            step = guidance.sigma(run, i)
+            for it in range(self.iterations):
+                zv = z.detach().requires_grad_(True)
+                maps = guidance.edit_maps(run, zv, i, self._layers, truncate=self.truncate,
+                                          cache_source=self.cache_source)
+                loss, act = self.loss(maps, tuple(z.shape[-2:]))
+                grad = guidance.gradient(self.scale * loss, zv, self.name, i)
+                self.history.append({"step": i, "iteration": it, "loss": float(loss.detach()),
+                                     "activation": act})
+                if not guidance.count_update(run, self.name, grad, i):
+                    continue
+                z = guidance.masked_update(z, grad.float(), m64, step)
+            run.latents[Branch.EDIT] = z.detach()
 
     def teardown(self, run) -> None:
         # UNet passes spent: the reconstruction once per optimised step, the edit row

@@ -17,6 +17,7 @@ points of the loop and shares the run's context with them as a :class:`SamplingR
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Optional, Sequence
 
 import torch
@@ -30,7 +31,10 @@ from .errors import InputError
 from .inversion import InversionResult, source_null
 from .models.conditioning import Conditioning
 from .models.sd import SDModel
+from .report import UpdateReport
 from .tokens import find_word_tokens
+
+log = logging.getLogger(__name__)
 
 REC, EDIT, REF = Branch.REC, Branch.EDIT, Branch.REF
 IMG = Half.IMG   # instruction path: the text-null, image-conditioned guidance row
@@ -49,6 +53,8 @@ class EditResult:
     edit: torch.Tensor            # (B,4,h,w) final edit-branch latent, CPU float32
     reconstruction: Optional[torch.Tensor]
     settings: dict
+    # Updates the optimising controls applied and skipped in this run.
+    report: UpdateReport = dataclasses.field(default_factory=UpdateReport)
 
 
 def _finish(run: SamplingRun, controls: Sequence[Control]) -> None:
@@ -57,6 +63,7 @@ def _finish(run: SamplingRun, controls: Sequence[Control]) -> None:
     run.controller.reset_call(None)
     for c in controls:
         c.teardown(run)
+    run.report.log(log, "sampler")
 
 
 def _setup_controls(run: SamplingRun, controls: Sequence[Control],
@@ -218,7 +225,9 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
                       run.latents[REC].cpu() if keep_reconstruction else None,
                       {"target_prompt": target_prompt, "guidance_scale": scale,
                        "cross_replace": cross_replace, "self_replace": self_replace,
-                       "p2p_mode": p2p_mode, "batched": batched, "steps": n, "inversion": inversion.method})
+                       "p2p_mode": p2p_mode, "batched": batched, "steps": n,
+                       "inversion": inversion.method},
+                      run.report)
 
 
 def encode_instruction(sd: SDModel, text: str) -> Conditioning:
@@ -313,4 +322,5 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
     return EditResult(run.latents[EDIT].cpu(), None,
                       {"steps": steps, "text_scale": text_scale, "image_scale": image_scale,
                        "seed": seed, "batched": batched, "conditioning": conditioning.source,
-                       "scheduler": scheduler})
+                       "scheduler": scheduler},
+                      run.report)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+from ._common import uses_models
+
 # Each module defines NODES: list of node classes (each with NODE_ID and DISPLAY_NAME).
 _MODULES = [
     "loaders",
@@ -29,5 +31,5 @@ for _name in _MODULES:
     for _cls in _mod.NODES:
         if _cls.NODE_ID in NODE_CLASS_MAPPINGS:
             raise RuntimeError(f"duplicate node id {_cls.NODE_ID} in nodes/{_name}.py")
-        NODE_CLASS_MAPPINGS[_cls.NODE_ID] = _cls
+        NODE_CLASS_MAPPINGS[_cls.NODE_ID] = uses_models(_cls)
         NODE_DISPLAY_NAME_MAPPINGS[_cls.NODE_ID] = _cls.DISPLAY_NAME

@@ -7,11 +7,20 @@ Every node class:
   * a short ``FUNCTION`` that calls into ``mgie_core`` (no logic here).
 Images are float32 [B,H,W,3] in 0..1, masks [B,H,W]; inputs are cloned before any
 in-place change; results go back to the CPU.
+
+Models: every node's FUNCTION runs inside ``runtime.use(...)`` of the loaded models among
+its inputs (:func:`uses_models`, applied to every node by the registry), so the host (or
+the standalone registry) puts them on the compute device first and, standalone with
+``--offload``, back on the CPU afterwards. Loader nodes set ``LOADS_MODELS = True``:
+their model inputs (the SD 1.5 model under MGIE's UNet) are only read, not run.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
+
+from ..mgie_core import runtime
 
 PREFIX = "XMGIE"
 ROOT_CATEGORY = "xmgie"
@@ -37,3 +46,31 @@ def category(sub: str = "") -> str:
 def inp(tooltip: str, **opts: Any) -> dict:
     """Options dict for an input, always carrying a tooltip."""
     return {"tooltip": tooltip, **opts}
+
+
+def uses_models(cls: type) -> type:
+    """Wrap ``cls``'s FUNCTION so it runs inside ``runtime.use`` of the loaded models among
+    its arguments (models, and controls holding models, e.g. an identity encoder)."""
+    if getattr(cls, "LOADS_MODELS", False):
+        return cls
+    fn = getattr(cls, cls.FUNCTION)
+    if getattr(fn, "uses_models", False):
+        return cls
+
+    @functools.wraps(fn)
+    def run(self, *args, **kwargs):
+        with runtime.use(*args, *kwargs.values()):
+            return fn(self, *args, **kwargs)
+
+    run.uses_models = True
+    setattr(cls, cls.FUNCTION, run)
+    return cls
+
+
+def report_output(result: tuple, report) -> Any:
+    """A node's return value with the update counts of its run (``report``, a
+    ``mgie_core.report.UpdateReport``) as text in its UI output: ComfyUI keeps it in the
+    prompt's history, ``xmgie run`` prints it. Plain ``result`` when nothing counted."""
+    if not report:
+        return result
+    return {"ui": {"text": report.lines(), "updates": report.as_dicts()}, "result": result}

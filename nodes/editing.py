@@ -7,7 +7,8 @@ from ..mgie_core import pfb, sampler, vae
 from ..mgie_core.attention import CAMHook
 from ..mgie_core.diffusion import INSTRUCT_SCHEDULERS
 from ..mgie_core.images import check_finite, check_image, check_mask
-from ._common import CONDITIONING, CONTROLS, INVERSION, LATENT, PREFIX, SD_MODEL, category, inp
+from ._common import (CONDITIONING, CONTROLS, INVERSION, LATENT, PREFIX, SD_MODEL, category, inp,
+                      report_output)
 
 
 def _words(text: str) -> list[str]:
@@ -33,7 +34,8 @@ class Invert:
     CATEGORY = category("editing")
     DESCRIPTION = ("Inverts a photo into the diffusion trajectory under its source prompt: "
                    "DDIM, null-text (optimised, slow), negative-prompt or direct (no "
-                   "optimisation, exact reconstruction). Feeds the two-branch sampler.")
+                   "optimisation, exact reconstruction). Feeds the two-branch sampler. "
+                   "Null-text reports the optimiser updates it applied and skipped.")
     RETURN_TYPES = (INVERSION, LATENT)
     RETURN_NAMES = ("inversion", "latent")
     FUNCTION = "invert"
@@ -63,7 +65,7 @@ class Invert:
         result = inv_mod.invert(sd_model, lat.samples, source_prompt, method=method,
                                 steps=steps, guidance_scale=guidance, inner_steps=inner_steps,
                                 image_size=tuple(image.shape[1:3]))
-        return (result, lat)
+        return report_output((result, lat), result.updates)
 
 
 class PFBControlNode:
@@ -122,7 +124,9 @@ class CAMSampler:
     CATEGORY = category("editing")
     DESCRIPTION = ("Denoises a reconstruction branch and an edit branch together from the "
                    "inversion, in one batched UNet call per step, with prompt-to-prompt "
-                   "attention injection, cross-attention masking (CAM) and chained controls.")
+                   "attention injection, cross-attention masking (CAM) and chained controls. "
+                   "Its text output counts the updates each optimising control (MAG, "
+                   "A-STAR, identity guidance) applied and skipped in the run.")
     RETURN_TYPES = (LATENT, LATENT)
     RETURN_NAMES = ("edited", "reconstruction")
     FUNCTION = "sample"
@@ -172,8 +176,10 @@ class CAMSampler:
                            controls=list(controls or []), cross_replace=cross_replace,
                            self_replace=self_replace, batched=batched, p2p_mode=p2p_mode)
         size = inversion.image_size
-        return (vae.Latents(_finite_latent("edited latent", res.edit), size),
-                vae.Latents(_finite_latent("reconstruction latent", res.reconstruction), size))
+        return report_output((vae.Latents(_finite_latent("edited latent", res.edit), size),
+                              vae.Latents(_finite_latent("reconstruction latent",
+                                                         res.reconstruction), size)),
+                             res.report)
 
 
 class EncodeInstruction:
@@ -248,7 +254,8 @@ class InstructSampler:
                                     mask=m, source_latent=mode.samples, cam=cam,
                                     controls=list(controls or []), batched=batched,
                                     scheduler=scheduler)
-        return (vae.Latents(_finite_latent("edited latent", res.edit), tuple(image.shape[1:3])),)
+        return report_output((vae.Latents(_finite_latent("edited latent", res.edit),
+                                          tuple(image.shape[1:3])),), res.report)
 
 
 NODES = [Invert, PFBControlNode, CAMSampler, EncodeInstruction, InstructSampler]

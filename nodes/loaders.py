@@ -82,6 +82,7 @@ class LoadMGIEUNet:
     CATEGORY = category("loaders")
     DESCRIPTION = ("Puts MGIE's released 8-channel UNet (unet.pt in models/mgie) on top "
                    "of an SD 1.5 model's VAE, text encoder and tokenizer.")
+    LOADS_MODELS = True   # reads sd_model's parts, runs nothing: no need to load it
     RETURN_TYPES = (SD_MODEL,)
     RETURN_NAMES = ("sd_model",)
     FUNCTION = "load"

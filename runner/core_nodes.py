@@ -200,9 +200,14 @@ def load_image_tensors(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def image_to_pil(image: torch.Tensor) -> Image.Image:
-    """One IMAGE [H,W,C] in 0..1 as an 8-bit PIL image (C = 1, 3 or 4)."""
-    # Round rather than truncate (ComfyUI truncates), so 8-bit inputs round-trip exactly.
-    arr = np.clip(np.rint(image.detach().float().cpu().numpy() * 255.0), 0, 255).astype(np.uint8)
+    """One IMAGE [H,W,C] in 0..1 as an 8-bit PIL image (C = 1, 3 or 4).
+
+    The same pixels as ComfyUI's SaveImage: ``np.clip(255. * i.cpu().numpy(), 0, 255)
+    .astype(np.uint8)``, i.e. float32 arithmetic and truncation towards zero (not
+    rounding), so the runner and ComfyUI write identical files for the same tensor. An
+    8-bit image loaded by LoadImage (k / 255 in float32) still comes back as k, since
+    255 * (k / 255) rounds to exactly k in float32."""
+    arr = np.clip(255.0 * image.detach().cpu().float().numpy(), 0, 255).astype(np.uint8)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     channels = 1 if arr.ndim == 2 else arr.shape[-1]

@@ -34,10 +34,44 @@ Behaviour worth knowing (it follows ComfyUI where ComfyUI is defined):
 * Validation covers every node, not only those feeding an output, so ``xmgie check``
   reports all problems at once. Extra inputs a node does not declare are ignored
   (ComfyUI does the same).
-* Only nodes needed by output nodes (``OUTPUT_NODE = True``) are executed, each once, in
-  topological order; when the workflow has no output node, every node runs.
-* ``INPUT_IS_LIST`` / ``OUTPUT_IS_LIST`` list semantics are not implemented: values are
-  passed as they are.
+
+Execution semantics, against ComfyUI's ``execution.py`` (read at version 0.3.64):
+
+Followed:
+
+* A prompt without an output node (``OUTPUT_NODE = True``) is rejected before anything
+  runs, with ComfyUI's error type and message (``prompt_no_outputs``, "Prompt has no
+  outputs"): :func:`require_outputs`, through :func:`check_runnable`, which
+  :func:`execute` and ``xmgie check/run`` call.
+* Only the nodes the output nodes need run, each once, dependencies first.
+* Every node runs inside ``torch.inference_mode()``, as ``PromptExecutor.execute`` runs
+  the whole prompt, so tensors made by nodes (model weights included) are inference
+  tensors unless the node says otherwise. Stages that need autograd use
+  ``mgie_core.runtime.autograd`` and loaders ``runtime.loading``, in both hosts.
+* Hidden inputs PROMPT, EXTRA_PNGINFO and UNIQUE_ID; ``{"ui": ..., "result": ...}``
+  return values (any node may return ``ui``, ComfyUI stores it in the history).
+* ``VALIDATE_INPUTS`` is called with the literal inputs it names; interruption is
+  checked before each node (ComfyUI's ``before_node_execution``) and by the nodes'
+  progress updates.
+* A node's exception stops the run and names the node.
+
+Not followed:
+
+* No caching between runs: every ``xmgie run`` executes every needed node (ComfyUI keeps
+  outputs of unchanged nodes between prompts, so a node may get its inputs' objects
+  from a previous run: the pack's controls reset their per-run state in ``setup``).
+* ``IS_CHANGED`` / ``fingerprint_inputs`` are not called (there is no cache to
+  invalidate).
+* Lazy inputs (``"lazy": True`` and ``check_lazy_status``) are not evaluated lazily:
+  every linked input is computed before the node runs.
+* ``INPUT_IS_LIST`` / ``OUTPUT_IS_LIST`` list semantics (mapping a node over list
+  inputs) are not implemented: values are passed as they are.
+* V3 nodes (``comfy_api`` ``io.ComfyNode`` classes with ``define_schema``) are not
+  supported, nor node expansion (subgraphs returned by a node), async nodes or
+  ``ExecutionBlocker``; the pack's nodes are classic nodes.
+* ComfyUI validates only the nodes reachable from an output node, and runs the outputs
+  that validate while ignoring (and logging) those that do not; the runner validates
+  every node, reports every problem, and runs nothing when there is one.
 """
 
 from __future__ import annotations
@@ -52,6 +86,8 @@ import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch
 
 from ..mgie_core import runtime
 from ..mgie_core.errors import XMGIEError
@@ -92,6 +128,13 @@ class WorkflowError(XMGIEError):
             text = f"{len(self.errors)} problems in the workflow:\n" + \
                 "\n".join(f"  - {e}" for e in self.errors)
         super().__init__(text)
+
+
+class NoOutputsError(WorkflowError):
+    """The prompt has no output node: ComfyUI refuses it with ``prompt_no_outputs``."""
+
+    type = "prompt_no_outputs"
+    message = "Prompt has no outputs"   # ComfyUI's wording
 
 
 class WorkflowFileError(WorkflowError):
@@ -757,13 +800,48 @@ def output_nodes(prompt: Prompt, registry: Registry) -> list[str]:
             if getattr(registry.get(prompt[nid].get("class_type")), "OUTPUT_NODE", False)]
 
 
+def require_outputs(prompt: Prompt, registry: Registry) -> list[str]:
+    """The output nodes of ``prompt``; raises :class:`NoOutputsError` when it has none,
+    as ComfyUI's ``validate_prompt`` does (type ``prompt_no_outputs``, message "Prompt
+    has no outputs") before it validates or runs anything."""
+    outputs = output_nodes(prompt, registry)
+    if not outputs:
+        known = [nid for nid in prompt if registry.get(prompt[nid].get("class_type"))]
+        hint = "" if known else " (none of its node types is known)"
+        raise NoOutputsError(f"{NoOutputsError.type}: {NoOutputsError.message}{hint}; "
+                             "expected at least one output node (SaveImage, PreviewImage or "
+                             "another node with OUTPUT_NODE = True): ComfyUI refuses such a "
+                             "prompt and runs nothing. Add a SaveImage or PreviewImage node.")
+    return outputs
+
+
+def check_runnable(prompt: Prompt, registry: Registry) -> Prompt:
+    """:func:`check`, plus :func:`require_outputs`: what ComfyUI's ``/prompt`` accepts.
+    Every problem comes in one WorkflowError; a prompt whose only problem is the missing
+    output node raises :class:`NoOutputsError`."""
+    try:
+        require_outputs(prompt, registry)
+        missing_outputs = None
+    except NoOutputsError as exc:
+        missing_outputs = exc
+    try:
+        checked = check(prompt, registry)
+    except WorkflowError as exc:
+        if missing_outputs is not None:
+            raise WorkflowError(exc.errors + missing_outputs.errors) from None
+        raise
+    if missing_outputs is not None:
+        raise missing_outputs
+    return checked
+
+
 def execution_order(prompt: Prompt, registry: Registry) -> list[str]:
-    """The nodes to run, dependencies first: those the output nodes need, or every node
-    when there is no output node. Ties are broken by node id, so runs are repeatable.
-    Expects a validated (acyclic) prompt."""
+    """The nodes to run, dependencies first: those the output nodes need. Ties are
+    broken by node id, so runs are repeatable. Expects a validated (acyclic) prompt with
+    an output node."""
     deps = _dependencies(prompt)
     needed: set[str] = set()
-    stack = output_nodes(prompt, registry) or list(prompt)
+    stack = require_outputs(prompt, registry)
     while stack:
         node_id = stack.pop()
         if node_id not in needed:
@@ -842,15 +920,24 @@ def _run_node(spec: NodeSpec, node_id: str, kwargs: dict) -> Any:
 def execute(prompt: Prompt, registry: Registry, *,
             on_node: Optional[Callable[[NodeTiming], None]] = None,
             extra_pnginfo: Optional[dict] = None) -> RunResult:
-    """Validate, then run the nodes the outputs need, each once, in dependency order.
+    """Validate, then run the nodes the outputs need, each once, in dependency order,
+    inside ``torch.inference_mode()`` as ComfyUI does.
 
-    ``on_node`` is called after each node with its timing. ``extra_pnginfo`` is what
-    nodes asking for the hidden EXTRA_PNGINFO get (ComfyUI passes {"workflow": ui}).
-    A failing node raises WorkflowError naming it (original exception as __cause__);
-    runtime.Interrupted and KeyboardInterrupt pass through unchanged."""
-    prompt = check(prompt, registry)
+    A prompt without an output node raises :class:`NoOutputsError` (ComfyUI's
+    ``prompt_no_outputs``). ``on_node`` is called after each node with its timing.
+    ``extra_pnginfo`` is what nodes asking for the hidden EXTRA_PNGINFO get (ComfyUI
+    passes {"workflow": ui}). A failing node raises WorkflowError naming it (original
+    exception as __cause__); runtime.Interrupted and KeyboardInterrupt pass through
+    unchanged."""
+    prompt = check_runnable(prompt, registry)
+    with torch.inference_mode():
+        return _execute(prompt, registry, on_node, dict(extra_pnginfo or {}))
+
+
+def _execute(prompt: Prompt, registry: Registry,
+             on_node: Optional[Callable[[NodeTiming], None]], extra_pnginfo: dict
+             ) -> RunResult:
     specs = _Specs(registry)
-    extra_pnginfo = dict(extra_pnginfo or {})
     result = RunResult(outputs={}, ui={}, timings=[])
     for node_id in execution_order(prompt, registry):
         runtime.check_interrupt()

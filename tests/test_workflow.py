@@ -475,9 +475,46 @@ def test_only_nodes_feeding_outputs_run_each_once():
     assert result.outputs["2"][0] == 3
 
 
-def test_without_output_nodes_every_node_runs():
+def test_prompt_without_output_node_is_refused_as_comfyui_does(tmp_path, capsys):
+    """ComfyUI's validate_prompt: type prompt_no_outputs, "Prompt has no outputs"."""
     wf = {"1": node("Number", value=2), "2": node("MakeImage", value=3)}
-    assert engine.execute(wf, REGISTRY).executed == ["1", "2"]
+    with pytest.raises(engine.NoOutputsError) as info:
+        engine.execute(wf, REGISTRY)
+    assert info.value.type == "prompt_no_outputs"
+    assert "Prompt has no outputs" in str(info.value) and "SaveImage" in str(info.value)
+    assert CALLS == []
+    path = write_json(tmp_path / "wf.json", wf)
+    for command in ("check", "run"):
+        assert cli.main([command, path]) == 1
+        assert "prompt_no_outputs: Prompt has no outputs" in capsys.readouterr().err
+    # with other problems, every one is reported together
+    bad = {"1": node("Number", value=500)}
+    with pytest.raises(engine.WorkflowError) as info:
+        engine.execute(bad, REGISTRY)
+    assert len(info.value.errors) == 2 and "out of range" in info.value.errors[0]
+    assert "Prompt has no outputs" in info.value.errors[1]
+
+
+def test_nodes_run_inside_inference_mode_as_in_comfyui():
+    seen = {}
+
+    class Probe:
+        RETURN_TYPES = ("INT",)
+        FUNCTION = "run"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+
+        def run(self):
+            seen["inference"] = torch.is_inference_mode_enabled()
+            seen["tensor"] = torch.zeros(1).is_inference()
+            return (1,)
+
+    wf = {"1": node("Probe"), "2": node("Collect", value=["1", 0])}
+    engine.execute(wf, {**REGISTRY, "Probe": Probe})
+    assert seen == {"inference": True, "tensor": True}
+    assert not torch.is_inference_mode_enabled()
 
 
 def test_outputs_are_passed_by_reference_and_hidden_inputs_supplied():
@@ -527,18 +564,19 @@ def test_tiny_configures_models_before_validation(tmp_path, capsys, monkeypatch,
     from xmgie.mgie_core import tiny
 
     monkeypatch.setattr(tiny, "ensure_tiny_models", lambda *a, **k: tmp_path / "tiny")
-    path = write_json(tmp_path / "wf.json", {"1": node("TinyOnly", model="tiny-model")})
+    path = write_json(tmp_path / "wf.json", {"1": node("TinyOnly", model="tiny-model"),
+                                             "2": node("Collect", value=["1", 0])})
     assert cli.main(["check", path]) == 1
     capsys.readouterr()
     assert cli.main(["check", path, "--tiny"]) == 0
     captured = capsys.readouterr()
-    assert "OK: 1 nodes" in captured.out and "meaningless" in captured.err
+    assert "OK: 2 nodes" in captured.out and "meaningless" in captured.err
     assert paths.tiny_root() == tmp_path / "tiny"
 
 
 def test_device_and_models_dir_options(tmp_path, capsys, clean_paths, monkeypatch):
     monkeypatch.setenv("XMGIE_DEVICE", "meta")  # restored after the test; the CLI sets it
-    wf = {"1": node("Number", value=1)}
+    wf = {"1": node("Number", value=1), "2": node("Collect", value=["1", 0])}
     path = write_json(tmp_path / "wf.json", wf)
     assert cli.main(["run", path, "--device", "cpu", "--models-dir", str(tmp_path / "m")]) == 0
     assert runtime.device().type == "cpu"

@@ -39,6 +39,7 @@ class Captioner:
         return f"Captioner(BLIP-2, {self.path}, {self.device}, {self.dtype})"
 
 
+@runtime.builds_weights
 def load_blip2(name: str, dtype="auto", device=None) -> Captioner:
     """Load a BLIP-2 folder (``blip2-opt-2.7b`` layout) by name or path."""
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
@@ -72,7 +73,9 @@ def load_blip2(name: str, dtype="auto", device=None) -> Captioner:
     device = torch.device(device) if device is not None else runtime.device()
     dtype = resolve_dtype(dtype, device)
     model = load_model(Blip2ForConditionalGeneration, folder, what, dtype, device)
-    return Captioner(model=model, processor=processor, device=device, dtype=dtype, path=folder)
+    captioner = Captioner(model=model, processor=processor, device=device, dtype=dtype,
+                          path=folder)
+    return runtime.manage(captioner, {f"BLIP-2 {folder.name}": model}, device)
 
 
 def caption(captioner: Captioner, images: torch.Tensor, prompt: str = "",

@@ -81,11 +81,11 @@ OPTIONAL_KEYS = ("*.position_ids",)
 
 def load_model(cls, folder: Path, what: str, dtype: torch.dtype, device: torch.device,
                optional: Sequence[str] = OPTIONAL_KEYS):
-    """``cls.from_pretrained`` offline with every weight checked: a missing, unexpected or
-    reshaped weight is an error naming the folder (keys matching ``optional`` excepted)."""
-    nbytes = weights_bytes(folder, dtype)
-    if nbytes:
-        runtime.free_memory_for(nbytes, device)
+    """``cls.from_pretrained`` offline, frozen, on the CPU, with normal (not inference)
+    weights, every weight checked: a missing, unexpected or reshaped weight is an error
+    naming the folder (keys matching ``optional`` excepted). The caller registers it with
+    ``runtime.manage``, which places it on ``device`` (freeing room there first) or leaves
+    it to the host."""
     try:
         model, info = cls.from_pretrained(str(folder), local_files_only=True, dtype=dtype,
                                           output_loading_info=True, **_no_code(cls))
@@ -95,7 +95,7 @@ def load_model(cls, folder: Path, what: str, dtype: torch.dtype, device: torch.d
                              "The folder needs config.json and the weights "
                              "(model*.safetensors or pytorch_model*.bin) of the model.") from e
     check_loading_info(info, what, weights_file(folder), optional)
-    return model.requires_grad_(False).eval().to(device)
+    return model.requires_grad_(False).eval()
 
 
 def weights_bytes(folder: Path, dtype: torch.dtype) -> int:

@@ -135,8 +135,13 @@ def _target(device, dtype) -> tuple[torch.device, torch.dtype]:
 
 def _freeze(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     # Frozen and in eval mode (BatchNorm running statistics), but gradients still flow
-    # to the input images.
-    return model.eval().requires_grad_(False).to(device=device, dtype=dtype)
+    # to the input images. Cast here; runtime.manage puts it on ``device``.
+    return model.eval().requires_grad_(False).to(dtype=dtype)
+
+
+def _managed(encoder: "IdentityEncoder") -> "IdentityEncoder":
+    name = f"{encoder.kind} {encoder.path.name if encoder.path else ''}".strip()
+    return runtime.manage(encoder, {name: encoder.model}, encoder.device)
 
 
 def _size_of(value, what: str, path: Path) -> tuple[int, int]:
@@ -207,6 +212,7 @@ def _clip_vision_config(folder: Path):
     return CLIPVisionConfig.from_pretrained(folder, local_files_only=True)
 
 
+@runtime.builds_weights
 def load_clip_vision(name: str, device=None, dtype: Optional[torch.dtype] = None
                      ) -> IdentityEncoder:
     """CLIPVisionModelWithProjection from a Hugging Face folder (a CLIP vision folder or a
@@ -229,8 +235,8 @@ def load_clip_vision(name: str, device=None, dtype: Optional[torch.dtype] = None
     # other unexpected weights mean random layers or another model.
     check_loading_info(info, what, weights_file(folder), CLIP_TEXT_KEYS)
     pre = _clip_preprocessing(folder, int(model.config.image_size))
-    return IdentityEncoder(kind="clip_vision", model=_freeze(model, device, dtype),
-                           device=device, dtype=dtype, path=folder, **pre)
+    return _managed(IdentityEncoder(kind="clip_vision", model=_freeze(model, device, dtype),
+                                    device=device, dtype=dtype, path=folder, **pre))
 
 
 def _read_face_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -243,6 +249,7 @@ def _read_face_state_dict(path: Path) -> dict[str, torch.Tensor]:
 FACE_OPTIONAL = ("*.num_batches_tracked",)
 
 
+@runtime.builds_weights
 def load_face_recognition(name: str, device=None, dtype: Optional[torch.dtype] = None
                           ) -> IdentityEncoder:
     """ArcFace IResNet (insightface arcface_torch backbone) from a .pth/.pt/.safetensors
@@ -263,10 +270,11 @@ def load_face_recognition(name: str, device=None, dtype: Optional[torch.dtype] =
     model = iresnet.IResNet(config)
     load_state_dict_checked(model, sd, f"{what} ({config.name})", path, FACE_OPTIONAL)
     size = (iresnet.INPUT_SIZE, iresnet.INPUT_SIZE)
-    return IdentityEncoder(kind="face_recognition", model=_freeze(model, device, dtype),
-                           size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                           resize_shortest=None, interpolation="bilinear", device=device,
-                           dtype=dtype, path=path)
+    return _managed(IdentityEncoder(kind="face_recognition",
+                                    model=_freeze(model, device, dtype), size=size,
+                                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                                    resize_shortest=None, interpolation="bilinear",
+                                    device=device, dtype=dtype, path=path))
 
 
 def load_identity_encoder(kind: str, name: str, device=None,

@@ -205,6 +205,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                              unwrap_unless="image_encoder.")
 
 
+@runtime.builds_weights
 def load_sam(name: str, device: Optional[torch.device | str] = None) -> SamModel:
     """Find SAM checkpoint ``name`` (file name or path), build its architecture and load it
     (every weight checked: missing, unexpected and reshaped ones are named)."""
@@ -214,8 +215,8 @@ def load_sam(name: str, device: Optional[torch.device | str] = None) -> SamModel
     sam = build_sam(arch)
     load_state_dict_checked(sam, sd, f"{WHAT} ({arch.model_type})", path)
     sam.eval().requires_grad_(False)
-    sam.to(torch.device(device) if device is not None else runtime.device())
-    return SamModel(sam=sam, model_type=arch.model_type, path=path)
+    model = SamModel(sam=sam, model_type=arch.model_type, path=path)
+    return runtime.manage(model, {f"SAM {path.name}": sam}, device)
 
 
 # --- segmentation -------------------------------------------------------------------

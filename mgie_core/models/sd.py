@@ -86,18 +86,21 @@ def ddim_scheduler(config: Optional[dict] = None):
 
 def _finish(unet, vae, text_encoder, tokenizer, scheduler_config, source: Path,
             device, dtype) -> SDModel:
+    """Freeze and cast the components on the CPU, then hand them to the model registry,
+    which places them (standalone: on ``device`` after freeing room there; ComfyUI: on
+    its offload device until a node uses them)."""
     device = torch.device(device) if device is not None else runtime.device()
     dtype = resolve_dtype(dtype, device)
-    modules = (unet, vae, text_encoder)
-    nbytes = sum(p.numel() * torch.finfo(dtype).bits // 8 for m in modules for p in m.parameters())
-    runtime.free_memory_for(nbytes, device)
-    for m in modules:
-        m.requires_grad_(False).eval().to(device=device)
+    modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    for m in modules.values():
+        m.requires_grad_(False).eval()
         if next(m.parameters()).dtype != dtype:  # diffusers warns on every same-dtype cast
             m.to(dtype=dtype)
-    return SDModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                   scheduler=ddim_scheduler(scheduler_config), device=device, dtype=dtype,
-                   source=str(source))
+    model = SDModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                    scheduler=ddim_scheduler(scheduler_config), device=device, dtype=dtype,
+                    source=str(source))
+    name = Path(source).name
+    return runtime.manage(model, {f"{name} {k}": m for k, m in modules.items()}, device)
 
 
 def _load_tokenizer(folder: Path, what: str):
@@ -131,6 +134,7 @@ def _from_pretrained(cls, path: Path, subfolder: str, what: str, fix: str,
 TEXT_ENCODER_OPTIONAL = ("*embeddings.position_ids",)
 
 
+@runtime.builds_weights
 def load_diffusers_folder(path: Path, what: str, dtype="auto", device=None) -> SDModel:
     """Load unet/vae/text_encoder/tokenizer/scheduler from a diffusers SD 1.x folder.
 
@@ -250,6 +254,7 @@ def _build(what: str, config_dir: Path, component: str, build):
                              "Use the config folder of an SD 1.x model.") from exc
 
 
+@runtime.builds_weights
 def load_sd_checkpoint(name: str, dtype="auto", device=None,
                        config_dir: Optional[Path] = None) -> SDModel:
     """An SD 1.x single-file checkpoint (.safetensors/.ckpt, ComfyUI models/checkpoints).
@@ -296,6 +301,7 @@ def load_sd_checkpoint(name: str, dtype="auto", device=None,
     return _finish(unet, vae, text_encoder, tokenizer, configs["scheduler"], path, device, dtype)
 
 
+@runtime.builds_weights
 def load_mgie_unet(name: str, base: SDModel) -> SDModel:
     """MGIE's released ``unet.pt`` (an 8-channel diffusers UNet state dict) over the
     VAE, text encoder and tokenizer of an SD 1.5 model."""
@@ -316,7 +322,12 @@ def load_mgie_unet(name: str, base: SDModel) -> SDModel:
     config["in_channels"] = 8
     unet = UNet2DConditionModel.from_config(config)
     load_state_dict_checked(unet, state, what, path)
-    unet.requires_grad_(False).eval().to(device=base.device)
+    unet.requires_grad_(False).eval()
     if base.dtype != torch.float32:
         unet.to(dtype=base.dtype)
-    return dataclasses.replace(base, unet=unet, source=f"{base.source} + {path}")
+    model = dataclasses.replace(base, unet=unet, source=f"{base.source} + {path}")
+    base_modules = {e.module: e.name for e in runtime.registry().entries_of(base)}
+    return runtime.manage(model, {f"{path.name} unet": unet,
+                                  base_modules.get(base.vae, "vae"): base.vae,
+                                  base_modules.get(base.text_encoder, "text_encoder"):
+                                      base.text_encoder}, base.device)

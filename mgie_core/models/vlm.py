@@ -48,6 +48,7 @@ def image_text_to_text_types() -> list[str]:
     return list(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 
+@runtime.builds_weights
 def load_vlm(name: str, dtype="auto", device=None) -> VLM:
     """Load an image-text-to-text model folder by name or path."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -72,7 +73,8 @@ def load_vlm(name: str, dtype="auto", device=None) -> VLM:
     device = torch.device(device) if device is not None else runtime.device()
     dtype = resolve_dtype(dtype, device)
     model = load_model(AutoModelForImageTextToText, folder, what, dtype, device)
-    return VLM(model=model, processor=processor, device=device, dtype=dtype, path=folder)
+    vlm = VLM(model=model, processor=processor, device=device, dtype=dtype, path=folder)
+    return runtime.manage(vlm, {f"VLM {folder.name}": model}, device)
 
 
 def ask(vlm: VLM, image: torch.Tensor, question: str, max_new_tokens: int = 256) -> str:

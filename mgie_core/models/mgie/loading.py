@@ -28,6 +28,7 @@ LLAVA_ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlamaForCausalLM")
 VISION_OPTIONAL = CLIP_TEXT_KEYS + ("visual_projection.*",)
 
 
+@runtime.builds_weights
 def load_mgie(name: str, dtype="auto", device=None) -> MGIEModel:
     """Load an MGIE folder (layout in the module docstring) by name or path."""
     from transformers import AutoTokenizer
@@ -109,15 +110,21 @@ def load_mgie(name: str, dtype="auto", device=None) -> MGIEModel:
                              "mllm.pt and the LLaVA folder must belong to the same model.")
 
     vcfg = vision.config
-    return MGIEModel(
-        llm=llm.requires_grad_(False).eval().to(device, dtype),
-        vision=vision, projector=projector.requires_grad_(False).eval().to(device, dtype),
-        edit_head=edit_head.requires_grad_(False).eval().to(device, dtype),
+    # Everything is on the CPU so far; runtime.manage frees room on the device before
+    # putting the 7B there (standalone), or leaves that to ComfyUI's loader.
+    model = MGIEModel(
+        llm=llm.requires_grad_(False).eval().to(dtype),
+        vision=vision, projector=projector.requires_grad_(False).eval().to(dtype),
+        edit_head=edit_head.requires_grad_(False).eval().to(dtype),
         emb=emb.to(device, dtype), tokenizer=tokenizer, image_processor=image_processor,
         device=device, dtype=dtype, path=folder,
         num_patches=(vcfg.image_size // vcfg.patch_size) ** 2,
         select_layer=int(config.get("mm_vision_select_layer", -2)),
         use_im_start_end=use_im_start_end)
+    return runtime.manage(model, {f"MGIE {folder.name} LLM": model.llm,
+                                  f"MGIE {folder.name} vision tower": model.vision,
+                                  f"MGIE {folder.name} projector": model.projector,
+                                  f"MGIE {folder.name} edit head": model.edit_head}, device)
 
 
 def read_mllm(path: Path) -> dict[str, torch.Tensor]:
@@ -181,7 +188,7 @@ def load_vision_tower(folder: Path, llava: Path, config: dict, dtype, device):
     else:  # CLIP's defaults: resize the short side, center crop, OpenAI mean/std
         processor = CLIPImageProcessor(size={"shortest_edge": size},
                                        crop_size={"height": size, "width": size})
-    return vision.requires_grad_(False).eval().to(device), processor
+    return vision.requires_grad_(False).eval(), processor
 
 
 def load_llava(llava: Path, config: dict, dtype, device):
@@ -231,7 +238,7 @@ def load_llava(llava: Path, config: dict, dtype, device):
     if projector.in_features != hidden or projector.out_features != lcfg.hidden_size:
         raise ModelLoadError(WHAT, llava, f"mm_projector maps {projector.in_features} -> "
                              f"{projector.out_features}, expected {hidden} -> {lcfg.hidden_size}")
-    return llm.to(device), projector
+    return llm, projector
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,112 @@
+"""The ComfyUI adapter (nodes/_comfy.py) against a real ComfyUI: skipped unless
+``XMGIE_COMFYUI_DIR`` names a ComfyUI checkout whose requirements this Python can import
+(CI has no ComfyUI; the runner-level behaviour is covered by test_comfy_semantics.py).
+
+    XMGIE_COMFYUI_DIR=/path/to/ComfyUI python -m pytest tests/test_comfy_adapter.py
+
+ComfyUI runs on the CPU here (``--cpu``): its model management then keeps every model on
+the CPU, but it still registers, loads and unloads them through the same code paths
+(``load_models_gpu``, ``free_memory``), which is what this checks: the pack's models are
+ModelPatchers in ComfyUI's list of loaded models while a node uses them, ComfyUI's
+free-memory path releases them, and the gradient-based stages run inside inference mode
+with ComfyUI's hooks installed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+COMFY_DIR = os.environ.get("XMGIE_COMFYUI_DIR")
+pytestmark = pytest.mark.skipif(not COMFY_DIR, reason="set XMGIE_COMFYUI_DIR to a ComfyUI "
+                                "checkout to check the adapter against it")
+
+
+@pytest.fixture(scope="module")
+def comfy(tiny_root, tiny_models):
+    """ComfyUI's model management (CPU mode) with the adapter's hooks installed; the
+    library's standalone hooks and model folders are restored afterwards."""
+    from xmgie.mgie_core import paths, runtime
+
+    sys.path.insert(0, COMFY_DIR)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True          # as `python main.py --cpu`
+    import comfy.model_management as mm
+    import comfy.model_patcher  # noqa: F401
+    from xmgie.nodes import _comfy
+
+    tiny_models("sd_diffusers")
+    previous = runtime.hooks()
+    previous_registry = runtime._registry
+    runtime._registry = runtime.ModelRegistry()
+    _comfy._installed = False
+    assert _comfy.install()
+    paths.configure(tiny_root=tiny_root)
+    try:
+        yield mm
+    finally:
+        mm.unload_all_models()
+        runtime.set_hooks(**vars(previous))
+        runtime._registry = previous_registry
+        _comfy._installed = False
+        paths.set_comfy_provider(None)
+        paths.configure(reset=True)
+
+
+def _load_sd():
+    from xmgie.mgie_core import paths
+    from xmgie.nodes import NODE_CLASS_MAPPINGS
+
+    with torch.inference_mode():   # as ComfyUI runs a loader node
+        (sd,) = NODE_CLASS_MAPPINGS["XMGIELoadDiffusers"]().load(
+            paths.list_models(paths.SD_DIFFUSERS)[0], "fp32")
+    return sd
+
+
+def test_models_are_comfyui_managed_and_released_by_its_free_memory(comfy):
+    from comfy.model_patcher import ModelPatcher
+
+    from xmgie.mgie_core import runtime
+
+    mm = comfy
+    sd = _load_sd()
+    entries = runtime.registry().entries_of(sd)
+    assert len(entries) == 3 and all(isinstance(e.handle, ModelPatcher) for e in entries)
+    assert not any(e.is_loaded() for e in entries)           # waits on the offload device
+    with torch.inference_mode(), runtime.use(sd):
+        loaded = mm.loaded_models()
+        assert all(any(m is e.handle for m in loaded) for e in entries)
+        assert all(e.is_loaded() for e in entries)
+        assert not any(p.is_inference() for e in entries for p in e.module.parameters())
+    unloaded = mm.free_memory(1e30, mm.get_torch_device())
+    assert {id(e.handle) for e in entries} <= {id(u.model) for u in unloaded}
+    assert not any(e.is_loaded() for e in entries)
+    assert not any(m is e.handle for m in mm.loaded_models() for e in entries)
+    # the pack asking for memory goes through ComfyUI too
+    with torch.inference_mode(), runtime.use(sd):
+        pass
+    assert all(e.is_loaded() for e in entries)
+    runtime.free_memory_for(10**15, mm.get_torch_device())
+    assert not any(e.is_loaded() for e in entries)
+
+
+def test_gradient_stage_runs_under_comfyui_hooks_in_inference_mode(comfy):
+    from xmgie.mgie_core import inversion, mag, runtime, sampler, vae
+
+    sd = _load_sd()
+    mask = torch.zeros(1, 128, 128)
+    mask[:, 32:96, 40:104] = 1
+    with torch.inference_mode(), runtime.use(sd):
+        image = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(0))
+        z0 = vae.encode(sd, image).samples
+        inv = inversion.invert(sd, z0, "a photo of a red carpet", method="null_text",
+                               steps=2, inner_steps=2, image_size=(128, 128))
+        ctl = mag.MAGControl(mask, ["yellow"], iterations=2)
+        res = sampler.edit(sd, inv, "a photo of a yellow carpet", mask=mask, controls=[ctl])
+    assert inv.updates.get("null-text inversion").applied > 0
+    assert res.report.get("MAG").applied > 0
+    assert torch.isfinite(res.edit).all()
