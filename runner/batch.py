@@ -170,7 +170,7 @@ def _check_workflow(prompt: engine.Prompt, mapping: Mapping[str, list[str]], fir
     except ItemError:
         sample = prompt
     sample = {nid: {**n, "inputs": dict(n.get("inputs") or {})} for nid, n in sample.items()}
-    ctx = core_nodes.RunContext(input_dirs=[Path(p) for p in input_dirs] or [Path("input")],
+    ctx = core_nodes.RunContext(input_dirs=_input_dirs(input_dirs, first),
                                 workflow_dir=Path(workflow).resolve().parent)
     with core_nodes.using_context(ctx):
         errors = engine.validate(sample, registry)
@@ -178,6 +178,21 @@ def _check_workflow(prompt: engine.Prompt, mapping: Mapping[str, list[str]], fir
     errors = [e for e in errors if not any(e.startswith(f"node {nid} (") for nid in filled)]
     if errors:
         raise engine.WorkflowError(errors)
+
+
+def _input_dirs(input_dirs: Sequence[Path | str], item: Item) -> list[Path]:
+    """The input folders of one item's run: ``--input-dir`` (default ./input) plus the
+    folders holding the item's own image and mask. LoadImage only reads inside its input
+    folders (as ComfyUI does); the dataset's files are the ones the user pointed the batch
+    at, so their folders are input folders for that item."""
+    dirs = [Path(p) for p in input_dirs] or [Path("input")]
+    for field in ("image", "mask"):
+        value = item.fields.get(field)
+        if isinstance(value, str) and value:
+            folder = Path(value).parent
+            if folder not in dirs:
+                dirs.append(folder)
+    return dirs
 
 
 # --- running items ----------------------------------------------------------------------
@@ -213,7 +228,7 @@ class Session:
             "ui_text": {}, "error": None,
         }
         ctx = core_nodes.RunContext(
-            input_dirs=[Path(p) for p in settings.input_dirs] or [Path("input")],
+            input_dirs=_input_dirs(settings.input_dirs, item),
             output_dir=staging, workflow_dir=Path(settings.workflow).parent)
         self.cache.reset_log()
         start_f, start_b = self.counter.totals()
