@@ -138,8 +138,15 @@ class InputSpec:
         return None
 
     @property
-    def is_widget(self) -> bool:
+    def takes_value(self) -> bool:
+        """A combo or a primitive: the API form may give it a literal value."""
         return self.choices is not None or self.type in WIDGET_TYPES
+
+    @property
+    def is_widget(self) -> bool:
+        """Edited with a widget in the frontend (so stored in ``widgets_values``):
+        ``forceInput`` makes a primitive a plain socket with no stored value."""
+        return self.takes_value and not self.options.get("forceInput")
 
     @property
     def type_name(self) -> str:
@@ -627,7 +634,7 @@ def _check_node(prompt: Prompt, specs: _Specs, node_id: str, node: dict) -> list
     for name, input_spec in spec.inputs.items():
         if name not in inputs:
             if input_spec.required:
-                expected = (f"a {input_spec.type_name} value" if input_spec.is_widget
+                expected = (f"a {input_spec.type_name} value" if input_spec.takes_value
                             else f"a link from an output of type {input_spec.type_name}")
                 errors.append(f"{_where(node_id, class_type, name)}: required input is missing; "
                               f"expected {expected}")
@@ -637,7 +644,7 @@ def _check_node(prompt: Prompt, specs: _Specs, node_id: str, node: dict) -> list
             problem = _check_link(prompt, specs, input_spec, value)
         elif input_spec.type == "*":
             problem = None
-        elif input_spec.is_widget:
+        elif input_spec.takes_value:
             inputs[name], problem = _check_widget(input_spec, value)
         else:
             problem = (f"got the value {_describe(value)}; expected a link from an output "
