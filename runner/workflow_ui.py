@@ -491,7 +491,7 @@ def api_to_ui(prompt: Mapping[str, dict], registry: Registry,
 def _place(prompt: Mapping[str, dict], stages: list[Stage], ui_nodes: dict[str, dict]) -> list[dict]:
     """Positions: one group per stage, left to right; inside a group, columns by the
     depth of links within the stage, nodes stacked in each column in the stage's order.
-    Nodes of a column share its width. All groups get the height of the tallest."""
+    Nodes of a column share its width. Groups share their top edge."""
     x = 0.0
     top = 0.0
     placed = []
@@ -520,8 +520,7 @@ def _place(prompt: Mapping[str, dict], stages: list[Stage], ui_nodes: dict[str, 
         right = cx - COLUMN_GAP + GROUP_PAD if columns else x + 2 * GROUP_PAD + MIN_W
         placed.append((stage.title, [x, top, right - x, bottom + GROUP_PAD - top]))
         x = right + GROUP_GAP
-    height = max((b[3] for _, b in placed), default=0.0)
-    return [{"id": i + 1, "title": title, "bounding": [b[0], b[1], b[2], height],
+    return [{"id": i + 1, "title": title, "bounding": b,
              "color": GROUP_COLOR, "font_size": 24, "flags": {}}
             for i, (title, b) in enumerate(placed)]
 
