@@ -22,7 +22,7 @@ where a two-item list ``[source node id, output index]`` is a link.
 Behaviour worth knowing (it follows ComfyUI where ComfyUI is defined):
 
 * UI-format conversion maps ``widgets_values`` onto the widget inputs in ``INPUT_TYPES``
-  order (required, then optional). The frontend stores a value for every widget, linked
+  order (required, then optional; a ``forceInput`` primitive is a socket and has none). The frontend stores a value for every widget, linked
   or not, so a linked widget consumes its slot and the link wins; the extra
   ``control_after_generate`` value stored after a seed is skipped. Note and MarkdownNote
   nodes are dropped, Reroute chains are followed to their source, and a PrimitiveNode's

@@ -48,7 +48,7 @@ import json
 import math
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from . import engine
 from .engine import InputSpec, NodeSpec, Registry, WorkflowError, WorkflowFileError
@@ -76,6 +76,9 @@ NOTE_W = 460
 NOTE_COLOR, NOTE_BGCOLOR = "#432", "#653"
 NOTE_TYPE = "MarkdownNote"
 
+# Widgets the frontend adds to a node type on its own, which are not stored in
+# widgets_values (height they need): PreviewAny's read-only text box.
+FRONTEND_DISPLAY_H = {"PreviewAny": MULTILINE_MIN_H}
 SEED_NAMES = ("seed", "noise_seed")
 SEED_CONTROL = "fixed"
 UPLOAD_WIDGET = {"localized_name": "choose file to upload", "name": "upload",
@@ -165,6 +168,8 @@ def min_height(spec: NodeSpec, multiline_h: float = MULTILINE_MIN_H) -> float:
             heights.append(WIDGET_H)
     if any(w.options.get("image_upload") for w in widgets(spec)):
         heights.append(WIDGET_H)
+    if spec.class_type in FRONTEND_DISPLAY_H:
+        heights.append(FRONTEND_DISPLAY_H[spec.class_type])
     return rows * SLOT_H + sum(heights) + (NODE_MARGIN_H if heights else 6)
 
 
@@ -187,6 +192,8 @@ def node_size(spec: NodeSpec, values: Mapping[str, Any]) -> tuple[float, float]:
         width = max(width, _text_w(w.name) + _text_w(shown) + 90)
     width = max(width, MULTILINE_W if multiline else MIN_W)
     height = min_height(spec, MULTILINE_H) + 10
+    if spec.class_type in FRONTEND_DISPLAY_H:
+        width, height = max(width, MULTILINE_W), height + MULTILINE_H - MULTILINE_MIN_H
     if shows_image(spec):
         height += IMAGE_PREVIEW_H
     return float(math.ceil(width / 10) * 10), float(math.ceil(height / 2) * 2)
