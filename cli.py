@@ -5,6 +5,19 @@
                             [--models-dir DIR ...] [--device cpu|cuda|...] [--offload]
     xmgie batch WORKFLOW.json --dataset D [--out RUN] [--map ...] [--ray [ADDRESS]] ...
     xmgie eval RUN [--reference DATASET] [--variants V.json] ...
+    xmgie workflow ui API.json -o UI.json [--layout LAYOUT.json]
+    xmgie workflow api UI.json -o API.json
+    xmgie workflow sync [FOLDER] [--check]
+
+``workflow`` converts between the API form and the UI format ComfyUI's Templates and
+drag-and-drop open (see runner/workflow_ui.py); ``sync`` regenerates the shipped
+``workflows/<name>.json`` from ``workflows/api/<name>_api.json`` and
+``<name>.layout.json`` (and rewrites the API twin from the result).
+
+Under ``--tiny`` the run is made small, because the tiny models only prove the install
+and the graph: images loaded by LoadImage/LoadImageMask are downscaled so the longer
+side is at most 128 px, and step-like counts are capped (``TINY_CAPS``); ``--set``
+values are applied after these caps and win.
 
 (batch and eval: see runner/batch_cli.py, with their own exit statuses).
 
@@ -32,6 +45,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 TINY_NOTE = ("note: --tiny uses random-weight tiny models: it proves the install and the "
              "graph, and the image it produces is meaningless.")
+# Under --tiny: the longest side of loaded images, and caps on inputs that only cost time
+# (applied to literal values in the workflow, before --set).
+TINY_MAX_SIDE = 128
+TINY_CAPS = {"steps": 10, "inner_steps": 2, "iterations": 2, "max_new_tokens": 8}
 
 
 class UsageError(engine.WorkflowFileError):
@@ -91,6 +108,28 @@ def build_parser() -> argparse.ArgumentParser:
     from .runner import batch_cli  # xmgie batch / xmgie eval
 
     batch_cli.add_parsers(commands)
+
+    wf = commands.add_parser(
+        "workflow", help="convert workflows between API and UI format; regenerate the "
+        "shipped ones", description="Write UI-format workflows (what ComfyUI's Templates "
+        "and drag-and-drop open) from the API form and back.")
+    wf_commands = wf.add_subparsers(dest="workflow_command", required=True, metavar="ACTION")
+    ui = wf_commands.add_parser("ui", help="API (or UI) file -> UI file laid out by stage")
+    ui.add_argument("source", type=Path, help="workflow JSON (API or UI format)")
+    ui.add_argument("-o", "--output", type=Path, required=True, help="UI file to write")
+    ui.add_argument("--layout", type=Path, default=None,
+                    help="stages and note (see runner/workflow_ui.py); default: one stage "
+                         "per dependency depth, no note")
+    api = wf_commands.add_parser("api", help="UI (or API) file -> API file")
+    api.add_argument("source", type=Path, help="workflow JSON (UI or API format)")
+    api.add_argument("-o", "--output", type=Path, required=True, help="API file to write")
+    sync = wf_commands.add_parser(
+        "sync", help="regenerate FOLDER/<name>.json and FOLDER/api/<name>_api.json from "
+        "FOLDER/api/<name>_api.json + <name>.layout.json")
+    sync.add_argument("folder", type=Path, nargs="?", default=None,
+                      help="workflows folder (default: the package's workflows/)")
+    sync.add_argument("--check", action="store_true",
+                      help="write nothing; exit 1 if a file is out of date")
     return parser
 
 
@@ -127,13 +166,35 @@ def run_context(args: argparse.Namespace):
 
     return RunContext(input_dirs=list(args.input_dir or [Path("input")]),
                       output_dir=getattr(args, "output_dir", Path("output")),
-                      workflow_dir=args.workflow.resolve().parent)
+                      workflow_dir=args.workflow.resolve().parent,
+                      max_side=TINY_MAX_SIDE if args.tiny else None)
+
+
+def tiny_caps(prompt: dict) -> tuple[dict, list[str]]:
+    """``prompt`` with the literal values of ``TINY_CAPS`` inputs capped, and one line
+    per change (node, input, old -> new)."""
+    out, changes = {}, []
+    for node_id in sorted(prompt, key=engine._id_key):
+        node = prompt[node_id]
+        inputs = dict(node.get("inputs") or {})
+        for name, cap in TINY_CAPS.items():
+            value = inputs.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > cap:
+                inputs[name] = cap
+                changes.append(f"{node_id}.{name} {value} -> {cap}")
+        out[node_id] = {**node, "inputs": inputs}
+    return out, changes
 
 
 def prepare(args: argparse.Namespace, data: dict,
             registry: dict[str, type]) -> tuple[dict, dict]:
     """Convert, override and validate; returns (API prompt, extra_pnginfo)."""
     prompt = engine.to_api(data, registry)
+    if args.tiny:
+        prompt, changes = tiny_caps(prompt)
+        print(f"note: --tiny runs small: images downscaled to at most {TINY_MAX_SIDE} px"
+              + (f", {', '.join(changes)}" if changes else "") + " (--set overrides).",
+              file=sys.stderr)
     try:
         prompt = engine.apply_overrides(prompt, args.overrides, registry)
     except engine.WorkflowError as exc:  # a bad --set is a usage error, like argparse's
@@ -184,6 +245,40 @@ def _print_errors(exc: engine.WorkflowError) -> None:
         print(f"  - {message}", file=sys.stderr)
 
 
+def _write(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise engine.WorkflowFileError(f"cannot write {path}: {exc}") from exc
+
+
+def cmd_workflow(args: argparse.Namespace, registry: dict[str, type]) -> int:
+    from .runner import workflow_ui
+
+    if args.workflow_command == "sync":
+        folder = args.folder or Path(__file__).resolve().parent / "workflows"
+        changed = workflow_ui.sync(folder, registry, check=args.check)
+        verb = "out of date" if args.check else "written"
+        for path in changed:
+            print(f"{verb}: {path}")
+        print(f"{len(changed)} file(s) {verb}." if changed else "All workflows up to date.")
+        return EXIT_FAILED if args.check and changed else EXIT_OK
+    data = engine.load_file(args.source)
+    if args.workflow_command == "ui":
+        layout = workflow_ui.Layout.load(args.layout) if args.layout else None
+        ui = workflow_ui.api_to_ui(data, registry, layout, name=args.output.stem,
+                                   source=args.source.name)
+        problems = workflow_ui.layout_problems(ui, registry)
+        if problems:
+            raise engine.WorkflowError(problems)
+        _write(args.output, workflow_ui.dumps(ui))
+    else:
+        _write(args.output, workflow_ui.dumps(workflow_ui.ui_to_api_twin(data, registry)))
+    print(f"wrote {args.output}")
+    return EXIT_OK
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
@@ -200,6 +295,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .runner import batch_cli
 
         return batch_cli.main(args)
+    if args.command == "workflow":
+        return _main_workflow(args)
     command = {"check": cmd_check, "run": cmd_run}[args.command]
     try:
         data = engine.load_file(args.workflow)  # first: a bad path fails fast
@@ -225,6 +322,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_INTERRUPTED
     except XMGIEError as exc:  # e.g. tiny models could not be built
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _main_workflow(args: argparse.Namespace) -> int:
+    try:
+        try:
+            registry = build_registry()
+        except Exception as exc:
+            print(f"error: the xMGIE nodes could not be imported ({type(exc).__name__}: "
+                  f"{exc}); reinstall the package or fix the module named above.",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        return cmd_workflow(args, registry)
+    except engine.WorkflowFileError as exc:
+        _print_errors(exc)
+        return EXIT_USAGE
+    except engine.WorkflowError as exc:
+        _print_errors(exc)
         return EXIT_FAILED
 
 

@@ -42,6 +42,9 @@ class RunContext:
     output_dir: Path = Path("output")
     workflow_dir: Optional[Path] = None
     written: list[Path] = dataclasses.field(default_factory=list)
+    # Longest side of images LoadImage/LoadImageMask give (None: as stored). Set by
+    # `xmgie run --tiny`, where the tiny models make any image meaningless anyway.
+    max_side: Optional[int] = None
 
     def image_search_dirs(self) -> list[Path]:
         """Where a relative image name is looked up, in order: the input dirs, the
@@ -183,6 +186,19 @@ def _to_rgba(frame: Image.Image) -> Image.Image:
     return frame.convert("RGBA")
 
 
+def _downscale(frame: Image.Image) -> Image.Image:
+    """The frame shrunk so its longer side is at most the context's ``max_side`` (each
+    side a multiple of 8, as SD's VAE needs); unchanged when no limit is set or the frame
+    is already small enough."""
+    limit = context().max_side
+    w, h = frame.size
+    if not limit or max(w, h) <= limit:
+        return frame
+    scale = limit / max(w, h)
+    size = (max(8, round(w * scale / 8) * 8), max(8, round(h * scale / 8) * 8))
+    return frame.resize(size, Image.Resampling.LANCZOS)
+
+
 def _has_alpha(frame: Image.Image) -> bool:
     # An alpha band, or a palette/colour key transparency (PNG tRNS) PIL turns into one.
     return "A" in frame.getbands() or "transparency" in frame.info
@@ -192,7 +208,7 @@ def load_image_tensors(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """IMAGE [B,H,W,3] and MASK [B,H,W] (1 - alpha; zeros without alpha) of a file."""
     images, masks = [], []
     for frame in _frames(path):
-        rgba = np.asarray(_to_rgba(frame), dtype=np.float32) / 255.0
+        rgba = np.asarray(_downscale(_to_rgba(frame)), dtype=np.float32) / 255.0
         images.append(torch.from_numpy(rgba[..., :3].copy()))
         alpha = rgba[..., 3] if _has_alpha(frame) else np.ones(rgba.shape[:2], np.float32)
         masks.append(torch.from_numpy(1.0 - alpha))
@@ -382,7 +398,10 @@ class LoadImage:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"image": ("STRING", inp(_IMAGE_NAME_TIP, default="example.png"))}}
+        # image_upload as in ComfyUI's LoadImage: the frontend adds an upload widget,
+        # which the UI writer (runner/workflow_ui.py) reproduces.
+        return {"required": {"image": ("STRING", inp(_IMAGE_NAME_TIP, default="example.png",
+                                                     image_upload=True))}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, image):
@@ -412,7 +431,8 @@ class LoadImageMask:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "image": ("STRING", inp(_IMAGE_NAME_TIP, default="example.png")),
+            "image": ("STRING", inp(_IMAGE_NAME_TIP, default="example.png",
+                                    image_upload=True)),
             "channel": (list(cls.CHANNELS), inp("Which channel becomes the mask.")),
         }}
 
@@ -421,7 +441,7 @@ class LoadImageMask:
         return LoadImage.VALIDATE_INPUTS(image)
 
     def load_image(self, image: str, channel: str):
-        frame = _to_rgba(_frames(context().resolve_image(image))[0])
+        frame = _downscale(_to_rgba(_frames(context().resolve_image(image))[0]))
         band = np.asarray(frame.getchannel(channel[0].upper()), dtype=np.float32) / 255.0
         mask = 1.0 - band if channel == "alpha" else band
         return (torch.from_numpy(np.ascontiguousarray(mask)).unsqueeze(0),)

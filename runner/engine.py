@@ -22,7 +22,7 @@ where a two-item list ``[source node id, output index]`` is a link.
 Behaviour worth knowing (it follows ComfyUI where ComfyUI is defined):
 
 * UI-format conversion maps ``widgets_values`` onto the widget inputs in ``INPUT_TYPES``
-  order (required, then optional). The frontend stores a value for every widget, linked
+  order (required, then optional; a ``forceInput`` primitive is a socket and has none). The frontend stores a value for every widget, linked
   or not, so a linked widget consumes its slot and the link wins; the extra
   ``control_after_generate`` value stored after a seed is skipped. Note and MarkdownNote
   nodes are dropped, Reroute chains are followed to their source, and a PrimitiveNode's
@@ -181,8 +181,15 @@ class InputSpec:
         return None
 
     @property
-    def is_widget(self) -> bool:
+    def takes_value(self) -> bool:
+        """A combo or a primitive: the API form may give it a literal value."""
         return self.choices is not None or self.type in WIDGET_TYPES
+
+    @property
+    def is_widget(self) -> bool:
+        """Edited with a widget in the frontend (so stored in ``widgets_values``):
+        ``forceInput`` makes a primitive a plain socket with no stored value."""
+        return self.takes_value and not self.options.get("forceInput")
 
     @property
     def type_name(self) -> str:
@@ -670,7 +677,7 @@ def _check_node(prompt: Prompt, specs: _Specs, node_id: str, node: dict) -> list
     for name, input_spec in spec.inputs.items():
         if name not in inputs:
             if input_spec.required:
-                expected = (f"a {input_spec.type_name} value" if input_spec.is_widget
+                expected = (f"a {input_spec.type_name} value" if input_spec.takes_value
                             else f"a link from an output of type {input_spec.type_name}")
                 errors.append(f"{_where(node_id, class_type, name)}: required input is missing; "
                               f"expected {expected}")
@@ -680,7 +687,7 @@ def _check_node(prompt: Prompt, specs: _Specs, node_id: str, node: dict) -> list
             problem = _check_link(prompt, specs, input_spec, value)
         elif input_spec.type == "*":
             problem = None
-        elif input_spec.is_widget:
+        elif input_spec.takes_value:
             inputs[name], problem = _check_widget(input_spec, value)
         else:
             problem = (f"got the value {_describe(value)}; expected a link from an output "
@@ -847,9 +854,20 @@ def execution_order(prompt: Prompt, registry: Registry) -> list[str]:
         if node_id not in needed:
             needed.add(node_id)
             stack += [src for _, src in deps[node_id]]
-    # Kahn's algorithm over the needed nodes, smallest ready id first.
-    waiting = {nid: {src for _, src in deps[nid]} for nid in needed}
-    users: dict[str, list[str]] = {nid: [] for nid in needed}
+    return _topological(deps, needed)
+
+
+def topological_order(prompt: Prompt) -> list[str]:
+    """Every node of the prompt, dependencies first, ties broken by node id (what a
+    layout needs; running follows :func:`execution_order`)."""
+    deps = _dependencies(prompt)
+    return _topological(deps, set(deps))
+
+
+def _topological(deps: dict[str, list], nodes: set[str]) -> list[str]:
+    """Kahn's algorithm over ``nodes``, smallest ready id first."""
+    waiting = {nid: {src for _, src in deps[nid] if src in nodes} for nid in nodes}
+    users: dict[str, list[str]] = {nid: [] for nid in nodes}
     for nid, sources in waiting.items():
         for src in sources:
             users[src].append(nid)
@@ -863,7 +881,7 @@ def execution_order(prompt: Prompt, registry: Registry) -> list[str]:
             waiting[user].discard(nid)
             if not waiting[user]:
                 heapq.heappush(ready, (_id_key(user), user))
-    if len(order) != len(needed):
+    if len(order) != len(nodes):
         raise WorkflowError("the workflow has a cycle; run check() first")
     return order
 

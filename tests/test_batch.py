@@ -17,7 +17,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 WF = ROOT / "workflows"
-YELLOW = WF / "edit_carpet_yellow_api.json"
+YELLOW = WF / "api" / "edit_carpet_yellow_api.json"
 
 
 def _registry():
@@ -157,7 +157,7 @@ def test_pie_bench_mapping_file(tmp_path):
 def test_default_rule_maps_fields_by_input_name_and_aliases():
     from xmgie.runner.mapping import resolve_mapping
 
-    prompt = _api(WF / "edit_carpet_guided_api.json")
+    prompt = _api(WF / "api" / "edit_carpet_guided_api.json")
     fields = ["image", "mask", "source_prompt", "target_prompt", "edit_words", "object",
               "instruction", "note"]
     mapping = resolve_mapping(prompt, _registry(), fields, {})
@@ -172,7 +172,7 @@ def test_default_rule_maps_fields_by_input_name_and_aliases():
 def test_rule_is_the_same_for_ui_and_api_files():
     from xmgie.runner.mapping import resolve_mapping
 
-    for name in ("vae_roundtrip.json", "vae_roundtrip_api.json"):
+    for name in ("vae_roundtrip.json", "api/vae_roundtrip_api.json"):
         data = json.loads((WF / name).read_text())
         assert ("nodes" in data) == (name == "vae_roundtrip.json")
         mapping = resolve_mapping(_api(WF / name), _registry(), ["image", "target_prompt"], {})
@@ -226,7 +226,7 @@ def test_variants_bypass_like_comfyui_and_set_inputs():
     from xmgie.runner.variants import VariantError, apply_variant, load_variants
 
     reg = _registry()
-    guided = _api(WF / "edit_carpet_guided_api.json")
+    guided = _api(WF / "api" / "edit_carpet_guided_api.json")
     variants = {v.name: v for v in load_variants(WF / "variants" / "edit_carpet_guided.json")}
     assert variants["full"].is_base
     no_mag, _ = apply_variant(guided, variants["no_mag"], reg)
@@ -379,8 +379,8 @@ def test_killed_batch_resumes_without_recomputing_finished_items(tmp_path, tiny_
 def test_a_run_folder_of_another_batch_is_refused(tmp_path, tiny_env, capsys):
     data = make_dataset(tmp_path / "ds", sizes=(64,))
     run = tmp_path / "run"
-    assert _batch(WF / "vae_roundtrip_api.json", "--dataset", data, "--tiny", "--out", run) == 0
-    assert _batch(WF / "vae_roundtrip_api.json", "--dataset", data, "--tiny", "--seed", "9",
+    assert _batch(WF / "api" / "vae_roundtrip_api.json", "--dataset", data, "--tiny", "--out", run) == 0
+    assert _batch(WF / "api" / "vae_roundtrip_api.json", "--dataset", data, "--tiny", "--seed", "9",
                   "--out", run) == 101
     assert "holds another batch (different seed)" in capsys.readouterr().err
 

@@ -254,7 +254,7 @@ def _small_run(tmp_path: Path) -> Path:
 
     data = make_dataset(tmp_path / "ds", sizes=(64, 64))
     run = tmp_path / "run"
-    assert cli.main(["batch", str(WF / "vae_roundtrip_api.json"), "--dataset", str(data),
+    assert cli.main(["batch", str(WF / "api" / "vae_roundtrip_api.json"), "--dataset", str(data),
                      "--tiny", "--out", str(run)]) == 0
     return run
 
@@ -372,7 +372,7 @@ def test_pie_bench_run_and_background_metrics_from_the_files(tmp_path, tiny_env,
 
     folder, _ = make_pie_bench(tmp_path / "pie")
     run = tmp_path / "run"
-    assert cli.main(["batch", str(WF / "vae_roundtrip_api.json"), "--dataset", str(folder),
+    assert cli.main(["batch", str(WF / "api" / "vae_roundtrip_api.json"), "--dataset", str(folder),
                      "--tiny", "--out", str(run)]) == 0
     assert cli.main(["eval", str(run), "--metrics", "psnr,bg_mse,bg_psnr",
                      "--no-pictures"]) == 0

@@ -1,5 +1,7 @@
-"""Every workflow under workflows/ validates and runs under --tiny, as a user runs it:
-through the real `xmgie` CLI, with small inputs and few steps set by --set overrides."""
+"""Every workflow ComfyUI lists from workflows/ (the UI files; their API twins in
+workflows/api/ convert to the same prompt, tests/test_workflow_ui.py) validates and runs
+under --tiny, as a user runs it: through the real `xmgie` CLI, with small inputs and few
+steps set by --set overrides. And the README's first command: the shipped edit."""
 
 from __future__ import annotations
 
@@ -73,3 +75,65 @@ def test_workflow_checks_and_runs_under_tiny(wf, tmp_path, tiny_root, clean_path
     for p in pngs:
         with Image.open(p) as im:
             assert im.mode == "RGB" and im.size == (128, 128)
+
+
+# --- the README's first command ---------------------------------------------------------
+
+FIRST_COMMAND = "xmgie run workflows/edit_carpet_yellow.json --tiny --output-dir output"
+
+
+def test_readme_and_ci_run_the_edit_first():
+    readme = (ROOT / "README.md").read_text()
+    try_it = readme.split("## Try it")[1].split("\n## ")[0]
+    commands = [l.strip() for l in try_it.splitlines() if l.strip().startswith("xmgie ")]
+    assert commands and commands[0] == FIRST_COMMAND
+    assert FIRST_COMMAND in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_first_command_edits_at_128_px(tmp_path, tiny_root, clean_paths, capsys,
+                                              monkeypatch):
+    """The command exactly as the README gives it, from a fresh folder: the shipped edit
+    finds its images beside the workflow, runs small under --tiny and saves 128 px."""
+    from xmgie import cli
+    from xmgie.mgie_core import tiny
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(tiny.ENV_TINY_DIR, str(tiny_root))
+    args = FIRST_COMMAND.split()[1:]
+    args[1] = str(ROOT / args[1])
+    assert cli.main(args) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "images downscaled to at most 128 px, 4.steps 50 -> 10" in err
+    with Image.open(tmp_path / "output" / "xmgie_carpet_yellow_00001_.png") as im:
+        assert im.size == (128, 128)
+
+
+def test_tiny_caps_apply_before_set_overrides(tmp_path, tiny_root, clean_paths):
+    from xmgie import cli
+    from xmgie.runner import core_nodes, engine
+
+    wf = ROOT / "workflows" / "edit_carpet_guided.json"
+    args = cli.build_parser().parse_args(["check", str(wf), "--tiny", "--set", "4.steps=3"])
+    registry = cli.build_registry()
+    with core_nodes.using_context(cli.run_context(args)):
+        prompt, _ = cli.prepare(args, json.loads(wf.read_text()), registry)
+    assert prompt["4"]["inputs"]["steps"] == 3                       # --set wins
+    assert prompt["4"]["inputs"]["inner_steps"] == cli.TINY_CAPS["inner_steps"]
+    assert prompt["6"]["inputs"]["iterations"] == cli.TINY_CAPS["iterations"]
+    untouched = engine.to_api(json.loads(wf.read_text()), registry)
+    assert untouched["4"]["inputs"]["steps"] == 50
+
+
+def test_tiny_context_downscales_loaded_images(tmp_path):
+    from xmgie.runner import core_nodes
+
+    Image.new("RGBA", (512, 384), (200, 10, 10, 128)).save(tmp_path / "big.png")
+    with core_nodes.using_context(core_nodes.RunContext(input_dirs=[tmp_path], max_side=128)):
+        image, mask = core_nodes.LoadImage().load_image("big.png")
+        (channel,) = core_nodes.LoadImageMask().load_image("big.png", "red")
+    assert image.shape == (1, 96, 128, 3) and mask.shape == (1, 96, 128)
+    assert channel.shape == (1, 96, 128)
+    assert abs(float(mask.mean()) - (1 - 128 / 255)) < 1e-3   # alpha kept through the resize
+    with core_nodes.using_context(core_nodes.RunContext(input_dirs=[tmp_path])):
+        image, _ = core_nodes.LoadImage().load_image("big.png")
+    assert image.shape == (1, 384, 512, 3)
