@@ -158,9 +158,11 @@ def test_every_node_type_round_trips_with_its_default_values(registry):
 
 
 class ForcedText:
-    """A node with a forceInput STRING: a socket in the frontend, no stored value."""
+    """A node with a forceInput STRING: a socket in the frontend, no stored value (an
+    output node, so the runner, like ComfyUI, has something to run)."""
     RETURN_TYPES = ("STRING",)
     FUNCTION = "run"
+    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
