@@ -121,11 +121,12 @@ class SDModelFromComfy:
             "clip": ("CLIP", inp("The CLIP of the same checkpoint (after the same LoRA "
                                  "loaders).")),
             "vae": ("VAE", inp("The checkpoint's VAE, or one from Load VAE.")),
-            "dtype": (DTYPES, inp("auto: the precision and device ComfyUI loaded the UNet "
-                                  "with; weights are shared (a component in another "
-                                  "precision is converted, which copies it). fp32/fp16/"
-                                  "bf16: convert, which copies what is in another "
-                                  "precision.", default="auto")),
+            "dtype": (DTYPES, inp("auto: the UNet's precision and device as ComfyUI loaded "
+                                  "it, weights shared; the VAE follows the UNet and CLIP "
+                                  "keeps its own precision (a component brought to another "
+                                  "precision or device is copied). fp32/fp16/bf16: all "
+                                  "three in that precision (copies what differs).",
+                                  default="auto")),
         }}
 
     def convert(self, model, clip, vae, dtype):

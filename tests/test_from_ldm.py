@@ -183,3 +183,24 @@ def test_long_tokenizer_is_fitted_to_the_position_table_without_touching_the_ori
     model = from_ldm.sd_from_ldm(unet, vae, clip)
     assert model.tokenizer.model_max_length == 77
     assert clip.tokenizer.model_max_length == 8192
+
+
+def test_text_encoder_keeps_its_own_precision_and_its_tensors(parts):
+    """ComfyUI keeps CLIP in fp16 even on the CPU: the bridge shares those tensors (the
+    pack casts the prompt features to float32), while the VAE follows the UNet."""
+    from xmgie.mgie_core import diffusion
+
+    unet, clip, vae = parts
+    half = from_ldm.LDMPart("text_encoder", {k: v.half() for k, v in clip.state.items()},
+                            clip.config, "fp16 CLIP", tokenizer=clip.tokenizer)
+    bf16_vae = from_ldm.LDMPart("vae", {k: v.bfloat16() for k, v in vae.state.items()},
+                                vae.config, "bf16 VAE")
+    model = from_ldm.sd_from_ldm(unet, bf16_vae, half)
+    assert model.dtype == torch.float32
+    assert {p.dtype for p in model.text_encoder.parameters()} == {torch.float16}
+    assert from_ldm.shares_storage(model.text_encoder, half) == 1.0
+    assert {p.dtype for p in model.vae.parameters()} == {torch.float32}   # converted: a copy
+    assert from_ldm.shares_storage(model.vae, bf16_vae) == 0.0
+    emb = diffusion.encode_prompt(model, "a red carpet")
+    full = diffusion.encode_prompt(from_ldm.sd_from_ldm(unet, vae, clip), "a red carpet")
+    assert emb.dtype == torch.float32 and torch.allclose(emb, full, atol=2e-2)

@@ -365,10 +365,14 @@ def sd_from_ldm(unet: LDMPart, vae: LDMPart, text_encoder: LDMPart, *, dtype=Non
     """The pack's :class:`SDModel` from three LDM parts, the modules' weights being the
     parts' tensors.
 
-    ``device`` / ``dtype`` None: those of the UNet's tensors (kept as they are: nothing is
-    copied when the three parts already live there). A component on another device or in
-    another dtype is converted, which copies it (e.g. ComfyUI keeps the VAE in bf16 or
-    fp32 next to an fp16 UNet on a GPU: the pack runs one dtype for all three)."""
+    ``device`` None: the device of the UNet's tensors. ``dtype`` None: the UNet's dtype
+    (fp8 and other dtypes the modules cannot run in become fp16 on CUDA, fp32 elsewhere);
+    the VAE is brought to it, since the pack feeds UNet and VAE the same tensors; the text
+    encoder KEEPS its own dtype (it only turns token ids into features, which the pack
+    casts to float32: ComfyUI runs its CLIP in fp16 even on the CPU, and so the bridge's
+    prompts read as ComfyUI's own). An explicit ``dtype`` applies to all three. Tensors
+    already on the device in the dtype are shared; anything moved or cast is a copy (e.g.
+    ComfyUI keeps the VAE in bf16 or fp32 next to an fp16 UNet on a GPU)."""
     for part, kind, name in ((unet, UNET, "model"), (vae, VAE, "vae"),
                              (text_encoder, TEXT_ENCODER, "clip")):
         if not isinstance(part, LDMPart) or part.kind != kind:
@@ -378,15 +382,18 @@ def sd_from_ldm(unet: LDMPart, vae: LDMPart, text_encoder: LDMPart, *, dtype=Non
         raise InputError("clip", "has no tokenizer", "a CLIP text encoder with its tokenizer")
     home_device, home_dtype = _tensor_home(unet.state)
     device = torch.device(device) if device is not None else home_device
-    dtype = resolve_dtype(dtype, device) if dtype is not None else \
-        runnable_dtype(home_dtype, device)
+    explicit = dtype is not None
+    dtype = resolve_dtype(dtype, device) if explicit else runnable_dtype(home_dtype, device)
     modules = {}
     for part in (unet, vae, text_encoder):
         module = build_module(part)
-        tensors = list(module.parameters())
+        want = dtype
+        if part.kind == TEXT_ENCODER and not explicit:
+            want = runnable_dtype(_tensor_home(part.state)[1], device)
+        own_dtypes = {t.dtype for t in module.parameters()}
         module.to(device=device)          # no-op for tensors already there (buffers move)
-        if any(t.dtype != dtype for t in tensors):
-            module.to(dtype=dtype)        # a copy: documented above
+        if own_dtypes != {want}:
+            module.to(dtype=want)         # a copy: documented above
         modules[part.kind] = module
     u, v, t = modules[UNET], modules[VAE], modules[TEXT_ENCODER]
     if u.config.cross_attention_dim != t.config.hidden_size:
