@@ -12,9 +12,10 @@ Two scalings of the same latent are in use:
   the samples as given, and the factor is applied only inside the model
   (``latent_formats.SD15.process_in`` multiplies by 0.18215, ``process_out`` divides).
 
-:func:`to_comfy_latent` / :func:`from_comfy_latent` convert at the node boundary, and
-:func:`decode` / :func:`encode` take ``scaled=False`` for raw latents so a decode of a
-LATENT is the same arithmetic as before (one division by the factor, none undone).
+:func:`to_comfy_latent` gives a library latent as a LATENT and
+:func:`comfy_latent_samples` checks one on the way in; :func:`decode` / :func:`encode`
+take ``scaled=False`` for raw latents, so a LATENT is never multiplied back by the factor
+only to be divided again.
 """
 
 from __future__ import annotations
@@ -118,8 +119,3 @@ def comfy_latent_samples(name: str, value: Any, channels: int = 4) -> torch.Tens
                          "be decoded by an SD 1.x VAE.")
     return z
 
-
-def from_comfy_latent(name: str, value: Any, scaling_factor: float,
-                      channels: int = 4) -> torch.Tensor:
-    """ComfyUI's LATENT as a library latent: its samples times the scaling factor."""
-    return comfy_latent_samples(name, value, channels).float() * scaling_factor

@@ -20,7 +20,7 @@ ROOT_CATEGORY = "xmgie"
 SD_MODEL = "XMGIE_SD"            # mgie_core.models.sd.SDModel (4- or 8-channel UNet)
 
 # ComfyUI's own LATENT {"samples": [B,4,h,w]}: RAW VAE latents (no 0.18215), as core
-# VAEEncode gives and VAEDecode takes (mgie_core.vae.to_comfy_latent / from_comfy_latent).
+# VAEEncode gives and VAEDecode takes (mgie_core.vae.to_comfy_latent / comfy_latent_samples).
 # Until issue 12 the pack passed its own scaled "XMGIE_LATENT"; saved graphs keep working
 # because node ids, input names and output indices did not change.
 LATENT = "LATENT"
