@@ -198,9 +198,10 @@ def sd_parts(model, clip, vae):
         bridge node's output. When ComfyUI later unpatches (another LoRA on the same
         checkpoint, a strength change) it puts its ORIGINAL tensors back into its modules
         and the pack's model keeps the patched ones: results stay those of the graph at
-        bridge time. Patching replaces tensors, it does not write into them (unless a
-        ModelPatcher has ``weight_inplace_update``, or hook-based LoRA is used at sampling
-        time: those write in place and are not supported here).
+        bridge time. Patching replaces tensors, it does not write into them, except where
+        a ModelPatcher has ``weight_inplace_update`` (then this function copies the
+        tensors instead of sharing them) and for hook-based LoRAs (Create Hook LoRA),
+        which ComfyUI writes in place at sampling time: not supported with this node.
       * When ComfyUI offloads the model (moves its modules to the CPU to make room), the
         pack's references keep the device copies alive: ComfyUI's memory accounting does
         not see them. On a GPU that cannot hold both, free the pack's model (rerun
@@ -221,9 +222,10 @@ def sd_parts(model, clip, vae):
     options = getattr(model, "model_options", {}) or {}
     if (options.get("transformer_options") or {}).get("patches") or \
             options.get("model_function_wrapper") or getattr(model, "object_patches", None):
-        logging.warning("xMGIE SD Model From ComfyUI: the MODEL carries sampling-time patches "
-                        "(e.g. FreeU, attention patches); only weight patches such as LoRAs "
-                        "are carried over to the pack's model.")
+        logging.getLogger(__name__).warning(
+            "xMGIE SD Model From ComfyUI: the MODEL carries sampling-time patches (e.g. "
+            "FreeU, attention patches); only weight patches such as LoRAs are carried over "
+            "to the pack's model.")
     mm.load_models_gpu([model, clip.patcher, vae.patcher], force_patch_weights=True,
                        force_full_load=True)
     unet = model.model.diffusion_model
@@ -232,6 +234,11 @@ def sd_parts(model, clip, vae):
     text_state = {k[len(prefix):]: v for k, v in encoder.state_dict().items()
                   if k.startswith(prefix + "text_model.")}
     vae_state = first.state_dict()
+    if any(getattr(p, "weight_inplace_update", False)
+           for p in (model, clip.patcher, vae.patcher)):
+        # Later patches would be written into these very tensors: take copies.
+        unet_state, text_state, vae_state = (
+            {k: v.clone() for k, v in d.items()} for d in (unet_state, text_state, vae_state))
     heads = config.unet_config.get("num_heads", 8)
     layers = encoder.clip_l.transformer.text_model.encoder.layers
     patched = len(getattr(model, "patches", {}) or {})

@@ -517,8 +517,8 @@ class CheckpointLoaderSimple:
                    "the core node loads any family it knows.")
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     RETURN_NAMES = ("MODEL", "CLIP", "VAE")
-    OUTPUT_TOOLTIPS = ("The UNet (LDM layout tensors).", "The CLIP text encoder and "
-                       "tokenizer.", "The VAE.")
+    OUTPUT_TOOLTIPS = ("The UNet (LDM layout tensors).",
+                       "The CLIP text encoder and its tokenizer.", "The VAE.")
     FUNCTION = "load_checkpoint"
 
     @classmethod

@@ -147,7 +147,7 @@ def test_bridge_outside_comfyui_names_what_it_got(tiny):
 
     with pytest.raises(InputError, match="model: got a str"):
         SDModelFromComfy().convert("model.safetensors", None, None, "auto")
-    unet, clip, vae_part = core_nodes.CheckpointLoaderSimple().load_checkpoint("x.safetensors")
+    unet, clip, _ = core_nodes.CheckpointLoaderSimple().load_checkpoint("x.safetensors")
     with pytest.raises(InputError, match="vae"):
         SDModelFromComfy().convert(unet, clip, clip, "auto")
 
