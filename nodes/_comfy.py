@@ -146,3 +146,174 @@ def memory_hooks(mm, model_patcher) -> dict:
 
     return {"wrap_model": wrap_model, "load_models": load_models, "is_loaded": is_loaded,
             "load_on_register": lambda entry: False}
+
+
+# --- ComfyUI's MODEL / CLIP / VAE -> the pack's SD model (the bridge node) ----------------
+
+SUPPORTED_MODEL_TYPES = ("SD15", "SD15_instructpix2pix")
+_NOT_SD1 = ("Load an SD 1.x checkpoint (SD 1.4/1.5 or a model fine-tuned from it, or an "
+            "SD 1.5 InstructPix2Pix) with Load Checkpoint; other families need the pack's "
+            "own loaders, which are SD 1.x too.")
+
+
+def _name(obj) -> str:
+    return type(obj).__name__
+
+
+def _check_model(model):
+    """The SD 1.x model config of a ComfyUI MODEL (a ModelPatcher), or a clear error."""
+    from ..mgie_core.errors import InputError
+
+    base = getattr(model, "model", None)
+    config = getattr(base, "model_config", None)
+    if base is None or config is None or not hasattr(model, "patches"):
+        raise InputError("model", f"got a {_name(model)}", "ComfyUI's MODEL from Load "
+                         "Checkpoint (or a LoRA loader after it)", _NOT_SD1)
+    import comfy.model_sampling
+    import comfy.supported_models as supported
+
+    kind = _name(config)
+    if not isinstance(config, supported.SD15) or kind not in SUPPORTED_MODEL_TYPES:
+        raise InputError("model", f"is a {kind} model", "an SD 1.x model (ComfyUI model "
+                         f"types {', '.join(SUPPORTED_MODEL_TYPES)})", _NOT_SD1)
+    sampling = model.get_model_object("model_sampling")
+    # The prediction type is the first of comfy.model_sampling's EPS family in the MRO
+    # (ComfyUI combines it with the schedule class: ModelSampling(Discrete, EPS)).
+    kinds = [c for c in type(sampling).__mro__ if c.__module__ == comfy.model_sampling.__name__
+             and issubclass(c, comfy.model_sampling.EPS)]
+    if not kinds or kinds[0] is not comfy.model_sampling.EPS:
+        got = kinds[0].__name__ if kinds else _name(sampling)
+        raise InputError("model", f"predicts {got} (a ModelSampling node or a checkpoint "
+                         "of another prediction type)", "an SD 1.x epsilon-prediction (EPS) "
+                         "model", "Remove the ModelSampling node before this one.")
+    return config
+
+
+def _check_clip(clip):
+    from ..mgie_core.errors import InputError
+
+    encoder = getattr(clip, "cond_stage_model", None)
+    if encoder is None or not hasattr(clip, "patcher"):
+        raise InputError("clip", f"got a {_name(clip)}", "ComfyUI's CLIP from Load Checkpoint",
+                         _NOT_SD1)
+    if getattr(encoder, "clip_name", None) != "l" or not hasattr(encoder, "clip_l"):
+        raise InputError("clip", f"is a {_name(encoder)} text encoder", "SD 1.x's CLIP-L "
+                         "(SD1ClipModel)", _NOT_SD1)
+    layer = getattr(clip, "layer_idx", None)
+    if layer not in (None, -1):
+        raise InputError("clip", f"is set to stop at layer {layer} (CLIP Set Last Layer)",
+                         "the last layer, as SD 1.x and the pack's text encoding use",
+                         "Remove CLIP Set Last Layer (or set it to -1) before this node.")
+    return encoder
+
+
+def _check_vae(vae):
+    from ..mgie_core.errors import InputError
+
+    first = getattr(vae, "first_stage_model", None)
+    if first is None or not hasattr(vae, "patcher"):
+        raise InputError("vae", f"got a {_name(vae)}", "ComfyUI's VAE from Load Checkpoint "
+                         "or Load VAE", _NOT_SD1)
+    channels = getattr(vae, "latent_channels", None)
+    if channels != 4 or getattr(vae, "latent_dim", 2) != 2 or \
+            not any(k.startswith("encoder.down.") for k in first.state_dict()):
+        raise InputError("vae", f"is a {_name(first)} with {channels} latent channels",
+                         "an SD 1.x AutoencoderKL (4 latent channels)", _NOT_SD1)
+    return first
+
+
+def _group_norms(module) -> int:
+    import torch
+
+    for m in module.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            return int(m.num_groups)
+    return 32
+
+
+def _activation_name(encoder) -> str:
+    import comfy.clip_model
+
+    act = encoder.clip_l.transformer.text_model.encoder.layers[0].mlp.activation
+    for name, fn in comfy.clip_model.ACTIVATIONS.items():
+        if fn is act:
+            return name
+    return "quick_gelu"
+
+
+def sd_parts(model, clip, vae):
+    """(UNet, text encoder, VAE) :class:`mgie_core.models.from_ldm.LDMPart` of ComfyUI's
+    MODEL, CLIP and VAE, their tensors being ComfyUI's own, LoRA patches applied.
+
+    How the patched weights are obtained: ``comfy.model_management.load_models_gpu(
+    [model, clip.patcher, vae.patcher], force_patch_weights=True, force_full_load=True)``
+    (as ComfyUI's own CheckpointSave does before it reads the weights) loads the three
+    onto ComfyUI's device with every weight patch applied into the modules' weights
+    (no low-VRAM on-the-fly patches); their ``state_dict()`` tensors are then taken as
+    they are, not copied.
+
+    Lifetime, which the pack cannot change:
+      * The pack's model keeps the tensors it was given for as long as ComfyUI caches the
+        bridge node's output. When ComfyUI later unpatches (another LoRA on the same
+        checkpoint, a strength change) it puts its ORIGINAL tensors back into its modules
+        and the pack's model keeps the patched ones: results stay those of the graph at
+        bridge time. Patching replaces tensors, it does not write into them, except where
+        a ModelPatcher has ``weight_inplace_update`` (then this function copies the
+        tensors instead of sharing them) and for hook-based LoRAs (Create Hook LoRA),
+        which ComfyUI writes in place at sampling time: not supported with this node.
+      * When ComfyUI offloads the model (moves its modules to the CPU to make room), the
+        pack's references keep the device copies alive: ComfyUI's memory accounting does
+        not see them. On a GPU that cannot hold both, free the pack's model (rerun
+        without this node, or ComfyUI's "unload models") before loading others.
+      * Sampling-time model patches (FreeU, attention patches, ModelSampling nodes) are
+        options of ComfyUI's sampler, not weights, and are not carried over; a
+        ModelSampling other than epsilon, and CLIP Set Last Layer, are refused.
+    """
+    import logging
+
+    import comfy.model_management as mm
+
+    from ..mgie_core.models import from_ldm
+
+    config = _check_model(model)
+    encoder = _check_clip(clip)
+    first = _check_vae(vae)
+    options = getattr(model, "model_options", {}) or {}
+    if (options.get("transformer_options") or {}).get("patches") or \
+            options.get("model_function_wrapper") or getattr(model, "object_patches", None):
+        logging.getLogger(__name__).warning(
+            "xMGIE SD Model From ComfyUI: the MODEL carries sampling-time patches (e.g. "
+            "FreeU, attention patches); only weight patches such as LoRAs are carried over "
+            "to the pack's model.")
+    mm.load_models_gpu([model, clip.patcher, vae.patcher], force_patch_weights=True,
+                       force_full_load=True)
+    unet = model.model.diffusion_model
+    unet_state = unet.state_dict()
+    prefix = "clip_l.transformer."
+    text_state = {k[len(prefix):]: v for k, v in encoder.state_dict().items()
+                  if k.startswith(prefix + "text_model.")}
+    vae_state = first.state_dict()
+    if any(getattr(p, "weight_inplace_update", False)
+           for p in (model, clip.patcher, vae.patcher)):
+        # Later patches would be written into these very tensors: take copies.
+        unet_state, text_state, vae_state = (
+            {k: v.clone() for k, v in d.items()} for d in (unet_state, text_state, vae_state))
+    heads = config.unet_config.get("num_heads", 8)
+    layers = encoder.clip_l.transformer.text_model.encoder.layers
+    patched = len(getattr(model, "patches", {}) or {})
+    clip_patched = len(getattr(clip.patcher, "patches", {}) or {})
+    source = (f"ComfyUI {_name(config)} model ({patched} UNet and {clip_patched} CLIP "
+              "weights patched)")
+    unet_part = from_ldm.LDMPart(
+        "unet", unet_state, from_ldm.unet_config_from_ldm(
+            unet_state, num_heads=heads, norm_num_groups=_group_norms(unet), source=source),
+        source)
+    text_part = from_ldm.LDMPart(
+        "text_encoder", text_state, from_ldm.text_config_from_ldm(
+            text_state, num_attention_heads=layers[0].self_attn.heads,
+            hidden_act=_activation_name(encoder), source=source),
+        source, tokenizer=clip.tokenizer.clip_l.tokenizer)
+    vae_part = from_ldm.LDMPart(
+        "vae", vae_state, from_ldm.vae_config_from_ldm(
+            vae_state, norm_num_groups=_group_norms(first), source=source), source)
+    return unet_part, text_part, vae_part

@@ -28,7 +28,11 @@ ROOT_CATEGORY = "xmgie"
 # Custom socket types (transparent dataclasses from mgie_core).
 SD_MODEL = "XMGIE_SD"            # mgie_core.models.sd.SDModel (4- or 8-channel UNet)
 
-LATENT = "XMGIE_LATENT"          # mgie_core.models.sd.Latents
+# ComfyUI's own LATENT {"samples": [B,4,h,w]}: RAW VAE latents (no 0.18215), as core
+# VAEEncode gives and VAEDecode takes (mgie_core.vae.to_comfy_latent / comfy_latent_samples).
+# Until issue 12 the pack passed its own scaled "XMGIE_LATENT"; saved graphs keep working
+# because node ids, input names and output indices did not change.
+LATENT = "LATENT"
 SAM_MODEL = "XMGIE_SAM"
 CAPTIONER = "XMGIE_CAPTIONER"
 VLM_MODEL = "XMGIE_VLM"

@@ -65,7 +65,8 @@ class Invert:
         result = inv_mod.invert(sd_model, lat.samples, source_prompt, method=method,
                                 steps=steps, guidance_scale=guidance, inner_steps=inner_steps,
                                 image_size=tuple(image.shape[1:3]))
-        return report_output((result, lat), result.updates)
+        return report_output((result, vae.to_comfy_latent(lat, sd_model.vae.config.scaling_factor)),
+                             result.updates)
 
 
 class PFBControlNode:
@@ -175,10 +176,10 @@ class CAMSampler:
         res = sampler.edit(sd_model, inversion, target_prompt, mask=m, cam=cam,
                            controls=list(controls or []), cross_replace=cross_replace,
                            self_replace=self_replace, batched=batched, p2p_mode=p2p_mode)
-        size = inversion.image_size
-        return report_output((vae.Latents(_finite_latent("edited latent", res.edit), size),
-                              vae.Latents(_finite_latent("reconstruction latent",
-                                                         res.reconstruction), size)),
+        factor = sd_model.vae.config.scaling_factor
+        return report_output((vae.to_comfy_latent(_finite_latent("edited latent", res.edit), factor),
+                              vae.to_comfy_latent(_finite_latent("reconstruction latent",
+                                                                 res.reconstruction), factor)),
                              res.report)
 
 
@@ -254,8 +255,9 @@ class InstructSampler:
                                     mask=m, source_latent=mode.samples, cam=cam,
                                     controls=list(controls or []), batched=batched,
                                     scheduler=scheduler)
-        return report_output((vae.Latents(_finite_latent("edited latent", res.edit),
-                                          tuple(image.shape[1:3])),), res.report)
+        return report_output((vae.to_comfy_latent(_finite_latent("edited latent", res.edit),
+                                                  sd_model.vae.config.scaling_factor),),
+                             res.report)
 
 
 NODES = [Invert, PFBControlNode, CAMSampler, EncodeInstruction, InstructSampler]

@@ -10,7 +10,8 @@ class VAEEncode:
     NODE_ID = f"{PREFIX}VAEEncode"
     DISPLAY_NAME = "xMGIE VAE Encode"
     CATEGORY = category("latent")
-    DESCRIPTION = ("Encodes an RGB image into SD latents (posterior mean x 0.18215). "
+    DESCRIPTION = ("Encodes an RGB image into a LATENT, as ComfyUI's VAE Encode: the "
+                   "posterior mode, without the 0.18215 factor (the model applies it). "
                    "Width and height must be multiples of 8.")
     RETURN_TYPES = (LATENT,)
     RETURN_NAMES = ("latent",)
@@ -24,14 +25,16 @@ class VAEEncode:
         }}
 
     def encode(self, sd_model, image):
-        return (vae.encode(sd_model, image.clone()),)
+        raw = vae.encode(sd_model, image.clone(), scaled=False)
+        return ({"samples": raw.samples},)
 
 
 class VAEDecode:
     NODE_ID = f"{PREFIX}VAEDecode"
     DISPLAY_NAME = "xMGIE VAE Decode"
     CATEGORY = category("latent")
-    DESCRIPTION = "Decodes SD latents back into an RGB image."
+    DESCRIPTION = ("Decodes a LATENT (ComfyUI's convention: raw VAE latents, as VAE Encode "
+                   "and the samplers give) back into an RGB image with the model's VAE.")
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
     FUNCTION = "decode"
@@ -40,11 +43,14 @@ class VAEDecode:
     def INPUT_TYPES(cls):
         return {"required": {
             "sd_model": (SD_MODEL, inp("Model whose VAE decodes the latents.")),
-            "latent": (LATENT, inp("Latents to decode.")),
+            "latent": (LATENT, inp("Latents to decode: from an xMGIE sampler, VAE Encode "
+                                   "or any SD 1.x LATENT.")),
         }}
 
     def decode(self, sd_model, latent):
-        return (vae.decode(sd_model, latent),)
+        samples = vae.comfy_latent_samples("latent", latent,
+                                           sd_model.vae.config.latent_channels)
+        return (vae.decode(sd_model, samples, scaled=False),)
 
 
 NODES = [VAEEncode, VAEDecode]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..mgie_core import paths
-from ..mgie_core.models import sd
+from ..mgie_core import paths, runtime
+from ..mgie_core.models import from_ldm, sd
 from ._common import PREFIX, SD_MODEL, category, inp
 
 DTYPES = list(sd.DTYPES)
@@ -100,4 +100,54 @@ class LoadMGIEUNet:
         return (sd.load_mgie_unet(unet_name, sd_model),)
 
 
-NODES = [LoadCheckpoint, LoadDiffusers, LoadInstructPix2Pix, LoadMGIEUNet]
+class SDModelFromComfy:
+    NODE_ID = f"{PREFIX}SDModelFromComfy"
+    DISPLAY_NAME = "xMGIE SD Model From ComfyUI"
+    CATEGORY = category("loaders")
+    DESCRIPTION = ("Edits with the models your graph already loaded: takes ComfyUI's MODEL, "
+                   "CLIP and VAE (from Load Checkpoint, after any LoRA loaders) and gives the "
+                   "pack's SD model, with the LoRAs applied and the weight tensors shared, not "
+                   "copied. SD 1.x only (SD 1.4/1.5 and fine-tunes, SD 1.5 InstructPix2Pix). "
+                   "CLIP Set Last Layer and sampling-time patches (FreeU, ModelSampling) do "
+                   "not carry over.")
+    RETURN_TYPES = (SD_MODEL,)
+    RETURN_NAMES = ("sd_model",)
+    FUNCTION = "convert"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", inp("The diffusion model from Load Checkpoint or a LoRA "
+                                   "loader (SD 1.x).")),
+            "clip": ("CLIP", inp("The CLIP of the same checkpoint (after the same LoRA "
+                                 "loaders).")),
+            "vae": ("VAE", inp("The checkpoint's VAE, or one from Load VAE.")),
+            "dtype": (DTYPES, inp("auto: the UNet's precision and device as ComfyUI loaded "
+                                  "it, weights shared; the VAE follows the UNet and CLIP "
+                                  "keeps its own precision (a component brought to another "
+                                  "precision or device is copied). fp32/fp16/bf16: all "
+                                  "three in that precision (copies what differs).",
+                                  default="auto")),
+        }}
+
+    def convert(self, model, clip, vae, dtype):
+        parts = (model, clip, vae)
+        if all(isinstance(p, from_ldm.LDMPart) for p in parts):
+            # The headless runner's CheckpointLoaderSimple (runner/core_nodes.py): the
+            # file's tensors, placed like the pack's own loaders place theirs.
+            device = runtime.device()
+            return (from_ldm.sd_from_ldm(model, vae, clip, device=device,
+                                         dtype=sd.resolve_dtype(dtype, device)),)
+        from . import _comfy
+
+        if not _comfy.comfy_available():
+            from ..mgie_core.errors import InputError
+
+            raise InputError("model", f"got a {type(model).__name__}", "ComfyUI's MODEL, "
+                             "or the headless runner's Load Checkpoint output")
+        unet, text, vae_part = _comfy.sd_parts(model, clip, vae)
+        return (from_ldm.sd_from_ldm(unet, vae_part, text,
+                                     dtype=None if dtype == "auto" else dtype),)
+
+
+NODES = [LoadCheckpoint, LoadDiffusers, LoadInstructPix2Pix, LoadMGIEUNet, SDModelFromComfy]

@@ -3,7 +3,22 @@
 Used only by the headless runner (``xmgie run``): inside ComfyUI the real core nodes
 run, so these classes are NOT in the pack's NODE_CLASS_MAPPINGS. They keep ComfyUI's
 ids, input names and tensor conventions (IMAGE float32 [B,H,W,3] in 0..1, MASK [B,H,W],
-a loaded mask is 1 - alpha) so the same workflow JSON runs in both places.
+a loaded mask is 1 - alpha, LATENT ``{"samples": raw VAE latent}`` without the 0.18215
+factor) so the same workflow JSON runs in both places.
+
+Models (issue 12): a workflow may start from core Load Checkpoint and hand its MODEL,
+CLIP and VAE to "xMGIE SD Model From ComfyUI". Here :class:`CheckpointLoaderSimple`
+reads the SD 1.x file the pack's own loader would (models/checkpoints, ``--tiny``) and
+gives :class:`mgie_core.models.from_ldm.LDMPart` values: the file's tensors in the LDM
+layout ComfyUI's loaded models hold, with their configs. The bridge node accepts those
+as it accepts ComfyUI's objects, and converts both through the same
+``from_ldm.sd_from_ldm``. :class:`VAEDecode` / :class:`VAEEncode` run that VAE part
+(built once, as a diffusers AutoencoderKL, on the run's device in fp32) in ComfyUI's
+convention, so core decoding of the pack's LATENT is checked headless too.
+:class:`PreviewAny` prints text as core's Preview Any shows it. :class:`LoraLoader` is
+declared so such workflows validate up to it, but REFUSES: the runner applies no LoRAs
+(ComfyUI's LoRA key formats and patch maths are ComfyUI's); run those in ComfyUI, or
+bypass the LoRA node. Only SD 1.x single files load here, as in the bridge.
 
 Where files are read from and written to is the runner's :class:`RunContext`, set with
 :func:`set_context` (the CLI does) or temporarily with :func:`using_context`.
@@ -26,7 +41,10 @@ from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
 from ..mgie_core import images as images_mod
+from ..mgie_core import paths, runtime
+from ..mgie_core import vae as vae_mod
 from ..mgie_core.errors import InputError
+from ..mgie_core.models import from_ldm
 from ..nodes._common import inp
 
 PREVIEW_SUBFOLDER = "preview"
@@ -514,7 +532,172 @@ class PreviewImage(SaveImage):
         return super().save_images(images, "preview", prompt, extra_pnginfo)
 
 
+class CheckpointLoaderSimple:
+    NODE_ID = "CheckpointLoaderSimple"
+    DISPLAY_NAME = "Load Checkpoint"
+    CATEGORY = "loaders"
+    DESCRIPTION = ("Reads an SD 1.x single-file checkpoint (models/checkpoints; --tiny: the "
+                   "tiny model) as its MODEL, CLIP and VAE, for xMGIE SD Model From ComfyUI "
+                   "and the VAE Decode/Encode stand-ins. Headless runner only: in ComfyUI "
+                   "the core node loads any family it knows.")
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    RETURN_NAMES = ("MODEL", "CLIP", "VAE")
+    OUTPUT_TOOLTIPS = ("The UNet (LDM layout tensors).",
+                       "The CLIP text encoder and its tokenizer.", "The VAE.")
+    FUNCTION = "load_checkpoint"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ckpt_name": (paths.list_models(paths.SD_CHECKPOINT), inp(
+            "SD 1.x checkpoint file in models/checkpoints (--models-dir).")),
+        }}
+
+    def load_checkpoint(self, ckpt_name: str):
+        return from_ldm.read_ldm_checkpoint(ckpt_name)
+
+
+def _vae_part(vae) -> from_ldm.LDMPart:
+    if not isinstance(vae, from_ldm.LDMPart) or vae.kind != from_ldm.VAE:
+        got = vae.kind if isinstance(vae, from_ldm.LDMPart) else type(vae).__name__
+        raise InputError("vae", f"got {got}", "the VAE output of Load Checkpoint")
+    return vae
+
+
+def _vae_on_device(vae):
+    """The part's VAE module in fp32 on the run's device (ComfyUI on the CPU decodes in
+    fp32 too); built once per part and device."""
+    device = runtime.device()
+    key = ("module", str(device))
+    if key not in vae.cache:
+        module = from_ldm.vae_module(vae).to(device=device)
+        if next(module.parameters()).dtype != torch.float32:  # diffusers warns on a no-op cast
+            module = module.to(dtype=torch.float32)
+        vae.cache[key] = module
+    return vae.cache[key], device
+
+
+class VAEDecode:
+    NODE_ID = "VAEDecode"
+    DISPLAY_NAME = "VAE Decode"
+    CATEGORY = "latent"
+    DESCRIPTION = ("Decodes a LATENT (raw VAE latents, ComfyUI's convention) into an IMAGE "
+                   "with a VAE from Load Checkpoint.")
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The decoded image.",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "samples": ("LATENT", inp("The latent to be decoded.")),
+            "vae": ("VAE", inp("The VAE model used for decoding the latent.")),
+        }}
+
+    def decode(self, vae, samples):
+        module, device = _vae_on_device(_vae_part(vae))
+        z = vae_mod.comfy_latent_samples("samples", samples, module.config.latent_channels)
+        return (vae_mod.decode_with(module, z, device, torch.float32, "samples",
+                                    scaled=False),)
+
+
+class VAEEncode:
+    NODE_ID = "VAEEncode"
+    DISPLAY_NAME = "VAE Encode"
+    CATEGORY = "latent"
+    DESCRIPTION = ("Encodes an IMAGE into a LATENT: the posterior mode, without the "
+                   "scaling factor; sides that are not multiples of 8 are centre-cropped, as "
+                   "ComfyUI does.")
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "pixels": ("IMAGE", inp("The image to encode.")),
+            "vae": ("VAE", inp("The VAE model used for encoding.")),
+        }}
+
+    def encode(self, vae, pixels):
+        module, device = _vae_on_device(_vae_part(vae))
+        pixels = images_mod.check_image("pixels", pixels)
+        f = vae_mod.vae_scale_of(module)
+        h, w = pixels.shape[1] // f * f, pixels.shape[2] // f * f
+        if h == 0 or w == 0:
+            raise InputError("pixels", f"is {pixels.shape[2]}x{pixels.shape[1]}",
+                             f"an image of at least {f}x{f} pixels")
+        top, left = (pixels.shape[1] % f) // 2, (pixels.shape[2] % f) // 2
+        pixels = pixels[:, top:top + h, left:left + w, :3]
+        raw = vae_mod.encode_with(module, pixels, device, torch.float32, "pixels",
+                                  scaled=False)
+        return ({"samples": raw.samples},)
+
+
+class PreviewAny:
+    NODE_ID = "PreviewAny"
+    DISPLAY_NAME = "Preview Any"
+    CATEGORY = "utils"
+    DESCRIPTION = ("Shows any value as text (strings as they are, numbers with str, other "
+                   "values as JSON), as core Preview Any does; the runner prints it.")
+    RETURN_TYPES = ()
+    FUNCTION = "main"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"source": ("*", inp("The value to show."))}}
+
+    def main(self, source=None):
+        if isinstance(source, str):
+            value = source
+        elif isinstance(source, (int, float, bool)):
+            value = str(source)
+        elif source is None:
+            value = "None"
+        else:
+            try:
+                value = json.dumps(source)
+            except (TypeError, ValueError):
+                value = str(source)
+        return {"ui": {"text": (value,)}}
+
+
+_NO_LORA = ("the headless runner does not apply LoRAs (ComfyUI's LoRA formats and patching "
+            "are ComfyUI's own)")
+
+
+class LoraLoader:
+    NODE_ID = "LoraLoader"
+    DISPLAY_NAME = "Load LoRA"
+    CATEGORY = "loaders"
+    DESCRIPTION = ("Declared so workflows with a LoRA validate up to it; refuses to run: "
+                   f"{_NO_LORA}. Run the workflow in ComfyUI, or bypass this node.")
+    RETURN_TYPES = ("MODEL", "CLIP")
+    FUNCTION = "load_lora"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", inp("The diffusion model the LoRA will be applied to.")),
+            "clip": ("CLIP", inp("The CLIP model the LoRA will be applied to.")),
+            "lora_name": ("STRING", inp("The name of the LoRA.")),
+            "strength_model": ("FLOAT", inp("How strongly to modify the diffusion model.",
+                                            default=1.0, min=-100.0, max=100.0, step=0.01)),
+            "strength_clip": ("FLOAT", inp("How strongly to modify the CLIP model.",
+                                           default=1.0, min=-100.0, max=100.0, step=0.01)),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, lora_name):
+        return (f"LoRA '{lora_name}': {_NO_LORA}. Run this workflow in ComfyUI, or bypass "
+                "the LoRA node (mode 4: its outputs become the checkpoint's).")
+
+    def load_lora(self, model, clip, lora_name, strength_model, strength_clip):
+        raise InputError("lora_name", f"'{lora_name}': {_NO_LORA}", "no LoRA node in a "
+                         "headless run", "Run this workflow in ComfyUI, or bypass the node.")
+
+
 # Not registered with ComfyUI (its own core nodes are used there); the CLI adds these
 # to its registry for the ids the pack does not define.
-STANDINS: dict[str, type] = {cls.NODE_ID: cls
-                             for cls in (LoadImage, LoadImageMask, SaveImage, PreviewImage)}
+STANDINS: dict[str, type] = {cls.NODE_ID: cls for cls in (
+    LoadImage, LoadImageMask, SaveImage, PreviewImage, CheckpointLoaderSimple, VAEDecode,
+    VAEEncode, PreviewAny, LoraLoader)}

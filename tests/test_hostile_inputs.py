@@ -26,7 +26,6 @@ from safetensors.torch import load_file, save_file
 from xmgie import cli
 from xmgie.mgie_core import images as images_mod
 from xmgie.mgie_core import tiny
-from xmgie.mgie_core.vae import Latents
 from xmgie.runner import core_nodes
 
 # --- test-only nodes: a sink (an output node for any value) and sources of bad values ---
@@ -99,7 +98,7 @@ class BadMask:
 
 
 class BadLatent:
-    RETURN_TYPES = ("XMGIE_LATENT",)
+    RETURN_TYPES = ("LATENT",)
     FUNCTION = "make"
 
     @classmethod
@@ -109,7 +108,7 @@ class BadLatent:
     def make(self, kind):
         z = torch.randn(1, 4, 16, 16)
         z[0, 0, 0, 0] = {"nan": float("nan"), "inf": float("inf")}.get(kind, 0.0)
-        return (Latents(z, (128, 128)),)
+        return ({"samples": z},)
 
 
 class Pass:

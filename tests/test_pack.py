@@ -121,7 +121,25 @@ def test_pyproject_is_ready_for_the_registry():
         assert dep in deps, dep
     assert "test" in project["optional-dependencies"]
     assert project["scripts"]["xmgie"] == "xmgie.cli:main"
-    assert meta["tool"]["comfy"]["PublisherId"] and meta["tool"]["comfy"]["DisplayName"]
+    comfy = meta["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    # The registry shows the icon from a URL; it must name a square-ish image in the repo.
+    icon = comfy["Icon"]
+    repo = project["urls"]["Repository"].removeprefix("https://github.com/")
+    prefix = f"https://raw.githubusercontent.com/{repo}/main/"
+    assert icon.startswith(prefix) and icon.endswith((".svg", ".png", ".jpg", ".gif")), icon
+    icon_file = ROOT / icon.removeprefix(prefix)
+    assert icon_file.is_file(), icon_file
+    if icon_file.suffix == ".svg":
+        root = __import__("xml.etree.ElementTree", fromlist=["x"]).parse(icon_file).getroot()
+        w, h = int(root.get("width")), int(root.get("height"))
+        assert w <= 800 and h <= 400 and w == h
+    assert re.fullmatch(r">=\s*\d+\.\d+\.\d+", comfy["requires-comfyui"])
+    # The declared license and the LICENSE file agree (the standard Apache-2.0 text).
+    assert project["license"] == {"text": "Apache-2.0"}
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX: How to apply" in text
     reqs = (ROOT / "requirements.txt").read_text().lower()
     lines = [l.split("#")[0].strip() for l in reqs.splitlines()]
     assert not [l for l in lines if re.match(r"^(torch|torchvision)\b", l)]

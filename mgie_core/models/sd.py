@@ -84,11 +84,24 @@ def ddim_scheduler(config: Optional[dict] = None):
     return DDIMScheduler.from_config(base)
 
 
+def fit_tokenizer(tokenizer, text_encoder):
+    """The tokenizer with ``model_max_length`` no longer than the text encoder's position
+    table (77 for CLIP). Prompts are padded to ``model_max_length``; some tokenizer
+    folders say more (ComfyUI's own ``comfy/sd1_tokenizer`` says 8192, because ComfyUI
+    chunks long prompts itself), which would make every prompt 8192 tokens long and fail
+    in the position embedding."""
+    limit = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", None)
+    if limit and getattr(tokenizer, "model_max_length", limit) > limit:
+        tokenizer.model_max_length = int(limit)
+    return tokenizer
+
+
 def _finish(unet, vae, text_encoder, tokenizer, scheduler_config, source: Path,
             device, dtype) -> SDModel:
     """Freeze and cast the components on the CPU, then hand them to the model registry,
     which places them (standalone: on ``device`` after freeing room there; ComfyUI: on
     its offload device until a node uses them)."""
+    tokenizer = fit_tokenizer(tokenizer, text_encoder)
     device = torch.device(device) if device is not None else runtime.device()
     dtype = resolve_dtype(dtype, device)
     modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
