@@ -20,7 +20,7 @@ from xmgie.mgie_core.models import from_ldm
 from xmgie.runner import core_nodes, engine
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "workflows" / "edit_carpet_checkpoint_api.json"
+SHIPPED = ROOT / "workflows" / "api" / "edit_carpet_checkpoint_api.json"
 SF = 0.18215
 
 

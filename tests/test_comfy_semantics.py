@@ -133,8 +133,8 @@ def with_identity(g):
 def test_null_text_reconstructs_closer_than_ddim_under_inference_mode(setup):
     def error(method):
         res = run(setup, graph(method, target=SRC, replace=(0.0, 0.0)))
-        z0 = res.outputs["4"][1].samples
-        rec = res.outputs["20"][1].samples
+        z0 = res.outputs["4"][1]["samples"]
+        rec = res.outputs["20"][1]["samples"]
         return (rec - z0).abs().mean().item(), res
 
     e_ddim, _ = error("ddim")
@@ -157,9 +157,9 @@ def edits(setup):
 
 @pytest.mark.parametrize("stage", ["MAG", "A-STAR", "identity guidance"])
 def test_each_control_changes_the_edit_with_applied_updates(edits, stage):
-    base = edits["none"].outputs["20"][0].samples
+    base = edits["none"].outputs["20"][0]["samples"]
     res = edits[stage]
-    edit = res.outputs["20"][0].samples
+    edit = res.outputs["20"][0]["samples"]
     assert torch.isfinite(edit).all()
     change = (edit - base).abs().mean().item()
     assert change > 1e-3, (stage, change)
@@ -167,7 +167,7 @@ def test_each_control_changes_the_edit_with_applied_updates(edits, stage):
     assert n is not None and n > 0, res.ui.get("20")
     # the run without controls reports nothing, the reconstruction is the same in both
     assert "20" not in edits["none"].ui
-    assert torch.allclose(res.outputs["20"][1].samples, edits["none"].outputs["20"][1].samples,
+    assert torch.allclose(res.outputs["20"][1]["samples"], edits["none"].outputs["20"][1]["samples"],
                           atol=1e-5)
 
 
