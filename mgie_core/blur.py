@@ -19,8 +19,9 @@ Definitions used here (the tests pin each of them down):
   kornia's ``distance_transform`` is not used: it is a cascaded soft-min approximation
   whose error reaches several pixels 10-30 px from the edge (short by up to 29 % along
   diagonals), far beyond the 1 px the sigma map needs.
-* ``G_sigma`` is the sampled Gaussian exp(-x^2 / (2 sigma^2)) truncated at
-  ``ceil(4 sigma)`` pixels, normalised to sum 1, applied
+* ``G_sigma`` is the sampled Gaussian exp(-x^2 / (2 sigma^2)) (kornia's
+  ``get_gaussian_kernel1d``) truncated at ``ceil(4 sigma)`` pixels, normalised to sum 1,
+  applied
   separably over the reflect-padded image (torch's "reflect": the edge pixel is not
   repeated; padding wider than the image keeps reflecting). sigma = 0 is the identity.
   The radius rounds up, so the kernel always reaches 4 sigma; scipy.ndimage's
@@ -47,19 +48,19 @@ linear interpolation between two levels needs about 65 levels for the same bound
 
 All levels go through two 1-D passes done as blocked banded matrix products shared by
 the levels (fast on CPU and GPU, cost linear in the image size), on the bounding box of
-the blurred pixels only. On CUDA they run in float64 so a global TF32 setting cannot
-degrade them; on CPU the stage uses ``CPU_THREADS`` intra-op threads (see there).
+the blurred pixels only. Each level equals kornia's ``gaussian_blur2d`` with reflect
+padding (a test checks it); calling that once per level would cost about ten tensor
+operations per level instead of ten in all, which dominates on a busy CPU. On CUDA they run in float64 so a global TF32 setting cannot
+degrade them. The stage never changes torch's process-wide thread settings.
 Pixels outside the mask are copied from the input with ``torch.where``: bit-identical.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .errors import InputError
 from .images import check_image, check_mask
@@ -70,26 +71,6 @@ LEVEL_RATIO = 1.15      # largest ratio between consecutive default levels
 _U_PARAM_BELOW = 1.0    # interpolate in u = exp(-1/(2 s^2)) on intervals ending <= this
 _INF2 = 1 << 30         # "no outside pixel" in the integer squared-distance passes
 _BAND_PIXELS = 32768     # row band of the EDT row pass (torch's parallel grain size)
-# Intra-op threads for this stage on CPU (None: leave torch's setting). GB is a light
-# post-process made of many mid-sized ops; on a CPU shared with other work each parallel
-# op can wait for a second core, and that wait dominates: on 2 busy cores (load ~4.6) a
-# 512x512 example took 0.45-1.5 s with 2 threads and 0.07-0.37 s with 1.
-CPU_THREADS: int | None = 1
-
-
-@contextlib.contextmanager
-def _cpu_threads(device: torch.device) -> Iterator[None]:
-    """Run the body with ``CPU_THREADS`` intra-op threads when computing on the CPU (the
-    setting is process-wide in torch, so it is restored on the way out)."""
-    prev = torch.get_num_threads()
-    if device.type != "cpu" or CPU_THREADS is None or prev <= CPU_THREADS:
-        yield
-        return
-    torch.set_num_threads(CPU_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 # --------------------------------------------------------------------------- distance
@@ -109,8 +90,7 @@ def distance_to_boundary(mask: torch.Tensor) -> torch.Tensor:
     squeeze = mask.ndim == 2
     inside = _inside(mask if not squeeze else mask[None])
     out = torch.zeros(inside.shape, dtype=torch.float32, device=inside.device)
-    with _cpu_threads(inside.device):
-        _distance_into(out, inside)
+    _distance_into(out, inside)
     return out[0] if squeeze else out
 
 
@@ -230,13 +210,15 @@ def level_weights(sigma: torch.Tensor, levels: Sequence[float]) -> tuple[torch.T
 
 
 def gaussian_kernel1d(sigma: float, dtype=torch.float64, device=None) -> torch.Tensor:
-    """Sampled Gaussian truncated at ceil(TRUNCATE sigma), normalised; [1.] for sigma 0."""
+    """Sampled Gaussian truncated at ceil(TRUNCATE sigma), normalised; [1.] for sigma 0.
+    kornia's kernel (computed in float64: exp(-x^2 / (2 sigma^2)) / sum)."""
     if sigma <= 0:
         return torch.ones(1, dtype=dtype, device=device)
+    from kornia.filters import get_gaussian_kernel1d
+
     r = math.ceil(TRUNCATE * sigma)
-    x = torch.arange(-r, r + 1, dtype=torch.float64)
-    k = torch.exp(-x ** 2 / (2 * sigma * sigma))
-    return (k / k.sum()).to(dtype=dtype, device=device)
+    k = get_gaussian_kernel1d(2 * r + 1, float(sigma), dtype=torch.float64).flatten()
+    return k.to(dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------- blur
@@ -367,9 +349,7 @@ def gb_blur(image: torch.Tensor, mask: torch.Tensor, sigma_max: float = 5.0,
     if sigma_max == 0 or not bool(inside.any()):
         return image.clone()
     inside = inside.expand(image.shape[0], -1, -1)
-    with _cpu_threads(image.device):
-        sig = sigma_map(distance_to_boundary(inside), sigma_max, sigma_s)
-        out = torch.stack([_blur_one(image[b], sig[b], levels)
-                           for b in range(image.shape[0])])
+    sig = sigma_map(distance_to_boundary(inside), sigma_max, sigma_s)
+    out = torch.stack([_blur_one(image[b], sig[b], levels) for b in range(image.shape[0])])
     # Outside the mask: the input itself, bit for bit (never recomposed arithmetically).
     return torch.where(inside[..., None], out, image)

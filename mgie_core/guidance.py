@@ -23,7 +23,6 @@ import logging
 from typing import Iterable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import attention
 from .attention import COND, AttnContext, AttnHook, BatchLayout, Branch, LayerInfo, layer_hw
@@ -253,4 +252,9 @@ def masked_update(z: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor,
 
 
 def dilate3(mask: torch.Tensor) -> torch.Tensor:
-    return F.max_pool2d(mask, 3, stride=1, padding=1)
+    """MAG-Edit's 3x3 max-pool dilation of a (B,1,h,w) mask (kornia's dilation, a centred
+    3x3 kernel of ones; outside the image ignored)."""
+    from kornia.morphology import dilation
+
+    return dilation(mask, torch.ones(3, 3, device=mask.device, dtype=mask.dtype),
+                    border_type="geodesic")

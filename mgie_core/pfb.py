@@ -46,7 +46,6 @@ import dataclasses
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .attention import COND, Branch, MaskPyramid
 from .control import Control
@@ -133,16 +132,23 @@ def dilate(mask: torch.Tensor, px_at_512: float) -> torch.Tensor:
 
     OpenCV's default anchor for an even kernel is k // 2, so output (y, x) is the maximum
     over input rows y - k//2 .. y + k - 1 - k//2 (and columns likewise); outside the
-    image counts as 0. A kernel of k pixels, not a radius: radius 36 (73 x 73) more than
+    image counts as 0 (kornia's dilation with the origin set to that anchor). A kernel of
+    k pixels, not a radius: radius 36 (73 x 73) more than
     doubles the added area (on a 512 px ellipse of 39,608 px: 38,304 px added against
     17,325). PFB-Diff works at 512 px only; scaling k with the width keeps the same margin
     relative to the image at other sizes (9 px at 128)."""
     k = int(round(px_at_512 * mask.shape[-1] / 512))
     if k <= 1:
         return mask
-    lo, hi = k // 2, k - 1 - k // 2
-    padded = F.pad(mask[:, None].float(), (lo, hi, lo, hi), value=0.0)
-    return F.max_pool2d(padded, k, stride=1)[:, 0].to(mask.dtype)
+    from kornia.morphology import dilation
+
+    # kornia reflects the kernel (Minkowski dilation: window y - (k-1-o) .. y + o for
+    # origin o); origin k - 1 - k//2 puts the window at cv2's y - k//2 .. y + k-1-k//2.
+    # Geodesic borders: outside the image is ignored, as 0 would be for a 0/1 mask.
+    o = k - 1 - k // 2
+    out = dilation(mask[:, None].float(), torch.ones(k, k, device=mask.device), origin=[o, o],
+                   border_type="geodesic")
+    return out[:, 0].to(mask.dtype)
 
 
 @dataclasses.dataclass

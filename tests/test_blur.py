@@ -332,3 +332,34 @@ def test_cpu_thread_setting_is_restored():
     blur.gb_blur(img, msk)
     blur.distance_to_boundary(msk > 0.5)
     assert torch.get_num_threads() == before
+
+
+# --- the library operations the stage builds on ------------------------------------------
+
+@pytest.mark.parametrize("sigma", [0.33, 0.8, 1.7, 3.1, 5.0])
+def test_each_level_equals_kornias_gaussian_blur(sigma):
+    """The banded level stack computes, per level, what kornia's gaussian_blur2d does
+    (same kernel, reflect padding) on the requested crop."""
+    import kornia
+
+    from xmgie.mgie_core import blur as B
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(3, 61, 77, generator=g, dtype=torch.float64)
+    stack = B._level_stack(x, [sigma], 5, 50, 7, 70)[0]
+    r = math.ceil(B.TRUNCATE * sigma)
+    ref = kornia.filters.gaussian_blur2d(x[None], (2 * r + 1, 2 * r + 1), (sigma, sigma),
+                                         border_type="reflect")[0]
+    torch.testing.assert_close(stack, ref[:, 5:50, 7:70], atol=1e-12, rtol=0)
+
+
+def test_gb_blur_leaves_the_process_thread_setting_alone(monkeypatch):
+    from xmgie.mgie_core import blur as B
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    img = torch.rand(1, 64, 64, 3)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 16:48] = 1
+    B.gb_blur(img, mask)
+    assert calls == []
