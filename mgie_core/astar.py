@@ -162,6 +162,7 @@ class AStarControl(Control):
         if not run.two_branch:
             raise InputError("controls", "include A-STAR on a sampler without a target "
                              "prompt", "the two-branch (inversion) sampler")
+        runtime.differentiable(run.sd.unet, stage="A-STAR")
         self._groups = word_token_groups(run.sd.tokenizer, prompt, list(self.words))
         self._layers = guidance.layers_at_factor(run.sd.unet, 4)
         self._n_opt = int(round(self.steps_fraction * run.schedule.num_steps))

@@ -205,6 +205,9 @@ class IdentityGuidance(Control):
             raise InputError("controls", "include identity guidance, which needs the "
                              "two-branch sampler", "the CAM-masked two-branch sampler "
                              "(sampler.edit)", "The instruction sampler is not supported yet.")
+        # The gradient goes through the VAE decoder and the identity encoder (eps held
+        # constant), not the UNet.
+        runtime.differentiable(run.sd.vae, self.encoder.model, stage="identity guidance")
         n = run.schedule.num_steps
         self._window = range(int(round(self.start * n)), int(round(self.end * n)))
         mask = self.mask if self.mask is not None else run.mask

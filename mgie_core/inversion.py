@@ -107,6 +107,7 @@ def null_text_optimisation(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor,
     report = report if report is not None else UpdateReport()
     n = sch.num_steps
     nulls = []
+    runtime.differentiable(sd.unet, stage="null-text inversion")
     with runtime.autograd():
         traj, cond, uncond = runtime.autograd_input((traj, cond, uncond))
         u = uncond.detach().float().clone()

@@ -101,6 +101,7 @@ class MAGControl(Control):
         if not run.two_branch:
             raise InputError("controls", "include MAG on a sampler without a target prompt",
                              "the two-branch (inversion) sampler")
+        runtime.differentiable(run.sd.unet, stage="MAG")
         tok = run.sd.tokenizer
         self._groups = word_token_groups(tok, prompt, list(self.words))
         self._neg = word_token_groups(tok, prompt, list(self.negative_words)) \

@@ -240,6 +240,38 @@ def normal_weights(module: torch.nn.Module) -> int:
     return replaced
 
 
+def differentiable(*modules: Optional[torch.nn.Module], stage: str = "") -> int:
+    """Make sure gradients can pass through ``modules``: weights made in inference mode
+    are replaced by normal copies (:func:`normal_weights`); returns how many tensors were
+    copied (0 for the pack's own loaders, which build normal weights).
+
+    Weights can be inference tensors when the model is not the pack's: the bridge node
+    (xMGIE SD Model From ComfyUI) shares ComfyUI's own tensors, and ComfyUI loads and
+    moves its models inside ``torch.inference_mode()``. Autograd cannot save such tensors
+    for the backward pass, so a gradient stage (null-text, MAG, A-STAR, identity
+    guidance) copies them once, the first time it runs on that model: the module then
+    holds its own copy, and memory for it is spent once (logged)."""
+    copied, nbytes = 0, 0
+    for m in modules:
+        if m is None:
+            continue
+        before = sum(t.numel() * t.element_size() for t in _inference_tensors(m))
+        n = normal_weights(m)
+        copied, nbytes = copied + n, nbytes + (before if n else 0)
+    if copied:
+        log.info("%s: %d weight tensors (%.1f MB) were made in inference mode (a model whose "
+                 "weights are ComfyUI's); copied once so gradients can pass through them",
+                 stage or "gradient stage", copied, nbytes / 2**20)
+    return copied
+
+
+def _inference_tensors(module: torch.nn.Module):
+    for mod in module.modules():
+        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+            if t is not None and t.is_inference():
+                yield t
+
+
 # --- the pack's loaded models --------------------------------------------------------------
 
 _offload_after_use = os.environ.get("XMGIE_OFFLOAD", "") == "1"

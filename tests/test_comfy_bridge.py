@@ -180,3 +180,26 @@ def test_runner_checkpoint_parts_are_the_files_tensors(tiny):
     assert clip.tokenizer is not None and unet.scheduler_config is not None
     assert paths.tiny_root() is not None and unet.source.endswith("tiny-sd15.safetensors")
     assert isinstance(unet, from_ldm.LDMPart)
+
+
+def test_gradient_stages_run_on_the_bridged_model(tiny, ctx, caplog):
+    """The bridge shares weights made in inference mode (ComfyUI loads inside it; so does
+    the runner's Load Checkpoint stand-in): null-text inversion and MAG still get their
+    gradients, by copying those weights once, and say so in the log."""
+    import logging
+
+    prompt = _shipped(steps=3)
+    prompt["7"]["inputs"].update(method="null_text", inner_steps=2)
+    prompt["15"] = {"class_type": "XMGIEMAGControl", "inputs": {
+        "mask": ["2", 0], "words": "yellow", "negative_words": "", "opt_fraction": 0.67,
+        "iterations": 2, "scale": 2.5, "spatial_ratio": False, "negative_weight": 5.5,
+        "blend_fraction": 0.3, "controls": ["8", 0]}}
+    prompt["9"]["inputs"]["controls"] = ["15", 0]
+    registry = cli.build_registry()
+    prompt = engine.check(prompt, registry)
+    with caplog.at_level(logging.INFO, logger="xmgie.mgie_core.runtime"):
+        res = engine.execute(prompt, registry)
+    assert torch.isfinite(res.outputs["9"][0]["samples"]).all()
+    copied = [r.getMessage() for r in caplog.records if "made in inference mode" in r.getMessage()]
+    assert copied and copied[0].startswith("null-text inversion"), copied
+    assert res.outputs["7"][0].updates.counts("null-text inversion").applied > 0
