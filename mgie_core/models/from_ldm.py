@@ -42,8 +42,7 @@ import torch
 from .. import paths
 from ..errors import InputError, ModelLoadError
 from .sd import (CONFIG_DIR, LDM_PREFIXES, SINGLE_FILE_OPTIONAL, TEXT_ENCODER_OPTIONAL,
-                 SDModel, _load_tokenizer, ddim_scheduler, find_clip_tokenizer,
-                 fit_tokenizer, read_checkpoint, resolve_dtype, single_file_config)
+                 SDModel, ddim_scheduler, fit_tokenizer, read_single_file, resolve_dtype)
 from .validate import (check_state_dict_keys, compare_state_dicts, describe_load_error,
                        read_sd_configs)
 
@@ -107,11 +106,7 @@ def read_ldm_checkpoint(name: str, config_dir: Optional[Path] = None
     single-file loader finds it (models/checkpoints, tiny mode), with the same configs
     (``<stem>.config/`` beside it, else the pack's SD 1.5). Nothing is converted yet."""
     what = paths.SD_CHECKPOINT.what
-    path = paths.resolve(paths.SD_CHECKPOINT, name)
-    config_dir = Path(config_dir) if config_dir else single_file_config(path)
-    configs = read_sd_configs(config_dir, f"{what} config")
-    tokenizer = _load_tokenizer(find_clip_tokenizer(config_dir), "CLIP tokenizer")
-    state = read_checkpoint(path, what)
+    path, _, configs, tokenizer, state = read_single_file(name, config_dir)
     # Tensors read from a file start at arbitrary byte offsets; CPU matrix kernels take
     # other code paths for unaligned memory and round differently (~1e-6 in a UNet
     # output). One fresh (aligned) tensor each, as a module's own parameters are, keeps

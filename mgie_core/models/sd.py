@@ -267,6 +267,19 @@ def _build(what: str, config_dir: Path, component: str, build):
                              "Use the config folder of an SD 1.x model.") from exc
 
 
+def read_single_file(name: str, config_dir: Optional[Path] = None):
+    """What every single-file SD 1.x reader starts from: (path, config folder, configs read
+    as data, CLIP tokenizer, raw state dict). The checkpoint is found in models/checkpoints
+    (or tiny mode); the configs come from ``<stem>.config/`` beside it, else the pack's
+    SD 1.5."""
+    what = paths.SD_CHECKPOINT.what
+    path = paths.resolve(paths.SD_CHECKPOINT, name)
+    config_dir = Path(config_dir) if config_dir else single_file_config(path)
+    configs = read_sd_configs(config_dir, f"{what} config")
+    tokenizer = _load_tokenizer(find_clip_tokenizer(config_dir), "CLIP tokenizer")
+    return path, config_dir, configs, tokenizer, read_checkpoint(path, what)
+
+
 @runtime.builds_weights
 def load_sd_checkpoint(name: str, dtype="auto", device=None,
                        config_dir: Optional[Path] = None) -> SDModel:
@@ -285,11 +298,7 @@ def load_sd_checkpoint(name: str, dtype="auto", device=None,
     from transformers import CLIPTextConfig, CLIPTextModel
 
     what = paths.SD_CHECKPOINT.what
-    path = paths.resolve(paths.SD_CHECKPOINT, name)
-    config_dir = Path(config_dir) if config_dir else single_file_config(path)
-    configs = read_sd_configs(config_dir, f"{what} config")
-    tokenizer = _load_tokenizer(find_clip_tokenizer(config_dir), "CLIP tokenizer")
-    state = read_checkpoint(path, what)
+    path, config_dir, configs, tokenizer, state = read_single_file(name, config_dir)
     unet = _build(what, config_dir, "unet",
                   lambda: UNet2DConditionModel.from_config(configs["unet"]))
     vae = _build(what, config_dir, "vae", lambda: AutoencoderKL.from_config(configs["vae"]))
