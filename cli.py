@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--models-dir", action="append", type=Path, default=None, metavar="DIR",
                         help="models folder holding checkpoints/, diffusers/, mgie/, ... "
                              f"(repeatable; also ${paths.ENV_MODELS_DIR})")
+    common.add_argument("--fp32-text-enc", action="store_true",
+                        help="Load Checkpoint gives its CLIP in fp32 (ComfyUI's flag of the "
+                             "same name; both default to fp16)")
     common.add_argument("--max-image-pixels", type=_pixels, default=None, metavar="N",
                         help="largest image accepted, in pixels (width x height; default "
                              f"{images.DEFAULT_MAX_PIXELS} = 4096x4096; also "
@@ -162,12 +165,16 @@ def configure_models(args: argparse.Namespace) -> None:
 
 
 def run_context(args: argparse.Namespace):
+    import torch
+
     from .runner.core_nodes import RunContext
 
     return RunContext(input_dirs=list(args.input_dir or [Path("input")]),
                       output_dir=getattr(args, "output_dir", Path("output")),
                       workflow_dir=args.workflow.resolve().parent,
-                      max_side=TINY_MAX_SIDE if args.tiny else None)
+                      max_side=TINY_MAX_SIDE if args.tiny else None,
+                      text_encoder_dtype=(torch.float32 if getattr(args, "fp32_text_enc", False)
+                                          else torch.float16))
 
 
 def tiny_caps(prompt: dict) -> tuple[dict, list[str]]:

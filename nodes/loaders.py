@@ -134,10 +134,11 @@ class SDModelFromComfy:
         parts = (model, clip, vae)
         if all(isinstance(p, from_ldm.LDMPart) for p in parts):
             # The headless runner's CheckpointLoaderSimple (runner/core_nodes.py): the
-            # file's tensors, placed like the pack's own loaders place theirs.
+            # file's tensors (CLIP in ComfyUI's text-encoder precision), on the run's
+            # device, under the same dtype rule as inside ComfyUI.
             device = runtime.device()
             return (from_ldm.sd_from_ldm(model, vae, clip, device=device,
-                                         dtype=sd.resolve_dtype(dtype, device)),)
+                                         dtype=None if dtype == "auto" else dtype),)
         from . import _comfy
 
         if not _comfy.comfy_available():

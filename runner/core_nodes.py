@@ -63,6 +63,9 @@ class RunContext:
     # Longest side of images LoadImage/LoadImageMask give (None: as stored). Set by
     # `xmgie run --tiny`, where the tiny models make any image meaningless anyway.
     max_side: Optional[int] = None
+    # Precision of the text encoder Load Checkpoint gives: ComfyUI's default is fp16 on
+    # every device (model_management.text_encoder_dtype); --fp32-text-enc as in ComfyUI.
+    text_encoder_dtype: torch.dtype = torch.float16
 
     def image_search_dirs(self) -> list[Path]:
         """Where a relative image name is looked up, in order: the input dirs, the
@@ -553,7 +556,15 @@ class CheckpointLoaderSimple:
         }}
 
     def load_checkpoint(self, ckpt_name: str):
-        return from_ldm.read_ldm_checkpoint(ckpt_name)
+        """The file's UNet, CLIP and VAE tensors; CLIP in the run's text-encoder precision
+        (fp16 unless --fp32-text-enc), as ComfyUI's own Load Checkpoint gives it, so the
+        bridge node sees what it sees inside ComfyUI."""
+        unet, text, vae = from_ldm.read_ldm_checkpoint(ckpt_name)
+        dtype = context().text_encoder_dtype
+        if dtype is not None:
+            text.state = {k: v.to(dtype) if v.is_floating_point() else v
+                          for k, v in text.state.items()}
+        return unet, text, vae
 
 
 def _vae_part(vae) -> from_ldm.LDMPart:

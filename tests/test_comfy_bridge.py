@@ -44,6 +44,13 @@ def ctx(tmp_path):
         yield c
 
 
+@pytest.fixture
+def fp32_text_enc(ctx):
+    """The run as ``xmgie run --fp32-text-enc`` (ComfyUI's flag of the same name)."""
+    ctx.text_encoder_dtype = torch.float32
+    yield ctx
+
+
 def _run(prompt: dict) -> engine.RunResult:
     registry = cli.build_registry()
     return engine.execute(engine.check(prompt, registry), registry)
@@ -57,9 +64,24 @@ def _shipped(steps: int = 3) -> dict:
     return prompt
 
 
-def test_shipped_checkpoint_edit_equals_the_pack_loader_edit(tiny, ctx):
+def test_load_checkpoint_gives_clip_in_comfyuis_text_encoder_precision(tiny, ctx):
+    """As ComfyUI's own Load Checkpoint (text_encoder_dtype: fp16 on every device unless
+    --fp32-text-enc), and the bridge keeps it, as it does inside ComfyUI."""
+    unet, clip, vae_part = core_nodes.CheckpointLoaderSimple().load_checkpoint("x.safetensors")
+    assert {v.dtype for v in clip.state.values() if v.is_floating_point()} == {torch.float16}
+    assert {v.dtype for v in unet.state.values()} == {torch.float32}
+    (model,) = __import__("xmgie.nodes.loaders", fromlist=["x"]).SDModelFromComfy().convert(
+        unet, clip, vae_part, "auto")
+    assert model.text_encoder.dtype == torch.float16 and model.unet.dtype == torch.float32
+    ctx.text_encoder_dtype = torch.float32
+    _, clip32, _ = core_nodes.CheckpointLoaderSimple().load_checkpoint("x.safetensors")
+    assert {v.dtype for v in clip32.state.values() if v.is_floating_point()} == {torch.float32}
+
+
+def test_shipped_checkpoint_edit_equals_the_pack_loader_edit(tiny, fp32_text_enc):
     """Load Checkpoint -> bridge -> edit -> core VAE Decode gives, bit for bit, what the
-    pack's own loader and decoder give for the same edit."""
+    pack's own loader and decoder give for the same edit (with the text encoder in fp32,
+    as the pack's loader has it: ComfyUI's --fp32-text-enc)."""
     bridged = _shipped()
     own = _shipped()
     own["3"] = {"class_type": "XMGIELoadCheckpoint",
