@@ -458,9 +458,20 @@ class ModelRegistry:
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
+    a, b = torch.device(a), torch.device(b)
     if a.type != b.type:
         return False
     return a.index is None or b.index is None or a.index == b.index
+
+
+def place(x: torch.Tensor, device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``x`` on ``device`` (and in ``dtype``): the tensor itself when it is there already,
+    a dtype cast when only the dtype differs, a copy only when it lives elsewhere. Loops
+    use this instead of ``x.to(device)`` so that the sync counter (:mod:`.syncs`) sees an
+    explicit move only where one happens ("cuda" and "cuda:0" are the same device)."""
+    if not _same_device(x.device, device):
+        return x.to(device=device, dtype=dtype)
+    return x if dtype is None or x.dtype == dtype else x.to(dtype=dtype)
 
 
 _registry = ModelRegistry()
