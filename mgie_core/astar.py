@@ -179,8 +179,7 @@ class AStarControl(Control):
         z = run.latents[Branch.EDIT]
         self._groups_on = [runtime.autograd_input(torch.tensor(list(g), device=z.device))
                            for g in self._groups]
-        if self._pyramid is not None:
-            self._pyramid.at(tuple(z.shape[-2:]), z.device)
+        self._region(run, z)                 # the mask on the device before the loop
         if len(self._groups) < 2:
             log.info("A-STAR with one concept word: retention only, nothing to segregate")
         inj = run.injection

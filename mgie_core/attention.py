@@ -307,7 +307,7 @@ class MaskPyramid:
             m = F.interpolate(self.mask[:, None].float(), size=hw, mode="bicubic",
                               align_corners=False)[:, 0]
             m = (m > 0.5).float() if binary else m.clamp(0, 1)
-            self._cache[key] = m.to(device)
+            self._cache[key] = runtime.place(m, device)
         return self._cache[key]
 
 

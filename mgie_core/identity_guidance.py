@@ -215,6 +215,9 @@ class IdentityGuidance(Control):
                              "kept (on the control or the sampler)",
                              "Connect a mask, or set use_mask=False to update everywhere.")
         self._pyramid = MaskPyramid(mask.float()) if mask is not None else None
+        if self._pyramid is not None:        # on the device before the loop
+            z = run.latents[Branch.EDIT]
+            self._pyramid.at(tuple(z.shape[-2:]), z.device)
         emb = self.embedding
         crop = self.crop
         if crop is None:

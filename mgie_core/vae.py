@@ -37,13 +37,20 @@ def encode(sd: SDModel, image: torch.Tensor, name: str = "image", mode: bool = T
 
 
 @torch.no_grad()
-def decode(sd: SDModel, latents: Latents | torch.Tensor, name: str = "latent") -> torch.Tensor:
+def decode(sd: SDModel, latents: Latents | torch.Tensor, name: str = "latent",
+           to_cpu: bool = True) -> torch.Tensor:
     """Images [B,H,W,3] in 0..1. NaN/Inf latents are refused before decoding, and a
-    decoder that turns finite latents into NaN/Inf pixels is an error, not a black image."""
+    decoder that turns finite latents into NaN/Inf pixels is an error, not a black image.
+
+    ``to_cpu``: the image on the host (ComfyUI's IMAGE convention, what the node hands
+    on). A library pipeline that goes on to the seam blur passes False and gets the
+    image on the model's device (float32), so decode -> GB never round-trips through the
+    host (:func:`blur.gb_blur` runs on the image's device)."""
     z = latents.samples if isinstance(latents, Latents) else latents
     check_finite(name, z, "latent values", "The node that made these latents produced them "
                  "(a sampler diverging, damaged weights, or half precision overflowing: try "
                  "fp32).")
     x = sd.vae.decode(z.to(sd.device, sd.dtype) / sd.vae.config.scaling_factor).sample
     check_finite("decoded image", x, "pixel values", _VAE_FIX)
-    return ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+    image = ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+    return image.cpu() if to_cpu else image

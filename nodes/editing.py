@@ -176,9 +176,9 @@ class CAMSampler:
                            controls=list(controls or []), cross_replace=cross_replace,
                            self_replace=self_replace, batched=batched, p2p_mode=p2p_mode)
         size = inversion.image_size
-        return report_output((vae.Latents(_finite_latent("edited latent", res.edit), size),
+        return report_output((vae.Latents(_finite_latent("edited latent", res.edit.cpu()), size),
                               vae.Latents(_finite_latent("reconstruction latent",
-                                                         res.reconstruction), size)),
+                                                         res.reconstruction.cpu()), size)),
                              res.report)
 
 
@@ -254,7 +254,7 @@ class InstructSampler:
                                     mask=m, source_latent=mode.samples, cam=cam,
                                     controls=list(controls or []), batched=batched,
                                     scheduler=scheduler)
-        return report_output((vae.Latents(_finite_latent("edited latent", res.edit),
+        return report_output((vae.Latents(_finite_latent("edited latent", res.edit.cpu()),
                                           tuple(image.shape[1:3])),), res.report)
 
 
