@@ -304,10 +304,11 @@ class MaskPyramid:
     def at(self, hw: tuple[int, int], device, binary: bool = True) -> torch.Tensor:
         key = (hw[0], hw[1], str(torch.device(device)), binary)
         if key not in self._cache:
-            m = F.interpolate(self.mask[:, None].float(), size=hw, mode="bicubic",
-                              align_corners=False)[:, 0]
-            m = (m > 0.5).float() if binary else m.clamp(0, 1)
-            self._cache[key] = runtime.place(m, device)
+            with runtime.normal_tensors():     # MAG's backward may save it
+                m = F.interpolate(self.mask[:, None].float(), size=hw, mode="bicubic",
+                                  align_corners=False)[:, 0]
+                m = (m > 0.5).float() if binary else m.clamp(0, 1)
+                self._cache[key] = runtime.place(m, device)
         return self._cache[key]
 
 
@@ -414,21 +415,24 @@ class CAMHook(AttnHook):
         return [i for i, (b, h) in enumerate(ctx.layout.rows) if h == COND and b in self.branches]
 
     def prepare(self, device, latent_hw):
-        self._idx = {"in": _token_index(self.in_tokens, device),
-                     "out": _token_index(self.out_tokens, device)}
+        self._tokens(device)
         self.pyramid.prepare(level_sizes(latent_hw), device)
 
     def _tokens(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         idx = getattr(self, "_idx", None)
         if idx is None or not runtime._same_device(idx["in"].device, device):
-            self._idx = idx = {"in": _token_index(self.in_tokens, device),
-                               "out": _token_index(self.out_tokens, device)}
+            with runtime.normal_tensors():
+                self._idx = idx = {"in": _token_index(self.in_tokens, device),
+                                   "out": _token_index(self.out_tokens, device)}
         return idx["in"], idx["out"]
 
     def _cached(self, key, make):
+        """One tensor per key for the hook's life, made outside inference mode (MAG's
+        and A-STAR's backward passes save it)."""
         cache = self.__dict__.setdefault("_cache", {})
         if key not in cache:
-            cache[key] = make()
+            with runtime.normal_tensors():
+                cache[key] = make()
         return cache[key]
 
     def logit_bias(self, layer, ctx, n_query, n_key, device, dtype):
@@ -583,11 +587,12 @@ class InjectionHook(AttnHook):
         key = (str(device), str(dtype)) if self.mode == "replace" else (str(device),)
         got = self._on.get(key)
         if got is None:
-            if self.mode == "replace":
-                got = self.mapper.to(device, dtype)
-            else:
-                m = self.mapper.to(device)
-                got = (m < 0, m.clamp(min=0))
+            with runtime.normal_tensors():    # the edit rows' backward saves it
+                if self.mode == "replace":
+                    got = self.mapper.to(device, dtype)
+                else:
+                    m = self.mapper.to(device)
+                    got = (m < 0, m.clamp(min=0))
             self._on[key] = got
         return got
 

@@ -200,6 +200,17 @@ def autograd_input(x):
 
 
 @contextlib.contextmanager
+def normal_tensors() -> Iterator[None]:
+    """Make state for a whole run here (device caches of masks, token positions, the
+    injection's mapper): inference mode off and no gradient, so the tensors are normal
+    ones that a later :func:`autograd` block may save for its backward, even when the
+    run started inside a host's inference mode (ComfyUI). Inference tensors may be read
+    inside; what is made is normal."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+@contextlib.contextmanager
 def loading() -> Iterator[None]:
     """Build model weights inside this block: inference mode off (so parameters are
     normal tensors that autograd can pass through, even when the loader runs inside a

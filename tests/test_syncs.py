@@ -205,3 +205,16 @@ def test_deferred_verdicts_still_warn_and_count(sd, z0, mask, monkeypatch, caplo
     counts = res.report.get("MAG")
     assert counts.applied == 0 and counts.skipped == {"non-finite gradient": 4}
     assert caplog.text.count("MAG: non-finite gradient at step") == 4
+
+
+def test_device_caches_made_in_inference_mode_serve_the_backward(sd, z0, mask):
+    """ComfyUI runs nodes inside inference mode: the run's device caches (masks, token
+    positions, the injection's mapper, CAM's bias and keep maps) are made as normal
+    tensors, so MAG's and A-STAR's backward passes may save them."""
+    with torch.inference_mode():
+        inv = inversion.invert(sd, z0, SRC, method="direct", steps=3)
+        res = sampler.edit(sd, inv, TGT, mask=mask,
+                           cam=sampler.CAMSettings(in_words=["yellow"], mode="probs"),
+                           controls=[pfb.PFBControl(mask), astar.AStarControl(["yellow"]),
+                                     mag.MAGControl(mask, ["yellow"], iterations=1)])
+    assert res.report.get("MAG").applied == 2
