@@ -80,13 +80,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _import_xmgie():
-    """The repo root is the package ``xmgie``; on a bare checkout (the GPU machine, where
-    it is not pip-installed) expose it through a symlink in a temporary folder."""
+    """The repo root is the package ``xmgie``: import THIS checkout under that name. On a
+    bare checkout (the GPU machine, where it is not pip-installed) or where another copy
+    is installed (an editable install of another worktree), expose it through a symlink
+    in a temporary folder placed first on the path."""
     try:
-        import xmgie  # noqa: F401
-        return
+        import xmgie
+        if Path(xmgie.__file__).resolve().parent == REPO:
+            return
     except ImportError:
         pass
+    for name in [m for m in sys.modules if m == "xmgie" or m.startswith("xmgie.")]:
+        del sys.modules[name]
     tmp = Path(tempfile.mkdtemp(prefix="xmgie-path-"))
     (tmp / "xmgie").symlink_to(REPO, target_is_directory=True)
     sys.path.insert(0, str(tmp))
@@ -633,13 +638,9 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             results["config"]["compiled_modules"] = compile_unet(sd.unet, args.compile)
         if args.warmup_steps > 0 and examples:
-            warm = dict(MODES["c"], mag=dict(SEED_MAG, iterations=2))
-            full_edit(sd, examples[0], warm, args.warmup_steps, None)
-            full_edit(sd, examples[0], dict(MODES["b"], mag=dict(FAST_MAG, iterations=2)),
-                      args.warmup_steps, None)
-            if "a" in modes:
-                full_edit(sd, examples[0], dict(warm, batched=False,
-                                                mag=dict(REFERENCE_MAG, iterations=2)),
+            # every requested call pattern once, short (with --compile: every shape)
+            for mode in modes.values():
+                full_edit(sd, examples[0], dict(mode, mag=dict(mode["mag"], iterations=2)),
                           args.warmup_steps, None)
         if args.compile != "off" and examples:
             results["config"]["compile_and_warmup_s"] = time.perf_counter() - t0
