@@ -147,7 +147,7 @@ def decode_for_grad(sd, x0: torch.Tensor, memory: str = "checkpoint") -> torch.T
     z = x0
     if memory == "downscale":
         z = F.avg_pool2d(z, 2)
-    z = z.to(sd.device, sd.dtype) / sd.vae.config.scaling_factor
+    z = runtime.place(z, sd.device, sd.dtype) / sd.vae.config.scaling_factor
     ctx = checkpointed_decoder(sd.vae) if memory == "checkpoint" else contextlib.nullcontext()
     with ctx:
         x = sd.vae.decode(z).sample

@@ -110,7 +110,7 @@ def test_fast_path_has_no_host_waits_in_any_step(sd, z0, mask):
         inv = inversion.invert(sd, z0, SRC, method="direct", steps=STEPS,
                                image_size=(128, 128))
     _assert_clean(c, "DDIM inversion")
-    assert inv.latents.device == sd.device        # the trajectory stays on the device
+    assert inv.latents.device.type == sd.device.type     # the trajectory stays on the device
 
     ctl = mag.MAGControl(mask, ["yellow"], iterations=2)
     with syncs.SyncCounter(trace=True) as c:
@@ -121,7 +121,7 @@ def test_fast_path_has_no_host_waits_in_any_step(sd, z0, mask):
     # the work did happen: MAG updated in its steps, read once at the end of the run
     assert res.report.get("MAG").applied == 2 * round(0.5 * STEPS)
     assert [h["step"] for h in ctl.history] == [0, 0, 1, 1]
-    assert res.edit.device == sd.device and torch.isfinite(res.edit).all()
+    assert res.edit.device.type == sd.device.type and torch.isfinite(res.edit).all()
 
 
 def test_negative_prompt_inversion_and_unbatched_sampler_are_clean(sd, z0, mask):
@@ -131,7 +131,7 @@ def test_negative_prompt_inversion_and_unbatched_sampler_are_clean(sd, z0, mask)
                      controls=[pfb.PFBControl(mask)], batched=False, p2p_mode="replace")
     _assert_clean(c, "DDIM inversion")
     _assert_clean(c, "editing")
-    assert inv.null_embeddings.device == sd.device
+    assert inv.null_embeddings.device.type == sd.device.type
 
 
 def test_astar_and_identity_guidance_loops_are_clean(sd, z0, mask, tiny_models, image):
@@ -147,10 +147,7 @@ def test_astar_and_identity_guidance_loops_are_clean(sd, z0, mask, tiny_models, 
         res = sampler.edit(sd, inv, TGT, mask=mask,
                            controls=[idg.IdentityGuidance(encoder, emb, start=0.0, end=0.5)])
     assert res.report.get("identity guidance").applied == 2
-    per = _per_step(c, "editing")
-    # the identity encoder's own preprocessing is outside the pack's control: report it
-    # only, the control's own code adds nothing (see the steps without updates)
-    assert per[2:] == [{}, {}], per
+    _assert_clean(c, "editing")       # the encoder's preprocessing included
 
 
 def test_instruction_sampler_is_clean(tiny_ip2p, image, mask):
@@ -190,7 +187,7 @@ def test_null_text_reads_once_per_inner_iteration(sd, z0):
                   and e[3] != "tolist"]
         assert len(others) <= 2 * ours[step], others
     _assert_clean(c, "DDIM inversion")
-    assert inv.null_embeddings.device == sd.device
+    assert inv.null_embeddings.device.type == sd.device.type
 
 
 def test_deferred_verdicts_still_warn_and_count(sd, z0, mask, monkeypatch, caplog):

@@ -72,9 +72,13 @@ def compile_unet(unet: torch.nn.Module, mode: str = "default",
         return 0
     import torch._dynamo.config as dynamo_config
 
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-    dynamo_config.accumulated_recompile_limit = max(
-        dynamo_config.accumulated_recompile_limit, 16 * RECOMPILE_LIMIT)
+    # "recompile_limit" was "cache_size_limit" before torch 2.7
+    for names, want in ((("recompile_limit", "cache_size_limit"), RECOMPILE_LIMIT),
+                        (("accumulated_recompile_limit", "accumulated_cache_size_limit"),
+                         16 * RECOMPILE_LIMIT)):
+        name = next((n for n in names if hasattr(dynamo_config, n)), None)
+        if name is not None:
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), want))
     options = dict(dynamic=False)
     if backend is not None and backend != "inductor":
         options["backend"] = backend
