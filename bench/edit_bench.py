@@ -14,6 +14,29 @@ Modes (one full edit per example each; settings in ``MODES``):
   c  seed-faithful: null-text (10 inner) + MAG 15 x 25/50, with our batching, caching and
      truncation.
 
+Like with like (issue 15). Modes a and c run the same settings and give the same edit;
+they share ONE null-text inversion per example (timed and counted once, reported for
+both), so a / c measures only the sampler's call pattern (reference against ours). Two
+ratios come out of one run: ``a_over_c`` (whole edit, and sampling alone) and
+``a_over_b`` (the reference against our fast default). ``same_output_a_c`` is the largest
+difference between a's and c's edited latents and images (float noise of batching and
+truncation, ~1e-5).
+
+Host synchronisations (issue 15): per mode, one untimed edit of ``--sync-steps`` steps
+runs under mgie_core/syncs.py's counter; ``syncs`` in the JSON gives per loop stage the
+largest count in one step and the totals by kind, and the table's ``syncs/step`` column
+the largest per step of the inversion loops / of the sampling loop. The fast path counts
+0 / 0; null-text reads once per inner iteration (on the CPU the counter also sees Adam's
+host step counter: see bench/RESULTS.md).
+
+Device residency: the decoded image stays on the device into the GB blur
+(``vae.decode(to_cpu=False)``), the inversion's trajectory stays on the device, and the
+blur's mask is put there once per example, before timing.
+
+``--compile {default,reduce-overhead}`` compiles the UNet's compute modules in place
+(mgie_core/models/compile.py); the warm-up edits compile every shape, and one mode-b edit
+is compared against the same edit made eagerly before compiling (``compile_check``).
+
 Models: ``--size sd15`` builds UNet2DConditionModel / AutoencoderKL / CLIPTextModel from
 the shipped SD 1.5 configs (mgie_core/configs/sd15) with random initialisation -- the same
 compute and memory as real weights -- at 512 px; ``--size tiny`` uses the tiny random
@@ -57,13 +80,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _import_xmgie():
-    """The repo root is the package ``xmgie``; on a bare checkout (the GPU machine, where
-    it is not pip-installed) expose it through a symlink in a temporary folder."""
+    """The repo root is the package ``xmgie``. Run as a script, the bench imports THIS
+    checkout under that name: on a bare checkout (the GPU machine, where it is not
+    pip-installed), or where another copy is installed (an editable install of another
+    worktree), through a symlink in a temporary folder placed first on the path. Loaded
+    as a module (tests/test_bench.py), it uses the ``xmgie`` its caller already has."""
     try:
-        import xmgie  # noqa: F401
-        return
+        import xmgie
+        if __name__ != "__main__" or Path(xmgie.__file__).resolve().parent == REPO:
+            return
     except ImportError:
         pass
+    for name in [m for m in sys.modules if m == "xmgie" or m.startswith("xmgie.")]:
+        del sys.modules[name]
     tmp = Path(tempfile.mkdtemp(prefix="xmgie-path-"))
     (tmp / "xmgie").symlink_to(REPO, target_is_directory=True)
     sys.path.insert(0, str(tmp))
@@ -71,9 +100,10 @@ def _import_xmgie():
 
 _import_xmgie()
 
-from xmgie.mgie_core import blur, vae  # noqa: E402
+from xmgie.mgie_core import blur, syncs, vae  # noqa: E402
 from xmgie.mgie_core.inversion import invert  # noqa: E402
 from xmgie.mgie_core.mag import MAGControl  # noqa: E402
+from xmgie.mgie_core.models.compile import COMPILE_MODES, compile_unet  # noqa: E402
 from xmgie.mgie_core.models.sd import CONFIG_DIR, SDModel, ddim_scheduler  # noqa: E402
 from xmgie.mgie_core.pfb import PFBControl  # noqa: E402
 from xmgie.mgie_core.sampler import CAMSettings, edit  # noqa: E402
@@ -329,17 +359,20 @@ def load_examples(folder: Path, size: int, limit: int | None):
 
 # --- one full edit ------------------------------------------------------------------------
 
-def full_edit(sd: SDModel, ex: dict, mode: dict, steps: int, counter: PassCounter | None):
-    """Returns (stage seconds, stage peaks in GiB, MAG's own pass report)."""
-    dev = sd.device
-    times, peaks = {}, {}
-    mask = ex["mask_t"]
+class _Stages:
+    """Times (synchronised on CUDA), peak-memory segments and the pass counter's stage."""
+
+    def __init__(self, device, counter: PassCounter | None):
+        self.device, self.counter = device, counter
+        self.times: dict[str, float] = {}
+        self.peaks: dict[str, float | None] = {}
 
     @contextlib.contextmanager
-    def stage(name, peak_group):
+    def __call__(self, name: str, peak_group: str | None):
+        counter, dev = self.counter, self.device
         if counter is not None:
             counter.stage = name if name in COUNTED else None
-        if peak_group is not None and peak_group not in peaks:
+        if peak_group is not None:
             _peak_reset(dev)
         _sync(dev)
         t = time.perf_counter()
@@ -347,29 +380,75 @@ def full_edit(sd: SDModel, ex: dict, mode: dict, steps: int, counter: PassCounte
             yield
         finally:
             _sync(dev)
-            times[name] = time.perf_counter() - t
+            self.times[name] = time.perf_counter() - t
             if counter is not None:
                 counter.stage = None
             if peak_group is not None:
-                peaks[peak_group] = _peak(dev)
+                p = _peak(dev)
+                old = self.peaks.get(peak_group)
+                self.peaks[peak_group] = p if old is None or p is None else max(old, p)
 
-    with stage("encode", "encode"):
+
+def encode_and_invert(sd: SDModel, ex: dict, method: str, steps: int,
+                      counter: PassCounter | None):
+    """Encode and invert: (latents, inversion, _Stages). Modes a and c run this once per
+    example and share the result (the same null-text inversion)."""
+    st = _Stages(sd.device, counter)
+    with st("encode", "encode"):
         lat = vae.encode(sd, ex["image_t"])
-    with stage("inversion", "diffusion"):
-        inv = invert(sd, lat.samples, ex["source_prompt"], mode["method"], steps,
-                     GUIDANCE, NULL_TEXT_INNER, image_size=lat.image_size)
+    with st("inversion", "diffusion"):
+        inv = invert(sd, lat.samples, ex["source_prompt"], method, steps, GUIDANCE,
+                     NULL_TEXT_INNER, image_size=lat.image_size)
+    return lat, inv, st
+
+
+def sample_decode_blur(sd: SDModel, ex: dict, mode: dict, inv, st: _Stages):
+    """Two-branch sampling with CAM, PFB and MAG, decode, GB seam blur; the decoded
+    image stays on the device into the blur (``vae.decode(to_cpu=False)``). Returns the
+    edit latent, the blurred image and MAG's own pass report."""
+    mask = ex["mask_t"]
     mag = MAGControl(mask, list(ex["edit_words"]), **mode["mag"])
-    with stage("sampling", "diffusion"):
+    with st("sampling", "diffusion"):
         res = edit(sd, inv, ex["target_prompt"], mask=mask,
                    cam=CAMSettings(in_words=list(ex["edit_words"])),
                    controls=[PFBControl(mask, preset="object"), mag],
                    batched=mode["batched"], keep_reconstruction=False)
-    with stage("decode", "post"):
-        image = vae.decode(sd, res.edit)
-    with stage("gb", "post"):
-        blur.gb_blur(image.to(dev), mask.to(dev))
-    times["total"] = sum(times[s] for s in STAGES)
-    return times, peaks, dict(getattr(mag, "passes", {}))
+    with st("decode", "post"):
+        image = vae.decode(sd, res.edit, to_cpu=False)
+    with st("gb", "post"):
+        out = blur.gb_blur(image, ex["mask_dev"])
+    return res.edit, out, dict(getattr(mag, "passes", {}))
+
+
+def full_edit(sd: SDModel, ex: dict, mode: dict, steps: int, counter: PassCounter | None,
+              shared=None):
+    """One full edit; ``shared``: (latents, inversion, stages) of an inversion made for
+    another mode with the same method (its times and peaks are reported for this mode
+    too). Returns (stage seconds, peaks in GiB, MAG passes, edit latent, image, the
+    inversion's (latents, inversion, stages))."""
+    if shared is None:
+        shared = encode_and_invert(sd, ex, mode["method"], steps, counter)
+    lat, inv, inv_stages = shared
+    st = _Stages(sd.device, counter)
+    st.times.update(inv_stages.times)
+    st.peaks.update(inv_stages.peaks)
+    z, image, mag_passes = sample_decode_blur(sd, ex, mode, inv, st)
+    st.times["total"] = sum(st.times[s] for s in STAGES)
+    return st.times, dict(st.peaks), mag_passes, z, image, shared
+
+
+def sync_counts(sd: SDModel, ex: dict, mode: dict, steps: int) -> dict:
+    """Host synchronisations of one full edit at ``steps`` steps, per stage and step
+    (mgie_core/syncs.py; untimed: the counter slows every operation down). Stages: the
+    progress bars of the loops ("DDIM inversion", "null-text inversion", "editing") and
+    "outside" (encode, setup, decode, GB, reading the run's report)."""
+    with syncs.SyncCounter(device=sd.device) as counter:
+        full_edit(sd, ex, mode, steps, None)
+    out = {}
+    for name, s in counter.summary().items():
+        out[name] = {"steps": s["steps"], "max_per_step": s["max_per_step"],
+                     "total": s["total"], "by_kind": s["by_kind"]}
+    return out
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -378,11 +457,19 @@ def _fmt(x, spec=".2f"):
     return "n/a" if x is None else format(x, spec)
 
 
+def _loop_syncs(m: dict) -> str:
+    """Max host syncs in one step of the inversion loops / of the sampling loop."""
+    sc = m.get("syncs") or {}
+    inv = max([sc.get(k, {}).get("max_per_step", 0)
+               for k in ("DDIM inversion", "null-text inversion")] or [0])
+    return f"{inv} / {sc.get('editing', {}).get('max_per_step', 0)}" if sc else "n/a"
+
+
 def markdown_table(results: dict) -> str:
     lines = ["| mode | edits | encode s | inversion s | sampling s | decode s | gb s | "
              "total s | UNet fwd (trunc) | UNet bwd | = theory | overhead inv / samp | "
-             "peak VRAM GiB (diffusion / all) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "syncs/step inv / samp | peak VRAM GiB (diffusion / all) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, m in results["modes"].items():
         if not m.get("per_example"):
             continue
@@ -397,6 +484,7 @@ def markdown_table(results: dict) -> str:
             f"{t['total']:.3f} | {fwd} ({trunc}) | {bwd} | "
             f"{'yes' if m['counts_match_theory'] else 'NO'} | "
             f"{_fmt(ov['inversion']['model'])} / {_fmt(ov['sampling']['model'])} | "
+            f"{_loop_syncs(m)} | "
             f"{_fmt(m['peak_vram_diffusion_gib'])} / {_fmt(m['peak_vram_gib'])} |")
     p = results.get("unet_pass", {})
     if p:
@@ -404,9 +492,20 @@ def markdown_table(results: dict) -> str:
         lines.append(f"UNet pass (warm, median): batch 4 {p['fwd_b4_ms']:.2f} ms; batch 2 "
                      f"{p['fwd_b2_ms']:.2f} ms; batch 1 {p['fwd_b1_ms']:.2f} ms; batch 1 "
                      f"forward+backward {p['fwd_bwd_b1_ms']:.2f} ms")
-    if results.get("ratio_reference_over_seed") is not None:
-        lines.append(f"reference / seed-faithful total time: "
-                     f"{results['ratio_reference_over_seed']:.2f}x")
+    r = results.get("ratios", {})
+    if r.get("a_over_c") is not None:
+        same = results.get("same_output_a_c") or {}
+        lines.append(f"a / c (reference call pattern / ours, same settings, same null-text "
+                     f"inversion, same output: max |latent diff| "
+                     f"{_fmt(same.get('max_abs_latent'), '.1e')}): "
+                     f"{r['a_over_c']:.2f}x whole edit, {r['a_over_c_sampling']:.2f}x sampling")
+    if r.get("a_over_b") is not None:
+        lines.append(f"a / b (reference / our fast default): {r['a_over_b']:.2f}x whole edit")
+    cc = results.get("compile_check")
+    if cc:
+        lines.append(f"compiled ({results['config']['compile']}) against eager, mode b edit: "
+                     f"max |latent diff| {cc['max_abs_latent']:.2e}, relative "
+                     f"{cc['relative']:.2e}")
     if results.get("interrupted"):
         lines.append("")
         lines.append("**interrupted: partial results**")
@@ -440,9 +539,16 @@ def summarise(results: dict) -> None:
                 n = c["fwd"] + c["bwd"]
                 ov["issue"] = t / (n * passes["fwd_b4_ms"] / 1e3) if n else None
             m["overhead"][st] = ov
-    a, c = results["modes"].get("a", {}), results["modes"].get("c", {})
-    if a.get("per_example") and c.get("per_example"):
-        results["ratio_reference_over_seed"] = a["mean_s"]["total"] / c["mean_s"]["total"]
+    modes = results["modes"]
+    done = {k: m for k, m in modes.items() if m.get("per_example")}
+    ratios = {}
+    if "a" in done and "c" in done:
+        ratios["a_over_c"] = done["a"]["mean_s"]["total"] / done["c"]["mean_s"]["total"]
+        ratios["a_over_c_sampling"] = (done["a"]["mean_s"]["sampling"]
+                                       / done["c"]["mean_s"]["sampling"])
+    if "a" in done and "b" in done:
+        ratios["a_over_b"] = done["a"]["mean_s"]["total"] / done["b"]["mean_s"]["total"]
+    results["ratios"] = ratios
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -464,15 +570,20 @@ def parse_args(argv):
                     help="MAG iterations per step in mode b (default: FAST_MAG)")
     ap.add_argument("--warmup-steps", type=int, default=2,
                     help="steps of the untimed warm-up edit (0: none)")
+    ap.add_argument("--sync-steps", type=int, default=4,
+                    help="steps of the untimed edit per mode whose host synchronisations "
+                         "are counted (0: skip the count)")
     ap.add_argument("--pass-repeat", type=int, default=None,
                     help="timed repeats of each UNet pass (default 10 on CUDA, 3 on CPU)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0: 1 for --size tiny on a CPU, where the "
                          "tiny layers gain nothing from more and contention on a shared "
                          "machine made passes 10-50x slower; else torch's default)")
-    ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the UNet in place (default mode only; never "
-                         "max-autotune). Off by default")
+    ap.add_argument("--compile", choices=COMPILE_MODES, default="off",
+                    help="torch.compile the UNet's compute modules in place "
+                         "(mgie_core/models/compile.py; never max-autotune). The warm-up "
+                         "edit compiles; an eager mode-b edit is compared with the "
+                         "compiled one (compile_check)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -502,6 +613,7 @@ def main(argv=None) -> dict:
             "size": args.size, "image_px": size, "device": str(device), "dtype": str(dtype),
             "steps": args.steps, "guidance": GUIDANCE, "null_text_inner": NULL_TEXT_INNER,
             "examples": str(args.examples), "limit": args.limit, "compile": args.compile,
+            "sync_steps": args.sync_steps,
             "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cpu_threads": torch.get_num_threads(),
@@ -515,31 +627,65 @@ def main(argv=None) -> dict:
     counter = None
     try:
         examples = load_examples(args.examples, size, args.limit)
+        for ex in examples:
+            ex["mask_dev"] = ex["mask_t"].to(device)       # the blur's mask, once
         t0 = time.perf_counter()
         sd = build_model(args.size, device, dtype)
-        if args.compile:
-            sd.unet.compile()            # in place: module names and hooks stay
         results["config"]["build_s"] = time.perf_counter() - t0
+        eager_b = None
+        if args.compile != "off" and examples:
+            fast = dict(modes.get("b", MODES["b"]), mag=dict(FAST_MAG, iterations=2))
+            eager_b = full_edit(sd, examples[0], fast, args.warmup_steps or 2, None)[3]
+            t0 = time.perf_counter()
+            results["config"]["compiled_modules"] = compile_unet(sd.unet, args.compile)
         if args.warmup_steps > 0 and examples:
-            warm = dict(MODES["c"], mag=dict(SEED_MAG, iterations=2))
-            full_edit(sd, examples[0], warm, args.warmup_steps, None)
-            if "a" in modes:
-                full_edit(sd, examples[0], dict(warm, batched=False,
-                                                mag=dict(REFERENCE_MAG, iterations=2)),
+            # every requested call pattern once, short (with --compile: every shape)
+            for mode in modes.values():
+                full_edit(sd, examples[0], dict(mode, mag=dict(mode["mag"], iterations=2)),
                           args.warmup_steps, None)
+        if args.compile != "off" and examples:
+            results["config"]["compile_and_warmup_s"] = time.perf_counter() - t0
+            fast = dict(modes.get("b", MODES["b"]), mag=dict(FAST_MAG, iterations=2))
+            z = full_edit(sd, examples[0], fast, args.warmup_steps or 2, None)[3]
+            results["compile_check"] = {
+                "max_abs_latent": float((z - eager_b).abs().max()),
+                "relative": float((z - eager_b).norm() / eager_b.norm())}
+        if args.sync_steps > 0 and examples:
+            for key, mode in modes.items():
+                results["modes"][key]["syncs"] = sync_counts(sd, examples[0], mode,
+                                                             args.sync_steps)
         repeat = args.pass_repeat or (10 if device.type == "cuda" else 3)
         results["unet_pass"] = unet_pass_times(sd, size // 8, warmup=3, repeat=repeat)
         counter = PassCounter(sd.unet)
-        for key, mode in modes.items():
-            for ex in examples:
-                times, peaks, mag_passes = full_edit(sd, ex, mode, args.steps, counter)
+        for ex in examples:
+            shared: dict[str, tuple] = {}    # method -> ((latents, inversion, stages), counts)
+            edits = {}
+            for key, mode in modes.items():
+                # a and c share one null-text inversion: timed and counted once
+                reuse = shared.get(mode["method"])
+                times, peaks, mag_passes, z, image, inv_run = full_edit(
+                    sd, ex, mode, args.steps, counter, reuse[0] if reuse else None)
                 raw = {st: counter.counts.get(st, {"fwd": 0, "bwd": 0, "completed": 0,
                                                    "fwd_by_batch": {}}) for st in COUNTED}
+                if reuse:
+                    raw["inversion"] = reuse[1]
+                else:
+                    shared[mode["method"]] = (inv_run, raw["inversion"])
                 counter.counts = {}
+                edits[key] = (z, image)
                 results["modes"][key]["per_example"].append(
                     {"example": ex["name"], "times_s": times, "peaks_gib": peaks,
-                     "counts": _finish_counts(raw), "mag_passes": mag_passes})
+                     "counts": _finish_counts(raw), "mag_passes": mag_passes,
+                     "inversion_shared": reuse is not None})
                 print(f"[{key}] {ex['name']}: total {times['total']:.3f} s", flush=True)
+            if "a" in edits and "c" in edits:
+                same = results.setdefault("same_output_a_c", {"max_abs_latent": 0.0,
+                                                              "max_abs_image": 0.0})
+                (za, ia), (zc, ic) = edits["a"], edits["c"]
+                same["max_abs_latent"] = max(same["max_abs_latent"],
+                                             float((za - zc).abs().max()))
+                same["max_abs_image"] = max(same["max_abs_image"],
+                                            float((ia - ic).abs().max()))
     except KeyboardInterrupt:
         results["interrupted"] = True
         print("interrupted: reporting partial results", flush=True)

@@ -79,8 +79,16 @@ def concept_maps(maps: dict[str, torch.Tensor], groups: Sequence[Sequence[int]],
             raise ValueError(f"layer {name} has {A.shape[-2]} queries, not {h}x{w}; "
                              "average only maps of one resolution")
         A = A.float().mean(0)                                            # (HW, 77)
-        per_layer.append(torch.stack([A[:, list(g)].mean(-1) for g in groups]))
+        per_layer.append(torch.stack([_columns(A, g).mean(-1) for g in groups]))
     return torch.stack(per_layer).mean(0).reshape(len(groups), h, w)
+
+
+def _columns(A: torch.Tensor, tokens) -> torch.Tensor:
+    """A[..., tokens]: ``tokens`` a list, or an index tensor on A's device (no host data
+    in the loop)."""
+    if isinstance(tokens, torch.Tensor):
+        return A.index_select(-1, tokens)
+    return A[..., list(tokens)]
 
 
 def peak_normalise(A: torch.Tensor) -> torch.Tensor:
@@ -168,13 +176,16 @@ class AStarControl(Control):
         self._n_opt = int(round(self.steps_fraction * run.schedule.num_steps))
         self._prev = None
         self.history = []
+        self._records: list[tuple] = []      # (step, iteration, seg, ret, applied, reason)
+        z = run.latents[Branch.EDIT]
+        self._groups_on = [runtime.autograd_input(torch.tensor(list(g), device=z.device))
+                           for g in self._groups]
+        self._region(run, z)                 # the mask on the device before the loop
         if len(self._groups) < 2:
             log.info("A-STAR with one concept word: retention only, nothing to segregate")
         inj = run.injection
         if inj is not None and inj.cross_steps > 0 and self._n_opt > 0:
-            mapper = inj.mapper
-            frozen = [w for w, g in zip(self.words, self._groups)
-                      if all(p < len(mapper) and int(mapper[p]) >= 0 for p in g)]
+            frozen = [w for w, g in zip(self.words, self._groups) if _injected(inj, g)]
             if frozen:
                 log.warning("A-STAR: %s also in the source prompt: their maps are injected "
                             "from the reconstruction for the first %d steps and cannot be "
@@ -201,48 +212,45 @@ class AStarControl(Control):
             return "constant loss: one concept and no previous region (first step)"
         inj = run.injection
         if inj is not None and i < inj.cross_steps:
-            mapper = inj.mapper
-            if all(all(p < len(mapper) and int(mapper[p]) >= 0 for p in g)
-                   for g in self._groups):
+            if all(_injected(inj, g) for g in self._groups):
                 return ("constant loss: every concept map is injected from the "
                         "reconstruction at this step")
         return None
 
     def before_step(self, run, i: int) -> None:
+        """No value comes back to the host in the loop: the update is applied or skipped
+        on the device (``torch.where``), counted and warned about at the end of the run,
+        and the history is read then (see report.py)."""
         if i >= self._n_opt:
             return
         with runtime.autograd():
             z = runtime.autograd_input(run.latents[Branch.EDIT]).float()
             region = self._region(run, z)
             alpha = self.step_size * guidance.sigma(run, i)
+            groups = getattr(self, "_groups_on", None) or self._groups
             A = None
             for it in range(self.iterations):
                 zv = z.detach().requires_grad_(True)
                 maps = guidance.edit_maps(run, zv, i, self._layers)
                 hw = map_hw(z.shape[-2:], next(iter(maps.values())).shape[-2])
-                A = peak_normalise(concept_maps(maps, self._groups, hw))
+                A = peak_normalise(concept_maps(maps, groups, hw))
                 l_seg = segregation_loss(A)
                 l_ret = retention_loss(A, self._prev) if self._prev is not None \
                     else A.new_zeros(())
                 total = l_seg + l_ret
-                record = {"step": i, "iteration": it, "seg": float(l_seg.detach()),
-                          "ret": float(l_ret.detach()), "applied": False}
-                self.history.append(record)
                 constant = self.constant_loss_reason(run, i)
                 if constant is not None:
                     # A legitimate no-op, counted; the forward above still gives this
                     # step's maps for the next step's retention term.
-                    record["skipped"] = constant
+                    self._records.append((i, it, l_seg.detach(), l_ret.detach(), None,
+                                          constant))
                     run.report.skipped(self.name, constant)
                     continue
                 # Anything else without a gradient is a failure, not a zero update.
                 grad = guidance.gradient(total, zv, self.name, i)
-                if not guidance.count_update(run, self.name, grad, i):
-                    continue
-                record["applied"] = True
-                grad = grad.float()
-                z = (z - alpha * grad) if region is None else \
-                    guidance.masked_update(z, grad, region, alpha)
+                ok = guidance.count_update(run, self.name, grad, i)
+                self._records.append((i, it, l_seg.detach(), l_ret.detach(), ok, None))
+                z = guidance.masked_update(z, grad.float(), region, alpha, ok)
             # Retention's B for the next step: this step's maps (of the last iteration's
             # input latent; recomputing after the update would cost one more forward).
             self._prev = binarise(A, self.threshold)
@@ -250,3 +258,36 @@ class AStarControl(Control):
 
     def teardown(self, run) -> None:
         self._prev = None
+        self.history = _read_history(getattr(self, "_records", []))
+        self._records = []
+
+
+def _injected(inj, group: Sequence[int]) -> bool:
+    """Whether every token of a word is aligned with the source prompt (its map is
+    injected from the reconstruction while cross-attention injection runs); a host-side
+    question, answered from the injection's host copy of its alignment."""
+    aligned = inj.aligned
+    if aligned is None:                      # "replace" mapper: every map is injected
+        return True
+    return all(p < len(aligned) and aligned[p] >= 0 for p in group)
+
+
+def _read_history(records) -> list[dict]:
+    """History dicts (step, iteration, seg, ret, applied[, skipped]) from the device
+    records, read in one transfer at the end of the run."""
+    if not records:
+        return []
+    flat = []
+    for _, _, seg, ret, ok, _ in records:
+        flat += [seg.float().reshape(()), ret.float().reshape(()),
+                 (ok if ok is not None else torch.zeros((), dtype=torch.bool,
+                                                       device=seg.device)).float()]
+    values = torch.stack([v.to(flat[0].device) for v in flat]).tolist()
+    out = []
+    for k, (step, it, _, _, _, reason) in enumerate(records):
+        rec = {"step": step, "iteration": it, "seg": values[3 * k],
+               "ret": values[3 * k + 1], "applied": bool(values[3 * k + 2])}
+        if reason is not None:
+            rec["skipped"] = reason
+        out.append(rec)
+    return out

@@ -26,6 +26,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import runtime
+
 class _Name(str, enum.Enum):
     """A name that is also its plain string ("rec" == Branch.REC), so layouts, dict keys
     and logs read the same either way."""
@@ -138,6 +140,11 @@ class AttnHook:
 
     def observe(self, layer: LayerInfo, ctx: AttnContext, probs: torch.Tensor) -> None:
         """Read the final probabilities of a layer (capture)."""
+
+    def prepare(self, device, latent_hw: tuple[int, int]) -> None:
+        """Called by the samplers before the first step: put what the hook reads in every
+        call (token positions, masks at each layer size) on ``device`` now, so no step
+        copies host data to the device (each such copy waits for the GPU)."""
 
 
 class AttentionController:
@@ -269,6 +276,17 @@ def uninstall(unet) -> None:
 
 # --- masks at layer resolution ------------------------------------------------------
 
+def level_sizes(latent_hw: tuple[int, int], levels: int = 4) -> list[tuple[int, int]]:
+    """The feature sizes of a UNet's levels for a latent of ``latent_hw``: each
+    downsampler (a stride-2 3x3 convolution with padding 1) halves a side rounding up."""
+    h, w = int(latent_hw[0]), int(latent_hw[1])
+    out = []
+    for _ in range(levels):
+        out.append((h, w))
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return out
+
+
 class MaskPyramid:
     """A mask resized to each layer resolution (bicubic, then threshold 0.5:
     ALGORITHMS.md section 4), cached."""
@@ -278,13 +296,19 @@ class MaskPyramid:
         self.mask = mask if mask.ndim == 3 else mask[None]
         self._cache: dict[tuple[int, int, str], torch.Tensor] = {}
 
+    def prepare(self, sizes, device, binary: bool = True) -> None:
+        """Resize to every size in ``sizes`` and move to ``device`` now (before a loop)."""
+        for hw in sizes:
+            self.at(tuple(hw), device, binary)
+
     def at(self, hw: tuple[int, int], device, binary: bool = True) -> torch.Tensor:
-        key = (hw[0], hw[1], str(device), binary)
+        key = (hw[0], hw[1], str(torch.device(device)), binary)
         if key not in self._cache:
-            m = F.interpolate(self.mask[:, None].float(), size=hw, mode="bicubic",
-                              align_corners=False)[:, 0]
-            m = (m > 0.5).float() if binary else m.clamp(0, 1)
-            self._cache[key] = m.to(device)
+            with runtime.normal_tensors():     # MAG's backward may save it
+                m = F.interpolate(self.mask[:, None].float(), size=hw, mode="bicubic",
+                                  align_corners=False)[:, 0]
+                m = (m > 0.5).float() if binary else m.clamp(0, 1)
+                self._cache[key] = runtime.place(m, device)
         return self._cache[key]
 
 
@@ -317,21 +341,38 @@ class CaptureHook(AttnHook):
         if self.rows is None:
             self.maps[layer.name] = probs
         else:
-            idx = [ctx.layout.index(*r) for r in self.rows]
-            self.maps[layer.name] = probs[[i for i in idx if i is not None]]
+            idx = [i for i in (ctx.layout.index(*r) for r in self.rows) if i is not None]
+            self.maps[layer.name] = _rows_of(probs, idx)
 
 
-def cam_logit_bias(mask_hw: torch.Tensor, in_tokens: Sequence[int], out_tokens: Sequence[int],
-                   n_key: int, dtype) -> torch.Tensor:
+def _rows_of(x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """x[rows] for a list of batch rows, by slicing (indexing with a Python list makes a
+    host index tensor, copied to the device in every call)."""
+    rows = list(rows)
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return x[rows[0]:rows[0] + len(rows)]
+    return torch.cat([x[r:r + 1] for r in rows]) if rows else x[:0]
+
+
+def _token_index(tokens, device) -> torch.Tensor:
+    if isinstance(tokens, torch.Tensor):
+        return runtime.place(tokens, device, torch.long)
+    return torch.tensor(list(tokens), dtype=torch.long, device=device)
+
+
+def cam_logit_bias(mask_hw: torch.Tensor, in_tokens, out_tokens, n_key: int,
+                   dtype) -> torch.Tensor:
     """(B_mask, 1, HW, n_key) additive bias: IN tokens only inside the mask, OUT tokens
-    only outside (PFB-Diff's CAM on the logits)."""
+    only outside (PFB-Diff's CAM on the logits). Token positions: lists, or index
+    tensors already on the mask's device (then no host data is used)."""
     m = mask_hw.flatten(1)[:, None, :, None]              # (B,1,HW,1)
     neg = torch.finfo(dtype).min
     bias = torch.zeros(m.shape[0], 1, m.shape[2], n_key, dtype=dtype, device=m.device)
-    if in_tokens:
-        bias[..., list(in_tokens)] = torch.where(m > 0.5, 0.0, neg).to(dtype)
-    if out_tokens:
-        bias[..., list(out_tokens)] = torch.where(m > 0.5, neg, 0.0).to(dtype)
+    for tokens, inside, outside in ((in_tokens, 0.0, neg), (out_tokens, neg, 0.0)):
+        if len(tokens):
+            idx = _token_index(tokens, m.device)
+            col = torch.where(m > 0.5, inside, outside).to(dtype)
+            bias.index_copy_(-1, idx, col.expand(-1, -1, -1, idx.shape[0]))
     return bias
 
 
@@ -373,15 +414,45 @@ class CAMHook(AttnHook):
             return []
         return [i for i, (b, h) in enumerate(ctx.layout.rows) if h == COND and b in self.branches]
 
+    def prepare(self, device, latent_hw):
+        self._tokens(device)
+        self.pyramid.prepare(level_sizes(latent_hw), device)
+
+    def _tokens(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = getattr(self, "_idx", None)
+        if idx is None or not runtime._same_device(idx["in"].device, device):
+            with runtime.normal_tensors():
+                self._idx = idx = {"in": _token_index(self.in_tokens, device),
+                                   "out": _token_index(self.out_tokens, device)}
+        return idx["in"], idx["out"]
+
+    def _cached(self, key, make):
+        """One tensor per key for the hook's life, made outside inference mode (MAG's
+        and A-STAR's backward passes save it)."""
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            with runtime.normal_tensors():
+                cache[key] = make()
+        return cache[key]
+
     def logit_bias(self, layer, ctx, n_query, n_key, device, dtype):
+        """The bias of this call, made once per (size, layout, dtype) and reused: it
+        depends on nothing that changes between steps."""
         rows = self._rows(layer, ctx)
         if self.mode != "logits" or not rows:
             return None
-        m = self.pyramid.at(layer_hw(ctx, n_query), device)
-        cam = cam_logit_bias(m, self.in_tokens, self.out_tokens, n_key, dtype)
-        bias = torch.zeros(len(ctx.layout), 1, n_query, n_key, dtype=dtype, device=device)
-        bias[rows] = cam.expand(len(rows), -1, -1, -1) if cam.shape[0] == 1 else cam
-        return bias
+        hw = layer_hw(ctx, n_query)
+
+        def make():
+            m = self.pyramid.at(hw, device)
+            cam = cam_logit_bias(m, *self._tokens(device), n_key, dtype)
+            bias = torch.zeros(len(ctx.layout), 1, n_query, n_key, dtype=dtype, device=device)
+            for k, r in enumerate(rows):
+                bias[r] = cam[0] if cam.shape[0] == 1 else cam[k]
+            return bias
+
+        return self._cached(("bias", hw, n_key, str(dtype), str(device), tuple(rows),
+                             len(ctx.layout)), make)
 
     def needs_probs(self, layer, ctx):
         return self.mode == "probs" and bool(self._rows(layer, ctx))
@@ -390,18 +461,25 @@ class CAMHook(AttnHook):
         rows = self._rows(layer, ctx)
         if not rows:
             return probs
-        m = self.pyramid.at(layer_hw(ctx, probs.shape[2]), probs.device)
-        m = m.flatten(1)[:, None, :].to(probs.dtype)                  # (B,1,HW)
-        keep = torch.ones(m.shape[0], 1, m.shape[2], probs.shape[-1], dtype=probs.dtype,
-                          device=probs.device)
-        keep[..., self.in_tokens] = m[..., None]
-        keep[..., self.out_tokens] = (1 - m)[..., None]
-        sub = probs[rows] * keep
+        hw = layer_hw(ctx, probs.shape[2])
+        n_key, dev, dtype = probs.shape[-1], probs.device, probs.dtype
+
+        def make():
+            m = self.pyramid.at(hw, dev).flatten(1)[:, None, :, None].to(dtype)  # (B,1,HW,1)
+            keep = torch.ones(m.shape[0], 1, m.shape[2], n_key, dtype=dtype, device=dev)
+            for idx, col in zip(self._tokens(dev), (m, 1 - m)):
+                if idx.numel():
+                    keep.index_copy_(-1, idx, col.expand(-1, -1, -1, idx.shape[0]))
+            return keep
+
+        keep = self._cached(("keep", hw, n_key, str(dtype), str(dev)), make)
+        sub = _rows_of(probs, rows) * keep
         if self.mode == "logits":
             # -inf logits: the row renormalises over the tokens left
             sub = sub / sub.sum(-1, keepdim=True).clamp_min(torch.finfo(sub.dtype).tiny)
         probs = probs.clone()
-        probs[rows] = sub
+        for k, r in enumerate(rows):
+            probs[r] = sub[k]
         return probs
 
 
@@ -495,14 +573,36 @@ class InjectionHook(AttnHook):
         self.self_max_res = self_max_res
         self.source, self.target = source, target
         self.base_latent_res = base_latent_res
+        # Host copy for host-side questions (which target tokens are aligned), so no
+        # caller reads the mapper tensor element by element.
+        self.aligned: Optional[list[int]] = mapper.tolist() if mapper.ndim == 1 else None
+        self._on: dict = {}
+
+    def prepare(self, device, latent_hw):
+        self._device_mapper(torch.device(device), torch.float32)
+
+    def _device_mapper(self, device, dtype):
+        """The mapper on ``device`` (made once: a host tensor would be copied to the
+        device in every layer of every step)."""
+        key = (str(device), str(dtype)) if self.mode == "replace" else (str(device),)
+        got = self._on.get(key)
+        if got is None:
+            with runtime.normal_tensors():    # the edit rows' backward saves it
+                if self.mode == "replace":
+                    got = self.mapper.to(device, dtype)
+                else:
+                    m = self.mapper.to(device)
+                    got = (m < 0, m.clamp(min=0))
+            self._on[key] = got
+        return got
 
     def inject_cross(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         """The edit row's cross-attention probabilities (..., HW, L) after injection from
         the source row's ``src``; ``tgt`` are its own (kept for new tokens in refine)."""
         if self.mode == "replace":
-            return src @ self.mapper.to(src.device, src.dtype)
-        mapper = self.mapper.to(src.device)
-        return torch.where(mapper < 0, tgt, src[..., mapper.clamp(min=0)])
+            return src @ self._device_mapper(src.device, src.dtype)
+        new, index = self._device_mapper(src.device, None)
+        return torch.where(new, tgt, src.index_select(-1, index))
 
     def _pair(self, ctx):
         s, t = ctx.layout.index(self.source, COND), ctx.layout.index(self.target, COND)

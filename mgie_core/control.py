@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from . import attention
+from . import attention, runtime
 from .attention import AttnHook, BatchLayout, Branch, MaskPyramid
 from .diffusion import Schedule
 from .inversion import InversionResult
@@ -146,10 +146,11 @@ class SamplingRun:
         return self.cond_tgt is not None and Branch.REC in self.latents
 
     def reference_at(self, i: int) -> Optional[torch.Tensor]:
-        """Reference latent before step i (i = N: the clean latent)."""
+        """Reference latent before step i (i = N: the clean latent). The samplers keep
+        the reference on the model's device, so this is a view, never a copy per step."""
         if self.reference is None:
             return None
-        return self.reference[i].to(self.latents[Branch.EDIT].device)
+        return runtime.place(self.reference[i], self.latents[Branch.EDIT].device)
 
     def mask_at(self, hw: tuple[int, int], device) -> torch.Tensor:
         """The run's mask at ``hw``, (B, h, w) in {0, 1}; cached per resolution."""

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from . import runtime
 from .errors import InputError
 from .models.sd import SDModel
 from .tokens import warn_if_truncated
@@ -18,21 +19,40 @@ from .tokens import warn_if_truncated
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
+    """The timesteps of a run and the cumulative alphas, as tensors (for callers) and as
+    Python numbers read by the per-step code.
+
+    The Python copies are made once here: reading an element of a tensor in a loop
+    (``int(t[i])``, ``float(a[t])``) is a host read per step, a synchronisation when the
+    tensor lives on a GPU and, on the CPU, indistinguishable from one for the counter of
+    :mod:`.syncs`, so the loops never do it (issue 15)."""
+
     timesteps: torch.Tensor        # (N,) descending, exactly the scheduler's set_timesteps
     prev_timesteps: torch.Tensor   # (N,) where step i lands (negative: past t = 0)
     alphas_cumprod: torch.Tensor   # (1000,) float64 on CPU
     final_alpha_cumprod: float     # used past t = 0 (set_alpha_to_one=False: abar_0)
 
+    def __post_init__(self):
+        ts = self.timesteps.tolist()
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen)
+        set_("_ts", tuple(int(t) if float(t).is_integer() else float(t) for t in ts))
+        set_("_prev", tuple(int(t) for t in self.prev_timesteps.tolist()))
+        set_("_abar", tuple(self.alphas_cumprod.tolist()))
+
     @property
     def num_steps(self) -> int:
-        return len(self.timesteps)
+        return len(self._ts)
+
+    def t(self, i: int):
+        """Timestep of step i as a Python number (an int for DDIM's integer timesteps)."""
+        return self._ts[i]
 
     def abar(self, t: int) -> float:
-        return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
+        return self._abar[int(t)] if t >= 0 else self.final_alpha_cumprod
 
     def prev_t(self, i: int) -> int:
         """Timestep after denoising step i (the scheduler's rule; negative past the end)."""
-        return int(self.prev_timesteps[i])
+        return self._prev[i]
 
 
 def previous_timestep(scheduler, t: int) -> int:
@@ -73,14 +93,14 @@ def ddim_step(z: torch.Tensor, eps: torch.Tensor, abar_t: float, abar_prev: floa
 
 
 def denoise_step(sch: Schedule, i: int, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    t = int(sch.timesteps[i])
+    t = sch.t(i)
     return ddim_step(z, eps, sch.abar(t), sch.abar(sch.prev_t(i)))
 
 
 def invert_step(sch: Schedule, i: int, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`denoise_step` with eps taken at the lower latent: from prev_t(i)
     up to t_i (null-text inversion's ``next_step``), by the same previous-timestep rule."""
-    t = int(sch.timesteps[i])
+    t = sch.t(i)
     return ddim_step(z, eps, sch.abar(sch.prev_t(i)), sch.abar(t))
 
 
@@ -108,7 +128,8 @@ def unet_eps(sd: SDModel, z: torch.Tensor, t, emb: torch.Tensor) -> torch.Tensor
     frac = isinstance(t, float) and not t.is_integer()
     tt = torch.full((z.shape[0],), t if frac else int(t), device=sd.device,
                     dtype=torch.float32 if frac else torch.long)
-    return sd.unet(z.to(sd.device, sd.dtype), tt, encoder_hidden_states=emb.to(sd.device, sd.dtype),
+    return sd.unet(runtime.place(z, sd.device, sd.dtype), tt,
+                   encoder_hidden_states=runtime.place(emb, sd.device, sd.dtype),
                    return_dict=False)[0].float()
 
 
@@ -140,20 +161,30 @@ class DDIMSolver:
         """The clean latent noised to the level before step i (i = N: z0 itself)."""
         if i >= self.schedule.num_steps:
             return z0
-        a = self.schedule.abar(int(self.timesteps[i]))
+        a = self.schedule.abar(self.schedule.t(i))
         return a ** 0.5 * z0 + (1 - a) ** 0.5 * noise
 
 
 class EulerAncestralSolver:
-    """Euler ancestral, through diffusers' own ``EulerAncestralDiscreteScheduler`` (the
+    """Euler ancestral, as diffusers' ``EulerAncestralDiscreteScheduler`` computes it (the
     scheduler InstructPix2Pix ships and MGIE's demo samples with), configured from the
     model's scheduler config: a ``timestep_spacing`` the model's config does not set takes
     Euler's default (linspace), as loading the shipped config into that class would.
 
     The latent is x_sigma = x_0 + sigma eps, scaled by 1 / sqrt(sigma^2 + 1) for the UNet.
-    Each step draws its ancestral noise from ``generator`` after the initial noise, in the
-    order diffusers' StableDiffusionInstructPix2PixPipeline does, so the same seed gives
-    the same result (float32 latents; the pipeline draws in the UNet's dtype)."""
+    Each step adds ancestral noise drawn from ``generator`` after the initial noise, in the
+    order diffusers' StableDiffusionInstructPix2PixPipeline draws it, so the same seed gives
+    the same result (float32 latents; the pipeline draws in the UNet's dtype).
+
+    Where this differs from calling ``scheduler.step`` (issue 15): the per-step numbers
+    (sigma, the input scale, sigma_up, the Euler dt) are computed once, in float32 as the
+    scheduler computes them, and kept as Python numbers; the step noise is drawn on the
+    host generator all at once in :meth:`start` (the same draws in the same order: nothing
+    else draws from the generator during sampling) and moved to the device in one copy.
+    ``scheduler.step`` instead reads its sigmas from host tensors, finds its step index
+    with ``nonzero`` on the first call and draws each step's noise on the host and copies
+    it to the device: one wait per step on a GPU. The arithmetic is the scheduler's,
+    operation for operation (``test_euler_ancestral_matches_the_instructpix2pix_pipeline``)."""
 
     name = "euler_ancestral"
 
@@ -163,6 +194,10 @@ class EulerAncestralSolver:
         if not isinstance(steps, int) or steps < 1 or steps > 1000:
             raise InputError("steps", f"is {steps!r}", "an integer between 1 and 1000")
         sched = EulerAncestralDiscreteScheduler.from_config(sd.scheduler.config)
+        if sched.config.prediction_type != "epsilon":
+            raise InputError("sd_model", f"predicts {sched.config.prediction_type}",
+                             "an epsilon-prediction instruction model (InstructPix2Pix, "
+                             "MGIE)")
         sched.set_timesteps(steps)
         self.sched, self.generator = sched, generator
         ts = sched.timesteps.cpu()
@@ -171,17 +206,39 @@ class EulerAncestralSolver:
                                  sd.scheduler.alphas_cumprod.double().cpu(),
                                  float(sd.scheduler.final_alpha_cumprod))
         self.timesteps = ts.tolist()
-        self.sigmas = sched.sigmas.cpu().tolist()
+        sig = sched.sigmas.cpu().float()                   # (N + 1,), the scheduler's dtype
+        s_from, s_to = sig[:-1], sig[1:]
+        s_up = (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2) ** 0.5
+        s_down = (s_to ** 2 - s_up ** 2) ** 0.5
+        self.sigmas = sig.tolist()
+        self._in_scale = ((s_from ** 2 + 1) ** 0.5).tolist()
+        self._up = s_up.tolist()
+        self._dt = (s_down - s_from).tolist()
+        self._noise: Optional[torch.Tensor] = None
+        self._init_sigma = float(sched.init_noise_sigma)
 
     def start(self, noise: torch.Tensor) -> torch.Tensor:
-        return noise * self.sched.init_noise_sigma
+        """The first latent; draws every step's ancestral noise now, in the pipeline's
+        order (after the initial noise), and puts it on the device in one copy."""
+        n = len(self._up)
+        draws = [torch.randn(tuple(noise.shape), generator=self.generator,
+                             dtype=torch.float32) for _ in range(n)]
+        self._noise = torch.stack(draws).to(noise.device)
+        return noise * self._init_sigma
 
     def model_input(self, z: torch.Tensor, i: int) -> torch.Tensor:
-        return self.sched.scale_model_input(z, self.sched.timesteps[i])
+        return z / self._in_scale[i]
 
     def step(self, z: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
-        return self.sched.step(eps, self.sched.timesteps[i], z,
-                               generator=self.generator).prev_sample
+        if self._noise is None:
+            raise RuntimeError("EulerAncestralSolver.start() must be called before step()")
+        sigma = self.sigmas[i]
+        sample = z.to(torch.float32)
+        pred_original = sample - sigma * eps
+        derivative = (sample - pred_original) / sigma
+        prev = sample + derivative * self._dt[i]
+        prev = prev + self._noise[i] * self._up[i]
+        return prev.to(eps.dtype)
 
     def noised(self, z0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
         return z0 + self.sigmas[i] * noise    # sigmas[N] = 0: z0 itself

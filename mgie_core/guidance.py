@@ -51,17 +51,21 @@ def last_in_execution(names: Iterable[str]) -> str:
     return max(names, key=execution_rank)
 
 
+def _stop(module, inputs, output):
+    raise StopForward
+
+
 @contextlib.contextmanager
 def truncated(unet, layer_name: Optional[str]):
     """Stop the UNet forward right after ``layer_name`` (None: run it all)."""
     if layer_name is None:
         yield
         return
-
-    def stop(module, inputs, output):
-        raise StopForward
-
-    handle = dict(unet.named_modules())[layer_name].register_forward_hook(stop)
+    modules = unet.__dict__.get("_xmgie_modules")
+    if modules is None or layer_name not in modules:   # one name lookup per UNet
+        modules = dict(unet.named_modules())
+        unet.__dict__["_xmgie_modules"] = modules
+    handle = modules[layer_name].register_forward_hook(_stop)
     try:
         yield
     finally:
@@ -132,7 +136,7 @@ def _call_unet(run, layout: BatchLayout, z: torch.Tensor, emb: torch.Tensor, ste
     ctl.reset_call(AttnContext(step, run.schedule.num_steps, layout, tuple(z.shape[-2:])))
     try:
         with truncated(run.sd.unet, stop_layer):
-            return unet_eps(run.sd, z, int(run.schedule.timesteps[step]), emb)
+            return unet_eps(run.sd, z, run.schedule.t(step), emb)
     except StopForward:
         return None
     finally:
@@ -201,7 +205,7 @@ def layers_at_factor(unet, factor: int) -> list[str]:
 
 def sigma(run, step: int) -> float:
     """sigma_t = sqrt((1 - abar_t) / abar_t)  (MAG-Edit's step size)."""
-    a = run.schedule.abar(int(run.schedule.timesteps[step]))
+    a = run.schedule.abar(run.schedule.t(step))
     return ((1 - a) / a) ** 0.5
 
 
@@ -210,18 +214,12 @@ def latent_mask(run, like: torch.Tensor) -> torch.Tensor:
     return run.mask_at(tuple(like.shape[-2:]), like.device)[:, None]
 
 
-def finite_grad(grad: torch.Tensor, what: str, step: int) -> bool:
-    if torch.isfinite(grad).all():
-        return True
-    log.warning("%s: non-finite gradient at step %d; this update is skipped", what, step)
-    return False
-
-
 def gradient(loss: torch.Tensor, wrt: torch.Tensor, stage: str, step: int) -> torch.Tensor:
     """d loss / d wrt; raises :class:`GradientError` naming ``stage`` (the control) and
     the reason when autograd cannot give it (inference mode, no_grad, inference-tensor
     inputs, a loss that does not depend on ``wrt``) instead of letting a zero or missing
-    gradient pass for an update."""
+    gradient pass for an update. These are facts of the autograd graph, known on the
+    host without reading any value."""
     if not loss.requires_grad:
         raise GradientError(stage, step, *why_no_gradient(loss, wrt))
     (grad,) = torch.autograd.grad(loss, wrt, allow_unused=True)
@@ -230,25 +228,31 @@ def gradient(loss: torch.Tensor, wrt: torch.Tensor, stage: str, step: int) -> to
     return grad
 
 
-def count_update(run, stage: str, grad: torch.Tensor, step: int) -> bool:
-    """Whether to apply an update with ``grad``; records the verdict in ``run.report``.
-    Skipped: a non-finite gradient (with a warning) and an all-zero one (the update
-    would change nothing)."""
-    if not finite_grad(grad, stage, step):
-        run.report.skipped(stage, "non-finite gradient")
-        return False
-    if not bool(grad.any()):
-        run.report.skipped(stage, "zero gradient")
-        return False
-    run.report.applied(stage)
-    return True
+def count_update(run, stage: str, grad: torch.Tensor, step: int) -> torch.Tensor:
+    """Whether to apply an update with ``grad``: a 0-dim bool tensor on the gradient's
+    device, to apply the update with (``torch.where``, see :func:`masked_update`).
+    Skipped: a non-finite gradient (warned) and an all-zero one (the update would change
+    nothing). The verdict is counted in ``run.report`` without reading it now
+    (:meth:`UpdateReport.defer`; read once at the end of the run), so an iteration never
+    waits for the device. (``if count_update(...)`` still works, with that wait.)"""
+    finite = torch.isfinite(grad).all()
+    nonzero = grad.ne(0).any()
+    run.report.defer(stage, step, finite, nonzero, log)
+    return finite & nonzero
 
 
-def masked_update(z: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor,
-                  step_size: float) -> torch.Tensor:
-    """z - step * grad inside the mask; outside, the very same values (torch.where, not
-    arithmetic, so they stay bit-identical)."""
-    return torch.where(mask > 0.5, z - step_size * grad, z)
+def masked_update(z: torch.Tensor, grad: torch.Tensor, mask: Optional[torch.Tensor],
+                  step_size: float, ok: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """z - step * grad inside the mask (everywhere when ``mask`` is None) and where
+    ``ok`` (the verdict of :func:`count_update`) holds; elsewhere the very same values
+    (torch.where, not arithmetic, so they stay bit-identical, and a skipped non-finite
+    gradient never reaches the latent)."""
+    keep = None if mask is None else mask > 0.5
+    if ok is not None:
+        keep = ok if keep is None else keep & ok
+    if keep is None:
+        return z - step_size * grad
+    return torch.where(keep, z - step_size * grad, z)
 
 
 def dilate3(mask: torch.Tensor) -> torch.Tensor:

@@ -147,7 +147,7 @@ def decode_for_grad(sd, x0: torch.Tensor, memory: str = "checkpoint") -> torch.T
     z = x0
     if memory == "downscale":
         z = F.avg_pool2d(z, 2)
-    z = z.to(sd.device, sd.dtype) / sd.vae.config.scaling_factor
+    z = runtime.place(z, sd.device, sd.dtype) / sd.vae.config.scaling_factor
     ctx = checkpointed_decoder(sd.vae) if memory == "checkpoint" else contextlib.nullcontext()
     with ctx:
         x = sd.vae.decode(z).sample
@@ -218,6 +218,9 @@ class IdentityGuidance(Control):
                              "kept (on the control or the sampler)",
                              "Connect a mask, or set use_mask=False to update everywhere.")
         self._pyramid = MaskPyramid(mask.float()) if mask is not None else None
+        if self._pyramid is not None:        # on the device before the loop
+            z = run.latents[Branch.EDIT]
+            self._pyramid.at(tuple(z.shape[-2:]), z.device)
         emb = self.embedding
         crop = self.crop
         if crop is None:
@@ -235,9 +238,15 @@ class IdentityGuidance(Control):
         vec = emb.vector if isinstance(emb, IdentityEmbedding) else emb
         self._e_id = F.normalize(vec.detach().float(), dim=-1).to(self.encoder.device)
         self.history = []                    # per run (a cached node output is reused)
+        self._records: list[tuple] = []      # (step, iteration, loss on the device)
 
     def teardown(self, run) -> None:
         self._pyramid = None
+        records, self._records = getattr(self, "_records", []), []
+        if records:
+            values = torch.stack([r[2].float().reshape(()) for r in records]).tolist()
+            self.history = [{"step": r[0], "iteration": r[1], "loss": v}
+                            for r, v in zip(records, values)]
 
     def before_step(self, run, i: int) -> None:
         if i not in self._window or self.weight == 0:
@@ -245,18 +254,17 @@ class IdentityGuidance(Control):
         z = run.latents[Branch.EDIT].float()
         m = (self._pyramid.at(tuple(z.shape[-2:]), z.device)[:, None]
              if self.use_mask else torch.ones_like(z[:, :1]))
-        a = run.schedule.abar(int(run.schedule.timesteps[i]))
+        a = run.schedule.abar(run.schedule.t(i))
         for it in range(self.iterations):
             loss, grad = self.loss_and_grad(run, z, i)
-            self.history.append({"step": i, "iteration": it, "loss": loss})
-            if not guidance.count_update(run, self.name, grad, i):
-                continue
+            self._records.append((i, it, loss))        # read at the end of the run
+            ok = guidance.count_update(run, self.name, grad, i)
             # dL/dx0 = sqrt(abar) dL/dz; normalised over the updated region (per image)
             g = grad * a ** 0.5
             rms = ((g ** 2 * m).sum((1, 2, 3), keepdim=True)
                    / (m.sum((1, 2, 3), keepdim=True) * g.shape[1]).clamp_min(1)).sqrt()
             step = g / rms.clamp_min(1e-12)
-            z = guidance.masked_update(z, step, m, self.weight * a ** 0.5)
+            z = guidance.masked_update(z, step, m, self.weight * a ** 0.5, ok)
         run.latents[Branch.EDIT] = z.detach()
 
     # -- the loss -----------------------------------------------------------------
@@ -275,14 +283,15 @@ class IdentityGuidance(Control):
         eu, ec = e.float().split(b)
         return eu + run.guidance_scale * (ec - eu)
 
-    def loss_and_grad(self, run, z: torch.Tensor, i: int) -> tuple[float, torch.Tensor]:
-        """(mean 1 - cos, dL/dz in float32) at ``z`` with eps held constant. Runs inside
+    def loss_and_grad(self, run, z: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean 1 - cos as a 0-dim tensor, dL/dz in float32) at ``z`` with eps held
+        constant. Runs inside
         :func:`runtime.autograd` with its inputs as normal tensors, whatever mode the
         sampler runs in; no gradient raises :class:`GradientError`."""
         with runtime.autograd():
             z, e_id = runtime.autograd_input((z, self._e_id))
             eps = self.edit_eps(run, z.detach(), i)
-            a = run.schedule.abar(int(run.schedule.timesteps[i]))
+            a = run.schedule.abar(run.schedule.t(i))
             zv = z.detach().float().requires_grad_(True)
             x0 = (zv - (1 - a) ** 0.5 * eps) / a ** 0.5
             img = decode_for_grad(run.sd, x0, self.memory)
@@ -292,4 +301,4 @@ class IdentityGuidance(Control):
             ref = e_id if e_id.shape[0] in (1, e.shape[0]) else e_id[:1]
             loss = (1 - (e * ref).sum(-1)).mean()
             grad = guidance.gradient(loss * z.shape[0], zv, self.name, i)
-        return float(loss.detach()), grad.float()
+        return loss.detach(), grad.float()

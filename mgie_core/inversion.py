@@ -38,6 +38,7 @@ class InversionResult:
 
     method: str
     source_prompt: str
+    # Tensors stay on the model's device (a node output keeps them there: a few MB).
     latents: torch.Tensor                 # (N+1, B, 4, h, w): [i] = z*_{t_i}, [N] = z*_0
     timesteps: torch.Tensor               # (N,) descending
     guidance_scale: float
@@ -70,17 +71,18 @@ def _check(z0: torch.Tensor, method: str, steps: int) -> None:
 def ddim_trajectory(sd: SDModel, z0: torch.Tensor, cond: torch.Tensor, sch: Schedule
                     ) -> torch.Tensor:
     """z*_0 -> z*_T with the source prompt only (guidance 1). Returns (N+1, B, ...) in
-    denoising order: [0] = z*_T (t_0), ..., [N] = z*_0."""
+    denoising order: [0] = z*_T (t_0), ..., [N] = z*_0, on the model's device (the
+    sampler reads a row per step; a host copy would be a transfer per step)."""
     n = sch.num_steps
     z = z0.to(sd.device, torch.float32)
     states = [z]
     with runtime.progress(n, "DDIM inversion") as bar:
         for i in reversed(range(n)):          # from t = 1 up to t = 981
-            eps = unet_eps(sd, z, int(sch.timesteps[i]), cond.expand(z.shape[0], -1, -1))
+            eps = unet_eps(sd, z, sch.t(i), cond.expand(z.shape[0], -1, -1))
             z = invert_step(sch, i, z, eps)
             states.append(z)
             bar.update()
-    return torch.stack(states[::-1]).cpu()
+    return torch.stack(states[::-1])
 
 
 def _guided_eps(sd, z, t, cond, uncond, scale):
@@ -103,19 +105,28 @@ def null_text_optimisation(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor,
     Runs inside :func:`runtime.autograd` (ComfyUI calls nodes inside inference mode) with
     its inputs cloned when they are inference tensors. Every Adam step applied, and every
     iteration skipped for a non-finite gradient, is counted in ``report``; a loss that
-    carries no gradient raises :class:`GradientError`."""
+    carries no gradient raises :class:`GradientError`.
+
+    Host reads: the early stop is a data-dependent branch, so this is the one loop of the
+    seed-faithful path that reads back from the device: exactly one read per inner
+    iteration (the loss and the finiteness of the gradient, stacked into one tensor), and
+    nothing else per step (the trajectory and the embeddings stay on the device). On a
+    GPU, ``torch.optim.Adam`` also reads its step count, a host tensor (no wait). The
+    early stop is the reference's (prompt-to-prompt's null-text notebook); dropping it
+    would save the read but run all ``inner_steps`` iterations."""
     report = report if report is not None else UpdateReport()
     n = sch.num_steps
     nulls = []
     runtime.differentiable(sd.unet, stage="null-text inversion")
     with runtime.autograd():
         traj, cond, uncond = runtime.autograd_input((traj, cond, uncond))
+        traj = traj.to(sd.device, torch.float32)
         u = uncond.detach().float().clone()
-        z = traj[0].to(sd.device, torch.float32)
+        z = traj[0]
         with runtime.progress(n, "null-text inversion") as bar:
             for i in range(n):
-                t = int(sch.timesteps[i])
-                target = traj[i + 1].to(sd.device, torch.float32)
+                t = sch.t(i)
+                target = traj[i + 1]
                 u = u.detach().clone().requires_grad_(True)
                 opt = torch.optim.Adam([u], lr=lr * (1.0 - i / 100.0))
                 with torch.no_grad():
@@ -130,18 +141,22 @@ def null_text_optimisation(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor,
                     loss.backward()
                     if u.grad is None:
                         raise GradientError(NULL_TEXT, i, *why_no_gradient(loss, u))
-                    if not torch.isfinite(u.grad).all():
+                    # the one host read of the iteration: loss and finiteness together
+                    value, finite = torch.stack([loss.detach().float(),
+                                                 torch.isfinite(u.grad).all().float()]
+                                                ).tolist()
+                    if not finite:
                         log.warning("null-text inversion: non-finite gradient at step %d; "
                                     "keeping the embedding of the last good iteration", i)
                         report.skipped(NULL_TEXT, "non-finite gradient")
                         break
                     opt.step()
                     report.applied(NULL_TEXT)
-                    if loss.item() < early_stop + i * 2e-5:
+                    if value < early_stop + i * 2e-5:
                         break
                     runtime.check_interrupt()
                 u = u.detach()
-                nulls.append(u.cpu())
+                nulls.append(u)
                 with torch.no_grad():
                     z = denoise_step(sch, i, z, _guided_eps(sd, z, t, cond, u, scale))
                 bar.update()
@@ -154,12 +169,12 @@ def direct_offsets(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor, uncond: 
                    sch: Schedule, scale: float) -> torch.Tensor:
     """Direct inversion: offset_i = z*_{t_{i+1}} - guided step from z*_{t_i}."""
     offsets = []
+    traj = traj.to(sd.device, torch.float32)
     with runtime.progress(sch.num_steps, "direct inversion") as bar:
         for i in range(sch.num_steps):
-            z = traj[i].to(sd.device, torch.float32)
-            stepped = denoise_step(sch, i, z, _guided_eps(sd, z, int(sch.timesteps[i]),
-                                                          cond, uncond, scale))
-            offsets.append((traj[i + 1].to(sd.device) - stepped).cpu())
+            z = traj[i]
+            stepped = denoise_step(sch, i, z, _guided_eps(sd, z, sch.t(i), cond, uncond, scale))
+            offsets.append(traj[i + 1] - stepped)
             bar.update()
     return torch.stack(offsets)
 
@@ -193,7 +208,7 @@ def invert(sd: SDModel, z0: torch.Tensor, source_prompt: str, method: str = "nul
                                                         report=result.updates)
         result.settings["inner_steps"] = inner_steps
     elif method == "negative_prompt":
-        result.null_embeddings = cond.cpu()[None].expand(steps, -1, -1, -1).clone()
+        result.null_embeddings = cond[None].expand(steps, -1, -1, -1).clone()
     elif method == "direct" and record_offsets:
         result.offsets = direct_offsets(sd, traj, cond, empty, sch, guidance_scale)
     return result
@@ -204,5 +219,5 @@ def source_null(inv: InversionResult, sd: SDModel, i: int,
     """The unconditional embedding the source branch uses at step i (``empty``: the
     empty prompt's embedding, when the caller already has it)."""
     if inv.null_embeddings is not None:
-        return inv.null_embeddings[i].to(sd.device)
+        return runtime.place(inv.null_embeddings[i], sd.device)
     return empty if empty is not None else encode_prompt(sd, "")

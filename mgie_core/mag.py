@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import guidance, runtime
-from .attention import AttnContext, BatchLayout, Branch, MaskPyramid, layer_hw
+from .attention import AttnContext, BatchLayout, Branch, MaskPyramid, layer_hw, level_sizes
 from .control import Control
 from .errors import InputError
 from .tokens import word_token_groups
@@ -34,11 +34,24 @@ from .tokens import word_token_groups
 
 # --- losses on maps (heads, HW, 77) -----------------------------------------------------
 
-def token_ratio_activation(A: torch.Tensor, tokens: Sequence[int], inside: torch.Tensor
-                           ) -> torch.Tensor:
+def _columns(A: torch.Tensor, tokens) -> torch.Tensor:
+    """A[..., tokens]; ``tokens`` a list, or an index tensor on A's device (no host data)."""
+    if isinstance(tokens, torch.Tensor):
+        return A.index_select(-1, tokens)
+    return A[..., list(tokens)]
+
+
+def _mean_inside(x: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions where ``inside`` holds, as a weighted sum (selecting them,
+    ``x[:, inside]``, needs their count on the host: a synchronisation on a GPU)."""
+    w = inside.to(x.dtype)
+    return (x * w).sum(-1) / w.sum()
+
+
+def token_ratio_activation(A: torch.Tensor, tokens, inside: torch.Tensor) -> torch.Tensor:
     """act_h for one map and one word: (heads,). ``inside`` is a bool (HW,) mask."""
-    ratio = A[..., list(tokens)].mean(-1) / A.sum(-1).clamp_min(1e-12)     # (heads, HW)
-    return ratio[:, inside].mean(-1)
+    ratio = _columns(A, tokens).mean(-1) / A.sum(-1).clamp_min(1e-12)       # (heads, HW)
+    return _mean_inside(ratio, inside)
 
 
 def token_ratio_loss(maps: Sequence[torch.Tensor], groups: Sequence[Sequence[int]],
@@ -56,8 +69,8 @@ def spatial_ratio_loss(maps: Sequence[torch.Tensor], groups: Sequence[Sequence[i
     terms = []
     for A, inside in zip(maps, insides):
         for tokens in groups:
-            w = A.float()[..., list(tokens)].mean(-1)                          # (heads, HW)
-            act = w[:, inside].sum(-1) / w.sum(-1).clamp_min(1e-12)
+            w = _columns(A.float(), tokens).mean(-1)                           # (heads, HW)
+            act = (w * inside.to(w.dtype)).sum(-1) / w.sum(-1).clamp_min(1e-12)
             terms.append((3 - 4 * act).mean())
     return torch.stack(terms).mean()
 
@@ -111,38 +124,69 @@ class MAGControl(Control):
         self._n_opt = int(round(self.opt_fraction * n))
         self._n_blend = int(round(self.blend_fraction * n))
         self.history = []                    # per run (a cached node output is reused)
+        self._records: list[tuple] = []      # (step, iteration, loss, activation) on device
+        # Everything the loss reads besides the maps, on the device now: token positions
+        # and the mask at the maps' size (checked here, once: it must not vanish there).
+        z = run.latents[Branch.EDIT]
+        dev, hw = z.device, tuple(z.shape[-2:])
+        self._insides: dict[tuple[int, int], Optional[torch.Tensor]] = {}
+        if self._n_opt > 0:
+            self._inside_at(level_sizes(hw)[2], dev)        # the 16x16 maps at 512 px
+        put = lambda g: runtime.autograd_input(torch.tensor(list(g), device=dev))  # noqa
+        self._groups_on = [put(g) for g in self._groups]
+        self._neg_on = [put(g) for g in self._neg]
+        self._m64 = guidance.latent_mask(run, z) if run.mask is not None else \
+            self._pyramid.at(hw, dev)[:, None]
+        self._blend = guidance.dilate3(self._pyramid.at(hw, dev)[:, None])
 
-    def loss(self, maps: dict[str, torch.Tensor], latent_hw) -> tuple[torch.Tensor, float]:
-        As = [maps[name] for name in self._layers]
-        insides = []
-        for A in As:
+    def _inside_at(self, hw: tuple[int, int], device) -> Optional[torch.Tensor]:
+        """The mask inside a map of size ``hw`` as a flat bool (HW,), or None when it is
+        empty there; made (and checked, one host read) once per size. Normal tensors
+        (not inference ones): the loss saves them for its backward."""
+        if hw not in self._insides:
+            inside = self._pyramid.at(hw, device)[0].flatten() > 0.5
+            self._insides[hw] = runtime.autograd_input(inside) if bool(inside.any()) \
+                else None
+            if all(v is None for v in self._insides.values()):
+                raise InputError("mask", "vanishes at the 16x16 attention resolution",
+                                 "a larger edit region", "MAG reads 16x16 maps (at 512 px).")
+        return self._insides[hw]
+
+    def loss(self, maps: dict[str, torch.Tensor], latent_hw) -> tuple[torch.Tensor,
+                                                                      torch.Tensor]:
+        """(loss, mean token-ratio activation), both 0-dim float32 tensors on the device
+        (the activation is for the history, read once at the end of the run)."""
+        pairs = []
+        for name in self._layers:
+            A = maps[name]
             hw = layer_hw(AttnContext(0, 1, BatchLayout(()), latent_hw), A.shape[1])
-            inside = self._pyramid.at(hw, A.device)[0].flatten() > 0.5
-            insides.append(runtime.autograd_input(inside))   # indexes A: saved for backward
-        if not any(bool(i.any()) for i in insides):
-            raise InputError("mask", "vanishes at the 16x16 attention resolution",
-                             "a larger edit region", "MAG reads 16x16 maps (at 512 px).")
-        pairs = [(A, i) for A, i in zip(As, insides) if bool(i.any())]
+            inside = self._inside_at(hw, A.device)
+            if inside is not None:
+                pairs.append((A, inside))
         As, insides = [p[0] for p in pairs], [p[1] for p in pairs]
+        groups = getattr(self, "_groups_on", None) or self._groups
+        neg = getattr(self, "_neg_on", None) or self._neg
         total = As[0].new_zeros((), dtype=torch.float32)
         if self.use_token_ratio:
-            total = total + token_ratio_loss(As, self._groups, insides)
+            total = total + token_ratio_loss(As, groups, insides)
         if self.use_spatial_ratio:
-            total = total + spatial_ratio_loss(As, self._groups, insides)
+            total = total + spatial_ratio_loss(As, groups, insides)
         if self._neg:
-            total = total + self.negative_weight * negative_loss(As, self._neg, insides)
+            total = total + self.negative_weight * negative_loss(As, neg, insides)
         with torch.no_grad():
             act = torch.stack([token_ratio_activation(A.float(), g, i).mean()
-                               for A, i in zip(As, insides) for g in self._groups]).mean()
-        return total, float(act)
+                               for A, i in zip(As, insides) for g in groups]).mean()
+        return total, act
 
     def before_step(self, run, i: int) -> None:
+        """MAG's inner loop: no value comes back to the host. A skipped update (a
+        non-finite or zero gradient) is a ``torch.where`` on the device, counted and
+        warned about at the end of the run (see report.py); the history is read then."""
         if i >= self._n_opt:
             return
         with runtime.autograd():
             z = runtime.autograd_input(run.latents[Branch.EDIT]).float()
-            m64 = guidance.latent_mask(run, z) if run.mask is not None else \
-                self._pyramid.at(tuple(z.shape[-2:]), z.device)[:, None]
+            m64 = self._m64
             step = guidance.sigma(run, i)
             for it in range(self.iterations):
                 zv = z.detach().requires_grad_(True)
@@ -150,23 +194,36 @@ class MAGControl(Control):
                                           cache_source=self.cache_source)
                 loss, act = self.loss(maps, tuple(z.shape[-2:]))
                 grad = guidance.gradient(self.scale * loss, zv, self.name, i)
-                self.history.append({"step": i, "iteration": it, "loss": float(loss.detach()),
-                                     "activation": act})
-                if not guidance.count_update(run, self.name, grad, i):
-                    continue
-                z = guidance.masked_update(z, grad.float(), m64, step)
+                self._records.append((i, it, loss.detach(), act))
+                ok = guidance.count_update(run, self.name, grad, i)
+                z = guidance.masked_update(z, grad.float(), m64, step, ok)
             run.latents[Branch.EDIT] = z.detach()
 
     def teardown(self, run) -> None:
         # UNet passes spent: the reconstruction once per optimised step, the edit row
         # once per iteration (forward + backward).
         self.passes = {"source": run.source_passes, "edit": run.edit_passes}
+        self.history = _read_history(getattr(self, "_records", []), ("loss", "activation"))
+        self._records = []
 
     def after_step(self, run, i: int) -> None:
         n = run.schedule.num_steps
         if i < n - self._n_blend or Branch.REC not in run.latents:
             return
         z = run.latents[Branch.EDIT]
-        m = guidance.dilate3(self._pyramid.at(tuple(z.shape[-2:]), z.device)[:, None])
+        m = self._blend
         run.latents[Branch.EDIT] = m * z + (1 - m) * run.latents[Branch.REC]
+
+
+def _read_history(records, names: Sequence[str]) -> list[dict]:
+    """History dicts from (step, iteration, *0-dim tensors) records, read in one transfer
+    at the end of the run (a read per iteration would wait for the device each time)."""
+    if not records:
+        return []
+    values = torch.stack([v.detach().float().reshape(()) for r in records
+                          for v in r[2:]]).tolist()
+    k = len(names)
+    return [{"step": r[0], "iteration": r[1],
+             **{n: values[j * k + q] for q, n in enumerate(names)}}
+            for j, r in enumerate(records)]
 

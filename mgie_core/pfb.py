@@ -47,7 +47,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .attention import COND, Branch, MaskPyramid
+from .attention import COND, Branch, MaskPyramid, level_sizes
 from .control import Control
 from .errors import InputError
 
@@ -211,7 +211,11 @@ class PFBControl(Control):
         self._run = run
         cfg = PRESETS[self.preset]
         self._latent_steps = int(round(cfg["latent_fraction"] * run.schedule.num_steps))
-        self._active_steps = [float(t) > cfg["min_t"] for t in run.schedule.timesteps.tolist()]
+        self._active_steps = [float(run.schedule.t(i)) > cfg["min_t"]
+                              for i in range(run.schedule.num_steps)]
+        # the blend mask at every feature size, on the device before the first step
+        z = run.latents[Branch.EDIT]
+        self._blend_mask.prepare(level_sizes(tuple(z.shape[-2:])), z.device)
         unet = run.sd.unet
         modules = dict(unet.named_modules())
         if self.placement == "pfb_diff":
@@ -335,10 +339,14 @@ class PFBControl(Control):
         hooks are off for this pass: the sampler's hooks never change reference rows; the
         result equals the batched pass's up to SDPA-versus-explicit-softmax rounding."""
         def compute(rows, bsz):
-            idx = torch.cat([torch.arange(r * bsz, (r + 1) * bsz) for r in rows]).to(args[0].device)
             total = len(layout) * bsz
-            pick = lambda x: x.index_select(0, idx) if torch.is_tensor(x) and x.ndim and \
-                x.shape[0] == total else x
+
+            def pick(x):        # the rows by slicing: no index tensor from the host
+                if not (torch.is_tensor(x) and x.ndim and x.shape[0] == total):
+                    return x
+                parts = [x[r * bsz:(r + 1) * bsz] for r in rows]
+                return parts[0] if len(parts) == 1 else torch.cat(parts)
+
             ctl = self._run.controller
             saved = ctl.context
             ctl.context, self._in_reference_pass = None, True

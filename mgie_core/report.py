@@ -7,6 +7,14 @@ is constant by construction, a zero gradient). The sampler keeps one
 with the result; the nodes show its lines as their text output, and the headless runner
 prints them. A stage that cannot compute its gradient at all raises
 :class:`~.errors.GradientError` instead of counting anything.
+
+Verdicts on the device (issue 15). Whether a gradient is finite and non-zero is a
+property of a device tensor; reading it in every iteration would make the host wait for
+the GPU each time. The controls therefore apply or skip their update on the device
+(``torch.where``) and hand the verdict to :meth:`UpdateReport.defer`; the report reads
+every deferred verdict in one transfer when it is first read (:meth:`flush`: the
+samplers call it once at the end of the run), then counts them and logs the warnings
+the controls used to log at once, with the same text.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from typing import Optional
+
+import torch
 
 
 @dataclasses.dataclass
@@ -42,12 +52,19 @@ class UpdateReport:
     """Per-run counts of every optimising stage, in the order they first reported."""
 
     def __init__(self):
-        self.stages: dict[str, UpdateCounts] = {}
+        self._stages: dict[str, UpdateCounts] = {}
+        # (stage, step, finite, nonzero, logger): verdicts still on the device
+        self._pending: list[tuple] = []
+
+    @property
+    def stages(self) -> dict[str, UpdateCounts]:
+        self.flush()
+        return self._stages
 
     def counts(self, stage: str) -> UpdateCounts:
-        if stage not in self.stages:
-            self.stages[stage] = UpdateCounts(stage)
-        return self.stages[stage]
+        if stage not in self._stages:
+            self._stages[stage] = UpdateCounts(stage)
+        return self._stages[stage]
 
     def applied(self, stage: str, n: int = 1) -> None:
         self.counts(stage).applied += n
@@ -55,6 +72,34 @@ class UpdateReport:
     def skipped(self, stage: str, reason: str, n: int = 1) -> None:
         c = self.counts(stage)
         c.skipped[reason] = c.skipped.get(reason, 0) + n
+
+    def defer(self, stage: str, step: int, finite: torch.Tensor, nonzero: torch.Tensor,
+              logger: Optional[logging.Logger] = None) -> None:
+        """Count one update whose verdict is still on the device: applied when ``finite``
+        and ``nonzero`` (0-dim bool tensors) are both true; skipped for a non-finite
+        gradient (warned on ``logger``) or a zero one. Read at :meth:`flush`."""
+        self.counts(stage)                    # keep the order stages first reported in
+        self._pending.append((stage, step, finite, nonzero, logger))
+
+    def flush(self) -> None:
+        """Read every deferred verdict in one transfer and count it."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        flags = [t.reshape(()).to(torch.bool) for p in pending for t in (p[2], p[3])]
+        device = flags[0].device
+        values = torch.stack([f.to(device) for f in flags]).tolist()
+        for k, (stage, step, _, _, logger) in enumerate(pending):
+            finite, nonzero = values[2 * k], values[2 * k + 1]
+            if not finite:
+                if logger is not None:
+                    logger.warning("%s: non-finite gradient at step %d; this update is "
+                                   "skipped", stage, step)
+                self.skipped(stage, "non-finite gradient")
+            elif not nonzero:
+                self.skipped(stage, "zero gradient")
+            else:
+                self.applied(stage)
 
     def __bool__(self) -> bool:
         return bool(self.stages)

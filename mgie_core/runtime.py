@@ -200,6 +200,17 @@ def autograd_input(x):
 
 
 @contextlib.contextmanager
+def normal_tensors() -> Iterator[None]:
+    """Make state for a whole run here (device caches of masks, token positions, the
+    injection's mapper): inference mode off and no gradient, so the tensors are normal
+    ones that a later :func:`autograd` block may save for its backward, even when the
+    run started inside a host's inference mode (ComfyUI). Inference tensors may be read
+    inside; what is made is normal."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+@contextlib.contextmanager
 def loading() -> Iterator[None]:
     """Build model weights inside this block: inference mode off (so parameters are
     normal tensors that autograd can pass through, even when the loader runs inside a
@@ -490,9 +501,20 @@ class ModelRegistry:
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
+    a, b = torch.device(a), torch.device(b)
     if a.type != b.type:
         return False
     return a.index is None or b.index is None or a.index == b.index
+
+
+def place(x: torch.Tensor, device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``x`` on ``device`` (and in ``dtype``): the tensor itself when it is there already,
+    a dtype cast when only the dtype differs, a copy only when it lives elsewhere. Loops
+    use this instead of ``x.to(device)`` so that the sync counter (:mod:`.syncs`) sees an
+    explicit move only where one happens ("cuda" and "cuda:0" are the same device)."""
+    if not _same_device(x.device, device):
+        return x.to(device=device, dtype=dtype)
+    return x if dtype is None or x.dtype == dtype else x.to(dtype=dtype)
 
 
 _registry = ModelRegistry()

@@ -28,7 +28,7 @@ from .control import Control, SamplingRun, check_controls
 from .diffusion import (Schedule, denoise_step, encode_prompt, instruct_solver, make_schedule,
                         token_ids, unet_eps)
 from .errors import InputError
-from .inversion import InversionResult, source_null
+from .inversion import InversionResult
 from .models.conditioning import Conditioning
 from .models.sd import SDModel
 from .report import UpdateReport
@@ -50,7 +50,11 @@ class CAMSettings:
 
 @dataclasses.dataclass
 class EditResult:
-    edit: torch.Tensor            # (B,4,h,w) final edit-branch latent, CPU float32
+    """What a sampler returns. The latents stay on the model's device, so a library
+    caller's decode and seam blur never round-trip through the host; the nodes move
+    them to the CPU at their outputs (ComfyUI's convention between nodes)."""
+
+    edit: torch.Tensor            # (B,4,h,w) final edit-branch latent, float32, on device
     reconstruction: Optional[torch.Tensor]
     settings: dict
     # Updates the optimising controls applied and skipped in this run.
@@ -69,13 +73,16 @@ def _finish(run: SamplingRun, controls: Sequence[Control]) -> None:
 def _setup_controls(run: SamplingRun, controls: Sequence[Control],
                     hooks: list[attention.AttnHook]) -> list[attention.AttnHook]:
     """Set every control up (tearing down those already set up if one fails) and return
-    the sampler's hooks followed by the controls' own."""
+    the sampler's hooks followed by the controls' own, prepared on the device."""
     done: list[Control] = []
     try:
         for c in controls:
             c.setup(run)
             done.append(c)
             hooks = hooks + list(c.attn_hooks(run))
+        hw = _latent_hw(run.latents[EDIT])
+        for h in hooks:        # device-side data now, not in the first step
+            h.prepare(run.sd.device, hw)
     except BaseException:
         _finish(run, done)
         raise
@@ -147,7 +154,12 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     if not torch.equal(sch.timesteps, inversion.timesteps):
         raise InputError("inversion", "was made with another schedule", f"{n} DDIM steps")
     scale = inversion.guidance_scale if guidance_scale is None else guidance_scale
-    z_T = inversion.z_T().to(sd.device, torch.float32)
+    # The inversion's tensors on the device once (a no-op when they are there already):
+    # the loop reads one row of each per step and never copies.
+    traj = runtime.place(inversion.latents, sd.device, torch.float32)
+    nulls = runtime.place(inversion.null_embeddings, sd.device, torch.float32) \
+        if inversion.null_embeddings is not None else None
+    z_T = traj[0]
     mask = _validate_mask(mask, z_T, inversion.image_size)
 
     cond_src = encode_prompt(sd, inversion.source_prompt)
@@ -157,7 +169,7 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     controls = check_controls(controls)
     controller = attention.install(sd.unet)
     run = SamplingRun(sd, sch, BatchLayout(()), {REC: z_T.clone(), EDIT: z_T.clone()},
-                      controller, mask=mask, inversion=inversion, reference=inversion.latents)
+                      controller, mask=mask, inversion=inversion, reference=traj)
 
     hooks: list[attention.AttnHook] = []
     if p2p_mode == "refine":
@@ -191,8 +203,8 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
         with runtime.progress(n, "editing") as bar:
             for i in range(n):
                 run.step = i
-                t = int(sch.timesteps[i])
-                null = source_null(inversion, sd, i, empty).expand(b, -1, -1)
+                t = sch.t(i)
+                null = (nulls[i] if nulls is not None else empty).expand(b, -1, -1)
                 run.null = null
                 for c in controls:
                     c.before_step(run, i)
@@ -213,7 +225,7 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
                     if br == REC and inversion.method == "direct":
                         # step + offset_i, with the offset taken against this very step:
                         # the source branch lands on the stored z*_{t_{i+1}} exactly.
-                        run.latents[br] = inversion.latents[i + 1].to(sd.device)
+                        run.latents[br] = traj[i + 1]
                     else:
                         run.latents[br] = denoise_step(sch, i, run.latents[br], guided)
                 for c in controls:
@@ -221,8 +233,8 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
                 bar.update()
     finally:
         _finish(run, controls)
-    return EditResult(run.latents[EDIT].cpu(),
-                      run.latents[REC].cpu() if keep_reconstruction else None,
+    return EditResult(run.latents[EDIT],
+                      run.latents[REC] if keep_reconstruction else None,
                       {"target_prompt": target_prompt, "guidance_scale": scale,
                        "cross_replace": cross_replace, "self_replace": self_replace,
                        "p2p_mode": p2p_mode, "batched": batched, "steps": n,
@@ -271,11 +283,11 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
     reference = None
     if source_latent is not None:
         z0 = source_latent.to(sd.device, torch.float32)
-        reference = torch.stack([solver.noised(z0, noise, i) for i in range(steps + 1)]).cpu()
+        reference = torch.stack([solver.noised(z0, noise, i) for i in range(steps + 1)])
     run = SamplingRun(sd, sch, BatchLayout(()), {EDIT: solver.start(noise)}, controller,
                       mask=mask, reference=reference)
     if reference is not None:
-        run.latents[REF] = reference[0].to(sd.device)
+        run.latents[REF] = reference[0]
 
     hooks: list[attention.AttnHook] = []
     if cam is not None and (cam.in_words or cam.out_words):
@@ -319,7 +331,7 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
                 bar.update()
     finally:
         _finish(run, controls)
-    return EditResult(run.latents[EDIT].cpu(), None,
+    return EditResult(run.latents[EDIT], None,
                       {"steps": steps, "text_scale": text_scale, "image_scale": image_scale,
                        "seed": seed, "batched": batched, "conditioning": conditioning.source,
                        "scheduler": scheduler},

@@ -72,7 +72,7 @@ def encode(sd: SDModel, image: torch.Tensor, name: str = "image", mode: bool = T
 
 @torch.no_grad()
 def decode_with(vae, latents: Latents | torch.Tensor, device, dtype, name: str = "latent",
-                scaled: bool = True) -> torch.Tensor:
+                scaled: bool = True, to_cpu: bool = True) -> torch.Tensor:
     """:func:`decode` with a bare diffusers AutoencoderKL (the headless VAEDecode)."""
     z = latents.samples if isinstance(latents, Latents) else latents
     check_finite(name, z, "latent values", "The node that made these latents produced them "
@@ -83,15 +83,21 @@ def decode_with(vae, latents: Latents | torch.Tensor, device, dtype, name: str =
         z = z / vae.config.scaling_factor
     x = vae.decode(z).sample
     check_finite("decoded image", x, "pixel values", _VAE_FIX)
-    return ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+    image = ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+    return image.cpu() if to_cpu else image
 
 
 def decode(sd: SDModel, latents: Latents | torch.Tensor, name: str = "latent",
-           scaled: bool = True) -> torch.Tensor:
+           scaled: bool = True, to_cpu: bool = True) -> torch.Tensor:
     """Images [B,H,W,3] in 0..1. NaN/Inf latents are refused before decoding, and a
     decoder that turns finite latents into NaN/Inf pixels is an error, not a black image.
-    ``scaled=False``: the latents are raw (ComfyUI's LATENT samples)."""
-    return decode_with(sd.vae, latents, sd.device, sd.dtype, name, scaled)
+    ``scaled=False``: the latents are raw (ComfyUI's LATENT samples).
+
+    ``to_cpu``: the image on the host (ComfyUI's IMAGE convention, what the node hands
+    on). A library pipeline that goes on to the seam blur passes False and gets the
+    image on the model's device (float32), so decode -> GB never round-trips through the
+    host (:func:`blur.gb_blur` runs on the image's device)."""
+    return decode_with(sd.vae, latents, sd.device, sd.dtype, name, scaled, to_cpu)
 
 
 # --- ComfyUI's LATENT ---------------------------------------------------------------------

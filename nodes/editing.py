@@ -7,6 +7,7 @@ from ..mgie_core import pfb, sampler, vae
 from ..mgie_core.attention import CAMHook
 from ..mgie_core.diffusion import INSTRUCT_SCHEDULERS
 from ..mgie_core.images import check_finite, check_image, check_mask
+from ..mgie_core.models.compile import compile_unet
 from ._common import (CONDITIONING, CONTROLS, INVERSION, LATENT, PREFIX, SD_MODEL, category, inp,
                       report_output)
 
@@ -21,6 +22,16 @@ def _mask(mask, image_hw):
 
 _DIVERGED = ("The sampler produced them from finite inputs: the model's weights may be "
              "damaged, or half precision overflowed (load the model with dtype fp32).")
+
+
+_COMPILE_INPUT = (["off", "default"], inp(
+    "torch.compile the UNet's resnet, sampler and feed-forward layers (attention and the "
+    "controls stay as they are) for faster passes on a GPU. The first run compiles every "
+    "shape (minutes); later runs reuse it. off: run uncompiled.", default="off"))
+
+
+def _compile(sd_model, mode: str) -> None:
+    compile_unet(sd_model.unet, mode)
 
 
 def _finite_latent(name: str, latent):
@@ -165,11 +176,13 @@ class CAMSampler:
                 "words keep their own. replace: a word swap (same number of words, e.g. "
                 "red -> yellow); every word, the new one included, takes the maps of the "
                 "source word in its place.", default="refine")),
+            "compile_unet": _COMPILE_INPUT,
         }}
 
     def sample(self, sd_model, inversion, target_prompt, cam_in_words, cam_out_words, cam_mode,
                cross_replace, self_replace, batched, mask=None, controls=None,
-               p2p_mode="refine"):
+               p2p_mode="refine", compile_unet="off"):
+        _compile(sd_model, compile_unet)
         cam = sampler.CAMSettings(_words(cam_in_words), _words(cam_out_words), cam_mode,
                                   CAMHook.DEFAULT_LAYERS)
         m = _mask(mask, inversion.image_size) if mask is not None else None
@@ -177,9 +190,11 @@ class CAMSampler:
                            controls=list(controls or []), cross_replace=cross_replace,
                            self_replace=self_replace, batched=batched, p2p_mode=p2p_mode)
         factor = sd_model.vae.config.scaling_factor
-        return report_output((vae.to_comfy_latent(_finite_latent("edited latent", res.edit), factor),
+        return report_output((vae.to_comfy_latent(_finite_latent("edited latent", res.edit.cpu()),
+                                                  factor),
                               vae.to_comfy_latent(_finite_latent("reconstruction latent",
-                                                                 res.reconstruction), factor)),
+                                                                 res.reconstruction.cpu()),
+                                                  factor)),
                              res.report)
 
 
@@ -241,10 +256,13 @@ class InstructSampler:
                 "samples with; the same seed gives diffusers' InstructPix2Pix pipeline's "
                 "result. ddim: deterministic after the initial noise.",
                 default="euler_ancestral")),
+            "compile_unet": _COMPILE_INPUT,
         }}
 
     def sample(self, sd_model, image, conditioning, steps, text_scale, image_scale, seed,
-               cam_in_words, batched, mask=None, controls=None, scheduler="euler_ancestral"):
+               cam_in_words, batched, mask=None, controls=None, scheduler="euler_ancestral",
+               compile_unet="off"):
+        _compile(sd_model, compile_unet)
         image = check_image("image", image, multiple_of=sd_model.vae_scale, max_batch=1)
         m = _mask(mask, tuple(image.shape[1:3])) if mask is not None else None
         mode = vae.encode(sd_model, image.clone())          # scaled posterior mode
@@ -255,7 +273,8 @@ class InstructSampler:
                                     mask=m, source_latent=mode.samples, cam=cam,
                                     controls=list(controls or []), batched=batched,
                                     scheduler=scheduler)
-        return report_output((vae.to_comfy_latent(_finite_latent("edited latent", res.edit),
+        return report_output((vae.to_comfy_latent(_finite_latent("edited latent",
+                                                                  res.edit.cpu()),
                                                   sd_model.vae.config.scaling_factor),),
                              res.report)
 

@@ -90,3 +90,30 @@ def test_edit_bench_tiny(shared_examples, tmp_path, capsys):
     for label in ("a reference", "b fast", "c seed-faithful"):
         assert f"| {label} |" in printed
     assert "n/a" in printed
+
+    # a and c share one null-text inversion (timed and counted once) and give the same
+    # edit: their ratio is the sampler's call pattern alone; a / b is reference / fast
+    a_row, c_row = res["modes"]["a"]["per_example"][0], res["modes"]["c"]["per_example"][0]
+    assert c_row["inversion_shared"] and not a_row["inversion_shared"]
+    assert a_row["times_s"]["inversion"] == c_row["times_s"]["inversion"]
+    assert res["same_output_a_c"]["max_abs_latent"] < 1e-3
+    r = res["ratios"]
+    assert r["a_over_c"] == pytest.approx(res["modes"]["a"]["mean_s"]["total"]
+                                          / res["modes"]["c"]["mean_s"]["total"])
+    assert r["a_over_b"] == pytest.approx(res["modes"]["a"]["mean_s"]["total"]
+                                          / res["modes"]["b"]["mean_s"]["total"])
+    assert r["a_over_c"] > 1 and r["a_over_b"] > r["a_over_c"]
+    assert "a / c (reference call pattern / ours" in printed and "a / b (reference" in printed
+
+    # host synchronisations per step (an untimed edit at --sync-steps steps per mode):
+    # none in the fast mode's loops; null-text reads once per inner iteration (plus, on
+    # the CPU, Adam's host step counter: a read per update and its state once a step)
+    sync_steps = res["config"]["sync_steps"]
+    b = res["modes"]["b"]["syncs"]
+    assert b["DDIM inversion"]["max_per_step"] == 0 and b["editing"]["max_per_step"] == 0
+    assert b["DDIM inversion"]["steps"] == b["editing"]["steps"] == sync_steps
+    for key in ("a", "c"):
+        sc = res["modes"][key]["syncs"]
+        assert sc["editing"]["max_per_step"] == 0, key
+        assert 1 <= sc["null-text inversion"]["max_per_step"] <= 2 * INNER + 1, key
+    assert "| 0 / 0 |" in printed                              # mode b's syncs column

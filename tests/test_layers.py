@@ -19,7 +19,7 @@ CORE = ROOT / "mgie_core"
 
 # Lower layers first; a module may import its own layer or any layer below.
 LAYERS = [
-    {"errors", "_compat", "paths", "runtime", "report"},
+    {"errors", "_compat", "paths", "runtime", "report", "syncs"},
     {"models", "configs", "images", "tokens"},
     {"diffusion", "vae", "attention", "blur"},
     {"inversion", "masks", "plan"},

@@ -104,8 +104,8 @@ def test_activation_rises_and_outside_stays_bit_identical(sd, inv, mask, monkeyp
     real = guidance.masked_update
     seen = []
 
-    def checked(z, grad, m, step_size):
-        out = real(z, grad, m, step_size)
+    def checked(z, grad, m, step_size, ok=None):
+        out = real(z, grad, m, step_size, ok)
         outside = (m <= 0.5).expand_as(z)
         assert torch.equal(out[outside], z[outside])
         assert (out[~outside] != z[~outside]).any()

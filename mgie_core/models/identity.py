@@ -60,7 +60,7 @@ class IdentityEncoder:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise InputError("images", f"shape {tuple(images.shape)}",
                              "RGB images [B,H,W,3] with values in 0..1")
-        x = images.to(self.device, torch.float32).permute(0, 3, 1, 2)
+        x = runtime.place(images, self.device, torch.float32).permute(0, 3, 1, 2)
         th, tw = self.size
         h, w = x.shape[-2:]
         if self.resize_shortest is not None:
@@ -73,9 +73,20 @@ class IdentityEncoder:
                               antialias=True)
         top, left = (nh - th) // 2, (nw - tw) // 2
         x = x[..., top:top + th, left:left + tw]
-        mean = x.new_tensor(self.mean).view(1, 3, 1, 1)
-        std = x.new_tensor(self.std).view(1, 3, 1, 1)
+        mean, std = self._normalisation(x.device)
         return ((x - mean) / std).to(self.dtype)
+
+    def _normalisation(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as (1,3,1,1) float32 tensors on ``device``, made once (identity
+        guidance embeds in every step of its window: host data each time would be a
+        host-to-device copy per step), outside inference mode (the backward saves std)."""
+        cache = self.__dict__.setdefault("_norm", {})
+        key = str(device)
+        if key not in cache:
+            with runtime.normal_tensors():
+                cache[key] = tuple(torch.tensor(v, dtype=torch.float32, device=device)
+                                   .view(1, 3, 1, 1) for v in (self.mean, self.std))
+        return cache[key]
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings [B,D] (float32, on the encoder's device) of [B,H,W,3]

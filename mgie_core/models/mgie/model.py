@@ -135,6 +135,10 @@ class MGIEModel:
     num_patches: int = 256
     select_layer: int = -2
     use_im_start_end: bool = True
+    # KV cache of the answer's decoding: "static" (preallocated for prompt + answer, the
+    # default) or "dynamic" (transformers' default, grown by concatenation each token).
+    kv_cache: str = "static"
+    compile_decode: bool = False     # static cache only: let transformers compile a step
 
     def __repr__(self) -> str:
         return f"MGIEModel({self.path}, {self.device}, {self.dtype})"
@@ -180,9 +184,21 @@ class MGIEModel:
 
     def generate(self, ids: torch.Tensor, embeds: torch.Tensor, max_new_tokens: int,
                  on_step=None) -> list[int]:
+        """Greedy decoding (module docstring).
+
+        KV cache (issue 15). With ``kv_cache="static"`` transformers preallocates the keys
+        and values for prompt + ``max_new_tokens`` (``cache_implementation="static"``)
+        instead of growing them by a concatenation per token and layer; the tokens are the
+        same (tested against the dynamic cache). On a GPU transformers would also compile
+        the decoding step for a static cache; that compile takes minutes on LLaMA-7B, so
+        it stays off unless ``compile_decode`` is set (``disable_compile``)."""
         gen = generation_kwargs(self.llm, self.tokenizer, max_new_tokens)
         gen.update(no_repeat_ngram_size=NO_REPEAT_NGRAM_SIZE,
                    eos_token_id=self.tokenizer.eos_token_id)
+        if self.kv_cache not in ("static", "dynamic"):
+            raise InputError("kv_cache", f"is {self.kv_cache!r}", "static or dynamic")
+        if self.kv_cache == "static":
+            gen.update(cache_implementation="static", disable_compile=not self.compile_decode)
         out = self.llm.generate(input_ids=ids, inputs_embeds=embeds,
                                 attention_mask=torch.ones_like(ids), **gen,
                                 stopping_criteria=interrupt_criteria(on_step))
