@@ -31,6 +31,7 @@ from .errors import InputError
 from .inversion import InversionResult, source_null
 from .models.conditioning import Conditioning
 from .models.sd import SDModel
+from .plan import EditPlan, from_plan
 from .report import UpdateReport
 from .tokens import find_word_tokens
 
@@ -129,8 +130,12 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
          controls: Sequence[Control] = (), cross_replace: float = 0.8, self_replace: float = 0.5,
          self_max_res: int = 32, guidance_scale: Optional[float] = None,
          batched: bool = True, keep_reconstruction: bool = True,
-         p2p_mode: str = "refine") -> EditResult:
+         p2p_mode: str = "refine", plan: Optional[EditPlan] = None) -> EditResult:
     """Two-branch prompt-to-prompt editing from an inversion (text-to-image UNet).
+
+    ``mask`` and ``plan`` are the run's edit context (``SamplingRun.mask``/``.plan``):
+    every control reads them unless it was given its own. An empty ``target_prompt``
+    takes the plan's (``plan.PLAN_RULE``).
 
     ``p2p_mode``: "refine" (default; words may be added or removed: aligned tokens take
     the reconstruction's cross-attention maps, new tokens keep theirs) or "replace" (word
@@ -140,8 +145,9 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
         raise InputError("sd_model", "is an 8-channel instruction model",
                          "the text-to-image model the image was inverted with",
                          "Use the instruction sampler for InstructPix2Pix / MGIE models.")
-    if not target_prompt.strip():
-        raise InputError("target_prompt", "is empty", "a description of the edited image")
+    target_prompt = from_plan("target_prompt", target_prompt, plan, "target_prompt",
+                              "a description of the edited image, e.g. 'a photo of a "
+                              "yellow carpet'")
     n = inversion.num_steps
     sch = make_schedule(sd, n)
     if not torch.equal(sch.timesteps, inversion.timesteps):
@@ -157,7 +163,8 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     controls = check_controls(controls)
     controller = attention.install(sd.unet)
     run = SamplingRun(sd, sch, BatchLayout(()), {REC: z_T.clone(), EDIT: z_T.clone()},
-                      controller, mask=mask, inversion=inversion, reference=inversion.latents)
+                      controller, mask=mask, inversion=inversion, reference=inversion.latents,
+                      plan=plan)
 
     hooks: list[attention.AttnHook] = []
     if p2p_mode == "refine":
@@ -239,7 +246,8 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
                   seed: int = 0, mask: Optional[torch.Tensor] = None,
                   source_latent: Optional[torch.Tensor] = None,
                   cam: Optional[CAMSettings] = None, controls: Sequence[Control] = (),
-                  batched: bool = True, scheduler: str = "euler_ancestral") -> EditResult:
+                  batched: bool = True, scheduler: str = "euler_ancestral",
+                  plan: Optional[EditPlan] = None) -> EditResult:
     """Instruction-UNet sampling (section 0): rows [cond,img], [null,img], [null,0];
     eps = e_u + s_T (e_text - e_img) + s_I (e_img - e_u).
 
@@ -251,7 +259,9 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
     which MGIE's demo samples with through diffusers' InstructPix2Pix pipeline: with the
     same seed this sampler gives that pipeline's result (tested), so MGIE and IP2P edits
     match their authors' outputs. "ddim" is deterministic after the initial noise (the
-    convention of the inversion-based stages, ALGORITHMS.md section 0)."""
+    convention of the inversion-based stages, ALGORITHMS.md section 0).
+
+    ``mask`` and ``plan`` are the run's edit context, as in :func:`edit`."""
     if not sd.instruct:
         raise InputError("sd_model", "has a 4-channel UNet",
                          "an 8-channel instruction model (InstructPix2Pix or MGIE)",
@@ -273,7 +283,7 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
         z0 = source_latent.to(sd.device, torch.float32)
         reference = torch.stack([solver.noised(z0, noise, i) for i in range(steps + 1)]).cpu()
     run = SamplingRun(sd, sch, BatchLayout(()), {EDIT: solver.start(noise)}, controller,
-                      mask=mask, reference=reference)
+                      mask=mask, reference=reference, plan=plan)
     if reference is not None:
         run.latents[REF] = reference[0].to(sd.device)
 

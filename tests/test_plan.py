@@ -36,7 +36,11 @@ def test_clean_json():
     assert p.edit_words == ["yellow"] and p.source_words == ["red"]
     assert p.object == "carpet"
     assert p.expressive_instruction.startswith("Change the red carpet")
-    assert p.fallbacks_used == []
+    # An answer in the earlier format: only the person flag comes from a fallback.
+    assert p.fallbacks_used == ["subject_is_person"] and p.subject_is_person is False
+    full = json.loads(ans) | {"subject_is_person": True}
+    p = P.parse_plan(json.dumps(full), CARPET["instruction"])
+    assert p.fallbacks_used == [] and p.subject_is_person is True
 
 
 def test_fenced_json_with_prose():
