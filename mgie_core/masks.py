@@ -37,6 +37,7 @@ from .diffusion import encode_prompt
 from .errors import InputError
 from .images import check_image, check_mask
 from .models.sd import SDModel
+from .plan import CONNECT_PLAN, from_plan
 from .tokens import word_token_groups
 
 DEFAULT_TIMESTEPS = (501, 601, 701)
@@ -205,6 +206,21 @@ def attention_mask(sd: SDModel, image: torch.Tensor, prompt: str, word: str,
     return (m > threshold).float(), m
 
 
+def prompt_and_word(prompt: str, word: str, plan=None) -> tuple[str, str]:
+    """The caption and the object word an attention mask uses, by ``plan.PLAN_RULE``:
+    typed ones win; an empty word takes the plan's object, an empty prompt the plan's
+    caption that contains the word (``EditPlan.object_prompt``: the source prompt, with
+    the word added when it does not occur in it). Neither: an error naming both."""
+    word = from_plan("word", word, plan, "object", "the object's word, e.g. 'cat'")
+    if (prompt or "").strip():
+        return prompt, word
+    if plan is not None:
+        return plan.object_prompt(word), word
+    raise InputError("prompt", "is empty and no plan is connected", "a caption of the image "
+                     "that contains the word, e.g. 'a photo of a cat on a sofa'",
+                     f"{CONNECT_PLAN}, or type the prompt.")
+
+
 def _check_threshold(threshold: float) -> float:
     if not isinstance(threshold, (int, float)) or not 0 <= float(threshold) < 1:
         raise InputError("threshold", f"is {threshold!r}", "a number with 0 <= threshold < 1",
@@ -264,6 +280,6 @@ def heat_map(m: torch.Tensor, image: Optional[torch.Tensor] = None, alpha: float
     return (alpha * color + (1 - alpha) * img).clamp(0, 1)
 
 
-__all__ = ["DEFAULT_TIMESTEPS", "MAP_FACTOR", "attention_map", "attention_mask",
+__all__ = ["DEFAULT_TIMESTEPS", "MAP_FACTOR", "attention_map", "attention_mask", "prompt_and_word",
            "attention_mask_sam", "mask_bbox", "map_layers", "layer_factor", "heat_map",
            "aggregate_maps", "capture_maps", "noised_latents", "word_tokens"]

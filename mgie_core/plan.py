@@ -347,18 +347,19 @@ class EditPlan:
     notes: list[str] = field(default_factory=list)
     fallbacks_used: list[str] = field(default_factory=list)
 
-    def object_prompt(self) -> str:
-        """A caption that contains the object, for finding it by its cross-attention: the
-        source prompt when the object occurs in it, else the source prompt followed by
-        ", with the OBJECT" (a caption may name it otherwise: 'rug' for 'carpet'), else
-        "a photo of the OBJECT". Empty when the plan has no object."""
-        if not self.object:
+    def object_prompt(self, word: str | None = None) -> str:
+        """A caption that contains the object (or ``word``), for finding it by its
+        cross-attention: the source prompt when the word occurs in it, else the source
+        prompt followed by ", with the WORD" (a caption may name it otherwise: 'rug' for
+        'carpet'), else "a photo of the WORD". Empty when there is no word."""
+        word = (word or self.object or "").strip()
+        if not word:
             return ""
-        if self.source_prompt and find_phrase(self.source_prompt, self.object):
+        if self.source_prompt and find_phrase(self.source_prompt, word):
             return self.source_prompt
         if self.source_prompt:
-            return f"{self.source_prompt.rstrip(' .,;')}, with the {self.object}"
-        return f"a photo of the {self.object}"
+            return f"{self.source_prompt.rstrip(' .,;')}, with the {word}"
+        return f"a photo of the {word}"
 
     def validate(self) -> "EditPlan":
         """Raise InputError when the plan cannot drive the editing stages; return self."""

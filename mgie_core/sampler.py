@@ -31,7 +31,7 @@ from .errors import InputError
 from .inversion import InversionResult, source_null
 from .models.conditioning import Conditioning
 from .models.sd import SDModel
-from .plan import EditPlan, from_plan
+from .plan import EditPlan, find_phrase, from_plan
 from .report import UpdateReport
 from .tokens import find_word_tokens
 
@@ -43,10 +43,17 @@ IMG = Half.IMG   # instruction path: the text-null, image-conditioned guidance r
 
 @dataclasses.dataclass
 class CAMSettings:
+    """Cross-attention masking. ``in_words``/``out_words``: words of the prompt (or the
+    CLIP-encoded instruction) that attend only inside/outside the mask.
+    ``whole_condition`` (instruction sampler): the whole condition acts only inside the
+    mask and the null condition outside (:class:`attention.ConditionCAMHook`), for a
+    condition without word positions such as MGIE's; always on the logits."""
+
     in_words: Sequence[str] = ()
     out_words: Sequence[str] = ()
     mode: str = "logits"
     layers: Sequence[str] = attention.CAMHook.DEFAULT_LAYERS
+    whole_condition: bool = False
 
 
 @dataclasses.dataclass
@@ -179,6 +186,9 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     if cross_steps or self_steps:
         injection = attention.InjectionHook(mapper, cross_steps, self_steps, self_max_res)
         hooks.append(injection)
+    if cam is not None and cam.whole_condition:
+        raise InputError("cam", "asks for whole-condition CAM", "CAM words on the two-branch "
+                         "sampler", "Whole-condition CAM is for the instruction sampler.")
     if cam is not None and (cam.in_words or cam.out_words):
         if mask is None:
             raise InputError("mask", "is missing", "a mask for cross-attention masking (CAM)")
@@ -241,6 +251,34 @@ def encode_instruction(sd: SDModel, text: str) -> Conditioning:
     return Conditioning(encode_prompt(sd, text).cpu(), encode_prompt(sd, "").cpu(), text, "clip")
 
 
+WHOLE_CONDITION = "*"
+
+
+def instruction_cam(conditioning: Conditioning, cam_in_words: str = "",
+                    plan: Optional[EditPlan] = None) -> Optional[CAMSettings]:
+    """The instruction sampler's CAM from its typed words and the edit plan
+    (``plan.PLAN_RULE``: typed words win, empty ones take the plan's).
+
+    ``'*'`` keeps the whole condition inside the mask. Typed words address the CLIP-encoded
+    instruction. From a plan: its edit words that occur in a CLIP-encoded instruction,
+    else (none of them there, or an MGIE condition, which has no word positions) the
+    whole condition. Neither words nor a plan: no CAM (None)."""
+    typed = [w.strip() for w in (cam_in_words or "").split(",") if w.strip()]
+    if typed == [WHOLE_CONDITION]:
+        return CAMSettings(whole_condition=True)
+    if typed:
+        return CAMSettings(typed)
+    if plan is None or not plan.edit_words:
+        return None
+    if conditioning.source == "clip":
+        words = [w for w in plan.edit_words if find_phrase(conditioning.text, w)]
+        if words:
+            return CAMSettings(words)
+        log.info("CAM: the plan's edit words %s are not in the instruction %r: the whole "
+                 "condition is kept inside the mask", plan.edit_words, conditioning.text)
+    return CAMSettings(whole_condition=True)
+
+
 def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditioning, *,
                   steps: int = 100, text_scale: float = 7.5, image_scale: float = 1.5,
                   seed: int = 0, mask: Optional[torch.Tensor] = None,
@@ -288,9 +326,24 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
         run.latents[REF] = reference[0].to(sd.device)
 
     hooks: list[attention.AttnHook] = []
-    if cam is not None and (cam.in_words or cam.out_words):
+    if cam is not None and cam.whole_condition:
         if mask is None:
             raise InputError("mask", "is missing", "a mask for cross-attention masking (CAM)")
+        # The conditional rows attend to [cond; null], the others to [null; null] (the
+        # same attention as [null]): see attention.ConditionCAMHook.
+        n_tokens = cond.shape[1]
+        cond, null = torch.cat([cond, null], 1), torch.cat([null, null], 1)
+        hooks.append(attention.ConditionCAMHook(mask, n_tokens, layers=cam.layers))
+    elif cam is not None and (cam.in_words or cam.out_words):
+        if mask is None:
+            raise InputError("mask", "is missing", "a mask for cross-attention masking (CAM)")
+        if conditioning.source != "clip":
+            raise InputError("cam_in_words", f"names words, but this {conditioning.source} "
+                             "condition has no word positions (MGIE's condition is its "
+                             "visual tokens through the edit head, not the encoded text)",
+                             "whole-condition CAM ('*' in the node) or a CLIP-encoded "
+                             "instruction", "Use '*' to keep the whole condition inside "
+                             "the mask.")
         text = conditioning.text
         hooks.append(attention.CAMHook(mask, _word_tokens(sd, text, cam.in_words, "cam_in_words"),
                                        _word_tokens(sd, text, cam.out_words, "cam_out_words"),
