@@ -17,8 +17,9 @@ class AttentionMask:
                    "with the prompt; the word's cross-attention at 1/4 latent resolution "
                    "(16x16 at 512 px) is averaged, normalised to 0..1, upsampled and "
                    "thresholded. With a SAM model, the mask's bounding box prompts SAM for a "
-                   "sharper mask; without one (SAM not connected, or its loader bypassed) "
-                   "the attention mask itself is the result. With an edit plan, the word is "
+                   "sharper mask; without one (SAM not connected, or its loader bypassed), "
+                   "or when SAM's mask falls apart at the attention resolution (1/32 of "
+                   "the image), the attention mask itself is the result. With an edit plan, the word is "
                    "the plan's object. Needs a text-to-image SD 1.x model (not an "
                    "instruction model). Also returns the attention map as a heat map "
                    "preview.")
@@ -62,11 +63,8 @@ class AttentionMask:
         out_masks, previews = [], []
         for img in image:
             img = img.clone()[None]
-            mask, amap = masks.attention_mask(sd_model, img, prompt, word, threshold,
-                                              seed=seed)
-            if sam is not None:
-                mask = masks.attention_mask_sam(sd_model, sam, img, prompt, word, threshold,
-                                                seed=seed, attn=(mask, amap))
+            mask, amap, _ = masks.object_mask(sd_model, img, prompt, word, threshold, seed,
+                                              sam)
             out_masks.append(mask.cpu())
             previews.append(masks.heat_map(amap, img))
         return torch.stack(out_masks), torch.stack(previews)

@@ -70,8 +70,9 @@ class EditPlanFromVLM:
                                           "into a hummingbird'.", multiline=True,
                                           default="")),
             "max_new_tokens": ("INT", inp("Longest answer the model may write; raise it if "
-                                          "the plan comes back cut off.", default=256,
-                                          min=32, max=2048, step=16)),
+                                          "the plan comes back cut off (a plan needs about "
+                                          "100 tokens).", default=256,
+                                          min=1, max=2048, step=16)),
         }, "optional": {
             "source_caption": ("STRING", inp("A caption of the source image (e.g. from "
                                              "BLIP-2), used when the model gives none.",
