@@ -125,8 +125,8 @@ class PFBControlNode:
                 default="pfb_diff")),
         }}
 
-    def make(self, preset, alpha, latent_blend, mask=None, controls=None, reference="cond",
-             placement="pfb_diff"):
+    def make(self, mask=None, preset="object", alpha=1.0, latent_blend=True, controls=None,
+             reference="cond", placement="pfb_diff"):
         own = check_mask("mask", mask.clone()) if mask is not None else None
         ctrl = pfb.PFBControl(own, preset=preset, alpha=alpha,
                               latent_blend=latent_blend, reference=reference,
@@ -347,9 +347,9 @@ class MAGControlNode:
                                + PLAN_RULE_CONTROL)),
         }}
 
-    def make(self, words, negative_words, opt_fraction, iterations, scale,
-             spatial_ratio, negative_weight, blend_fraction, mask=None, controls=None,
-             plan=None):
+    def make(self, mask=None, words="", negative_words="", opt_fraction=0.5, iterations=15,
+             scale=2.5, spatial_ratio=False, negative_weight=5.5, blend_fraction=0.3,
+             controls=None, plan=None):
         from ..mgie_core.mag import MAGControl
 
         own = check_mask("mask", mask.clone()) if mask is not None else None
