@@ -157,8 +157,9 @@ class CAMSampler:
                                             "prompt.", multiline=True, default="")),
             "cam_in_words": ("STRING", inp("Comma-separated words of the target prompt that "
                                            "may attend only inside the mask (the edit). "
-                                           "Empty: the plan's edit words; without a plan, "
-                                           "no CAM.", default="")),
+                                           "Empty: the plan's edit words when a mask is "
+                                           "connected (CAM needs one); otherwise no CAM.",
+                                           default="")),
             "cam_out_words": ("STRING", inp("Comma-separated words that may attend only "
                                             "outside the mask.", default="")),
             "cam_mode": (["logits", "probs"], inp("logits: mask before softmax (official "
@@ -193,8 +194,9 @@ class CAMSampler:
         target_prompt = fill("target_prompt", target_prompt, plan, "target_prompt",
                              "the source prompt with the edit, e.g. 'a cat wearing a red "
                              "shirt'")
-        in_words = fill("cam_in_words", cam_in_words, plan, "edit_words",
-                        "words of the target prompt", required=False)
+        # The plan's words only where CAM can act: with a mask (empty words mean "off").
+        in_words = fill("cam_in_words", cam_in_words, plan if mask is not None else None,
+                        "edit_words", "words of the target prompt", required=False)
         cam = sampler.CAMSettings(in_words, _words(cam_out_words), cam_mode,
                                   CAMHook.DEFAULT_LAYERS)
         m = _mask(mask, inversion.image_size) if mask is not None else None
@@ -265,8 +267,8 @@ class InstructSampler:
                 "Comma-separated words of the (CLIP-encoded) instruction that may attend "
                 "only inside the mask; '*': the whole condition acts only inside the mask "
                 "(the null condition outside), for MGIE's condition, which has no words. "
-                "Empty with a plan: the plan's edit words found in the instruction, else "
-                "'*'. Empty without a plan: no CAM.", default="")),
+                "Empty with a plan and a mask: the plan's edit words found in the "
+                "instruction, else '*'. Otherwise empty: no CAM.", default="")),
             "batched": ("BOOLEAN", inp("One UNet call per step for all rows.", default=True)),
         }, "optional": {
             "mask": ("MASK", inp("Edit region (white): the run's mask, for CAM and for "
@@ -288,7 +290,8 @@ class InstructSampler:
         m = _mask(mask, tuple(image.shape[1:3])) if mask is not None else None
         mode = vae.encode(sd_model, image.clone())          # scaled posterior mode
         unscaled = mode.samples / sd_model.vae.config.scaling_factor
-        cam = sampler.instruction_cam(conditioning, cam_in_words, plan)
+        cam = sampler.instruction_cam(conditioning, cam_in_words,
+                                      plan if m is not None else None)
         res = sampler.edit_instruct(sd_model, unscaled, conditioning, steps=steps,
                                     text_scale=text_scale, image_scale=image_scale, seed=seed,
                                     mask=m, source_latent=mode.samples, cam=cam,

@@ -284,6 +284,10 @@ def test_instruction_sampler_refuses_words_on_an_mgie_condition(tiny_ip2p):
 
 # --- nodes: one fill rule, errors naming both ----------------------------------------------
 
+def _result(r):
+    return r["result"] if isinstance(r, dict) else r
+
+
 def test_nodes_fill_from_the_plan_and_name_both_when_given_neither(tiny_sd, tiny_models):
     from xmgie.mgie_core.models import sam as sam_lib
     from xmgie.nodes import editing, masks as mask_nodes, sam as sam_nodes
@@ -303,8 +307,12 @@ def test_nodes_fill_from_the_plan_and_name_both_when_given_neither(tiny_sd, tiny
               batched=True)
     with pytest.raises(InputError, match="target_prompt: is empty and no plan is connected"):
         cam.sample(tiny_sd, inv_, "", "", **kw)
-    with pytest.raises(InputError, match="mask: is missing"):   # the plan's CAM words need it
-        cam.sample(tiny_sd, inv_, "", "", plan=PLAN, **kw)
+    # Without a mask the plan's edit words do not turn CAM on (CAM needs a mask); typed
+    # ones ask for it.
+    edited, _ = _result(cam.sample(tiny_sd, inv_, "", "", plan=PLAN, **kw))
+    assert edited["samples"].shape[0] == 1
+    with pytest.raises(InputError, match="mask: is missing"):
+        cam.sample(tiny_sd, inv_, "", "yellow", plan=PLAN, **kw)
 
     enc = editing.EncodeInstruction()
     with pytest.raises(InputError, match="instruction: is empty and no plan is connected"):
