@@ -46,8 +46,8 @@ import torch
 from . import attention
 from .attention import AttnHook, BatchLayout, Branch, MaskPyramid
 from .diffusion import Schedule
-from .inversion import InversionResult
 from .errors import InputError
+from .inversion import InversionResult
 from .models.sd import SDModel
 from .plan import EditPlan, from_plan
 from .report import UpdateReport

@@ -200,14 +200,20 @@ class PFBControl(Control):
         self._in_reference_pass = False
 
     # -- sampler protocol ---------------------------------------------------------
+    def blend_region(self, object_mask: torch.Tensor) -> torch.Tensor:
+        """Where the edit's features and latents are kept, from the (B,H,W) binary object
+        mask: the object (preset "object"), or what lies outside it dilated by 36 px at
+        512 px (preset "background", PFB-Diff's rule)."""
+        cfg = PRESETS[self.preset]
+        return 1 - dilate(object_mask, cfg["dilate_px"]) if cfg["background"] \
+            else object_mask
+
     def setup(self, run) -> None:
         cfg = PRESETS[self.preset]
         m = self.resolve_mask(run, self.mask, required=True,
                               use="the edited object (PFB keeps everything outside it from "
                                   "the photo)")
-        if cfg["background"]:
-            m = 1 - dilate(m, cfg["dilate_px"])
-        self._blend_mask = MaskPyramid(m)
+        self._blend_mask = MaskPyramid(self.blend_region(m))
         self._run = run
         self._latent_steps = int(round(cfg["latent_fraction"] * run.schedule.num_steps))
         self._active_steps = [float(t) > cfg["min_t"] for t in run.schedule.timesteps.tolist()]
