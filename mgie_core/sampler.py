@@ -262,7 +262,8 @@ def instruction_cam(conditioning: Conditioning, cam_in_words: str = "",
     ``'*'`` keeps the whole condition inside the mask. Typed words address the CLIP-encoded
     instruction. From a plan: its edit words that occur in a CLIP-encoded instruction,
     else (none of them there, or an MGIE condition, which has no word positions) the
-    whole condition. Neither words nor a plan: no CAM (None)."""
+    whole condition. Neither words nor a plan: no CAM (None). CAM needs a mask: the
+    instruction sampler node passes the plan here only when it has one."""
     typed = [w.strip() for w in (cam_in_words or "").split(",") if w.strip()]
     if typed == [WHOLE_CONDITION]:
         return CAMSettings(whole_condition=True)
