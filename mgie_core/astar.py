@@ -46,6 +46,7 @@ from . import guidance, runtime
 from .attention import Branch, MaskPyramid
 from .control import Control
 from .errors import InputError
+from .plan import EditPlan
 from .tokens import word_token_groups
 
 log = logging.getLogger(__name__)
@@ -136,21 +137,26 @@ def binarise(A: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 
 @dataclasses.dataclass
 class AStarControl(Control):
+    """A-STAR as a sampler control (see the module docstring).
+
+    ``words`` empty take the edit plan's edit words (``plan``, else the sampler's); with
+    neither, an error naming both. The update region is ``mask`` when given (an
+    override), else the sampler's mask, else everywhere (``use_mask=False``: always
+    everywhere)."""
+
     name = "A-STAR"
 
-    words: Sequence[str]                     # concept words of the target prompt
+    words: Sequence[str] = ()                # concept words of the target prompt
     steps_fraction: float = 0.5              # optimise the first 50% of the steps
     iterations: int = 1                      # updates per step (A-STAR: one)
     step_size: float = 2.5                   # alpha_t = step_size * sigma_t (MAG's rule)
     threshold: float = 0.5                   # B = [A >= threshold * max A]
     use_mask: bool = True                    # update only inside the mask, if there is one
     mask: Optional[torch.Tensor] = None      # own region; else the sampler's mask
+    plan: Optional[EditPlan] = None          # own edit plan; else the sampler's
 
     def __post_init__(self):
         self.words = [w.strip() for w in self.words if w and w.strip()]
-        if not self.words:
-            raise InputError("words", "is empty", "one or more concept words of the target "
-                             "prompt (two or more to separate them)")
         if not 0.0 <= self.steps_fraction <= 1.0:
             raise InputError("steps_fraction", f"is {self.steps_fraction}", "a value in 0..1")
         if not 0.0 < self.threshold <= 1.0:
@@ -158,10 +164,7 @@ class AStarControl(Control):
                              "a fraction of each map's peak in (0, 1]")
         if self.iterations < 1:
             raise InputError("iterations", f"is {self.iterations}", "1 or more")
-        self._pyramid = None
-        if self.mask is not None:
-            m = self.mask if self.mask.ndim == 3 else self.mask[None]
-            self._pyramid = MaskPyramid((m.float() > 0.5).float())
+        self._pyramid: Optional[MaskPyramid] = None   # set up per run
         self.history: list[dict] = []        # per update: step, iteration, losses, applied
         self._prev: Optional[torch.Tensor] = None
 
@@ -171,7 +174,14 @@ class AStarControl(Control):
             raise InputError("controls", "include A-STAR on a sampler without a target "
                              "prompt", "the two-branch (inversion) sampler")
         runtime.differentiable(run.sd.unet, stage="A-STAR")
-        self._groups = word_token_groups(run.sd.tokenizer, prompt, list(self.words))
+        # Words: typed, else the edit plan's edit words (own plan, else the sampler's).
+        self.used_words = self.resolve_words(run, self.words, self.plan, "edit_words",
+                                             "concept words")
+        # Region: own mask, else the sampler's, else none (the latent changes everywhere).
+        m = self.resolve_mask(run, self.mask, required=False, use="the region to update") \
+            if self.use_mask else None
+        self._pyramid = MaskPyramid(m) if m is not None else None
+        self._groups = word_token_groups(run.sd.tokenizer, prompt, list(self.used_words))
         self._layers = guidance.layers_at_factor(run.sd.unet, 4)
         self._n_opt = int(round(self.steps_fraction * run.schedule.num_steps))
         self._prev = None
@@ -185,7 +195,7 @@ class AStarControl(Control):
             log.info("A-STAR with one concept word: retention only, nothing to segregate")
         inj = run.injection
         if inj is not None and inj.cross_steps > 0 and self._n_opt > 0:
-            frozen = [w for w, g in zip(self.words, self._groups) if _injected(inj, g)]
+            frozen = [w for w, g in zip(self.used_words, self._groups) if _injected(inj, g)]
             if frozen:
                 log.warning("A-STAR: %s also in the source prompt: their maps are injected "
                             "from the reconstruction for the first %d steps and cannot be "
@@ -193,11 +203,9 @@ class AStarControl(Control):
                             min(inj.cross_steps, self._n_opt))
 
     def _region(self, run, z: torch.Tensor) -> Optional[torch.Tensor]:
-        if not self.use_mask:
+        if self._pyramid is None:
             return None
-        if self._pyramid is not None:
-            return self._pyramid.at(tuple(z.shape[-2:]), z.device)[:, None]
-        return guidance.latent_mask(run, z) if run.mask is not None else None
+        return self._pyramid.at(tuple(z.shape[-2:]), z.device)[:, None]
 
     def constant_loss_reason(self, run, i: int) -> Optional[str]:
         """Why the loss at step i is a constant by construction (so there is no gradient

@@ -483,6 +483,48 @@ class CAMHook(AttnHook):
         return probs
 
 
+class ConditionCAMHook(AttnHook):
+    """CAM for a condition without word positions (MGIE's visual tokens through its edit
+    head): the whole condition may act only inside the mask, the null condition outside.
+
+    The sampler gives the conditional rows the keys [cond; null] (2n tokens) and every
+    other row [null; null]. Softmax over a key set written twice is softmax over it once
+    (each probability halves, each value counts twice), so the other rows compute exactly
+    what they would with [null]. On the conditional rows this hook adds logit biases: in
+    the CAM ``layers``, edit-branch pixels inside the mask see only the condition and
+    pixels outside only the null condition (CAM's -inf logits, with the condition as the
+    IN group and its null copy as the OUT group); everywhere else (other cross-attention
+    layers, the reference branch) the null copy is masked out, which leaves the
+    attention of the plain condition. Word CAM (:class:`CAMHook`) cannot do this:
+    masking every token of a row outside the mask leaves nothing to attend to."""
+
+    def __init__(self, mask: torch.Tensor, n_tokens: int,
+                 layers: Sequence[str] = CAMHook.DEFAULT_LAYERS,
+                 branches: Sequence[str] = ("edit",)):
+        self.pyramid = mask if isinstance(mask, MaskPyramid) else MaskPyramid(mask)
+        self.n = int(n_tokens)
+        self.layers, self.branches = tuple(layers), tuple(branches)
+
+    def logit_bias(self, layer, ctx, n_query, n_key, device, dtype):
+        if not layer.is_cross:
+            return None
+        rows = ctx.layout.indices(half=COND)
+        if not rows:
+            return None
+        if n_key != 2 * self.n:
+            raise ValueError(f"condition CAM expects {2 * self.n} keys ([cond; null]) in "
+                             f"{layer.name}, got {n_key}")
+        n, neg = self.n, torch.finfo(dtype).min
+        bias = torch.zeros(len(ctx.layout), 1, n_query, n_key, dtype=dtype, device=device)
+        bias[rows, ..., n:] = neg
+        edit = [i for i in rows if ctx.layout.rows[i][0] in self.branches]
+        if edit and layer.in_set(self.layers):
+            m = self.pyramid.at(layer_hw(ctx, n_query), device)
+            cam = cam_logit_bias(m, range(n), range(n, 2 * n), n_key, dtype)
+            bias[edit] = cam.expand(len(edit), -1, -1, -1) if cam.shape[0] == 1 else cam
+        return bias
+
+
 def replace_mapper(tokenizer, source_prompt: str, target_prompt: str) -> torch.Tensor:
     """Prompt-to-prompt "replace" for word swaps: an (L, L) matrix M (L = 77) with
     target map k = sum_s M[s, k] * source map s (P2P's ``get_replacement_mapper``).

@@ -19,8 +19,20 @@ schedule, the branch latents, the mask, the prompts and embeddings, the per-step
 caches controls share, and ``report``, where optimising controls count the updates they
 applied and skipped (``run.report.applied(self.name)``, ``run.report.skipped(self.name,
 reason)``; see :mod:`.report`). Per-run state lives on the run, not on the control: a
-host that caches node outputs (ComfyUI) hands the same control object to later runs. Controls read the run's mask unless they were given their own
-(an explicit, documented override on each control).
+host that caches node outputs (ComfyUI) hands the same control object to later runs.
+
+One edit context. The sampler owns the edit mask and the edit plan of the run
+(``run.mask``, ``run.plan``: its mask and plan inputs). Every control reads them from the
+run, by one rule:
+
+* **mask**: the control's own mask when it was given one (an explicit override, for this
+  control only), else the run's. A control that needs a mask (PFB, MAG, identity
+  guidance unless ``use_mask=False``) and has neither raises an ``InputError`` naming
+  both; A-STAR without either updates everywhere. Either mask is binarised at 0.5, then
+  resized to each resolution (bicubic, threshold 0.5). :meth:`Control.resolve_mask`.
+* **plan**: likewise the control's own plan, else the run's (:meth:`Control.resolve_plan`);
+  a control's typed words win over the plan's, an empty one takes the plan's
+  (``plan.PLAN_RULE``), and with neither the control raises naming both.
 """
 
 from __future__ import annotations
@@ -34,8 +46,10 @@ import torch
 from . import attention, runtime
 from .attention import AttnHook, BatchLayout, Branch, MaskPyramid
 from .diffusion import Schedule
+from .errors import InputError
 from .inversion import InversionResult
 from .models.sd import SDModel
+from .plan import EditPlan, from_plan
 from .report import UpdateReport
 
 HOOKS = ("setup", "attn_hooks", "before_step", "after_step", "teardown")
@@ -89,11 +103,42 @@ class Control:
     def teardown(self, run: "SamplingRun") -> None:
         """Once at the end, also after an error or an interruption: undo what setup did."""
 
+    # -- the edit context (see the module docstring) -------------------------------------
+    def resolve_mask(self, run: "SamplingRun", own: Optional[torch.Tensor], *,
+                     required: bool, use: str) -> Optional[torch.Tensor]:
+        """The mask this control acts on, (B, H, W) in {0, 1}: ``own`` (the control's own
+        mask, an explicit override) when given, else the run's. Neither: None, or an
+        :class:`InputError` naming both when the control ``required`` one (``use`` says
+        what for)."""
+        m = own if own is not None else run.mask
+        if m is None:
+            if required:
+                raise InputError(f"{self.name} mask", "is missing: the control has no mask "
+                                 "of its own and the sampler has none", f"a mask of {use}",
+                                 "Connect the edit mask to the sampler's mask input (every "
+                                 "control then uses it), or to this control's own mask "
+                                 "input to override it for this control only.")
+            return None
+        m = m if m.ndim == 3 else m[None]
+        return (m.float() > 0.5).float()
+
+    def resolve_plan(self, run: "SamplingRun", own: Optional[EditPlan]) -> Optional[EditPlan]:
+        """The edit plan this control reads: ``own`` when given, else the run's."""
+        return own if own is not None else run.plan
+
+    def resolve_words(self, run: "SamplingRun", typed, own_plan: Optional[EditPlan],
+                      field: str, what: str, *, required: bool = True) -> list[str]:
+        """Words by ``plan.PLAN_RULE``: ``typed`` when not empty, else the plan's ``field``
+        (own plan, else the run's); with neither, an error naming both (``required``)."""
+        return from_plan(f"{self.name} {what}", typed, self.resolve_plan(run, own_plan),
+                         field, f"comma-separated words of the target prompt ({what})",
+                         required=required,
+                         no_plan="there is no edit plan (neither on this control nor on "
+                                 "the sampler)")
+
 
 def check_controls(controls) -> list[Control]:
     """The controls list a sampler was given, each checked to be a :class:`Control`."""
-    from .errors import InputError
-
     out = list(controls or ())
     for c in out:
         if not isinstance(c, Control):
@@ -108,8 +153,8 @@ def check_controls(controls) -> list[Control]:
 class SamplingRun:
     """The edit context of one sampling run, shared with its controls.
 
-    The sampler owns the mask (and, when it was given one, the edit plan); a control uses
-    ``run.mask`` unless it was built with a mask of its own."""
+    The sampler owns the mask and the edit plan; a control uses ``run.mask`` and
+    ``run.plan`` unless it was built with its own (see the module docstring)."""
 
     sd: SDModel
     schedule: Schedule
@@ -120,7 +165,7 @@ class SamplingRun:
     inversion: Optional[InversionResult] = None
     reference: Optional[torch.Tensor] = None     # (N+1, B, 4, h, w) reference trajectory
     step: int = 0
-    plan: Optional[Any] = None                   # the EditPlan the run was driven by
+    plan: Optional[EditPlan] = None              # the edit plan the sampler was given
 
     # Two-branch (inversion) sampler only; None on the instruction path.
     source_prompt: Optional[str] = None

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 from typing import Optional, Union
 
@@ -53,6 +54,9 @@ from .attention import COND, UNCOND, BatchLayout, Branch, MaskPyramid
 from .control import Control
 from .errors import InputError, names_list
 from .models.identity import IdentityEncoder, crop_to_mask
+from .plan import EditPlan
+
+log = logging.getLogger(__name__)
 
 MEMORY_MODES = ("checkpoint", "downscale", "none")
 EDIT_GUIDED = BatchLayout(((Branch.EDIT, UNCOND), (Branch.EDIT, COND)))
@@ -165,9 +169,16 @@ class IdentityGuidance(Control):
     The reference e_id is ``embedding`` (an :class:`IdentityEmbedding` or a [B,D]
     tensor); without one it is computed in setup from ``source`` ([B,H,W,3]) or, failing
     that, from the inversion's clean source latent, decoded.
-    ``mask``: the region to keep (the sampler's mask when None). ``crop``: embed the
-    decoded image cropped to the mask's box (None: crop iff the embedding was made from a
-    crop; a computed embedding is cropped when there is a mask)."""
+    ``mask``: the region to keep; None uses the sampler's mask, a mask given here
+    overrides it for this control only (``Control.resolve_mask``); one of them is needed
+    unless ``use_mask=False``. ``crop``: embed the decoded image cropped to the mask's box
+    (None: crop iff the embedding was made from a crop; a computed embedding is cropped
+    when there is a mask).
+
+    ``only_people`` (default): with an edit plan (``plan``, else the sampler's) whose
+    subject is not a person (``EditPlan.subject_is_person``), the control stands aside for
+    the run: no update, no embedding, no mask needed, and the run's report counts the
+    window's steps as skipped with the reason. Without a plan it always acts."""
 
     encoder: IdentityEncoder
     embedding: Union[IdentityEmbedding, torch.Tensor, None] = None
@@ -181,6 +192,8 @@ class IdentityGuidance(Control):
     margin: float = 0.1
     use_mask: bool = True
     memory: str = "checkpoint"
+    plan: Optional[EditPlan] = None    # own edit plan; None: the sampler's
+    only_people: bool = True           # stand aside when the plan's subject is no person
 
     def __post_init__(self):
         if self.memory not in MEMORY_MODES:
@@ -210,13 +223,18 @@ class IdentityGuidance(Control):
         runtime.differentiable(run.sd.vae, self.encoder.model, stage="identity guidance")
         n = run.schedule.num_steps
         self._window = range(int(round(self.start * n)), int(round(self.end * n)))
-        mask = self.mask if self.mask is not None else run.mask
-        if mask is not None:
-            mask = mask if mask.ndim == 3 else mask[None]
-        if mask is None and self.use_mask:
-            raise InputError("mask", "is missing", "a mask of the subject whose identity is "
-                             "kept (on the control or the sampler)",
-                             "Connect a mask, or set use_mask=False to update everywhere.")
+        self.history = []                    # per run (a cached node output is reused)
+        self._records: list[tuple] = []      # (step, iteration, loss on the device)
+        self.stood_aside = self.aside_reason(run)
+        if self.stood_aside:
+            run.report.skipped(self.name, self.stood_aside, n=max(len(self._window), 1))
+            log.info("identity guidance: %s", self.stood_aside)
+            self._window = range(0)
+            self._pyramid = None
+            return
+        mask = self.resolve_mask(run, self.mask, required=self.use_mask,
+                                 use="the subject whose identity is kept (or set "
+                                     "use_mask=False to update everywhere)")
         self._pyramid = MaskPyramid(mask.float()) if mask is not None else None
         if self._pyramid is not None:        # on the device before the loop
             z = run.latents[Branch.EDIT]
@@ -237,8 +255,16 @@ class IdentityGuidance(Control):
             emb = embed_identity(self.encoder, src, mask if crop else None, margin)
         vec = emb.vector if isinstance(emb, IdentityEmbedding) else emb
         self._e_id = F.normalize(vec.detach().float(), dim=-1).to(self.encoder.device)
-        self.history = []                    # per run (a cached node output is reused)
-        self._records: list[tuple] = []      # (step, iteration, loss on the device)
+
+    def aside_reason(self, run) -> str:
+        """Why the control stands aside in this run ('' when it acts): with
+        ``only_people``, an edit plan whose subject is not a person."""
+        plan = self.resolve_plan(run, self.plan)
+        if not self.only_people or plan is None or plan.subject_is_person:
+            return ""
+        what = repr(plan.object) if plan.object else "(no object)"
+        return (f"stood aside: the edit plan's subject {what} is not a person "
+                "(only_people is on)")
 
     def teardown(self, run) -> None:
         self._pyramid = None

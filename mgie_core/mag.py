@@ -21,6 +21,7 @@ per step and the loss's forward stops after the last 16x16 layer (see guidance.p
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Optional, Sequence
 
 import torch
@@ -28,8 +29,11 @@ import torch
 from . import guidance, runtime
 from .attention import AttnContext, BatchLayout, Branch, MaskPyramid, layer_hw, level_sizes
 from .control import Control
-from .errors import InputError
+from .errors import InputError, names_list
+from .plan import EditPlan, find_phrase
 from .tokens import word_token_groups
+
+log = logging.getLogger(__name__)
 
 
 # --- losses on maps (heads, HW, 77) -----------------------------------------------------
@@ -87,10 +91,20 @@ def negative_loss(maps: Sequence[torch.Tensor], groups: Sequence[Sequence[int]],
 
 @dataclasses.dataclass
 class MAGControl(Control):
+    """MAG as a sampler control (see the module docstring).
+
+    One mask for all three uses (loss region, update region, late blend): ``mask`` when
+    given (an override for this control), else the sampler's; one of them is required.
+    ``words``/``negative_words`` empty take the edit plan's (``plan``, else the
+    sampler's): its edit words, and those of its source words that also occur in the
+    target prompt (a source word still in the target, e.g. 'red' of 'a red sofa on a
+    yellow carpet', is what must leave the region; the others have no map to push).
+    Words with no plan to take them from: an error naming both."""
+
     name = "MAG"
 
-    mask: torch.Tensor                       # [H,W] or [B,H,W] edit region
-    words: Sequence[str]                     # words of the target prompt to pull in
+    mask: Optional[torch.Tensor] = None      # own [H,W]/[B,H,W] edit region; None: the run's
+    words: Sequence[str] = ()                # words of the target prompt to pull in
     negative_words: Sequence[str] = ()       # words of the target prompt to push out
     opt_fraction: float = 25 / 50            # first 25 of 50 steps
     iterations: int = 15
@@ -101,12 +115,10 @@ class MAGControl(Control):
     blend_fraction: float = 15 / 50          # latent blend in the last 15 of 50 steps
     truncate: bool = True                    # stop the loss forward after the last map
     cache_source: bool = True                # reconstruction maps once per step (exact)
+    plan: Optional[EditPlan] = None          # own edit plan; None: the sampler's
 
     def __post_init__(self):
-        if not list(self.words):
-            raise InputError("words", "is empty", "at least one word of the target prompt")
-        m = self.mask if self.mask.ndim == 3 else self.mask[None]
-        self._pyramid = MaskPyramid((m.float() > 0.5).float())
+        self._pyramid: Optional[MaskPyramid] = None   # set up per run
         self.history: list[dict] = []        # per update: step, loss, activation
 
     def setup(self, run) -> None:
@@ -115,10 +127,24 @@ class MAGControl(Control):
             raise InputError("controls", "include MAG on a sampler without a target prompt",
                              "the two-branch (inversion) sampler")
         runtime.differentiable(run.sd.unet, stage="MAG")
+        self._pyramid = MaskPyramid(self.resolve_mask(
+            run, self.mask, required=True, use="the edit region (MAG pulls the edit words' "
+            "attention into it, updates the latent inside it and blends outside it)"))
+        self.used_words = self.resolve_words(run, self.words, self.plan, "edit_words",
+                                             "words")
+        negative = list(self.negative_words)
+        if not negative:
+            planned = self.resolve_words(run, "", self.plan, "source_words",
+                                         "negative words", required=False)
+            negative = [w for w in planned if find_phrase(prompt, w)]
+            if len(negative) < len(planned):
+                log.info("MAG: the plan's source words %s are not in the target prompt: "
+                         "no negative term for them", names_list(
+                             [w for w in planned if w not in negative]))
+        self.used_negative_words = negative
         tok = run.sd.tokenizer
-        self._groups = word_token_groups(tok, prompt, list(self.words))
-        self._neg = word_token_groups(tok, prompt, list(self.negative_words)) \
-            if self.negative_words else []
+        self._groups = word_token_groups(tok, prompt, list(self.used_words))
+        self._neg = word_token_groups(tok, prompt, negative) if negative else []
         self._layers = guidance.layers_at_factor(run.sd.unet, 4)
         n = run.schedule.num_steps
         self._n_opt = int(round(self.opt_fraction * n))
@@ -135,8 +161,7 @@ class MAGControl(Control):
         put = lambda g: runtime.autograd_input(torch.tensor(list(g), device=dev))  # noqa
         self._groups_on = [put(g) for g in self._groups]
         self._neg_on = [put(g) for g in self._neg]
-        self._m64 = guidance.latent_mask(run, z) if run.mask is not None else \
-            self._pyramid.at(hw, dev)[:, None]
+        self._m64 = self._pyramid.at(hw, dev)[:, None]   # one mask: loss, update, blend
         self._blend = guidance.dilate3(self._pyramid.at(hw, dev)[:, None])
 
     def _inside_at(self, hw: tuple[int, int], device) -> Optional[torch.Tensor]:

@@ -27,6 +27,7 @@ latent too and its cross-attention does not follow an object word of a caption.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence
 
 import torch
@@ -37,7 +38,10 @@ from .diffusion import encode_prompt
 from .errors import InputError
 from .images import check_image, check_mask
 from .models.sd import SDModel
+from .plan import CONNECT_PLAN, from_plan
 from .tokens import word_token_groups
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMESTEPS = (501, 601, 701)
 MAP_FACTOR = 4   # layers at latent / 4 (16x16 for 64x64 latents, i.e. 512 px images)
@@ -205,6 +209,21 @@ def attention_mask(sd: SDModel, image: torch.Tensor, prompt: str, word: str,
     return (m > threshold).float(), m
 
 
+def prompt_and_word(prompt: str, word: str, plan=None) -> tuple[str, str]:
+    """The caption and the object word an attention mask uses, by ``plan.PLAN_RULE``:
+    typed ones win; an empty word takes the plan's object, an empty prompt the plan's
+    caption that contains the word (``EditPlan.object_prompt``: the source prompt, with
+    the word added when it does not occur in it). Neither: an error naming both."""
+    word = from_plan("word", word, plan, "object", "the object's word, e.g. 'cat'")
+    if (prompt or "").strip():
+        return prompt, word
+    if plan is not None:
+        return plan.object_prompt(word), word
+    raise InputError("prompt", "is empty and no plan is connected", "a caption of the image "
+                     "that contains the word, e.g. 'a photo of a cat on a sofa'",
+                     f"{CONNECT_PLAN}, or type the prompt.")
+
+
 def _check_threshold(threshold: float) -> float:
     if not isinstance(threshold, (int, float)) or not 0 <= float(threshold) < 1:
         raise InputError("threshold", f"is {threshold!r}", "a number with 0 <= threshold < 1",
@@ -248,6 +267,40 @@ def attention_mask_sam(sd: SDModel, sam_model, image: torch.Tensor, prompt: str,
     return (mask > 0.5).float()
 
 
+def coarsest_cells(mask: torch.Tensor, factor: int = 8 * MAP_FACTOR) -> int:
+    """How many cells of ``mask`` ([H,W] or [1,H,W]) remain at 1/``factor`` of its size
+    (bicubic resize, threshold 0.5, as every stage resizes masks): at the default 1/32,
+    the attention maps CAM and MAG read (16x16 at 512 px). 0 means the region cannot
+    steer an edit."""
+    from .attention import MaskPyramid
+
+    m = mask if mask.ndim == 3 else mask[None]
+    hw = (max(1, round(m.shape[-2] / factor)), max(1, round(m.shape[-1] / factor)))
+    return int(MaskPyramid(m.float()).at(hw, "cpu").sum())
+
+
+def object_mask(sd: SDModel, image: torch.Tensor, prompt: str, word: str,
+                threshold: float = 0.5, seed: int = 0, sam_model=None
+                ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(mask [H,W], attention map [H,W], how) of ``word``'s object in ``image``.
+
+    With a SAM model: SAM's mask for the attention mask's box, unless it does not hold
+    together at the attention resolution (no cell left at 1/32, see
+    :func:`coarsest_cells`: speckle, a sliver), where no stage could use it; then the
+    attention mask, with a warning. Without SAM: the attention mask. ``how`` says which."""
+    mask, amap = attention_mask(sd, image, prompt, word, threshold, seed=seed)
+    if sam_model is None:
+        return mask, amap, "attention"
+    refined = attention_mask_sam(sd, sam_model, image, prompt, word, threshold, seed=seed,
+                                 attn=(mask, amap))
+    if coarsest_cells(refined) == 0 < coarsest_cells(mask):
+        log.warning("SAM's mask of %r does not hold together at 1/%d of the image (where "
+                    "CAM and MAG read attention): the attention mask is used instead",
+                    word, 8 * MAP_FACTOR)
+        return mask, amap, "attention (SAM's mask fell apart)"
+    return refined, amap, "SAM"
+
+
 # --- preview ------------------------------------------------------------------------
 
 def heat_map(m: torch.Tensor, image: Optional[torch.Tensor] = None, alpha: float = 0.6
@@ -264,6 +317,7 @@ def heat_map(m: torch.Tensor, image: Optional[torch.Tensor] = None, alpha: float
     return (alpha * color + (1 - alpha) * img).clamp(0, 1)
 
 
-__all__ = ["DEFAULT_TIMESTEPS", "MAP_FACTOR", "attention_map", "attention_mask",
+__all__ = ["DEFAULT_TIMESTEPS", "MAP_FACTOR", "attention_map", "attention_mask", "prompt_and_word",
+           "object_mask", "coarsest_cells",
            "attention_mask_sam", "mask_bbox", "map_layers", "layer_factor", "heat_map",
            "aggregate_maps", "capture_maps", "noised_latents", "word_tokens"]

@@ -169,11 +169,15 @@ class PFBControl(Control):
     ``placement``: "pfb_diff" (default, the authors' sites, see the module docstring) or
     "block_outputs" (whole-block outputs including skips; ``blocks`` overrides the
     preset's blocks there). ``alpha`` is one a_l for all sites, or a dict keyed by module
-    name or prefix ("mid_block", "up_blocks.1"); the longest matching key wins."""
+    name or prefix ("mid_block", "up_blocks.1"); the longest matching key wins.
+
+    ``mask``: the edited object (white); None (default) uses the sampler's mask, a mask
+    given here overrides it for this control only (``Control.resolve_mask``). PFB needs
+    one of the two."""
 
     name = "PFB"
 
-    mask: torch.Tensor                       # [B,H,W] object mask (white = edited object)
+    mask: Optional[torch.Tensor] = None      # own [B,H,W] object mask; None: the sampler's
     preset: str = "object"
     alpha: float | dict = 1.0                # per-site a_l, or one value for all
     blocks: Optional[Sequence[str]] = None   # block_outputs placement: override the blocks
@@ -193,12 +197,7 @@ class PFBControl(Control):
             raise InputError("blocks", "are given with the pfb_diff placement",
                              "blocks only with placement='block_outputs'",
                              "PFB-Diff's sites follow from the preset.")
-        cfg = PRESETS[self.preset]
-        m = self.mask if self.mask.ndim == 3 else self.mask[None]
-        m = (m.float() > 0.5).float()
-        if cfg["background"]:
-            m = 1 - dilate(m, cfg["dilate_px"])
-        self._blend_mask = MaskPyramid(m)
+        self._blend_mask: Optional[MaskPyramid] = None   # set up per run
         self._handles: list = []
         self._run = None
         self.sites: list[Site] = []
@@ -207,9 +206,21 @@ class PFBControl(Control):
         self._in_reference_pass = False
 
     # -- sampler protocol ---------------------------------------------------------
-    def setup(self, run) -> None:
-        self._run = run
+    def blend_region(self, object_mask: torch.Tensor) -> torch.Tensor:
+        """Where the edit's features and latents are kept, from the (B,H,W) binary object
+        mask: the object (preset "object"), or what lies outside it dilated by 36 px at
+        512 px (preset "background", PFB-Diff's rule)."""
         cfg = PRESETS[self.preset]
+        return 1 - dilate(object_mask, cfg["dilate_px"]) if cfg["background"] \
+            else object_mask
+
+    def setup(self, run) -> None:
+        cfg = PRESETS[self.preset]
+        m = self.resolve_mask(run, self.mask, required=True,
+                              use="the edited object (PFB keeps everything outside it from "
+                                  "the photo)")
+        self._blend_mask = MaskPyramid(self.blend_region(m))
+        self._run = run
         self._latent_steps = int(round(cfg["latent_fraction"] * run.schedule.num_steps))
         self._active_steps = [float(run.schedule.t(i)) > cfg["min_t"]
                               for i in range(run.schedule.num_steps)]

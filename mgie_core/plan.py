@@ -20,7 +20,15 @@ Fallback rules (each use is recorded in ``EditPlan.fallbacks_used`` and ``notes`
                       of the target; edge articles dropped); source_words likewise;
   * object         <- guessed from the instruction (``guess_object``), else the first
                       source word;
+  * subject_is_person <- whether the object is a person word (``PERSON_WORDS``: person,
+                      woman, child, face, hair, ...);
   * expressive_instruction <- the instruction.
+
+``plan_from_instruction`` applies the same rules to the instruction alone (no model),
+and ``EditPlanFromVLM``'s fallback uses it when a model's answer cannot be read.
+
+Editing nodes take the plan as an optional input and fill their text inputs from it by
+one rule (``PLAN_RULE``, applied by :func:`from_plan` in every node and control).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from .errors import InputError, XMGIEError, names_list
 from .tokens import as_text, clean_word
 
 FIELDS = ("expressive_instruction", "source_prompt", "target_prompt", "edit_words",
-          "source_words", "object")
+          "source_words", "object", "subject_is_person")
 _LIST_FIELDS = ("edit_words", "source_words")
 
 
@@ -233,6 +241,50 @@ def guess_object(instruction: str) -> str:
     return _instruction_rule(instruction).get("object", "")
 
 
+# Words that name a person or a part of one: the fallback for ``subject_is_person`` when a
+# model does not say. Parts count (hair, face, beard): editing them edits a person, whose
+# identity the identity guidance keeps.
+PERSON_WORDS = frozenset("""
+person people man men woman women boy boys girl girls child children kid kids baby babies
+toddler teenager teen lady ladies gentleman guy guys human humans adult adults bride groom
+mother father mom mum dad son daughter brother sister grandmother grandfather grandma
+grandpa wife husband friend player players actor actress athlete student worker doctor
+nurse soldier chef king queen prince princess model singer dancer portrait selfie
+face faces head hair haircut hairstyle beard moustache mustache eyes eye lips mouth nose
+skin smile cheeks eyebrows forehead body
+""".split())
+
+
+def is_person_word(word: str) -> bool:
+    """Whether ``word`` (an object as a plan names it: 'woman', 'the girl's hair') names a
+    person or a part of one: its last word, singular or plural, is in ``PERSON_WORDS``."""
+    ws = _words(word)
+    if not ws:
+        return False
+    w = re.sub(r"['\u2019]s$", "", ws[-1])
+    return w in PERSON_WORDS or (w.endswith("s") and w[:-1] in PERSON_WORDS)
+
+
+_TRUE = {"true", "yes", "y", "1", "person", "human", "a person", "people", "human being"}
+_FALSE = {"false", "no", "n", "0", "object", "thing", "none", "not a person", "animal",
+          "an object", "scene", "background"}
+
+
+def _as_bool(v: Any) -> bool | None:
+    """A yes/no as a model writes it (true, "yes", "a person", 1), or None if unclear."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    s = clean_word(v).lower() if isinstance(v, str) else ""
+    if s in _TRUE:
+        return True
+    if s in _FALSE:
+        return False
+    first = s.split(" ")[0] if s else ""
+    return True if first in ("yes", "true") else False if first in ("no", "false") else None
+
+
 def _apply_instruction(source_prompt: str, instruction: str
                        ) -> tuple[str, list[str], list[str]] | None:
     """Target prompt (with edit/source words) from the source prompt and the instruction."""
@@ -274,8 +326,14 @@ class EditPlan:
 
     edit_words are words (or short phrases) of ``target_prompt`` that carry the edit;
     source_words are the words of ``source_prompt`` they replace (MAG's negative tokens,
-    may be empty when the edit adds something). ``fallbacks_used`` names the fields that
-    were filled by fallbacks rather than given; ``notes`` says how, in words.
+    may be empty when the edit adds something). ``subject_is_person`` says whether the
+    object is a person (or part of one): identity guidance acts only then. ``fallbacks_used``
+    names the fields that were filled by fallbacks rather than given; ``notes`` says how,
+    in words.
+
+    A plan made from the instruction alone (:func:`plan_from_instruction`) may lack the
+    target prompt when no instruction rule applies; the nodes that need a field say so
+    when it is empty (:func:`from_plan`).
     """
 
     instruction: str = ""
@@ -285,8 +343,23 @@ class EditPlan:
     edit_words: list[str] = field(default_factory=list)
     source_words: list[str] = field(default_factory=list)
     object: str = ""
+    subject_is_person: bool = False
     notes: list[str] = field(default_factory=list)
     fallbacks_used: list[str] = field(default_factory=list)
+
+    def object_prompt(self, word: str | None = None) -> str:
+        """A caption that contains the object (or ``word``), for finding it by its
+        cross-attention: the source prompt when the word occurs in it, else the source
+        prompt followed by ", with the WORD" (a caption may name it otherwise: 'rug' for
+        'carpet'), else "a photo of the WORD". Empty when there is no word."""
+        word = (word or self.object or "").strip()
+        if not word:
+            return ""
+        if self.source_prompt and find_phrase(self.source_prompt, word):
+            return self.source_prompt
+        if self.source_prompt:
+            return f"{self.source_prompt.rstrip(' .,;')}, with the {word}"
+        return f"a photo of the {word}"
 
     def validate(self) -> "EditPlan":
         """Raise InputError when the plan cannot drive the editing stages; return self."""
@@ -350,6 +423,8 @@ class EditPlan:
         for k, v in data.items():
             if k in ("edit_words", "source_words", "notes", "fallbacks_used"):
                 kw[k] = [str(x) for x in (v or [])]
+            elif k == "subject_is_person":
+                kw[k] = bool(_as_bool(v))
             else:
                 kw[k] = "" if v is None else str(v)
         return cls(**kw)
@@ -365,7 +440,8 @@ _EXAMPLE = {
                                        "keeping its shape, shine and the rest of the table.",
              "source_prompt": "a red apple on a wooden table",
              "target_prompt": "a green apple on a wooden table",
-             "edit_words": ["green"], "source_words": ["red"], "object": "apple"},
+             "edit_words": ["green"], "source_words": ["red"], "object": "apple",
+             "subject_is_person": False},
 }
 
 PLAN_PROMPT = (
@@ -382,6 +458,8 @@ PLAN_PROMPT = (
     "([] if the edit only adds something).\n"
     "- \"object\": the one thing in the image that the edit changes, in one or two words "
     "(it will be segmented).\n"
+    "- \"subject_is_person\": true if that thing is a person or part of one (face, hair, "
+    "body), else false.\n"
     "Example, for the instruction \"" + _EXAMPLE["instruction"] + "\":\n"
     + json.dumps(_EXAMPLE["plan"]) + "\n"
     "Now write the JSON object for \"{instruction}\" and this image."
@@ -584,6 +662,9 @@ _ALIASES = {
         "segmentobject", "subject", "region", "objectname", "mask", "editobject",
         "editedobject", "objecttoedit", "segmentation", "segmentationobject",
         "segmenttarget", "maskregion", "editregion", "object_"},
+    "subject_is_person": {
+        "subjectisperson", "isperson", "person", "objectisperson", "ishuman", "human",
+        "personsubject", "subjectperson", "editsperson", "people"},
 }
 _ALIAS_TO_FIELD = {a: f for f, names in _ALIASES.items() for a in names}
 
@@ -597,6 +678,8 @@ def canonical_key(key: str) -> str | None:
     if k in _ALIAS_TO_FIELD:
         return _ALIAS_TO_FIELD[k]
     has = lambda *parts: any(p in k for p in parts)  # noqa: E731
+    if has("person", "human", "people"):
+        return "subject_is_person"
     if has("word", "token"):
         return "source_words" if has("source", "original", "old", "negative", "replaced",
                                      "removed", "src") else "edit_words"
@@ -691,7 +774,8 @@ def _line_fields(text: str) -> dict[str, Any]:
 _INLINE_KEY = re.compile(r"([A-Za-z][A-Za-z_]*(?:[ _-][A-Za-z_]+){0,2})\s*:\s*")
 _AMBIGUOUS_KEYS = {"source", "target", "before", "after", "original", "caption",
                    "description", "object", "subject", "region", "mask", "segment",
-                   "words", "tokens", "instruction", "expressive"}
+                   "words", "tokens", "instruction", "expressive", "person", "human",
+                   "people"}
 
 
 def _inline_fields(text: str) -> dict[str, Any]:
@@ -804,6 +888,7 @@ def parse_plan(answer: str, instruction: str, source_caption: str | None = None
     plan.source_prompt = as_text(got.get("source_prompt", ""))
     plan.target_prompt = as_text(got.get("target_prompt", ""))
     plan.object = clean_word(got.get("object", ""))
+    person = _as_bool(got.get("subject_is_person"))
     edit_given = _as_words(got.get("edit_words", []))
     src_given = _as_words(got.get("source_words", []))
     if isinstance(got.get("edit_words"), dict) and not src_given:
@@ -817,7 +902,7 @@ def parse_plan(answer: str, instruction: str, source_caption: str | None = None
         raise PlanParseError("the model copied the example from the question instead of "
                              "planning this instruction", raw, missing=["target_prompt"])
 
-    _complete(plan, edit_given, src_given, source_caption)
+    _complete(plan, edit_given, src_given, source_caption, person)
     if not plan.target_prompt:
         raise PlanParseError("no target prompt could be read or derived", raw,
                              missing=[f for f in ("source_prompt", "target_prompt",
@@ -838,7 +923,7 @@ def parse_plan(answer: str, instruction: str, source_caption: str | None = None
 
 
 def _complete(plan: EditPlan, edit_given: list[str], src_given: list[str],
-              source_caption: str | None) -> None:
+              source_caption: str | None, person: bool | None = None) -> None:
     """Fill the plan's missing fields with the module's fallback rules (in place)."""
     notes, used = plan.notes, plan.fallbacks_used
     caption = as_text(source_caption or "")
@@ -915,6 +1000,14 @@ def _complete(plan: EditPlan, edit_given: list[str], src_given: list[str],
         if plan.object:
             used.append("object")
 
+    if person is None:
+        person = is_person_word(plan.object)
+        used.append("subject_is_person")
+        notes.append(f"subject_is_person: {'yes' if person else 'no'}, from the object word "
+                     f"{plan.object!r}" if plan.object else
+                     "subject_is_person: no (there is no object word)")
+    plan.subject_is_person = bool(person)
+
     if not plan.expressive_instruction:
         plan.expressive_instruction = plan.instruction
         used.append("expressive_instruction")
@@ -958,13 +1051,137 @@ def plan_from_prompts(instruction: str, source_prompt: str, target_prompt: str,
     return plan.validate()
 
 
+def plan_from_instruction(instruction: str, source_caption: str | None = None,
+                          expressive_instruction: str | None = None) -> EditPlan:
+    """An edit plan from the instruction alone, by the module's rules (no model).
+
+    * object: ``guess_object`` of the instruction (else of the expressive instruction);
+    * source_prompt: ``source_caption`` (e.g. BLIP-2's caption of the photo), extended
+      with ", with the OBJECT" when it does not name the object, or "a photo of the
+      OBJECT" without a caption (``EditPlan.object_prompt``), so attention can find it;
+    * target_prompt, edit_words, source_words: the instruction applied to the source
+      prompt (``_instruction_rule``: swaps, "make the X ADJ"); left empty, with a note,
+      when no rule applies (the plan then drives the masks and the instruction path,
+      and the inversion path asks for a typed target prompt);
+    * subject_is_person from the object word; expressive_instruction: the one given, else
+      the instruction.
+
+    Every filled field is listed in ``fallbacks_used`` and explained in ``notes``.
+    """
+    instruction = re.sub(r"\s+", " ", (instruction or "").strip())
+    if not instruction:
+        raise InputError("instruction", "is empty", "an edit instruction such as "
+                         "'make the carpet yellow'")
+    plan = EditPlan(instruction=instruction,
+                    expressive_instruction=as_text(expressive_instruction or ""))
+    notes, used = plan.notes, plan.fallbacks_used
+    caption = as_text(source_caption or "")
+
+    obj, where = guess_object(instruction), "the instruction"
+    if not obj and plan.expressive_instruction:
+        obj, where = guess_object(plan.expressive_instruction), "the expressive instruction"
+    if obj:
+        plan.object = obj
+        used.append("object")
+        notes.append(f"object: guessed from {where}")
+    else:
+        notes.append("object: no rule found one in the instruction (name the thing to edit, "
+                     "e.g. 'make the carpet yellow')")
+
+    plan.source_prompt = caption
+    plan.source_prompt = plan.object_prompt() or caption
+    if plan.source_prompt:
+        used.append("source_prompt")
+        notes.append("source_prompt: " + (
+            "the given source caption" if plan.source_prompt == caption else
+            "the given source caption, with the object added" if caption else
+            "'a photo of the OBJECT' (no source caption was given)"))
+
+    r = _apply_instruction(plan.source_prompt, instruction) if plan.source_prompt else None
+    if r:
+        plan.target_prompt, plan.edit_words, plan.source_words = r[0], list(r[1]), list(r[2])
+        try:
+            plan.validate()
+            used += ["target_prompt", "edit_words"] + (["source_words"] if r[2] else [])
+            notes.append("target_prompt: the instruction applied to the source prompt")
+        except InputError as e:
+            plan.target_prompt, plan.edit_words, plan.source_words = "", [], []
+            notes.append(f"target_prompt: the instruction's rule gave no usable target ({e})")
+    if not plan.target_prompt:
+        notes.append("target_prompt: no instruction rule applies; type the target prompt "
+                     "where an inversion-based edit needs one")
+
+    plan.subject_is_person = is_person_word(plan.object)
+    used.append("subject_is_person")
+    notes.append(f"subject_is_person: {'yes' if plan.subject_is_person else 'no'}, from the "
+                 f"object word {plan.object!r}" if plan.object else
+                 "subject_is_person: no (there is no object word)")
+    if not plan.expressive_instruction:
+        plan.expressive_instruction = instruction
+        used.append("expressive_instruction")
+        notes.append("expressive_instruction: the instruction itself")
+    return plan
+
+
+# ---------------------------------------------------------------------------------------
+# Filling a node's inputs from a plan: one rule for every node and control
+# ---------------------------------------------------------------------------------------
+
+PLAN_RULE = ("A typed value that is not empty wins; an empty one takes the edit plan's "
+             "(when a plan is connected); with neither, the node stops with an error that "
+             "names both.")
+
+CONNECT_PLAN = ("Connect an edit plan (xMGIE Edit Plan From VLM, From Instruction or From "
+                "Prompts) to its plan input")
+
+
+def _typed_words(v: Any) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [w.strip() for w in v.split(",") if w.strip()]
+    return [str(w).strip() for w in v if str(w).strip()]
+
+
+def from_plan(name: str, typed: Any, plan: "EditPlan | None", field_name: str,
+              expected: str, *, required: bool = True,
+              no_plan: str = "no plan is connected") -> Any:
+    """The value of input ``name`` under ``PLAN_RULE``: ``typed`` when it is not empty,
+    else the plan's ``field_name``; with neither, an :class:`InputError` naming both
+    (``required``) or an empty value (inputs whose empty value means "off", such as CAM
+    words).
+
+    Word fields (edit_words, source_words) come back as a list: typed text is split at
+    commas. Prompts come back as text, a typed one unchanged. ``no_plan`` words the case
+    without a plan (a control says it has none and neither has the sampler)."""
+    if field_name not in {f.name for f in fields(EditPlan)}:
+        raise ValueError(f"EditPlan has no field {field_name!r}")
+    words = field_name in _LIST_FIELDS
+    value = _typed_words(typed) if words else ("" if typed is None else str(typed))
+    if (value if words else value.strip()):
+        return value
+    if plan is not None:
+        planned = getattr(plan, field_name)
+        if planned:
+            return list(planned) if words else planned
+        if required:
+            raise InputError(name, f"is empty and the edit plan's {field_name} is empty too",
+                             expected, f"Type {name}, or use a plan that has a {field_name} "
+                             f"(see the plan's notes: {'; '.join(plan.notes[-3:]) or 'none'}).")
+    elif required:
+        raise InputError(name, f"is empty and {no_plan}", expected,
+                         f"{CONNECT_PLAN}, or type {name}.")
+    return [] if words else ""
+
+
 # ---------------------------------------------------------------------------------------
 # Token positions for attention control
 # ---------------------------------------------------------------------------------------
 
 
-__all__ = ["EditPlan", "PlanParseError", "PLAN_PROMPT", "build_plan_prompt", "parse_plan",
-           "make_plan", "plan_from_prompts", "guess_object", "diff_words", "find_phrase",
+__all__ = ["EditPlan", "PlanParseError", "PLAN_PROMPT", "PLAN_RULE", "build_plan_prompt",
+           "parse_plan", "make_plan", "plan_from_prompts", "plan_from_instruction",
+           "from_plan", "guess_object", "is_person_word", "diff_words", "find_phrase",
            "loads_tolerant", "canonical_key"]
 
 # Token-position helpers moved to mgie_core.tokens (kept here for one release).

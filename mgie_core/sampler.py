@@ -31,6 +31,7 @@ from .errors import InputError
 from .inversion import InversionResult
 from .models.conditioning import Conditioning
 from .models.sd import SDModel
+from .plan import EditPlan, find_phrase, from_plan
 from .report import UpdateReport
 from .tokens import find_word_tokens
 
@@ -42,10 +43,17 @@ IMG = Half.IMG   # instruction path: the text-null, image-conditioned guidance r
 
 @dataclasses.dataclass
 class CAMSettings:
+    """Cross-attention masking. ``in_words``/``out_words``: words of the prompt (or the
+    CLIP-encoded instruction) that attend only inside/outside the mask.
+    ``whole_condition`` (instruction sampler): the whole condition acts only inside the
+    mask and the null condition outside (:class:`attention.ConditionCAMHook`), for a
+    condition without word positions such as MGIE's; always on the logits."""
+
     in_words: Sequence[str] = ()
     out_words: Sequence[str] = ()
     mode: str = "logits"
     layers: Sequence[str] = attention.CAMHook.DEFAULT_LAYERS
+    whole_condition: bool = False
 
 
 @dataclasses.dataclass
@@ -136,8 +144,12 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
          controls: Sequence[Control] = (), cross_replace: float = 0.8, self_replace: float = 0.5,
          self_max_res: int = 32, guidance_scale: Optional[float] = None,
          batched: bool = True, keep_reconstruction: bool = True,
-         p2p_mode: str = "refine") -> EditResult:
+         p2p_mode: str = "refine", plan: Optional[EditPlan] = None) -> EditResult:
     """Two-branch prompt-to-prompt editing from an inversion (text-to-image UNet).
+
+    ``mask`` and ``plan`` are the run's edit context (``SamplingRun.mask``/``.plan``):
+    every control reads them unless it was given its own. An empty ``target_prompt``
+    takes the plan's (``plan.PLAN_RULE``).
 
     ``p2p_mode``: "refine" (default; words may be added or removed: aligned tokens take
     the reconstruction's cross-attention maps, new tokens keep theirs) or "replace" (word
@@ -147,8 +159,9 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
         raise InputError("sd_model", "is an 8-channel instruction model",
                          "the text-to-image model the image was inverted with",
                          "Use the instruction sampler for InstructPix2Pix / MGIE models.")
-    if not target_prompt.strip():
-        raise InputError("target_prompt", "is empty", "a description of the edited image")
+    target_prompt = from_plan("target_prompt", target_prompt, plan, "target_prompt",
+                              "a description of the edited image, e.g. 'a photo of a "
+                              "yellow carpet'")
     n = inversion.num_steps
     sch = make_schedule(sd, n)
     if not torch.equal(sch.timesteps, inversion.timesteps):
@@ -169,7 +182,7 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     controls = check_controls(controls)
     controller = attention.install(sd.unet)
     run = SamplingRun(sd, sch, BatchLayout(()), {REC: z_T.clone(), EDIT: z_T.clone()},
-                      controller, mask=mask, inversion=inversion, reference=traj)
+                      controller, mask=mask, inversion=inversion, reference=traj, plan=plan)
 
     hooks: list[attention.AttnHook] = []
     if p2p_mode == "refine":
@@ -184,6 +197,9 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     if cross_steps or self_steps:
         injection = attention.InjectionHook(mapper, cross_steps, self_steps, self_max_res)
         hooks.append(injection)
+    if cam is not None and cam.whole_condition:
+        raise InputError("cam", "asks for whole-condition CAM", "CAM words on the two-branch "
+                         "sampler", "Whole-condition CAM is for the instruction sampler.")
     if cam is not None and (cam.in_words or cam.out_words):
         if mask is None:
             raise InputError("mask", "is missing", "a mask for cross-attention masking (CAM)")
@@ -246,12 +262,42 @@ def encode_instruction(sd: SDModel, text: str) -> Conditioning:
     return Conditioning(encode_prompt(sd, text).cpu(), encode_prompt(sd, "").cpu(), text, "clip")
 
 
+WHOLE_CONDITION = "*"
+
+
+def instruction_cam(conditioning: Conditioning, cam_in_words: str = "",
+                    plan: Optional[EditPlan] = None) -> Optional[CAMSettings]:
+    """The instruction sampler's CAM from its typed words and the edit plan
+    (``plan.PLAN_RULE``: typed words win, empty ones take the plan's).
+
+    ``'*'`` keeps the whole condition inside the mask. Typed words address the CLIP-encoded
+    instruction. From a plan: its edit words that occur in a CLIP-encoded instruction,
+    else (none of them there, or an MGIE condition, which has no word positions) the
+    whole condition. Neither words nor a plan: no CAM (None). CAM needs a mask: the
+    instruction sampler node passes the plan here only when it has one."""
+    typed = [w.strip() for w in (cam_in_words or "").split(",") if w.strip()]
+    if typed == [WHOLE_CONDITION]:
+        return CAMSettings(whole_condition=True)
+    if typed:
+        return CAMSettings(typed)
+    if plan is None or not plan.edit_words:
+        return None
+    if conditioning.source == "clip":
+        words = [w for w in plan.edit_words if find_phrase(conditioning.text, w)]
+        if words:
+            return CAMSettings(words)
+        log.info("CAM: the plan's edit words %s are not in the instruction %r: the whole "
+                 "condition is kept inside the mask", plan.edit_words, conditioning.text)
+    return CAMSettings(whole_condition=True)
+
+
 def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditioning, *,
                   steps: int = 100, text_scale: float = 7.5, image_scale: float = 1.5,
                   seed: int = 0, mask: Optional[torch.Tensor] = None,
                   source_latent: Optional[torch.Tensor] = None,
                   cam: Optional[CAMSettings] = None, controls: Sequence[Control] = (),
-                  batched: bool = True, scheduler: str = "euler_ancestral") -> EditResult:
+                  batched: bool = True, scheduler: str = "euler_ancestral",
+                  plan: Optional[EditPlan] = None) -> EditResult:
     """Instruction-UNet sampling (section 0): rows [cond,img], [null,img], [null,0];
     eps = e_u + s_T (e_text - e_img) + s_I (e_img - e_u).
 
@@ -263,7 +309,9 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
     which MGIE's demo samples with through diffusers' InstructPix2Pix pipeline: with the
     same seed this sampler gives that pipeline's result (tested), so MGIE and IP2P edits
     match their authors' outputs. "ddim" is deterministic after the initial noise (the
-    convention of the inversion-based stages, ALGORITHMS.md section 0)."""
+    convention of the inversion-based stages, ALGORITHMS.md section 0).
+
+    ``mask`` and ``plan`` are the run's edit context, as in :func:`edit`."""
     if not sd.instruct:
         raise InputError("sd_model", "has a 4-channel UNet",
                          "an 8-channel instruction model (InstructPix2Pix or MGIE)",
@@ -285,14 +333,29 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
         z0 = source_latent.to(sd.device, torch.float32)
         reference = torch.stack([solver.noised(z0, noise, i) for i in range(steps + 1)])
     run = SamplingRun(sd, sch, BatchLayout(()), {EDIT: solver.start(noise)}, controller,
-                      mask=mask, reference=reference)
+                      mask=mask, reference=reference, plan=plan)
     if reference is not None:
         run.latents[REF] = reference[0]
 
     hooks: list[attention.AttnHook] = []
-    if cam is not None and (cam.in_words or cam.out_words):
+    if cam is not None and cam.whole_condition:
         if mask is None:
             raise InputError("mask", "is missing", "a mask for cross-attention masking (CAM)")
+        # The conditional rows attend to [cond; null], the others to [null; null] (the
+        # same attention as [null]): see attention.ConditionCAMHook.
+        n_tokens = cond.shape[1]
+        cond, null = torch.cat([cond, null], 1), torch.cat([null, null], 1)
+        hooks.append(attention.ConditionCAMHook(mask, n_tokens, layers=cam.layers))
+    elif cam is not None and (cam.in_words or cam.out_words):
+        if mask is None:
+            raise InputError("mask", "is missing", "a mask for cross-attention masking (CAM)")
+        if conditioning.source != "clip":
+            raise InputError("cam_in_words", f"names words, but this {conditioning.source} "
+                             "condition has no word positions (MGIE's condition is its "
+                             "visual tokens through the edit head, not the encoded text)",
+                             "whole-condition CAM ('*' in the node) or a CLIP-encoded "
+                             "instruction", "Use '*' to keep the whole condition inside "
+                             "the mask.")
         text = conditioning.text
         hooks.append(attention.CAMHook(mask, _word_tokens(sd, text, cam.in_words, "cam_in_words"),
                                        _word_tokens(sd, text, cam.out_words, "cam_out_words"),

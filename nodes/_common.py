@@ -21,6 +21,7 @@ import functools
 from typing import Any
 
 from ..mgie_core import runtime
+from ..mgie_core.plan import PLAN_RULE, from_plan
 
 PREFIX = "XMGIE"
 ROOT_CATEGORY = "xmgie"
@@ -41,6 +42,19 @@ INVERSION = "XMGIE_INVERSION"    # mgie_core.inversion.InversionResult
 CONTROLS = "XMGIE_CONTROLS"      # list of sampling controls (PFB, MAG, identity ...)
 CONDITIONING = "XMGIE_CONDITIONING"  # mgie_core.models.conditioning.Conditioning
 MGIE_MODEL = "XMGIE_MGIE"        # mgie_core.models.mgie.MGIEModel
+PLAN = "XMGIE_PLAN"              # mgie_core.plan.EditPlan
+
+
+def plan_input(fills: str) -> tuple:
+    """The optional ``plan`` input of an editing node: what it fills, and the one rule
+    (``mgie_core.plan.PLAN_RULE``) by which typed inputs override it."""
+    return (PLAN, inp(f"Optional edit plan (xMGIE Edit Plan From VLM / From Instruction / "
+                      f"From Prompts). It fills {fills}. {PLAN_RULE}"))
+
+
+def fill(name: str, typed, plan, field: str, expected: str, required: bool = True):
+    """``typed`` or the plan's ``field`` by ``mgie_core.plan.PLAN_RULE``."""
+    return from_plan(name, typed, plan, field, expected, required=required)
 
 
 def category(sub: str = "") -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..mgie_core import astar
 from ..mgie_core.images import check_mask
-from ._common import CONTROLS, PREFIX, category, inp
+from ._common import CONTROLS, PLAN, PREFIX, category, inp
+from .editing import MASK_RULE, PLAN_RULE_CONTROL
 
 
 def _words(text: str) -> list[str]:
@@ -29,7 +30,8 @@ class AStarControlNode:
         return {"required": {
             "words": ("STRING", inp("Comma-separated concept words of the target prompt, "
                                     "e.g. 'cat, dog' (two or more to separate them; one "
-                                    "only keeps its region).", default="")),
+                                    "only keeps its region). Empty: the plan's edit "
+                                    "words.", default="")),
             "steps_fraction": ("FLOAT", inp("Share of the steps, from the start, that are "
                                             "optimised (0.5: the first 25 of 50).",
                                             default=0.5, min=0.0, max=1.0, step=0.05)),
@@ -41,14 +43,18 @@ class AStarControlNode:
                                        default=0.5, min=0.01, max=1.0, step=0.05)),
         }, "optional": {
             "mask": ("MASK", inp("Only change the latent inside this region (white). "
-                                 "Without it, the sampler's mask is used if it has one.")),
+                                 + MASK_RULE + " With neither, the latent changes "
+                                 "everywhere.")),
             "controls": (CONTROLS, inp("Controls to chain before this one.")),
+            "plan": (PLAN, inp("Optional edit plan for words (typed words win, empty ones "
+                               "take the plan's edit words). " + PLAN_RULE_CONTROL)),
         }}
 
-    def make(self, words, steps_fraction, step_size, threshold, mask=None, controls=None):
+    def make(self, words, steps_fraction, step_size, threshold, mask=None, controls=None,
+             plan=None):
         m = check_mask("mask", mask.clone()) if mask is not None else None
         ctrl = astar.AStarControl(_words(words), steps_fraction=steps_fraction,
-                                  step_size=step_size, threshold=threshold, mask=m)
+                                  step_size=step_size, threshold=threshold, mask=m, plan=plan)
         return (list(controls or []) + [ctrl],)
 
 

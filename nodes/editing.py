@@ -8,8 +8,14 @@ from ..mgie_core.attention import CAMHook
 from ..mgie_core.diffusion import INSTRUCT_SCHEDULERS
 from ..mgie_core.images import check_finite, check_image, check_mask
 from ..mgie_core.models.compile import compile_unet
-from ._common import (CONDITIONING, CONTROLS, INVERSION, LATENT, PREFIX, SD_MODEL, category, inp,
-                      report_output)
+from ._common import (CONDITIONING, CONTROLS, INVERSION, LATENT, PLAN, PREFIX, SD_MODEL,
+                      category, fill, inp, plan_input, report_output)
+
+# A control's own mask and plan: an override of the sampler's (mgie_core/control.py).
+MASK_RULE = ("Empty (not connected): the sampler's mask is used, as by every control; a mask "
+             "connected here overrides it for this control only.")
+PLAN_RULE_CONTROL = ("Not connected: the sampler's plan is used (a plan connected here "
+                     "overrides it for this control only).")
 
 
 def _words(text: str) -> list[str]:
@@ -57,7 +63,8 @@ class Invert:
             "sd_model": (SD_MODEL, inp("Text-to-image SD 1.x model.")),
             "image": ("IMAGE", inp("Photo to edit (RGB, sides multiples of 8).")),
             "source_prompt": ("STRING", inp("What the photo shows, e.g. 'a cat wearing a "
-                                            "blue shirt'.", multiline=True, default="")),
+                                            "blue shirt'. Empty: the plan's source prompt.",
+                                            multiline=True, default="")),
             "method": (list(inv_mod.METHODS), inp("direct: exact and fast (default). "
                                                   "null_text: the reference method, ~500 "
                                                   "UNet passes. negative_prompt: fast, "
@@ -68,9 +75,14 @@ class Invert:
                                       default=7.5, min=1.0, max=30.0, step=0.1)),
             "inner_steps": ("INT", inp("Null-text only: Adam iterations per step.",
                                        default=10, min=1, max=100)),
+        }, "optional": {
+            "plan": plan_input("source_prompt"),
         }}
 
-    def invert(self, sd_model, image, source_prompt, method, steps, guidance, inner_steps):
+    def invert(self, sd_model, image, source_prompt, method, steps, guidance, inner_steps,
+               plan=None):
+        source_prompt = fill("source_prompt", source_prompt, plan, "source_prompt",
+                             "a caption of the photo, e.g. 'a cat wearing a blue shirt'")
         image = check_image("image", image, multiple_of=sd_model.vae_scale, max_batch=1)
         lat = vae.encode(sd_model, image.clone())
         result = inv_mod.invert(sd_model, lat.samples, source_prompt, method=method,
@@ -86,7 +98,8 @@ class PFBControlNode:
     CATEGORY = category("editing/controls")
     DESCRIPTION = ("Progressive feature blending (PFB-Diff): inside the sampler, UNet "
                    "features outside the mask are taken from the reconstruction branch, "
-                   "and early latents are blended, so the background stays the photo's.")
+                   "and early latents are blended, so the background stays the photo's. "
+                   "Uses the sampler's mask unless a mask is connected here.")
     RETURN_TYPES = (CONTROLS,)
     RETURN_NAMES = ("controls",)
     FUNCTION = "make"
@@ -94,7 +107,6 @@ class PFBControlNode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "mask": ("MASK", inp("Edit region (white).")),
             "preset": (list(pfb.PRESETS), inp("object: edit an object (features at 16x16 "
                                               "and 8x8, every step). background: replace "
                                               "the background around the object (mask = "
@@ -107,6 +119,8 @@ class PFBControlNode:
             "latent_blend": ("BOOLEAN", inp("Also blend latents in the early steps.",
                                             default=True)),
         }, "optional": {
+            "mask": ("MASK", inp("Edit region (white). " + MASK_RULE + " PFB needs one of "
+                                 "the two.")),
             "controls": (CONTROLS, inp("Controls to chain before this one.")),
             "reference": (list(pfb.REFERENCES), inp(
                 "Which reference features each guidance half of the edit blends with. "
@@ -122,9 +136,10 @@ class PFBControlNode:
                 default="pfb_diff")),
         }}
 
-    def make(self, mask, preset, alpha, latent_blend, controls=None, reference="cond",
-             placement="pfb_diff"):
-        ctrl = pfb.PFBControl(check_mask("mask", mask.clone()), preset=preset, alpha=alpha,
+    def make(self, mask=None, preset="object", alpha=1.0, latent_blend=True, controls=None,
+             reference="cond", placement="pfb_diff"):
+        own = check_mask("mask", mask.clone()) if mask is not None else None
+        ctrl = pfb.PFBControl(own, preset=preset, alpha=alpha,
                               latent_blend=latent_blend, reference=reference,
                               placement=placement)
         return (list(controls or []) + [ctrl],)
@@ -149,10 +164,12 @@ class CAMSampler:
             "sd_model": (SD_MODEL, inp("The model the image was inverted with.")),
             "inversion": (INVERSION, inp("Output of xMGIE Invert Image.")),
             "target_prompt": ("STRING", inp("The source prompt with the edit, e.g. 'a cat "
-                                            "wearing a red shirt'.", multiline=True,
-                                            default="")),
+                                            "wearing a red shirt'. Empty: the plan's target "
+                                            "prompt.", multiline=True, default="")),
             "cam_in_words": ("STRING", inp("Comma-separated words of the target prompt that "
-                                           "may attend only inside the mask (the edit).",
+                                           "may attend only inside the mask (the edit). "
+                                           "Empty: the plan's edit words when a mask is "
+                                           "connected (CAM needs one); otherwise no CAM.",
                                            default="")),
             "cam_out_words": ("STRING", inp("Comma-separated words that may attend only "
                                             "outside the mask.", default="")),
@@ -168,7 +185,8 @@ class CAMSampler:
             "batched": ("BOOLEAN", inp("One UNet call per step for every branch and both "
                                        "guidance halves (faster).", default=True)),
         }, "optional": {
-            "mask": ("MASK", inp("Edit region (white), needed for CAM and controls.")),
+            "mask": ("MASK", inp("Edit region (white): the run's mask, for CAM and for "
+                                 "every chained control that has no mask of its own.")),
             "controls": (CONTROLS, inp("Controls from PFB/MAG/identity nodes.")),
             "p2p_mode": (["refine", "replace"], inp(
                 "Prompt-to-prompt cross-attention injection. refine (default): words may be "
@@ -176,19 +194,29 @@ class CAMSampler:
                 "words keep their own. replace: a word swap (same number of words, e.g. "
                 "red -> yellow); every word, the new one included, takes the maps of the "
                 "source word in its place.", default="refine")),
+            "plan": plan_input("target_prompt and cam_in_words (its edit words), and is "
+                               "the run's plan for every chained control that has none of "
+                               "its own"),
             "compile_unet": _COMPILE_INPUT,
         }}
 
     def sample(self, sd_model, inversion, target_prompt, cam_in_words, cam_out_words, cam_mode,
                cross_replace, self_replace, batched, mask=None, controls=None,
-               p2p_mode="refine", compile_unet="off"):
+               p2p_mode="refine", plan=None, compile_unet="off"):
         _compile(sd_model, compile_unet)
-        cam = sampler.CAMSettings(_words(cam_in_words), _words(cam_out_words), cam_mode,
+        target_prompt = fill("target_prompt", target_prompt, plan, "target_prompt",
+                             "the source prompt with the edit, e.g. 'a cat wearing a red "
+                             "shirt'")
+        # The plan's words only where CAM can act: with a mask (empty words mean "off").
+        in_words = fill("cam_in_words", cam_in_words, plan if mask is not None else None,
+                        "edit_words", "words of the target prompt", required=False)
+        cam = sampler.CAMSettings(in_words, _words(cam_out_words), cam_mode,
                                   CAMHook.DEFAULT_LAYERS)
         m = _mask(mask, inversion.image_size) if mask is not None else None
         res = sampler.edit(sd_model, inversion, target_prompt, mask=m, cam=cam,
                            controls=list(controls or []), cross_replace=cross_replace,
-                           self_replace=self_replace, batched=batched, p2p_mode=p2p_mode)
+                           self_replace=self_replace, batched=batched, p2p_mode=p2p_mode,
+                           plan=plan)
         factor = sd_model.vae.config.scaling_factor
         return report_output((vae.to_comfy_latent(_finite_latent("edited latent", res.edit.cpu()),
                                                   factor),
@@ -213,11 +241,16 @@ class EncodeInstruction:
     def INPUT_TYPES(cls):
         return {"required": {
             "sd_model": (SD_MODEL, inp("Instruction model whose text encoder is used.")),
-            "instruction": ("STRING", inp("e.g. 'make the carpet yellow'.", multiline=True,
+            "instruction": ("STRING", inp("e.g. 'make the carpet yellow'. Empty: the plan's "
+                                          "expressive instruction.", multiline=True,
                                           default="")),
+        }, "optional": {
+            "plan": plan_input("instruction (its expressive instruction)"),
         }}
 
-    def encode(self, sd_model, instruction):
+    def encode(self, sd_model, instruction, plan=None):
+        instruction = fill("instruction", instruction, plan, "expressive_instruction",
+                           "an edit instruction, e.g. 'make the carpet yellow'")
         return (sampler.encode_instruction(sd_model, instruction),)
 
 
@@ -245,34 +278,42 @@ class InstructSampler:
             "image_scale": ("FLOAT", inp("Image guidance s_I.", default=1.5, min=0.0,
                                          max=10.0, step=0.05)),
             "seed": ("INT", inp("Noise seed.", default=0, min=0, max=2 ** 63 - 1)),
-            "cam_in_words": ("STRING", inp("Comma-separated words of the instruction that "
-                                           "may attend only inside the mask.", default="")),
+            "cam_in_words": ("STRING", inp(
+                "Comma-separated words of the (CLIP-encoded) instruction that may attend "
+                "only inside the mask; '*': the whole condition acts only inside the mask "
+                "(the null condition outside), for MGIE's condition, which has no words. "
+                "Empty with a plan and a mask: the plan's edit words found in the "
+                "instruction, else '*'. Otherwise empty: no CAM.", default="")),
             "batched": ("BOOLEAN", inp("One UNet call per step for all rows.", default=True)),
         }, "optional": {
-            "mask": ("MASK", inp("Edit region (white), for CAM and controls.")),
+            "mask": ("MASK", inp("Edit region (white): the run's mask, for CAM and for "
+                                 "every chained control that has no mask of its own.")),
             "controls": (CONTROLS, inp("Controls from PFB and other control nodes.")),
             "scheduler": (list(INSTRUCT_SCHEDULERS), inp(
                 "euler_ancestral (default): InstructPix2Pix's scheduler, which MGIE's demo "
                 "samples with; the same seed gives diffusers' InstructPix2Pix pipeline's "
                 "result. ddim: deterministic after the initial noise.",
                 default="euler_ancestral")),
+            "plan": plan_input("cam_in_words, and is the run's plan for every chained "
+                               "control that has none of its own"),
             "compile_unet": _COMPILE_INPUT,
         }}
 
     def sample(self, sd_model, image, conditioning, steps, text_scale, image_scale, seed,
                cam_in_words, batched, mask=None, controls=None, scheduler="euler_ancestral",
-               compile_unet="off"):
+               plan=None, compile_unet="off"):
         _compile(sd_model, compile_unet)
         image = check_image("image", image, multiple_of=sd_model.vae_scale, max_batch=1)
         m = _mask(mask, tuple(image.shape[1:3])) if mask is not None else None
         mode = vae.encode(sd_model, image.clone())          # scaled posterior mode
         unscaled = mode.samples / sd_model.vae.config.scaling_factor
-        cam = sampler.CAMSettings(_words(cam_in_words)) if cam_in_words.strip() else None
+        cam = sampler.instruction_cam(conditioning, cam_in_words,
+                                      plan if m is not None else None)
         res = sampler.edit_instruct(sd_model, unscaled, conditioning, steps=steps,
                                     text_scale=text_scale, image_scale=image_scale, seed=seed,
                                     mask=m, source_latent=mode.samples, cam=cam,
                                     controls=list(controls or []), batched=batched,
-                                    scheduler=scheduler)
+                                    scheduler=scheduler, plan=plan)
         return report_output((vae.to_comfy_latent(_finite_latent("edited latent",
                                                                   res.edit.cpu()),
                                                   sd_model.vae.config.scaling_factor),),
@@ -289,7 +330,8 @@ class MAGControlNode:
     DESCRIPTION = ("MAG-Edit's mask-based attention-adjusted guidance: in the early steps "
                    "the edit latent is optimised inside the mask so the edit words' "
                    "cross-attention concentrates there; late steps blend the background "
-                   "back from the reconstruction.")
+                   "back from the reconstruction. Uses the sampler's mask and plan unless "
+                   "its own are connected.")
     RETURN_TYPES = (CONTROLS,)
     RETURN_NAMES = ("controls",)
     FUNCTION = "make"
@@ -297,12 +339,13 @@ class MAGControlNode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "mask": ("MASK", inp("Edit region (white).")),
             "words": ("STRING", inp("Comma-separated words of the target prompt to pull "
-                                    "into the mask, e.g. 'yellow'.", default="")),
+                                    "into the mask, e.g. 'yellow'. Empty: the plan's edit "
+                                    "words.", default="")),
             "negative_words": ("STRING", inp("Comma-separated words of the target prompt "
-                                             "to push out of the mask (may be empty).",
-                                             default="")),
+                                             "to push out of the mask (may be empty). "
+                                             "Empty: the plan's source words that are also "
+                                             "in the target prompt.", default="")),
             "opt_fraction": ("FLOAT", inp("Fraction of steps optimised (25 of 50).",
                                           default=0.5, min=0.0, max=1.0, step=0.02)),
             "iterations": ("INT", inp("Updates per optimised step.", default=15, min=1,
@@ -316,17 +359,26 @@ class MAGControlNode:
                                             "background from the reconstruction (15 of 50).",
                                             default=0.3, min=0.0, max=1.0, step=0.02)),
         }, "optional": {
+            "mask": ("MASK", inp("Edit region (white): where the loss pulls the words, "
+                                 "where the latent changes and what the late blend keeps. "
+                                 + MASK_RULE + " MAG needs one of the two.")),
             "controls": (CONTROLS, inp("Controls to chain before this one.")),
+            "plan": (PLAN, inp("Optional edit plan for words and negative_words (typed "
+                               "words win, empty ones take the plan's). "
+                               + PLAN_RULE_CONTROL)),
         }}
 
-    def make(self, mask, words, negative_words, opt_fraction, iterations, scale,
-             spatial_ratio, negative_weight, blend_fraction, controls=None):
+    def make(self, mask=None, words="", negative_words="", opt_fraction=0.5, iterations=15,
+             scale=2.5, spatial_ratio=False, negative_weight=5.5, blend_fraction=0.3,
+             controls=None, plan=None):
         from ..mgie_core.mag import MAGControl
 
-        ctrl = MAGControl(check_mask("mask", mask.clone()), _words(words),
+        own = check_mask("mask", mask.clone()) if mask is not None else None
+        ctrl = MAGControl(own, _words(words),
                           _words(negative_words), opt_fraction=opt_fraction,
                           iterations=iterations, scale=scale, use_spatial_ratio=spatial_ratio,
-                          negative_weight=negative_weight, blend_fraction=blend_fraction)
+                          negative_weight=negative_weight, blend_fraction=blend_fraction,
+                          plan=plan)
         return (list(controls or []) + [ctrl],)
 
 

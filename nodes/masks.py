@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..mgie_core import masks
-from ._common import PREFIX, SAM_MODEL, SD_MODEL, category, inp
+from ._common import PREFIX, SAM_MODEL, SD_MODEL, category, inp, plan_input
 
 
 class AttentionMask:
@@ -17,8 +17,12 @@ class AttentionMask:
                    "with the prompt; the word's cross-attention at 1/4 latent resolution "
                    "(16x16 at 512 px) is averaged, normalised to 0..1, upsampled and "
                    "thresholded. With a SAM model, the mask's bounding box prompts SAM for a "
-                   "sharper mask. Needs a text-to-image SD 1.x model (not an instruction "
-                   "model). Also returns the attention map as a heat map preview.")
+                   "sharper mask; without one (SAM not connected, or its loader bypassed), "
+                   "or when SAM's mask falls apart at the attention resolution (1/32 of "
+                   "the image), the attention mask itself is the result. With an edit plan, the word is "
+                   "the plan's object. Needs a text-to-image SD 1.x model (not an "
+                   "instruction model). Also returns the attention map as a heat map "
+                   "preview.")
     RETURN_TYPES = ("MASK", "IMAGE")
     RETURN_NAMES = ("mask", "heat_map")
     FUNCTION = "run"
@@ -32,10 +36,13 @@ class AttentionMask:
                 "image": ("IMAGE", inp("Image(s) to find the object in; width and height "
                                        "multiples of 8.")),
                 "prompt": ("STRING", inp("A caption of the image that contains the word, "
-                                         "e.g. 'a photo of a cat on a sofa'.",
+                                         "e.g. 'a photo of a cat on a sofa'. Empty: the "
+                                         "plan's source prompt (the word added when it "
+                                         "does not occur in it).",
                                          default="", multiline=True)),
                 "word": ("STRING", inp("The object's word, exactly as in the prompt "
-                                       "(e.g. 'cat').", default="", multiline=False)),
+                                       "(e.g. 'cat'). Empty: the plan's object.",
+                                       default="", multiline=False)),
                 "threshold": ("FLOAT", inp("Pixels whose normalised attention is above this "
                                            "are in the mask (higher: tighter mask).",
                                            default=0.5, min=0.0, max=0.99, step=0.01)),
@@ -45,19 +52,19 @@ class AttentionMask:
             },
             "optional": {
                 "sam": (SAM_MODEL, inp("Optional SAM model: refine the mask by segmenting "
-                                       "the attention mask's bounding box.")),
+                                       "the attention mask's bounding box. Not connected "
+                                       "(or its loader bypassed): the attention mask.")),
+                "plan": plan_input("word (its object) and prompt (its source prompt)"),
             },
         }
 
-    def run(self, sd_model, image, prompt, word, threshold, seed, sam=None):
+    def run(self, sd_model, image, prompt, word, threshold, seed, sam=None, plan=None):
+        prompt, word = masks.prompt_and_word(prompt, word, plan)
         out_masks, previews = [], []
         for img in image:
             img = img.clone()[None]
-            mask, amap = masks.attention_mask(sd_model, img, prompt, word, threshold,
-                                              seed=seed)
-            if sam is not None:
-                mask = masks.attention_mask_sam(sd_model, sam, img, prompt, word, threshold,
-                                                seed=seed, attn=(mask, amap))
+            mask, amap, _ = masks.object_mask(sd_model, img, prompt, word, threshold, seed,
+                                              sam)
             out_masks.append(mask.cpu())
             previews.append(masks.heat_map(amap, img))
         return torch.stack(out_masks), torch.stack(previews)

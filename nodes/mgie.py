@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..mgie_core import paths
 from ..mgie_core.models import captioner as cap_lib
 from ..mgie_core.models import mgie as mgie_lib
-from ._common import CONDITIONING, MGIE_MODEL, PREFIX, category, inp
+from ._common import CONDITIONING, MGIE_MODEL, PREFIX, category, fill, inp, plan_input
 
 DTYPE_TIP = "Weights' precision. auto = fp16 on a CUDA GPU, fp32 on the CPU."
 
@@ -51,13 +51,18 @@ class MGIEInstruction:
         return {"required": {
             "mgie": (MGIE_MODEL, inp("A model from xMGIE Load MGIE.")),
             "image": ("IMAGE", inp("The image to edit (the first of a batch is used).")),
-            "instruction": ("STRING", inp("The editing instruction.",
+            "instruction": ("STRING", inp("The editing instruction. Empty: the plan's "
+                                          "instruction.",
                                           default="make it look like winter", multiline=True)),
             "max_new_tokens": ("INT", inp("Longest expressive instruction, in tokens (MGIE: "
                                           "96).", default=96, min=1, max=512)),
+        }, "optional": {
+            "plan": plan_input("instruction (the user's instruction it was made from)"),
         }}
 
-    def instruct(self, mgie, image, instruction, max_new_tokens):
+    def instruct(self, mgie, image, instruction, max_new_tokens, plan=None):
+        instruction = fill("instruction", instruction, plan, "instruction",
+                           "an editing instruction, e.g. 'make it look like winter'")
         image = image[0] if image.ndim == 4 else image
         text, cond = mgie.instruct(image, instruction, max_new_tokens=int(max_new_tokens))
         return (cond, text)

@@ -1,11 +1,14 @@
-"""Edit plan nodes: typed prompts or a vision-language model's plan -> XMGIE_PLAN."""
+"""Edit plan nodes: typed prompts, the instruction alone or a vision-language model's
+plan -> XMGIE_PLAN, which the editing nodes take as an optional input."""
 
 from __future__ import annotations
 
-from ..mgie_core import plan as plan_mod
-from ._common import PREFIX, VLM_MODEL, category, inp
+import logging
 
-PLAN = "XMGIE_PLAN"              # mgie_core.plan.EditPlan
+from ..mgie_core import plan as plan_mod
+from ._common import PLAN, PREFIX, VLM_MODEL, category, inp
+
+log = logging.getLogger(__name__)
 
 _PROMPT_OUT_TYPES = (PLAN, "STRING", "STRING")
 _PROMPT_OUT_NAMES = ("plan", "source_prompt", "target_prompt")
@@ -67,20 +70,76 @@ class EditPlanFromVLM:
                                           "into a hummingbird'.", multiline=True,
                                           default="")),
             "max_new_tokens": ("INT", inp("Longest answer the model may write; raise it if "
-                                          "the plan comes back cut off.", default=256,
-                                          min=32, max=2048, step=16)),
+                                          "the plan comes back cut off (a plan needs about "
+                                          "100 tokens).", default=256,
+                                          min=1, max=2048, step=16)),
         }, "optional": {
             "source_caption": ("STRING", inp("A caption of the source image (e.g. from "
                                              "BLIP-2), used when the model gives none.",
                                              multiline=True, default="")),
+            "fallback": ("BOOLEAN", inp(
+                "When the model's answer cannot be read into a plan (a small or unsuited "
+                "model, a refusal), plan from the instruction and the source caption alone "
+                "by the documented rules, as xMGIE Edit Plan From Instruction does; the "
+                "plan's notes say so. Off: stop with the model's answer and what to try.",
+                default=True)),
         }}
 
-    def plan(self, vlm, image, instruction, max_new_tokens, source_caption=None):
+    def plan(self, vlm, image, instruction, max_new_tokens, source_caption=None,
+             fallback=True):
         from ..mgie_core.models import vlm as vlm_mod  # heavy: only when the node runs
 
         question = plan_mod.build_plan_prompt(instruction)
         answer = vlm_mod.ask(vlm, image[0], question, max_new_tokens)
-        p = plan_mod.parse_plan(answer, instruction, source_caption or None)
+        try:
+            p = plan_mod.parse_plan(answer, instruction, source_caption or None)
+        except plan_mod.PlanParseError as err:
+            if not fallback:
+                raise
+            p = plan_mod.plan_from_instruction(instruction, source_caption or None)
+            if not p.target_prompt:
+                raise plan_mod.PlanParseError(
+                    f"{err.problem}; and the instruction alone gave no target prompt "
+                    f"({'; '.join(p.notes)})", err.answer, err.missing) from None
+            p.notes.insert(0, f"the model's answer could not be read ({err.problem}): "
+                              "planned from the instruction alone")
+            log.warning("Edit Plan From VLM: %s", p.notes[0])
+        return (p, p.source_prompt, p.target_prompt)
+
+
+class EditPlanFromInstruction:
+    NODE_ID = f"{PREFIX}EditPlanFromInstruction"
+    DISPLAY_NAME = "xMGIE Edit Plan From Instruction"
+    CATEGORY = category("plan")
+    DESCRIPTION = ("Plans the edit from the instruction alone, without a vision-language "
+                   "model, by documented rules: the object from the instruction ('make the "
+                   "carpet yellow' -> carpet), the source caption (e.g. BLIP-2's) with the "
+                   "object added when it does not name it, and the target caption by "
+                   "applying the instruction to it (swaps, 'make the X ADJ'). Enough for "
+                   "masks and the instruction path; when no rule gives a target caption "
+                   "the inversion path asks for one.")
+    RETURN_TYPES = _PROMPT_OUT_TYPES
+    RETURN_NAMES = _PROMPT_OUT_NAMES
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "instruction": ("STRING", inp("The edit instruction, naming the thing to edit, "
+                                          "e.g. 'make the carpet yellow'.", multiline=True,
+                                          default="")),
+        }, "optional": {
+            "source_caption": ("STRING", inp("A caption of the photo (e.g. from BLIP-2). "
+                                             "Empty: 'a photo of the OBJECT'.",
+                                             multiline=True, default="")),
+            "expressive_instruction": ("STRING", inp(
+                "MGIE's expressive instruction, kept in the plan (and used to find the "
+                "object when the instruction names none).", multiline=True, default="")),
+        }}
+
+    def build(self, instruction, source_caption="", expressive_instruction=""):
+        p = plan_mod.plan_from_instruction(instruction, source_caption or None,
+                                           expressive_instruction or None)
         return (p, p.source_prompt, p.target_prompt)
 
 
@@ -108,4 +167,4 @@ class PlanToText:
                 plan.object, "\n".join(plan.notes), plan.to_json())
 
 
-NODES = [EditPlanFromPrompts, EditPlanFromVLM, PlanToText]
+NODES = [EditPlanFromPrompts, EditPlanFromVLM, EditPlanFromInstruction, PlanToText]

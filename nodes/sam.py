@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ..mgie_core import masks as masks_lib
 from ..mgie_core import paths, runtime
+from ..mgie_core.errors import InputError
 from ..mgie_core.models import sam as sam_lib
-from ._common import PREFIX, SAM_MODEL, category, inp
+from ._common import PREFIX, SAM_MODEL, SD_MODEL, category, inp, plan_input
 
 
 class LoadSAM:
@@ -37,7 +39,9 @@ class SAMSegment:
     CATEGORY = category("masks")
     DESCRIPTION = ("Segments each image with Segment Anything from positive points, negative "
                    "points and/or a box (pixel coordinates from the top-left corner). With "
-                   "multimask on, the mask with the highest predicted IoU is kept.")
+                   "multimask on, the mask with the highest predicted IoU is kept. With an "
+                   "edit plan and no points or box typed, the prompt is the box of the plan "
+                   "object's cross-attention (needs the SD model).")
     RETURN_TYPES = ("MASK",)
     RETURN_NAMES = ("mask",)
     FUNCTION = "segment"
@@ -57,12 +61,28 @@ class SAMSegment:
             "multimask": ("BOOLEAN", inp("Predict three candidate masks and keep the one "
                                          "with the highest predicted IoU (best for a single "
                                          "ambiguous point).", default=True)),
+        }, "optional": {
+            "plan": plan_input("the prompt when no points or box are typed: the box of "
+                               "the attention mask of the plan's object"),
+            "sd_model": (SD_MODEL, inp("Text-to-image SD 1.x model whose cross-attention "
+                                       "finds the plan's object (only with a plan and no "
+                                       "points or box).")),
         }}
 
-    def segment(self, image, sam, points, negative_points, box, multimask):
+    def segment(self, image, sam, points, negative_points, box, multimask, plan=None,
+                sd_model=None):
         pos = sam_lib.parse_points(points, "points")
         neg = sam_lib.parse_points(negative_points, "negative_points")
         box = sam_lib.parse_box(box)
+        if not (pos or neg or box) and plan is not None:
+            if sd_model is None:
+                raise InputError("sd_model", "is not connected, but the plan's object must "
+                                 "be found to prompt SAM", "a text-to-image SD 1.x model",
+                                 "Connect the SD model, or type points or a box.")
+            prompt, word = masks_lib.prompt_and_word("", "", plan)
+            return (torch.stack([masks_lib.attention_mask_sam(sd_model, sam, img.clone()[None],
+                                                              prompt, word).cpu()
+                                 for img in image]),)
         labels = [1] * len(pos) + [0] * len(neg)
         masks = [sam_lib.segment(sam, img, points=pos + neg, labels=labels, box=box,
                                  multimask=multimask)[0]

@@ -230,8 +230,10 @@ def test_non_finite_gradient_skips_the_update(sd, inv, mask, monkeypatch, caplog
 def test_bad_words(sd, inv, mask):
     with pytest.raises(InputError):
         sampler.edit(sd, inv, TGT, mask=mask, controls=[mag.MAGControl(mask, ["purple"])])
-    with pytest.raises(InputError, match="words"):
-        mag.MAGControl(mask, [])
+    # No words and no plan (neither on the control nor on the sampler): an error naming
+    # both, when the sampler sets the control up.
+    with pytest.raises(InputError, match="MAG words: is empty and there is no edit plan"):
+        sampler.edit(sd, inv, TGT, mask=mask, controls=[mag.MAGControl(mask, [])])
 
 
 def test_controls_stopping_at_different_layers_share_the_step_cache(sd, inv, mask):

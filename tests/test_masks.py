@@ -263,7 +263,7 @@ def test_node(sd, sam):
     for group in spec.values():
         for name, (_, opts) in group.items():
             assert opts.get("tooltip"), name
-    assert list(spec["optional"]) == ["sam"]
+    assert list(spec["optional"]) == ["sam", "plan"]
 
     img = _image()
     before = img.clone()

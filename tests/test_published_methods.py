@@ -297,8 +297,8 @@ def test_background_dilation_is_a_36px_kernel():
                                               stride=1, padding=36)[0, 0].numpy()
     assert added < 0.5 * (radius36.sum() - ellipse.sum())
     # the background preset uses it: mask = 1 - dilate(object, 36 px at 512)
-    ctl = pfb.PFBControl(torch.from_numpy(ellipse), preset="background")
-    assert np.array_equal(ctl._blend_mask.mask[0].numpy(), 1 - ref)
+    ctl = pfb.PFBControl(preset="background")   # its region, from the run's mask or its own
+    assert np.array_equal(ctl.blend_region(torch.from_numpy(ellipse)[None])[0].numpy(), 1 - ref)
     # scaled with the image: 9 px at 128 px
     small = torch.from_numpy(ellipse[::4, ::4].copy())[None]
     assert np.array_equal(pfb.dilate(small, 36)[0].numpy(),

@@ -35,7 +35,8 @@ def _load(path: Path) -> dict:
 
 def test_every_listed_template_is_a_ui_workflow_with_an_api_twin():
     assert NAMES == sorted(["vae_roundtrip", "edit_carpet_yellow", "edit_carpet_guided",
-                            "edit_carpet_checkpoint", "mgie_instruct", "masks_and_seam"])
+                            "edit_carpet_checkpoint", "mgie_instruct", "masks_and_seam",
+                            "instruction_edit", "mgie_instruction_edit"])
     for path in TEMPLATES:
         data = _load(path)
         # The frontend's schema check: a version, nodes and links (API files have none).
@@ -138,7 +139,8 @@ def test_seed_control_and_upload_widgets_as_the_frontend_stores_them(registry):
     assert mask["widgets_values"] == ["carpet_mask.png", "red", "image"]
     assert mask["inputs"][-1]["type"] == "IMAGEUPLOAD"
     optional = [e for e in sampler["inputs"] if e.get("shape") == wui.OPTIONAL_SHAPE]
-    assert [e["name"] for e in optional] == ["mask", "controls", "scheduler", "compile_unet"]
+    assert [e["name"] for e in optional] == ["mask", "controls", "plan", "scheduler",
+                                             "compile_unet"]
 
 
 # --- the writer on every node type ----------------------------------------------------------
