@@ -2,13 +2,13 @@
 
 Real tokenizer files cannot be downloaded here, and a loader must reject stub tokenizers
 (fewer than 1000 entries), so the tiny models get small but genuine byte-level BPE
-vocabularies learned on a built-in word list: every byte is representable, and common
+vocabularies learned on a built-in word list by the ``tokenizers`` library's BPE trainer,
+written in the CLIP and GPT-2 file layouts: every byte is representable, and common
 editing words are single tokens.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -51,32 +51,23 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def _learn(words: list[tuple[str, ...]], n_merges: int) -> list[tuple[str, str]]:
-    counts = collections.Counter(words)
-    merges: list[tuple[str, str]] = []
-    vocab = dict(counts)
-    for _ in range(n_merges):
-        pairs: collections.Counter = collections.Counter()
-        for w, c in vocab.items():
-            for a, b in zip(w, w[1:]):
-                pairs[(a, b)] += c
-        if not pairs:
-            break
-        best = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[0]
-        merges.append(best)
-        new_vocab = {}
-        for w, c in vocab.items():
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
-                    out.append(w[i] + w[i + 1])
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            new_vocab[tuple(out)] = new_vocab.get(tuple(out), 0) + c
-        vocab = new_vocab
-    return merges
+def _learn(words: list[str], n_merges: int, end_of_word: str = "") -> list[tuple[str, str]]:
+    """The first ``n_merges`` byte-level BPE merges learned on ``words`` by the
+    ``tokenizers`` library's trainer (greedy, so the first n merges of a longer training
+    are the n-merge training). Each string is one pre-token; ``end_of_word`` is CLIP's
+    ``</w>`` suffix on a word's last symbol (GPT-2 style words carry a leading space)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    suffix = {"end_of_word_suffix": end_of_word} if end_of_word else {}
+    tok = Tokenizer(models.BPE(**suffix))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=1_000_000, min_frequency=0, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), **suffix)
+    tok.train_from_iterator(words, trainer=trainer)
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
+    return pairs[:n_merges]
 
 
 @lru_cache(maxsize=None)
@@ -84,9 +75,7 @@ def clip_bpe(n_merges: int = 700) -> tuple[dict[str, int], list[str]]:
     """CLIP layout: bytes, bytes+'</w>', merges, then <|startoftext|>, <|endoftext|>."""
     b2u = bytes_to_unicode()
     base = list(b2u.values())
-    words = [tuple(b2u[b] for b in w.encode()[:-1]) + (b2u[w.encode()[-1]] + "</w>",)
-             for w in _WORDS]
-    merges = _learn(words, n_merges)
+    merges = _learn(_WORDS, n_merges, end_of_word="</w>")
     tokens = base + [t + "</w>" for t in base] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab: dict[str, int] = {}
@@ -102,9 +91,7 @@ def gpt2_bpe(n_merges: int = 900, specials: tuple[str, ...] = ("<|endoftext|>",)
     b2u = bytes_to_unicode()
     base = list(b2u.values())
     space = b2u[ord(" ")]
-    words = [tuple(b2u[b] for b in (" " + w).encode()) for w in _WORDS] \
-        + [tuple(b2u[b] for b in w.encode()) for w in _WORDS]
-    merges = _learn(words, n_merges)
+    merges = _learn([" " + w for w in _WORDS] + list(_WORDS), n_merges)
     tokens = list(specials) + base + ["".join(m) for m in merges]
     vocab: dict[str, int] = {}
     for t in tokens:
