@@ -22,7 +22,9 @@ values are applied after these caps and win.
 (batch and eval: see runner/batch_cli.py, with their own exit statuses).
 
 The registry is the pack's nodes plus standalone stand-ins for the ComfyUI core nodes
-the shipped workflows use (LoadImage, LoadImageMask, SaveImage, PreviewImage).
+the shipped workflows use (runner/core_nodes.py: LoadImage, LoadImageMask, SaveImage,
+PreviewImage, CheckpointLoaderSimple, VAEDecode, VAEEncode, PreviewAny; LoraLoader is
+known and refused).
 
 Exit status: 0 success; 1 invalid workflow or a node failed; 2 the workflow file is
 missing or not JSON, or bad command-line usage (including a bad --set); 130 interrupted.

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -32,6 +33,7 @@ import torch
 
 from ..mgie_core import paths, runtime
 from ..mgie_core.errors import InputError, ModelLoadError, ModelNotFoundError
+from ..mgie_core.models.validate import check_loading_info, weights_file
 
 FID_INCEPTION = paths.register_family(paths.Family(
     key="fid_inception", what="Inception-v3 FID network (torch-fidelity weights)",
@@ -208,9 +210,12 @@ def load_lpips(net: str = "alex", name: Optional[str] = None, device=None):
     # lin<k> and lins.<k> are the same modules: load only the lin<k> names, as lpips does.
     partial.update(lins)
     result = model.load_state_dict(partial, strict=False)
-    if result.unexpected_keys:
+    # Every lin<k> layer must come from the package's file (lins.<k> are the same modules).
+    lin_missing = [k for k in result.missing_keys if re.match(r"lin\d+\.", k)]
+    if result.unexpected_keys or lin_missing:
         raise ModelLoadError("LPIPS linear layers", lin_path, "unexpected keys "
-                             f"{result.unexpected_keys[:3]}", "Reinstall the lpips package.")
+                             f"{result.unexpected_keys[:3]}" if result.unexpected_keys else
+                             f"missing keys {lin_missing[:3]}", "Reinstall the lpips package.")
     model.path = path
     return model.eval().requires_grad_(False).to(_device(device))
 
@@ -234,13 +239,16 @@ def load_clip(name: Optional[str] = None, device=None):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = CLIPModel.from_pretrained(folder, local_files_only=True)
+            model, info = CLIPModel.from_pretrained(folder, local_files_only=True,
+                                                    output_loading_info=True)
             processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
     except Exception as exc:
         raise ModelLoadError(CLIP_SCORE.what, folder, f"transformers could not load it "
                              f"({type(exc).__name__}: {exc})",
                              "The folder needs config.json, the weights, the tokenizer files "
                              "and preprocessor_config.json.") from exc
+    # Every weight must be in the folder (a missing one would keep its random value).
+    check_loading_info(info, CLIP_SCORE.what, weights_file(folder), ("*.position_ids",))
     model.path = folder
     return model.eval().requires_grad_(False).to(_device(device)), processor
 

@@ -166,6 +166,7 @@ class AStarControl(Control):
             raise InputError("iterations", f"is {self.iterations}", "1 or more")
         self._pyramid: Optional[MaskPyramid] = None   # set up per run
         self.history: list[dict] = []        # per update: step, iteration, losses, applied
+        self._records: list[tuple] = []      # the run's device records (setup resets)
         self._prev: Optional[torch.Tensor] = None
 
     def setup(self, run) -> None:
@@ -235,7 +236,7 @@ class AStarControl(Control):
             z = runtime.autograd_input(run.latents[Branch.EDIT]).float()
             region = self._region(run, z)
             alpha = self.step_size * guidance.sigma(run, i)
-            groups = getattr(self, "_groups_on", None) or self._groups
+            groups = self._groups_on
             A = None
             for it in range(self.iterations):
                 zv = z.detach().requires_grad_(True)
@@ -266,7 +267,7 @@ class AStarControl(Control):
 
     def teardown(self, run) -> None:
         self._prev = None
-        self.history = _read_history(getattr(self, "_records", []))
+        self.history = _read_history(self._records)
         self._records = []
 
 

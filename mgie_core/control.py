@@ -18,8 +18,9 @@ of never being called.
 schedule, the branch latents, the mask, the prompts and embeddings, the per-step
 caches controls share, and ``report``, where optimising controls count the updates they
 applied and skipped (``run.report.applied(self.name)``, ``run.report.skipped(self.name,
-reason)``; see :mod:`.report`). Per-run state lives on the run, not on the control: a
-host that caches node outputs (ComfyUI) hands the same control object to later runs.
+reason)``; see :mod:`.report`). A host that caches node outputs (ComfyUI) hands the
+same control object to later runs, so a control resets whatever it keeps between hooks
+in ``setup`` (each run's state is set there, not in ``__init__``); runs are sequential.
 
 One edit context. The sampler owns the edit mask and the edit plan of the run
 (``run.mask``, ``run.plan``: its mask and plan inputs). Every control reads them from the

@@ -163,7 +163,6 @@ def decode_for_grad(sd, x0: torch.Tensor, memory: str = "checkpoint") -> torch.T
 
 @dataclasses.dataclass
 class IdentityGuidance(Control):
-    name = "identity guidance"
     """Identity guidance control (see the module docstring for the update rule).
 
     The reference e_id is ``embedding`` (an :class:`IdentityEmbedding` or a [B,D]
@@ -179,6 +178,8 @@ class IdentityGuidance(Control):
     subject is not a person (``EditPlan.subject_is_person``), the control stands aside for
     the run: no update, no embedding, no mask needed, and the run's report counts the
     window's steps as skipped with the reason. Without a plan it always acts."""
+
+    name = "identity guidance"
 
     encoder: IdentityEncoder
     embedding: Union[IdentityEmbedding, torch.Tensor, None] = None
@@ -210,6 +211,7 @@ class IdentityGuidance(Control):
                              f"an embedding from this {self.encoder.kind} encoder",
                              "Embed the source image with the same identity encoder.")
         self.history: list[dict] = []
+        self._records: list[tuple] = []      # the run's device records (setup resets)
         self._e_id: Optional[torch.Tensor] = None
 
     # -- sampler protocol ---------------------------------------------------------
@@ -268,7 +270,7 @@ class IdentityGuidance(Control):
 
     def teardown(self, run) -> None:
         self._pyramid = None
-        records, self._records = getattr(self, "_records", []), []
+        records, self._records = self._records, []
         if records:
             values = torch.stack([r[2].float().reshape(()) for r in records]).tolist()
             self.history = [{"step": r[0], "iteration": r[1], "loss": v}

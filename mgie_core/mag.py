@@ -120,6 +120,7 @@ class MAGControl(Control):
     def __post_init__(self):
         self._pyramid: Optional[MaskPyramid] = None   # set up per run
         self.history: list[dict] = []        # per update: step, loss, activation
+        self._records: list[tuple] = []      # the run's device records (setup resets)
 
     def setup(self, run) -> None:
         prompt = run.target_prompt
@@ -189,7 +190,7 @@ class MAGControl(Control):
             if inside is not None:
                 pairs.append((A, inside))
         As, insides = [p[0] for p in pairs], [p[1] for p in pairs]
-        groups = getattr(self, "_groups_on", None) or self._groups
+        groups = self._groups_on
         neg = getattr(self, "_neg_on", None) or self._neg
         total = As[0].new_zeros((), dtype=torch.float32)
         if self.use_token_ratio:
@@ -228,7 +229,7 @@ class MAGControl(Control):
         # UNet passes spent: the reconstruction once per optimised step, the edit row
         # once per iteration (forward + backward).
         self.passes = {"source": run.source_passes, "edit": run.edit_passes}
-        self.history = _read_history(getattr(self, "_records", []), ("loss", "activation"))
+        self.history = _read_history(self._records, ("loss", "activation"))
         self._records = []
 
     def after_step(self, run, i: int) -> None:

@@ -1174,11 +1174,6 @@ def from_plan(name: str, typed: Any, plan: "EditPlan | None", field_name: str,
     return [] if words else ""
 
 
-# ---------------------------------------------------------------------------------------
-# Token positions for attention control
-# ---------------------------------------------------------------------------------------
-
-
 __all__ = ["EditPlan", "PlanParseError", "PLAN_PROMPT", "PLAN_RULE", "build_plan_prompt",
            "parse_plan", "make_plan", "plan_from_prompts", "plan_from_instruction",
            "from_plan", "guess_object", "is_person_word", "diff_words", "find_phrase",

@@ -51,7 +51,7 @@ def vae_scale_of(vae) -> int:
 
 @torch.no_grad()
 def encode_with(vae, image: torch.Tensor, device, dtype, name: str = "image",
-                scaled: bool = True, mode: bool = True) -> Latents:
+                mode: bool = True, scaled: bool = True) -> Latents:
     """:func:`encode` with a bare diffusers AutoencoderKL (the headless VAEEncode)."""
     image = check_image(name, image, multiple_of=vae_scale_of(vae))
     x = image.permute(0, 3, 1, 2).to(device, dtype) * 2 - 1
@@ -67,7 +67,7 @@ def encode(sd: SDModel, image: torch.Tensor, name: str = "image", mode: bool = T
            scaled: bool = True) -> Latents:
     """Posterior mode (= mean: encoding is deterministic), times the scaling factor unless
     ``scaled=False`` (ComfyUI's LATENT convention)."""
-    return encode_with(sd.vae, image, sd.device, sd.dtype, name, scaled, mode)
+    return encode_with(sd.vae, image, sd.device, sd.dtype, name, mode=mode, scaled=scaled)
 
 
 @torch.no_grad()

@@ -64,8 +64,13 @@ def _register_folders(folder_paths) -> None:
         known = folder_paths.folder_names_and_paths[paths.CLIP_TOKENIZER.folder][0]
         if comfy_dir not in known:
             known.append(comfy_dir)
-    except Exception:
-        pass
+    except (ImportError, KeyError, AttributeError) as exc:  # an older or unusual ComfyUI
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "xMGIE: ComfyUI's SD 1.x tokenizer folder (comfy/sd1_tokenizer) could not be "
+            "registered (%s); single-file checkpoints then need models/clip_tokenizer/"
+            "clip-vit-large-patch14", exc)
 
 
 def install() -> bool:
@@ -91,10 +96,7 @@ def install() -> bool:
             pass
 
     def _interrupt() -> None:
-        try:
-            mm.throw_exception_if_processing_interrupted()
-        except mm.InterruptProcessingException:
-            raise
+        mm.throw_exception_if_processing_interrupted()
 
     runtime.set_hooks(
         device=mm.get_torch_device,

@@ -85,10 +85,19 @@ def uses_models(cls: type) -> type:
     return cls
 
 
+NO_UPDATES = "no optimising stage ran"
+UPDATES_TOOLTIP = ("The updates each optimising stage applied and skipped in this run, one "
+                   "line per stage (e.g. 'MAG: 375 update(s) applied, 0 skipped'); wire it to "
+                   "Preview Any to see it in ComfyUI.")
+
+
 def report_output(result: tuple, report) -> Any:
     """A node's return value with the update counts of its run (``report``, a
-    ``mgie_core.report.UpdateReport``) as text in its UI output: ComfyUI keeps it in the
-    prompt's history, ``xmgie run`` prints it. Plain ``result`` when nothing counted."""
+    ``mgie_core.report.UpdateReport``) appended as a STRING output (its last socket,
+    ``updates``) and as text in its UI output: ComfyUI keeps the UI text in the prompt's
+    history, ``xmgie run`` prints it, and the STRING can be wired to a text display."""
+    text = "\n".join(report.lines()) if report else NO_UPDATES
+    full = (*result, text)
     if not report:
-        return result
-    return {"ui": {"text": report.lines(), "updates": report.as_dicts()}, "result": result}
+        return full
+    return {"ui": {"text": report.lines(), "updates": report.as_dicts()}, "result": full}

@@ -7,9 +7,10 @@ from ..mgie_core import pfb, sampler, vae
 from ..mgie_core.attention import CAMHook
 from ..mgie_core.diffusion import INSTRUCT_SCHEDULERS
 from ..mgie_core.images import check_finite, check_image, check_mask
+from ..mgie_core.mag import MAGControl
 from ..mgie_core.models.compile import compile_unet
 from ._common import (CONDITIONING, CONTROLS, INVERSION, LATENT, PLAN, PREFIX, SD_MODEL,
-                      category, fill, inp, plan_input, report_output)
+                      UPDATES_TOOLTIP, category, fill, inp, plan_input, report_output)
 
 # A control's own mask and plan: an override of the sampler's (mgie_core/control.py).
 MASK_RULE = ("Empty (not connected): the sampler's mask is used, as by every control; a mask "
@@ -53,8 +54,10 @@ class Invert:
                    "DDIM, null-text (optimised, slow), negative-prompt or direct (no "
                    "optimisation, exact reconstruction). Feeds the two-branch sampler. "
                    "Null-text reports the optimiser updates it applied and skipped.")
-    RETURN_TYPES = (INVERSION, LATENT)
-    RETURN_NAMES = ("inversion", "latent")
+    RETURN_TYPES = (INVERSION, LATENT, "STRING")
+    RETURN_NAMES = ("inversion", "latent", "updates")
+    OUTPUT_TOOLTIPS = ("The inversion (trajectory, prompts, null embeddings) for the sampler.",
+                       "The photo's latent (ComfyUI's LATENT).", UPDATES_TOOLTIP)
     FUNCTION = "invert"
 
     @classmethod
@@ -110,8 +113,9 @@ class PFBControlNode:
             "preset": (list(pfb.PRESETS), inp("object: edit an object (features at 16x16 "
                                               "and 8x8, every step). background: replace "
                                               "the background around the object (mask = "
-                                              "outside the object dilated by 36 px at 512 "
-                                              "px; features while t > 200).",
+                                              "outside the object dilated by a 36x36 "
+                                              "kernel at 512 px, about 18 px each side; "
+                                              "features while t > 200).",
                                               default="object")),
             "alpha": ("FLOAT", inp("Weight of the edit features inside the mask "
                                    "(1 = official code).", default=1.0, min=0.0, max=1.0,
@@ -154,8 +158,11 @@ class CAMSampler:
                    "attention injection, cross-attention masking (CAM) and chained controls. "
                    "Its text output counts the updates each optimising control (MAG, "
                    "A-STAR, identity guidance) applied and skipped in the run.")
-    RETURN_TYPES = (LATENT, LATENT)
-    RETURN_NAMES = ("edited", "reconstruction")
+    RETURN_TYPES = (LATENT, LATENT, "STRING")
+    RETURN_NAMES = ("edited", "reconstruction", "updates")
+    OUTPUT_TOOLTIPS = ("The edited latent (ComfyUI's LATENT).",
+                       "The reconstruction branch's latent (the photo, re-made).",
+                       UPDATES_TOOLTIP)
     FUNCTION = "sample"
 
     @classmethod
@@ -261,8 +268,9 @@ class InstructSampler:
     DESCRIPTION = ("Samples an 8-channel instruction UNet (InstructPix2Pix or MGIE) with "
                    "text and image guidance; CAM and chained controls (PFB) keep the edit "
                    "inside the mask.")
-    RETURN_TYPES = (LATENT,)
-    RETURN_NAMES = ("edited",)
+    RETURN_TYPES = (LATENT, "STRING")
+    RETURN_NAMES = ("edited", "updates")
+    OUTPUT_TOOLTIPS = ("The edited latent (ComfyUI's LATENT).", UPDATES_TOOLTIP)
     FUNCTION = "sample"
 
     @classmethod
@@ -320,9 +328,6 @@ class InstructSampler:
                              res.report)
 
 
-NODES = [Invert, PFBControlNode, CAMSampler, EncodeInstruction, InstructSampler]
-
-
 class MAGControlNode:
     NODE_ID = f"{PREFIX}MAGControl"
     DISPLAY_NAME = "xMGIE MAG Attention Guidance"
@@ -371,8 +376,6 @@ class MAGControlNode:
     def make(self, mask=None, words="", negative_words="", opt_fraction=0.5, iterations=15,
              scale=2.5, spatial_ratio=False, negative_weight=5.5, blend_fraction=0.3,
              controls=None, plan=None):
-        from ..mgie_core.mag import MAGControl
-
         own = check_mask("mask", mask.clone()) if mask is not None else None
         ctrl = MAGControl(own, _words(words),
                           _words(negative_words), opt_fraction=opt_fraction,
@@ -382,4 +385,4 @@ class MAGControlNode:
         return (list(controls or []) + [ctrl],)
 
 
-NODES.append(MAGControlNode)
+NODES = [Invert, PFBControlNode, MAGControlNode, CAMSampler, EncodeInstruction, InstructSampler]

@@ -323,7 +323,8 @@ def _write_new(folder: Path, name_of, counter: int, write) -> tuple[Path, int]:
     the same moment never overwrite each other: the loser takes the next number), and
     the final name only ever appears complete (an interruption or a crash during the
     write leaves no partial PNG). Where hard links are unsupported the name is reserved
-    with an exclusive open and the temporary file renamed over it."""
+    with an exclusive open (an empty file under the final name for the instant before)
+    and the complete temporary file renamed over it."""
     tmp = folder / f".{name_of(counter)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "xb") as fh:

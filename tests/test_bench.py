@@ -102,7 +102,8 @@ def test_edit_bench_tiny(shared_examples, tmp_path, capsys):
                                           / res["modes"]["c"]["mean_s"]["total"])
     assert r["a_over_b"] == pytest.approx(res["modes"]["a"]["mean_s"]["total"]
                                           / res["modes"]["b"]["mean_s"]["total"])
-    assert r["a_over_c"] > 1 and r["a_over_b"] > r["a_over_c"]
+    # (timings are the bench's to report, not a test's to assert: the UNet pass counts
+    # below pin the call patterns that make the ratios)
     assert "a / c (reference call pattern / ours" in printed and "a / b (reference" in printed
 
     # host synchronisations per step (an untimed edit at --sync-steps steps per mode):

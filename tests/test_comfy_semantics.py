@@ -362,3 +362,17 @@ def test_registry_lets_go_of_released_models(setup, reg):
 
     gc.collect()
     assert len(reg.entries()) == before
+
+
+def test_update_counts_are_a_string_output_a_text_display_can_show(setup):
+    """The counts are also the samplers' and Invert's last output (STRING), so a core text
+    display (Preview Any) shows them inside ComfyUI, where ui text needs an extension."""
+    from xmgie.nodes import editing
+
+    for cls in (editing.Invert, editing.CAMSampler, editing.InstructSampler):
+        assert cls.RETURN_TYPES[-1] == "STRING" and cls.RETURN_NAMES[-1] == "updates"
+    res = run(setup, graph("ddim", controls=[ASTAR]))
+    text = res.outputs["20"][-1]
+    assert isinstance(text, str) and text.startswith("A-STAR:"), text
+    assert text.splitlines() == res.ui["20"]["text"]
+    assert res.outputs["4"][-1] == "no optimising stage ran"        # DDIM: nothing to count

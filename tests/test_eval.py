@@ -393,3 +393,24 @@ def test_pie_bench_run_and_background_metrics_from_the_files(tmp_path, tiny_env,
     assert values["bg_mse"] == pytest.approx(np.mean(mses), rel=1e-5)
     assert values["bg_psnr"] == pytest.approx(np.mean([10 * np.log10(1 / m) for m in mses]),
                                               rel=1e-5)
+
+
+def test_clip_score_network_missing_a_weight_is_refused(tmp_path, clean_paths):
+    """A CLIP folder without one of its weights never loads with that weight left random:
+    the error names the folder's weights file and the key (issue 10's rule, here too)."""
+    from safetensors.torch import load_file, save_file
+
+    from xmgie.evaluation import networks, tiny
+    from xmgie.mgie_core.errors import ModelLoadError
+
+    folder = tmp_path / "clip_vision" / "clip-vit-large-patch14"
+    tiny.make_clip(folder)
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    dropped = next(k for k in state if k.startswith("visual_projection"))
+    del state[dropped]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    clean_paths.configure(models_dir=[tmp_path])
+    with pytest.raises(ModelLoadError, match="visual_projection") as info:
+        networks.load_clip(device="cpu")
+    assert "model.safetensors" in str(info.value)

@@ -237,3 +237,22 @@ def test_saved_workflow_from_before_the_plan_inputs_still_converts_and_runs(
     rc = cli.main(["run", str(saved), "--tiny", "--input-dir", str(tmp_path),
                    "--output-dir", str(tmp_path / "out"), "--set", "4.steps=3"])
     assert rc == 0, capsys.readouterr().err
+
+
+def test_instruction_edit_runs_without_the_identity_nodes(tmp_path, tiny_env, capsys):
+    """What the workflow's note tells a user without an ArcFace file: bypass Load
+    Identity Encoder, Identity Embed and Identity Guidance, and the edit still runs."""
+    ui = json.loads((ROOT / "workflows" / "instruction_edit.json").read_text())
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    assert [by_id[i]["type"] for i in (6, 15, 16)] == [
+        "XMGIELoadIdentityEncoder", "XMGIEIdentityEmbed", "XMGIEIdentityGuidance"]
+    for i in (6, 15, 16):
+        by_id[i]["mode"] = 4                                  # ComfyUI's Bypass
+    note = next(n for n in ui["nodes"] if n["type"] in ("Note", "MarkdownNote"))
+    assert "nodes 6, 15 and 16" in note["widgets_values"][0]
+    path = tmp_path / "no_identity.json"
+    path.write_text(json.dumps(ui))
+    rc = cli.main(["run", str(path), "--tiny", "--input-dir", str(ROOT / "workflows" / "inputs"),
+                   "--output-dir", str(tmp_path / "out")])
+    assert rc == 0, capsys.readouterr().err
+    assert list((tmp_path / "out").glob("*.png"))

@@ -115,6 +115,21 @@ def test_moved_names_still_import_with_a_warning(old_module, name, new_module):
                in str(w.message) for w in caught), [str(w.message) for w in caught]
 
 
+def test_the_runners_core_nodes_still_import_from_their_old_place_with_a_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("xmgie.nodes.core_standins", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("xmgie.nodes.core_standins")
+    from xmgie.runner import core_nodes
+
+    assert old.STANDINS is core_nodes.STANDINS and old.RunContext is core_nodes.RunContext
+    assert any(issubclass(w.category, DeprecationWarning) and "runner.core_nodes"
+               in str(w.message) for w in caught)
+
+
 def test_unknown_name_on_a_module_with_moved_names_is_an_attribute_error():
     from xmgie.mgie_core import plan
 
