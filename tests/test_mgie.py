@@ -302,3 +302,23 @@ def test_nodes(root, clean_paths):
     (model,) = nodes.LoadMGIE().load(model="mgie_7b", dtype="fp32")
     cond, text = nodes.MGIEInstruction().instruct(model, _image()[None], "make it winter", 6)
     assert cond.cond.shape == (1, 77, 32) and isinstance(text, str)
+
+
+def test_image_placeholders_in_the_answer_are_dropped(model, lib, monkeypatch):
+    """A random (or broken) model may write <im_patch>/<im_start>/<im_end> itself: they
+    are not text, and one more <im_patch> would not fit the image features spliced at
+    every placeholder of the teacher-forced pass. The run drops them."""
+    text = model.tokenizer("a snowy street.", add_special_tokens=False)["input_ids"]
+    eos = model.tokenizer.eos_token_id
+    junk = [model.token_id(t) for t in (lib.IM_PATCH, lib.IM_START, lib.IM_END)]
+
+    def generate(**kwargs):
+        ids = text[:1] + junk + text[1:] + [eos]
+        return torch.cat([kwargs["input_ids"], torch.tensor([ids])], 1)
+
+    monkeypatch.setattr(model.llm, "generate", generate)
+    out = model.run(_image(), "make it winter", max_new_tokens=40)
+    assert out.answer == "a snowy street."
+    monkeypatch.setattr(model.llm, "generate", lambda **kw: torch.cat(
+        [kw["input_ids"], torch.tensor([text + junk + model.img_ids + [eos]])], 1))
+    assert not model.run(_image(), "make it winter", max_new_tokens=40).fallback

@@ -283,15 +283,19 @@ class MGIEModel:
                              "an instruction that fits", fix)
 
     def answer_ids(self, new: list[int]) -> tuple[list[int], bool]:
-        """The generated ids before [IMG0] (and before </s>), and whether [IMG0] is absent."""
+        """The generated ids before [IMG0] (and before </s>), and whether [IMG0] is absent.
+
+        Image tokens the model should never write (a stray [IMG1..7], or an image
+        placeholder <im_patch>/<im_start>/<im_end>; possible only in a broken or random
+        model) are dropped from the text: the teacher-forced pass splices the image
+        features at every <im_patch>, so one in the answer would not fit."""
         img0 = self.token_id(IMG_TOKENS[0])
         eos = self.tokenizer.eos_token_id
+        stray = set(self.img_ids) | {self.token_id(t) for t in (IM_PATCH, IM_START, IM_END)}
         if img0 in new:
-            return new[:new.index(img0)], False
+            return [t for t in new[:new.index(img0)] if t not in stray], False
         if eos is not None and eos in new:
             new = new[:new.index(eos)]
-        # Keep a stray [IMG1..7] (possible only in a broken model) out of the text.
-        stray = set(self.img_ids)
         return [t for t in new if t not in stray], True
 
     def instruct(self, image: torch.Tensor, instruction: str,
