@@ -145,9 +145,9 @@ def test_node_types_at_the_boundary():
     import xmgie
 
     nodes = xmgie.NODE_CLASS_MAPPINGS
-    assert nodes["XMGIEInvert"].RETURN_TYPES == ("XMGIE_INVERSION", "LATENT")
-    assert nodes["XMGIECAMSampler"].RETURN_TYPES == ("LATENT", "LATENT")
-    assert nodes["XMGIEInstructSampler"].RETURN_TYPES == ("LATENT",)
+    assert nodes["XMGIEInvert"].RETURN_TYPES == ("XMGIE_INVERSION", "LATENT", "STRING")
+    assert nodes["XMGIECAMSampler"].RETURN_TYPES == ("LATENT", "LATENT", "STRING")
+    assert nodes["XMGIEInstructSampler"].RETURN_TYPES == ("LATENT", "STRING")
     assert nodes["XMGIEVAEEncode"].RETURN_TYPES == ("LATENT",)
     assert nodes["XMGIEVAEDecode"].INPUT_TYPES()["required"]["latent"][0] == "LATENT"
     assert nodes["XMGIECaption"].RETURN_TYPES == ("STRING",)

@@ -297,9 +297,9 @@ def test_nodes_fill_from_the_plan_and_name_both_when_given_neither(tiny_sd, tiny
     args = dict(method="direct", steps=2, guidance=7.5, inner_steps=1)
     with pytest.raises(InputError, match="source_prompt: is empty and no plan is connected"):
         invert.invert(tiny_sd, image, "", **args)
-    inv_, _ = invert.invert(tiny_sd, image, "", plan=PLAN, **args)
+    inv_, _, _ = _result(invert.invert(tiny_sd, image, "", plan=PLAN, **args))
     assert inv_.source_prompt == PLAN.source_prompt
-    inv_, _ = invert.invert(tiny_sd, image, "a sofa", plan=PLAN, **args)   # typed wins
+    inv_, _, _ = _result(invert.invert(tiny_sd, image, "a sofa", plan=PLAN, **args))  # typed wins
     assert inv_.source_prompt == "a sofa"
 
     cam = editing.CAMSampler()
@@ -309,7 +309,7 @@ def test_nodes_fill_from_the_plan_and_name_both_when_given_neither(tiny_sd, tiny
         cam.sample(tiny_sd, inv_, "", "", **kw)
     # Without a mask the plan's edit words do not turn CAM on (CAM needs a mask); typed
     # ones ask for it.
-    edited, _ = _result(cam.sample(tiny_sd, inv_, "", "", plan=PLAN, **kw))
+    edited, _, _ = _result(cam.sample(tiny_sd, inv_, "", "", plan=PLAN, **kw))
     assert edited["samples"].shape[0] == 1
     with pytest.raises(InputError, match="mask: is missing"):
         cam.sample(tiny_sd, inv_, "", "yellow", plan=PLAN, **kw)
