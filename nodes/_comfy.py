@@ -56,21 +56,24 @@ def _register_folders(folder_paths) -> None:
             else:
                 folder_paths.folder_names_and_paths[name] = ([default], exts)
     # ComfyUI ships the SD 1.x CLIP tokenizer as comfy/sd1_tokenizer: let the
-    # single-file loader find it under the name "sd1_tokenizer".
+    # single-file loader find it under the name "sd1_tokenizer". ``comfy`` is a namespace
+    # package (no __init__.py, so no __file__): its folder is on __path__. Nothing here may
+    # stop the pack from loading: a failure only costs this convenience, and says so.
     try:
         import comfy
 
-        comfy_dir = os.path.dirname(comfy.__file__)
+        comfy_dir = next(d for d in comfy.__path__
+                         if os.path.isdir(os.path.join(d, "sd1_tokenizer")))
         known = folder_paths.folder_names_and_paths[paths.CLIP_TOKENIZER.folder][0]
         if comfy_dir not in known:
             known.append(comfy_dir)
-    except (ImportError, KeyError, AttributeError) as exc:  # an older or unusual ComfyUI
+    except Exception as exc:  # an older or unusual ComfyUI
         import logging
 
         logging.getLogger(__name__).warning(
             "xMGIE: ComfyUI's SD 1.x tokenizer folder (comfy/sd1_tokenizer) could not be "
-            "registered (%s); single-file checkpoints then need models/clip_tokenizer/"
-            "clip-vit-large-patch14", exc)
+            "registered (%s: %s); single-file checkpoints then need models/clip_tokenizer/"
+            "clip-vit-large-patch14", type(exc).__name__, exc)
 
 
 def install() -> bool:

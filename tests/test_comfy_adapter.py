@@ -110,3 +110,15 @@ def test_gradient_stage_runs_under_comfyui_hooks_in_inference_mode(comfy):
     assert inv.updates.get("null-text inversion").applied > 0
     assert res.report.get("MAG").applied > 0
     assert torch.isfinite(res.edit).all()
+
+
+def test_comfyuis_sd1_tokenizer_is_registered_for_single_files(comfy):
+    """ComfyUI's ``comfy`` is a namespace package (no __file__): the adapter still finds
+    comfy/sd1_tokenizer, and installing never fails on it."""
+    import folder_paths
+
+    from xmgie.mgie_core import paths
+
+    folders = folder_paths.get_folder_paths(paths.CLIP_TOKENIZER.folder)
+    tok = [f for f in folders if os.path.isdir(os.path.join(f, "sd1_tokenizer"))]
+    assert tok and os.path.isfile(os.path.join(tok[0], "sd1_tokenizer", "vocab.json"))
