@@ -302,7 +302,7 @@ class MaskPyramid:
             self.at(tuple(hw), device, binary)
 
     def at(self, hw: tuple[int, int], device, binary: bool = True) -> torch.Tensor:
-        key = (hw[0], hw[1], str(torch.device(device)), binary)
+        key = (hw[0], hw[1], runtime.device_key(device), binary)
         if key not in self._cache:
             with runtime.normal_tensors():     # MAG's backward may save it
                 m = F.interpolate(self.mask[:, None].float(), size=hw, mode="bicubic",
@@ -451,8 +451,8 @@ class CAMHook(AttnHook):
                 bias[r] = cam[0] if cam.shape[0] == 1 else cam[k]
             return bias
 
-        return self._cached(("bias", hw, n_key, str(dtype), str(device), tuple(rows),
-                             len(ctx.layout)), make)
+        return self._cached(("bias", hw, n_key, str(dtype), runtime.device_key(device),
+                             tuple(rows), len(ctx.layout)), make)
 
     def needs_probs(self, layer, ctx):
         return self.mode == "probs" and bool(self._rows(layer, ctx))
@@ -626,7 +626,8 @@ class InjectionHook(AttnHook):
     def _device_mapper(self, device, dtype):
         """The mapper on ``device`` (made once: a host tensor would be copied to the
         device in every layer of every step)."""
-        key = (str(device), str(dtype)) if self.mode == "replace" else (str(device),)
+        key = ((runtime.device_key(device), str(dtype)) if self.mode == "replace"
+               else (runtime.device_key(device),))
         got = self._on.get(key)
         if got is None:
             with runtime.normal_tensors():    # the edit rows' backward saves it

@@ -507,6 +507,26 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.index is None or b.index is None or a.index == b.index
 
 
+def device_key(device) -> str:
+    """One name per device for caches keyed by device: "cuda" and "cuda:0" (the current
+    device) are the same device, and a cache filled before a loop with the model's
+    ``sd.device`` ("cuda") must serve a lookup with a tensor's ``.device`` ("cuda:0"),
+    or the loop's first step builds and copies everything a second time."""
+    d = torch.device(device)
+    if d.type in ("cpu", "meta"):          # one of each: "cpu:0" is the CPU
+        return d.type
+    if d.index is not None:
+        return str(d)
+    index = 0
+    module = getattr(torch, d.type, None)
+    try:
+        if module is not None and module.is_available():
+            index = module.current_device()
+    except Exception:  # noqa: BLE001 - a backend without current_device(): index 0
+        index = 0
+    return f"{d.type}:{index}"
+
+
 def place(x: torch.Tensor, device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``x`` on ``device`` (and in ``dtype``): the tensor itself when it is there already,
     a dtype cast when only the dtype differs, a copy only when it lives elsewhere. Loops

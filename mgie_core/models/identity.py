@@ -81,7 +81,7 @@ class IdentityEncoder:
         guidance embeds in every step of its window: host data each time would be a
         host-to-device copy per step), outside inference mode (the backward saves std)."""
         cache = self.__dict__.setdefault("_norm", {})
-        key = str(device)
+        key = runtime.device_key(device)
         if key not in cache:
             with runtime.normal_tensors():
                 cache[key] = tuple(torch.tensor(v, dtype=torch.float32, device=device)
