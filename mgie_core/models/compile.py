@@ -15,9 +15,12 @@ Hooks registered on those modules keep working: ``nn.Module`` runs them around
 Modes: "default" (inductor, fused kernels) and "reduce-overhead" (inductor with CUDA
 graphs) only; "max-autotune" is refused (its autotuning takes many minutes per shape and
 the gain on launch-bound passes is small). ``dynamic=False``: each shape (batch 1, 2, 4,
-with and without gradients) compiles once and runs specialised code after; the compile
-cache allows that many entries (``RECOMPILE_LIMIT``; dynamo's default of 8 per function
-would fall back to eager after the eighth shape). The first edit after compiling is slow
+with and without gradients) compiles once and runs specialised code after. Dynamo keeps
+one cache per code object, and every instance of a class shares its ``forward``'s code:
+SD 1.5's 22 resnet blocks, each in several shapes, share one cache. Its size is set from
+the number of compiled instances (``VARIANTS_PER_MODULE`` entries each); a fixed limit of
+64 was hit on the H200 (dynamo then runs the rest eagerly, checking 64 guards first: the
+compiled edit was slower than the eager one, bench/RESULTS.md). The first edit after compiling is slow
 (every shape compiles; minutes on a GPU for SD 1.5); later ones reuse the code.
 
 "reduce-overhead" on the CPU is "default" (CUDA graphs need a GPU); on a GPU it has not
@@ -34,7 +37,9 @@ import torch
 from ..errors import InputError
 
 COMPILE_MODES = ("off", "default", "reduce-overhead")
-RECOMPILE_LIMIT = 64          # compiled variants per module class (shapes x grad modes)
+# compiled variants per module instance: batch 1, 2 and 4 (MAG's truncated forward, the
+# unbatched and batched guidance), each with and without gradients, and some spare
+VARIANTS_PER_MODULE = 8
 
 
 def _compiled_types() -> tuple[type, ...]:
@@ -70,28 +75,37 @@ def compile_unet(unet: torch.nn.Module, mode: str = "default",
     unet.__dict__["_xmgie_compile"] = None
     if mode == "off":
         return 0
-    import torch._dynamo.config as dynamo_config
-
-    # "recompile_limit" was "cache_size_limit" before torch 2.7
-    for names, want in ((("recompile_limit", "cache_size_limit"), RECOMPILE_LIMIT),
-                        (("accumulated_recompile_limit", "accumulated_cache_size_limit"),
-                         16 * RECOMPILE_LIMIT)):
-        name = next((n for n in names if hasattr(dynamo_config, n)), None)
-        if name is not None:
-            setattr(dynamo_config, name, max(getattr(dynamo_config, name), want))
+    targets = [m for m in unet.modules()
+               if isinstance(m, _compiled_types()) and "forward" not in m.__dict__]
+    _size_compile_cache(targets)
     options = dict(dynamic=False)
     if backend is not None and backend != "inductor":
         options["backend"] = backend
     else:
         options["mode"] = mode
-    n = 0
-    for m in unet.modules():
-        if isinstance(m, _compiled_types()) and "forward" not in m.__dict__:
-            m.forward = torch.compile(m.forward, **options)
-            m._xmgie_compiled = True
-            n += 1
+    for m in targets:
+        m.forward = torch.compile(m.forward, **options)
+        m._xmgie_compiled = True
     unet.__dict__["_xmgie_compile"] = key
-    return n
+    return len(targets)
+
+
+def _size_compile_cache(modules) -> int:
+    """Let dynamo's per-code-object cache hold every shape of every instance of the most
+    numerous compiled class (never lowering a larger setting); returns the size set."""
+    import collections
+
+    import torch._dynamo.config as dynamo_config
+
+    per_class = collections.Counter(type(m).forward for m in modules)
+    want = VARIANTS_PER_MODULE * max(per_class.values(), default=1)
+    # "recompile_limit" was "cache_size_limit" before torch 2.7
+    for names in (("recompile_limit", "cache_size_limit"),
+                  ("accumulated_recompile_limit", "accumulated_cache_size_limit")):
+        name = next((n for n in names if hasattr(dynamo_config, n)), None)
+        if name is not None:
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), want))
+    return want
 
 
 def compiled_mode(unet: torch.nn.Module) -> str:
