@@ -20,8 +20,9 @@ one cache per code object, and every instance of a class shares its ``forward``'
 SD 1.5's 22 resnet blocks, each in several shapes, share one cache. Its size is set from
 the number of compiled instances (``VARIANTS_PER_MODULE`` entries each); a fixed limit of
 64 was hit on the H200 (dynamo then runs the rest eagerly, checking 64 guards first: the
-compiled edit was slower than the eager one, bench/RESULTS.md). The first edit after compiling is slow
-(every shape compiles; minutes on a GPU for SD 1.5); later ones reuse the code.
+compiled edit was slower than the eager one, bench/RESULTS.md). The first edit after
+compiling is slow (every shape compiles; minutes on a GPU for SD 1.5); later ones reuse
+the code.
 
 "reduce-overhead" on the CPU is "default" (CUDA graphs need a GPU); on a GPU it has not
 been measured yet: the GPU run of ``bench/edit_bench.py --compile reduce-overhead``
