@@ -495,8 +495,11 @@ def markdown_table(results: dict) -> str:
     r = results.get("ratios", {})
     if r.get("a_over_c") is not None:
         same = results.get("same_output_a_c") or {}
+        # the same edit up to float noise; on a GPU the two call patterns run other
+        # kernels (batch sizes, TF32 convolutions) and a random-weight UNet amplifies
+        # their rounding step by step (bench/RESULTS.md, "GPU")
         lines.append(f"a / c (reference call pattern / ours, same settings, same null-text "
-                     f"inversion, same output: max |latent diff| "
+                     f"inversion; output difference: max |latent diff| "
                      f"{_fmt(same.get('max_abs_latent'), '.1e')}): "
                      f"{r['a_over_c']:.2f}x whole edit, {r['a_over_c_sampling']:.2f}x sampling")
     if r.get("a_over_b") is not None:
