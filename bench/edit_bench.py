@@ -587,6 +587,10 @@ def parse_args(argv):
                          "(mgie_core/models/compile.py; never max-autotune). The warm-up "
                          "edit compiles; an eager mode-b edit is compared with the "
                          "compiled one (compile_check)")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="no TF32 (cuDNN convolutions use it in float32 by default) and "
+                         "deterministic cuDNN kernels: with --dtype fp32, checks on a GPU "
+                         "whether a and c give the same edit (same_output_a_c)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -604,6 +608,11 @@ def main(argv=None) -> dict:
     threads = args.threads or (1 if args.size == "tiny" and device.type == "cpu" else 0)
     if threads:
         torch.set_num_threads(threads)
+    if args.deterministic:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
              "auto": torch.float16 if device.type == "cuda" else torch.float32}[args.dtype]
     size = 128 if args.size == "tiny" else 512
@@ -616,7 +625,7 @@ def main(argv=None) -> dict:
             "size": args.size, "image_px": size, "device": str(device), "dtype": str(dtype),
             "steps": args.steps, "guidance": GUIDANCE, "null_text_inner": NULL_TEXT_INNER,
             "examples": str(args.examples), "limit": args.limit, "compile": args.compile,
-            "sync_steps": args.sync_steps,
+            "sync_steps": args.sync_steps, "deterministic": args.deterministic,
             "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cpu_threads": torch.get_num_threads(),
