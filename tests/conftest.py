@@ -87,6 +87,21 @@ def _load_tiny(tiny_root, tiny_models, family: str, loader_name: str, name: str)
         paths.configure(reset=True)
 
 
+@pytest.fixture(scope="module")
+def image():
+    """A seeded random 128 x 128 RGB image in 0..1, [1,H,W,3] (IMAGE layout): the tiny
+    models' test photo (one per test module; modules may define their own)."""
+    return torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def mask():
+    """The edit region for ``image``: a 64 x 64 box, [1,H,W] (MASK layout)."""
+    m = torch.zeros(1, 128, 128)
+    m[:, 32:96, 40:104] = 1
+    return m
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tiny_root, tiny_models):
     """The tiny SD 1.x model loaded once through the public loader (shared: tests must

@@ -108,13 +108,6 @@ def sd(tiny_sd):
 
 
 @pytest.fixture(scope="module")
-def mask():
-    m = torch.zeros(1, 128, 128)
-    m[:, 32:96, 40:104] = 1
-    return m
-
-
-@pytest.fixture(scope="module")
 def inv(sd):
     g = torch.Generator().manual_seed(0)
     z0 = vae.encode(sd, torch.rand(1, 128, 128, 3, generator=g)).samples

@@ -28,19 +28,6 @@ def sd(models):
 
 
 @pytest.fixture(scope="module")
-def image():
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(1, 128, 128, 3, generator=g)
-
-
-@pytest.fixture(scope="module")
-def mask():
-    m = torch.zeros(1, 128, 128)
-    m[:, 32:96, 40:104] = 1
-    return m
-
-
-@pytest.fixture(scope="module")
 def z0(sd, image):
     return vae.encode(sd, image).samples
 

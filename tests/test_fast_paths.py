@@ -30,18 +30,6 @@ SLOW = pytest.mark.skipif(not os.environ.get("XMGIE_SLOW_TESTS"),
 
 
 @pytest.fixture(scope="module")
-def image():
-    return torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def mask():
-    m = torch.zeros(1, 128, 128)
-    m[:, 32:96, 40:104] = 1
-    return m
-
-
-@pytest.fixture(scope="module")
 def z0(tiny_sd, image):
     return vae.encode(tiny_sd, image).samples
 

@@ -30,18 +30,6 @@ def encoder(tiny_models):
 
 
 @pytest.fixture(scope="module")
-def image():
-    return torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def mask():
-    m = torch.zeros(1, 128, 128)
-    m[:, 32:96, 40:104] = 1
-    return m
-
-
-@pytest.fixture(scope="module")
 def inv(sd, image):
     z0 = vae.encode(sd, image).samples
     return inversion.invert(sd, z0, SRC, method="direct", steps=STEPS, image_size=(128, 128))

@@ -29,11 +29,6 @@ def sd(tiny_sd):
 
 
 @pytest.fixture(scope="module")
-def image():
-    return torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
 def mask():
     m = torch.zeros(1, 128, 128)
     m[:, 24:104, 40:120] = 1        # covers part of every feature resolution (16 .. 2)
