@@ -284,29 +284,24 @@ def evaluate_runs(run_dir: Path, runs=None, options: Optional[EvalOptions] = Non
                     notes.append(f"{item_id}: not in the reference dataset; its paired "
                                  "metrics are left out")
             values: dict[str, float] = {}
+
+            def paired(prefix: str, a, b) -> None:
+                """PSNR, SSIM, MSE and LPIPS of ``a`` against ``b``, as ``prefix + name``."""
+                for name, fn in (("psnr", M.psnr), ("ssim", M.ssim), ("mse", M.mse)):
+                    if need(prefix + name):
+                        values[prefix + name] = float(fn(a, b)[0])
+                if need(prefix + "lpips") and network(prefix + "lpips") is not None:
+                    values[prefix + "lpips"] = float(
+                        M.lpips_distance(nets.get("lpips"), a, b)[0])
+
             if ref is not None:
                 fitted = _fit(edited, ref.shape[-2:])
                 resized += fitted is not edited
-                if need("psnr"):
-                    values["psnr"] = float(M.psnr(fitted, ref)[0])
-                if need("ssim"):
-                    values["ssim"] = float(M.ssim(fitted, ref)[0])
-                if need("mse"):
-                    values["mse"] = float(M.mse(fitted, ref)[0])
-                if need("lpips") and network("lpips") is not None:
-                    values["lpips"] = float(M.lpips_distance(nets.get("lpips"), fitted, ref)[0])
+                paired("", fitted, ref)
             on_source = _fit(edited, source.shape[-2:])
             mask = _load_mask(masks[item_id], source.shape[-2:]) if masks[item_id] else None
             if mask is not None:
-                bg_e, bg_s = M.background(on_source, source, mask)
-                if need("bg_psnr"):
-                    values["bg_psnr"] = float(M.psnr(bg_e, bg_s)[0])
-                if need("bg_ssim"):
-                    values["bg_ssim"] = float(M.ssim(bg_e, bg_s)[0])
-                if need("bg_mse"):
-                    values["bg_mse"] = float(M.mse(bg_e, bg_s)[0])
-                if need("bg_lpips") and network("bg_lpips") is not None:
-                    values["bg_lpips"] = float(M.lpips_distance(nets.get("lpips"), bg_e, bg_s)[0])
+                paired("bg_", *M.background(on_source, source, mask))
             text = prompts_text[item_id]
             if text and (need("clip_score") or need("clip_score_edited")) \
                     and network("clip_score") is not None:
