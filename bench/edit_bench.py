@@ -109,7 +109,7 @@ from xmgie.mgie_core.pfb import PFBControl  # noqa: E402
 from xmgie.mgie_core.sampler import CAMSettings, edit  # noqa: E402
 
 ENV_EXAMPLES = "XMGIE_BENCH_EXAMPLES"
-DEFAULT_EXAMPLES = REPO.parent / "shared" / "data" / "examples"
+DEFAULT_EXAMPLES = REPO / "examples"
 
 GUIDANCE = 7.5
 NULL_TEXT_INNER = 10                                   # official null-text default
@@ -565,7 +565,7 @@ def parse_args(argv):
     ap.add_argument("--examples", type=Path,
                     default=Path(os.environ.get(ENV_EXAMPLES, DEFAULT_EXAMPLES)),
                     help=f"folder with manifest.json (default ${ENV_EXAMPLES} or "
-                         "../shared/data/examples beside the repo)")
+                         "the repository's examples/)")
     ap.add_argument("--modes", default="a,b,c")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--limit", type=int, default=None, help="first N examples only")

@@ -20,7 +20,7 @@ from PIL import Image
 
 from xmgie.mgie_core import blur
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def load(folder: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -56,22 +57,15 @@ def clean_paths():
     paths.configure(reset=True)
 
 
-def examples_dir():
-    """../shared/data/examples beside the repository (as in CI). A user's clone may not
-    have it: those tests skip there, but under CI a missing folder is a failure."""
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "examples"
-    if not (path / "manifest.json").exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"the shared examples are missing under CI: {path}")
-        pytest.skip(f"shared examples not present at {path}")
-    return path
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.fixture
-def shared_examples():
-    return examples_dir()
+def example_photos():
+    """The example dataset shipped in the repository (examples/: four photos with masks,
+    instructions and prompts, listed in manifest.json)."""
+    assert (EXAMPLES / "manifest.json").exists(), f"the example dataset is missing: {EXAMPLES}"
+    return EXAMPLES
 
 
 def _load_tiny(tiny_root, tiny_models, family: str, loader_name: str, name: str):

@@ -33,7 +33,7 @@ def _api(path: Path) -> dict:
 
 
 def make_dataset(folder: Path, sizes=(64, 64), shared=None, extra=None) -> Path:
-    """A manifest.jsonl of small photos cut from the shared examples (or plain colours)."""
+    """A manifest.jsonl of small photos cut from the example photos (or plain colours)."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     names = ["carpet", "corgi", "butterfly", "cat_shirt"]
@@ -58,20 +58,20 @@ def make_dataset(folder: Path, sizes=(64, 64), shared=None, extra=None) -> Path:
 
 # --- datasets ---------------------------------------------------------------------------
 
-def test_manifest_layouts_give_the_same_items(tmp_path, shared_examples):
+def test_manifest_layouts_give_the_same_items(tmp_path, example_photos):
     from xmgie.runner.dataset import load_dataset
 
-    shared = load_dataset(shared_examples)          # {"examples": [...]} in manifest.json
+    shared = load_dataset(example_photos)          # {"examples": [...]} in manifest.json
     assert [i.id for i in shared] == ["carpet", "butterfly", "corgi", "cat_shirt"]
     carpet = shared.items[0].fields
-    assert carpet["image"] == str(shared_examples / "carpet.png")
-    assert carpet["mask"] == str(shared_examples / "carpet_mask.png")
+    assert carpet["image"] == str(example_photos / "carpet.png")
+    assert carpet["mask"] == str(example_photos / "carpet_mask.png")
     assert carpet["edit_words"] == ["yellow"] and carpet["object"] == "carpet"
 
-    records = json.loads((shared_examples / "manifest.json").read_text())["examples"]
+    records = json.loads((example_photos / "manifest.json").read_text())["examples"]
     for r in records:
-        r["image"] = str(shared_examples / r["image"])
-        r["mask"] = str(shared_examples / r["mask"])
+        r["image"] = str(example_photos / r["image"])
+        r["mask"] = str(example_photos / r["mask"])
     (tmp_path / "lines").mkdir()
     (tmp_path / "lines" / "manifest.jsonl").write_text(
         "# comment lines are skipped\n" + "".join(json.dumps(r) + "\n" for r in records))
@@ -316,10 +316,10 @@ def _records(run: Path) -> dict[str, dict]:
 
 
 def test_killed_batch_resumes_without_recomputing_finished_items(tmp_path, tiny_env,
-                                                                  shared_examples):
+                                                                  example_photos):
     """Two small items then two larger ones: the batch is SIGKILLed once two records
     exist (the third item is then normally mid-run), and rerun."""
-    data = make_dataset(tmp_path / "ds", sizes=(64, 64, 256, 256), shared=shared_examples)
+    data = make_dataset(tmp_path / "ds", sizes=(64, 64, 256, 256), shared=example_photos)
     run = tmp_path / "run"
     args = ["batch", str(YELLOW), "--dataset", str(data), "--tiny", "--set", "4.steps=2",
             "--out", str(run)]

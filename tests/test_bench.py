@@ -48,11 +48,11 @@ def expected(method: str, batched: bool, iters: int, cache: bool, truncate: bool
 
 
 @pytest.mark.timeout(300)
-def test_edit_bench_tiny(shared_examples, tmp_path, capsys):
+def test_edit_bench_tiny(example_photos, tmp_path, capsys):
     bench = _load_bench()
     out = tmp_path / "results.json"
     bench.main(["--size", "tiny", "--device", "cpu", "--steps", str(STEPS), "--limit", "1",
-                "--examples", str(shared_examples), "--out", str(out)])
+                "--examples", str(example_photos), "--out", str(out)])
     printed = capsys.readouterr().out
     res = json.loads(out.read_text())
 

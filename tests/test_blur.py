@@ -20,10 +20,9 @@ from xmgie.mgie_core import blur
 from xmgie.mgie_core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO.parent / "shared" / "data" / "examples"   # ../shared beside the repo (CI)
+EXAMPLES = REPO / "examples"   # the example dataset shipped in the repository
 NAMES = ["carpet", "butterfly", "corgi", "cat_shirt"]
-# skips on a user's clone without ../shared; fails under CI (see conftest.examples_dir)
-needs_examples = pytest.mark.usefixtures("shared_examples")
+needs_examples = pytest.mark.usefixtures("example_photos")
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -1,6 +1,6 @@
 """xmgie eval: each metric against an independent computation (on random-weight metric
 networks saved in their real layouts and loaded through the same loaders), a missing
-network's error, and the batch -> eval --variants pipeline on the shared examples."""
+network's error, and the batch -> eval --variants pipeline on the example photos."""
 
 from __future__ import annotations
 
@@ -301,19 +301,19 @@ def test_missing_metric_network_is_reported_and_the_rest_still_computed(
     assert table["errors"] == {} and len(table["metrics"]) == 13
 
 
-def test_batch_then_eval_variants_on_the_shared_examples(tmp_path, tiny_env, shared_examples,
+def test_batch_then_eval_variants_on_the_example_photos(tmp_path, tiny_env, example_photos,
                                                          metric_models, capsys):
-    """The acceptance run: xmgie batch on the shared examples with the tiny models, then
+    """The acceptance run: xmgie batch on the example photos with the tiny models, then
     xmgie eval --variants: records, the ablation table and the pictures."""
     from xmgie import cli
 
     run = tmp_path / "run"
-    assert cli.main(["batch", str(YELLOW), "--dataset", str(shared_examples), "--tiny",
+    assert cli.main(["batch", str(YELLOW), "--dataset", str(example_photos), "--tiny",
                      "--set", "4.steps=1", "--out", str(run)]) == 0
     ids = ["butterfly", "carpet", "cat_shirt", "corgi"]
     base = {i: json.loads((run / "items" / i / "record.json").read_text()) for i in ids}
     for i, rec in base.items():
-        assert rec["status"] == "ok" and rec["inputs"]["image"] == str(shared_examples / f"{i}.png")
+        assert rec["status"] == "ok" and rec["inputs"]["image"] == str(example_photos / f"{i}.png")
         assert rec["mapped"]["6.cam_in_words"] == ", ".join(rec["inputs"]["edit_words"])
         # One inversion step (1 forward) and one batched sampling step (1 forward).
         assert rec["unet_passes"]["forward"] == 2 and rec["unet_passes"]["by_node"]["6"]

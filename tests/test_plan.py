@@ -407,8 +407,8 @@ def test_plan_from_prompts():
         P.plan_from_prompts("x", BUTTERFLY["source"], "")
 
 
-def test_manifest_examples_roundtrip(shared_examples):
-    man = shared_examples / "manifest.json"
+def test_manifest_examples_roundtrip(example_photos):
+    man = example_photos / "manifest.json"
     for ex in json.loads(man.read_text())["examples"]:
         p = P.plan_from_prompts(ex["instruction"], ex["source_prompt"], ex["target_prompt"])
         assert p.edit_words == ex["edit_words"], ex["name"]

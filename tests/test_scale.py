@@ -22,14 +22,14 @@ def _records(run: Path) -> dict[str, dict]:
             for p in (run / "items").glob("*/record.json")}
 
 
-def test_ray_two_workers_match_a_single_process(tmp_path, tiny_env, shared_examples):
+def test_ray_two_workers_match_a_single_process(tmp_path, tiny_env, example_photos):
     try:
         import ray  # noqa: F401  (only: is it installed?)
     except ImportError:
         pytest.skip("Ray is not installed (pip install \"xmgie[scale]\"); CI installs it")
     from xmgie import cli
 
-    data = make_dataset(tmp_path / "ds", sizes=(64, 96, 64, 96), shared=shared_examples)
+    data = make_dataset(tmp_path / "ds", sizes=(64, 96, 64, 96), shared=example_photos)
     common = ["batch", str(YELLOW), "--dataset", str(data), "--tiny", "--set", "4.steps=2",
               "--seed", "11"]
     single = tmp_path / "single"
