@@ -40,19 +40,19 @@ def test_every_listed_template_is_a_ui_workflow_with_an_api_twin():
     for path in TEMPLATES:
         data = _load(path)
         # The frontend's schema check: a version, nodes and links (API files have none).
-        assert data["version"] == 0.4 and engine.is_ui_format(data), path.name
+        assert data["version"] == 0.4 and wui.is_ui_format(data), path.name
         assert isinstance(data["links"], list) and data["last_node_id"] >= 1
         assert (WORKFLOWS / "api" / f"{path.stem}_api.json").is_file()
         assert (WORKFLOWS / "api" / f"{path.stem}.layout.json").is_file()
     # No API-format file where ComfyUI would list it.
-    assert not [p for p in TEMPLATES if not engine.is_ui_format(_load(p))]
+    assert not [p for p in TEMPLATES if not wui.is_ui_format(_load(p))]
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_converts_to_its_api_twin(name, registry):
     ui = _load(WORKFLOWS / f"{name}.json")
     twin = _load(WORKFLOWS / "api" / f"{name}_api.json")
-    assert engine.to_api(ui, registry) == twin
+    assert wui.to_api(ui, registry) == twin
 
 
 def test_shipped_workflows_are_what_the_tool_writes(registry, capsys):
@@ -87,12 +87,12 @@ def test_layout_no_overlap_every_node_in_its_stage_group(name, registry):
 @pytest.mark.parametrize("name", NAMES)
 def test_note_says_what_to_change_and_names_every_model_file(name, registry):
     ui = _load(WORKFLOWS / f"{name}.json")
-    notes = [n for n in ui["nodes"] if n["type"] in engine.UI_NOTE_TYPES]
+    notes = [n for n in ui["nodes"] if n["type"] in wui.UI_NOTE_TYPES]
     assert len(notes) == 1
     text = notes[0]["widgets_values"][0]
     assert "**Change**" in text and "models/" in text
     specs = engine._Specs(registry)
-    prompt = engine.to_api(ui, registry)
+    prompt = wui.to_api(ui, registry)
     for nid, node in prompt.items():
         spec = specs.get(node["class_type"])
         if not str(getattr(spec.cls, "CATEGORY", "")).endswith("loaders"):
@@ -114,7 +114,7 @@ def test_ui_file_follows_the_frontend_format(name, registry):
         assert link_id in out["links"] and out["slot_index"] == src_slot and out["type"] == type_
     specs = engine._Specs(registry)
     for n in ui["nodes"]:
-        if n["type"] in engine.UI_NOTE_TYPES:
+        if n["type"] in wui.UI_NOTE_TYPES:
             continue
         spec = specs.get(n["type"])
         assert n["properties"] == {"Node name for S&R": n["type"]}
@@ -124,7 +124,7 @@ def test_ui_file_follows_the_frontend_format(name, registry):
         extra = ["upload"] if any(w.options.get("image_upload") for w in wui.widgets(spec)) else []
         assert names == sockets + widgets + extra
         values = n["widgets_values"]
-        expected_len = len(widgets) + sum(wui.has_seed_control(w) for w in wui.widgets(spec)) \
+        expected_len = len(widgets) + sum(wui.control_values(w) for w in wui.widgets(spec)) \
             + len(extra)
         assert len(values) == expected_len, n["type"]
         assert n["size"][1] >= wui.min_height(spec)
@@ -155,7 +155,7 @@ def test_every_node_type_round_trips_with_its_default_values(registry):
         prompt[str(i)] = {"class_type": class_type,
                           "inputs": {w.name: wui.default_value(w) for w in wui.widgets(spec)}}
     ui = wui.api_to_ui(prompt, registry, name="all")
-    assert engine.to_api(ui, registry) == prompt
+    assert wui.to_api(ui, registry) == prompt
     assert wui.layout_problems(ui, registry) == []
 
 
@@ -196,8 +196,8 @@ def test_force_input_is_a_socket_in_writer_and_converter():
     assert [e["name"] for e in node["inputs"]] == ["text", "count"]
     assert "widget" not in node["inputs"][0] and node["widgets_values"] == [3]
     assert ui["links"] == [[1, 1, 0, 2, 0, "STRING"]]
-    assert engine.to_api(ui, registry) == prompt
-    result = engine.execute(engine.to_api(ui, registry), registry)
+    assert wui.to_api(ui, registry) == prompt
+    result = engine.execute(wui.to_api(ui, registry), registry)
     assert result.outputs["2"] == ("ababab",)
 
 
@@ -255,7 +255,7 @@ def test_workflow_command_converts_both_ways(tmp_path, capsys, registry):
     # Without a layout: one stage per depth, no note.
     assert cli.main(["workflow", "ui", str(src), "-o", str(ui_path)]) == 0
     auto = _load(ui_path)
-    assert not [n for n in auto["nodes"] if n["type"] in engine.UI_NOTE_TYPES]
+    assert not [n for n in auto["nodes"] if n["type"] in wui.UI_NOTE_TYPES]
     assert wui.layout_problems(auto, registry) == []
     bad = tmp_path / "bad_api.json"
     bad.write_text(json.dumps({"1": {"class_type": "Nope", "inputs": {}}}))
