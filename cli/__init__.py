@@ -31,19 +31,29 @@ file). batch and eval have their own (see :mod:`.batch`).
 from __future__ import annotations
 
 import argparse
+import importlib
+import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..mgie_core import images, paths, runtime
-from ..mgie_core.errors import XMGIEError
-from ..runner import core_nodes, engine
-from . import batch, run, workflow
+from . import batch, workflow
 from .host import build_registry, configure_models
-from .run import TINY_CAPS, TINY_MAX_SIDE, UsageError, prepare, run_context, tiny_caps
 
-__all__ = ["main", "build_parser", "build_registry", "configure_models", "prepare",
-           "run_context", "tiny_caps", "TINY_CAPS", "TINY_MAX_SIDE", "UsageError"]
+# Nothing above imports torch, the runner or the nodes: main() imports them inside its
+# Ctrl-C handling (torch alone takes seconds to import).
+_FROM_RUN = ("prepare", "run_context", "tiny_caps", "TINY_CAPS", "TINY_MAX_SIDE",
+             "UsageError")
+
+__all__ = ["main", "build_parser", "build_registry", "configure_models", *_FROM_RUN]
+
+
+def __getattr__(name: str):
+    # check/run's helpers, imported on first use (they import the runner and torch).
+    if name in _FROM_RUN:
+        return getattr(importlib.import_module(".run", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -59,6 +69,8 @@ def _pixels(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..mgie_core import images, paths
+
     parser = argparse.ArgumentParser(
         prog="xmgie", description="Run or check a ComfyUI workflow (UI or API format) "
         "headlessly with the xMGIE nodes.")
@@ -107,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_errors(exc: engine.WorkflowError) -> None:
+def _print_errors(exc) -> None:
     if len(exc.errors) == 1:
         print(f"error: {exc.errors[0]}", file=sys.stderr)
         return
@@ -126,6 +138,21 @@ def _registry_or_message() -> Optional[dict[str, type]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; errors become messages and exit statuses. Ctrl-C at any point,
+    the imports included, ends with "Interrupted." and status 130. Called as the
+    program (``argv`` None), it then ignores Ctrl-C while Python shuts down, so a late
+    Ctrl-C cannot turn a finished run into a death by signal."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # here only when it came outside a command's own handling
+        print("Interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if argv is None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -141,6 +168,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # The registry is looked up here, at call time, and handed down: Ray workers get
         # the function itself and build their own.
         return batch.main(args, build_registry)
+    from ..mgie_core import runtime
+    from ..mgie_core.errors import XMGIEError
+    from ..runner import core_nodes, engine
+    from . import run
+
     try:
         if args.command == "workflow":
             registry = _registry_or_message()
@@ -151,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if registry is None:
             return EXIT_FAILED
         configure_models(args)
-        with core_nodes.using_context(run_context(args)):
+        with core_nodes.using_context(run.run_context(args)):
             return command(args, data, registry)
     except engine.WorkflowFileError as exc:
         _print_errors(exc)

@@ -13,8 +13,6 @@ import argparse
 import os
 import sys
 
-from ..mgie_core import images, paths, runtime
-
 TINY_NOTE = ("note: --tiny uses random-weight tiny models: it proves the install and the "
              "graph, and the image it produces is meaningless.")
 
@@ -34,6 +32,8 @@ def configure_models(args: argparse.Namespace, *, reset: bool = False) -> None:
     before validation, because model dropdown lists depend on them. ``reset`` first
     forgets folders configured earlier in this process (batch and eval, which tests and
     notebooks call repeatedly)."""
+    from ..mgie_core import images, paths, runtime
+
     if reset:
         paths.configure(reset=True)
     if getattr(args, "device", None):

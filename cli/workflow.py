@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..runner import engine
-
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -36,6 +34,8 @@ def add_parser(commands) -> None:
 
 
 def _write(path: Path, text: str) -> None:
+    from ..runner import engine
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
@@ -44,7 +44,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def cmd_workflow(args: argparse.Namespace, registry: dict[str, type]) -> int:
-    from ..runner import workflow_ui
+    from ..runner import engine, workflow_ui
 
     if args.workflow_command == "sync":
         folder = args.folder or PACKAGE_ROOT / "workflows"
