@@ -200,12 +200,13 @@ def _input_dirs(input_dirs: Sequence[Path | str], item: Item) -> list[Path]:
 class Session:
     """Per-process state of a batch: the cached registry and the pass counter. One per
     ``xmgie batch`` process, one per Ray worker; shared by every run folder (variant) the
-    process works on, so models load once."""
+    process works on, so models load once. ``registry`` is the node registry the host
+    hands over (the runner imports no nodes of the pack)."""
 
-    def __init__(self, registry: Optional[engine.Registry] = None):
+    def __init__(self, registry: engine.Registry):
         self.counter = PassCounter()
         self.cache = ModelCache(on_load=self.counter.watch)
-        self.registry = self.cache.wrap(registry or default_registry())
+        self.registry = self.cache.wrap(registry)
         self.run_id = uuid.uuid4().hex[:12]
         self.host = socket.gethostname()
 

@@ -6,7 +6,7 @@ ids, input names and tensor conventions (IMAGE float32 [B,H,W,3] in 0..1, MASK [
 a loaded mask is 1 - alpha, LATENT ``{"samples": raw VAE latent}`` without the 0.18215
 factor) so the same workflow JSON runs in both places.
 
-Models (issue 12): a workflow may start from core Load Checkpoint and hand its MODEL,
+Models: a workflow may start from core Load Checkpoint and hand its MODEL,
 CLIP and VAE to "xMGIE SD Model From ComfyUI". Here :class:`CheckpointLoaderSimple`
 reads the SD 1.x file the pack's own loader would (models/checkpoints, ``--tiny``) and
 gives :class:`mgie_core.models.from_ldm.LDMPart` values: the file's tensors in the LDM

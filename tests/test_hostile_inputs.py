@@ -1,7 +1,8 @@
 """Hostile inputs, run through the headless runner (``xmgie run``) as a user would.
 
-Every bad input of issue 10: model folders that name code, damaged or incomplete model
-files, NaN/Inf/out-of-range values, odd image files and paths, and broken workflows.
+Every bad input a user might give: model folders that name code, damaged or incomplete
+model files, NaN/Inf/out-of-range values, odd image files and paths, broken workflows,
+and Ctrl-C.
 Each run must fail with a non-zero exit code, an error naming the node and the input or
 file, and no output file written. The models are the tiny random-weight ones, copied
 into a models folder per test so that each test can damage its own copy.
