@@ -1,8 +1,8 @@
 """``xmgie batch``: one workflow mapped over a dataset, resumable, one record per item.
 
-Built on the engine's public pipeline (``to_api`` -> ``apply_overrides`` -> ``check`` ->
-``execute``): the batch only fills a copy of the API prompt with each item's fields and
-seed, then executes it.
+Built on the runner's public pipeline (``workflow_ui.to_api`` -> ``apply_overrides`` ->
+``check`` -> ``execute``): the batch only fills a copy of the API prompt with each item's
+fields and seed, then executes it.
 
 Run folder (``--out RUN``)::
 
@@ -48,11 +48,11 @@ import numpy as np
 
 from ..mgie_core import runtime
 from ..mgie_core.errors import XMGIEError
-from . import core_nodes, engine
+from . import core_nodes, engine, workflow_ui
 from .dataset import Dataset, Item, pie_bench_mask
 from .mapping import (BatchError, ItemError, canonical_sha, item_prompt, item_seed,
                       parse_map_options, resolve_mapping, seed_everything)
-from .model_cache import ModelCache, PassCounter, default_registry
+from .model_cache import ModelCache, PassCounter
 from .variants import Variant, apply_variant
 
 BATCH_FILE = "batch.json"
@@ -136,7 +136,7 @@ def prepare_settings(workflow: Path, data: dict, registry: engine.Registry, data
 
     ``mapping`` (a resolved mapping, e.g. the base run's when variants are added later)
     is used instead of resolving one; its targets on nodes a variant bypassed drop out."""
-    prompt = engine.to_api(data, registry)
+    prompt = workflow_ui.to_api(data, registry)
     prompt = engine.apply_overrides(prompt, list(overrides), registry)
     fixed: set = set()
     if variant is not None:
@@ -155,7 +155,7 @@ def prepare_settings(workflow: Path, data: dict, registry: engine.Registry, data
         variant=variant.to_json() if variant is not None else None,
         fixed=sorted([list(p) for p in fixed]),
         extra_pnginfo=(extra_pnginfo if extra_pnginfo is not None else
-                       {"workflow": data} if engine.is_ui_format(data) else {}),
+                       {"workflow": data} if workflow_ui.is_ui_format(data) else {}),
         tiny=bool(tiny), models_dirs=[str(p) for p in models_dirs],
         input_dirs=[str(p) for p in input_dirs], device=device)
 
@@ -200,12 +200,13 @@ def _input_dirs(input_dirs: Sequence[Path | str], item: Item) -> list[Path]:
 class Session:
     """Per-process state of a batch: the cached registry and the pass counter. One per
     ``xmgie batch`` process, one per Ray worker; shared by every run folder (variant) the
-    process works on, so models load once."""
+    process works on, so models load once. ``registry`` is the node registry the host
+    hands over (the runner imports no nodes of the pack)."""
 
-    def __init__(self, registry: Optional[engine.Registry] = None):
+    def __init__(self, registry: engine.Registry):
         self.counter = PassCounter()
         self.cache = ModelCache(on_load=self.counter.watch)
-        self.registry = self.cache.wrap(registry or default_registry())
+        self.registry = self.cache.wrap(registry)
         self.run_id = uuid.uuid4().hex[:12]
         self.host = socket.gethostname()
 
@@ -485,8 +486,10 @@ def run_batch(settings: BatchSettings, run_dir: Path, dataset: Dataset, *,
               limit: Optional[int] = None) -> Summary:
     """Run every item of ``dataset`` not done yet into ``run_dir``.
 
-    ``executor`` (see :mod:`.scale`) runs items elsewhere; by default they run here, in
-    ``session`` (made if not given). Ctrl-C stops after cleaning the current item."""
+    ``executor`` (see :mod:`.scale`) runs items elsewhere; without one they run here, in
+    ``session``. Ctrl-C stops after cleaning the current item."""
+    if executor is None and session is None:
+        raise ValueError("run_batch needs a session (or an executor) to run the items in")
     run_dir = Path(run_dir)
     summary = Summary(run_dir=run_dir, total=len(dataset))
     t0 = time.perf_counter()
@@ -513,7 +516,6 @@ def run_batch(settings: BatchSettings, run_dir: Path, dataset: Dataset, *,
             if executor is not None:
                 executor.run(settings, run_dir, todo, collect)
             else:
-                session = session or Session()
                 for item in todo:
                     runtime.check_interrupt()
                     collect(session.run_item(settings, run_dir, item))

@@ -6,7 +6,7 @@ ids, input names and tensor conventions (IMAGE float32 [B,H,W,3] in 0..1, MASK [
 a loaded mask is 1 - alpha, LATENT ``{"samples": raw VAE latent}`` without the 0.18215
 factor) so the same workflow JSON runs in both places.
 
-Models (issue 12): a workflow may start from core Load Checkpoint and hand its MODEL,
+Models: a workflow may start from core Load Checkpoint and hand its MODEL,
 CLIP and VAE to "xMGIE SD Model From ComfyUI". Here :class:`CheckpointLoaderSimple`
 reads the SD 1.x file the pack's own loader would (models/checkpoints, ``--tiny``) and
 gives :class:`mgie_core.models.from_ldm.LDMPart` values: the file's tensors in the LDM
@@ -45,7 +45,13 @@ from ..mgie_core import paths, runtime
 from ..mgie_core import vae as vae_mod
 from ..mgie_core.errors import InputError
 from ..mgie_core.models import from_ldm
-from ..nodes._common import inp
+
+
+def inp(tooltip: str, **opts) -> dict:
+    """Options of an input, always with a tooltip (the node pack has the same helper;
+    the runner keeps its own so it never imports the pack)."""
+    return {"tooltip": tooltip, **opts}
+
 
 PREVIEW_SUBFOLDER = "preview"
 
@@ -63,18 +69,33 @@ class RunContext:
     # Longest side of images LoadImage/LoadImageMask give (None: as stored). Set by
     # `xmgie run --tiny`, where the tiny models make any image meaningless anyway.
     max_side: Optional[int] = None
+    # One factor for every image of the run (see plan_scale), so images of different
+    # sizes stay different; None: each image is fitted to max_side on its own.
+    scale: Optional[float] = None
+    # (image name, size as given, size as loaded) of every image the limit shrank.
+    scaled: list[tuple[str, tuple[int, int], tuple[int, int]]] = \
+        dataclasses.field(default_factory=list)
     # Precision of the text encoder Load Checkpoint gives: ComfyUI's default is fp16 on
     # every device (model_management.text_encoder_dtype); --fp32-text-enc as in ComfyUI.
     text_encoder_dtype: torch.dtype = torch.float16
 
     def image_search_dirs(self) -> list[Path]:
         """Where a relative image name is looked up, in order: the input dirs, the
-        workflow's folder, then its ``inputs/`` sub-folder (where shipped examples keep
-        their images)."""
+        workflow's folder, its ``inputs/`` sub-folder (where shipped examples keep their
+        images), then the ``inputs/`` folder beside the workflow's folder (so an API
+        twin in ``workflows/api/`` finds ``workflows/inputs/``)."""
         dirs = [Path(d) for d in self.input_dirs]
         if self.workflow_dir is not None:
-            dirs += [Path(self.workflow_dir), Path(self.workflow_dir) / "inputs"]
-        return dirs
+            here = Path(self.workflow_dir)
+            dirs += [here, here / "inputs", here.parent / "inputs"]
+        return list(dict.fromkeys(dirs))
+
+    def scaling_note(self) -> str:
+        """The images the size limit shrank, with their sizes as given ('' if none)."""
+        if not self.scaled:
+            return ""
+        return ("--tiny scaled the loaded images: " + ", ".join(
+            f"'{name}' {w}x{h} -> {sw}x{sh}" for name, (w, h), (sw, sh) in self.scaled))
 
     def resolve_image(self, name: str) -> Path:
         """Path of the image ``name``, which must lie inside one of the search folders.
@@ -207,16 +228,56 @@ def _to_rgba(frame: Image.Image) -> Image.Image:
     return frame.convert("RGBA")
 
 
-def _downscale(frame: Image.Image) -> Image.Image:
-    """The frame shrunk so its longer side is at most the context's ``max_side`` (each
-    side a multiple of 8, as SD's VAE needs); unchanged when no limit is set or the frame
-    is already small enough."""
-    limit = context().max_side
+IMAGE_NODES = ("LoadImage", "LoadImageMask")
+
+
+def plan_scale(prompt: dict) -> Optional[float]:
+    """Fix the context's one image scale for a run: the factor that brings the largest
+    image the prompt's LoadImage/LoadImageMask nodes name to ``max_side``, read from the
+    file headers (nothing is decoded). One factor keeps different sizes different, so a
+    node comparing a mask with its photo sees what the files as given would show. Names
+    that do not resolve are left to the node's own error."""
+    ctx = context()
+    if not ctx.max_side:
+        return None
+    longest = 0
+    for node in prompt.values():
+        name = (node.get("inputs") or {}).get("image")
+        if node.get("class_type") not in IMAGE_NODES or not isinstance(name, str):
+            continue
+        try:
+            with _own_pixel_limit(), Image.open(ctx.resolve_image(name)) as img:
+                longest = max(longest, *img.size)
+        except Exception:  # missing or unreadable: the node says so when it runs
+            continue
+    ctx.scale = min(1.0, ctx.max_side / longest) if longest else None
+    return ctx.scale
+
+
+def _downscale(frame: Image.Image, name: str) -> Image.Image:
+    """The frame shrunk by the context's scale (or, without one, so its longer side is
+    at most ``max_side``), each side a multiple of 8 as SD's VAE needs; unchanged when no
+    limit is set or the frame is already small enough.
+
+    Rounding to multiples of 8 could give two images of different sizes the same size,
+    which would let a mismatched mask pass; that is refused, naming both files."""
+    ctx = context()
     w, h = frame.size
-    if not limit or max(w, h) <= limit:
+    if not ctx.max_side:
         return frame
-    scale = limit / max(w, h)
+    scale = ctx.scale if ctx.scale is not None else ctx.max_side / max(w, h)
+    if scale >= 1.0:
+        return frame
     size = (max(8, round(w * scale / 8) * 8), max(8, round(h * scale / 8) * 8))
+    for other, given, loaded in ctx.scaled:
+        if loaded == size and given != (w, h):
+            raise InputError(
+                "image", f"'{name}' is {w}x{h} and '{other}' is {given[0]}x{given[1]}; "
+                f"--tiny would load both at {size[0]}x{size[1]} and hide the difference",
+                "images of the same size where a workflow pairs them (a mask and its "
+                "photo)", "Resize one to the other, or run without --tiny.")
+    if (name, (w, h), size) not in ctx.scaled:  # once per file, not per frame
+        ctx.scaled.append((name, (w, h), size))
     return frame.resize(size, Image.Resampling.LANCZOS)
 
 
@@ -229,7 +290,7 @@ def load_image_tensors(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """IMAGE [B,H,W,3] and MASK [B,H,W] (1 - alpha; zeros without alpha) of a file."""
     images, masks = [], []
     for frame in _frames(path):
-        rgba = np.asarray(_downscale(_to_rgba(frame)), dtype=np.float32) / 255.0
+        rgba = np.asarray(_downscale(_to_rgba(frame), path.name), dtype=np.float32) / 255.0
         images.append(torch.from_numpy(rgba[..., :3].copy()))
         alpha = rgba[..., 3] if _has_alpha(frame) else np.ones(rgba.shape[:2], np.float32)
         masks.append(torch.from_numpy(1.0 - alpha))
@@ -463,7 +524,8 @@ class LoadImageMask:
         return LoadImage.VALIDATE_INPUTS(image)
 
     def load_image(self, image: str, channel: str):
-        frame = _downscale(_to_rgba(_frames(context().resolve_image(image))[0]))
+        path = context().resolve_image(image)
+        frame = _downscale(_to_rgba(_frames(path)[0]), path.name)
         band = np.asarray(frame.getchannel(channel[0].upper()), dtype=np.float32) / 255.0
         mask = 1.0 - band if channel == "alpha" else band
         return (torch.from_numpy(np.ascontiguousarray(mask)).unsqueeze(0),)

@@ -1,14 +1,15 @@
-"""Headless runner for ComfyUI workflows: load, convert, validate, execute.
+"""The graph engine for ComfyUI workflows in the API form: load, validate, execute.
 
-A generic graph engine. It knows nothing about the pack: it receives a registry
+A generic engine. It knows nothing about the pack: it receives a registry
 ``{class_type: node class}`` of classic-style ComfyUI nodes (``INPUT_TYPES`` classmethod,
 ``RETURN_TYPES``, ``FUNCTION``, optional ``RETURN_NAMES`` / ``OUTPUT_NODE`` /
-``VALIDATE_INPUTS``) and never imports ComfyUI or the pack's ``nodes`` package.
+``VALIDATE_INPUTS``) and never imports ComfyUI or the pack's ``nodes`` package. Reading
+the UI format is :mod:`.workflow_ui`'s job.
 
 The pipeline reads top to bottom::
 
     data = load_file(path)                       # JSON, UI or API format
-    prompt = to_api(data, registry)              # UI format converted to the API form
+    prompt = workflow_ui.to_api(data, registry)  # UI format converted to the API form
     prompt = apply_overrides(prompt, ["3.seed=7"], registry)
     prompt = check(prompt, registry)             # every problem at once, or WorkflowError
     result = execute(prompt, registry, on_node=print)
@@ -21,16 +22,8 @@ where a two-item list ``[source node id, output index]`` is a link.
 
 Behaviour worth knowing (it follows ComfyUI where ComfyUI is defined):
 
-* UI-format conversion maps ``widgets_values`` onto the widget inputs in ``INPUT_TYPES``
-  order (required, then optional; a ``forceInput`` primitive is a socket and has none). The frontend stores a value for every widget, linked
-  or not, so a linked widget consumes its slot and the link wins; the extra
-  ``control_after_generate`` value stored after a seed is skipped. Note and MarkdownNote
-  nodes are dropped, Reroute chains are followed to their source, and a PrimitiveNode's
-  value is written into every input it feeds.
-* Muted nodes (mode 2) are dropped; inputs they fed become unset (an error when
-  required). Bypassed nodes (mode 4) are dropped and, as ComfyUI does, each of their
-  outputs is replaced by their input of the same type (same slot first, then the first
-  input of that type); an output with no such input becomes unset.
+* UI-format conversion (widgets, seed controls, Reroute, PrimitiveNode, muted and
+  bypassed nodes) follows ComfyUI's frontend: see :mod:`.workflow_ui`.
 * Validation covers every node, not only those feeding an output, so ``xmgie check``
   reports all problems at once. Extra inputs a node does not declare are ignored
   (ComfyUI does the same).
@@ -99,12 +92,6 @@ Prompt = dict[str, dict]
 
 # Input types edited with a widget in ComfyUI's frontend; any other type is a socket.
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
-# Values ComfyUI stores after a seed widget for its "control after generate" widget.
-SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize", "increment-wrap")
-# UI-only node types that carry no computation.
-UI_NOTE_TYPES = ("Note", "MarkdownNote")
-MODE_MUTED = 2
-MODE_BYPASSED = 4
 # Hidden inputs the runner supplies, by ComfyUI's hidden type name.
 HIDDEN_PROMPT, HIDDEN_EXTRA_PNGINFO, HIDDEN_UNIQUE_ID = "PROMPT", "EXTRA_PNGINFO", "UNIQUE_ID"
 
@@ -194,12 +181,6 @@ class InputSpec:
     @property
     def type_name(self) -> str:
         return "COMBO" if self.choices is not None else str(self.type)
-
-    @property
-    def is_seed(self) -> bool:
-        """ComfyUI adds a "control after generate" widget after such an input."""
-        return self.type == "INT" and (
-            "seed" in self.name.lower() or bool(self.options.get("control_after_generate")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,70 +294,11 @@ def nesting_depth(data: Any) -> int:
     return deepest
 
 
-def is_ui_format(data: Mapping) -> bool:
-    """UI workflows (ComfyUI's "Save") have a top-level list of nodes."""
-    return isinstance(data.get("nodes"), list)
-
-
 def is_link(value: Any) -> bool:
     """API-form link: ``[source node id, output index]``."""
     return (isinstance(value, (list, tuple)) and len(value) == 2
             and isinstance(value[0], (str, int)) and not isinstance(value[0], bool)
             and isinstance(value[1], int) and not isinstance(value[1], bool))
-
-
-def to_api(data: Mapping, registry: Registry) -> Prompt:
-    """Return the API form of a UI- or API-format workflow (a new dict)."""
-    if not is_ui_format(data):
-        return _normalize_api(data)
-    try:
-        return ui_to_api(data, registry)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-        # A hand-edited or truncated UI file: say so instead of showing a traceback.
-        raise WorkflowFileError(f"the UI workflow is malformed ({type(exc).__name__}: {exc}); "
-                                "expected nodes with 'id' and 'type' and links of 6 items, "
-                                "as ComfyUI's Save writes them") from exc
-
-
-def _normalize_api(data: Mapping) -> Prompt:
-    # Hand-written API workflows sometimes use integer ids; ComfyUI's are strings.
-    prompt: Prompt = {}
-    for node_id, node in data.items():
-        if not isinstance(node, dict):
-            raise WorkflowFileError(
-                f"node {node_id}: holds a JSON {type(node).__name__}; expected an object with "
-                "'class_type' and 'inputs' (API format) or a UI workflow with a 'nodes' list")
-        raw_inputs = node.get("inputs") or {}
-        if not isinstance(raw_inputs, dict):
-            raise WorkflowFileError(f"node {node_id}: 'inputs' is a JSON "
-                                    f"{type(raw_inputs).__name__}; expected an object")
-        inputs = {name: ([str(v[0]), v[1]] if is_link(v) else v)
-                  for name, v in raw_inputs.items()}
-        prompt[str(node_id)] = {**node, "inputs": inputs}
-    return prompt
-
-
-# --- UI format -> API form --------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class _Link:
-    src: str
-    src_slot: int
-    dst: str
-    dst_slot: int
-    type: Any
-
-
-def _ui_links(data: Mapping) -> dict[int, _Link]:
-    links = {}
-    for raw in data.get("links") or []:
-        if isinstance(raw, dict):  # newer schema: objects instead of arrays
-            lid, src, slot = raw["id"], raw["origin_id"], raw["origin_slot"]
-            dst, dslot, type_ = raw["target_id"], raw["target_slot"], raw.get("type")
-        else:
-            lid, src, slot, dst, dslot, type_ = raw[:6]
-        links[lid] = _Link(str(src), int(slot), str(dst), int(dslot), type_)
-    return links
 
 
 def _types_match(a: Any, b: Any) -> bool:
@@ -388,146 +310,6 @@ def _types_match(a: Any, b: Any) -> bool:
         return True
     return bool(set(a.split(",")) & set(b.split(",")))
 
-
-class _UIGraph:
-    """A UI workflow with its links resolved through Reroute, PrimitiveNode and
-    bypassed nodes."""
-
-    def __init__(self, data: Mapping):
-        self.nodes = {}
-        for n in data["nodes"]:
-            node_id = str(n["id"])
-            if node_id in self.nodes:
-                first = self.nodes[node_id].get("type")
-                raise WorkflowFileError(
-                    f"the UI workflow has two nodes with id {node_id} ({first} and "
-                    f"{n.get('type')}); expected unique node ids, as ComfyUI's Save writes "
-                    "them. Open the workflow in ComfyUI and save it again.")
-            self.nodes[node_id] = n
-        self.links = _ui_links(data)
-
-    def mode(self, node_id: str) -> int:
-        return int(self.nodes[node_id].get("mode", 0) or 0)
-
-    def source(self, link_id: Optional[int]) -> Optional[tuple[str, Any]]:
-        """Where a link's value comes from: ``("link", [id, slot])``, ``("value", v)``,
-        or None when it comes from nothing (a muted node, a dangling reroute, a loop of
-        reroutes). Followed iteratively, so chains of any length work."""
-        for _ in range(len(self.nodes) + 1):
-            link = self.links.get(link_id) if link_id is not None else None
-            if link is None or link.src not in self.nodes:
-                return None
-            node = self.nodes[link.src]
-            kind = node.get("type")
-            if kind == "Reroute":
-                link_id = _input_link(node, 0)
-                continue
-            if kind == "PrimitiveNode":
-                values = node.get("widgets_values") or []
-                return ("value", values[0]) if values else None
-            if self.mode(link.src) == MODE_MUTED:
-                return None
-            if self.mode(link.src) == MODE_BYPASSED:
-                link_id = self._bypass_input(node, link.src_slot)
-                continue
-            return ("link", [link.src, link.src_slot])
-        return None
-
-    @staticmethod
-    def _bypass_input(node: Mapping, slot: int) -> Optional[int]:
-        # ComfyUI passes a bypassed node's output through from its input of the same
-        # type: the input at the same slot first, then the first one of that type.
-        outputs = node.get("outputs") or []
-        if slot >= len(outputs):
-            return None
-        out_type = outputs[slot].get("type")
-        inputs = node.get("inputs") or []
-        order = ([slot] if slot < len(inputs) else []) + list(range(len(inputs)))
-        for i in order:
-            if inputs[i].get("link") is not None and _types_match(inputs[i].get("type"), out_type):
-                return inputs[i]["link"]
-        return None
-
-
-def _input_link(node: Mapping, index: int) -> Optional[int]:
-    inputs = node.get("inputs") or []
-    return inputs[index].get("link") if index < len(inputs) else None
-
-
-def ui_to_api(data: Mapping, registry: Registry) -> Prompt:
-    """Convert a UI-format workflow ("Save" in ComfyUI) to the API form.
-
-    Unknown node types are kept with their links only, so validation reports them."""
-    subgraphs = (data.get("definitions") or {}).get("subgraphs")
-    graph = _UIGraph(data)
-    specs = _Specs(registry)
-    prompt: Prompt = {}
-    for node_id, node in graph.nodes.items():
-        kind = node.get("type")
-        if kind in UI_NOTE_TYPES or kind in ("Reroute", "PrimitiveNode"):
-            continue
-        if graph.mode(node_id) in (MODE_MUTED, MODE_BYPASSED):
-            continue
-        if subgraphs and any(s.get("id") == kind for s in subgraphs):
-            raise WorkflowError(f"node {node_id} is a subgraph; the headless runner does not "
-                                "run subgraphs. Unpack it in ComfyUI and save the workflow again.")
-        spec = specs.get(kind)
-        inputs = _ui_widget_inputs(node, spec) if spec is not None else {}
-        for entry in node.get("inputs") or []:
-            if entry.get("link") is None:
-                continue
-            resolved = graph.source(entry["link"])
-            if resolved is None:
-                inputs.pop(entry["name"], None)
-            else:
-                inputs[entry["name"]] = resolved[1]
-        api_node = {"class_type": kind, "inputs": inputs}
-        if node.get("title"):
-            api_node["_meta"] = {"title": node["title"]}
-        prompt[node_id] = api_node
-    return prompt
-
-
-def _ui_widget_inputs(node: Mapping, spec: NodeSpec) -> dict[str, Any]:
-    values = node.get("widgets_values")
-    if isinstance(values, dict):  # some frontends store widgets by name
-        return {w.name: values[w.name] for w in spec.widgets if w.name in values}
-    values = list(values or [])
-    # ComfyUI's frontend stores a value for every widget, linked or not (the link wins).
-    # Should a frontend leave out the linked ones, the layout that uses up exactly the
-    # stored values is the one that was written.
-    mapped, used = _walk_widgets(spec.widgets, values, skip=set())
-    if used != len(values):
-        linked = {e.get("name") for e in node.get("inputs") or [] if e.get("link") is not None}
-        alt, alt_used = _walk_widgets(spec.widgets, values, skip=linked)
-        if linked and alt_used == len(values):
-            return alt
-    return mapped
-
-
-def _walk_widgets(widgets: list[InputSpec], values: list,
-                  skip: set) -> tuple[dict[str, Any], int]:
-    """Assign stored values to widgets in order; return the mapping and values used."""
-    out: dict[str, Any] = {}
-    pos = 0
-    for widget in widgets:
-        if widget.name in skip:
-            continue
-        if pos >= len(values):
-            break
-        out[widget.name] = values[pos]
-        pos += 1
-        if widget.is_seed and pos < len(values) and _is_seed_control(widget, values[pos]):
-            pos += 1  # the "control after generate" value stored after a seed
-    return out, pos
-
-
-def _is_seed_control(widget: InputSpec, value: Any) -> bool:
-    # A declared control_after_generate always has its value stored; for inputs only
-    # named like a seed, skip the next value only when it looks like a control value.
-    if widget.options.get("control_after_generate"):
-        return True
-    return isinstance(value, str) and value in SEED_CONTROL_VALUES
 
 
 # --- overrides --------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from ..mgie_core.errors import XMGIEError
 from . import engine
 from .dataset import Item
 from .variants import parse_target
+from .workflow_ui import is_seed
 
 SEED_MODULUS = 2 ** 31    # fits every seed input of the pack and of ComfyUI
 
@@ -149,7 +150,7 @@ def seed_inputs(prompt: engine.Prompt, registry: engine.Registry) -> list[tuple[
         if spec is None:
             continue
         for name, input_spec in spec.inputs.items():
-            if input_spec.is_seed and not engine.is_link(node["inputs"].get(name)):
+            if is_seed(input_spec) and not engine.is_link(node["inputs"].get(name)):
                 out.append((nid, name, input_spec.options.get("max")))
     return out
 

@@ -145,10 +145,3 @@ class ModelCache:
         return type(cls.__name__, (cls,), {fn_name: cached, "__module__": cls.__module__,
                                            "__doc__": cls.__doc__})
 
-
-def default_registry() -> dict[str, type]:
-    """The pack's nodes plus the core stand-ins (what ``xmgie run`` uses)."""
-    from ..nodes import NODE_CLASS_MAPPINGS
-    from .core_nodes import STANDINS
-
-    return {**STANDINS, **NODE_CLASS_MAPPINGS}

@@ -7,7 +7,8 @@
   ``--workers N`` exactly N workers, which on a machine without GPUs are CPU workers
   (``--cpus-per-worker`` threads each).
 * Each worker is a :class:`~.batch.Session`: it loads the models once and keeps them
-  across items (and variants).
+  across items (and variants). Its node registry comes from a factory the host passes
+  (a module-level function, which Ray pickles by name), called in the worker's process.
 * The driver keeps a queue of the items that are not done and hands each to the next
   idle worker, so every item runs exactly once and a slow worker never holds a shard
   back. Workers write their items into the run folder themselves (write then rename,
@@ -66,9 +67,9 @@ def configure_process(config: dict) -> None:
 class BatchWorker:
     """The body of a Ray actor: one Session (models loaded once) per worker."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, registry_factory: Callable[[], dict]):
         configure_process(config)
-        self.session = Session()
+        self.session = Session(registry_factory())
 
     def info(self) -> dict:
         from ..mgie_core import runtime
@@ -96,7 +97,8 @@ class RayExecutor:
     """Runs a batch's items on Ray workers (see the module docstring)."""
 
     def __init__(self, address: Optional[str] = LOCAL, workers: Optional[int] = None,
-                 cpus_per_worker: int = 1, process_config: Optional[dict] = None):
+                 cpus_per_worker: int = 1, process_config: Optional[dict] = None, *,
+                 registry_factory: Callable[[], dict]):
         self.ray = ray = import_ray()
         if workers is not None and workers < 1:
             raise BatchError(f"--workers {workers}: expected 1 or more")
@@ -129,7 +131,7 @@ class RayExecutor:
         config = dict(process_config or {}, threads=cpus_per_worker)
         actor = ray.remote(BatchWorker)
         self.workers = [actor.options(num_cpus=cpus_per_worker, num_gpus=per_gpu,
-                                      max_restarts=0).remote(config)
+                                      max_restarts=0).remote(config, registry_factory)
                         for _ in range(workers)]
         self.kind = "GPU" if per_gpu else "CPU"
 

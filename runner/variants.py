@@ -144,12 +144,6 @@ def parse_target(prompt: engine.Prompt, target: str, what: str) -> list[tuple[st
 
 # --- applying ---------------------------------------------------------------------------
 
-def _types_match(a: Any, b: Any) -> bool:
-    a = "COMBO" if isinstance(a, (list, tuple)) else str(a)
-    b = "COMBO" if isinstance(b, (list, tuple)) else str(b)
-    return "*" in (a, b) or bool(set(a.split(",")) & set(b.split(",")))
-
-
 def bypass_nodes(prompt: engine.Prompt, node_ids: list[str],
                  registry: engine.Registry) -> engine.Prompt:
     """A copy of an API prompt with ``node_ids`` bypassed (ComfyUI's rule, see the module
@@ -175,7 +169,7 @@ def bypass_nodes(prompt: engine.Prompt, node_ids: list[str],
         order = ([link[1]] if link[1] < len(sockets) else []) + list(range(len(sockets)))
         for i in order:
             value = (node.get("inputs") or {}).get(sockets[i].name)
-            if engine.is_link(value) and _types_match(sockets[i].type, out_type):
+            if engine.is_link(value) and engine._types_match(sockets[i].type, out_type):
                 return replacement(value, depth + 1)
         return None
 

@@ -1,5 +1,7 @@
-"""Write ComfyUI UI-format workflows (what Templates and drag-and-drop open) from the
-API form, lay them out by stage, and keep a folder of shipped workflows in sync.
+"""The UI/API format conversion: ComfyUI's two workflow formats, read and written, with
+one seed rule (which widgets the frontend follows with control values). UI files (what
+Templates and drag-and-drop open) are read into the API form (:func:`to_api`) and written
+from it, laid out by stage; a folder of shipped workflows is kept in sync.
 
 ComfyUI lists every ``<pack>/workflows/*.json`` (one level, no sub-folders; see
 ``app/custom_node_manager.py``) as a template and opens it with the frontend's UI-format
@@ -51,7 +53,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from . import engine
-from .engine import InputSpec, NodeSpec, Registry, WorkflowError, WorkflowFileError
+from .engine import (InputSpec, NodeSpec, Prompt, Registry, WorkflowError,
+                     WorkflowFileError)
 
 # --- frontend geometry (LiteGraph in ComfyUI frontend 1.27) --------------------------------
 
@@ -79,8 +82,6 @@ NOTE_TYPE = "MarkdownNote"
 # Widgets the frontend adds to a node type on its own, which are not stored in
 # widgets_values (height they need): PreviewAny's read-only text box.
 FRONTEND_DISPLAY_H = {"PreviewAny": MULTILINE_MIN_H}
-SEED_NAMES = ("seed", "noise_seed")
-SEED_CONTROL = "fixed"
 UPLOAD_WIDGET = {"localized_name": "choose file to upload", "name": "upload",
                  "type": "IMAGEUPLOAD", "widget": {"name": "upload"}, "link": None}
 UPLOAD_VALUE = "image"
@@ -90,20 +91,259 @@ UI_VERSION = 0.4
 _ID_NAMESPACE = uuid.UUID("6b8f4c1e-3a55-4d7e-9d0a-5f1f2d8e7c31")  # for stable workflow ids
 
 
+# --- the seed rule: widgets followed by control values -------------------------------------
+#
+# ComfyUI's frontend adds a "control after generate" combo (fixed, increment, decrement,
+# randomize) after some widgets and stores its value in widgets_values right after the
+# widget's own. Which widgets get one (ComfyUI_frontend, useIntWidget/useComboWidget):
+#   * an INT input: its ``control_after_generate`` option when declared (true, false, or a
+#     default mode), else the legacy convention: the input is named seed or noise_seed;
+#   * a combo input declaring ``control_after_generate``: the control, then a filter-list
+#     text widget (so two stored values).
+# This one rule is used to read UI files, to write them, and by the batch to find the
+# inputs that take each item's seed.
+
+SEED_NAMES = ("seed", "noise_seed")
+SEED_CONTROL = "fixed"      # what the writer stores: a template gives the same image twice
+COMBO_FILTER = ""           # the filter-list value a new combo control starts with
+
+
+def control_values(spec: InputSpec) -> int:
+    """How many control values the frontend stores after this widget's value (0, 1 or 2)."""
+    declared = spec.options.get("control_after_generate")
+    if spec.type == "INT":
+        return int(bool(declared) if declared is not None else spec.name in SEED_NAMES)
+    if spec.choices is not None and declared:
+        return 2
+    return 0
+
+
+def stored_controls(spec: InputSpec) -> list[Any]:
+    """The control values the writer stores after this widget's value."""
+    return [SEED_CONTROL, COMBO_FILTER][:control_values(spec)]
+
+
+def is_seed(spec: InputSpec) -> bool:
+    """An INT input the frontend re-rolls after each run: a seed."""
+    return spec.type == "INT" and control_values(spec) > 0
+
+
+# --- UI format -> API form ----------------------------------------------------------------
+#
+# ``widgets_values`` map onto the widget inputs in ``INPUT_TYPES`` order (required, then
+# optional; a ``forceInput`` primitive is a socket and has none); a linked widget keeps its
+# slot and the link wins; control values are skipped by the seed rule above. Note and
+# MarkdownNote nodes are dropped, Reroute chains are followed to their source, and a
+# PrimitiveNode's value is written into every input it feeds. Muted nodes (mode 2) are
+# dropped and inputs they fed become unset (an error when required); bypassed nodes
+# (mode 4) are dropped and, as ComfyUI does, each of their outputs is replaced by their
+# input of the same type (same slot first, then the first input of that type).
+
+# UI-only node types that carry no computation.
+UI_NOTE_TYPES = ("Note", "MarkdownNote")
+MODE_MUTED = 2
+MODE_BYPASSED = 4
+
+
+def is_ui_format(data: Mapping) -> bool:
+    """UI workflows (ComfyUI's "Save") have a top-level list of nodes."""
+    return isinstance(data.get("nodes"), list)
+
+
+def to_api(data: Mapping, registry: Registry) -> Prompt:
+    """Return the API form of a UI- or API-format workflow (a new dict)."""
+    if not is_ui_format(data):
+        return normalize_api(data)
+    try:
+        return ui_to_api(data, registry)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        # A hand-edited or truncated UI file: say so instead of showing a traceback.
+        raise WorkflowFileError(f"the UI workflow is malformed ({type(exc).__name__}: {exc}); "
+                                "expected nodes with 'id' and 'type' and links of 6 items, "
+                                "as ComfyUI's Save writes them") from exc
+
+
+def normalize_api(data: Mapping) -> Prompt:
+    """An API-form workflow with string node ids and links (hand-written API workflows
+    sometimes use integer ids; ComfyUI's are strings)."""
+    prompt: Prompt = {}
+    for node_id, node in data.items():
+        if not isinstance(node, dict):
+            raise WorkflowFileError(
+                f"node {node_id}: holds a JSON {type(node).__name__}; expected an object with "
+                "'class_type' and 'inputs' (API format) or a UI workflow with a 'nodes' list")
+        raw_inputs = node.get("inputs") or {}
+        if not isinstance(raw_inputs, dict):
+            raise WorkflowFileError(f"node {node_id}: 'inputs' is a JSON "
+                                    f"{type(raw_inputs).__name__}; expected an object")
+        inputs = {name: ([str(v[0]), v[1]] if engine.is_link(v) else v)
+                  for name, v in raw_inputs.items()}
+        prompt[str(node_id)] = {**node, "inputs": inputs}
+    return prompt
+
+
+# --- UI format -> API form --------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Link:
+    src: str
+    src_slot: int
+    dst: str
+    dst_slot: int
+    type: Any
+
+
+def _ui_links(data: Mapping) -> dict[int, _Link]:
+    links = {}
+    for raw in data.get("links") or []:
+        if isinstance(raw, dict):  # newer schema: objects instead of arrays
+            lid, src, slot = raw["id"], raw["origin_id"], raw["origin_slot"]
+            dst, dslot, type_ = raw["target_id"], raw["target_slot"], raw.get("type")
+        else:
+            lid, src, slot, dst, dslot, type_ = raw[:6]
+        links[lid] = _Link(str(src), int(slot), str(dst), int(dslot), type_)
+    return links
+
+
+class _UIGraph:
+    """A UI workflow with its links resolved through Reroute, PrimitiveNode and
+    bypassed nodes."""
+
+    def __init__(self, data: Mapping):
+        self.nodes = {}
+        for n in data["nodes"]:
+            node_id = str(n["id"])
+            if node_id in self.nodes:
+                first = self.nodes[node_id].get("type")
+                raise WorkflowFileError(
+                    f"the UI workflow has two nodes with id {node_id} ({first} and "
+                    f"{n.get('type')}); expected unique node ids, as ComfyUI's Save writes "
+                    "them. Open the workflow in ComfyUI and save it again.")
+            self.nodes[node_id] = n
+        self.links = _ui_links(data)
+
+    def mode(self, node_id: str) -> int:
+        return int(self.nodes[node_id].get("mode", 0) or 0)
+
+    def source(self, link_id: Optional[int]) -> Optional[tuple[str, Any]]:
+        """Where a link's value comes from: ``("link", [id, slot])``, ``("value", v)``,
+        or None when it comes from nothing (a muted node, a dangling reroute, a loop of
+        reroutes). Followed iteratively, so chains of any length work."""
+        for _ in range(len(self.nodes) + 1):
+            link = self.links.get(link_id) if link_id is not None else None
+            if link is None or link.src not in self.nodes:
+                return None
+            node = self.nodes[link.src]
+            kind = node.get("type")
+            if kind == "Reroute":
+                link_id = _input_link(node, 0)
+                continue
+            if kind == "PrimitiveNode":
+                values = node.get("widgets_values") or []
+                return ("value", values[0]) if values else None
+            if self.mode(link.src) == MODE_MUTED:
+                return None
+            if self.mode(link.src) == MODE_BYPASSED:
+                link_id = self._bypass_input(node, link.src_slot)
+                continue
+            return ("link", [link.src, link.src_slot])
+        return None
+
+    @staticmethod
+    def _bypass_input(node: Mapping, slot: int) -> Optional[int]:
+        # ComfyUI passes a bypassed node's output through from its input of the same
+        # type: the input at the same slot first, then the first one of that type.
+        outputs = node.get("outputs") or []
+        if slot >= len(outputs):
+            return None
+        out_type = outputs[slot].get("type")
+        inputs = node.get("inputs") or []
+        order = ([slot] if slot < len(inputs) else []) + list(range(len(inputs)))
+        for i in order:
+            if inputs[i].get("link") is not None and engine._types_match(inputs[i].get("type"), out_type):
+                return inputs[i]["link"]
+        return None
+
+
+def _input_link(node: Mapping, index: int) -> Optional[int]:
+    inputs = node.get("inputs") or []
+    return inputs[index].get("link") if index < len(inputs) else None
+
+
+def ui_to_api(data: Mapping, registry: Registry) -> Prompt:
+    """Convert a UI-format workflow ("Save" in ComfyUI) to the API form.
+
+    Unknown node types are kept with their links only, so validation reports them."""
+    subgraphs = (data.get("definitions") or {}).get("subgraphs")
+    graph = _UIGraph(data)
+    specs = engine._Specs(registry)
+    prompt: Prompt = {}
+    for node_id, node in graph.nodes.items():
+        kind = node.get("type")
+        if kind in UI_NOTE_TYPES or kind in ("Reroute", "PrimitiveNode"):
+            continue
+        if graph.mode(node_id) in (MODE_MUTED, MODE_BYPASSED):
+            continue
+        if subgraphs and any(s.get("id") == kind for s in subgraphs):
+            raise WorkflowError(f"node {node_id} is a subgraph; the headless runner does not "
+                                "run subgraphs. Unpack it in ComfyUI and save the workflow again.")
+        spec = specs.get(kind)
+        inputs = _ui_widget_inputs(node, spec) if spec is not None else {}
+        for entry in node.get("inputs") or []:
+            if entry.get("link") is None:
+                continue
+            resolved = graph.source(entry["link"])
+            if resolved is None:
+                inputs.pop(entry["name"], None)
+            else:
+                inputs[entry["name"]] = resolved[1]
+        api_node = {"class_type": kind, "inputs": inputs}
+        if node.get("title"):
+            api_node["_meta"] = {"title": node["title"]}
+        prompt[node_id] = api_node
+    return prompt
+
+
+def _ui_widget_inputs(node: Mapping, spec: NodeSpec) -> dict[str, Any]:
+    values = node.get("widgets_values")
+    if isinstance(values, dict):  # some frontends store widgets by name
+        return {w.name: values[w.name] for w in spec.widgets if w.name in values}
+    values = list(values or [])
+    # ComfyUI's frontend stores a value for every widget, linked or not (the link wins),
+    # and its control values after a widget with controls (control_values). Should a
+    # file leave out the linked widgets or the control values, the reading that uses up
+    # exactly the stored values is the one that was written.
+    linked = {e.get("name") for e in node.get("inputs") or [] if e.get("link") is not None}
+    first = None
+    for skip, controls in ((set(), True), (linked, True), (set(), False), (linked, False)):
+        mapped, used, filled = _walk_widgets(spec.widgets, values, skip, controls)
+        if used == len(values) and filled:
+            return mapped
+        first = first or mapped
+    return first
+
+
+def _walk_widgets(widgets: list[InputSpec], values: list, skip: set,
+                  controls: bool) -> tuple[dict[str, Any], int, bool]:
+    """Assign stored values to widgets in order; return the mapping, the values used and
+    whether every widget got one."""
+    out: dict[str, Any] = {}
+    pos = 0
+    for widget in widgets:
+        if widget.name in skip:
+            continue
+        if pos >= len(values):
+            return out, pos, False
+        out[widget.name] = values[pos]
+        pos += 1 + (control_values(widget) if controls else 0)
+    return out, pos, True
+
+
 # --- widget and socket lists as the frontend builds them ----------------------------------
 
 def is_widget(spec: InputSpec) -> bool:
     """A widget in the frontend: a combo or a primitive type, unless ``forceInput``."""
     return spec.is_widget
-
-
-def has_seed_control(spec: InputSpec) -> bool:
-    """The frontend adds a control_after_generate widget after this INT widget: declared
-    with ``control_after_generate``, or (legacy rule) named seed or noise_seed."""
-    if spec.type != "INT":
-        return False
-    declared = spec.options.get("control_after_generate")
-    return bool(declared) if declared is not None else spec.name in SEED_NAMES
 
 
 def _ui_type(spec: InputSpec) -> str:
@@ -164,8 +404,7 @@ def min_height(spec: NodeSpec, multiline_h: float = MULTILINE_MIN_H) -> float:
     for w in widgets(spec):
         heights.append(multiline_h if w.type == "STRING" and w.options.get("multiline")
                        else WIDGET_H)
-        if has_seed_control(w):
-            heights.append(WIDGET_H)
+        heights += [WIDGET_H] * control_values(w)
     if any(w.options.get("image_upload") for w in widgets(spec)):
         heights.append(WIDGET_H)
     if spec.class_type in FRONTEND_DISPLAY_H:
@@ -381,8 +620,8 @@ def api_to_ui(prompt: Mapping[str, dict], registry: Registry,
     Deterministic: the same prompt, registry and layout give the same JSON. Node ids are
     kept; links are numbered in order of target node id, then input slot; the note gets
     the next free id."""
-    prompt = engine.to_api(prompt, registry) if engine.is_ui_format(prompt) else \
-        engine._normalize_api(prompt)
+    prompt = to_api(prompt, registry) if is_ui_format(prompt) else \
+        normalize_api(prompt)
     specs = engine._Specs(registry)
     errors = []
     node_specs: dict[str, NodeSpec] = {}
@@ -432,8 +671,7 @@ def api_to_ui(prompt: Mapping[str, dict], registry: Registry,
                 value = default_value(w)   # stored for a linked widget too; the link wins
             values.append(value)
             shown[w.name] = value
-            if has_seed_control(w):
-                values.append(SEED_CONTROL)
+            values += stored_controls(w)
             upload = upload or bool(w.options.get("image_upload"))
         if upload:
             entries.append(dict(UPLOAD_WIDGET, widget=dict(UPLOAD_WIDGET["widget"])))
@@ -575,9 +813,9 @@ def _fit_view(nodes: list[dict], groups: list[dict], view=(1500.0, 880.0)) -> di
 # --- UI -> API twin ---------------------------------------------------------------------------
 
 def ui_to_api_twin(data: Mapping, registry: Registry) -> engine.Prompt:
-    """The API form of a UI workflow (:func:`engine.to_api`), inputs in declaration order
+    """The API form of a UI workflow (:func:`to_api`), inputs in declaration order
     and nodes in id order, as the twin files hold it."""
-    prompt = engine.to_api(data, registry)
+    prompt = to_api(data, registry)
     specs = engine._Specs(registry)
     out: engine.Prompt = {}
     for nid in sorted(prompt, key=engine._id_key):
@@ -626,7 +864,7 @@ def layout_problems(data: Mapping, registry: Optional[Registry] = None) -> list[
     for n, box in boxes:
         inside = [g["title"] for g in groups if _inside(box, g["bounding"])]
         touching = [g["title"] for g in groups if _overlap(box, g["bounding"])]
-        if n["type"] in engine.UI_NOTE_TYPES:
+        if n["type"] in UI_NOTE_TYPES:
             if touching:
                 problems.append(f"note {n['id']} lies on group(s) {touching}")
             continue
@@ -686,9 +924,9 @@ def shipped(folder: str | Path) -> list[Shipped]:
 
 def render(item: Shipped, registry: Registry) -> tuple[str, str, list[str]]:
     """(UI text, API twin text, ids of nodes the layout did not name) for a workflow."""
-    prompt = engine.to_api(engine.load_file(item.api), registry)
+    prompt = to_api(engine.load_file(item.api), registry)
     layout = Layout.load(item.layout)
-    _, added = _assign_stages(engine._normalize_api(prompt), layout)
+    _, added = _assign_stages(normalize_api(prompt), layout)
     ui = api_to_ui(prompt, registry, layout, name=item.name,
                    source=f"{API_SUBDIR}/{item.api.name} + {API_SUBDIR}/{item.layout.name}")
     twin = ui_to_api_twin(ui, registry)

@@ -27,9 +27,9 @@ def _registry():
 
 
 def _api(path: Path) -> dict:
-    from xmgie.runner import engine
+    from xmgie.runner import workflow_ui
 
-    return engine.to_api(json.loads(path.read_text()), _registry())
+    return workflow_ui.to_api(json.loads(path.read_text()), _registry())
 
 
 def make_dataset(folder: Path, sizes=(64, 64), shared=None, extra=None) -> Path:

@@ -1,4 +1,4 @@
-"""The pack run the way ComfyUI runs it (issue 9), through the headless runner.
+"""The pack run the way ComfyUI runs it, through the headless runner.
 
 ComfyUI executes every node inside ``torch.inference_mode()``, so the loader nodes build
 their models there too. Each graph below is executed by ``runner.engine.execute`` with the

@@ -397,7 +397,7 @@ def test_pie_bench_run_and_background_metrics_from_the_files(tmp_path, tiny_env,
 
 def test_clip_score_network_missing_a_weight_is_refused(tmp_path, clean_paths):
     """A CLIP folder without one of its weights never loads with that weight left random:
-    the error names the folder's weights file and the key (issue 10's rule, here too)."""
+    the error names the folder's weights file and the key."""
     from safetensors.torch import load_file, save_file
 
     from xmgie.evaluation import networks, tiny

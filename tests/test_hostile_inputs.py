@@ -1,7 +1,8 @@
 """Hostile inputs, run through the headless runner (``xmgie run``) as a user would.
 
-Every bad input of issue 10: model folders that name code, damaged or incomplete model
-files, NaN/Inf/out-of-range values, odd image files and paths, and broken workflows.
+Every bad input a user might give: model folders that name code, damaged or incomplete
+model files, NaN/Inf/out-of-range values, odd image files and paths, broken workflows,
+and Ctrl-C.
 Each run must fail with a non-zero exit code, an error naming the node and the input or
 file, and no output file written. The models are the tiny random-weight ones, copied
 into a models folder per test so that each test can damage its own copy.
@@ -863,3 +864,106 @@ def test_bad_set_is_a_usage_error(run):
     wf = {"1": n("Pass", x=1), "2": n("Show", value=["1", 0])}
     run.fails(wf, "there is no node 9", code=cli.EXIT_USAGE, extra=("--set", "9.x=1"))
     run.fails(wf, "expected NODE_ID.INPUT=VALUE", code=cli.EXIT_USAGE, extra=("--set", "x"))
+
+
+# --- --tiny compares images as given; Ctrl-C ------------------------------------------------
+
+YELLOW_TWIN = Path(__file__).resolve().parent.parent / "workflows" / "api" / "edit_carpet_yellow_api.json"
+
+
+@pytest.mark.parametrize("mask_size, shown", [((256, 256), "64x64"), ((510, 510), "128x128")])
+def test_tiny_compares_the_mask_with_the_photo_as_given(run, tiny_env, mask_size, shown):
+    # A 256 px mask for a 512 px photo (or one 2 px short) must be refused under --tiny
+    # as without it, although --tiny loads images at 128 px.
+    photo(run.input, "photo.png", (512, 512))
+    Image.new("L", mask_size, 255).save(run.input / "mask.png")
+    workflow = json.loads(YELLOW_TWIN.read_text())
+    err = run.fails(workflow, "mask.png", f"{mask_size[0]}x{mask_size[1]}", "photo.png",
+                    "512x512", shown,
+                    extra=("--tiny", "--set", "1.image=photo.png", "--set", "2.image=mask.png",
+                           "--set", "4.steps=2"))
+    assert "error:" in err
+
+
+def test_tiny_keeps_matching_images_matching(run, tiny_env):
+    photo(run.input, "photo.png", (320, 320))
+    Image.new("L", (320, 320), 255).save(run.input / "mask.png")
+    workflow = json.loads(YELLOW_TWIN.read_text())
+    code, err = run(workflow, "--tiny", "--set", "1.image=photo.png", "--set",
+                    "2.image=mask.png", "--set", "4.steps=2")
+    assert code == 0, err
+    (saved,) = run.written()
+    assert Image.open(saved).size == (128, 128)
+
+
+# The folder holding the xmgie package the tests import (children import the same).
+ROOT_PARENT = Path(sys.modules["xmgie"].__file__).parent.parent
+
+
+def _xmgie(tmp_path, *args, prelude=""):
+    """``python -m xmgie ARGS`` in a child process, after ``prelude`` (Python source run
+    first in that process)."""
+    import os
+    import subprocess
+
+    code = (prelude + "\nimport runpy, sys\nsys.argv = ['xmgie'] + " + repr(list(args))
+            + "\nrunpy.run_module('xmgie', run_name='__main__', alter_sys=True)\n")
+    env = {**os.environ, "XMGIE_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT_PARENT)] + [
+               p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    return subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _run_args(run, tmp_path):
+    photo(run.input, "carpet.png", (128, 128))
+    Image.new("L", (128, 128), 255).save(run.input / "carpet_mask.png")
+    return ["run", str(YELLOW_TWIN), "--tiny", "--input-dir", str(run.input),
+            "--output-dir", str(run.output), "--set", "4.steps=400"]
+
+
+def test_ctrl_c_mid_run_exits_130_and_writes_nothing(run, tiny_env, tmp_path):
+    import signal
+
+    proc = _xmgie(tmp_path, *_run_args(run, tmp_path))
+    lines = []
+    for line in proc.stdout:      # wait until a node has run: the run is under way
+        lines.append(line)
+        if line.startswith("[3] XMGIELoadCheckpoint"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, (lines, out, err)
+    assert err.rstrip().endswith("Interrupted.") and "Traceback" not in err
+    assert run.written() == []
+
+
+def test_ctrl_c_while_starting_up_exits_130(run, tiny_env, tmp_path):
+    # Ctrl-C while torch is still being imported (the first seconds of every command):
+    # the signal is sent from an import hook at the moment torch is first imported.
+    prelude = ("import os, signal, sys\n"
+               "class Hook:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name == 'torch':\n"
+               "            sys.meta_path.remove(self)\n"
+               "            os.kill(os.getpid(), signal.SIGINT)\n"
+               "        return None\n"
+               "sys.meta_path.insert(0, Hook())\n")
+    proc = _xmgie(tmp_path, *_run_args(run, tmp_path), prelude=prelude)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert err.rstrip().endswith("Interrupted.") and "Traceback" not in err
+    assert run.written() == []
+
+
+def test_ctrl_c_after_the_run_has_finished_does_not_kill_it(run, tiny_env, tmp_path):
+    # A Ctrl-C while Python shuts down (after "Wrote ...") leaves the status of the run.
+    prelude = ("import atexit, os, signal\n"
+               "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))\n")
+    args = _run_args(run, tmp_path)
+    args[-1] = "4.steps=2"
+    proc = _xmgie(tmp_path, *args, prelude=prelude)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert len(run.written()) == 1

@@ -22,7 +22,7 @@ from xmgie import cli
 from xmgie.mgie_core import attention, masks, plan as plan_mod
 from xmgie.mgie_core.control import Control
 from xmgie.mgie_core.tokens import find_word_tokens
-from xmgie.runner import core_nodes, engine
+from xmgie.runner import core_nodes, engine, workflow_ui
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTROLS = "XMGIE_CONTROLS"
@@ -227,7 +227,7 @@ def test_saved_workflow_from_before_the_plan_inputs_still_converts_and_runs(
     became optional) converts to the very prompt it did then, validates and runs."""
     saved = ROOT / "tests" / "data" / "edit_carpet_guided_saved_v0_2.json"
     registry = cli.build_registry()
-    api = engine.to_api(json.loads(saved.read_text()), registry)
+    api = workflow_ui.to_api(json.loads(saved.read_text()), registry)
     assert api["6"]["inputs"]["mask"] == ["2", 0] and "plan" not in api["11"]["inputs"]
     assert api["10"]["inputs"].get("only_people") is None
     Image.new("RGB", (64, 64), (180, 40, 40)).save(tmp_path / "carpet.png")

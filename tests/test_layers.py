@@ -115,23 +115,106 @@ def test_moved_names_still_import_with_a_warning(old_module, name, new_module):
                in str(w.message) for w in caught), [str(w.message) for w in caught]
 
 
-def test_the_runners_core_nodes_still_import_from_their_old_place_with_a_warning():
-    import importlib
-    import sys
-
-    sys.modules.pop("xmgie.nodes.core_standins", None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        old = importlib.import_module("xmgie.nodes.core_standins")
-    from xmgie.runner import core_nodes
-
-    assert old.STANDINS is core_nodes.STANDINS and old.RunContext is core_nodes.RunContext
-    assert any(issubclass(w.category, DeprecationWarning) and "runner.core_nodes"
-               in str(w.message) for w in caught)
-
-
 def test_unknown_name_on_a_module_with_moved_names_is_an_attribute_error():
     from xmgie.mgie_core import plan
 
     with pytest.raises(AttributeError):
         plan.no_such_name  # noqa: B018
+
+
+# --- the pack's top-level packages --------------------------------------------------------
+
+PACKAGES = ("cli", "runner", "evaluation", "nodes", "mgie_core")
+# Who may not import whom, at module level or inside a function: the command line is the
+# one layer that meets both the runner and the node pack.
+NEVER = {"runner": {"cli", "nodes"}, "evaluation": {"cli", "nodes"},
+         "mgie_core": {"cli", "nodes", "runner", "evaluation"}}
+
+
+def _package_imports(path: Path, where: Path | None = None) -> list[tuple[str, int]]:
+    """(top-level package of the pack, line) for every import in a module of the pack,
+    module level and function level alike, relative imports resolved from the module's
+    place ``where`` (default: its path under ROOT); ``xmgie.<package>`` imports count."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    parts = (where or path.relative_to(ROOT)).with_suffix("").parts
+    package = list(parts[:-1])          # the package holding the module
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+            if node.level - 1 > len(package):
+                continue
+            target = base + (node.module.split(".") if node.module else [])
+            names = [".".join(target)] if target else [a.name for a in node.names]
+            if not target:   # "from .. import x" at the root: x is the package
+                out += [(a.name, node.lineno) for a in node.names if a.name in PACKAGES]
+                continue
+        else:
+            continue
+        for name in names:
+            first = name.split(".")
+            if first[0] == "xmgie":
+                first = first[1:]
+            if first and first[0] in PACKAGES:
+                out.append((first[0], node.lineno))
+    return out
+
+
+def _package_modules(package: str) -> list[Path]:
+    return sorted(p for p in (ROOT / package).rglob("*.py") if "configs" not in p.parts)
+
+
+def _package_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {p: set() for p in PACKAGES}
+    for package in PACKAGES:
+        for path in _package_modules(package):
+            graph[package] |= {name for name, _ in _package_imports(path) if name != package}
+    return graph
+
+
+def test_the_import_graph_of_the_packages_is_read():
+    # The reader sees the imports this test relies on, so the tests below can fail.
+    graph = _package_graph()
+    assert {"runner", "nodes", "mgie_core"} <= graph["cli"], graph["cli"]
+    assert "mgie_core" in graph["runner"] and "runner" in graph["evaluation"]
+    sample = ROOT / "cli" / "host.py"
+    assert "nodes" in {n for n, _ in _package_imports(sample)}  # a function-level import
+
+
+@pytest.mark.parametrize("package", sorted(NEVER))
+def test_lower_packages_never_import_the_command_line_or_the_nodes(package):
+    bad = [f"{path.relative_to(ROOT)}:{line} imports {name}"
+           for path in _package_modules(package)
+           for name, line in _package_imports(path) if name in NEVER[package]]
+    assert not bad, bad
+
+
+def test_no_import_cycle_among_the_packages():
+    graph = _package_graph()
+    cycles = []
+
+    def visit(node, trail):
+        for nxt in sorted(graph[node]):
+            if nxt in trail:
+                cycles.append(" -> ".join(trail[trail.index(nxt):] + [nxt]))
+            elif len(trail) < len(PACKAGES):
+                visit(nxt, trail + [nxt])
+
+    for start in PACKAGES:
+        visit(start, [start])
+    assert not cycles, sorted(set(cycles))
+
+
+def test_function_level_and_relative_imports_are_seen(tmp_path):
+    # The reader on a module placed (logically) in runner/: the imports inside a
+    # function, relative and absolute, come out under the names the tests check.
+    probe = tmp_path / "probe.py"
+    probe.write_text("import json\n\n\ndef f():\n    from ..nodes import NODE_CLASS_MAPPINGS\n"
+                     "    from .. import cli\n    import xmgie.evaluation.evaluate\n"
+                     "    from . import engine\n")
+    found = _package_imports(probe, Path("runner") / "probe.py")
+    assert found == [("nodes", 5), ("cli", 6), ("evaluation", 7), ("runner", 8)]

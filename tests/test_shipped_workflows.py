@@ -30,10 +30,10 @@ def _inputs(tmp_path: Path) -> tuple[Path, Path]:
 
 def _overrides(wf: Path, tmp_path: Path) -> list[str]:
     from xmgie import cli
-    from xmgie.runner import engine
+    from xmgie.runner import engine, workflow_ui
 
     registry = cli.build_registry()
-    prompt = engine.to_api(json.loads(wf.read_text()), registry)
+    prompt = workflow_ui.to_api(json.loads(wf.read_text()), registry)
     img, mask = _inputs(tmp_path)
     sets = []
     for node_id, node in prompt.items():
@@ -110,7 +110,7 @@ def test_readme_first_command_edits_at_128_px(tmp_path, tiny_root, clean_paths, 
 
 def test_tiny_caps_apply_before_set_overrides(tmp_path, tiny_root, clean_paths):
     from xmgie import cli
-    from xmgie.runner import core_nodes, engine
+    from xmgie.runner import core_nodes, engine, workflow_ui
 
     wf = ROOT / "workflows" / "edit_carpet_guided.json"
     args = cli.build_parser().parse_args(["check", str(wf), "--tiny", "--set", "4.steps=3"])
@@ -120,7 +120,7 @@ def test_tiny_caps_apply_before_set_overrides(tmp_path, tiny_root, clean_paths):
     assert prompt["4"]["inputs"]["steps"] == 3                       # --set wins
     assert prompt["4"]["inputs"]["inner_steps"] == cli.TINY_CAPS["inner_steps"]
     assert prompt["6"]["inputs"]["iterations"] == cli.TINY_CAPS["iterations"]
-    untouched = engine.to_api(json.loads(wf.read_text()), registry)
+    untouched = workflow_ui.to_api(json.loads(wf.read_text()), registry)
     assert untouched["4"]["inputs"]["steps"] == 50
 
 

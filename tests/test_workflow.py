@@ -15,7 +15,7 @@ from PIL import Image
 
 from xmgie import cli
 from xmgie.mgie_core import paths, runtime
-from xmgie.runner import engine
+from xmgie.runner import engine, workflow_ui
 from xmgie.runner import core_nodes
 
 # --- test nodes ---------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def test_ui_conversion_widgets_seed_control_reroute_primitive_note_mute():
         "links": [[1, 1, 0, 2, 0, "INT"], [2, 2, 0, 4, 0, "INT"], [3, 7, 0, 5, 2, "FLOAT"],
                   [4, 4, 0, 9, 0, "INT"], [5, 5, 0, 10, 0, "STRING"]],
     }
-    api = engine.to_api(ui, REGISTRY)
+    api = workflow_ui.to_api(ui, REGISTRY)
     assert api == {
         "1": node("Number", value=5),
         "4": node("Add", a=["1", 0], b=7),
@@ -283,7 +283,7 @@ def test_ui_conversion_widgets_seed_control_reroute_primitive_note_mute():
 @pytest.mark.parametrize("widgets", [[3, "fixed", 4], [3, 4]])
 def test_ui_seed_named_input_skips_control_value_only_when_present(widgets):
     ui = {"nodes": [ui_node(1, "NamedSeed", widgets)], "links": []}
-    assert engine.to_api(ui, REGISTRY)["1"]["inputs"] == {"noise_seed": 3, "steps": 4}
+    assert workflow_ui.to_api(ui, REGISTRY)["1"]["inputs"] == {"noise_seed": 3, "steps": 4}
 
 
 def test_ui_bypassed_node_passes_its_input_through():
@@ -296,7 +296,7 @@ def test_ui_bypassed_node_passes_its_input_through():
         ],
         "links": [[1, 1, 0, 2, 0, "INT"], [2, 2, 0, 3, 0, "INT"]],
     }
-    api = engine.to_api(ui, REGISTRY)
+    api = workflow_ui.to_api(ui, REGISTRY)
     assert "2" not in api and api["3"]["inputs"]["value"] == ["1", 0]
     engine.execute(api, REGISTRY)
     assert COLLECTED["3"]["value"] == 5
@@ -309,7 +309,7 @@ def test_ui_input_fed_by_muted_node_is_reported_missing():
                   ui_node(3, "Collect", inputs=[socket("value", "*", 1)])],
         "links": [[1, 1, 0, 3, 0, "INT"]],
     }
-    errors = engine.validate(engine.to_api(ui, REGISTRY), REGISTRY)
+    errors = engine.validate(workflow_ui.to_api(ui, REGISTRY), REGISTRY)
     assert errors == ["node 3 (Collect), input 'value': required input is missing; "
                       "expected a link from an output of type *"]
 

@@ -40,19 +40,19 @@ def test_every_listed_template_is_a_ui_workflow_with_an_api_twin():
     for path in TEMPLATES:
         data = _load(path)
         # The frontend's schema check: a version, nodes and links (API files have none).
-        assert data["version"] == 0.4 and engine.is_ui_format(data), path.name
+        assert data["version"] == 0.4 and wui.is_ui_format(data), path.name
         assert isinstance(data["links"], list) and data["last_node_id"] >= 1
         assert (WORKFLOWS / "api" / f"{path.stem}_api.json").is_file()
         assert (WORKFLOWS / "api" / f"{path.stem}.layout.json").is_file()
     # No API-format file where ComfyUI would list it.
-    assert not [p for p in TEMPLATES if not engine.is_ui_format(_load(p))]
+    assert not [p for p in TEMPLATES if not wui.is_ui_format(_load(p))]
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_converts_to_its_api_twin(name, registry):
     ui = _load(WORKFLOWS / f"{name}.json")
     twin = _load(WORKFLOWS / "api" / f"{name}_api.json")
-    assert engine.to_api(ui, registry) == twin
+    assert wui.to_api(ui, registry) == twin
 
 
 def test_shipped_workflows_are_what_the_tool_writes(registry, capsys):
@@ -87,12 +87,12 @@ def test_layout_no_overlap_every_node_in_its_stage_group(name, registry):
 @pytest.mark.parametrize("name", NAMES)
 def test_note_says_what_to_change_and_names_every_model_file(name, registry):
     ui = _load(WORKFLOWS / f"{name}.json")
-    notes = [n for n in ui["nodes"] if n["type"] in engine.UI_NOTE_TYPES]
+    notes = [n for n in ui["nodes"] if n["type"] in wui.UI_NOTE_TYPES]
     assert len(notes) == 1
     text = notes[0]["widgets_values"][0]
     assert "**Change**" in text and "models/" in text
     specs = engine._Specs(registry)
-    prompt = engine.to_api(ui, registry)
+    prompt = wui.to_api(ui, registry)
     for nid, node in prompt.items():
         spec = specs.get(node["class_type"])
         if not str(getattr(spec.cls, "CATEGORY", "")).endswith("loaders"):
@@ -114,7 +114,7 @@ def test_ui_file_follows_the_frontend_format(name, registry):
         assert link_id in out["links"] and out["slot_index"] == src_slot and out["type"] == type_
     specs = engine._Specs(registry)
     for n in ui["nodes"]:
-        if n["type"] in engine.UI_NOTE_TYPES:
+        if n["type"] in wui.UI_NOTE_TYPES:
             continue
         spec = specs.get(n["type"])
         assert n["properties"] == {"Node name for S&R": n["type"]}
@@ -124,7 +124,7 @@ def test_ui_file_follows_the_frontend_format(name, registry):
         extra = ["upload"] if any(w.options.get("image_upload") for w in wui.widgets(spec)) else []
         assert names == sockets + widgets + extra
         values = n["widgets_values"]
-        expected_len = len(widgets) + sum(wui.has_seed_control(w) for w in wui.widgets(spec)) \
+        expected_len = len(widgets) + sum(wui.control_values(w) for w in wui.widgets(spec)) \
             + len(extra)
         assert len(values) == expected_len, n["type"]
         assert n["size"][1] >= wui.min_height(spec)
@@ -155,7 +155,7 @@ def test_every_node_type_round_trips_with_its_default_values(registry):
         prompt[str(i)] = {"class_type": class_type,
                           "inputs": {w.name: wui.default_value(w) for w in wui.widgets(spec)}}
     ui = wui.api_to_ui(prompt, registry, name="all")
-    assert engine.to_api(ui, registry) == prompt
+    assert wui.to_api(ui, registry) == prompt
     assert wui.layout_problems(ui, registry) == []
 
 
@@ -196,8 +196,8 @@ def test_force_input_is_a_socket_in_writer_and_converter():
     assert [e["name"] for e in node["inputs"]] == ["text", "count"]
     assert "widget" not in node["inputs"][0] and node["widgets_values"] == [3]
     assert ui["links"] == [[1, 1, 0, 2, 0, "STRING"]]
-    assert engine.to_api(ui, registry) == prompt
-    result = engine.execute(engine.to_api(ui, registry), registry)
+    assert wui.to_api(ui, registry) == prompt
+    result = engine.execute(wui.to_api(ui, registry), registry)
     assert result.outputs["2"] == ("ababab",)
 
 
@@ -255,7 +255,7 @@ def test_workflow_command_converts_both_ways(tmp_path, capsys, registry):
     # Without a layout: one stage per depth, no note.
     assert cli.main(["workflow", "ui", str(src), "-o", str(ui_path)]) == 0
     auto = _load(ui_path)
-    assert not [n for n in auto["nodes"] if n["type"] in engine.UI_NOTE_TYPES]
+    assert not [n for n in auto["nodes"] if n["type"] in wui.UI_NOTE_TYPES]
     assert wui.layout_problems(auto, registry) == []
     bad = tmp_path / "bad_api.json"
     bad.write_text(json.dumps({"1": {"class_type": "Nope", "inputs": {}}}))
@@ -275,3 +275,99 @@ def test_sync_check_reports_a_stale_file(tmp_path, capsys):
     assert "out of date:" in capsys.readouterr().out
     assert cli.main(["workflow", "sync", str(folder)]) == 0
     assert ui.read_text() == (WORKFLOWS / "vae_roundtrip.json").read_text()
+
+
+# --- the seed rule: one for reading and writing UI files, and for the batch ----------------
+#
+# ComfyUI's frontend (useIntWidget / useComboWidget) follows an INT widget with a
+# control_after_generate combo when the input declares control_after_generate (true, or a
+# default mode), or, when it declares nothing, when it is named seed or noise_seed; an
+# explicit false turns it off. A combo declaring it gets the control and a filter list.
+
+class _Rules:
+    """One node with each case of the rule, and a STRING after each so a misplaced
+    control value would show up in the wrong input."""
+    RETURN_TYPES = ("STRING",)
+    OUTPUT_NODE = True
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "noise_seed": ("INT", {}), "a": ("STRING", {}),                 # legacy name
+            "variation_seed": ("INT", {}), "b": ("STRING", {}),             # not the name
+            "count": ("INT", {"control_after_generate": True}), "c": ("STRING", {}),
+            "seed": ("INT", {"control_after_generate": False}), "d": ("STRING", {}),
+            "pick": (["x", "y"], {"control_after_generate": True}), "e": ("STRING", {}),
+            "strength": ("FLOAT", {}), "f": ("STRING", {})}}
+
+    def run(self, **kwargs):
+        return ("|".join(f"{k}={v}" for k, v in sorted(kwargs.items())),)
+
+
+def _rule_specs():
+    return {i.name: i for i in engine.node_spec("Rules", _Rules).inputs.values()}
+
+
+def test_the_seed_rule_is_the_frontends():
+    specs = _rule_specs()
+    assert {name: wui.control_values(s) for name, s in specs.items() if s.is_widget} == {
+        "noise_seed": 1, "a": 0, "variation_seed": 0, "b": 0, "count": 1, "c": 0,
+        "seed": 0, "d": 0, "pick": 2, "e": 0, "strength": 0, "f": 0}
+    assert [name for name, s in specs.items() if wui.is_seed(s)] == ["noise_seed", "count"]
+
+
+def test_ui_files_are_read_and_written_by_the_same_rule():
+    registry = {"Rules": _Rules}
+    # What the frontend stores: a control value after noise_seed and count, a control and
+    # a filter after pick, and none after variation_seed or a seed declared without one
+    # (whose next value merely looks like a control value).
+    values = [1, "randomize", "A", 2, "fixed", 3, "randomize", "C", 4, "increment", "x",
+              "fixed", "", "E", 0.5, "F"]
+    ui = {"nodes": [{"id": 1, "type": "Rules", "mode": 0, "inputs": [], "outputs": [],
+                     "widgets_values": values}], "links": []}
+    api = wui.to_api(ui, registry)
+    assert api["1"]["inputs"] == {"noise_seed": 1, "a": "A", "variation_seed": 2,
+                                  "b": "fixed", "count": 3, "c": "C", "seed": 4,
+                                  "d": "increment", "pick": "x", "e": "E", "strength": 0.5,
+                                  "f": "F"}
+    written = wui.api_to_ui(api, registry)
+    node = next(n for n in written["nodes"] if n["type"] == "Rules")
+    assert node["widgets_values"] == [1, "fixed", "A", 2, "fixed", 3, "fixed", "C", 4,
+                                      "increment", "x", "fixed", "", "E", 0.5, "F"]
+    assert wui.to_api(written, registry) == api
+
+
+def test_the_batch_seeds_the_inputs_of_the_seed_rule():
+    from xmgie.runner.mapping import seed_inputs
+
+    prompt = {"1": {"class_type": "Rules", "inputs": {"noise_seed": 1, "variation_seed": 2,
+                                                      "count": 3, "seed": 4}}}
+    assert [name for _, name, _ in seed_inputs(prompt, {"Rules": _Rules})] == \
+        ["noise_seed", "count"]
+
+
+# --- the API twins find their inputs as they ship ---------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_api_twin_passes_check_as_shipped(name, tiny_env, tmp_path, monkeypatch, capsys):
+    # From another folder and without --input-dir: the twin in workflows/api/ finds its
+    # images in workflows/inputs/, the inputs/ folder beside its own folder.
+    monkeypatch.chdir(tmp_path)
+    twin = WORKFLOWS / "api" / f"{name}_api.json"
+    code = cli.main(["check", str(twin), "--tiny"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.startswith("OK: ")
+
+
+def test_inputs_beside_the_workflow_folder_are_found_and_nothing_outside(tmp_path):
+    from xmgie.runner import core_nodes
+
+    (tmp_path / "inputs").mkdir()
+    (tmp_path / "inputs" / "a.png").write_bytes(b"x")
+    (tmp_path / "secret.png").write_bytes(b"x")
+    ctx = core_nodes.RunContext(input_dirs=[tmp_path / "none"], workflow_dir=tmp_path / "api")
+    assert ctx.resolve_image("a.png") == (tmp_path / "inputs" / "a.png").resolve()
+    with pytest.raises(Exception, match="outside the input folders"):
+        ctx.resolve_image("../secret.png")

@@ -1,4 +1,5 @@
-"""The ``xmgie batch`` and ``xmgie eval`` commands (wired into :mod:`xmgie.cli`).
+"""The ``xmgie batch`` and ``xmgie eval`` commands: their options, and the runs they
+start with the runner's batch machinery (:mod:`xmgie.runner.batch`) and the evaluation.
 
     xmgie batch WORKFLOW --dataset D [--out RUN] [--map FIELD=NODE.INPUT ...] [--seed N]
                 [--variants V.json] [--set ...] [--tiny] [--ray [ADDRESS]] [--workers N]
@@ -18,6 +19,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
+
+from . import host
 
 COMMANDS = ("batch", "eval")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -125,36 +129,36 @@ def add_parsers(commands) -> None:
 
 def _configure(args) -> None:
     """Model folders, tiny mode and device from this command's options only."""
-    from .. import cli
-    from ..mgie_core import paths
-
-    paths.configure(reset=True)
-    cli.configure_models(args)
+    host.configure_models(args, reset=True)
 
 
-def _executor(args):
+def _executor(args, registry_factory: Callable[[], dict]):
     if not args.ray:
         return None
     from ..mgie_core import paths
-    from .scale import RayExecutor
+    from ..runner.scale import RayExecutor
 
     config = {"models_dirs": [str(p.resolve()) for p in args.models_dir or []],
               "tiny_root": str(paths.tiny_root()) if paths.tiny_root() else None,
               "device": args.device}
     executor = RayExecutor(address=args.ray, workers=args.workers,
-                           cpus_per_worker=args.cpus_per_worker, process_config=config)
+                           cpus_per_worker=args.cpus_per_worker, process_config=config,
+                           registry_factory=registry_factory)
     print(f"Ray: {executor.describe()}.", file=sys.stderr)
     return executor
 
 
 def run_variant_batches(workflow: Path, base_data: dict, variants, run_dir: Path, dataset,
-                        args, registry, *, mapping=None, extra_pnginfo=None, overrides=(),
-                        seed=0, map_options=()):
+                        args, registry_factory: Callable[[], dict], *, mapping=None,
+                        extra_pnginfo=None, overrides=(), seed=0, map_options=()):
     """Run each variant (or the workflow itself when ``variants`` is None) into its run
     folder, with one Session (or one set of Ray workers) for all of them, so models load
-    once. A variant that changes nothing runs into ``run_dir`` itself (the base run)."""
-    from .batch import (Session, Summary, prepare_settings, print_summary, run_batch,
-                        variant_dir, write_variants_file)
+    once. A variant that changes nothing runs into ``run_dir`` itself (the base run).
+    ``registry_factory`` gives the node registry, here and in each Ray worker."""
+    from ..runner.batch import (Session, Summary, prepare_settings, print_summary,
+                                run_batch, variant_dir, write_variants_file)
+
+    registry = registry_factory()
 
     plan = []
     for variant in variants or [None]:
@@ -169,7 +173,7 @@ def run_variant_batches(workflow: Path, base_data: dict, variants, run_dir: Path
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         write_variants_file(run_dir, variants)
     total = Summary(run_dir=Path(run_dir))
-    executor = _executor(args)
+    executor = _executor(args, registry_factory)
     session = None if executor is not None else Session(registry)
     try:
         for variant, settings in plan:
@@ -185,10 +189,10 @@ def run_variant_batches(workflow: Path, base_data: dict, variants, run_dir: Path
     return total
 
 
-def cmd_batch(args) -> int:
-    from . import engine
-    from .dataset import load_dataset
-    from .variants import load_variants
+def cmd_batch(args, registry_factory: Callable[[], dict]) -> int:
+    from ..runner import engine
+    from ..runner.dataset import load_dataset
+    from ..runner.variants import load_variants
 
     data = engine.load_file(args.workflow)
     dataset = load_dataset(args.dataset)
@@ -196,22 +200,16 @@ def cmd_batch(args) -> int:
     _configure(args)
     run_dir = args.out or Path("output") / "batch" / args.workflow.stem
     summary = run_variant_batches(args.workflow, data, variants, run_dir, dataset, args,
-                                  _registry(), overrides=args.overrides, seed=args.seed,
+                                  registry_factory, overrides=args.overrides, seed=args.seed,
                                   map_options=args.map_options)
     return summary.exit_code
 
 
-def _registry():
-    from .. import cli
-
-    return cli.build_registry()
-
-
-def cmd_eval(args) -> int:
+def cmd_eval(args, registry_factory: Callable[[], dict]) -> int:
     from ..evaluation import evaluate
-    from .batch import BATCH_FILE, BatchSettings, read_variants_file
-    from .dataset import load_dataset
-    from .variants import load_variants
+    from ..runner.batch import BATCH_FILE, BatchSettings, read_variants_file
+    from ..runner.dataset import load_dataset
+    from ..runner.variants import load_variants
 
     run_dir = args.run_dir
     batch_file = run_dir / BATCH_FILE
@@ -236,7 +234,7 @@ def cmd_eval(args) -> int:
         if not args.input_dir and base.input_dirs:
             args.input_dir = [Path(p) for p in base.input_dirs]
         summary = run_variant_batches(Path(base.workflow), base.prompt, variants, run_dir,
-                                      dataset, args, _registry(), mapping=base.mapping,
+                                      dataset, args, registry_factory, mapping=base.mapping,
                                       extra_pnginfo=base.extra_pnginfo,
                                       overrides=base.overrides, seed=base.seed)
         if summary.failed:
@@ -269,16 +267,17 @@ def _tiny_metric_networks(options) -> None:
         tiny.ensure(paths.tiny_root(), sorted(keys))
 
 
-def main(args) -> int:
-    """Run ``batch`` or ``eval``; errors become messages and exit codes."""
+def main(args, registry_factory: Callable[[], dict]) -> int:
+    """Run ``batch`` or ``eval``; errors become messages and exit codes.
+    ``registry_factory`` gives the node registry (called only when a batch runs)."""
     from ..mgie_core import runtime
     from ..mgie_core.errors import XMGIEError
-    from . import engine
-    from .batch import EXIT_SETUP
+    from ..runner import engine
+    from ..runner.batch import EXIT_SETUP
 
     setup_code = EXIT_SETUP if args.command == "batch" else EXIT_FAILED
     try:
-        return {"batch": cmd_batch, "eval": cmd_eval}[args.command](args)
+        return {"batch": cmd_batch, "eval": cmd_eval}[args.command](args, registry_factory)
     except (KeyboardInterrupt, runtime.Interrupted):
         print("Interrupted; rerun the same command to resume (finished items are kept).",
               file=sys.stderr)
