@@ -315,7 +315,8 @@ def unet_pass_times(sd: SDModel, latent_hw: int, warmup: int, repeat: int) -> di
         t = torch.full((b,), 501, device=dev, dtype=torch.long)
         with torch.no_grad():
             out[f"fwd_b{b}_ms"] = 1e3 * _median_time(
-                lambda: sd.unet(z, t, encoder_hidden_states=e, return_dict=False),
+                lambda z=z, t=t, e=e: sd.unet(z, t, encoder_hidden_states=e,
+                                              return_dict=False),
                 dev, warmup, repeat)
     z = torch.randn(1, 4, latent_hw, latent_hw, generator=g).to(dev, sd.dtype)
     e = torch.randn(1, 77, d, generator=g).to(dev, sd.dtype)
