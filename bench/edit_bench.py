@@ -1,4 +1,4 @@
-"""Benchmark full masked edits (issue #6): inversion + two-branch sampling (CAM + PFB +
+"""Benchmark full masked edits: inversion + two-branch sampling (CAM + PFB +
 MAG) + VAE decode + GB blur, in three call patterns, with random-weight models.
 
     python bench/edit_bench.py --size sd15 --device cuda --out results.json   # the GPU run
@@ -14,7 +14,7 @@ Modes (one full edit per example each; settings in ``MODES``):
   c  seed-faithful: null-text (10 inner) + MAG 15 x 25/50, with our batching, caching and
      truncation.
 
-Like with like (issue 15). Modes a and c run the same settings and give the same edit;
+Like with like. Modes a and c run the same settings and give the same edit;
 they share ONE null-text inversion per example (timed and counted once, reported for
 both), so a / c measures only the sampler's call pattern (reference against ours). Two
 ratios come out of one run: ``a_over_c`` (whole edit, and sampling alone) and
@@ -22,8 +22,8 @@ ratios come out of one run: ``a_over_c`` (whole edit, and sampling alone) and
 difference between a's and c's edited latents and images (float noise of batching and
 truncation, ~1e-5).
 
-Host synchronisations (issue 15): per mode, one untimed edit of ``--sync-steps`` steps
-runs under mgie_core/syncs.py's counter; ``syncs`` in the JSON gives per loop stage the
+Host synchronisations: per mode, one untimed edit of ``--sync-steps`` steps
+runs under bench/syncs.py's counter; ``syncs`` in the JSON gives per loop stage the
 largest count in one step and the totals by kind, and the table's ``syncs/step`` column
 the largest per step of the inversion loops / of the sampling loop. The fast path counts
 0 / 0; null-text reads once per inner iteration (on the CPU the counter also sees Adam's
@@ -315,7 +315,8 @@ def unet_pass_times(sd: SDModel, latent_hw: int, warmup: int, repeat: int) -> di
         t = torch.full((b,), 501, device=dev, dtype=torch.long)
         with torch.no_grad():
             out[f"fwd_b{b}_ms"] = 1e3 * _median_time(
-                lambda: sd.unet(z, t, encoder_hidden_states=e, return_dict=False),
+                lambda z=z, t=t, e=e: sd.unet(z, t, encoder_hidden_states=e,
+                                              return_dict=False),
                 dev, warmup, repeat)
     z = torch.randn(1, 4, latent_hw, latent_hw, generator=g).to(dev, sd.dtype)
     e = torch.randn(1, 77, d, generator=g).to(dev, sd.dtype)
@@ -439,7 +440,7 @@ def full_edit(sd: SDModel, ex: dict, mode: dict, steps: int, counter: PassCounte
 
 def sync_counts(sd: SDModel, ex: dict, mode: dict, steps: int) -> dict:
     """Host synchronisations of one full edit at ``steps`` steps, per stage and step
-    (mgie_core/syncs.py; untimed: the counter slows every operation down). Stages: the
+    (bench/syncs.py; untimed: the counter slows every operation down). Stages: the
     progress bars of the loops ("DDIM inversion", "null-text inversion", "editing") and
     "outside" (encode, setup, decode, GB, reading the run's report)."""
     with syncs.SyncCounter(device=sd.device) as counter:
@@ -535,12 +536,12 @@ def summarise(results: dict) -> None:
         m["overhead"] = {}
         for st in COUNTED:
             t, c = m["mean_s"][st], m["counts"][st]
-            ov = {"model": None, "issue": None}
+            ov = {"model": None, "per_b4_pass": None}
             if passes:
                 est = cost_model_s(c, passes)
                 ov["model"] = t / est if est > 0 else None
                 n = c["fwd"] + c["bwd"]
-                ov["issue"] = t / (n * passes["fwd_b4_ms"] / 1e3) if n else None
+                ov["per_b4_pass"] = t / (n * passes["fwd_b4_ms"] / 1e3) if n else None
             m["overhead"][st] = ov
     modes = results["modes"]
     done = {k: m for k, m in modes.items() if m.get("per_example")}

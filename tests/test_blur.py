@@ -1,14 +1,13 @@
 """GB stage (mgie_core/blur.py, nodes/blur.py): exact distance, per-pixel Gaussian
-reference, bit-exactness outside the mask, speed on the example photos, input errors."""
+reference, bit-exactness outside the mask, input errors. (Speed, and how far kornia's
+approximate distance transform is from the exact one: bench/gb_bench.py.)"""
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -134,34 +133,23 @@ def test_distance_conventions():
 
 @needs_examples
 @pytest.mark.parametrize("name", NAMES)
-def test_distance_on_examples_and_kornia_is_not_enough(name, record_property):
+def test_distance_on_examples_matches_scipys_exact_edt(name):
+    """On the 512 px example masks, every pixel's distance equals scipy's exact Euclidean
+    distance transform (an independent implementation, same convention: distance to the
+    nearest in-image background pixel), so it certainly meets the 1 px the sigma map
+    needs where sigma > 0.3 (docs/algorithms.md §9)."""
+    from scipy import ndimage
+
     _, mask = load_example(name)
     inside = mask[0] > 0.5
-    D = blur.distance_to_boundary(inside)
-    sig = blur.sigma_map(D)
-    # Brute-force exact distance on a subsample of inside pixels (all with sigma > 0.3
-    # among them, plus the deepest pixels, where any error would be largest).
-    g = torch.Generator().manual_seed(0)
-    pts = torch.nonzero(inside)
-    pick = pts[torch.randperm(len(pts), generator=g)[:1500]]
-    deep = pts[D[inside].topk(50).indices]
-    pick = torch.cat([pick, deep])
-    out_pts = torch.nonzero(~inside).double()
-    ref = torch.cdist(pick.double(), out_pts).amin(1)
-    got = D[pick[:, 0], pick[:, 1]].double()
-    assert (got - ref).abs().max() < 1e-4          # exact, so certainly within 1 px
-    # kornia's cascaded approximation, same convention (distance to the nearest outside
-    # pixel, image border not a source): several px off where sigma still matters.
-    import kornia
-
-    kd = kornia.contrib.distance_transform((~inside).float()[None, None])[0, 0]
-    where = sig > 0.3
-    err = (kd - D)[where].abs()
-    record_property("kornia_max_err_px", float(err.max()))
-    record_property("kornia_frac_over_1px", float((err > 1).float().mean()))
-    print(f"{name}: kornia max |error| {float(err.max()):.2f} px where sigma > 0.3, "
-          f"{float((err > 1).float().mean()):.0%} of those pixels off by > 1 px")
-    assert err.max() > 1.0, "kornia met the 1 px bound here; see the printed max error"
+    D = blur.distance_to_boundary(inside).double()
+    ref = torch.from_numpy(ndimage.distance_transform_edt(inside.numpy()))
+    assert inside.any() and not inside.all()
+    err = (D - ref).abs()
+    where = blur.sigma_map(D) > 0.3
+    assert where.sum() > 1000                      # the seam band is really tested
+    assert err[where].max() < 1.0                  # the stated bound
+    assert err.max() < 1e-4, float(err.max())      # and in fact exact everywhere
 
 
 # ----------------------------------------------------------------------------- (c) (d)
@@ -245,24 +233,6 @@ def test_interpolation_error_bound(sigma_max):
     worst = max(0.5 * float(((K[idx[i]] * w[i][:, None, None]).sum(0) - k2(float(s)))
                              .abs().sum()) for i, s in enumerate(ss))
     assert worst < 5.5e-4, worst
-
-
-# ----------------------------------------------------------------------------- (f)
-
-@needs_examples
-@pytest.mark.parametrize("name", NAMES)
-def test_speed_on_examples_cpu(name, record_property):
-    image, mask = load_example(name)
-    blur.gb_blur(image, mask)                    # warm-up
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        blur.gb_blur(image, mask)
-        times.append(time.perf_counter() - t)
-    med = statistics.median(times)
-    record_property("median_s", med)
-    print(f"{name}: median {med * 1e3:.0f} ms ({torch.get_num_threads()} threads)")
-    assert med < 1.0, f"{name}: median {med:.3f} s"
 
 
 # ----------------------------------------------------------------------------- (g)

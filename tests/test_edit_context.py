@@ -267,19 +267,32 @@ def test_instruction_cam_from_typed_words_or_the_plan():
 
 
 def test_instruction_sampler_refuses_words_on_an_mgie_condition(tiny_ip2p):
+    """Words name positions an MGIE condition does not have: refused, naming the input.
+    What the sampler takes instead, whole-condition CAM, is checked against a reference:
+    with a mask that covers the image the condition acts everywhere, so CAM (and PFB,
+    whose blend region is then everything) must leave the edit exactly as the plain
+    run's; with half the image masked, CAM must change it."""
     from xmgie.mgie_core.models.conditioning import Conditioning
 
     sd = tiny_ip2p
     cond = diffusion.encode_prompt(sd, "make it yellow")
     mgie = Conditioning(cond, diffusion.encode_prompt(sd, ""), "make it yellow", "mgie")
-    img = torch.zeros(1, 4, 8, 8)
+    img = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     with pytest.raises(InputError, match="cam_in_words: names words, but this mgie"):
         sampler.edit_instruct(sd, img, mgie, steps=1, mask=torch.ones(1, 64, 64),
                               cam=sampler.CAMSettings(["yellow"]))
-    res = sampler.edit_instruct(sd, img, mgie, steps=2, mask=_mask(0, 32, 0, 64),
-                                cam=sampler.CAMSettings(whole_condition=True),
-                                source_latent=img, controls=[PFBControl()], plan=PLAN)
-    assert torch.isfinite(res.edit).all()
+    whole = sampler.CAMSettings(whole_condition=True)
+
+    def run(mask=None, cam=None, controls=()):
+        return sampler.edit_instruct(sd, img, mgie, steps=2, mask=mask, cam=cam,
+                                     source_latent=img, controls=list(controls),
+                                     plan=PLAN).edit
+
+    plain = run()
+    full = run(torch.ones(1, 64, 64), whole, [PFBControl()])
+    assert torch.allclose(full, plain, atol=1e-5), float((full - plain).abs().max())
+    half = run(_mask(0, 32, 0, 64), whole)
+    assert (half - plain).abs().max() > 1e-3
 
 
 # --- nodes: one fill rule, errors naming both ----------------------------------------------

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -124,9 +122,7 @@ def test_official_architectures_are_inferred(kind, dim, depth, heads, globals_, 
 
 def test_segment_returns_binary_mask_of_image_size(tiny_sam, sam_lib):
     img = _image()
-    t0 = time.perf_counter()
     mask, score = sam_lib.segment(tiny_sam, img, points=[(70, 40), (5, 5)], labels=[1, 0])
-    assert time.perf_counter() - t0 < 5
     assert mask.shape == (96, 160) and mask.dtype == torch.float32
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
     assert isinstance(score, float)
