@@ -39,7 +39,6 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterable, Sequence
 
-from ._compat import moved
 from .errors import InputError, XMGIEError, names_list
 from .tokens import as_text, clean_word
 
@@ -1178,6 +1177,3 @@ __all__ = ["EditPlan", "PlanParseError", "PLAN_PROMPT", "PLAN_RULE", "build_plan
            "parse_plan", "make_plan", "plan_from_prompts", "plan_from_instruction",
            "from_plan", "guess_object", "is_person_word", "diff_words", "find_phrase",
            "loads_tolerant", "canonical_key"]
-
-# Token-position helpers moved to mgie_core.tokens (kept here for one release).
-__getattr__ = moved(__name__, {"find_word_tokens": ".tokens", "word_token_groups": ".tokens"})

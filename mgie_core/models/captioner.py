@@ -16,11 +16,10 @@ from typing import Any
 import torch
 
 from .. import paths, runtime
-from .._compat import moved
 from ..errors import InputError, ModelLoadError
 from .hf import (check_folder, check_positive, decode_new, generation_kwargs, interrupt_criteria,
                  load_model, load_processor, read_config, to_device, to_pil_images)
-from .sd import DTYPES, resolve_dtype  # noqa: F401  (DTYPES re-exported for nodes)
+from .sd import resolve_dtype
 
 ARCHITECTURES = ("Blip2ForConditionalGeneration",)
 
@@ -104,10 +103,3 @@ def caption(captioner: Captioner, images: torch.Tensor, prompt: str = "",
             bar.update()
     return out
 
-
-# The shared Hugging Face helpers moved to models.hf (kept here for one release).
-__getattr__ = moved(__name__, {
-    "TOKENIZER_FIX": ".models.hf", "_first_line": ".models.hf:first_line",
-    "_check_positive": ".models.hf:check_positive", "to_device": ".models.hf",
-    "_reasonable_max_length": ".models.hf:_reasonable_max_length",
-    "_weights_bytes": ".models.hf:weights_bytes"})
