@@ -45,7 +45,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from . import attention, runtime
-from .attention import AttnHook, BatchLayout, Branch, MaskPyramid
+from .attention import AttnHook, BatchLayout, Branch
 from .diffusion import Schedule
 from .errors import InputError
 from .inversion import InversionResult
@@ -185,7 +185,6 @@ class SamplingRun:
     edit_passes: int = 0                          # edit-row passes for losses
     # Updates each optimising control applied and skipped in this run (see report.py).
     report: UpdateReport = dataclasses.field(default_factory=UpdateReport)
-    _mask_pyramid: Optional[MaskPyramid] = dataclasses.field(default=None, repr=False)
 
     @property
     def two_branch(self) -> bool:
@@ -197,11 +196,3 @@ class SamplingRun:
         if self.reference is None:
             return None
         return runtime.place(self.reference[i], self.latents[Branch.EDIT].device)
-
-    def mask_at(self, hw: tuple[int, int], device) -> torch.Tensor:
-        """The run's mask at ``hw``, (B, h, w) in {0, 1}; cached per resolution."""
-        if self.mask is None:
-            raise ValueError("this run has no mask")
-        if self._mask_pyramid is None:
-            self._mask_pyramid = MaskPyramid(self.mask)
-        return self._mask_pyramid.at(tuple(hw), device)

@@ -209,11 +209,6 @@ def sigma(run, step: int) -> float:
     return ((1 - a) / a) ** 0.5
 
 
-def latent_mask(run, like: torch.Tensor) -> torch.Tensor:
-    """The edit mask at the latent's resolution, (B,1,h,w) in {0,1}."""
-    return run.mask_at(tuple(like.shape[-2:]), like.device)[:, None]
-
-
 def gradient(loss: torch.Tensor, wrt: torch.Tensor, stage: str, step: int) -> torch.Tensor:
     """d loss / d wrt; raises :class:`GradientError` naming ``stage`` (the control) and
     the reason when autograd cannot give it (inference mode, no_grad, inference-tensor
