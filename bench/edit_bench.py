@@ -23,7 +23,7 @@ difference between a's and c's edited latents and images (float noise of batchin
 truncation, ~1e-5).
 
 Host synchronisations (issue 15): per mode, one untimed edit of ``--sync-steps`` steps
-runs under mgie_core/syncs.py's counter; ``syncs`` in the JSON gives per loop stage the
+runs under bench/syncs.py's counter; ``syncs`` in the JSON gives per loop stage the
 largest count in one step and the totals by kind, and the table's ``syncs/step`` column
 the largest per step of the inversion loops / of the sampling loop. The fast path counts
 0 / 0; null-text reads once per inner iteration (on the CPU the counter also sees Adam's
@@ -100,13 +100,19 @@ def _import_xmgie():
 
 _import_xmgie()
 
-from xmgie.mgie_core import blur, syncs, vae  # noqa: E402
+from xmgie.mgie_core import blur, vae  # noqa: E402
 from xmgie.mgie_core.inversion import invert  # noqa: E402
 from xmgie.mgie_core.mag import MAGControl  # noqa: E402
 from xmgie.mgie_core.models.compile import COMPILE_MODES, compile_unet  # noqa: E402
 from xmgie.mgie_core.models.sd import CONFIG_DIR, SDModel, ddim_scheduler  # noqa: E402
 from xmgie.mgie_core.pfb import PFBControl  # noqa: E402
 from xmgie.mgie_core.sampler import CAMSettings, edit  # noqa: E402
+
+# The sync counter lives beside this file (a diagnostic, not part of the library). Run as
+# a script its folder is on the path already; loaded as a module (the tests), it is not.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import syncs  # noqa: E402
 
 ENV_EXAMPLES = "XMGIE_BENCH_EXAMPLES"
 DEFAULT_EXAMPLES = REPO / "examples"
@@ -439,7 +445,7 @@ def full_edit(sd: SDModel, ex: dict, mode: dict, steps: int, counter: PassCounte
 
 def sync_counts(sd: SDModel, ex: dict, mode: dict, steps: int) -> dict:
     """Host synchronisations of one full edit at ``steps`` steps, per stage and step
-    (mgie_core/syncs.py; untimed: the counter slows every operation down). Stages: the
+    (bench/syncs.py; untimed: the counter slows every operation down). Stages: the
     progress bars of the loops ("DDIM inversion", "null-text inversion", "editing") and
     "outside" (encode, setup, decode, GB, reading the run's report)."""
     with syncs.SyncCounter(device=sd.device) as counter:

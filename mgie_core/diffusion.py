@@ -25,7 +25,7 @@ class Schedule:
     The Python copies are made once here: reading an element of a tensor in a loop
     (``int(t[i])``, ``float(a[t])``) is a host read per step, a synchronisation when the
     tensor lives on a GPU and, on the CPU, indistinguishable from one for the counter of
-    :mod:`.syncs`, so the loops never do it (issue 15)."""
+    bench/syncs.py, so the loops never do it."""
 
     timesteps: torch.Tensor        # (N,) descending, exactly the scheduler's set_timesteps
     prev_timesteps: torch.Tensor   # (N,) where step i lands (negative: past t = 0)

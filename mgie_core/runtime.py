@@ -530,7 +530,7 @@ def device_key(device) -> str:
 def place(x: torch.Tensor, device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``x`` on ``device`` (and in ``dtype``): the tensor itself when it is there already,
     a dtype cast when only the dtype differs, a copy only when it lives elsewhere. Loops
-    use this instead of ``x.to(device)`` so that the sync counter (:mod:`.syncs`) sees an
+    use this instead of ``x.to(device)`` so that the sync counter (bench/syncs.py) sees an
     explicit move only where one happens ("cuda" and "cuda:0" are the same device)."""
     if not _same_device(x.device, device):
         return x.to(device=device, dtype=dtype)

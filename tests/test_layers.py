@@ -18,7 +18,7 @@ CORE = ROOT / "mgie_core"
 
 # Lower layers first; a module may import its own layer or any layer below.
 LAYERS = [
-    {"errors", "paths", "runtime", "report", "syncs"},
+    {"errors", "paths", "runtime", "report"},
     {"models", "configs", "images", "tokens"},
     {"diffusion", "vae", "attention", "blur"},
     {"inversion", "masks", "plan"},

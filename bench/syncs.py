@@ -1,6 +1,11 @@
 """Count what would stall a GPU inside the per-step loops: host synchronisations and
-host-device traffic, per stage and per step (issue 15; a diagnostic for tests and the
-benchmark, never used by the editing code itself).
+host-device traffic, per stage and per step (a diagnostic for the tests and the
+benchmark, outside the library: the editing code never uses it).
+
+Both import it as the top-level module ``syncs`` with this folder on ``sys.path``: run
+as a script, ``bench/edit_bench.py`` has it there already; ``tests/test_syncs.py`` and
+the benchmark loaded as a module put it there. It counts the ``xmgie`` its importer
+already imported.
 
 On a GPU the host queues kernels and runs ahead; anything that needs a value back on
 the host waits for every queued kernel first. With UNet passes that are launch-bound
@@ -47,7 +52,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import runtime
+from xmgie.mgie_core import runtime
 
 KINDS = ("scalar_read", "to_host", "host_tensor")
 # Counted too, apart from the synchronisations: an explicit move to the model's device
