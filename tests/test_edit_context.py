@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xmgie.mgie_core import attention, diffusion, inversion, plan, sampler, vae
+from xmgie.mgie_core import attention, diffusion, inversion, plan_rules, sampler, vae
 from xmgie.mgie_core.astar import AStarControl
 from xmgie.mgie_core.control import Control
 from xmgie.mgie_core.errors import InputError
@@ -18,8 +18,8 @@ from xmgie.mgie_core.models import identity as id_lib
 from xmgie.mgie_core.pfb import PFBControl
 
 SRC, TGT = "a red sofa on a red carpet", "a red sofa on a yellow carpet"
-PLAN = plan.plan_from_prompts("make the carpet yellow", SRC, TGT)
-PERSON = plan.plan_from_prompts("make her hair blonde", "a woman with brown hair",
+PLAN = plan_rules.plan_from_prompts("make the carpet yellow", SRC, TGT)
+PERSON = plan_rules.plan_from_prompts("make her hair blonde", "a woman with brown hair",
                                 "a woman with blonde hair")
 
 
@@ -168,7 +168,7 @@ def test_controls_take_words_from_the_runs_plan_unless_typed_or_own_plan(tiny_sd
     # The source word 'red' is still in the target (the sofa): pushed out of the region.
     assert mag.used_negative_words == ["red"]
 
-    other = plan.plan_from_prompts("make the sofa blue", SRC, "a blue sofa on a red carpet")
+    other = plan_rules.plan_from_prompts("make the sofa blue", SRC, "a blue sofa on a red carpet")
     mag = MAGControl(RUN_MASK, plan=other)                 # its own plan overrides the run's
     _set_up(tiny_sd, inv, mag, plan_=PLAN, target=other.target_prompt)
     assert mag.used_words == ["blue"] and mag.used_negative_words == ["red"]
@@ -179,7 +179,7 @@ def test_controls_take_words_from_the_runs_plan_unless_typed_or_own_plan(tiny_sd
 
 
 def test_negative_words_drop_source_words_that_left_the_target(tiny_sd, inv):
-    p = plan.plan_from_prompts("make the carpet yellow", "a photo of a red carpet",
+    p = plan_rules.plan_from_prompts("make the carpet yellow", "a photo of a red carpet",
                                "a photo of a yellow carpet")
     mag = MAGControl(RUN_MASK)
     _set_up(tiny_sd, inv, mag, plan_=p, target=p.target_prompt)

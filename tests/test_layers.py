@@ -19,9 +19,9 @@ CORE = ROOT / "mgie_core"
 # Lower layers first; a module may import its own layer or any layer below.
 LAYERS = [
     {"errors", "paths", "runtime", "report"},
-    {"models", "configs", "images", "tokens"},
+    {"models", "configs", "images", "tokens", "tolerant_json"},
     {"diffusion", "vae", "attention", "blur"},
-    {"inversion", "masks", "plan"},
+    {"inversion", "masks", "plan", "plan_rules", "plan_answer"},
     {"control", "guidance", "pfb"},
     {"sampler", "mag", "astar", "identity_guidance"},
     {"tiny"},
