@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .mgie_core import images, paths, runtime
+from .mgie_core import host, images, memory, paths
 from .runner import engine
 from .mgie_core.errors import XMGIEError
 
@@ -152,9 +152,9 @@ def configure_models(args: argparse.Namespace) -> None:
     """Device, model folders and tiny mode; before validation, because model dropdown
     lists depend on them."""
     if getattr(args, "device", None):
-        os.environ["XMGIE_DEVICE"] = args.device  # read by mgie_core.runtime
+        os.environ["XMGIE_DEVICE"] = args.device  # read by mgie_core.host
     if hasattr(args, "offload"):  # run only; XMGIE_OFFLOAD=1 does the same
-        runtime.set_offload_after_use(args.offload or os.environ.get("XMGIE_OFFLOAD") == "1")
+        memory.set_offload_after_use(args.offload or os.environ.get("XMGIE_OFFLOAD") == "1")
     if args.models_dir:
         paths.configure(models_dir=args.models_dir)
     if getattr(args, "max_image_pixels", None):
@@ -326,7 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except engine.WorkflowError as exc:
         _print_errors(exc)
         return EXIT_FAILED
-    except (KeyboardInterrupt, runtime.Interrupted):
+    except (KeyboardInterrupt, host.Interrupted):
         print("Interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED
     except XMGIEError as exc:  # e.g. tiny models could not be built

@@ -36,7 +36,7 @@ alphas, token positions) as Python numbers, not as CPU tensors read in the loop.
 GPU (``device`` given), reads of CPU tensors are not synchronisations and are counted
 apart as ``host_read``.
 
-Steps are told apart through the runtime's progress bars: the counter wraps the
+Steps are told apart through the host's progress bars: the counter wraps the
 ``progress`` hook, so every loop that reports progress (DDIM inversion, null-text
 inversion, editing, ...) is a stage named by its bar, and the events between two
 updates are one step. Everything outside a bar is counted under ``outside``.
@@ -52,7 +52,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from xmgie.mgie_core import runtime
+from xmgie.mgie_core import host
 
 KINDS = ("scalar_read", "to_host", "host_tensor")
 # Counted too, apart from the synchronisations: an explicit move to the model's device
@@ -265,9 +265,9 @@ class SyncCounter:
 
     # -- context --------------------------------------------------------------------
     def __enter__(self) -> "SyncCounter":
-        prev = runtime.hooks()
+        prev = host.hooks()
         factory = prev.progress
-        self._previous_hooks = runtime.set_hooks(
+        self._previous_hooks = host.set_hooks(
             progress=lambda total, desc: _CountingProgress(self, factory(total, desc), total, desc))
         self._modes = [_FunctionMode(self), _DispatchMode(self)]
         for m in self._modes:
@@ -279,5 +279,5 @@ class SyncCounter:
             m.__exit__(*exc)
         self._modes = []
         if self._previous_hooks is not None:
-            runtime.set_hooks(progress=self._previous_hooks.progress)
+            host.set_hooks(progress=self._previous_hooks.progress)
             self._previous_hooks = None

@@ -42,7 +42,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import guidance, runtime
+from . import grad_mode, guidance
 from .attention import Branch, MaskPyramid
 from .control import Control
 from .errors import InputError
@@ -174,7 +174,7 @@ class AStarControl(Control):
         if not run.two_branch:
             raise InputError("controls", "include A-STAR on a sampler without a target "
                              "prompt", "the two-branch (inversion) sampler")
-        runtime.differentiable(run.sd.unet, stage="A-STAR")
+        grad_mode.differentiable(run.sd.unet, stage="A-STAR")
         # Words: typed, else the edit plan's edit words (own plan, else the sampler's).
         self.used_words = self.resolve_words(run, self.words, self.plan, "edit_words",
                                              "concept words")
@@ -189,7 +189,7 @@ class AStarControl(Control):
         self.history = []
         self._records: list[tuple] = []      # (step, iteration, seg, ret, applied, reason)
         z = run.latents[Branch.EDIT]
-        self._groups_on = [runtime.autograd_input(torch.tensor(list(g), device=z.device))
+        self._groups_on = [grad_mode.autograd_input(torch.tensor(list(g), device=z.device))
                            for g in self._groups]
         self._region(run, z)                 # the mask on the device before the loop
         if len(self._groups) < 2:
@@ -232,8 +232,8 @@ class AStarControl(Control):
         and the history is read then (see report.py)."""
         if i >= self._n_opt:
             return
-        with runtime.autograd():
-            z = runtime.autograd_input(run.latents[Branch.EDIT]).float()
+        with grad_mode.autograd():
+            z = grad_mode.autograd_input(run.latents[Branch.EDIT]).float()
             region = self._region(run, z)
             alpha = self.step_size * guidance.sigma(run, i)
             groups = self._groups_on

@@ -26,7 +26,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import runtime
+from . import grad_mode, host
 
 class _Name(str, enum.Enum):
     """A name that is also its plain string ("rec" == Branch.REC), so layouts, dict keys
@@ -302,13 +302,13 @@ class MaskPyramid:
             self.at(tuple(hw), device, binary)
 
     def at(self, hw: tuple[int, int], device, binary: bool = True) -> torch.Tensor:
-        key = (hw[0], hw[1], runtime.device_key(device), binary)
+        key = (hw[0], hw[1], host.device_key(device), binary)
         if key not in self._cache:
-            with runtime.normal_tensors():     # MAG's backward may save it
+            with grad_mode.normal_tensors():     # MAG's backward may save it
                 m = F.interpolate(self.mask[:, None].float(), size=hw, mode="bicubic",
                                   align_corners=False)[:, 0]
                 m = (m > 0.5).float() if binary else m.clamp(0, 1)
-                self._cache[key] = runtime.place(m, device)
+                self._cache[key] = host.place(m, device)
         return self._cache[key]
 
 
@@ -356,7 +356,7 @@ def _rows_of(x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
 
 def _token_index(tokens, device) -> torch.Tensor:
     if isinstance(tokens, torch.Tensor):
-        return runtime.place(tokens, device, torch.long)
+        return host.place(tokens, device, torch.long)
     return torch.tensor(list(tokens), dtype=torch.long, device=device)
 
 
@@ -420,8 +420,8 @@ class CAMHook(AttnHook):
 
     def _tokens(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         idx = getattr(self, "_idx", None)
-        if idx is None or not runtime._same_device(idx["in"].device, device):
-            with runtime.normal_tensors():
+        if idx is None or not host.same_device(idx["in"].device, device):
+            with grad_mode.normal_tensors():
                 self._idx = idx = {"in": _token_index(self.in_tokens, device),
                                    "out": _token_index(self.out_tokens, device)}
         return idx["in"], idx["out"]
@@ -431,7 +431,7 @@ class CAMHook(AttnHook):
         and A-STAR's backward passes save it)."""
         cache = self.__dict__.setdefault("_cache", {})
         if key not in cache:
-            with runtime.normal_tensors():
+            with grad_mode.normal_tensors():
                 cache[key] = make()
         return cache[key]
 
@@ -451,7 +451,7 @@ class CAMHook(AttnHook):
                 bias[r] = cam[0] if cam.shape[0] == 1 else cam[k]
             return bias
 
-        return self._cached(("bias", hw, n_key, str(dtype), runtime.device_key(device),
+        return self._cached(("bias", hw, n_key, str(dtype), host.device_key(device),
                              tuple(rows), len(ctx.layout)), make)
 
     def needs_probs(self, layer, ctx):
@@ -626,11 +626,11 @@ class InjectionHook(AttnHook):
     def _device_mapper(self, device, dtype):
         """The mapper on ``device`` (made once: a host tensor would be copied to the
         device in every layer of every step)."""
-        key = ((runtime.device_key(device), str(dtype)) if self.mode == "replace"
-               else (runtime.device_key(device),))
+        key = ((host.device_key(device), str(dtype)) if self.mode == "replace"
+               else (host.device_key(device),))
         got = self._on.get(key)
         if got is None:
-            with runtime.normal_tensors():    # the edit rows' backward saves it
+            with grad_mode.normal_tensors():    # the edit rows' backward saves it
                 if self.mode == "replace":
                     got = self.mapper.to(device, dtype)
                 else:

@@ -44,7 +44,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from . import attention, runtime
+from . import attention, host
 from .attention import AttnHook, BatchLayout, Branch
 from .diffusion import Schedule
 from .errors import InputError
@@ -195,4 +195,4 @@ class SamplingRun:
         the reference on the model's device, so this is a view, never a copy per step."""
         if self.reference is None:
             return None
-        return runtime.place(self.reference[i], self.latents[Branch.EDIT].device)
+        return host.place(self.reference[i], self.latents[Branch.EDIT].device)

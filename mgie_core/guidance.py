@@ -9,8 +9,8 @@ identity guidance): re-run the edit branch with gradients, cheaply and exactly.
   (``StopForward`` from a forward hook), so the backward goes only through that prefix.
 * Optimised latents and losses stay float32 whatever the UNet's precision; a non-finite
   gradient skips the update with a warning and never touches the latent.
-* The controls optimise inside :func:`runtime.autograd` (ComfyUI runs nodes inside
-  inference mode) and take the latent through :func:`runtime.autograd_input`;
+* The controls optimise inside :func:`grad_mode.autograd` (ComfyUI runs nodes inside
+  inference mode) and take the latent through :func:`grad_mode.autograd_input`;
   :func:`gradient` raises :class:`GradientError` naming the control when the loss carries
   no gradient, and :func:`count_update` records every update applied or skipped (with
   its reason) in the run's report.

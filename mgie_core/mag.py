@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import guidance, runtime
+from . import grad_mode, guidance
 from .attention import AttnContext, BatchLayout, Branch, MaskPyramid, layer_hw, level_sizes
 from .control import Control
 from .errors import InputError, names_list
@@ -127,7 +127,7 @@ class MAGControl(Control):
         if not run.two_branch:
             raise InputError("controls", "include MAG on a sampler without a target prompt",
                              "the two-branch (inversion) sampler")
-        runtime.differentiable(run.sd.unet, stage="MAG")
+        grad_mode.differentiable(run.sd.unet, stage="MAG")
         self._pyramid = MaskPyramid(self.resolve_mask(
             run, self.mask, required=True, use="the edit region (MAG pulls the edit words' "
             "attention into it, updates the latent inside it and blends outside it)"))
@@ -159,7 +159,7 @@ class MAGControl(Control):
         self._insides: dict[tuple[int, int], Optional[torch.Tensor]] = {}
         if self._n_opt > 0:
             self._inside_at(level_sizes(hw)[2], dev)        # the 16x16 maps at 512 px
-        put = lambda g: runtime.autograd_input(torch.tensor(list(g), device=dev))  # noqa
+        put = lambda g: grad_mode.autograd_input(torch.tensor(list(g), device=dev))  # noqa
         self._groups_on = [put(g) for g in self._groups]
         self._neg_on = [put(g) for g in self._neg]
         self._m64 = self._pyramid.at(hw, dev)[:, None]   # one mask: loss, update, blend
@@ -171,7 +171,7 @@ class MAGControl(Control):
         (not inference ones): the loss saves them for its backward."""
         if hw not in self._insides:
             inside = self._pyramid.at(hw, device)[0].flatten() > 0.5
-            self._insides[hw] = runtime.autograd_input(inside) if bool(inside.any()) \
+            self._insides[hw] = grad_mode.autograd_input(inside) if bool(inside.any()) \
                 else None
             if all(v is None for v in self._insides.values()):
                 raise InputError("mask", "vanishes at the 16x16 attention resolution",
@@ -210,8 +210,8 @@ class MAGControl(Control):
         warned about at the end of the run (see report.py); the history is read then."""
         if i >= self._n_opt:
             return
-        with runtime.autograd():
-            z = runtime.autograd_input(run.latents[Branch.EDIT]).float()
+        with grad_mode.autograd():
+            z = grad_mode.autograd_input(run.latents[Branch.EDIT]).float()
             m64 = self._m64
             step = guidance.sigma(run, i)
             for it in range(self.iterations):

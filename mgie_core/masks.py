@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import attention, runtime, vae
+from . import attention, host, vae
 from .diffusion import encode_prompt
 from .errors import InputError
 from .images import check_image, check_mask
@@ -190,7 +190,7 @@ def attention_map(sd: SDModel, image: torch.Tensor, prompt: str, word: str,
                          "[1,H,W,3]", "Call it once per image.")
     tokens = word_tokens(sd, prompt, word)
     ts = _check_timesteps(sd, timesteps)
-    runtime.check_interrupt()
+    host.check_interrupt()
 
     z0 = vae.encode(sd, image).samples                       # [1,4,h,w]
     z_t = noised_latents(sd, z0, ts, seed)

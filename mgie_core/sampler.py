@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import attention, runtime
+from . import attention, host
 from .attention import COND, UNCOND, AttnContext, BatchLayout, Branch, Half
 from .control import Control, SamplingRun, check_controls
 from .diffusion import (Schedule, denoise_step, encode_prompt, instruct_solver, make_schedule,
@@ -169,8 +169,8 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     scale = inversion.guidance_scale if guidance_scale is None else guidance_scale
     # The inversion's tensors on the device once (a no-op when they are there already):
     # the loop reads one row of each per step and never copies.
-    traj = runtime.place(inversion.latents, sd.device, torch.float32)
-    nulls = runtime.place(inversion.null_embeddings, sd.device, torch.float32) \
+    traj = host.place(inversion.latents, sd.device, torch.float32)
+    nulls = host.place(inversion.null_embeddings, sd.device, torch.float32) \
         if inversion.null_embeddings is not None else None
     z_T = traj[0]
     mask = _validate_mask(mask, z_T, inversion.image_size)
@@ -216,7 +216,7 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
 
     rows = ((REC, UNCOND), (EDIT, UNCOND), (REC, COND), (EDIT, COND))
     try:
-        with runtime.progress(n, "editing") as bar:
+        with host.progress(n, "editing") as bar:
             for i in range(n):
                 run.step = i
                 t = sch.t(i)
@@ -368,7 +368,7 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
     zeros = torch.zeros_like(img)
     timesteps = solver.timesteps
     try:
-        with runtime.progress(steps, "instruction editing") as bar:
+        with host.progress(steps, "instruction editing") as bar:
             for i in range(steps):
                 run.step = i
                 t = timesteps[i]

@@ -271,7 +271,7 @@ def _tiny_metric_networks(options) -> None:
 
 def main(args) -> int:
     """Run ``batch`` or ``eval``; errors become messages and exit codes."""
-    from ..mgie_core import runtime
+    from ..mgie_core import host
     from ..mgie_core.errors import XMGIEError
     from . import engine
     from .batch import EXIT_SETUP
@@ -279,7 +279,7 @@ def main(args) -> int:
     setup_code = EXIT_SETUP if args.command == "batch" else EXIT_FAILED
     try:
         return {"batch": cmd_batch, "eval": cmd_eval}[args.command](args)
-    except (KeyboardInterrupt, runtime.Interrupted):
+    except (KeyboardInterrupt, host.Interrupted):
         print("Interrupted; rerun the same command to resume (finished items are kept).",
               file=sys.stderr)
         return EXIT_INTERRUPTED

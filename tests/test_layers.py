@@ -18,7 +18,7 @@ CORE = ROOT / "mgie_core"
 
 # Lower layers first; a module may import its own layer or any layer below.
 LAYERS = [
-    {"errors", "paths", "runtime", "report"},
+    {"errors", "paths", "host", "grad_mode", "memory", "report"},
     {"models", "configs", "images", "tokens", "tolerant_json"},
     {"diffusion", "vae", "attention", "blur"},
     {"inversion", "masks", "plan", "plan_rules", "plan_answer"},

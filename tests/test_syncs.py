@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from xmgie.mgie_core import astar, identity_guidance as idg, inversion, mag, pfb, sampler
-from xmgie.mgie_core import attention, runtime, vae
+from xmgie.mgie_core import attention, host, vae
 from xmgie.mgie_core.models import identity as id_lib
 
 # The counter is a diagnostic beside the benchmark, outside the library.
@@ -83,11 +83,11 @@ def test_the_counter_sees_every_kind_of_wait():
 
 
 def test_steps_come_from_the_progress_bars():
-    from xmgie.mgie_core import runtime
+    from xmgie.mgie_core import host
 
     x = torch.randn(2)
     with syncs.SyncCounter() as c:
-        with runtime.progress(3, "loop") as bar:
+        with host.progress(3, "loop") as bar:
             for i in range(3):
                 if i == 1:
                     x.tolist()
@@ -165,10 +165,10 @@ def test_device_caches_name_a_device_one_way():
     ``str(device)``, every lookup of step 0 missed: the H200 run of this file counted 4
     host-to-device copies in the sampler's first step (one per mask size), 3 in the
     instruction sampler's, none on the CPU. The CPU has the same pair of names."""
-    assert runtime.device_key("cuda") == runtime.device_key("cuda:0") == runtime.device_key(
+    assert host.device_key("cuda") == host.device_key("cuda:0") == host.device_key(
         torch.device("cuda", 0))
-    assert runtime.device_key(torch.device("cpu", 0)) == runtime.device_key("cpu") == "cpu"
-    assert runtime.device_key("cuda:1") != runtime.device_key("cuda:0")
+    assert host.device_key(torch.device("cpu", 0)) == host.device_key("cpu") == "cpu"
+    assert host.device_key("cuda:1") != host.device_key("cuda:0")
 
     m = torch.zeros(1, 64, 64)
     m[:, 10:40, 12:50] = 1
