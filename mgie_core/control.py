@@ -44,7 +44,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from . import attention, host
+from . import attention, attention_hooks, host
 from .attention import AttnHook, BatchLayout, Branch
 from .diffusion import Schedule
 from .errors import InputError
@@ -175,7 +175,7 @@ class SamplingRun:
     cond_tgt: Optional[torch.Tensor] = None      # (1, 77, D) target prompt embedding
     null: Optional[torch.Tensor] = None          # (B, 77, D) this step's unconditional row
     guidance_scale: float = 7.5
-    injection: Optional[attention.InjectionHook] = None
+    injection: Optional[attention_hooks.InjectionHook] = None
     sampler_hooks: list[AttnHook] = dataclasses.field(default_factory=list)
 
     # Shared by latent-optimising controls within a step (see guidance.py).

@@ -24,7 +24,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from . import attention
+from . import attention_hooks
 from .attention import COND, AttnContext, AttnHook, BatchLayout, Branch, LayerInfo, layer_hw
 from .diffusion import unet_eps
 from .errors import GradientError, why_no_gradient
@@ -95,9 +95,9 @@ class SourceRecorder(AttnHook):
 
 class CachedInjection(AttnHook):
     """Prompt-to-prompt injection replayed onto edit rows from a :class:`SourceRecorder`
-    (same rule as :class:`attention.InjectionHook`, without the source row in the batch)."""
+    (same rule as :class:`attention_hooks.InjectionHook`, without the source row in the batch)."""
 
-    def __init__(self, injection: attention.InjectionHook, recorder: SourceRecorder):
+    def __init__(self, injection: attention_hooks.InjectionHook, recorder: SourceRecorder):
         self.inj, self.rec = injection, recorder
 
     def _edit_rows(self, ctx):
@@ -164,7 +164,7 @@ def source_cache(run, step: int, stop_layer: Optional[str] = None) -> SourceReco
 def sampler_hooks_for_edit(run) -> list[AttnHook]:
     """The sampler's own hooks that act on the edit row (CAM), without the in-batch
     injection (replayed from the cache instead)."""
-    return [h for h in run.sampler_hooks if not isinstance(h, attention.InjectionHook)]
+    return [h for h in run.sampler_hooks if not isinstance(h, attention_hooks.InjectionHook)]
 
 
 def edit_maps(run, z: torch.Tensor, step: int, layers: Sequence[str],
@@ -185,7 +185,7 @@ def edit_maps(run, z: torch.Tensor, step: int, layers: Sequence[str],
     if inj is not None:
         hooks.append(CachedInjection(inj, source_cache(run, step, stop)))
     hooks += sampler_hooks_for_edit(run)
-    capture = attention.CaptureHook(layers, rows=[(Branch.EDIT, COND)])
+    capture = attention_hooks.CaptureHook(layers, rows=[(Branch.EDIT, COND)])
     hooks += [capture, *extra_hooks]
     _call_unet(run, EDIT_COND, z, run.cond_tgt, step, hooks, stop)
     run.edit_passes += 1

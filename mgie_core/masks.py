@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import attention, host, vae
+from . import attention, attention_hooks, host, vae
 from .diffusion import encode_prompt
 from .errors import InputError
 from .images import check_image, check_mask
@@ -137,7 +137,7 @@ def capture_maps(sd: SDModel, z_t: torch.Tensor, timesteps: Sequence[int],
     """One UNet call on ``z_t`` (row i at timesteps[i]) with ``emb``; returns the
     cross-attention probabilities (T, heads, HW, 77) of ``layers``."""
     controller = attention.install(sd.unet)
-    hook = attention.CaptureHook(layers)
+    hook = attention_hooks.CaptureHook(layers)
     layout = attention.BatchLayout(tuple((f"t{t}", attention.COND) for t in timesteps))
     ctx = attention.AttnContext(step=0, num_steps=1, layout=layout,
                                 latent_hw=tuple(z_t.shape[-2:]))

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import attention, host
+from . import attention, attention_hooks, host
 from .attention import COND, UNCOND, AttnContext, BatchLayout, Branch, Half
 from .control import Control, SamplingRun, check_controls
 from .diffusion import (Schedule, denoise_step, encode_prompt, instruct_solver, make_schedule,
@@ -46,13 +46,13 @@ class CAMSettings:
     """Cross-attention masking. ``in_words``/``out_words``: words of the prompt (or the
     CLIP-encoded instruction) that attend only inside/outside the mask.
     ``whole_condition`` (instruction sampler): the whole condition acts only inside the
-    mask and the null condition outside (:class:`attention.ConditionCAMHook`), for a
+    mask and the null condition outside (:class:`attention_hooks.ConditionCAMHook`), for a
     condition without word positions such as MGIE's; always on the logits."""
 
     in_words: Sequence[str] = ()
     out_words: Sequence[str] = ()
     mode: str = "logits"
-    layers: Sequence[str] = attention.CAMHook.DEFAULT_LAYERS
+    layers: Sequence[str] = attention_hooks.CAMHook.DEFAULT_LAYERS
     whole_condition: bool = False
 
 
@@ -154,7 +154,7 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     ``p2p_mode``: "refine" (default; words may be added or removed: aligned tokens take
     the reconstruction's cross-attention maps, new tokens keep theirs) or "replace" (word
     swaps, the same number of words: every map of the edit comes from the source maps
-    through P2P's replacement matrix, see :func:`attention.replace_mapper`)."""
+    through P2P's replacement matrix, see :func:`attention_hooks.replace_mapper`)."""
     if sd.instruct:
         raise InputError("sd_model", "is an 8-channel instruction model",
                          "the text-to-image model the image was inverted with",
@@ -186,16 +186,17 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
 
     hooks: list[attention.AttnHook] = []
     if p2p_mode == "refine":
-        mapper = attention.token_alignment(token_ids(sd, inversion.source_prompt),
+        mapper = attention_hooks.token_alignment(token_ids(sd, inversion.source_prompt),
                                            token_ids(sd, target_prompt))
     elif p2p_mode == "replace":
-        mapper = attention.replace_mapper(sd.tokenizer, inversion.source_prompt, target_prompt)
+        mapper = attention_hooks.replace_mapper(sd.tokenizer, inversion.source_prompt,
+                                                target_prompt)
     else:
         raise InputError("p2p_mode", f"is {p2p_mode!r}", "refine or replace")
     cross_steps, self_steps = int(cross_replace * n), int(self_replace * n)
     injection = None
     if cross_steps or self_steps:
-        injection = attention.InjectionHook(mapper, cross_steps, self_steps, self_max_res)
+        injection = attention_hooks.InjectionHook(mapper, cross_steps, self_steps, self_max_res)
         hooks.append(injection)
     if cam is not None and cam.whole_condition:
         raise InputError("cam", "asks for whole-condition CAM", "CAM words on the two-branch "
@@ -203,7 +204,7 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     if cam is not None and (cam.in_words or cam.out_words):
         if mask is None:
             raise InputError("mask", "is missing", "a mask for cross-attention masking (CAM)")
-        hooks.append(attention.CAMHook(
+        hooks.append(attention_hooks.CAMHook(
             mask, _word_tokens(sd, target_prompt, cam.in_words, "cam_in_words"),
             _word_tokens(sd, target_prompt, cam.out_words, "cam_out_words"),
             layers=cam.layers, mode=cam.mode))
@@ -342,10 +343,10 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
         if mask is None:
             raise InputError("mask", "is missing", "a mask for cross-attention masking (CAM)")
         # The conditional rows attend to [cond; null], the others to [null; null] (the
-        # same attention as [null]): see attention.ConditionCAMHook.
+        # same attention as [null]): see attention_hooks.ConditionCAMHook.
         n_tokens = cond.shape[1]
         cond, null = torch.cat([cond, null], 1), torch.cat([null, null], 1)
-        hooks.append(attention.ConditionCAMHook(mask, n_tokens, layers=cam.layers))
+        hooks.append(attention_hooks.ConditionCAMHook(mask, n_tokens, layers=cam.layers))
     elif cam is not None and (cam.in_words or cam.out_words):
         if mask is None:
             raise InputError("mask", "is missing", "a mask for cross-attention masking (CAM)")
@@ -357,9 +358,10 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
                              "instruction", "Use '*' to keep the whole condition inside "
                              "the mask.")
         text = conditioning.text
-        hooks.append(attention.CAMHook(mask, _word_tokens(sd, text, cam.in_words, "cam_in_words"),
-                                       _word_tokens(sd, text, cam.out_words, "cam_out_words"),
-                                       layers=cam.layers, mode=cam.mode))
+        hooks.append(attention_hooks.CAMHook(
+            mask, _word_tokens(sd, text, cam.in_words, "cam_in_words"),
+            _word_tokens(sd, text, cam.out_words, "cam_out_words"),
+            layers=cam.layers, mode=cam.mode))
     controller.hooks = _setup_controls(run, controls, hooks)
 
     branches = [EDIT] + ([REF] if reference is not None else [])

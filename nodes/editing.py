@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..mgie_core import inversion as inv_mod
 from ..mgie_core import pfb, sampler, vae
-from ..mgie_core.attention import CAMHook
+from ..mgie_core.attention_hooks import CAMHook
 from ..mgie_core.diffusion import INSTRUCT_SCHEDULERS
 from ..mgie_core.images import check_finite, check_image, check_mask
 from ..mgie_core.mag import MAGControl

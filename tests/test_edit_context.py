@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xmgie.mgie_core import attention, diffusion, inversion, plan_rules, sampler, vae
+from xmgie.mgie_core import (attention, attention_hooks, diffusion, inversion, plan_rules,
+                             sampler, vae)
 from xmgie.mgie_core.astar import AStarControl
 from xmgie.mgie_core.control import Control
 from xmgie.mgie_core.errors import InputError
@@ -241,12 +242,12 @@ def test_condition_cam_is_exactly_the_condition_inside_and_null_outside(tiny_ip2
     plain = call(torch.cat([cond, null]), [])
     doubled = torch.cat([torch.cat([cond, null], 1), torch.cat([null, null], 1)])
     for fill, want in ((1.0, plain[0]), (0.0, plain[1])):
-        hook = attention.ConditionCAMHook(torch.full((1, 8, 8), fill), 77, layers=everywhere)
+        hook = attention_hooks.ConditionCAMHook(torch.full((1, 8, 8), fill), 77, layers=everywhere)
         out = call(doubled, [hook])
         assert torch.allclose(out[0], want, atol=1e-5), fill
         assert torch.allclose(out[1], plain[1], atol=1e-5)
     # The default CAM layers: the condition still acts outside the mask elsewhere.
-    hook = attention.ConditionCAMHook(torch.zeros(1, 8, 8), 77)
+    hook = attention_hooks.ConditionCAMHook(torch.zeros(1, 8, 8), 77)
     out = call(doubled, [hook])
     assert not torch.allclose(out[0], plain[1], atol=1e-5)
 

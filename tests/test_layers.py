@@ -20,7 +20,7 @@ CORE = ROOT / "mgie_core"
 LAYERS = [
     {"errors", "paths", "host", "grad_mode", "memory", "report"},
     {"models", "configs", "images", "tokens", "tolerant_json"},
-    {"diffusion", "vae", "attention", "blur"},
+    {"diffusion", "vae", "attention", "attention_hooks", "blur"},
     {"inversion", "masks", "plan", "plan_rules", "plan_answer"},
     {"control", "guidance", "pfb"},
     {"sampler", "mag", "astar", "identity_guidance"},

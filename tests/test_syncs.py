@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from xmgie.mgie_core import astar, identity_guidance as idg, inversion, mag, pfb, sampler
-from xmgie.mgie_core import attention, host, vae
+from xmgie.mgie_core import attention, attention_hooks, host, vae
 from xmgie.mgie_core.models import identity as id_lib
 
 # The counter is a diagnostic beside the benchmark, outside the library.
@@ -183,7 +183,7 @@ def test_device_caches_name_a_device_one_way():
     assert len(pyramid._cache) == len(sizes)
     assert not c.events, c.events
 
-    hook = attention.InjectionHook(torch.tensor([0, 1, 2, -1]), cross_steps=2, self_steps=1)
+    hook = attention_hooks.InjectionHook(torch.tensor([0, 1, 2, -1]), cross_steps=2, self_steps=1)
     hook.prepare(torch.device("cpu", 0), (16, 16))
     got = hook._device_mapper(torch.device("cpu"), torch.float32)
     assert got is hook._device_mapper(torch.device("cpu", 0), torch.float32)
