@@ -23,7 +23,7 @@ import difflib
 import json
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import InputError, names_list
 from .tokens import clean_word
@@ -300,11 +300,17 @@ CONNECT_PLAN = ("Connect an edit plan (xMGIE Edit Plan From VLM, From Instructio
                 "Prompts) to its plan input")
 
 
-def _typed_words(v: Any) -> list[str]:
+def split_words(v: Any) -> list[str]:
+    """Typed words as a list: text split at commas, each word stripped, empty ones
+    dropped ("red, car," -> ["red", "car"]); a list (any iterable) the same, item by
+    item; None -> []; any other value is one word. The one splitter of every typed word
+    input (nodes, sampler, the fill rule, the batch runner's datasets)."""
     if v is None:
         return []
     if isinstance(v, str):
         return [w.strip() for w in v.split(",") if w.strip()]
+    if not isinstance(v, Iterable):
+        v = [v]
     return [str(w).strip() for w in v if str(w).strip()]
 
 
@@ -322,7 +328,7 @@ def from_plan(name: str, typed: Any, plan: "EditPlan | None", field_name: str,
     if field_name not in {f.name for f in fields(EditPlan)}:
         raise ValueError(f"EditPlan has no field {field_name!r}")
     words = field_name in _LIST_FIELDS
-    value = _typed_words(typed) if words else ("" if typed is None else str(typed))
+    value = split_words(typed) if words else ("" if typed is None else str(typed))
     if (value if words else value.strip()):
         return value
     if plan is not None:
@@ -340,4 +346,5 @@ def from_plan(name: str, typed: Any, plan: "EditPlan | None", field_name: str,
 
 
 __all__ = ["EditPlan", "FIELDS", "PLAN_RULE", "CONNECT_PLAN", "from_plan", "is_person_word",
-           "PERSON_WORDS", "diff_words", "find_phrase", "replace_phrase", "as_words"]
+           "PERSON_WORDS", "diff_words", "find_phrase", "replace_phrase", "as_words",
+           "split_words"]

@@ -31,7 +31,7 @@ from .errors import InputError
 from .inversion import InversionResult
 from .models.conditioning import Conditioning
 from .models.sd import SDModel
-from .plan import EditPlan, find_phrase, from_plan
+from .plan import EditPlan, find_phrase, from_plan, split_words
 from .report import UpdateReport
 from .tokens import find_word_tokens
 
@@ -276,7 +276,7 @@ def instruction_cam(conditioning: Conditioning, cam_in_words: str = "",
     else (none of them there, or an MGIE condition, which has no word positions) the
     whole condition. Neither words nor a plan: no CAM (None). CAM needs a mask: the
     instruction sampler node passes the plan here only when it has one."""
-    typed = [w.strip() for w in (cam_in_words or "").split(",") if w.strip()]
+    typed = split_words(cam_in_words)
     if typed == [WHOLE_CONDITION]:
         return CAMSettings(whole_condition=True)
     if typed:

@@ -611,6 +611,17 @@ def test_object_prompt_always_contains_the_word():
 
 # --- the fill rule ----------------------------------------------------------------------
 
+def test_split_words_is_the_one_typed_word_splitter():
+    assert P.split_words(" red , yellow car,, ") == ["red", "yellow car"]
+    assert P.split_words(["red ", "", " car"]) == ["red", "car"]
+    assert P.split_words(None) == [] and P.split_words("") == [] and P.split_words(7) == ["7"]
+    # the nodes, the sampler and the batch datasets use this one function
+    from xmgie.mgie_core import sampler
+    from xmgie.nodes import astar, editing
+    from xmgie.runner import dataset
+    assert all(m.split_words is P.split_words for m in (sampler, astar, editing, dataset))
+
+
 def test_from_plan_typed_wins_empty_takes_the_plan_neither_names_both():
     plan = R.plan_from_prompts(CARPET["instruction"], CARPET["source"], CARPET["target"])
     assert P.from_plan("target_prompt", "a blue carpet", plan, "target_prompt", "x") == \
