@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Optional, Sequence
 
 import torch
 
 from . import grad_mode, guidance
+from .architecture import layer_hw
 from .attention import Branch, MaskPyramid
 from .control import Control
 from .errors import InputError
@@ -58,10 +58,9 @@ _TINY = 1e-12
 
 def map_hw(latent_hw: Sequence[int], n_tokens: int) -> tuple[int, int]:
     """Spatial size of an attention map with ``n_tokens`` queries for a latent of
-    ``latent_hw`` (same rounding as attention.layer_hw; non-square latents work)."""
+    ``latent_hw`` (:func:`.architecture.layer_hw`; non-square latents work), checked."""
     h, w = int(latent_hw[0]), int(latent_hw[1])
-    f = math.sqrt(h * w / n_tokens)
-    hw = int(round(h / f)), int(round(w / f))
+    hw = layer_hw((h, w), n_tokens)
     if hw[0] * hw[1] != n_tokens:
         raise ValueError(f"cannot lay {n_tokens} attention queries out on a latent of {h}x{w}")
     return hw

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import grad_mode, host
+from .architecture import SD1, UNetArchitecture
 
 class _Name(str, enum.Enum):
     """A name that is also its plain string ("rec" == Branch.REC), so layouts, dict keys
@@ -104,13 +104,6 @@ class LayerInfo:
         return any(self.name == p or self.name.startswith(p + ".") for p in prefixes)
 
 
-def layer_hw(ctx: AttnContext, tokens: int) -> tuple[int, int]:
-    """Spatial size of a layer from its token count and the call's latent size."""
-    h, w = ctx.latent_hw
-    f = math.sqrt(h * w / tokens)
-    return int(round(h / f)), int(round(w / f))
-
-
 class AttnHook:
     """Base class: override what you need. Every method gets the layer and context.
 
@@ -145,10 +138,12 @@ class AttnHook:
     def observe(self, layer: LayerInfo, ctx: AttnContext, probs: torch.Tensor) -> None:
         """Read the final probabilities of a layer (capture)."""
 
-    def prepare(self, device, latent_hw: tuple[int, int]) -> None:
+    def prepare(self, device, latent_hw: tuple[int, int],
+                architecture: UNetArchitecture = SD1) -> None:
         """Called by the samplers before the first step: put what the hook reads in every
-        call (token positions, masks at each layer size) on ``device`` now, so no step
-        copies host data to the device (each such copy waits for the GPU)."""
+        call (token positions, masks at each layer size of the UNet's ``architecture``) on
+        ``device`` now, so no step copies host data to the device (each such copy waits
+        for the GPU)."""
 
 
 class AttentionController:
@@ -279,17 +274,6 @@ def uninstall(unet) -> None:
 
 
 # --- masks at layer resolution ------------------------------------------------------
-
-def level_sizes(latent_hw: tuple[int, int], levels: int = 4) -> list[tuple[int, int]]:
-    """The feature sizes of a UNet's levels for a latent of ``latent_hw``: each
-    downsampler (a stride-2 3x3 convolution with padding 1) halves a side rounding up."""
-    h, w = int(latent_hw[0]), int(latent_hw[1])
-    out = []
-    for _ in range(levels):
-        out.append((h, w))
-        h, w = (h + 1) // 2, (w + 1) // 2
-    return out
-
 
 class MaskPyramid:
     """A mask resized to each layer resolution (bicubic, then threshold 0.5:

@@ -16,7 +16,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from . import grad_mode, host
-from .attention import COND, AttnHook, MaskPyramid, layer_hw, level_sizes
+from .architecture import SD1, UNetArchitecture, layer_hw
+from .attention import COND, AttnHook, MaskPyramid
 
 
 class CaptureHook(AttnHook):
@@ -119,9 +120,9 @@ class CAMHook(AttnHook):
             return []
         return [i for i, (b, h) in enumerate(ctx.layout.rows) if h == COND and b in self.branches]
 
-    def prepare(self, device, latent_hw):
+    def prepare(self, device, latent_hw, architecture: UNetArchitecture = SD1):
         self._tokens(device)
-        self.pyramid.prepare(level_sizes(latent_hw), device)
+        self.pyramid.prepare(architecture.level_sizes(latent_hw), device)
 
     def _tokens(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         idx = getattr(self, "_idx", None)
@@ -146,7 +147,7 @@ class CAMHook(AttnHook):
         rows = self._rows(layer, ctx)
         if self.mode != "logits" or not rows:
             return None
-        hw = layer_hw(ctx, n_query)
+        hw = layer_hw(ctx.latent_hw, n_query)
 
         def make():
             m = self.pyramid.at(hw, device)
@@ -166,7 +167,7 @@ class CAMHook(AttnHook):
         rows = self._rows(layer, ctx)
         if not rows:
             return probs
-        hw = layer_hw(ctx, probs.shape[2])
+        hw = layer_hw(ctx.latent_hw, probs.shape[2])
         n_key, dev, dtype = probs.shape[-1], probs.device, probs.dtype
 
         def make():
@@ -224,7 +225,7 @@ class ConditionCAMHook(AttnHook):
         bias[rows, ..., n:] = neg
         edit = [i for i in rows if ctx.layout.rows[i][0] in self.branches]
         if edit and layer.in_set(self.layers):
-            m = self.pyramid.at(layer_hw(ctx, n_query), device)
+            m = self.pyramid.at(layer_hw(ctx.latent_hw, n_query), device)
             cam = cam_logit_bias(m, range(n), range(n, 2 * n), n_key, dtype)
             bias[edit] = cam.expand(len(edit), -1, -1, -1) if cam.shape[0] == 1 else cam
         return bias
@@ -325,7 +326,7 @@ class InjectionHook(AttnHook):
         self.aligned: Optional[list[int]] = mapper.tolist() if mapper.ndim == 1 else None
         self._on: dict = {}
 
-    def prepare(self, device, latent_hw):
+    def prepare(self, device, latent_hw, architecture: UNetArchitecture = SD1):
         self._device_mapper(torch.device(device), torch.float32)
 
     def _device_mapper(self, device, dtype):
@@ -362,7 +363,7 @@ class InjectionHook(AttnHook):
             return None
         # "32x32 and below" at 512 px, i.e. layers downsampled at least 2x from the
         # latent: compare the downsampling factor so the rule holds at any image size.
-        h, _ = layer_hw(ctx, n_query)
+        h, _ = layer_hw(ctx.latent_hw, n_query)
         factor = ctx.latent_hw[0] / h
         return {pair[1]: pair[0]} if self.base_latent_res / factor <= self.self_max_res else None
 

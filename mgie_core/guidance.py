@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from . import attention_hooks
-from .attention import COND, AttnContext, AttnHook, BatchLayout, Branch, LayerInfo, layer_hw
+from .architecture import architecture_of, layer_hw
+from .attention import COND, AttnContext, AttnHook, BatchLayout, Branch
 from .diffusion import unet_eps
 from .errors import GradientError, why_no_gradient
 
@@ -37,18 +38,6 @@ REC_COND = BatchLayout(((Branch.REC, COND),))
 
 class StopForward(Exception):
     """Raised after the last layer a loss needs; ends the UNet forward early."""
-
-
-def execution_rank(name: str) -> tuple:
-    """Order of an attention layer in the UNet's forward (down, mid, up)."""
-    parts = name.split(".")
-    nums = [int(p) for p in parts if p.isdigit()]
-    stage = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[parts[0]]
-    return (stage, *nums, parts[-1])
-
-
-def last_in_execution(names: Iterable[str]) -> str:
-    return max(names, key=execution_rank)
 
 
 def _stop(module, inputs, output):
@@ -106,7 +95,7 @@ class CachedInjection(AttnHook):
     def qk_override(self, layer, ctx, query, key):
         if layer.is_cross or ctx.step >= self.inj.self_steps or layer.name not in self.rec.qk:
             return None
-        h, _ = layer_hw(ctx, query.shape[2])
+        h, _ = layer_hw(ctx.latent_hw, query.shape[2])
         if self.inj.base_latent_res / (ctx.latent_hw[0] / h) > self.inj.self_max_res:
             return None
         q_src, k_src = self.rec.qk[layer.name]
@@ -177,7 +166,7 @@ def edit_maps(run, z: torch.Tensor, step: int, layers: Sequence[str],
     ``truncate=False`` / ``cache_source=False`` reproduce the reference call pattern (full
     forward; reconstruction recomputed for every call) for benchmarks and tests."""
     layers = list(layers)
-    stop = last_in_execution(layers) if truncate else None
+    stop = architecture_of(run.sd.unet).last_in_execution(layers) if truncate else None
     if not cache_source:
         run.source_caches.pop((step, stop), None)
     hooks: list[AttnHook] = []
@@ -200,7 +189,7 @@ def layers_at_factor(unet, factor: int) -> list[str]:
     maps at 512 px), in execution order."""
     from .masks import map_layers
 
-    return sorted(map_layers(unet, factor), key=execution_rank)
+    return sorted(map_layers(unet, factor), key=architecture_of(unet).execution_rank)
 
 
 def sigma(run, step: int) -> float:

@@ -27,7 +27,8 @@ from typing import Optional, Sequence
 import torch
 
 from . import grad_mode, guidance
-from .attention import AttnContext, BatchLayout, Branch, MaskPyramid, layer_hw, level_sizes
+from .architecture import architecture_of, layer_hw
+from .attention import Branch, MaskPyramid
 from .control import Control
 from .errors import InputError, names_list
 from .plan import EditPlan, find_phrase
@@ -158,7 +159,8 @@ class MAGControl(Control):
         dev, hw = z.device, tuple(z.shape[-2:])
         self._insides: dict[tuple[int, int], Optional[torch.Tensor]] = {}
         if self._n_opt > 0:
-            self._inside_at(level_sizes(hw)[2], dev)        # the 16x16 maps at 512 px
+            # the 16x16 maps at 512 px
+            self._inside_at(architecture_of(run.sd.unet).feature_size(hw, 2), dev)
         put = lambda g: grad_mode.autograd_input(torch.tensor(list(g), device=dev))  # noqa
         self._groups_on = [put(g) for g in self._groups]
         self._neg_on = [put(g) for g in self._neg]
@@ -185,7 +187,7 @@ class MAGControl(Control):
         pairs = []
         for name in self._layers:
             A = maps[name]
-            hw = layer_hw(AttnContext(0, 1, BatchLayout(()), latent_hw), A.shape[1])
+            hw = layer_hw(latent_hw, A.shape[1])
             inside = self._inside_at(hw, A.device)
             if inside is not None:
                 pairs.append((A, inside))

@@ -47,7 +47,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .attention import COND, Branch, MaskPyramid, level_sizes
+from .architecture import architecture_of
+from .attention import COND, Branch, MaskPyramid
 from .control import Control
 from .errors import InputError
 
@@ -110,20 +111,8 @@ def pfb_diff_sites(unet, preset: str = "object") -> list[Site]:
 
 def block_output_sites(unet, blocks: Sequence[str]) -> list[Site]:
     """The ``block_outputs`` placement: whole diffusers blocks' outputs (and skips)."""
-    n = len(unet.down_blocks)
-
-    def level(name: str) -> int:
-        if name == "mid_block":
-            return n - 1
-        kind, idx = name.split(".")[:2]
-        idx = int(idx)
-        if kind == "down_blocks":
-            return min(idx + 1, n - 1) if getattr(unet.down_blocks[idx], "downsamplers", None) \
-                else idx
-        up_level = n - 1 - idx
-        return up_level - 1 if getattr(unet.up_blocks[idx], "upsamplers", None) else up_level
-
-    return [Site(b, "block_output", level(b)) for b in blocks]
+    arch = architecture_of(unet)
+    return [Site(b, "block_output", arch.block_output_level(b)) for b in blocks]
 
 
 def dilate(mask: torch.Tensor, px_at_512: float) -> torch.Tensor:
@@ -226,7 +215,8 @@ class PFBControl(Control):
                               for i in range(run.schedule.num_steps)]
         # the blend mask at every feature size, on the device before the first step
         z = run.latents[Branch.EDIT]
-        self._blend_mask.prepare(level_sizes(tuple(z.shape[-2:])), z.device)
+        self._blend_mask.prepare(architecture_of(run.sd.unet).level_sizes(tuple(z.shape[-2:])),
+                                 z.device)
         unet = run.sd.unet
         modules = dict(unet.named_modules())
         if self.placement == "pfb_diff":

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import attention, attention_hooks, host
+from .architecture import architecture_of
 from .attention import COND, UNCOND, AttnContext, BatchLayout, Branch, Half
 from .control import Control, SamplingRun, check_controls
 from .diffusion import (Schedule, denoise_step, encode_prompt, instruct_solver, make_schedule,
@@ -89,8 +90,9 @@ def _setup_controls(run: SamplingRun, controls: Sequence[Control],
             done.append(c)
             hooks = hooks + list(c.attn_hooks(run))
         hw = _latent_hw(run.latents[EDIT])
+        arch = architecture_of(run.sd.unet)
         for h in hooks:        # device-side data now, not in the first step
-            h.prepare(run.sd.device, hw)
+            h.prepare(run.sd.device, hw, arch)
     except BaseException:
         _finish(run, done)
         raise

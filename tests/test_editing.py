@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from xmgie.mgie_core import attention, attention_hooks, diffusion, inversion, sampler, vae
+from xmgie.mgie_core.architecture import layer_hw
 from xmgie.mgie_core.errors import InputError
 from xmgie.mgie_core.pfb import PFBControl
 
@@ -254,7 +255,7 @@ def test_cam_logits_masks_token_mass(sd, z0, mask):
     seen_inside = False
     for name in masked:
         p = cap.maps[name][0]                                    # (heads, HW, 77)
-        hw = attention.layer_hw(attention.AttnContext(0, 1, _layout(), (16, 16)), p.shape[1])
+        hw = layer_hw((16, 16), p.shape[1])
         m = pyr.at(hw, p.device).flatten()
         assert p[:, m < 0.5][..., in_tok].sum() == 0, name
         assert p[:, m > 0.5][..., out_tok].sum() == 0, name

@@ -19,7 +19,7 @@ CORE = ROOT / "mgie_core"
 # Lower layers first; a module may import its own layer or any layer below.
 LAYERS = [
     {"errors", "paths", "host", "grad_mode", "memory", "report"},
-    {"models", "configs", "images", "tokens", "tolerant_json"},
+    {"models", "configs", "images", "tokens", "tolerant_json", "architecture"},
     {"diffusion", "vae", "attention", "attention_hooks", "blur"},
     {"inversion", "masks", "plan", "plan_rules", "plan_answer"},
     {"control", "guidance", "pfb"},

@@ -94,6 +94,7 @@ def test_layers_at_factor_4(sd, masks):
 def test_sd15_layers_are_the_five_16x16_maps(masks):
     from diffusers import UNet2DConditionModel
 
+    from xmgie.mgie_core.architecture import architecture_of
     from xmgie.mgie_core.attention import attention_layers
 
     with torch.device("meta"):   # structure only, no weights
@@ -110,7 +111,7 @@ def test_sd15_layers_are_the_five_16x16_maps(masks):
         "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
         "up_blocks.1.attentions.2.transformer_blocks.0.attn2"]
     # and the 8x8 / 32x32 / 64x64 layers are at factors 8 / 2 / 1
-    assert {masks.layer_factor(unet, l) for l in attention_layers(unet)
+    assert {architecture_of(unet).factor(l.name) for l in attention_layers(unet)
             if l.is_cross} == {1, 2, 4, 8}
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from xmgie.mgie_core import attention, attention_hooks, diffusion, inversion, pfb, sampler, vae
+from xmgie.mgie_core.architecture import layer_hw
 from xmgie.mgie_core.attention import MaskPyramid
 from xmgie.mgie_core.control import Control
 from xmgie.mgie_core.errors import InputError
@@ -330,7 +331,7 @@ def test_cam_holds_under_injection(sd, inv, mask, mode):
     inside_total = 0.0
     for name in layers:
         p = cap.hook.maps[name][0]                                   # (heads, HW, 77)
-        hw = attention.layer_hw(attention.AttnContext(0, 1, None, (16, 16)), p.shape[1])
+        hw = layer_hw((16, 16), p.shape[1])
         m = pyr.at(hw, p.device).flatten()
         assert p[:, m > 0.5][..., out_tok].sum() == 0, name
         assert p[:, m < 0.5][..., in_tok].sum() == 0, name

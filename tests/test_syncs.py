@@ -18,6 +18,7 @@ import torch
 
 from xmgie.mgie_core import astar, identity_guidance as idg, inversion, mag, pfb, sampler
 from xmgie.mgie_core import attention, attention_hooks, host, vae
+from xmgie.mgie_core.architecture import SD1
 from xmgie.mgie_core.models import identity as id_lib
 
 # The counter is a diagnostic beside the benchmark, outside the library.
@@ -173,7 +174,7 @@ def test_device_caches_name_a_device_one_way():
     m = torch.zeros(1, 64, 64)
     m[:, 10:40, 12:50] = 1
     pyramid = attention.MaskPyramid(m)
-    sizes = attention.level_sizes((16, 16))
+    sizes = SD1.level_sizes((16, 16))
     pyramid.prepare(sizes, torch.device("cpu", 0))          # before the loop: sd.device
     before = {hw: pyramid.at(hw, torch.device("cpu", 0)) for hw in sizes}
     tensor_device = torch.zeros(1).device                   # in the loop: tensor.device
