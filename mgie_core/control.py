@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, ClassVar, Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -48,6 +48,7 @@ from . import attention, attention_hooks, host
 from .attention import AttnHook, BatchLayout, Branch
 from .diffusion import Schedule
 from .errors import InputError
+from .guidance import SourceCache
 from .inversion import InversionResult
 from .models.sd import SDModel
 from .plan import EditPlan, from_plan
@@ -179,9 +180,7 @@ class SamplingRun:
     sampler_hooks: list[AttnHook] = dataclasses.field(default_factory=list)
 
     # Shared by latent-optimising controls within a step (see guidance.py).
-    source_caches: dict[tuple[int, Optional[str]], Any] = dataclasses.field(
-        default_factory=dict)
-    source_passes: int = 0                        # reconstruction-row passes for the caches
+    source_cache: SourceCache = dataclasses.field(default_factory=SourceCache)
     edit_passes: int = 0                          # edit-row passes for losses
     # Updates each optimising control applied and skipped in this run (see report.py).
     report: UpdateReport = dataclasses.field(default_factory=UpdateReport)

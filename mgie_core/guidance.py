@@ -82,6 +82,38 @@ class SourceRecorder(AttnHook):
         return None
 
 
+class SourceCache:
+    """The reconstruction row's recordings (a :class:`SourceRecorder` each) for the
+    current step, one per stop layer, shared by a run's latent-optimising controls, and
+    the UNet passes spent filling it.
+
+    Controls that stop at different layers share a step (MAG and identity guidance must
+    not evict each other's recording), so a step keeps every stop layer's entry; storing
+    an entry of a new step drops the older steps' ones."""
+
+    def __init__(self):
+        self._step: Optional[int] = None
+        self._by_stop: dict[Optional[str], SourceRecorder] = {}
+        self.passes = 0            # reconstruction-row passes made to fill the cache
+
+    def get(self, step: int, stop_layer: Optional[str]) -> Optional[SourceRecorder]:
+        return self._by_stop.get(stop_layer) if step == self._step else None
+
+    def put(self, step: int, stop_layer: Optional[str], recorder: SourceRecorder) -> None:
+        if step != self._step:
+            self._step, self._by_stop = step, {}
+        self._by_stop[stop_layer] = recorder
+        self.passes += 1
+
+    def forget(self, step: int, stop_layer: Optional[str]) -> None:
+        """Drop one entry, so the next :func:`source_cache` call records it again."""
+        if step == self._step:
+            self._by_stop.pop(stop_layer, None)
+
+    def __len__(self) -> int:
+        return len(self._by_stop)
+
+
 class CachedInjection(AttnHook):
     """Prompt-to-prompt injection replayed onto edit rows from a :class:`SourceRecorder`
     (same rule as :class:`attention_hooks.InjectionHook`, without the source row in the batch)."""
@@ -134,19 +166,13 @@ def _call_unet(run, layout: BatchLayout, z: torch.Tensor, emb: torch.Tensor, ste
 
 def source_cache(run, step: int, stop_layer: Optional[str] = None) -> SourceRecorder:
     """The reconstruction row's maps and Q/K at ``step``: computed once per step."""
-    key = (step, stop_layer)
-    cached = run.source_caches.get(key)
+    cached = run.source_cache.get(step, stop_layer)
     if cached is None:
-        # Keep this step's entries (controls that stop at different layers share the
-        # step: MAG and identity guidance must not evict each other); drop older steps.
-        for k in [k for k in run.source_caches if k[0] != step]:
-            del run.source_caches[k]
         cached = SourceRecorder()
         with torch.no_grad():
             _call_unet(run, REC_COND, run.latents[Branch.REC], run.cond_src, step,
                        [cached], stop_layer)
-        run.source_caches[key] = cached
-        run.source_passes += 1
+        run.source_cache.put(step, stop_layer, cached)
     return cached
 
 
@@ -168,7 +194,7 @@ def edit_maps(run, z: torch.Tensor, step: int, layers: Sequence[str],
     layers = list(layers)
     stop = architecture_of(run.sd.unet).last_in_execution(layers) if truncate else None
     if not cache_source:
-        run.source_caches.pop((step, stop), None)
+        run.source_cache.forget(step, stop)
     hooks: list[AttnHook] = []
     inj = run.injection
     if inj is not None:

@@ -230,7 +230,7 @@ class MAGControl(Control):
     def teardown(self, run) -> None:
         # UNet passes spent: the reconstruction once per optimised step, the edit row
         # once per iteration (forward + backward).
-        self.passes = {"source": run.source_passes, "edit": run.edit_passes}
+        self.passes = {"source": run.source_cache.passes, "edit": run.edit_passes}
         self.history = _read_history(self._records, ("loss", "activation"))
         self._records = []
 
