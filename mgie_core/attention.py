@@ -138,6 +138,10 @@ class AttnHook:
     def observe(self, layer: LayerInfo, ctx: AttnContext, probs: torch.Tensor) -> None:
         """Read the final probabilities of a layer (capture)."""
 
+    def after_layer(self, layer: LayerInfo, ctx: AttnContext) -> None:
+        """Called when the layer's output is computed (truncation stops the forward here,
+        see :class:`.attention_hooks.StopAfter`)."""
+
     def prepare(self, device, latent_hw: tuple[int, int],
                 architecture: UNetArchitecture = SD1) -> None:
         """Called by the samplers before the first step: put what the hook reads in every
@@ -147,16 +151,42 @@ class AttnHook:
 
 
 class AttentionController:
-    """Owns the hooks and the context of the current UNet call."""
+    """Everything the pack puts on a UNet: the attention hooks and the context of the
+    current call, and the forward patches of modules that are not attention layers (PFB's
+    blend sites). One lifecycle for both: a run sets them up, and :meth:`clear` (the
+    sampler, when the run ends, whatever happened) removes them all."""
 
     def __init__(self):
         self.hooks: list[AttnHook] = []
         self.context: Optional[AttnContext] = None
         self.explicit_layers: set[str] = set()   # names computed explicitly this call
+        self._patches: list = []                 # torch hook handles of patch_module
 
     def reset_call(self, ctx: Optional[AttnContext]) -> None:
         self.context = ctx
         self.explicit_layers.clear()
+
+    def patch_module(self, module: torch.nn.Module, *, pre=None, post=None) -> None:
+        """Patch a UNet module's forward for the rest of the run: ``pre(module, args,
+        kwargs)`` runs before it (returning ``(args, kwargs)`` or None), ``post(module,
+        args, output)`` after it (returning a new output or None)."""
+        if pre is not None:
+            self._patches.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        if post is not None:
+            self._patches.append(module.register_forward_hook(post))
+
+    @property
+    def patches(self) -> int:
+        """How many module patches are in place."""
+        return len(self._patches)
+
+    def clear(self) -> None:
+        """The end of a run: no hooks, no call context, no module patches."""
+        self.hooks = []
+        self.reset_call(None)
+        for handle in self._patches:
+            handle.remove()
+        self._patches.clear()
 
 
 class ControlledAttnProcessor:
@@ -245,7 +275,10 @@ class ControlledAttnProcessor:
             out = out.transpose(-1, -2).reshape(b, c, h, w)
         if attn.residual_connection:
             out = out + residual
-        return out / attn.rescale_output_factor
+        out = out / attn.rescale_output_factor
+        for hook in hooks:
+            hook.after_layer(layer, ctx)
+        return out
 
 
 def attention_layers(unet) -> list[LayerInfo]:
@@ -269,6 +302,7 @@ def uninstall(unet) -> None:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     if getattr(unet, "_xmgie_controller", None) is not None:
+        unet._xmgie_controller.clear()
         unet.set_attn_processor(AttnProcessor2_0())
         del unet._xmgie_controller
 

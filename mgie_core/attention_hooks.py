@@ -6,7 +6,9 @@
 * :class:`CAMHook` and :class:`ConditionCAMHook`: cross-attention masking (PFB-Diff's
   CAM), on the logits or on the probabilities;
 * :class:`InjectionHook`: prompt-to-prompt injection, with the token mappers
-  :func:`replace_mapper` and :func:`token_alignment`.
+  :func:`replace_mapper` and :func:`token_alignment`;
+* :class:`StopAfter` ends the forward after the last layer a loss reads (raising
+  :class:`StopForward`), so its backward goes through that prefix only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,21 @@ import torch
 from . import grad_mode, host
 from .architecture import SD1, UNetArchitecture, layer_hw
 from .attention import COND, AttnHook, MaskPyramid
+
+
+class StopForward(Exception):
+    """Raised after the last layer a computation needs; ends the UNet forward early."""
+
+
+class StopAfter(AttnHook):
+    """Ends the UNet forward right after the attention layer ``layer_name``."""
+
+    def __init__(self, layer_name: str):
+        self.layer_name = layer_name
+
+    def after_layer(self, layer, ctx) -> None:
+        if layer.name == self.layer_name:
+            raise StopForward
 
 
 class CaptureHook(AttnHook):

@@ -90,7 +90,8 @@ class Control:
                             f"never be called: rename it, or list it in NOT_HOOKS.")
 
     def setup(self, run: "SamplingRun") -> None:
-        """Once before the first step: read the run, check inputs, register hooks."""
+        """Once before the first step: read the run, check inputs, patch UNet modules
+        through ``run.controller.patch_module`` (removed when the run ends)."""
 
     def attn_hooks(self, run: "SamplingRun") -> list[AttnHook]:
         """Attention hooks this control adds for the whole run."""

@@ -6,7 +6,8 @@ identity guidance): re-run the edit branch with gradients, cheaply and exactly.
   keys are cached; every optimisation iteration replays the injection from that cache
   onto a single edit row (MAG-Edit's reference code recomputes it every iteration).
 * The forward pass for a loss stops right after the last attention layer the loss reads
-  (``StopForward`` from a forward hook), so the backward goes only through that prefix.
+  (``attention_hooks.StopAfter`` in the call's hook list), so the backward goes only
+  through that prefix.
 * Optimised latents and losses stay float32 whatever the UNet's precision; a non-finite
   gradient skips the update with a warning and never touches the latent.
 * The controls optimise inside :func:`grad_mode.autograd` (ComfyUI runs nodes inside
@@ -18,7 +19,6 @@ identity guidance): re-run the edit branch with gradients, cheaply and exactly.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Optional, Sequence
 
@@ -34,31 +34,6 @@ log = logging.getLogger(__name__)
 
 EDIT_COND = BatchLayout(((Branch.EDIT, COND),))
 REC_COND = BatchLayout(((Branch.REC, COND),))
-
-
-class StopForward(Exception):
-    """Raised after the last layer a loss needs; ends the UNet forward early."""
-
-
-def _stop(module, inputs, output):
-    raise StopForward
-
-
-@contextlib.contextmanager
-def truncated(unet, layer_name: Optional[str]):
-    """Stop the UNet forward right after ``layer_name`` (None: run it all)."""
-    if layer_name is None:
-        yield
-        return
-    modules = unet.__dict__.get("_xmgie_modules")
-    if modules is None or layer_name not in modules:   # one name lookup per UNet
-        modules = dict(unet.named_modules())
-        unet.__dict__["_xmgie_modules"] = modules
-    handle = modules[layer_name].register_forward_hook(_stop)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class SourceRecorder(AttnHook):
@@ -153,12 +128,12 @@ def _call_unet(run, layout: BatchLayout, z: torch.Tensor, emb: torch.Tensor, ste
                hooks: Sequence[AttnHook], stop_layer: Optional[str]) -> Optional[torch.Tensor]:
     ctl = run.controller
     saved_hooks, saved_ctx = ctl.hooks, ctl.context
-    ctl.hooks = list(hooks)
+    # The forward stops after ``stop_layer`` (None: it runs whole).
+    ctl.hooks = list(hooks) + ([attention_hooks.StopAfter(stop_layer)] if stop_layer else [])
     ctl.reset_call(AttnContext(step, run.schedule.num_steps, layout, tuple(z.shape[-2:])))
     try:
-        with truncated(run.sd.unet, stop_layer):
-            return unet_eps(run.sd, z, run.schedule.t(step), emb)
-    except StopForward:
+        return unet_eps(run.sd, z, run.schedule.t(step), emb)
+    except attention_hooks.StopForward:
         return None
     finally:
         ctl.hooks, ctl.context = saved_hooks, saved_ctx

@@ -187,7 +187,6 @@ class PFBControl(Control):
                              "blocks only with placement='block_outputs'",
                              "PFB-Diff's sites follow from the preset.")
         self._blend_mask: Optional[MaskPyramid] = None   # set up per run
-        self._handles: list = []
         self._run = None
         self.sites: list[Site] = []
         self._cache: dict[str, torch.Tensor] = {}   # site -> conditional reference rows
@@ -231,18 +230,14 @@ class PFBControl(Control):
         if run.reference is None:
             raise InputError("controls", "include PFB but the sampler has no reference",
                              "a source image (instruction path) or an inversion")
+        # Patched through the run's controller, which removes them when the run ends.
         for site in self.sites:
-            mod = modules[site.module]
             if site.hook == "input":
-                h = mod.register_forward_pre_hook(self._pre_hook(site), with_kwargs=True)
+                run.controller.patch_module(modules[site.module], pre=self._pre_hook(site))
             else:
-                h = mod.register_forward_hook(self._post_hook(site))
-            self._handles.append(h)
+                run.controller.patch_module(modules[site.module], post=self._post_hook(site))
 
     def teardown(self, run) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
         self._cache.clear()
         self._cache_step = None
         self._run = None

@@ -71,9 +71,9 @@ class EditResult:
 
 
 def _finish(run: SamplingRun, controls: Sequence[Control]) -> None:
-    """Leave the UNet as it was: no hooks, no context; let every control clean up."""
-    run.controller.hooks = []
-    run.controller.reset_call(None)
+    """Leave the UNet as it was: no hooks, no context, no patches; let every control
+    clean up."""
+    run.controller.clear()
     for c in controls:
         c.teardown(run)
     run.report.log(log, "sampler")

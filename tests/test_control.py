@@ -84,5 +84,6 @@ def test_a_failing_setup_tears_down_the_controls_already_set_up(tiny_sd, inv):
 
     with pytest.raises(InputError):
         sampler.edit(tiny_sd, inv, TGT, controls=[pfb, Broken()])
-    assert not pfb._handles                                   # PFB's forward hooks removed
+    assert all(not m._forward_pre_hooks for m in tiny_sd.unet.modules())  # PFB's removed
     assert all(not m._forward_hooks for m in tiny_sd.unet.modules())
+    assert tiny_sd.unet._xmgie_controller.patches == 0
