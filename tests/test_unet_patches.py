@@ -5,7 +5,6 @@ when a run ends -- finished or failed -- nothing of the pack is left on the UNet
 from __future__ import annotations
 
 import pytest
-import torch
 
 from xmgie.mgie_core import attention, inversion, sampler, vae
 from xmgie.mgie_core.control import Control
