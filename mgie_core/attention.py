@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from . import grad_mode, host
 from .architecture import SD1, UNetArchitecture
 
+
 class _Name(str, enum.Enum):
     """A name that is also its plain string ("rec" == Branch.REC), so layouts, dict keys
     and logs read the same either way."""

@@ -21,6 +21,7 @@ from .plan_rules import complete_plan
 from .tokens import as_text, clean_word
 from .tolerant_json import CutOff, NotJSONLike, Reader
 
+
 class PlanParseError(XMGIEError, ValueError):
     """A vision-language model's answer could not be turned into a usable edit plan."""
 
@@ -43,7 +44,6 @@ class PlanParseError(XMGIEError, ValueError):
                  "plan_from_prompts)"]
         lines.append("Try: " + "; ".join(tries) + ".")
         super().__init__("\n".join(lines))
-
 
 
 # ---------------------------------------------------------------------------------------

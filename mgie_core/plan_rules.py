@@ -167,7 +167,6 @@ def _apply_instruction(source_prompt: str, instruction: str
     return None
 
 
-
 def _keep_in(words: list[str], prompt: str, label: str, pname: str,
              notes: list[str]) -> list[str]:
     kept = []
@@ -180,9 +179,8 @@ def _keep_in(words: list[str], prompt: str, label: str, pname: str,
     return kept
 
 
-
 def complete_plan(plan: EditPlan, edit_given: list[str], src_given: list[str],
-              source_caption: str | None, person: bool | None = None) -> None:
+                  source_caption: str | None, person: bool | None = None) -> None:
     """Fill the plan's missing fields with the module's fallback rules (in place)."""
     notes, used = plan.notes, plan.fallbacks_used
     caption = as_text(source_caption or "")

@@ -189,7 +189,7 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     hooks: list[attention.AttnHook] = []
     if p2p_mode == "refine":
         mapper = attention_hooks.token_alignment(token_ids(sd, inversion.source_prompt),
-                                           token_ids(sd, target_prompt))
+                                                 token_ids(sd, target_prompt))
     elif p2p_mode == "replace":
         mapper = attention_hooks.replace_mapper(sd.tokenizer, inversion.source_prompt,
                                                 target_prompt)

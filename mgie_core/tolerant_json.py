@@ -13,6 +13,7 @@ import json
 import re
 from typing import Any
 
+
 class NotJSONLike(Exception):
     pass
 

@@ -45,7 +45,7 @@ class EditPlanFromPrompts:
 
     def build(self, instruction, source_prompt, target_prompt, edit_words, object):
         p = plan_rules.plan_from_prompts(instruction, source_prompt, target_prompt,
-                                       edit_words=edit_words or None, object=object or None)
+                                         edit_words=edit_words or None, object=object or None)
         return (p, p.source_prompt, p.target_prompt)
 
 
@@ -139,7 +139,7 @@ class EditPlanFromInstruction:
 
     def build(self, instruction, source_caption="", expressive_instruction=""):
         p = plan_rules.plan_from_instruction(instruction, source_caption or None,
-                                           expressive_instruction or None)
+                                             expressive_instruction or None)
         return (p, p.source_prompt, p.target_prompt)
 
 

@@ -21,7 +21,7 @@ from xmgie.mgie_core.pfb import PFBControl
 SRC, TGT = "a red sofa on a red carpet", "a red sofa on a yellow carpet"
 PLAN = plan_rules.plan_from_prompts("make the carpet yellow", SRC, TGT)
 PERSON = plan_rules.plan_from_prompts("make her hair blonde", "a woman with brown hair",
-                                "a woman with blonde hair")
+                                      "a woman with blonde hair")
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_controls_take_words_from_the_runs_plan_unless_typed_or_own_plan(tiny_sd
 
 def test_negative_words_drop_source_words_that_left_the_target(tiny_sd, inv):
     p = plan_rules.plan_from_prompts("make the carpet yellow", "a photo of a red carpet",
-                               "a photo of a yellow carpet")
+                                     "a photo of a yellow carpet")
     mag = MAGControl(RUN_MASK)
     _set_up(tiny_sd, inv, mag, plan_=p, target=p.target_prompt)
     assert p.source_words == ["red"] and mag.used_negative_words == []

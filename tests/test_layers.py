@@ -107,4 +107,3 @@ def test_the_runners_core_nodes_still_import_from_their_old_place_with_a_warning
     assert old.STANDINS is core_nodes.STANDINS and old.RunContext is core_nodes.RunContext
     assert any(issubclass(w.category, DeprecationWarning) and "runner.core_nodes"
                in str(w.message) for w in caught)
-

@@ -102,4 +102,3 @@ def caption(captioner: Captioner, images: torch.Tensor, prompt: str = "",
             out.append(decode_new(processor.tokenizer, ids[0], enc["input_ids"][0]))
             bar.update()
     return out
-

@@ -350,6 +350,6 @@ def load_mgie_unet(name: str, base: SDModel) -> SDModel:
     model = dataclasses.replace(base, unet=unet, source=f"{base.source} + {path}")
     base_modules = {e.module: e.name for e in memory.registry().entries_of(base)}
     return memory.manage(model, {f"{path.name} unet": unet,
-                                  base_modules.get(base.vae, "vae"): base.vae,
-                                  base_modules.get(base.text_encoder, "text_encoder"):
-                                      base.text_encoder}, base.device)
+                                 base_modules.get(base.vae, "vae"): base.vae,
+                                 base_modules.get(base.text_encoder, "text_encoder"):
+                                     base.text_encoder}, base.device)

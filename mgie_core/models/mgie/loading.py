@@ -122,9 +122,9 @@ def load_mgie(name: str, dtype="auto", device=None) -> MGIEModel:
         select_layer=int(config.get("mm_vision_select_layer", -2)),
         use_im_start_end=use_im_start_end)
     return memory.manage(model, {f"MGIE {folder.name} LLM": model.llm,
-                                  f"MGIE {folder.name} vision tower": model.vision,
-                                  f"MGIE {folder.name} projector": model.projector,
-                                  f"MGIE {folder.name} edit head": model.edit_head}, device)
+                                 f"MGIE {folder.name} vision tower": model.vision,
+                                 f"MGIE {folder.name} projector": model.projector,
+                                 f"MGIE {folder.name} edit head": model.edit_head}, device)
 
 
 def read_mllm(path: Path) -> dict[str, torch.Tensor]:
