@@ -100,13 +100,19 @@ def _import_xmgie():
 
 _import_xmgie()
 
-from xmgie.mgie_core import blur, syncs, vae  # noqa: E402
+from xmgie.mgie_core import blur, vae  # noqa: E402
 from xmgie.mgie_core.inversion import invert  # noqa: E402
 from xmgie.mgie_core.mag import MAGControl  # noqa: E402
 from xmgie.mgie_core.models.compile import COMPILE_MODES, compile_unet  # noqa: E402
 from xmgie.mgie_core.models.sd import CONFIG_DIR, SDModel, ddim_scheduler  # noqa: E402
 from xmgie.mgie_core.pfb import PFBControl  # noqa: E402
 from xmgie.mgie_core.sampler import CAMSettings, edit  # noqa: E402
+
+# The sync counter lives beside this file (a diagnostic, not part of the library). Run as
+# a script its folder is on the path already; loaded as a module (the tests), it is not.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import syncs  # noqa: E402
 
 ENV_EXAMPLES = "XMGIE_BENCH_EXAMPLES"
 DEFAULT_EXAMPLES = REPO / "examples"

@@ -168,7 +168,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         # The registry is looked up here, at call time, and handed down: Ray workers get
         # the function itself and build their own.
         return batch.main(args, build_registry)
-    from ..mgie_core import runtime
+    from ..mgie_core import host
     from ..mgie_core.errors import XMGIEError
     from ..runner import core_nodes, engine
     from . import run
@@ -191,7 +191,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except engine.WorkflowError as exc:
         _print_errors(exc)
         return EXIT_FAILED
-    except (KeyboardInterrupt, runtime.Interrupted):
+    except (KeyboardInterrupt, host.Interrupted):
         print("Interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED
     except XMGIEError as exc:  # e.g. tiny models could not be built

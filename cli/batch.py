@@ -270,7 +270,7 @@ def _tiny_metric_networks(options) -> None:
 def main(args, registry_factory: Callable[[], dict]) -> int:
     """Run ``batch`` or ``eval``; errors become messages and exit codes.
     ``registry_factory`` gives the node registry (called only when a batch runs)."""
-    from ..mgie_core import runtime
+    from ..mgie_core import host
     from ..mgie_core.errors import XMGIEError
     from ..runner import engine
     from ..runner.batch import EXIT_SETUP
@@ -278,7 +278,7 @@ def main(args, registry_factory: Callable[[], dict]) -> int:
     setup_code = EXIT_SETUP if args.command == "batch" else EXIT_FAILED
     try:
         return {"batch": cmd_batch, "eval": cmd_eval}[args.command](args, registry_factory)
-    except (KeyboardInterrupt, runtime.Interrupted):
+    except (KeyboardInterrupt, host.Interrupted):
         print("Interrupted; rerun the same command to resume (finished items are kept).",
               file=sys.stderr)
         return EXIT_INTERRUPTED

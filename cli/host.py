@@ -32,14 +32,14 @@ def configure_models(args: argparse.Namespace, *, reset: bool = False) -> None:
     before validation, because model dropdown lists depend on them. ``reset`` first
     forgets folders configured earlier in this process (batch and eval, which tests and
     notebooks call repeatedly)."""
-    from ..mgie_core import images, paths, runtime
+    from ..mgie_core import images, memory, paths
 
     if reset:
         paths.configure(reset=True)
     if getattr(args, "device", None):
-        os.environ["XMGIE_DEVICE"] = args.device  # read by mgie_core.runtime
+        os.environ["XMGIE_DEVICE"] = args.device  # read by mgie_core.host
     if hasattr(args, "offload"):  # run only; XMGIE_OFFLOAD=1 does the same
-        runtime.set_offload_after_use(args.offload or os.environ.get("XMGIE_OFFLOAD") == "1")
+        memory.set_offload_after_use(args.offload or os.environ.get("XMGIE_OFFLOAD") == "1")
     if getattr(args, "models_dir", None):
         paths.configure(models_dir=args.models_dir)
     if getattr(args, "max_image_pixels", None):

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from ..mgie_core import paths, runtime
+from ..mgie_core import host, paths
 from ..mgie_core.errors import InputError, ModelLoadError, ModelNotFoundError
 from ..mgie_core.models.validate import check_loading_info, weights_file
 
@@ -89,7 +89,7 @@ def find(family: paths.Family, name: Optional[str] = None) -> Path:
 
 
 def _device(device) -> torch.device:
-    return torch.device(device) if device is not None else runtime.device()
+    return torch.device(device) if device is not None else host.device()
 
 
 @contextlib.contextmanager

@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Optional, Sequence
 
 import torch
 
-from . import guidance, runtime
+from . import grad_mode, guidance
+from .architecture import layer_hw
 from .attention import Branch, MaskPyramid
 from .control import Control
 from .errors import InputError
@@ -58,10 +58,9 @@ _TINY = 1e-12
 
 def map_hw(latent_hw: Sequence[int], n_tokens: int) -> tuple[int, int]:
     """Spatial size of an attention map with ``n_tokens`` queries for a latent of
-    ``latent_hw`` (same rounding as attention.layer_hw; non-square latents work)."""
+    ``latent_hw`` (:func:`.architecture.layer_hw`; non-square latents work), checked."""
     h, w = int(latent_hw[0]), int(latent_hw[1])
-    f = math.sqrt(h * w / n_tokens)
-    hw = int(round(h / f)), int(round(w / f))
+    hw = layer_hw((h, w), n_tokens)
     if hw[0] * hw[1] != n_tokens:
         raise ValueError(f"cannot lay {n_tokens} attention queries out on a latent of {h}x{w}")
     return hw
@@ -174,7 +173,7 @@ class AStarControl(Control):
         if not run.two_branch:
             raise InputError("controls", "include A-STAR on a sampler without a target "
                              "prompt", "the two-branch (inversion) sampler")
-        runtime.differentiable(run.sd.unet, stage="A-STAR")
+        grad_mode.differentiable(run.sd.unet, stage="A-STAR")
         # Words: typed, else the edit plan's edit words (own plan, else the sampler's).
         self.used_words = self.resolve_words(run, self.words, self.plan, "edit_words",
                                              "concept words")
@@ -189,7 +188,7 @@ class AStarControl(Control):
         self.history = []
         self._records: list[tuple] = []      # (step, iteration, seg, ret, applied, reason)
         z = run.latents[Branch.EDIT]
-        self._groups_on = [runtime.autograd_input(torch.tensor(list(g), device=z.device))
+        self._groups_on = [grad_mode.autograd_input(torch.tensor(list(g), device=z.device))
                            for g in self._groups]
         self._region(run, z)                 # the mask on the device before the loop
         if len(self._groups) < 2:
@@ -232,8 +231,8 @@ class AStarControl(Control):
         and the history is read then (see report.py)."""
         if i >= self._n_opt:
             return
-        with runtime.autograd():
-            z = runtime.autograd_input(run.latents[Branch.EDIT]).float()
+        with grad_mode.autograd():
+            z = grad_mode.autograd_input(run.latents[Branch.EDIT]).float()
             region = self._region(run, z)
             alpha = self.step_size * guidance.sigma(run, i)
             groups = self._groups_on

@@ -40,14 +40,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, ClassVar, Optional
+from typing import ClassVar, Optional
 
 import torch
 
-from . import attention, runtime
-from .attention import AttnHook, BatchLayout, Branch, MaskPyramid
+from . import attention, attention_hooks, host
+from .attention import AttnHook, BatchLayout, Branch
 from .diffusion import Schedule
 from .errors import InputError
+from .guidance import SourceCache
 from .inversion import InversionResult
 from .models.sd import SDModel
 from .plan import EditPlan, from_plan
@@ -89,7 +90,8 @@ class Control:
                             f"never be called: rename it, or list it in NOT_HOOKS.")
 
     def setup(self, run: "SamplingRun") -> None:
-        """Once before the first step: read the run, check inputs, register hooks."""
+        """Once before the first step: read the run, check inputs, patch UNet modules
+        through ``run.controller.patch_module`` (removed when the run ends)."""
 
     def attn_hooks(self, run: "SamplingRun") -> list[AttnHook]:
         """Attention hooks this control adds for the whole run."""
@@ -175,17 +177,14 @@ class SamplingRun:
     cond_tgt: Optional[torch.Tensor] = None      # (1, 77, D) target prompt embedding
     null: Optional[torch.Tensor] = None          # (B, 77, D) this step's unconditional row
     guidance_scale: float = 7.5
-    injection: Optional[attention.InjectionHook] = None
+    injection: Optional[attention_hooks.InjectionHook] = None
     sampler_hooks: list[AttnHook] = dataclasses.field(default_factory=list)
 
     # Shared by latent-optimising controls within a step (see guidance.py).
-    source_caches: dict[tuple[int, Optional[str]], Any] = dataclasses.field(
-        default_factory=dict)
-    source_passes: int = 0                        # reconstruction-row passes for the caches
+    source_cache: SourceCache = dataclasses.field(default_factory=SourceCache)
     edit_passes: int = 0                          # edit-row passes for losses
     # Updates each optimising control applied and skipped in this run (see report.py).
     report: UpdateReport = dataclasses.field(default_factory=UpdateReport)
-    _mask_pyramid: Optional[MaskPyramid] = dataclasses.field(default=None, repr=False)
 
     @property
     def two_branch(self) -> bool:
@@ -196,12 +195,4 @@ class SamplingRun:
         the reference on the model's device, so this is a view, never a copy per step."""
         if self.reference is None:
             return None
-        return runtime.place(self.reference[i], self.latents[Branch.EDIT].device)
-
-    def mask_at(self, hw: tuple[int, int], device) -> torch.Tensor:
-        """The run's mask at ``hw``, (B, h, w) in {0, 1}; cached per resolution."""
-        if self.mask is None:
-            raise ValueError("this run has no mask")
-        if self._mask_pyramid is None:
-            self._mask_pyramid = MaskPyramid(self.mask)
-        return self._mask_pyramid.at(tuple(hw), device)
+        return host.place(self.reference[i], self.latents[Branch.EDIT].device)

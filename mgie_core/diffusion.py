@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from . import runtime
+from . import host
 from .errors import InputError
 from .models.sd import SDModel
 from .tokens import warn_if_truncated
@@ -25,7 +25,7 @@ class Schedule:
     The Python copies are made once here: reading an element of a tensor in a loop
     (``int(t[i])``, ``float(a[t])``) is a host read per step, a synchronisation when the
     tensor lives on a GPU and, on the CPU, indistinguishable from one for the counter of
-    :mod:`.syncs`, so the loops never do it (issue 15)."""
+    bench/syncs.py, so the loops never do it."""
 
     timesteps: torch.Tensor        # (N,) descending, exactly the scheduler's set_timesteps
     prev_timesteps: torch.Tensor   # (N,) where step i lands (negative: past t = 0)
@@ -128,8 +128,8 @@ def unet_eps(sd: SDModel, z: torch.Tensor, t, emb: torch.Tensor) -> torch.Tensor
     frac = isinstance(t, float) and not t.is_integer()
     tt = torch.full((z.shape[0],), t if frac else int(t), device=sd.device,
                     dtype=torch.float32 if frac else torch.long)
-    return sd.unet(runtime.place(z, sd.device, sd.dtype), tt,
-                   encoder_hidden_states=runtime.place(emb, sd.device, sd.dtype),
+    return sd.unet(host.place(z, sd.device, sd.dtype), tt,
+                   encoder_hidden_states=host.place(emb, sd.device, sd.dtype),
                    return_dict=False)[0].float()
 
 

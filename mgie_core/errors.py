@@ -79,19 +79,19 @@ def why_no_gradient(loss, wrt) -> tuple[str, str]:
 
     if torch.is_inference_mode_enabled():
         return ("it was computed inside torch.inference_mode()",
-                "Run the optimisation inside mgie_core.runtime.autograd().")
+                "Run the optimisation inside mgie_core.grad_mode.autograd().")
     if not torch.is_grad_enabled():
         return ("gradients are disabled (torch.no_grad())",
-                "Run the optimisation inside mgie_core.runtime.autograd().")
+                "Run the optimisation inside mgie_core.grad_mode.autograd().")
     if getattr(wrt, "is_inference", lambda: False)():
         return ("the optimised tensor is an inference tensor",
-                "Pass it through mgie_core.runtime.autograd_input() first.")
+                "Pass it through mgie_core.grad_mode.autograd_input() first.")
     if not getattr(wrt, "requires_grad", False):
         return ("the optimised tensor does not require a gradient",
                 "Call requires_grad_(True) on it inside the autograd block.")
     if not getattr(loss, "requires_grad", False):
         return ("the loss carries no autograd graph (it was computed under torch.no_grad() "
                 "or inference mode, or from detached values)",
-                "Compute it inside mgie_core.runtime.autograd() from the optimised tensor.")
+                "Compute it inside mgie_core.grad_mode.autograd() from the optimised tensor.")
     return ("the loss does not depend on the optimised tensor",
             "Check that the loss reads the model's output for this tensor.")

@@ -6,11 +6,12 @@ identity guidance): re-run the edit branch with gradients, cheaply and exactly.
   keys are cached; every optimisation iteration replays the injection from that cache
   onto a single edit row (MAG-Edit's reference code recomputes it every iteration).
 * The forward pass for a loss stops right after the last attention layer the loss reads
-  (``StopForward`` from a forward hook), so the backward goes only through that prefix.
+  (``attention_hooks.StopAfter`` in the call's hook list), so the backward goes only
+  through that prefix.
 * Optimised latents and losses stay float32 whatever the UNet's precision; a non-finite
   gradient skips the update with a warning and never touches the latent.
-* The controls optimise inside :func:`runtime.autograd` (ComfyUI runs nodes inside
-  inference mode) and take the latent through :func:`runtime.autograd_input`;
+* The controls optimise inside :func:`grad_mode.autograd` (ComfyUI runs nodes inside
+  inference mode) and take the latent through :func:`grad_mode.autograd_input`;
   :func:`gradient` raises :class:`GradientError` naming the control when the loss carries
   no gradient, and :func:`count_update` records every update applied or skipped (with
   its reason) in the run's report.
@@ -18,14 +19,14 @@ identity guidance): re-run the edit branch with gradients, cheaply and exactly.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from . import attention
-from .attention import COND, AttnContext, AttnHook, BatchLayout, Branch, LayerInfo, layer_hw
+from . import attention_hooks
+from .architecture import architecture_of, layer_hw
+from .attention import COND, AttnContext, AttnHook, BatchLayout, Branch
 from .diffusion import unet_eps
 from .errors import GradientError, why_no_gradient
 
@@ -33,43 +34,6 @@ log = logging.getLogger(__name__)
 
 EDIT_COND = BatchLayout(((Branch.EDIT, COND),))
 REC_COND = BatchLayout(((Branch.REC, COND),))
-
-
-class StopForward(Exception):
-    """Raised after the last layer a loss needs; ends the UNet forward early."""
-
-
-def execution_rank(name: str) -> tuple:
-    """Order of an attention layer in the UNet's forward (down, mid, up)."""
-    parts = name.split(".")
-    nums = [int(p) for p in parts if p.isdigit()]
-    stage = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[parts[0]]
-    return (stage, *nums, parts[-1])
-
-
-def last_in_execution(names: Iterable[str]) -> str:
-    return max(names, key=execution_rank)
-
-
-def _stop(module, inputs, output):
-    raise StopForward
-
-
-@contextlib.contextmanager
-def truncated(unet, layer_name: Optional[str]):
-    """Stop the UNet forward right after ``layer_name`` (None: run it all)."""
-    if layer_name is None:
-        yield
-        return
-    modules = unet.__dict__.get("_xmgie_modules")
-    if modules is None or layer_name not in modules:   # one name lookup per UNet
-        modules = dict(unet.named_modules())
-        unet.__dict__["_xmgie_modules"] = modules
-    handle = modules[layer_name].register_forward_hook(_stop)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class SourceRecorder(AttnHook):
@@ -93,11 +57,43 @@ class SourceRecorder(AttnHook):
         return None
 
 
+class SourceCache:
+    """The reconstruction row's recordings (a :class:`SourceRecorder` each) for the
+    current step, one per stop layer, shared by a run's latent-optimising controls, and
+    the UNet passes spent filling it.
+
+    Controls that stop at different layers share a step (MAG and identity guidance must
+    not evict each other's recording), so a step keeps every stop layer's entry; storing
+    an entry of a new step drops the older steps' ones."""
+
+    def __init__(self):
+        self._step: Optional[int] = None
+        self._by_stop: dict[Optional[str], SourceRecorder] = {}
+        self.passes = 0            # reconstruction-row passes made to fill the cache
+
+    def get(self, step: int, stop_layer: Optional[str]) -> Optional[SourceRecorder]:
+        return self._by_stop.get(stop_layer) if step == self._step else None
+
+    def put(self, step: int, stop_layer: Optional[str], recorder: SourceRecorder) -> None:
+        if step != self._step:
+            self._step, self._by_stop = step, {}
+        self._by_stop[stop_layer] = recorder
+        self.passes += 1
+
+    def forget(self, step: int, stop_layer: Optional[str]) -> None:
+        """Drop one entry, so the next :func:`source_cache` call records it again."""
+        if step == self._step:
+            self._by_stop.pop(stop_layer, None)
+
+    def __len__(self) -> int:
+        return len(self._by_stop)
+
+
 class CachedInjection(AttnHook):
     """Prompt-to-prompt injection replayed onto edit rows from a :class:`SourceRecorder`
-    (same rule as :class:`attention.InjectionHook`, without the source row in the batch)."""
+    (same rule as :class:`attention_hooks.InjectionHook`, without the source row in the batch)."""
 
-    def __init__(self, injection: attention.InjectionHook, recorder: SourceRecorder):
+    def __init__(self, injection: attention_hooks.InjectionHook, recorder: SourceRecorder):
         self.inj, self.rec = injection, recorder
 
     def _edit_rows(self, ctx):
@@ -106,7 +102,7 @@ class CachedInjection(AttnHook):
     def qk_override(self, layer, ctx, query, key):
         if layer.is_cross or ctx.step >= self.inj.self_steps or layer.name not in self.rec.qk:
             return None
-        h, _ = layer_hw(ctx, query.shape[2])
+        h, _ = layer_hw(ctx.latent_hw, query.shape[2])
         if self.inj.base_latent_res / (ctx.latent_hw[0] / h) > self.inj.self_max_res:
             return None
         q_src, k_src = self.rec.qk[layer.name]
@@ -132,12 +128,12 @@ def _call_unet(run, layout: BatchLayout, z: torch.Tensor, emb: torch.Tensor, ste
                hooks: Sequence[AttnHook], stop_layer: Optional[str]) -> Optional[torch.Tensor]:
     ctl = run.controller
     saved_hooks, saved_ctx = ctl.hooks, ctl.context
-    ctl.hooks = list(hooks)
+    # The forward stops after ``stop_layer`` (None: it runs whole).
+    ctl.hooks = list(hooks) + ([attention_hooks.StopAfter(stop_layer)] if stop_layer else [])
     ctl.reset_call(AttnContext(step, run.schedule.num_steps, layout, tuple(z.shape[-2:])))
     try:
-        with truncated(run.sd.unet, stop_layer):
-            return unet_eps(run.sd, z, run.schedule.t(step), emb)
-    except StopForward:
+        return unet_eps(run.sd, z, run.schedule.t(step), emb)
+    except attention_hooks.StopForward:
         return None
     finally:
         ctl.hooks, ctl.context = saved_hooks, saved_ctx
@@ -145,26 +141,20 @@ def _call_unet(run, layout: BatchLayout, z: torch.Tensor, emb: torch.Tensor, ste
 
 def source_cache(run, step: int, stop_layer: Optional[str] = None) -> SourceRecorder:
     """The reconstruction row's maps and Q/K at ``step``: computed once per step."""
-    key = (step, stop_layer)
-    cached = run.source_caches.get(key)
+    cached = run.source_cache.get(step, stop_layer)
     if cached is None:
-        # Keep this step's entries (controls that stop at different layers share the
-        # step: MAG and identity guidance must not evict each other); drop older steps.
-        for k in [k for k in run.source_caches if k[0] != step]:
-            del run.source_caches[k]
         cached = SourceRecorder()
         with torch.no_grad():
             _call_unet(run, REC_COND, run.latents[Branch.REC], run.cond_src, step,
                        [cached], stop_layer)
-        run.source_caches[key] = cached
-        run.source_passes += 1
+        run.source_cache.put(step, stop_layer, cached)
     return cached
 
 
 def sampler_hooks_for_edit(run) -> list[AttnHook]:
     """The sampler's own hooks that act on the edit row (CAM), without the in-batch
     injection (replayed from the cache instead)."""
-    return [h for h in run.sampler_hooks if not isinstance(h, attention.InjectionHook)]
+    return [h for h in run.sampler_hooks if not isinstance(h, attention_hooks.InjectionHook)]
 
 
 def edit_maps(run, z: torch.Tensor, step: int, layers: Sequence[str],
@@ -177,15 +167,15 @@ def edit_maps(run, z: torch.Tensor, step: int, layers: Sequence[str],
     ``truncate=False`` / ``cache_source=False`` reproduce the reference call pattern (full
     forward; reconstruction recomputed for every call) for benchmarks and tests."""
     layers = list(layers)
-    stop = last_in_execution(layers) if truncate else None
+    stop = architecture_of(run.sd.unet).last_in_execution(layers) if truncate else None
     if not cache_source:
-        run.source_caches.pop((step, stop), None)
+        run.source_cache.forget(step, stop)
     hooks: list[AttnHook] = []
     inj = run.injection
     if inj is not None:
         hooks.append(CachedInjection(inj, source_cache(run, step, stop)))
     hooks += sampler_hooks_for_edit(run)
-    capture = attention.CaptureHook(layers, rows=[(Branch.EDIT, COND)])
+    capture = attention_hooks.CaptureHook(layers, rows=[(Branch.EDIT, COND)])
     hooks += [capture, *extra_hooks]
     _call_unet(run, EDIT_COND, z, run.cond_tgt, step, hooks, stop)
     run.edit_passes += 1
@@ -200,18 +190,13 @@ def layers_at_factor(unet, factor: int) -> list[str]:
     maps at 512 px), in execution order."""
     from .masks import map_layers
 
-    return sorted(map_layers(unet, factor), key=execution_rank)
+    return sorted(map_layers(unet, factor), key=architecture_of(unet).execution_rank)
 
 
 def sigma(run, step: int) -> float:
     """sigma_t = sqrt((1 - abar_t) / abar_t)  (MAG-Edit's step size)."""
     a = run.schedule.abar(run.schedule.t(step))
     return ((1 - a) / a) ** 0.5
-
-
-def latent_mask(run, like: torch.Tensor) -> torch.Tensor:
-    """The edit mask at the latent's resolution, (B,1,h,w) in {0,1}."""
-    return run.mask_at(tuple(like.shape[-2:]), like.device)[:, None]
 
 
 def gradient(loss: torch.Tensor, wrt: torch.Tensor, stage: str, step: int) -> torch.Tensor:

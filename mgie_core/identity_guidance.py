@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import guidance, runtime
+from . import grad_mode, guidance, host
 from .attention import COND, UNCOND, BatchLayout, Branch, MaskPyramid
 from .control import Control
 from .errors import InputError, names_list
@@ -151,7 +151,7 @@ def decode_for_grad(sd, x0: torch.Tensor, memory: str = "checkpoint") -> torch.T
     z = x0
     if memory == "downscale":
         z = F.avg_pool2d(z, 2)
-    z = runtime.place(z, sd.device, sd.dtype) / sd.vae.config.scaling_factor
+    z = host.place(z, sd.device, sd.dtype) / sd.vae.config.scaling_factor
     ctx = checkpointed_decoder(sd.vae) if memory == "checkpoint" else contextlib.nullcontext()
     with ctx:
         x = sd.vae.decode(z).sample
@@ -222,7 +222,7 @@ class IdentityGuidance(Control):
                              "(sampler.edit)", "The instruction sampler is not supported yet.")
         # The gradient goes through the VAE decoder and the identity encoder (eps held
         # constant), not the UNet.
-        runtime.differentiable(run.sd.vae, self.encoder.model, stage="identity guidance")
+        grad_mode.differentiable(run.sd.vae, self.encoder.model, stage="identity guidance")
         n = run.schedule.num_steps
         self._window = range(int(round(self.start * n)), int(round(self.end * n)))
         self.history = []                    # per run (a cached node output is reused)
@@ -314,10 +314,10 @@ class IdentityGuidance(Control):
     def loss_and_grad(self, run, z: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean 1 - cos as a 0-dim tensor, dL/dz in float32) at ``z`` with eps held
         constant. Runs inside
-        :func:`runtime.autograd` with its inputs as normal tensors, whatever mode the
+        :func:`grad_mode.autograd` with its inputs as normal tensors, whatever mode the
         sampler runs in; no gradient raises :class:`GradientError`."""
-        with runtime.autograd():
-            z, e_id = runtime.autograd_input((z, self._e_id))
+        with grad_mode.autograd():
+            z, e_id = grad_mode.autograd_input((z, self._e_id))
             eps = self.edit_eps(run, z.detach(), i)
             a = run.schedule.abar(run.schedule.t(i))
             zv = z.detach().float().requires_grad_(True)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import runtime
+from . import grad_mode, host
 from .diffusion import (Schedule, denoise_step, encode_prompt, invert_step, make_schedule,
                         unet_eps)
 from .errors import GradientError, InputError, why_no_gradient
@@ -76,7 +76,7 @@ def ddim_trajectory(sd: SDModel, z0: torch.Tensor, cond: torch.Tensor, sch: Sche
     n = sch.num_steps
     z = z0.to(sd.device, torch.float32)
     states = [z]
-    with runtime.progress(n, "DDIM inversion") as bar:
+    with host.progress(n, "DDIM inversion") as bar:
         for i in reversed(range(n)):          # from t = 1 up to t = 981
             eps = unet_eps(sd, z, sch.t(i), cond.expand(z.shape[0], -1, -1))
             z = invert_step(sch, i, z, eps)
@@ -102,7 +102,7 @@ def null_text_optimisation(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor,
     lr * (1 - i/100), at most ``inner_steps`` iterations, stopping once the loss is below
     early_stop + i * 2e-5; then advance with it. The embedding and loss stay float32.
 
-    Runs inside :func:`runtime.autograd` (ComfyUI calls nodes inside inference mode) with
+    Runs inside :func:`grad_mode.autograd` (ComfyUI calls nodes inside inference mode) with
     its inputs cloned when they are inference tensors. Every Adam step applied, and every
     iteration skipped for a non-finite gradient, is counted in ``report``; a loss that
     carries no gradient raises :class:`GradientError`.
@@ -117,13 +117,13 @@ def null_text_optimisation(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor,
     report = report if report is not None else UpdateReport()
     n = sch.num_steps
     nulls = []
-    runtime.differentiable(sd.unet, stage="null-text inversion")
-    with runtime.autograd():
-        traj, cond, uncond = runtime.autograd_input((traj, cond, uncond))
+    grad_mode.differentiable(sd.unet, stage="null-text inversion")
+    with grad_mode.autograd():
+        traj, cond, uncond = grad_mode.autograd_input((traj, cond, uncond))
         traj = traj.to(sd.device, torch.float32)
         u = uncond.detach().float().clone()
         z = traj[0]
-        with runtime.progress(n, "null-text inversion") as bar:
+        with host.progress(n, "null-text inversion") as bar:
             for i in range(n):
                 t = sch.t(i)
                 target = traj[i + 1]
@@ -154,7 +154,7 @@ def null_text_optimisation(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor,
                     report.applied(NULL_TEXT)
                     if value < early_stop + i * 2e-5:
                         break
-                    runtime.check_interrupt()
+                    host.check_interrupt()
                 u = u.detach()
                 nulls.append(u)
                 with torch.no_grad():
@@ -170,7 +170,7 @@ def direct_offsets(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor, uncond: 
     """Direct inversion: offset_i = z*_{t_{i+1}} - guided step from z*_{t_i}."""
     offsets = []
     traj = traj.to(sd.device, torch.float32)
-    with runtime.progress(sch.num_steps, "direct inversion") as bar:
+    with host.progress(sch.num_steps, "direct inversion") as bar:
         for i in range(sch.num_steps):
             z = traj[i]
             stepped = denoise_step(sch, i, z, _guided_eps(sd, z, sch.t(i), cond, uncond, scale))
@@ -219,5 +219,5 @@ def source_null(inv: InversionResult, sd: SDModel, i: int,
     """The unconditional embedding the source branch uses at step i (``empty``: the
     empty prompt's embedding, when the caller already has it)."""
     if inv.null_embeddings is not None:
-        return runtime.place(inv.null_embeddings[i], sd.device)
+        return host.place(inv.null_embeddings[i], sd.device)
     return empty if empty is not None else encode_prompt(sd, "")

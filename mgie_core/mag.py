@@ -26,8 +26,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import guidance, runtime
-from .attention import AttnContext, BatchLayout, Branch, MaskPyramid, layer_hw, level_sizes
+from . import grad_mode, guidance
+from .architecture import architecture_of, layer_hw
+from .attention import Branch, MaskPyramid
 from .control import Control
 from .errors import InputError, names_list
 from .plan import EditPlan, find_phrase
@@ -127,7 +128,7 @@ class MAGControl(Control):
         if not run.two_branch:
             raise InputError("controls", "include MAG on a sampler without a target prompt",
                              "the two-branch (inversion) sampler")
-        runtime.differentiable(run.sd.unet, stage="MAG")
+        grad_mode.differentiable(run.sd.unet, stage="MAG")
         self._pyramid = MaskPyramid(self.resolve_mask(
             run, self.mask, required=True, use="the edit region (MAG pulls the edit words' "
             "attention into it, updates the latent inside it and blends outside it)"))
@@ -158,8 +159,9 @@ class MAGControl(Control):
         dev, hw = z.device, tuple(z.shape[-2:])
         self._insides: dict[tuple[int, int], Optional[torch.Tensor]] = {}
         if self._n_opt > 0:
-            self._inside_at(level_sizes(hw)[2], dev)        # the 16x16 maps at 512 px
-        put = lambda g: runtime.autograd_input(torch.tensor(list(g), device=dev))  # noqa
+            # the 16x16 maps at 512 px
+            self._inside_at(architecture_of(run.sd.unet).feature_size(hw, 2), dev)
+        put = lambda g: grad_mode.autograd_input(torch.tensor(list(g), device=dev))  # noqa
         self._groups_on = [put(g) for g in self._groups]
         self._neg_on = [put(g) for g in self._neg]
         self._m64 = self._pyramid.at(hw, dev)[:, None]   # one mask: loss, update, blend
@@ -171,7 +173,7 @@ class MAGControl(Control):
         (not inference ones): the loss saves them for its backward."""
         if hw not in self._insides:
             inside = self._pyramid.at(hw, device)[0].flatten() > 0.5
-            self._insides[hw] = runtime.autograd_input(inside) if bool(inside.any()) \
+            self._insides[hw] = grad_mode.autograd_input(inside) if bool(inside.any()) \
                 else None
             if all(v is None for v in self._insides.values()):
                 raise InputError("mask", "vanishes at the 16x16 attention resolution",
@@ -185,7 +187,7 @@ class MAGControl(Control):
         pairs = []
         for name in self._layers:
             A = maps[name]
-            hw = layer_hw(AttnContext(0, 1, BatchLayout(()), latent_hw), A.shape[1])
+            hw = layer_hw(latent_hw, A.shape[1])
             inside = self._inside_at(hw, A.device)
             if inside is not None:
                 pairs.append((A, inside))
@@ -210,8 +212,8 @@ class MAGControl(Control):
         warned about at the end of the run (see report.py); the history is read then."""
         if i >= self._n_opt:
             return
-        with runtime.autograd():
-            z = runtime.autograd_input(run.latents[Branch.EDIT]).float()
+        with grad_mode.autograd():
+            z = grad_mode.autograd_input(run.latents[Branch.EDIT]).float()
             m64 = self._m64
             step = guidance.sigma(run, i)
             for it in range(self.iterations):
@@ -228,7 +230,7 @@ class MAGControl(Control):
     def teardown(self, run) -> None:
         # UNet passes spent: the reconstruction once per optimised step, the edit row
         # once per iteration (forward + backward).
-        self.passes = {"source": run.source_passes, "edit": run.edit_passes}
+        self.passes = {"source": run.source_cache.passes, "edit": run.edit_passes}
         self.history = _read_history(self._records, ("loss", "activation"))
         self._records = []
 

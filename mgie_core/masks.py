@@ -33,7 +33,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import attention, runtime, vae
+from . import attention, attention_hooks, host, vae
+from .architecture import architecture_of
 from .diffusion import encode_prompt
 from .errors import InputError
 from .images import check_image, check_mask
@@ -49,36 +50,12 @@ MAP_FACTOR = 4   # layers at latent / 4 (16x16 for 64x64 latents, i.e. 512 px im
 
 # --- which layers -------------------------------------------------------------------
 
-def layer_factor(unet, layer: attention.LayerInfo) -> int:
-    """Downsampling factor of a layer relative to the latent, from the UNet's block
-    structure (diffusers UNet2DConditionModel: every down block but the last halves the
-    resolution, every up block but the last doubles it)."""
-    n = len(unet.config.block_out_channels)
-    parts = layer.name.split(".")
-    if parts[0] == "mid_block":
-        return 2 ** (n - 1)
-    idx = int(parts[1])
-    if parts[0] == "down_blocks":
-        return 2 ** idx
-    if parts[0] == "up_blocks":
-        return 2 ** (n - 1 - idx)
-    raise ValueError(f"unknown UNet block in layer name {layer.name!r}")
-
-
 def map_layers(unet, factor: int = MAP_FACTOR) -> list[str]:
     """Names of the cross-attention layers at ``factor`` (SD 1.x, factor 4: the five
     down_blocks.2 / up_blocks.1 attn2 layers)."""
+    arch = architecture_of(unet)
     return [l.name for l in attention.attention_layers(unet)
-            if l.is_cross and layer_factor(unet, l) == factor]
-
-
-def _layer_hw(latent_hw: tuple[int, int], factor: int) -> tuple[int, int]:
-    # Stride-2 convolutions with padding 1 give ceil(h / 2) per downsampling; the up path
-    # matches the skip connections' sizes.
-    h, w = latent_hw
-    while factor > 1:
-        h, w, factor = (h + 1) // 2, (w + 1) // 2, factor // 2
-    return h, w
+            if l.is_cross and arch.factor(l.name) == factor]
 
 
 # --- checks -------------------------------------------------------------------------
@@ -137,7 +114,7 @@ def capture_maps(sd: SDModel, z_t: torch.Tensor, timesteps: Sequence[int],
     """One UNet call on ``z_t`` (row i at timesteps[i]) with ``emb``; returns the
     cross-attention probabilities (T, heads, HW, 77) of ``layers``."""
     controller = attention.install(sd.unet)
-    hook = attention.CaptureHook(layers)
+    hook = attention_hooks.CaptureHook(layers)
     layout = attention.BatchLayout(tuple((f"t{t}", attention.COND) for t in timesteps))
     ctx = attention.AttnContext(step=0, num_steps=1, layout=layout,
                                 latent_hw=tuple(z_t.shape[-2:]))
@@ -190,13 +167,14 @@ def attention_map(sd: SDModel, image: torch.Tensor, prompt: str, word: str,
                          "[1,H,W,3]", "Call it once per image.")
     tokens = word_tokens(sd, prompt, word)
     ts = _check_timesteps(sd, timesteps)
-    runtime.check_interrupt()
+    host.check_interrupt()
 
     z0 = vae.encode(sd, image).samples                       # [1,4,h,w]
     z_t = noised_latents(sd, z0, ts, seed)
     layers = map_layers(sd.unet)
     maps = capture_maps(sd, z_t, ts, encode_prompt(sd, prompt), layers)
-    m = aggregate_maps(maps, tokens, _layer_hw(tuple(z0.shape[-2:]), MAP_FACTOR))
+    m = aggregate_maps(maps, tokens, architecture_of(sd.unet).size_at_factor(
+        tuple(z0.shape[-2:]), MAP_FACTOR))
     return upsample_map(m, tuple(image.shape[1:3]))
 
 
@@ -319,5 +297,5 @@ def heat_map(m: torch.Tensor, image: Optional[torch.Tensor] = None, alpha: float
 
 __all__ = ["DEFAULT_TIMESTEPS", "MAP_FACTOR", "attention_map", "attention_mask", "prompt_and_word",
            "object_mask", "coarsest_cells",
-           "attention_mask_sam", "mask_bbox", "map_layers", "layer_factor", "heat_map",
+           "attention_mask_sam", "mask_bbox", "map_layers", "heat_map",
            "aggregate_maps", "capture_maps", "noised_latents", "word_tokens"]

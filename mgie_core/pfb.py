@@ -47,7 +47,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .attention import COND, Branch, MaskPyramid, level_sizes
+from .architecture import architecture_of
+from .attention import COND, Branch, MaskPyramid
 from .control import Control
 from .errors import InputError
 
@@ -110,20 +111,8 @@ def pfb_diff_sites(unet, preset: str = "object") -> list[Site]:
 
 def block_output_sites(unet, blocks: Sequence[str]) -> list[Site]:
     """The ``block_outputs`` placement: whole diffusers blocks' outputs (and skips)."""
-    n = len(unet.down_blocks)
-
-    def level(name: str) -> int:
-        if name == "mid_block":
-            return n - 1
-        kind, idx = name.split(".")[:2]
-        idx = int(idx)
-        if kind == "down_blocks":
-            return min(idx + 1, n - 1) if getattr(unet.down_blocks[idx], "downsamplers", None) \
-                else idx
-        up_level = n - 1 - idx
-        return up_level - 1 if getattr(unet.up_blocks[idx], "upsamplers", None) else up_level
-
-    return [Site(b, "block_output", level(b)) for b in blocks]
+    arch = architecture_of(unet)
+    return [Site(b, "block_output", arch.block_output_level(b)) for b in blocks]
 
 
 def dilate(mask: torch.Tensor, px_at_512: float) -> torch.Tensor:
@@ -198,7 +187,6 @@ class PFBControl(Control):
                              "blocks only with placement='block_outputs'",
                              "PFB-Diff's sites follow from the preset.")
         self._blend_mask: Optional[MaskPyramid] = None   # set up per run
-        self._handles: list = []
         self._run = None
         self.sites: list[Site] = []
         self._cache: dict[str, torch.Tensor] = {}   # site -> conditional reference rows
@@ -226,7 +214,8 @@ class PFBControl(Control):
                               for i in range(run.schedule.num_steps)]
         # the blend mask at every feature size, on the device before the first step
         z = run.latents[Branch.EDIT]
-        self._blend_mask.prepare(level_sizes(tuple(z.shape[-2:])), z.device)
+        self._blend_mask.prepare(architecture_of(run.sd.unet).level_sizes(tuple(z.shape[-2:])),
+                                 z.device)
         unet = run.sd.unet
         modules = dict(unet.named_modules())
         if self.placement == "pfb_diff":
@@ -241,18 +230,14 @@ class PFBControl(Control):
         if run.reference is None:
             raise InputError("controls", "include PFB but the sampler has no reference",
                              "a source image (instruction path) or an inversion")
+        # Patched through the run's controller, which removes them when the run ends.
         for site in self.sites:
-            mod = modules[site.module]
             if site.hook == "input":
-                h = mod.register_forward_pre_hook(self._pre_hook(site), with_kwargs=True)
+                run.controller.patch_module(modules[site.module], pre=self._pre_hook(site))
             else:
-                h = mod.register_forward_hook(self._post_hook(site))
-            self._handles.append(h)
+                run.controller.patch_module(modules[site.module], post=self._post_hook(site))
 
     def teardown(self, run) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
         self._cache.clear()
         self._cache_step = None
         self._run = None

@@ -22,7 +22,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import attention, runtime
+from . import attention, attention_hooks, host
+from .architecture import architecture_of
 from .attention import COND, UNCOND, AttnContext, BatchLayout, Branch, Half
 from .control import Control, SamplingRun, check_controls
 from .diffusion import (Schedule, denoise_step, encode_prompt, instruct_solver, make_schedule,
@@ -31,7 +32,7 @@ from .errors import InputError
 from .inversion import InversionResult
 from .models.conditioning import Conditioning
 from .models.sd import SDModel
-from .plan import EditPlan, find_phrase, from_plan
+from .plan import EditPlan, find_phrase, from_plan, split_words
 from .report import UpdateReport
 from .tokens import find_word_tokens
 
@@ -46,13 +47,13 @@ class CAMSettings:
     """Cross-attention masking. ``in_words``/``out_words``: words of the prompt (or the
     CLIP-encoded instruction) that attend only inside/outside the mask.
     ``whole_condition`` (instruction sampler): the whole condition acts only inside the
-    mask and the null condition outside (:class:`attention.ConditionCAMHook`), for a
+    mask and the null condition outside (:class:`attention_hooks.ConditionCAMHook`), for a
     condition without word positions such as MGIE's; always on the logits."""
 
     in_words: Sequence[str] = ()
     out_words: Sequence[str] = ()
     mode: str = "logits"
-    layers: Sequence[str] = attention.CAMHook.DEFAULT_LAYERS
+    layers: Sequence[str] = attention_hooks.CAMHook.DEFAULT_LAYERS
     whole_condition: bool = False
 
 
@@ -70,9 +71,9 @@ class EditResult:
 
 
 def _finish(run: SamplingRun, controls: Sequence[Control]) -> None:
-    """Leave the UNet as it was: no hooks, no context; let every control clean up."""
-    run.controller.hooks = []
-    run.controller.reset_call(None)
+    """Leave the UNet as it was: no hooks, no context, no patches; let every control
+    clean up."""
+    run.controller.clear()
     for c in controls:
         c.teardown(run)
     run.report.log(log, "sampler")
@@ -89,8 +90,9 @@ def _setup_controls(run: SamplingRun, controls: Sequence[Control],
             done.append(c)
             hooks = hooks + list(c.attn_hooks(run))
         hw = _latent_hw(run.latents[EDIT])
+        arch = architecture_of(run.sd.unet)
         for h in hooks:        # device-side data now, not in the first step
-            h.prepare(run.sd.device, hw)
+            h.prepare(run.sd.device, hw, arch)
     except BaseException:
         _finish(run, done)
         raise
@@ -154,7 +156,7 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     ``p2p_mode``: "refine" (default; words may be added or removed: aligned tokens take
     the reconstruction's cross-attention maps, new tokens keep theirs) or "replace" (word
     swaps, the same number of words: every map of the edit comes from the source maps
-    through P2P's replacement matrix, see :func:`attention.replace_mapper`)."""
+    through P2P's replacement matrix, see :func:`attention_hooks.replace_mapper`)."""
     if sd.instruct:
         raise InputError("sd_model", "is an 8-channel instruction model",
                          "the text-to-image model the image was inverted with",
@@ -169,8 +171,8 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     scale = inversion.guidance_scale if guidance_scale is None else guidance_scale
     # The inversion's tensors on the device once (a no-op when they are there already):
     # the loop reads one row of each per step and never copies.
-    traj = runtime.place(inversion.latents, sd.device, torch.float32)
-    nulls = runtime.place(inversion.null_embeddings, sd.device, torch.float32) \
+    traj = host.place(inversion.latents, sd.device, torch.float32)
+    nulls = host.place(inversion.null_embeddings, sd.device, torch.float32) \
         if inversion.null_embeddings is not None else None
     z_T = traj[0]
     mask = _validate_mask(mask, z_T, inversion.image_size)
@@ -186,16 +188,17 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
 
     hooks: list[attention.AttnHook] = []
     if p2p_mode == "refine":
-        mapper = attention.token_alignment(token_ids(sd, inversion.source_prompt),
-                                           token_ids(sd, target_prompt))
+        mapper = attention_hooks.token_alignment(token_ids(sd, inversion.source_prompt),
+                                                 token_ids(sd, target_prompt))
     elif p2p_mode == "replace":
-        mapper = attention.replace_mapper(sd.tokenizer, inversion.source_prompt, target_prompt)
+        mapper = attention_hooks.replace_mapper(sd.tokenizer, inversion.source_prompt,
+                                                target_prompt)
     else:
         raise InputError("p2p_mode", f"is {p2p_mode!r}", "refine or replace")
     cross_steps, self_steps = int(cross_replace * n), int(self_replace * n)
     injection = None
     if cross_steps or self_steps:
-        injection = attention.InjectionHook(mapper, cross_steps, self_steps, self_max_res)
+        injection = attention_hooks.InjectionHook(mapper, cross_steps, self_steps, self_max_res)
         hooks.append(injection)
     if cam is not None and cam.whole_condition:
         raise InputError("cam", "asks for whole-condition CAM", "CAM words on the two-branch "
@@ -203,7 +206,7 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     if cam is not None and (cam.in_words or cam.out_words):
         if mask is None:
             raise InputError("mask", "is missing", "a mask for cross-attention masking (CAM)")
-        hooks.append(attention.CAMHook(
+        hooks.append(attention_hooks.CAMHook(
             mask, _word_tokens(sd, target_prompt, cam.in_words, "cam_in_words"),
             _word_tokens(sd, target_prompt, cam.out_words, "cam_out_words"),
             layers=cam.layers, mode=cam.mode))
@@ -216,7 +219,7 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
 
     rows = ((REC, UNCOND), (EDIT, UNCOND), (REC, COND), (EDIT, COND))
     try:
-        with runtime.progress(n, "editing") as bar:
+        with host.progress(n, "editing") as bar:
             for i in range(n):
                 run.step = i
                 t = sch.t(i)
@@ -275,7 +278,7 @@ def instruction_cam(conditioning: Conditioning, cam_in_words: str = "",
     else (none of them there, or an MGIE condition, which has no word positions) the
     whole condition. Neither words nor a plan: no CAM (None). CAM needs a mask: the
     instruction sampler node passes the plan here only when it has one."""
-    typed = [w.strip() for w in (cam_in_words or "").split(",") if w.strip()]
+    typed = split_words(cam_in_words)
     if typed == [WHOLE_CONDITION]:
         return CAMSettings(whole_condition=True)
     if typed:
@@ -342,10 +345,10 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
         if mask is None:
             raise InputError("mask", "is missing", "a mask for cross-attention masking (CAM)")
         # The conditional rows attend to [cond; null], the others to [null; null] (the
-        # same attention as [null]): see attention.ConditionCAMHook.
+        # same attention as [null]): see attention_hooks.ConditionCAMHook.
         n_tokens = cond.shape[1]
         cond, null = torch.cat([cond, null], 1), torch.cat([null, null], 1)
-        hooks.append(attention.ConditionCAMHook(mask, n_tokens, layers=cam.layers))
+        hooks.append(attention_hooks.ConditionCAMHook(mask, n_tokens, layers=cam.layers))
     elif cam is not None and (cam.in_words or cam.out_words):
         if mask is None:
             raise InputError("mask", "is missing", "a mask for cross-attention masking (CAM)")
@@ -357,9 +360,10 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
                              "instruction", "Use '*' to keep the whole condition inside "
                              "the mask.")
         text = conditioning.text
-        hooks.append(attention.CAMHook(mask, _word_tokens(sd, text, cam.in_words, "cam_in_words"),
-                                       _word_tokens(sd, text, cam.out_words, "cam_out_words"),
-                                       layers=cam.layers, mode=cam.mode))
+        hooks.append(attention_hooks.CAMHook(
+            mask, _word_tokens(sd, text, cam.in_words, "cam_in_words"),
+            _word_tokens(sd, text, cam.out_words, "cam_out_words"),
+            layers=cam.layers, mode=cam.mode))
     controller.hooks = _setup_controls(run, controls, hooks)
 
     branches = [EDIT] + ([REF] if reference is not None else [])
@@ -368,7 +372,7 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
     zeros = torch.zeros_like(img)
     timesteps = solver.timesteps
     try:
-        with runtime.progress(steps, "instruction editing") as bar:
+        with host.progress(steps, "instruction editing") as bar:
             for i in range(steps):
                 run.step = i
                 t = timesteps[i]

@@ -6,11 +6,11 @@ ProgressBar and interruption as mgie_core runtime hooks. Outside ComfyUI nothing
 imports ComfyUI and the library keeps its standalone defaults (tqdm, Ctrl-C, model dirs
 from --models-dir / XMGIE_MODELS_DIR, the registry's own offloading).
 
-Memory inside ComfyUI. Every module the pack's loaders register (``runtime.manage``: a
+Memory inside ComfyUI. Every module the pack's loaders register (``memory.manage``: a
 UNet, a VAE, a text encoder, BLIP-2, the MGIE LLM, SAM, an identity encoder) is wrapped
 in a ``comfy.model_patcher.ModelPatcher`` (around a plain holder module: diffusers and
 transformers models have a read-only ``device`` property that ModelPatcher assigns) and
-placed on ComfyUI's offload device. A node that runs it calls ``runtime.use``, which
+placed on ComfyUI's offload device. A node that runs it calls ``memory.use``, which
 calls ``comfy.model_management.load_models_gpu`` with every pack model the computation
 needs: ComfyUI frees memory first (offloading its own models and the pack's, least
 needed first) and moves them to its torch device. They then sit in ComfyUI's list of
@@ -19,7 +19,7 @@ model and node cache") moves them back to the CPU. ``force_full_load=True``: Com
 partial (lowvram) loading only works for its own ``comfy.ops`` layers and would leave
 plain torch layers of one model on two devices. The load runs inside
 ``torch.inference_mode(False)`` so the moved weights are normal tensors (ComfyUI's own
-trainer does the same), and ``runtime.normal_weights`` repairs a module ComfyUI moved
+trainer does the same), and ``grad_mode.normal_weights`` repairs a module ComfyUI moved
 inside inference mode.
 """
 
@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from ..mgie_core import paths, runtime
+from ..mgie_core import grad_mode, host, memory, paths
 
 _installed = False
 
@@ -101,7 +101,7 @@ def install() -> bool:
     def _interrupt() -> None:
         mm.throw_exception_if_processing_interrupted()
 
-    runtime.set_hooks(
+    host.set_hooks(
         device=mm.get_torch_device,
         offload_device=mm.unet_offload_device,
         progress=_Bar,
@@ -127,22 +127,22 @@ def memory_hooks(mm, model_patcher) -> dict:
     """The runtime hooks that put the pack's models under ComfyUI's memory management:
     ``mm`` is ``comfy.model_management``, ``model_patcher`` ``comfy.model_patcher``."""
 
-    def wrap_model(entry: runtime.ManagedModule):
+    def wrap_model(entry: memory.ManagedModule):
         return model_patcher.ModelPatcher(_Holder(entry.module), load_device=entry.load_device,
                                           offload_device=entry.offload_device,
                                           size=entry.nbytes)
 
-    def load_models(entries: list[runtime.ManagedModule]) -> None:
+    def load_models(entries: list[memory.ManagedModule]) -> None:
         patchers = [e.handle for e in entries if e.handle is not None]
         with torch.inference_mode(False):
             mm.load_models_gpu(patchers, force_full_load=True)
         for e in entries:
             if e.handle is None:     # registered before install(): move it ourselves
-                runtime.registry().load([e])
-            runtime.normal_weights(e.module)
+                memory.registry().load([e])
+            grad_mode.normal_weights(e.module)
             e.loaded = True
 
-    def is_loaded(entry: runtime.ManagedModule) -> bool:
+    def is_loaded(entry: memory.ManagedModule) -> bool:
         p = entry.handle
         if p is None:
             return entry.loaded

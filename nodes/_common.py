@@ -8,7 +8,7 @@ Every node class:
 Images are float32 [B,H,W,3] in 0..1, masks [B,H,W]; inputs are cloned before any
 in-place change; results go back to the CPU.
 
-Models: every node's FUNCTION runs inside ``runtime.use(...)`` of the loaded models among
+Models: every node's FUNCTION runs inside ``memory.use(...)`` of the loaded models among
 its inputs (:func:`uses_models`, applied to every node by the registry), so the host (or
 the standalone registry) puts them on the compute device first and, standalone with
 ``--offload``, back on the CPU afterwards. Loader nodes set ``LOADS_MODELS = True``:
@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from ..mgie_core import runtime
+from ..mgie_core import memory
 from ..mgie_core.plan import PLAN_RULE, from_plan
 
 PREFIX = "XMGIE"
@@ -67,7 +67,7 @@ def inp(tooltip: str, **opts: Any) -> dict:
 
 
 def uses_models(cls: type) -> type:
-    """Wrap ``cls``'s FUNCTION so it runs inside ``runtime.use`` of the loaded models among
+    """Wrap ``cls``'s FUNCTION so it runs inside ``memory.use`` of the loaded models among
     its arguments (models, and controls holding models, e.g. an identity encoder)."""
     if getattr(cls, "LOADS_MODELS", False):
         return cls
@@ -77,7 +77,7 @@ def uses_models(cls: type) -> type:
 
     @functools.wraps(fn)
     def run(self, *args, **kwargs):
-        with runtime.use(*args, *kwargs.values()):
+        with memory.use(*args, *kwargs.values()):
             return fn(self, *args, **kwargs)
 
     run.uses_models = True

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from ..mgie_core import astar
 from ..mgie_core.images import check_mask
+from ..mgie_core.plan import split_words
 from ._common import CONTROLS, PLAN, PREFIX, category, inp
 from .editing import MASK_RULE, PLAN_RULE_CONTROL
-
-
-def _words(text: str) -> list[str]:
-    return [w.strip() for w in (text or "").split(",") if w.strip()]
 
 
 class AStarControlNode:
@@ -53,7 +50,7 @@ class AStarControlNode:
     def make(self, words, steps_fraction, step_size, threshold, mask=None, controls=None,
              plan=None):
         m = check_mask("mask", mask.clone()) if mask is not None else None
-        ctrl = astar.AStarControl(_words(words), steps_fraction=steps_fraction,
+        ctrl = astar.AStarControl(split_words(words), steps_fraction=steps_fraction,
                                   step_size=step_size, threshold=threshold, mask=m, plan=plan)
         return (list(controls or []) + [ctrl],)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..mgie_core import blur, runtime
+from ..mgie_core import blur, host
 from ._common import PREFIX, category, inp
 
 
@@ -35,7 +35,7 @@ class GBBlur:
         }}
 
     def blur(self, image, mask, sigma_max, sigma_s):
-        dev = runtime.device()
+        dev = host.device()
         out = blur.gb_blur(image.clone().to(dev), mask.clone().to(dev),
                            sigma_max=float(sigma_max), sigma_s=float(sigma_s))
         return (out.cpu(),)

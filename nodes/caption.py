@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..mgie_core import paths
 from ..mgie_core.models import captioner as cap_lib
+from ..mgie_core.models.sd import DTYPES
 from ._common import CAPTIONER, PREFIX, category, inp
 
 DTYPE_TIP = "Weights' precision. auto = fp16 on a CUDA GPU, fp32 on the CPU."
@@ -26,7 +27,7 @@ class LoadBLIP2:
             "model": (paths.list_models(paths.BLIP2), inp(
                 "BLIP-2 folder in models/blip2 (config.json, weights, processor and "
                 "tokenizer files).")),
-            "dtype": (list(cap_lib.DTYPES), inp(DTYPE_TIP, default="auto")),
+            "dtype": (list(DTYPES), inp(DTYPE_TIP, default="auto")),
         }}
 
     def load(self, model, dtype):

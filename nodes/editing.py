@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from ..mgie_core import inversion as inv_mod
 from ..mgie_core import pfb, sampler, vae
-from ..mgie_core.attention import CAMHook
+from ..mgie_core.attention_hooks import CAMHook
 from ..mgie_core.diffusion import INSTRUCT_SCHEDULERS
 from ..mgie_core.images import check_finite, check_image, check_mask
 from ..mgie_core.mag import MAGControl
 from ..mgie_core.models.compile import compile_unet
+from ..mgie_core.plan import split_words
 from ._common import (CONDITIONING, CONTROLS, INVERSION, LATENT, PLAN, PREFIX, SD_MODEL,
                       UPDATES_TOOLTIP, category, fill, inp, plan_input, report_output)
 
@@ -17,10 +18,6 @@ MASK_RULE = ("Empty (not connected): the sampler's mask is used, as by every con
              "connected here overrides it for this control only.")
 PLAN_RULE_CONTROL = ("Not connected: the sampler's plan is used (a plan connected here "
                      "overrides it for this control only).")
-
-
-def _words(text: str) -> list[str]:
-    return [w.strip() for w in (text or "").split(",") if w.strip()]
 
 
 def _mask(mask, image_hw):
@@ -217,7 +214,7 @@ class CAMSampler:
         # The plan's words only where CAM can act: with a mask (empty words mean "off").
         in_words = fill("cam_in_words", cam_in_words, plan if mask is not None else None,
                         "edit_words", "words of the target prompt", required=False)
-        cam = sampler.CAMSettings(in_words, _words(cam_out_words), cam_mode,
+        cam = sampler.CAMSettings(in_words, split_words(cam_out_words), cam_mode,
                                   CAMHook.DEFAULT_LAYERS)
         m = _mask(mask, inversion.image_size) if mask is not None else None
         res = sampler.edit(sd_model, inversion, target_prompt, mask=m, cam=cam,
@@ -377,8 +374,8 @@ class MAGControlNode:
              scale=2.5, spatial_ratio=False, negative_weight=5.5, blend_fraction=0.3,
              controls=None, plan=None):
         own = check_mask("mask", mask.clone()) if mask is not None else None
-        ctrl = MAGControl(own, _words(words),
-                          _words(negative_words), opt_fraction=opt_fraction,
+        ctrl = MAGControl(own, split_words(words),
+                          split_words(negative_words), opt_fraction=opt_fraction,
                           iterations=iterations, scale=scale, use_spatial_ratio=spatial_ratio,
                           negative_weight=negative_weight, blend_fraction=blend_fraction,
                           plan=plan)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..mgie_core import paths, runtime
+from ..mgie_core import host, paths
 from ..mgie_core.models import identity as id_lib
 from ._common import IDENTITY_ENCODER, PREFIX, category, inp
 
@@ -40,7 +40,7 @@ class LoadIdentityEncoder:
         }}
 
     def load(self, kind, model_name):
-        return (id_lib.load_identity_encoder(kind, model_name, device=runtime.device()),)
+        return (id_lib.load_identity_encoder(kind, model_name, device=host.device()),)
 
 
 class IdentityScore:

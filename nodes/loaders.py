@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..mgie_core import paths, runtime
+from ..mgie_core import host, paths
 from ..mgie_core.models import from_ldm, sd
 from ._common import PREFIX, SD_MODEL, category, inp
 
@@ -136,7 +136,7 @@ class SDModelFromComfy:
             # The headless runner's CheckpointLoaderSimple (runner/core_nodes.py): the
             # file's tensors (CLIP in ComfyUI's text-encoder precision), on the run's
             # device, under the same dtype rule as inside ComfyUI.
-            device = runtime.device()
+            device = host.device()
             return (from_ldm.sd_from_ldm(model, vae, clip, device=device,
                                          dtype=None if dtype == "auto" else dtype),)
         from . import _comfy

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..mgie_core import paths
-from ..mgie_core.models import captioner as cap_lib
 from ..mgie_core.models import mgie as mgie_lib
+from ..mgie_core.models.sd import DTYPES
 from ._common import CONDITIONING, MGIE_MODEL, PREFIX, category, fill, inp, plan_input
 
 DTYPE_TIP = "Weights' precision. auto = fp16 on a CUDA GPU, fp32 on the CPU."
@@ -27,7 +27,7 @@ class LoadMGIE:
         return {"required": {
             "model": (paths.list_models(mgie_lib.family()), inp(
                 "MGIE folder in models/mgie (mllm.pt, LLaVA-7B-v1/, clip-vit-large-patch14/).")),
-            "dtype": (list(cap_lib.DTYPES), inp(DTYPE_TIP, default="auto")),
+            "dtype": (list(DTYPES), inp(DTYPE_TIP, default="auto")),
         }}
 
     def load(self, model, dtype):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from ..mgie_core import plan as plan_mod
+from ..mgie_core import plan_answer, plan_rules
 from ._common import PLAN, PREFIX, VLM_MODEL, category, inp
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ class EditPlanFromPrompts:
         }}
 
     def build(self, instruction, source_prompt, target_prompt, edit_words, object):
-        p = plan_mod.plan_from_prompts(instruction, source_prompt, target_prompt,
-                                       edit_words=edit_words or None, object=object or None)
+        p = plan_rules.plan_from_prompts(instruction, source_prompt, target_prompt,
+                                         edit_words=edit_words or None, object=object or None)
         return (p, p.source_prompt, p.target_prompt)
 
 
@@ -89,16 +89,16 @@ class EditPlanFromVLM:
              fallback=True):
         from ..mgie_core.models import vlm as vlm_mod  # heavy: only when the node runs
 
-        question = plan_mod.build_plan_prompt(instruction)
+        question = plan_answer.build_plan_prompt(instruction)
         answer = vlm_mod.ask(vlm, image[0], question, max_new_tokens)
         try:
-            p = plan_mod.parse_plan(answer, instruction, source_caption or None)
-        except plan_mod.PlanParseError as err:
+            p = plan_answer.parse_plan(answer, instruction, source_caption or None)
+        except plan_answer.PlanParseError as err:
             if not fallback:
                 raise
-            p = plan_mod.plan_from_instruction(instruction, source_caption or None)
+            p = plan_rules.plan_from_instruction(instruction, source_caption or None)
             if not p.target_prompt:
-                raise plan_mod.PlanParseError(
+                raise plan_answer.PlanParseError(
                     f"{err.problem}; and the instruction alone gave no target prompt "
                     f"({'; '.join(p.notes)})", err.answer, err.missing) from None
             p.notes.insert(0, f"the model's answer could not be read ({err.problem}): "
@@ -138,8 +138,8 @@ class EditPlanFromInstruction:
         }}
 
     def build(self, instruction, source_caption="", expressive_instruction=""):
-        p = plan_mod.plan_from_instruction(instruction, source_caption or None,
-                                           expressive_instruction or None)
+        p = plan_rules.plan_from_instruction(instruction, source_caption or None,
+                                             expressive_instruction or None)
         return (p, p.source_prompt, p.target_prompt)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..mgie_core import masks as masks_lib
-from ..mgie_core import paths, runtime
+from ..mgie_core import host, paths
 from ..mgie_core.errors import InputError
 from ..mgie_core.models import sam as sam_lib
 from ._common import PREFIX, SAM_MODEL, SD_MODEL, category, inp, plan_input
@@ -30,7 +30,7 @@ class LoadSAM:
         }}
 
     def load(self, sam_name):
-        return (sam_lib.load_sam(sam_name, device=runtime.device()),)
+        return (sam_lib.load_sam(sam_name, device=host.device()),)
 
 
 class SAMSegment:

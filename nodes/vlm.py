@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..mgie_core import paths
-from ..mgie_core.models import captioner as cap_lib
+from ..mgie_core.models.sd import DTYPES
 from ..mgie_core.models import vlm as vlm_lib
 from ._common import PREFIX, VLM_MODEL, category, inp
 
@@ -27,7 +27,7 @@ class LoadVLM:
             "model": (paths.list_models(paths.VLM), inp(
                 "Model folder in models/vlm or models/LLM (config.json, weights, processor, "
                 "tokenizer and chat template).")),
-            "dtype": (list(cap_lib.DTYPES), inp(DTYPE_TIP, default="auto")),
+            "dtype": (list(DTYPES), inp(DTYPE_TIP, default="auto")),
         }}
 
     def load(self, model, dtype):

@@ -46,7 +46,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..mgie_core import runtime
+from ..mgie_core import host
 from ..mgie_core.errors import XMGIEError
 from . import core_nodes, engine, workflow_ui
 from .dataset import Dataset, Item, pie_bench_mask
@@ -258,7 +258,7 @@ class Session:
                 if isinstance(ui, dict) and ui.get("text"):
                     record["ui_text"][node_id] = list(ui["text"])
             record["outputs"] = _outputs(staging, ctx.written, result.ui)
-        except (KeyboardInterrupt, runtime.Interrupted):
+        except (KeyboardInterrupt, host.Interrupted):
             shutil.rmtree(staging, ignore_errors=True)
             raise
         except Exception as exc:  # recorded; the batch goes on
@@ -517,7 +517,7 @@ def run_batch(settings: BatchSettings, run_dir: Path, dataset: Dataset, *,
                 executor.run(settings, run_dir, todo, collect)
             else:
                 for item in todo:
-                    runtime.check_interrupt()
+                    host.check_interrupt()
                     collect(session.run_item(settings, run_dir, item))
         finally:
             bar.close()

@@ -41,7 +41,7 @@ from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
 from ..mgie_core import images as images_mod
-from ..mgie_core import paths, runtime
+from ..mgie_core import host, paths
 from ..mgie_core import vae as vae_mod
 from ..mgie_core.errors import InputError
 from ..mgie_core.models import from_ldm
@@ -640,7 +640,7 @@ def _vae_part(vae) -> from_ldm.LDMPart:
 def _vae_on_device(vae):
     """The part's VAE module in fp32 on the run's device (ComfyUI on the CPU decodes in
     fp32 too); built once per part and device."""
-    device = runtime.device()
+    device = host.device()
     key = ("module", str(device))
     if key not in vae.cache:
         module = from_ldm.vae_module(vae).to(device=device)

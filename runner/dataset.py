@@ -41,6 +41,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from ..mgie_core.errors import XMGIEError
+from ..mgie_core.plan import split_words
 
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.json")
 PIE_BENCH_NAME = "mapping_file.json"
@@ -170,16 +171,6 @@ def _manifest_records(file: Path, text: str) -> list[dict]:
     return records
 
 
-def _as_words(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [w.strip() for w in value.split(",") if w.strip()]
-    if isinstance(value, (list, tuple)):
-        return [str(w).strip() for w in value if str(w).strip()]
-    return [str(value)]
-
-
 def safe_id(raw: Any) -> str:
     """A folder-safe item id: runs of other characters than letters, digits, '.', '_'
     and '-' become '_'."""
@@ -200,7 +191,7 @@ def _manifest_item(file: Path, index: int, rec: dict) -> Item:
     else:
         fields.pop("mask", None)
     if "edit_words" in fields or "edit_word" in fields:
-        fields["edit_words"] = _as_words(fields.pop("edit_words", fields.pop("edit_word", None)))
+        fields["edit_words"] = split_words(fields.pop("edit_words", fields.pop("edit_word", None)))
     if "seed" in fields and fields["seed"] is not None:
         seed = fields["seed"]
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

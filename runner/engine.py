@@ -40,7 +40,7 @@ Followed:
 * Every node runs inside ``torch.inference_mode()``, as ``PromptExecutor.execute`` runs
   the whole prompt, so tensors made by nodes (model weights included) are inference
   tensors unless the node says otherwise. Stages that need autograd use
-  ``mgie_core.runtime.autograd`` and loaders ``runtime.loading``, in both hosts.
+  ``mgie_core.grad_mode.autograd`` and loaders ``grad_mode.loading``, in both hosts.
 * Hidden inputs PROMPT, EXTRA_PNGINFO and UNIQUE_ID; ``{"ui": ..., "result": ...}``
   return values (any node may return ``ui``, ComfyUI stores it in the history).
 * ``VALIDATE_INPUTS`` is called with the literal inputs it names; interruption is
@@ -82,7 +82,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 
-from ..mgie_core import runtime
+from ..mgie_core import host
 from ..mgie_core.errors import XMGIEError
 
 log = logging.getLogger(__name__)
@@ -708,7 +708,7 @@ def _split_result(spec: NodeSpec, node_id: str, result: Any) -> tuple[tuple, Opt
 def _run_node(spec: NodeSpec, node_id: str, kwargs: dict) -> Any:
     try:
         return getattr(spec.cls(), spec.cls.FUNCTION)(**kwargs)
-    except runtime.Interrupted:
+    except host.Interrupted:
         raise
     except Exception as exc:
         # Our own errors already read well; others get their type name for context.
@@ -727,7 +727,7 @@ def execute(prompt: Prompt, registry: Registry, *,
     ``prompt_no_outputs``). ``on_node`` is called after each node with its timing.
     ``extra_pnginfo`` is what nodes asking for the hidden EXTRA_PNGINFO get (ComfyUI
     passes {"workflow": ui}). A failing node raises WorkflowError naming it (original
-    exception as __cause__); runtime.Interrupted and KeyboardInterrupt pass through
+    exception as __cause__); host.Interrupted and KeyboardInterrupt pass through
     unchanged."""
     prompt = check_runnable(prompt, registry)
     with torch.inference_mode():
@@ -740,7 +740,7 @@ def _execute(prompt: Prompt, registry: Registry,
     specs = _Specs(registry)
     result = RunResult(outputs={}, ui={}, timings=[])
     for node_id in execution_order(prompt, registry):
-        runtime.check_interrupt()
+        host.check_interrupt()
         node = prompt[node_id]
         spec = specs.get(node["class_type"])
         kwargs = _node_kwargs(spec, node_id, node, result.outputs, prompt, extra_pnginfo)
@@ -754,5 +754,5 @@ def _execute(prompt: Prompt, registry: Registry,
         log.debug("[%s] %s: %.2f s", node_id, spec.class_type, timing.seconds)
         if on_node is not None:
             on_node(timing)
-    runtime.check_interrupt()
+    host.check_interrupt()
     return result

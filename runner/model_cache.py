@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..mgie_core import paths, runtime
+from ..mgie_core import host, paths
 from . import engine
 
 LOADER_CATEGORY = "xmgie/loaders"
@@ -106,7 +106,7 @@ class ModelCache:
 
     def _key(self, class_type: str, kwargs: dict, keep: list) -> tuple:
         env = (str(paths.tiny_root()), tuple(str(p) for p in paths.models_dirs()),
-               str(runtime.device()))
+               str(host.device()))
         items = tuple(sorted((k, _literal_key(v, keep)) for k, v in kwargs.items()
                              if k not in ("unique_id", "prompt", "extra_pnginfo")))
         return (class_type, items, env)

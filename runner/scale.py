@@ -72,10 +72,10 @@ class BatchWorker:
         self.session = Session(registry_factory())
 
     def info(self) -> dict:
-        from ..mgie_core import runtime
+        from ..mgie_core import host
 
         return {"host": socket.gethostname(), "pid": os.getpid(),
-                "device": str(runtime.device())}
+                "device": str(host.device())}
 
     def run(self, settings: dict, run_dir: str, item: dict) -> dict:
         return self.session.run_item(BatchSettings.from_json(settings), Path(run_dir),

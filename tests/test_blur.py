@@ -260,11 +260,11 @@ def test_bad_inputs_name_the_input():
 # ----------------------------------------------------------------------------- (h) node
 
 def test_node_matches_library(monkeypatch):
-    from xmgie.mgie_core import runtime
+    from xmgie.mgie_core import host
     from xmgie.nodes import blur as node_mod
     from xmgie.nodes._common import PREFIX
 
-    monkeypatch.setattr(runtime, "device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(host, "device", lambda: torch.device("cpu"))
     (node,) = node_mod.NODES
     assert node.NODE_ID == f"{PREFIX}GBBlur" and node.DISPLAY_NAME == "xMGIE GB Seam Blur"
     assert node.CATEGORY == "xmgie/postprocess" and node.DESCRIPTION

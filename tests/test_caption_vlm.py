@@ -188,7 +188,7 @@ def test_caption_rejects_bad_input(tiny_blip2, cap_lib):
 
 
 def test_caption_reports_progress_per_image(tiny_blip2, cap_lib):
-    from xmgie.mgie_core import runtime
+    from xmgie.mgie_core import host
 
     updates = []
 
@@ -202,11 +202,11 @@ def test_caption_reports_progress_per_image(tiny_blip2, cap_lib):
         def close(self):
             pass
 
-    previous = runtime.set_hooks(progress=Bar)
+    previous = host.set_hooks(progress=Bar)
     try:
         cap_lib.caption(tiny_blip2, _images(2), max_new_tokens=3)
     finally:
-        runtime.set_hooks(**vars(previous))
+        host.set_hooks(**vars(previous))
     assert updates == [("total", 2), 1, 1]
 
 
@@ -272,21 +272,21 @@ def test_ask_rejects_bad_input(tiny_vlm, vlm_lib):
 
 
 def test_ask_stops_on_interrupt(tiny_vlm, vlm_lib):
-    from xmgie.mgie_core import runtime
+    from xmgie.mgie_core import host
 
     calls = []
 
     def interrupt():
         calls.append(1)
         if len(calls) > 3:  # let the first checks (before generation) pass
-            raise runtime.Interrupted()
+            raise host.Interrupted()
 
-    previous = runtime.set_hooks(check_interrupt=interrupt)
+    previous = host.set_hooks(check_interrupt=interrupt)
     try:
-        with pytest.raises(runtime.Interrupted):
+        with pytest.raises(host.Interrupted):
             vlm_lib.ask(tiny_vlm, _images(1)[0], "What is it?", max_new_tokens=50)
     finally:
-        runtime.set_hooks(**vars(previous))
+        host.set_hooks(**vars(previous))
     assert len(calls) < 50
 
 

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not COMFY_DIR, reason="set XMGIE_COMFYUI_DIR to 
 def comfy(tiny_root, tiny_models):
     """ComfyUI's model management (CPU mode) with the adapter's hooks installed; the
     library's standalone hooks and model folders are restored afterwards."""
-    from xmgie.mgie_core import paths, runtime
+    from xmgie.mgie_core import host, memory, paths
 
     sys.path.insert(0, COMFY_DIR)
     import comfy.cli_args
@@ -40,9 +40,9 @@ def comfy(tiny_root, tiny_models):
     from xmgie.nodes import _comfy
 
     tiny_models("sd_diffusers")
-    previous = runtime.hooks()
-    previous_registry = runtime._registry
-    runtime._registry = runtime.ModelRegistry()
+    previous = host.hooks()
+    previous_registry = memory._registry
+    memory._registry = memory.ModelRegistry()
     _comfy._installed = False
     assert _comfy.install()
     paths.configure(tiny_root=tiny_root)
@@ -50,8 +50,8 @@ def comfy(tiny_root, tiny_models):
         yield mm
     finally:
         mm.unload_all_models()
-        runtime.set_hooks(**vars(previous))
-        runtime._registry = previous_registry
+        host.set_hooks(**vars(previous))
+        memory._registry = previous_registry
         _comfy._installed = False
         paths.set_comfy_provider(None)
         paths.configure(reset=True)
@@ -70,14 +70,14 @@ def _load_sd():
 def test_models_are_comfyui_managed_and_released_by_its_free_memory(comfy):
     from comfy.model_patcher import ModelPatcher
 
-    from xmgie.mgie_core import runtime
+    from xmgie.mgie_core import memory
 
     mm = comfy
     sd = _load_sd()
-    entries = runtime.registry().entries_of(sd)
+    entries = memory.registry().entries_of(sd)
     assert len(entries) == 3 and all(isinstance(e.handle, ModelPatcher) for e in entries)
     assert not any(e.is_loaded() for e in entries)           # waits on the offload device
-    with torch.inference_mode(), runtime.use(sd):
+    with torch.inference_mode(), memory.use(sd):
         loaded = mm.loaded_models()
         assert all(any(m is e.handle for m in loaded) for e in entries)
         assert all(e.is_loaded() for e in entries)
@@ -87,20 +87,20 @@ def test_models_are_comfyui_managed_and_released_by_its_free_memory(comfy):
     assert not any(e.is_loaded() for e in entries)
     assert not any(m is e.handle for m in mm.loaded_models() for e in entries)
     # the pack asking for memory goes through ComfyUI too
-    with torch.inference_mode(), runtime.use(sd):
+    with torch.inference_mode(), memory.use(sd):
         pass
     assert all(e.is_loaded() for e in entries)
-    runtime.free_memory_for(10**15, mm.get_torch_device())
+    memory.free_memory_for(10**15, mm.get_torch_device())
     assert not any(e.is_loaded() for e in entries)
 
 
 def test_gradient_stage_runs_under_comfyui_hooks_in_inference_mode(comfy):
-    from xmgie.mgie_core import inversion, mag, runtime, sampler, vae
+    from xmgie.mgie_core import inversion, mag, memory, sampler, vae
 
     sd = _load_sd()
     mask = torch.zeros(1, 128, 128)
     mask[:, 32:96, 40:104] = 1
-    with torch.inference_mode(), runtime.use(sd):
+    with torch.inference_mode(), memory.use(sd):
         image = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(0))
         z0 = vae.encode(sd, image).samples
         inv = inversion.invert(sd, z0, "a photo of a red carpet", method="null_text",

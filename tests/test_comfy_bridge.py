@@ -219,7 +219,7 @@ def test_gradient_stages_run_on_the_bridged_model(tiny, ctx, caplog):
     prompt["9"]["inputs"]["controls"] = ["15", 0]
     registry = cli.build_registry()
     prompt = engine.check(prompt, registry)
-    with caplog.at_level(logging.INFO, logger="xmgie.mgie_core.runtime"):
+    with caplog.at_level(logging.INFO, logger="xmgie.mgie_core.grad_mode"):
         res = engine.execute(prompt, registry)
     assert torch.isfinite(res.outputs["9"][0]["samples"]).all()
     copied = [r.getMessage() for r in caplog.records if "made in inference mode" in r.getMessage()]

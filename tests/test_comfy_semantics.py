@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from xmgie import cli
-from xmgie.mgie_core import astar, guidance, mag, paths, runtime
+from xmgie.mgie_core import astar, grad_mode, guidance, mag, memory, paths
 from xmgie.mgie_core.errors import GradientError
 from xmgie.runner import core_nodes, engine
 
@@ -239,23 +239,23 @@ def test_gradient_reasons_name_the_cause():
 
 def test_autograd_block_clones_inference_inputs_and_loaders_build_normal_weights(tiny_root):
     with torch.inference_mode():
-        with runtime.loading():
+        with grad_mode.loading():
             lin = torch.nn.Linear(3, 2)
         made_inside = torch.nn.Linear(3, 2)
         x = torch.randn(4, 3)
-        with runtime.autograd():
-            xi = runtime.autograd_input(x).requires_grad_(True)
+        with grad_mode.autograd():
+            xi = grad_mode.autograd_input(x).requires_grad_(True)
             (lin(xi) ** 2).sum().backward()
             assert xi.grad is not None and not lin.weight.is_inference()
             with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
-                made_inside(runtime.autograd_input(x).requires_grad_(True)).sum().backward()
-        assert runtime.normal_weights(made_inside) == 2
-        with runtime.autograd():
-            xi = runtime.autograd_input(x).requires_grad_(True)
+                made_inside(grad_mode.autograd_input(x).requires_grad_(True)).sum().backward()
+        assert grad_mode.normal_weights(made_inside) == 2
+        with grad_mode.autograd():
+            xi = grad_mode.autograd_input(x).requires_grad_(True)
             made_inside(xi).sum().backward()
         assert xi.grad is not None
     normal = torch.zeros(2)
-    assert runtime.autograd_input(normal) is normal
+    assert grad_mode.autograd_input(normal) is normal
 
 
 # --- SaveImage pixels ----------------------------------------------------------------------
@@ -279,15 +279,15 @@ class Budget:
         self.total = total
 
     def __call__(self, dev):
-        return self.total - sum(e.nbytes for e in runtime.registry().entries()
+        return self.total - sum(e.nbytes for e in memory.registry().entries()
                                 if e.loaded and e.load_device == dev)
 
 
 @pytest.fixture
 def reg(monkeypatch):
     """A registry of its own for the test (the session's other models stay out of it)."""
-    fresh = runtime.ModelRegistry()
-    monkeypatch.setattr(runtime, "_registry", fresh)
+    fresh = memory.ModelRegistry()
+    monkeypatch.setattr(memory, "_registry", fresh)
     return fresh
 
 
@@ -309,7 +309,7 @@ def test_free_memory_path_releases_the_packs_models(setup, reg, monkeypatch):
     monkeypatch.setattr(reg, "free_bytes", Budget(max(sd_bytes, enc_bytes) + 1000))
     monkeypatch.setattr(reg, "reserve", 0)
     dev = torch.device("cpu")
-    with runtime.use([sd]):
+    with memory.use([sd]):
         released = reg.free(enc_bytes, dev)
         assert released == enc_entries                      # SD is in use: kept
     assert all(e.is_loaded() for e in sd_entries)
@@ -317,14 +317,14 @@ def test_free_memory_path_releases_the_packs_models(setup, reg, monkeypatch):
     assert set(map(id, released)) <= set(map(id, sd_entries)) and released
     assert not all(e.is_loaded() for e in sd_entries)
     # a node using SD puts it back, with normal weights
-    with torch.inference_mode(), runtime.use(sd) as used:
+    with torch.inference_mode(), memory.use(sd) as used:
         assert used == sd_entries and all(e.is_loaded() for e in sd_entries)
         assert not any(p.is_inference() for p in sd.unet.parameters())
 
 
 def test_offload_after_use_and_the_node_wrapper(setup, reg):
     registry, ctx = setup
-    previous = runtime.set_offload_after_use(True)
+    previous = memory.set_offload_after_use(True)
     try:
         with torch.inference_mode():
             (sd,) = registry["XMGIELoadDiffusers"]().load(
@@ -348,7 +348,7 @@ def test_offload_after_use_and_the_node_wrapper(setup, reg):
         assert seen == [[True, True, True]]                          # loaded while it ran
         assert not any(e.is_loaded() for e in entries)               # offloaded after
     finally:
-        runtime.set_offload_after_use(previous)
+        memory.set_offload_after_use(previous)
 
 
 def test_registry_lets_go_of_released_models(setup, reg):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xmgie.mgie_core import attention, inversion, sampler, vae
+from xmgie.mgie_core import attention_hooks, inversion, sampler, vae
 from xmgie.mgie_core.attention import Branch, Half
 from xmgie.mgie_core.control import HOOKS, Control
 from xmgie.mgie_core.errors import InputError
@@ -70,7 +70,7 @@ def test_run_fields_are_typed_and_branches_are_an_enum(tiny_sd, inv):
 
     sampler.edit(tiny_sd, inv, TGT, controls=[Reader()], guidance_scale=5.0)
     assert seen["src"] == SRC and seen["tgt"] == TGT and seen["two"] and seen["scale"] == 5.0
-    assert isinstance(seen["inj"], attention.InjectionHook)
+    assert isinstance(seen["inj"], attention_hooks.InjectionHook)
     assert seen["branches"] == {Branch.REC, Branch.EDIT} and seen["null"][0] == 1
     assert Branch.REC == "rec" and f"{Half.COND}" == "cond"  # plain strings in logs and keys
 
@@ -84,5 +84,6 @@ def test_a_failing_setup_tears_down_the_controls_already_set_up(tiny_sd, inv):
 
     with pytest.raises(InputError):
         sampler.edit(tiny_sd, inv, TGT, controls=[pfb, Broken()])
-    assert not pfb._handles                                   # PFB's forward hooks removed
+    assert all(not m._forward_pre_hooks for m in tiny_sd.unet.modules())  # PFB's removed
     assert all(not m._forward_hooks for m in tiny_sd.unet.modules())
+    assert tiny_sd.unet._xmgie_controller.patches == 0

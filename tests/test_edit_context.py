@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xmgie.mgie_core import attention, diffusion, inversion, plan, sampler, vae
+from xmgie.mgie_core import (attention, attention_hooks, diffusion, inversion, plan_rules,
+                             sampler, vae)
 from xmgie.mgie_core.astar import AStarControl
 from xmgie.mgie_core.control import Control
 from xmgie.mgie_core.errors import InputError
@@ -18,9 +19,9 @@ from xmgie.mgie_core.models import identity as id_lib
 from xmgie.mgie_core.pfb import PFBControl
 
 SRC, TGT = "a red sofa on a red carpet", "a red sofa on a yellow carpet"
-PLAN = plan.plan_from_prompts("make the carpet yellow", SRC, TGT)
-PERSON = plan.plan_from_prompts("make her hair blonde", "a woman with brown hair",
-                                "a woman with blonde hair")
+PLAN = plan_rules.plan_from_prompts("make the carpet yellow", SRC, TGT)
+PERSON = plan_rules.plan_from_prompts("make her hair blonde", "a woman with brown hair",
+                                      "a woman with blonde hair")
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +169,7 @@ def test_controls_take_words_from_the_runs_plan_unless_typed_or_own_plan(tiny_sd
     # The source word 'red' is still in the target (the sofa): pushed out of the region.
     assert mag.used_negative_words == ["red"]
 
-    other = plan.plan_from_prompts("make the sofa blue", SRC, "a blue sofa on a red carpet")
+    other = plan_rules.plan_from_prompts("make the sofa blue", SRC, "a blue sofa on a red carpet")
     mag = MAGControl(RUN_MASK, plan=other)                 # its own plan overrides the run's
     _set_up(tiny_sd, inv, mag, plan_=PLAN, target=other.target_prompt)
     assert mag.used_words == ["blue"] and mag.used_negative_words == ["red"]
@@ -179,8 +180,8 @@ def test_controls_take_words_from_the_runs_plan_unless_typed_or_own_plan(tiny_sd
 
 
 def test_negative_words_drop_source_words_that_left_the_target(tiny_sd, inv):
-    p = plan.plan_from_prompts("make the carpet yellow", "a photo of a red carpet",
-                               "a photo of a yellow carpet")
+    p = plan_rules.plan_from_prompts("make the carpet yellow", "a photo of a red carpet",
+                                     "a photo of a yellow carpet")
     mag = MAGControl(RUN_MASK)
     _set_up(tiny_sd, inv, mag, plan_=p, target=p.target_prompt)
     assert p.source_words == ["red"] and mag.used_negative_words == []
@@ -241,12 +242,12 @@ def test_condition_cam_is_exactly_the_condition_inside_and_null_outside(tiny_ip2
     plain = call(torch.cat([cond, null]), [])
     doubled = torch.cat([torch.cat([cond, null], 1), torch.cat([null, null], 1)])
     for fill, want in ((1.0, plain[0]), (0.0, plain[1])):
-        hook = attention.ConditionCAMHook(torch.full((1, 8, 8), fill), 77, layers=everywhere)
+        hook = attention_hooks.ConditionCAMHook(torch.full((1, 8, 8), fill), 77, layers=everywhere)
         out = call(doubled, [hook])
         assert torch.allclose(out[0], want, atol=1e-5), fill
         assert torch.allclose(out[1], plain[1], atol=1e-5)
     # The default CAM layers: the condition still acts outside the mask elsewhere.
-    hook = attention.ConditionCAMHook(torch.zeros(1, 8, 8), 77)
+    hook = attention_hooks.ConditionCAMHook(torch.zeros(1, 8, 8), 77)
     out = call(doubled, [hook])
     assert not torch.allclose(out[0], plain[1], atol=1e-5)
 

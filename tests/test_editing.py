@@ -8,7 +8,8 @@ import logging
 import pytest
 import torch
 
-from xmgie.mgie_core import attention, diffusion, inversion, sampler, vae
+from xmgie.mgie_core import attention, attention_hooks, diffusion, inversion, sampler, vae
+from xmgie.mgie_core.architecture import layer_hw
 from xmgie.mgie_core.errors import InputError
 from xmgie.mgie_core.pfb import PFBControl
 
@@ -193,7 +194,7 @@ def test_injection_changes_the_edit_and_only_the_edit(sd, inv_npi):
 def test_token_alignment_maps_shared_tokens():
     src = [49406, 320, 1125, 539, 320, 736, 49407, 49407]
     tgt = [49406, 320, 1125, 539, 320, 3306, 49407, 49407]
-    m = attention.token_alignment(src, tgt)
+    m = attention_hooks.token_alignment(src, tgt)
     assert m.tolist() == [0, 1, 2, 3, 4, -1, 6, 7]
 
 
@@ -242,8 +243,8 @@ def test_cam_logits_masks_token_mass(sd, z0, mask):
     in_tok = find_word_tokens(sd.tokenizer, TGT, ["yellow"])
     out_tok = find_word_tokens(sd.tokenizer, TGT, ["room"])
     all_layers = [l.name for l in attention.attention_layers(sd.unet) if l.is_cross]
-    cap = attention.CaptureHook(all_layers, rows=[("edit", "cond")])
-    cam = attention.CAMHook(mask, in_tok, out_tok)
+    cap = attention_hooks.CaptureHook(all_layers, rows=[("edit", "cond")])
+    cam = attention_hooks.CAMHook(mask, in_tok, out_tok)
     _one_call(sd, [cam, cap], z, emb, _layout())
     masked = [n for n in all_layers if attention.LayerInfo(n, True).in_set(cam.layers)]
     # the tiny UNet has one layer per block (SD 1.5 has two: 2 + 1 + 3 + 2 layers)
@@ -254,7 +255,7 @@ def test_cam_logits_masks_token_mass(sd, z0, mask):
     seen_inside = False
     for name in masked:
         p = cap.maps[name][0]                                    # (heads, HW, 77)
-        hw = attention.layer_hw(attention.AttnContext(0, 1, _layout(), (16, 16)), p.shape[1])
+        hw = layer_hw((16, 16), p.shape[1])
         m = pyr.at(hw, p.device).flatten()
         assert p[:, m < 0.5][..., in_tok].sum() == 0, name
         assert p[:, m > 0.5][..., out_tok].sum() == 0, name
@@ -268,7 +269,7 @@ def test_cam_logits_masks_token_mass(sd, z0, mask):
     p = cap.maps[first][0]
     assert p[..., in_tok].sum() > 0
     # and layers before the first masked one are untouched, map for map
-    cap2 = attention.CaptureHook(all_layers, rows=[("edit", "cond")])
+    cap2 = attention_hooks.CaptureHook(all_layers, rows=[("edit", "cond")])
     _one_call(sd, [cap2], z, emb, _layout())
     for name in all_layers:
         if name.startswith(("down_blocks.0", "down_blocks.1")):
@@ -279,11 +280,11 @@ def test_cam_only_touches_conditional_edit_rows(sd, z0, mask):
     z, emb = _batch(sd, z0)
     rows = [("rec", "uncond"), ("edit", "uncond"), ("rec", "cond"), ("edit", "cond")]
     name = "mid_block.attentions.0.transformer_blocks.0.attn2"
-    plain = attention.CaptureHook([name], rows=rows)
+    plain = attention_hooks.CaptureHook([name], rows=rows)
     _one_call(sd, [plain], z, emb, _layout())
     tok = [5]
-    cap = attention.CaptureHook([name], rows=rows)
-    _one_call(sd, [attention.CAMHook(mask, tok), cap], z, emb, _layout())
+    cap = attention_hooks.CaptureHook([name], rows=rows)
+    _one_call(sd, [attention_hooks.CAMHook(mask, tok), cap], z, emb, _layout())
     # mid_block is reached after masked down_blocks.2 layers changed the edit/cond row only
     for k in range(3):
         assert torch.equal(plain.maps[name][k], cap.maps[name][k]), rows[k]
@@ -293,8 +294,8 @@ def test_cam_only_touches_conditional_edit_rows(sd, z0, mask):
 def test_cam_probs_mode_zeroes_without_renormalising(sd, z0, mask):
     z, emb = _batch(sd, z0)
     name = "mid_block.attentions.0.transformer_blocks.0.attn2"
-    cap = attention.CaptureHook([name], rows=[("edit", "cond")])
-    _one_call(sd, [attention.CAMHook(mask, [5], mode="probs"), cap], z, emb, _layout())
+    cap = attention_hooks.CaptureHook([name], rows=[("edit", "cond")])
+    _one_call(sd, [attention_hooks.CAMHook(mask, [5], mode="probs"), cap], z, emb, _layout())
     p = cap.maps[name][0]
     m = attention.MaskPyramid(mask).at((2, 2), p.device).flatten()
     assert p[:, m < 0.5, 5].sum() == 0
@@ -307,9 +308,9 @@ def test_self_attention_injection_copies_maps_exactly(sd, z0):
     z, emb = _batch(sd, z0)
     z = z.clone()
     z[3] = z[3] + 0.1 * torch.randn_like(z[3])
-    inj = attention.InjectionHook(torch.arange(77), cross_steps=0, self_steps=1)
+    inj = attention_hooks.InjectionHook(torch.arange(77), cross_steps=0, self_steps=1)
     names = [l.name for l in attention.attention_layers(sd.unet) if not l.is_cross]
-    cap = attention.CaptureHook(names, rows=[("rec", "cond"), ("edit", "cond")], cross=False)
+    cap = attention_hooks.CaptureHook(names, rows=[("rec", "cond"), ("edit", "cond")], cross=False)
     _one_call(sd, [inj, cap], z, emb, _layout())
     for name in names:
         rec, edit = cap.maps[name]

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from xmgie import cli
-from xmgie.mgie_core import attention, masks, plan as plan_mod
+from xmgie.mgie_core import attention_hooks, masks, plan as plan_mod
 from xmgie.mgie_core.control import Control
 from xmgie.mgie_core.tokens import find_word_tokens
 from xmgie.runner import core_nodes, engine, workflow_ui
@@ -146,7 +146,7 @@ def test_instruction_edit_photo_and_instruction_only(instruction, person, tmp_pa
     # the sampler's run: its plan, target prompt, mask and CAM words,
     assert seen["plan"] is plan and seen["target"] == plan.target_prompt
     assert torch.equal(seen["mask"], mask)
-    cam = [h for h in seen["sampler_hooks"] if isinstance(h, attention.CAMHook)]
+    cam = [h for h in seen["sampler_hooks"] if isinstance(h, attention_hooks.CAMHook)]
     sd = _result(_only(calls, "XMGIELoadCheckpoint")[1])[0]
     assert len(cam) == 1 and cam[0].in_tokens == find_word_tokens(
         sd.tokenizer, plan.target_prompt, plan.edit_words)
@@ -210,7 +210,7 @@ def test_mgie_instruction_edit_photo_and_instruction_only(tmp_path, tiny_env, mo
     assert object_masks == [(plan.object_prompt(), "sofa")]
     mask = _result(_only(calls, "XMGIEAttentionMask")[1])[0]
     assert seen["plan"] is plan and torch.equal(seen["mask"], mask)
-    cam = [h for h in seen["hooks"] if isinstance(h, attention.ConditionCAMHook)]
+    cam = [h for h in seen["hooks"] if isinstance(h, attention_hooks.ConditionCAMHook)]
     assert len(cam) == 1 and torch.equal(cam[0].pyramid.mask, mask)
     assert torch.equal(seen["regions"]["PFB"].mask, (mask > 0.5).float())
     assert torch.equal(_only(calls, "XMGIEGBBlur")[0]["mask"], mask)

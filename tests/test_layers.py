@@ -2,14 +2,12 @@
 
 * no module of mgie_core imports ComfyUI, the pack's node glue or the graph engine;
 * no import runs from a lower layer back up (the model layer never imports the
-  sampler, the controls or the plan);
-* names that moved keep working from their old path for one release, with a warning.
+  sampler, the controls or the plan).
 """
 
 from __future__ import annotations
 
 import ast
-import warnings
 from pathlib import Path
 
 import pytest
@@ -19,10 +17,10 @@ CORE = ROOT / "mgie_core"
 
 # Lower layers first; a module may import its own layer or any layer below.
 LAYERS = [
-    {"errors", "_compat", "paths", "runtime", "report", "syncs"},
-    {"models", "configs", "images", "tokens"},
-    {"diffusion", "vae", "attention", "blur"},
-    {"inversion", "masks", "plan"},
+    {"errors", "paths", "host", "grad_mode", "memory", "report"},
+    {"models", "configs", "images", "tokens", "tolerant_json", "architecture"},
+    {"diffusion", "vae", "attention", "attention_hooks", "blur"},
+    {"inversion", "masks", "plan", "plan_rules", "plan_answer"},
     {"control", "guidance", "pfb"},
     {"sampler", "mag", "astar", "identity_guidance"},
     {"tiny"},
@@ -93,33 +91,6 @@ def test_model_layer_never_imports_the_sampler():
         for m, line in _core_imports(path):
             assert not m.startswith(("mgie_core.sampler", "mgie_core.plan", "mgie_core.mag",
                                      "mgie_core.astar", "mgie_core.pfb")), (path, line, m)
-
-
-@pytest.mark.parametrize("old_module, name, new_module", [
-    ("xmgie.mgie_core.plan", "find_word_tokens", "xmgie.mgie_core.tokens"),
-    ("xmgie.mgie_core.plan", "word_token_groups", "xmgie.mgie_core.tokens"),
-    ("xmgie.mgie_core.models.captioner", "TOKENIZER_FIX", "xmgie.mgie_core.models.hf"),
-    ("xmgie.mgie_core.models.captioner", "read_config", "xmgie.mgie_core.models.hf"),
-])
-def test_moved_names_still_import_with_a_warning(old_module, name, new_module):
-    import importlib
-
-    old, new = importlib.import_module(old_module), importlib.import_module(new_module)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        value = getattr(old, name)
-    assert value is getattr(new, name)
-    if name in vars(old):  # still used by the old module itself: no warning needed
-        return
-    assert any(issubclass(w.category, DeprecationWarning) and new_module.split(".", 1)[1]
-               in str(w.message) for w in caught), [str(w.message) for w in caught]
-
-
-def test_unknown_name_on_a_module_with_moved_names_is_an_attribute_error():
-    from xmgie.mgie_core import plan
-
-    with pytest.raises(AttributeError):
-        plan.no_such_name  # noqa: B018
 
 
 # --- the pack's top-level packages --------------------------------------------------------

@@ -94,6 +94,7 @@ def test_layers_at_factor_4(sd, masks):
 def test_sd15_layers_are_the_five_16x16_maps(masks):
     from diffusers import UNet2DConditionModel
 
+    from xmgie.mgie_core.architecture import architecture_of
     from xmgie.mgie_core.attention import attention_layers
 
     with torch.device("meta"):   # structure only, no weights
@@ -110,14 +111,14 @@ def test_sd15_layers_are_the_five_16x16_maps(masks):
         "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
         "up_blocks.1.attentions.2.transformer_blocks.0.attn2"]
     # and the 8x8 / 32x32 / 64x64 layers are at factors 8 / 2 / 1
-    assert {masks.layer_factor(unet, l) for l in attention_layers(unet)
+    assert {architecture_of(unet).factor(l.name) for l in attention_layers(unet)
             if l.is_cross} == {1, 2, 4, 8}
 
 
 def _reference_raw(sd, img, prompt, word_pos, t, seed):
     """Independent recomputation for one timestep: own noising, own hook, own UNet call,
     mean over heads / layers / tokens by hand. Returns the raw (un-normalised) map."""
-    from xmgie.mgie_core import attention, vae
+    from xmgie.mgie_core import attention, attention_hooks, vae
     from xmgie.mgie_core.diffusion import encode_prompt
 
     z0 = vae.encode(sd, img).samples
@@ -125,7 +126,7 @@ def _reference_raw(sd, img, prompt, word_pos, t, seed):
     noise = torch.randn((1,) + tuple(z0.shape[1:]), generator=torch.Generator().manual_seed(seed))
     zt = abar ** 0.5 * z0 + (1 - abar) ** 0.5 * noise
     ctl = attention.install(sd.unet)
-    hook = attention.CaptureHook(TINY_FACTOR4, rows=[("x", attention.COND)])
+    hook = attention_hooks.CaptureHook(TINY_FACTOR4, rows=[("x", attention.COND)])
     ctl.hooks = [hook]
     ctl.reset_call(attention.AttnContext(0, 1, attention.BatchLayout((("x", attention.COND),)),
                                          tuple(zt.shape[-2:])))
@@ -207,7 +208,7 @@ def test_bad_inputs(sd, masks):
 
 
 def test_capture_does_not_change_eps(sd, masks):
-    from xmgie.mgie_core import attention
+    from xmgie.mgie_core import attention, attention_hooks
     from xmgie.mgie_core.diffusion import encode_prompt, unet_eps
 
     z = torch.randn(1, 4, 12, 16, generator=torch.Generator().manual_seed(0))
@@ -215,7 +216,7 @@ def test_capture_does_not_change_eps(sd, masks):
     ctl = attention.install(sd.unet)
     with torch.no_grad():
         plain = unet_eps(sd, z, 601, emb)
-        hook = attention.CaptureHook(TINY_FACTOR4)
+        hook = attention_hooks.CaptureHook(TINY_FACTOR4)
         ctl.hooks = [hook]
         ctl.reset_call(attention.AttnContext(0, 1, attention.BatchLayout(
             (("x", attention.COND),)), (12, 16)))

@@ -8,6 +8,9 @@ import json
 import pytest
 
 from xmgie.mgie_core import plan as P
+from xmgie.mgie_core import plan_answer as A
+from xmgie.mgie_core import plan_rules as R
+from xmgie.mgie_core import tolerant_json
 from xmgie.mgie_core import tokens as T
 from xmgie.mgie_core.errors import InputError, XMGIEError
 
@@ -31,7 +34,7 @@ def test_clean_json():
         "expressive_instruction": "Change the red carpet to a bright yellow one.",
         "source_prompt": CARPET["source"], "target_prompt": CARPET["target"],
         "edit_words": ["yellow"], "source_words": ["red"], "object": "carpet"})
-    p = P.parse_plan(ans, CARPET["instruction"])
+    p = A.parse_plan(ans, CARPET["instruction"])
     assert p.source_prompt == CARPET["source"] and p.target_prompt == CARPET["target"]
     assert p.edit_words == ["yellow"] and p.source_words == ["red"]
     assert p.object == "carpet"
@@ -39,7 +42,7 @@ def test_clean_json():
     # An answer in the earlier format: only the person flag comes from a fallback.
     assert p.fallbacks_used == ["subject_is_person"] and p.subject_is_person is False
     full = json.loads(ans) | {"subject_is_person": True}
-    p = P.parse_plan(json.dumps(full), CARPET["instruction"])
+    p = A.parse_plan(json.dumps(full), CARPET["instruction"])
     assert p.fallbacks_used == [] and p.subject_is_person is True
 
 
@@ -51,7 +54,7 @@ def test_fenced_json_with_prose():
            f'  "target_prompt": "{BUTTERFLY["target"]}",\n'
            '  "edit_words": ["hummingbird"],\n  "source_words": ["butterfly"],\n'
            '  "object": "butterfly"\n}\n```\n\nLet me know if you need anything else!')
-    p = P.parse_plan(ans, BUTTERFLY["instruction"])
+    p = A.parse_plan(ans, BUTTERFLY["instruction"])
     assert p.target_prompt == BUTTERFLY["target"]
     assert p.edit_words == ["hummingbird"] and p.source_words == ["butterfly"]
     assert p.object == "butterfly"
@@ -62,7 +65,7 @@ def test_json_embedded_in_prose_without_fence():
            + CARPET["source"] + '", "target_prompt": "' + CARPET["target"]
            + '", "edit_words": ["yellow"], "object": "carpet"} as the plan. '
            "The sofas {unchanged} stay.")
-    p = P.parse_plan(ans, CARPET["instruction"])
+    p = A.parse_plan(ans, CARPET["instruction"])
     assert p.target_prompt == CARPET["target"]
     assert p.source_words == ["red"]          # by diff
     assert "source_words" in p.fallbacks_used
@@ -75,7 +78,7 @@ def test_python_dict_single_quotes_and_apostrophe():
            "'source_prompt': 'a cat wearing blue shirt', "
            "'target_prompt': 'a cat wearing red shirt', 'edit_words': ['red'], "
            "'source_words': ['blue'], 'object': 'shirt', 'confident': True, 'extra': None}")
-    p = P.parse_plan(ans, "make the shirt red")
+    p = A.parse_plan(ans, "make the shirt red")
     assert p.expressive_instruction == "Make the cat's shirt red instead of blue"
     assert (p.source_prompt, p.target_prompt) == ("a cat wearing blue shirt",
                                                   "a cat wearing red shirt")
@@ -86,7 +89,7 @@ def test_trailing_commas_comments_and_bare_keys():
     ans = ("{\n  source_prompt: \"" + CORGI["source"] + "\",\n"
            "  target_prompt: \"" + CORGI["target"] + "\", // the edited caption\n"
            "  edit_words: [\"husky\",],\n  object: \"corgi\",\n}")
-    p = P.parse_plan(ans, CORGI["instruction"])
+    p = A.parse_plan(ans, CORGI["instruction"])
     assert p.target_prompt == CORGI["target"]
     assert p.edit_words == ["husky"] and p.source_words == ["corgi"]
     assert p.object == "corgi"
@@ -99,7 +102,7 @@ def test_key_name_variants_and_comma_separated_words():
                       "negative words": "red",
                       "object to segment": "the carpet",
                       "Expressive instruction": "Recolor the carpet to yellow."})
-    p = P.parse_plan(ans, CARPET["instruction"])
+    p = A.parse_plan(ans, CARPET["instruction"])
     assert p.source_prompt == CARPET["source"] and p.target_prompt == CARPET["target"]
     assert p.edit_words == ["yellow", "carpet"]
     assert p.source_words == ["red"]
@@ -116,7 +119,7 @@ def test_more_key_variants(keys):
     s, t, w, o = keys
     ans = json.dumps({s: BUTTERFLY["source"], t: BUTTERFLY["target"], w: ["hummingbird"],
                       o: "butterfly"})
-    p = P.parse_plan(ans, BUTTERFLY["instruction"])
+    p = A.parse_plan(ans, BUTTERFLY["instruction"])
     assert (p.source_prompt, p.target_prompt) == (BUTTERFLY["source"], BUTTERFLY["target"])
     assert p.edit_words == ["hummingbird"] and p.object == "butterfly"
 
@@ -129,7 +132,7 @@ def test_markdown_key_value_lines():
            "- **Edit words:** husky\n"
            "- **Source words:** corgi\n"
            "- **Object to segment:** corgi\n")
-    p = P.parse_plan(ans, CORGI["instruction"])
+    p = A.parse_plan(ans, CORGI["instruction"])
     assert p.expressive_instruction == "Swap the corgi for a husky with the same pose."
     assert (p.source_prompt, p.target_prompt) == (CORGI["source"], CORGI["target"])
     assert p.edit_words == ["husky"] and p.source_words == ["corgi"]
@@ -141,7 +144,7 @@ def test_numbered_lines_and_headings():
            "### Target prompt\n"
            "a cat wearing red shirt\n"
            "2) Words: red\n")
-    p = P.parse_plan(ans, "make the shirt red")
+    p = A.parse_plan(ans, "make the shirt red")
     assert p.target_prompt == "a cat wearing red shirt"
     assert p.edit_words == ["red"] and p.source_words == ["blue"]
     assert p.object == "shirt" and "object" in p.fallbacks_used
@@ -154,7 +157,7 @@ def test_numbered_lines_and_headings():
     "Sure! target: a green apple on a table, source: a red apple on a table",
 ])
 def test_keys_inside_running_text(ans):
-    p = P.parse_plan(ans, "make the apple green")
+    p = A.parse_plan(ans, "make the apple green")
     assert (p.source_prompt, p.target_prompt) == ("a red apple on a table",
                                                   "a green apple on a table")
     assert p.edit_words == ["green"] and p.source_words == ["red"] and p.object == "apple"
@@ -163,7 +166,7 @@ def test_keys_inside_running_text(ans):
 def test_partial_answer_completed_from_blip2_caption():
     # The model only wrote the edit; the source caption comes from BLIP-2.
     ans = '{"edit_words": ["yellow"], "source_words": ["red"]}'
-    p = P.parse_plan(ans, CARPET["instruction"], source_caption=CARPET["source"])
+    p = A.parse_plan(ans, CARPET["instruction"], source_caption=CARPET["source"])
     assert p.source_prompt == CARPET["source"]
     assert p.target_prompt == CARPET["target"]
     assert p.edit_words == ["yellow"] and p.source_words == ["red"]
@@ -175,7 +178,7 @@ def test_partial_answer_target_from_instruction_rule():
     # Only an object and the expressive instruction: the target comes from the rule
     # "make the X ADJ" applied to the BLIP-2 caption (the colour before X is replaced).
     ans = "Object: carpet\nExpressive instruction: paint the carpet a warm yellow"
-    p = P.parse_plan(ans, CARPET["instruction"], source_caption=CARPET["source"])
+    p = A.parse_plan(ans, CARPET["instruction"], source_caption=CARPET["source"])
     assert p.target_prompt == CARPET["target"]
     assert p.edit_words == ["yellow"] and p.source_words == ["red"]
     assert "target_prompt" in p.fallbacks_used
@@ -186,7 +189,7 @@ def test_diff_derived_edit_words_when_model_words_are_wrong():
     ans = json.dumps({"source_prompt": BUTTERFLY["source"],
                       "target_prompt": BUTTERFLY["target"],
                       "edit_words": ["tiny hummingbird"]})
-    p = P.parse_plan(ans, BUTTERFLY["instruction"])
+    p = A.parse_plan(ans, BUTTERFLY["instruction"])
     assert p.edit_words == ["hummingbird"] and p.source_words == ["butterfly"]
     assert "edit_words" in p.fallbacks_used
     assert any("tiny hummingbird" in n for n in p.notes)
@@ -196,7 +199,7 @@ def test_diff_derived_edit_words_when_model_words_are_wrong():
 def test_cut_off_answer_keeps_complete_fields():
     ans = ('{"source_prompt": "' + CORGI["source"] + '", "target_prompt": "'
            + CORGI["target"] + '", "edit_words": ["husky"], "object": "co')
-    p = P.parse_plan(ans, CORGI["instruction"])
+    p = A.parse_plan(ans, CORGI["instruction"])
     assert p.target_prompt == CORGI["target"] and p.edit_words == ["husky"]
     assert p.object == "corgi" and "object" in p.fallbacks_used
     assert any("cut off" in n for n in p.notes)
@@ -204,12 +207,12 @@ def test_cut_off_answer_keeps_complete_fields():
 
 def test_cut_off_before_target_suggests_more_tokens():
     ans = '{"source_prompt": "a photo of a butterfly on a flower", "target_prompt": "a ph'
-    with pytest.raises(P.PlanParseError) as ei:
-        P.parse_plan(ans, "make it look like a painting")
+    with pytest.raises(A.PlanParseError) as ei:
+        A.parse_plan(ans, "make it look like a painting")
     msg = str(ei.value)
     assert "cut off" in msg and "max_new_tokens" in msg and "target_prompt" in msg
     # With an instruction the rules understand, the target is derived instead.
-    p = P.parse_plan(ans, BUTTERFLY["instruction"])
+    p = A.parse_plan(ans, BUTTERFLY["instruction"])
     assert p.target_prompt == BUTTERFLY["target"] and "target_prompt" in p.fallbacks_used
 
 
@@ -218,20 +221,20 @@ def test_edit_words_as_mapping_and_curly_quotes():
            "{\u201csource_prompt\u201d: \u201ca cat wearing blue shirt\u201d, "
            "\u201ctarget_prompt\u201d: \u201ca cat wearing red shirt\u201d, "
            "\u201cedit_words\u201d: {\u201cblue\u201d: \u201cred\u201d}}")
-    p = P.parse_plan(ans, "make the shirt red")
+    p = A.parse_plan(ans, "make the shirt red")
     assert p.edit_words == ["red"] and p.source_words == ["blue"]
 
 
 def test_nested_plan_object():
     ans = json.dumps({"plan": {"source": CORGI["source"], "target": CORGI["target"]}})
-    p = P.parse_plan(ans, CORGI["instruction"])
+    p = A.parse_plan(ans, CORGI["instruction"])
     assert p.target_prompt == CORGI["target"] and p.edit_words == ["husky"]
 
 
 def test_chat_tags_are_ignored():
     ans = ("ASSISTANT: " + json.dumps({"source_prompt": CORGI["source"],
                                        "target_prompt": CORGI["target"]}) + "</s>")
-    assert P.parse_plan(ans, CORGI["instruction"]).edit_words == ["husky"]
+    assert A.parse_plan(ans, CORGI["instruction"]).edit_words == ["husky"]
 
 
 @pytest.mark.parametrize("ans, what", [
@@ -244,8 +247,8 @@ def test_chat_tags_are_ignored():
     ("The image shows a living room with sofas.", "no plan fields"),
 ])
 def test_unusable_answers(ans, what):
-    with pytest.raises(P.PlanParseError) as ei:
-        P.parse_plan(ans, CARPET["instruction"])
+    with pytest.raises(A.PlanParseError) as ei:
+        A.parse_plan(ans, CARPET["instruction"])
     msg = str(ei.value)
     assert what in msg
     assert "another vision-language model" in msg and "plan_from_prompts" in msg
@@ -257,26 +260,26 @@ def test_unusable_answers(ans, what):
 def test_only_source_caption_no_edit():
     # The model described the image but gave no edit, and nothing can derive one.
     ans = json.dumps({"source_prompt": "a dog", "object": "dog"})
-    with pytest.raises(P.PlanParseError, match="target"):
-        P.parse_plan(ans, "make it more cheerful")
+    with pytest.raises(A.PlanParseError, match="target"):
+        A.parse_plan(ans, "make it more cheerful")
 
 
 def test_identical_prompts_rejected():
     ans = json.dumps({"source_prompt": "a dog", "target_prompt": "A dog."})
-    with pytest.raises(P.PlanParseError, match="edit words"):
-        P.parse_plan(ans, "make the dog happy")
+    with pytest.raises(A.PlanParseError, match="edit words"):
+        A.parse_plan(ans, "make the dog happy")
 
 
 def test_copied_example_rejected():
-    ans = json.dumps(P._EXAMPLE["plan"])
-    with pytest.raises(P.PlanParseError, match="copied the example"):
-        P.parse_plan(ans, CARPET["instruction"])
+    ans = json.dumps(A._EXAMPLE["plan"])
+    with pytest.raises(A.PlanParseError, match="copied the example"):
+        A.parse_plan(ans, CARPET["instruction"])
     # An echoed example followed by the real plan: the real plan is read.
     real = json.dumps({"source_prompt": CARPET["source"], "target_prompt": CARPET["target"]})
-    p = P.parse_plan("Example: " + ans + "\nMy answer: " + real, CARPET["instruction"])
+    p = A.parse_plan("Example: " + ans + "\nMy answer: " + real, CARPET["instruction"])
     assert p.target_prompt == CARPET["target"] and p.edit_words == ["yellow"]
     # ...and the example's own instruction is fine.
-    assert P.parse_plan(ans, P._EXAMPLE["instruction"]).object == "apple"
+    assert A.parse_plan(ans, A._EXAMPLE["instruction"]).object == "apple"
 
 
 # --------------------------------------------------------------------------------------
@@ -284,13 +287,13 @@ def test_copied_example_rejected():
 # --------------------------------------------------------------------------------------
 
 def test_build_plan_prompt():
-    q = P.build_plan_prompt('  make the "carpet" yellow ')
+    q = A.build_plan_prompt('  make the "carpet" yellow ')
     assert "make the 'carpet' yellow" in q
     for key in P.FIELDS:
         assert f'"{key}"' in q
     assert "JSON" in q and "30 words" in q and "{instruction}" not in q
     with pytest.raises(InputError):
-        P.build_plan_prompt("  ")
+        A.build_plan_prompt("  ")
 
 
 def test_make_plan_calls_ask_once():
@@ -301,7 +304,7 @@ def test_make_plan_calls_ask_once():
         return json.dumps({"source_prompt": CORGI["source"], "target_prompt": CORGI["target"],
                            "edit_words": "husky", "object": "corgi"})
 
-    p = P.make_plan(ask, CORGI["instruction"])
+    p = A.make_plan(ask, CORGI["instruction"])
     assert len(asked) == 1 and CORGI["instruction"] in asked[0]
     assert p.edit_words == ["husky"] and p.source_words == ["corgi"]
 
@@ -324,7 +327,7 @@ def test_make_plan_calls_ask_once():
     ("more cheerful please", ""),
 ])
 def test_guess_object(instruction, obj):
-    assert P.guess_object(instruction) == obj
+    assert R.guess_object(instruction) == obj
 
 
 @pytest.mark.parametrize("source, instruction, target", [
@@ -334,7 +337,7 @@ def test_guess_object(instruction, obj):
     (BUTTERFLY["source"], BUTTERFLY["instruction"], BUTTERFLY["target"]),
 ])
 def test_target_from_instruction_rule(source, instruction, target):
-    p = P.parse_plan("Object: thing in the photo", instruction, source_caption=source)
+    p = A.parse_plan("Object: thing in the photo", instruction, source_caption=source)
     assert p.target_prompt == target
 
 
@@ -346,10 +349,10 @@ def test_diff_words():
 
 
 def test_loads_tolerant():
-    assert P.loads_tolerant("{'a': [1, 'x',], b: True, c: None,}") == {
+    assert tolerant_json.loads_tolerant("{'a': [1, 'x',], b: True, c: None,}") == {
         "a": [1, "x"], "b": True, "c": None}
     with pytest.raises(ValueError):
-        P.loads_tolerant("[1, 2")
+        tolerant_json.loads_tolerant("[1, 2")
 
 
 # --------------------------------------------------------------------------------------
@@ -396,21 +399,21 @@ def test_validate_errors(kw, name, words):
 
 
 def test_plan_from_prompts():
-    p = P.plan_from_prompts(CARPET["instruction"], CARPET["source"], CARPET["target"])
+    p = R.plan_from_prompts(CARPET["instruction"], CARPET["source"], CARPET["target"])
     assert p.edit_words == ["yellow"] and p.source_words == ["red"] and p.object == "carpet"
-    p = P.plan_from_prompts("", BUTTERFLY["source"], BUTTERFLY["target"],
+    p = R.plan_from_prompts("", BUTTERFLY["source"], BUTTERFLY["target"],
                             edit_words="Hummingbird", object="butterfly")
     assert p.edit_words == ["hummingbird"] and p.object == "butterfly"
     with pytest.raises(InputError, match="'husky'.*target prompt"):
-        P.plan_from_prompts("", BUTTERFLY["source"], BUTTERFLY["target"], edit_words="husky")
+        R.plan_from_prompts("", BUTTERFLY["source"], BUTTERFLY["target"], edit_words="husky")
     with pytest.raises(InputError, match="target_prompt"):
-        P.plan_from_prompts("x", BUTTERFLY["source"], "")
+        R.plan_from_prompts("x", BUTTERFLY["source"], "")
 
 
 def test_manifest_examples_roundtrip(example_photos):
     man = example_photos / "manifest.json"
     for ex in json.loads(man.read_text())["examples"]:
-        p = P.plan_from_prompts(ex["instruction"], ex["source_prompt"], ex["target_prompt"])
+        p = R.plan_from_prompts(ex["instruction"], ex["source_prompt"], ex["target_prompt"])
         assert p.edit_words == ex["edit_words"], ex["name"]
         assert p.object == ex["object"], ex["name"]
 
@@ -514,7 +517,7 @@ def test_from_vlm_node_runs_the_real_tiny_vlm(tiny_models, caplog):
     model = vlm_mod.load_vlm(str(tiny_models("vlm")))
     node = nodes_plan.EditPlanFromVLM()
     image = torch.rand(2, 32, 32, 3)
-    with pytest.raises(P.PlanParseError) as err:
+    with pytest.raises(A.PlanParseError) as err:
         node.plan(model, image, CORGI["instruction"], 8, source_caption="", fallback=False)
     msg = str(err.value)
     assert "max_new_tokens" in msg or "another model" in msg or "by hand" in msg
@@ -527,7 +530,7 @@ def test_from_vlm_node_runs_the_real_tiny_vlm(tiny_models, caplog):
     assert plan.notes[0].startswith("the model's answer could not be read")
     assert "planned from the instruction alone" in caplog.text
     # Nothing to plan from: the parse error, with what the rules could not do.
-    with pytest.raises(P.PlanParseError, match="no target prompt"):
+    with pytest.raises(A.PlanParseError, match="no target prompt"):
         node.plan(model, image, "make it look like winter", 8)
 
 
@@ -539,7 +542,7 @@ def test_from_vlm_node_runs_the_real_tiny_vlm(tiny_models, caplog):
 def test_subject_is_person_read_tolerantly(value, expected):
     ans = {"source_prompt": "a woman with brown hair", "target_prompt":
            "a woman with blonde hair", "object": "carpet", "is_person": value}
-    p = P.parse_plan(json.dumps(ans), "make her hair blonde")
+    p = A.parse_plan(json.dumps(ans), "make her hair blonde")
     if expected is None:   # unclear: the fallback from the object word ('carpet': no)
         assert p.subject_is_person is False and "subject_is_person" in p.fallbacks_used
     else:
@@ -549,12 +552,12 @@ def test_subject_is_person_read_tolerantly(value, expected):
 def test_subject_is_person_key_variants_and_lines():
     text = ("Source caption: a man in a red shirt\nTarget caption: a man in a blue shirt\n"
             "Object: man\nSubject is person: yes\n")
-    p = P.parse_plan(text, "make his shirt blue")
+    p = A.parse_plan(text, "make his shirt blue")
     assert p.subject_is_person is True and "subject_is_person" not in p.fallbacks_used
-    assert P.canonical_key("subjectIsPerson") == "subject_is_person"
-    assert P.canonical_key("Is it a human?") == "subject_is_person"
-    assert P.canonical_key("object") == "object"          # not swallowed by the new key
-    assert '"subject_is_person"' in P.build_plan_prompt("make the carpet yellow")
+    assert A.canonical_key("subjectIsPerson") == "subject_is_person"
+    assert A.canonical_key("Is it a human?") == "subject_is_person"
+    assert A.canonical_key("object") == "object"          # not swallowed by the new key
+    assert '"subject_is_person"' in A.build_plan_prompt("make the carpet yellow")
 
 
 @pytest.mark.parametrize("word,person", [
@@ -565,7 +568,7 @@ def test_person_fallback_from_the_object_word(word, person):
 
 
 def test_person_flag_round_trips_through_json():
-    p = P.plan_from_prompts("make her hair blonde", "a woman with brown hair",
+    p = R.plan_from_prompts("make her hair blonde", "a woman with brown hair",
                             "a woman with blonde hair")
     assert p.object == "hair" and p.subject_is_person is True
     assert P.EditPlan.from_json(p.to_json()) == p
@@ -575,27 +578,27 @@ def test_person_flag_round_trips_through_json():
 # --- a plan from the instruction alone --------------------------------------------------
 
 def test_plan_from_instruction_with_and_without_a_caption():
-    p = P.plan_from_instruction(CARPET["instruction"], CARPET["source"])
+    p = R.plan_from_instruction(CARPET["instruction"], CARPET["source"])
     assert (p.source_prompt, p.target_prompt) == (CARPET["source"], CARPET["target"])
     assert p.edit_words == ["yellow"] and p.source_words == ["red"]
     assert p.object == "carpet" and p.subject_is_person is False
     assert set(P.FIELDS) <= set(p.fallbacks_used) | {"source_words"}
     p.validate()
 
-    p = P.plan_from_instruction(CARPET["instruction"])           # no caption
+    p = R.plan_from_instruction(CARPET["instruction"])           # no caption
     assert (p.source_prompt, p.target_prompt) == ("a photo of the carpet",
                                                   "a photo of the yellow carpet")
     # A caption that does not name the object gets it added, so attention finds it.
-    p = P.plan_from_instruction(CORGI["instruction"], "a dog running on the beach")
+    p = R.plan_from_instruction(CORGI["instruction"], "a dog running on the beach")
     assert p.source_prompt == "a dog running on the beach, with the corgi"
     assert p.target_prompt == "a dog running on the beach, with the husky"
-    p = P.plan_from_instruction("make it look like winter", "a house",
+    p = R.plan_from_instruction("make it look like winter", "a house",
                                 expressive_instruction="Cover the roof of the house in snow.")
     assert p.object == "roof" and p.target_prompt == "" and p.edit_words == []
     assert any("no instruction rule applies" in n for n in p.notes)
     assert p.expressive_instruction.startswith("Cover the roof")
     with pytest.raises(InputError, match="instruction"):
-        P.plan_from_instruction("  ")
+        R.plan_from_instruction("  ")
 
 
 def test_object_prompt_always_contains_the_word():
@@ -608,8 +611,19 @@ def test_object_prompt_always_contains_the_word():
 
 # --- the fill rule ----------------------------------------------------------------------
 
+def test_split_words_is_the_one_typed_word_splitter():
+    assert P.split_words(" red , yellow car,, ") == ["red", "yellow car"]
+    assert P.split_words(["red ", "", " car"]) == ["red", "car"]
+    assert P.split_words(None) == [] and P.split_words("") == [] and P.split_words(7) == ["7"]
+    # the nodes, the sampler and the batch datasets use this one function
+    from xmgie.mgie_core import sampler
+    from xmgie.nodes import astar, editing
+    from xmgie.runner import dataset
+    assert all(m.split_words is P.split_words for m in (sampler, astar, editing, dataset))
+
+
 def test_from_plan_typed_wins_empty_takes_the_plan_neither_names_both():
-    plan = P.plan_from_prompts(CARPET["instruction"], CARPET["source"], CARPET["target"])
+    plan = R.plan_from_prompts(CARPET["instruction"], CARPET["source"], CARPET["target"])
     assert P.from_plan("target_prompt", "a blue carpet", plan, "target_prompt", "x") == \
         "a blue carpet"
     assert P.from_plan("target_prompt", "  ", plan, "target_prompt", "x") == CARPET["target"]
@@ -622,7 +636,7 @@ def test_from_plan_typed_wins_empty_takes_the_plan_neither_names_both():
     assert msg.startswith("target_prompt: is empty and no plan is connected; expected a "
                           "caption of the edit.")
     assert "Connect an edit plan" in msg and "or type target_prompt" in msg
-    partial = P.plan_from_instruction("make it look like winter")
+    partial = R.plan_from_instruction("make it look like winter")
     with pytest.raises(InputError, match="the edit plan's target_prompt is empty too"):
         P.from_plan("target_prompt", "", partial, "target_prompt", "x")
     with pytest.raises(ValueError):

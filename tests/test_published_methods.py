@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from xmgie.mgie_core import attention, diffusion, inversion, pfb, sampler, vae
+from xmgie.mgie_core import attention, attention_hooks, diffusion, inversion, pfb, sampler, vae
+from xmgie.mgie_core.architecture import layer_hw
 from xmgie.mgie_core.attention import MaskPyramid
 from xmgie.mgie_core.control import Control
 from xmgie.mgie_core.errors import InputError
@@ -306,7 +307,7 @@ class _MapCapture(Control):
     """Captures the edit row's step-0 cross-attention maps after every other hook."""
 
     def __init__(self, layers):
-        self.hook = attention.CaptureHook(layers, rows=[("edit", "cond")], steps={0})
+        self.hook = attention_hooks.CaptureHook(layers, rows=[("edit", "cond")], steps={0})
 
     def attn_hooks(self, run):
         return [self.hook]
@@ -322,7 +323,7 @@ def test_cam_holds_under_injection(sd, inv, mask, mode):
     in_tok = find_word_tokens(sd.tokenizer, TGT, ["carpet"])
     out_tok = find_word_tokens(sd.tokenizer, TGT, ["room"])
     layers = [l.name for l in attention.attention_layers(sd.unet)
-              if l.is_cross and l.in_set(attention.CAMHook.DEFAULT_LAYERS)]
+              if l.is_cross and l.in_set(attention_hooks.CAMHook.DEFAULT_LAYERS)]
     cap = _MapCapture(layers)
     sampler.edit(sd, inv, TGT, mask=mask, controls=[cap],
                  cam=sampler.CAMSettings(["carpet"], ["room"], mode))
@@ -330,7 +331,7 @@ def test_cam_holds_under_injection(sd, inv, mask, mode):
     inside_total = 0.0
     for name in layers:
         p = cap.hook.maps[name][0]                                   # (heads, HW, 77)
-        hw = attention.layer_hw(attention.AttnContext(0, 1, None, (16, 16)), p.shape[1])
+        hw = layer_hw((16, 16), p.shape[1])
         m = pyr.at(hw, p.device).flatten()
         assert p[:, m > 0.5][..., out_tok].sum() == 0, name
         assert p[:, m < 0.5][..., in_tok].sum() == 0, name
@@ -403,7 +404,7 @@ def p2p_replace_matrix(tokenizer, src: str, tgt: str, shift_padding: bool = True
 
 
 def test_p2p_replace_against_an_independent_attention_replace(sd, z0):
-    M = attention.replace_mapper(sd.tokenizer, SRC, TGT)
+    M = attention_hooks.replace_mapper(sd.tokenizer, SRC, TGT)
     ref_M = p2p_replace_matrix(sd.tokenizer, SRC, TGT)
     assert torch.equal(M, ref_M)
     assert torch.equal(M, p2p_replace_matrix(sd.tokenizer, SRC, TGT, shift_padding=False))
@@ -414,9 +415,9 @@ def test_p2p_replace_against_an_independent_attention_replace(sd, z0):
     layout = attention.BatchLayout((("rec", "uncond"), ("edit", "uncond"),
                                     ("rec", "cond"), ("edit", "cond")))
     names = [l.name for l in attention.attention_layers(sd.unet) if l.is_cross]
-    inj = attention.InjectionHook(M, cross_steps=1, self_steps=0)
-    cap = attention.CaptureHook(names, rows=[("rec", "cond"), ("edit", "cond")])
-    plain = attention.CaptureHook(names, rows=[("rec", "cond"), ("edit", "cond")])
+    inj = attention_hooks.InjectionHook(M, cross_steps=1, self_steps=0)
+    cap = attention_hooks.CaptureHook(names, rows=[("rec", "cond"), ("edit", "cond")])
+    plain = attention_hooks.CaptureHook(names, rows=[("rec", "cond"), ("edit", "cond")])
     ctl = attention.install(sd.unet)
     try:
         for hooks in ([inj, cap], [plain]):
@@ -443,13 +444,13 @@ def test_p2p_replace_with_unequal_token_counts_and_in_the_sampler(sd, inv):
     n = len(sd.tokenizer(word, add_special_tokens=False).input_ids)
     assert n > 1
     tgt = SRC.replace("red", word)
-    M = attention.replace_mapper(sd.tokenizer, SRC, tgt)
+    M = attention_hooks.replace_mapper(sd.tokenizer, SRC, tgt)
     assert torch.equal(M, p2p_replace_matrix(sd.tokenizer, SRC, tgt))
     torch.testing.assert_close(M[5, 5:5 + n], torch.full((n,), 1 / n))
     # past the prompt the alignment shifts: target padding k takes source k - (n - 1)
     assert M[20 - (n - 1), 20] == 1 and M[20, 20] == 0
     with pytest.raises(InputError, match="refine"):
-        attention.replace_mapper(sd.tokenizer, SRC, "a photo of a carpet")
+        attention_hooks.replace_mapper(sd.tokenizer, SRC, "a photo of a carpet")
     res_replace = sampler.edit(sd, inv, TGT, p2p_mode="replace")
     res_refine = sampler.edit(sd, inv, TGT)
     assert res_replace.settings["p2p_mode"] == "replace"
@@ -462,8 +463,8 @@ def test_cached_injection_replays_replace(sd, inv, mask):
     """MAG's cached replay of the injection uses the same replace rule as the batch."""
     from xmgie.mgie_core import guidance
 
-    M = attention.replace_mapper(sd.tokenizer, SRC, TGT)
-    inj = attention.InjectionHook(M, cross_steps=1, self_steps=0)
+    M = attention_hooks.replace_mapper(sd.tokenizer, SRC, TGT)
+    inj = attention_hooks.InjectionHook(M, cross_steps=1, self_steps=0)
     rec = guidance.SourceRecorder()
     rec.probs["x"] = torch.rand(2, 4, 77)
     replay = guidance.CachedInjection(inj, rec)

@@ -1,6 +1,6 @@
 """Issue 15: no host synchronisation inside the per-step loops of the fast path.
 
-The counter (mgie_core/syncs.py) runs on the CPU, where every tensor is on the host, so
+The counter (bench/syncs.py) runs on the CPU, where every tensor is on the host, so
 it counts the operations that WOULD make the host wait for a GPU (scalar reads, copies to
 the host, host-made tensors, explicit moves to the device), per stage and per step. The
 fast path -- direct and negative-prompt inversion, the two-branch sampler with prompt-to-
@@ -10,13 +10,22 @@ seed-faithful path (null-text inversion) reads exactly once per inner iteration.
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from xmgie.mgie_core import astar, identity_guidance as idg, inversion, mag, pfb, sampler, syncs
-from xmgie.mgie_core import attention, runtime, vae
+from xmgie.mgie_core import astar, identity_guidance as idg, inversion, mag, pfb, sampler
+from xmgie.mgie_core import attention, attention_hooks, host, vae
+from xmgie.mgie_core.architecture import SD1
 from xmgie.mgie_core.models import identity as id_lib
+
+# The counter is a diagnostic beside the benchmark, outside the library.
+_BENCH = str(Path(__file__).resolve().parent.parent / "bench")
+if _BENCH not in sys.path:
+    sys.path.insert(0, _BENCH)
+import syncs  # noqa: E402
 
 SRC = "a photo of a red carpet in a room"
 TGT = "a photo of a yellow carpet in a room"
@@ -75,11 +84,11 @@ def test_the_counter_sees_every_kind_of_wait():
 
 
 def test_steps_come_from_the_progress_bars():
-    from xmgie.mgie_core import runtime
+    from xmgie.mgie_core import host
 
     x = torch.randn(2)
     with syncs.SyncCounter() as c:
-        with runtime.progress(3, "loop") as bar:
+        with host.progress(3, "loop") as bar:
             for i in range(3):
                 if i == 1:
                     x.tolist()
@@ -157,15 +166,15 @@ def test_device_caches_name_a_device_one_way():
     ``str(device)``, every lookup of step 0 missed: the H200 run of this file counted 4
     host-to-device copies in the sampler's first step (one per mask size), 3 in the
     instruction sampler's, none on the CPU. The CPU has the same pair of names."""
-    assert runtime.device_key("cuda") == runtime.device_key("cuda:0") == runtime.device_key(
+    assert host.device_key("cuda") == host.device_key("cuda:0") == host.device_key(
         torch.device("cuda", 0))
-    assert runtime.device_key(torch.device("cpu", 0)) == runtime.device_key("cpu") == "cpu"
-    assert runtime.device_key("cuda:1") != runtime.device_key("cuda:0")
+    assert host.device_key(torch.device("cpu", 0)) == host.device_key("cpu") == "cpu"
+    assert host.device_key("cuda:1") != host.device_key("cuda:0")
 
     m = torch.zeros(1, 64, 64)
     m[:, 10:40, 12:50] = 1
     pyramid = attention.MaskPyramid(m)
-    sizes = attention.level_sizes((16, 16))
+    sizes = SD1.level_sizes((16, 16))
     pyramid.prepare(sizes, torch.device("cpu", 0))          # before the loop: sd.device
     before = {hw: pyramid.at(hw, torch.device("cpu", 0)) for hw in sizes}
     tensor_device = torch.zeros(1).device                   # in the loop: tensor.device
@@ -175,7 +184,7 @@ def test_device_caches_name_a_device_one_way():
     assert len(pyramid._cache) == len(sizes)
     assert not c.events, c.events
 
-    hook = attention.InjectionHook(torch.tensor([0, 1, 2, -1]), cross_steps=2, self_steps=1)
+    hook = attention_hooks.InjectionHook(torch.tensor([0, 1, 2, -1]), cross_steps=2, self_steps=1)
     hook.prepare(torch.device("cpu", 0), (16, 16))
     got = hook._device_mapper(torch.device("cpu"), torch.float32)
     assert got is hook._device_mapper(torch.device("cpu", 0), torch.float32)

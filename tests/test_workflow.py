@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from xmgie import cli
-from xmgie.mgie_core import paths, runtime
+from xmgie.mgie_core import host, paths
 from xmgie.runner import engine, workflow_ui
 from xmgie.runner import core_nodes
 
@@ -530,19 +530,19 @@ def test_outputs_are_passed_by_reference_and_hidden_inputs_supplied():
 def test_interrupt_between_nodes_stops_the_run(tmp_path, capsys):
     def stop_after_first():
         if CALLS:
-            raise runtime.Interrupted("stop")
+            raise host.Interrupted("stop")
 
-    previous = runtime.set_hooks(check_interrupt=stop_after_first)
+    previous = host.set_hooks(check_interrupt=stop_after_first)
     try:
         wf = {"1": node("Number", value=1), "2": node("Collect", value=["1", 0])}
-        with pytest.raises(runtime.Interrupted):
+        with pytest.raises(host.Interrupted):
             engine.execute(wf, REGISTRY)
         assert CALLS == ["Number"]
         CALLS.clear()
         assert cli.main(["run", write_json(tmp_path / "wf.json", wf)]) == 130
         assert "Interrupted" in capsys.readouterr().err
     finally:
-        runtime.set_hooks(**vars(previous))
+        host.set_hooks(**vars(previous))
 
 
 # --- CLI ----------------------------------------------------------------------------------
@@ -579,7 +579,7 @@ def test_device_and_models_dir_options(tmp_path, capsys, clean_paths, monkeypatc
     wf = {"1": node("Number", value=1), "2": node("Collect", value=["1", 0])}
     path = write_json(tmp_path / "wf.json", wf)
     assert cli.main(["run", path, "--device", "cpu", "--models-dir", str(tmp_path / "m")]) == 0
-    assert runtime.device().type == "cpu"
+    assert host.device().type == "cpu"
     assert paths.models_dirs()[0] == tmp_path / "m"
 
 

@@ -15,12 +15,11 @@ from typing import Any
 
 import torch
 
-from .. import paths, runtime
-from .._compat import moved
+from .. import grad_mode, host, memory, paths
 from ..errors import InputError, ModelLoadError
 from .hf import (check_folder, check_positive, decode_new, generation_kwargs, interrupt_criteria,
                  load_model, load_processor, read_config, to_device, to_pil_images)
-from .sd import DTYPES, resolve_dtype  # noqa: F401  (DTYPES re-exported for nodes)
+from .sd import resolve_dtype
 
 ARCHITECTURES = ("Blip2ForConditionalGeneration",)
 
@@ -39,7 +38,7 @@ class Captioner:
         return f"Captioner(BLIP-2, {self.path}, {self.device}, {self.dtype})"
 
 
-@runtime.builds_weights
+@grad_mode.builds_weights
 def load_blip2(name: str, dtype="auto", device=None) -> Captioner:
     """Load a BLIP-2 folder (``blip2-opt-2.7b`` layout) by name or path."""
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
@@ -70,12 +69,12 @@ def load_blip2(name: str, dtype="auto", device=None) -> Captioner:
                              f"{image_token_id} but config.json says image_token_index="
                              f"{config['image_token_index']}",
                              "Use the tokenizer files that came with this model.")
-    device = torch.device(device) if device is not None else runtime.device()
+    device = torch.device(device) if device is not None else host.device()
     dtype = resolve_dtype(dtype, device)
     model = load_model(Blip2ForConditionalGeneration, folder, what, dtype, device)
     captioner = Captioner(model=model, processor=processor, device=device, dtype=dtype,
                           path=folder)
-    return runtime.manage(captioner, {f"BLIP-2 {folder.name}": model}, device)
+    return memory.manage(captioner, {f"BLIP-2 {folder.name}": model}, device)
 
 
 def caption(captioner: Captioner, images: torch.Tensor, prompt: str = "",
@@ -93,7 +92,7 @@ def caption(captioner: Captioner, images: torch.Tensor, prompt: str = "",
     model, processor = captioner.model, captioner.processor
     gen = generation_kwargs(model, processor.tokenizer, max_new_tokens, num_beams)
     out: list[str] = []
-    with runtime.progress(len(pils), "BLIP-2 caption") as bar, torch.inference_mode():
+    with host.progress(len(pils), "BLIP-2 caption") as bar, torch.inference_mode():
         for pil in pils:
             # Text is always given (even empty) so the processor puts the query-token
             # placeholders and BOS in front, the layout the model was trained with.
@@ -103,11 +102,3 @@ def caption(captioner: Captioner, images: torch.Tensor, prompt: str = "",
             out.append(decode_new(processor.tokenizer, ids[0], enc["input_ids"][0]))
             bar.update()
     return out
-
-
-# The shared Hugging Face helpers moved to models.hf (kept here for one release).
-__getattr__ = moved(__name__, {
-    "TOKENIZER_FIX": ".models.hf", "_first_line": ".models.hf:first_line",
-    "_check_positive": ".models.hf:check_positive", "to_device": ".models.hf",
-    "_reasonable_max_length": ".models.hf:_reasonable_max_length",
-    "_weights_bytes": ".models.hf:weights_bytes"})

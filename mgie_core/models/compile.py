@@ -3,8 +3,8 @@ compute, in place, for fixed shapes.
 
 What is compiled. Not the whole UNet: its attention layers run the pack's controlled
 processors (``attention.ControlledAttnProcessor``), whose Python hooks (injection, CAM,
-capture) change from step to step, and the pack registers forward hooks on blocks (PFB's
-blend sites, MAG's truncation). Compiling across those would specialise on each step's
+capture, truncation) change from step to step, and the pack patches other modules'
+forwards (PFB's blend sites). Compiling across those would specialise on each step's
 hook state and recompile every step. Instead the ``forward`` of every leaf compute
 module that carries no pack logic is compiled on its own: the resnet blocks, the down-
 and upsamplers, the transformer blocks' feed-forward layers and the time embedding --

@@ -13,7 +13,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .. import runtime
+from .. import host
 from ..errors import InputError, ModelLoadError
 from ..images import check_pixels
 from .validate import (check_files, check_hf_folder, check_loading_info, check_tokenizer,
@@ -84,7 +84,7 @@ def load_model(cls, folder: Path, what: str, dtype: torch.dtype, device: torch.d
     """``cls.from_pretrained`` offline, frozen, on the CPU, with normal (not inference)
     weights, every weight checked: a missing, unexpected or reshaped weight is an error
     naming the folder (keys matching ``optional`` excepted). The caller registers it with
-    ``runtime.manage``, which places it on ``device`` (freeing room there first) or leaves
+    ``memory.manage``, which places it on ``device`` (freeing room there first) or leaves
     it to the host."""
     try:
         model, info = cls.from_pretrained(str(folder), local_files_only=True, dtype=dtype,
@@ -165,7 +165,7 @@ def interrupt_criteria(on_step=None):
         def __call__(self, input_ids, scores, **kwargs):
             if on_step is not None:
                 on_step()
-            runtime.check_interrupt()
+            host.check_interrupt()
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([_Interrupt()])

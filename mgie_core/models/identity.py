@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import paths, runtime
+from .. import grad_mode, host, memory, paths
 from ..errors import InputError, ModelLoadError, names_list
 from . import iresnet
 from .validate import (CLIP_ARCHITECTURES, CLIP_TEXT_KEYS, check_hf_folder, check_loading_info,
@@ -60,7 +60,7 @@ class IdentityEncoder:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise InputError("images", f"shape {tuple(images.shape)}",
                              "RGB images [B,H,W,3] with values in 0..1")
-        x = runtime.place(images, self.device, torch.float32).permute(0, 3, 1, 2)
+        x = host.place(images, self.device, torch.float32).permute(0, 3, 1, 2)
         th, tw = self.size
         h, w = x.shape[-2:]
         if self.resize_shortest is not None:
@@ -81,9 +81,9 @@ class IdentityEncoder:
         guidance embeds in every step of its window: host data each time would be a
         host-to-device copy per step), outside inference mode (the backward saves std)."""
         cache = self.__dict__.setdefault("_norm", {})
-        key = runtime.device_key(device)
+        key = host.device_key(device)
         if key not in cache:
-            with runtime.normal_tensors():
+            with grad_mode.normal_tensors():
                 cache[key] = tuple(torch.tensor(v, dtype=torch.float32, device=device)
                                    .view(1, 3, 1, 1) for v in (self.mean, self.std))
         return cache[key]
@@ -140,19 +140,19 @@ def crop_to_mask(image: torch.Tensor, mask: torch.Tensor, margin: float = 0.1,
 # --- loaders ------------------------------------------------------------------------
 
 def _target(device, dtype) -> tuple[torch.device, torch.dtype]:
-    return (torch.device(device) if device is not None else runtime.device(),
+    return (torch.device(device) if device is not None else host.device(),
             dtype or torch.float32)
 
 
 def _freeze(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     # Frozen and in eval mode (BatchNorm running statistics), but gradients still flow
-    # to the input images. Cast here; runtime.manage puts it on ``device``.
+    # to the input images. Cast here; memory.manage puts it on ``device``.
     return model.eval().requires_grad_(False).to(dtype=dtype)
 
 
 def _managed(encoder: "IdentityEncoder") -> "IdentityEncoder":
     name = f"{encoder.kind} {encoder.path.name if encoder.path else ''}".strip()
-    return runtime.manage(encoder, {name: encoder.model}, encoder.device)
+    return memory.manage(encoder, {name: encoder.model}, encoder.device)
 
 
 def _size_of(value, what: str, path: Path) -> tuple[int, int]:
@@ -223,7 +223,7 @@ def _clip_vision_config(folder: Path):
     return CLIPVisionConfig.from_pretrained(folder, local_files_only=True)
 
 
-@runtime.builds_weights
+@grad_mode.builds_weights
 def load_clip_vision(name: str, device=None, dtype: Optional[torch.dtype] = None
                      ) -> IdentityEncoder:
     """CLIPVisionModelWithProjection from a Hugging Face folder (a CLIP vision folder or a
@@ -260,7 +260,7 @@ def _read_face_state_dict(path: Path) -> dict[str, torch.Tensor]:
 FACE_OPTIONAL = ("*.num_batches_tracked",)
 
 
-@runtime.builds_weights
+@grad_mode.builds_weights
 def load_face_recognition(name: str, device=None, dtype: Optional[torch.dtype] = None
                           ) -> IdentityEncoder:
     """ArcFace IResNet (insightface arcface_torch backbone) from a .pth/.pt/.safetensors

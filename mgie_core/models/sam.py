@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .. import paths, runtime
+from .. import grad_mode, host, memory, paths
 from ..errors import InputError, ModelLoadError
 from ..images import check_pixels
 from .validate import load_state_dict_checked, read_weights_file
@@ -205,7 +205,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                              unwrap_unless="image_encoder.")
 
 
-@runtime.builds_weights
+@grad_mode.builds_weights
 def load_sam(name: str, device: Optional[torch.device | str] = None) -> SamModel:
     """Find SAM checkpoint ``name`` (file name or path), build its architecture and load it
     (every weight checked: missing, unexpected and reshaped ones are named)."""
@@ -216,7 +216,7 @@ def load_sam(name: str, device: Optional[torch.device | str] = None) -> SamModel
     load_state_dict_checked(sam, sd, f"{WHAT} ({arch.model_type})", path)
     sam.eval().requires_grad_(False)
     model = SamModel(sam=sam, model_type=arch.model_type, path=path)
-    return runtime.manage(model, {f"SAM {path.name}": sam}, device)
+    return memory.manage(model, {f"SAM {path.name}": sam}, device)
 
 
 # --- segmentation -------------------------------------------------------------------
@@ -277,7 +277,7 @@ def segment(model: SamModel, image: torch.Tensor, points=None, labels=None, box=
     check_pixels("image", image)
     h, w = int(image.shape[0]), int(image.shape[1])
     pts, labels, box = _check_prompts(points, labels, box, w, h)
-    runtime.check_interrupt()
+    host.check_interrupt()
     pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     predictor = SamPredictor(model.sam)
     predictor.set_image(pixels, image_format="RGB")

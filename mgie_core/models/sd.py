@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .. import paths, runtime
+from .. import grad_mode, host, memory, paths
 from ..errors import ModelLoadError, XMGIEError
 from .validate import (check_files, check_loading_info, check_state_dict_keys, check_tokenizer,
                        check_tokenizer_folder, compare_state_dicts, describe_load_error,
@@ -102,7 +102,7 @@ def _finish(unet, vae, text_encoder, tokenizer, scheduler_config, source: Path,
     which places them (standalone: on ``device`` after freeing room there; ComfyUI: on
     its offload device until a node uses them)."""
     tokenizer = fit_tokenizer(tokenizer, text_encoder)
-    device = torch.device(device) if device is not None else runtime.device()
+    device = torch.device(device) if device is not None else host.device()
     dtype = resolve_dtype(dtype, device)
     modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
     for m in modules.values():
@@ -113,7 +113,7 @@ def _finish(unet, vae, text_encoder, tokenizer, scheduler_config, source: Path,
                     scheduler=ddim_scheduler(scheduler_config), device=device, dtype=dtype,
                     source=str(source))
     name = Path(source).name
-    return runtime.manage(model, {f"{name} {k}": m for k, m in modules.items()}, device)
+    return memory.manage(model, {f"{name} {k}": m for k, m in modules.items()}, device)
 
 
 def _load_tokenizer(folder: Path, what: str):
@@ -147,7 +147,7 @@ def _from_pretrained(cls, path: Path, subfolder: str, what: str, fix: str,
 TEXT_ENCODER_OPTIONAL = ("*embeddings.position_ids",)
 
 
-@runtime.builds_weights
+@grad_mode.builds_weights
 def load_diffusers_folder(path: Path, what: str, dtype="auto", device=None) -> SDModel:
     """Load unet/vae/text_encoder/tokenizer/scheduler from a diffusers SD 1.x folder.
 
@@ -280,7 +280,7 @@ def read_single_file(name: str, config_dir: Optional[Path] = None):
     return path, config_dir, configs, tokenizer, read_checkpoint(path, what)
 
 
-@runtime.builds_weights
+@grad_mode.builds_weights
 def load_sd_checkpoint(name: str, dtype="auto", device=None,
                        config_dir: Optional[Path] = None) -> SDModel:
     """An SD 1.x single-file checkpoint (.safetensors/.ckpt, ComfyUI models/checkpoints).
@@ -323,7 +323,7 @@ def load_sd_checkpoint(name: str, dtype="auto", device=None,
     return _finish(unet, vae, text_encoder, tokenizer, configs["scheduler"], path, device, dtype)
 
 
-@runtime.builds_weights
+@grad_mode.builds_weights
 def load_mgie_unet(name: str, base: SDModel) -> SDModel:
     """MGIE's released ``unet.pt`` (an 8-channel diffusers UNet state dict) over the
     VAE, text encoder and tokenizer of an SD 1.5 model."""
@@ -348,8 +348,8 @@ def load_mgie_unet(name: str, base: SDModel) -> SDModel:
     if base.dtype != torch.float32:
         unet.to(dtype=base.dtype)
     model = dataclasses.replace(base, unet=unet, source=f"{base.source} + {path}")
-    base_modules = {e.module: e.name for e in runtime.registry().entries_of(base)}
-    return runtime.manage(model, {f"{path.name} unet": unet,
-                                  base_modules.get(base.vae, "vae"): base.vae,
-                                  base_modules.get(base.text_encoder, "text_encoder"):
-                                      base.text_encoder}, base.device)
+    base_modules = {e.module: e.name for e in memory.registry().entries_of(base)}
+    return memory.manage(model, {f"{path.name} unet": unet,
+                                 base_modules.get(base.vae, "vae"): base.vae,
+                                 base_modules.get(base.text_encoder, "text_encoder"):
+                                     base.text_encoder}, base.device)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .. import paths, runtime
+from .. import grad_mode, host, memory, paths
 from ..errors import InputError, ModelLoadError
 from .hf import (check_folder, check_positive, decode_new, generation_kwargs, interrupt_criteria,
                  load_model, load_processor, read_config, to_device, to_pil_images)
@@ -48,7 +48,7 @@ def image_text_to_text_types() -> list[str]:
     return list(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 
-@runtime.builds_weights
+@grad_mode.builds_weights
 def load_vlm(name: str, dtype="auto", device=None) -> VLM:
     """Load an image-text-to-text model folder by name or path."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -70,11 +70,11 @@ def load_vlm(name: str, dtype="auto", device=None) -> VLM:
             "Copy chat_template.jinja or chat_template.json from the model's repository into "
             "this folder, or use an instruction-tuned model that ships one (e.g. "
             "Qwen2.5-VL-3B-Instruct, llava-1.5-7b-hf).")
-    device = torch.device(device) if device is not None else runtime.device()
+    device = torch.device(device) if device is not None else host.device()
     dtype = resolve_dtype(dtype, device)
     model = load_model(AutoModelForImageTextToText, folder, what, dtype, device)
     vlm = VLM(model=model, processor=processor, device=device, dtype=dtype, path=folder)
-    return runtime.manage(vlm, {f"VLM {folder.name}": model}, device)
+    return memory.manage(vlm, {f"VLM {folder.name}": model}, device)
 
 
 def ask(vlm: VLM, image: torch.Tensor, question: str, max_new_tokens: int = 256) -> str:
@@ -100,6 +100,6 @@ def ask(vlm: VLM, image: torch.Tensor, question: str, max_new_tokens: int = 256)
                                         return_dict=True, return_tensors="pt")
     enc = to_device(enc, vlm.device, vlm.dtype)
     gen = generation_kwargs(model, processor.tokenizer, max_new_tokens)
-    with runtime.progress(max_new_tokens, "VLM answer") as bar, torch.inference_mode():
+    with host.progress(max_new_tokens, "VLM answer") as bar, torch.inference_mode():
         ids = model.generate(**enc, **gen, stopping_criteria=interrupt_criteria(bar.update))
     return decode_new(processor.tokenizer, ids[0], enc["input_ids"][0])

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ... import paths, runtime
+from ... import grad_mode, host, memory, paths
 from ...errors import ModelLoadError, ModelNotFoundError
 from ..hf import TOKENIZER_FIX, first_line
 from ..sd import resolve_dtype
@@ -28,7 +28,7 @@ LLAVA_ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlamaForCausalLM")
 VISION_OPTIONAL = CLIP_TEXT_KEYS + ("visual_projection.*",)
 
 
-@runtime.builds_weights
+@grad_mode.builds_weights
 def load_mgie(name: str, dtype="auto", device=None) -> MGIEModel:
     """Load an MGIE folder (layout in the module docstring) by name or path."""
     from transformers import AutoTokenizer
@@ -40,7 +40,7 @@ def load_mgie(name: str, dtype="auto", device=None) -> MGIEModel:
     # LLaMA's (the language model is always built as transformers' LlamaForCausalLM).
     config = check_hf_folder(llava, WHAT, model_types=LLAVA_MODEL_TYPES,
                              architectures=LLAVA_ARCHITECTURES)
-    device = torch.device(device) if device is not None else runtime.device()
+    device = torch.device(device) if device is not None else host.device()
     dtype = resolve_dtype(dtype, device)
 
     # tokenizer
@@ -110,7 +110,7 @@ def load_mgie(name: str, dtype="auto", device=None) -> MGIEModel:
                              "mllm.pt and the LLaVA folder must belong to the same model.")
 
     vcfg = vision.config
-    # Everything is on the CPU so far; runtime.manage frees room on the device before
+    # Everything is on the CPU so far; memory.manage frees room on the device before
     # putting the 7B there (standalone), or leaves that to ComfyUI's loader.
     model = MGIEModel(
         llm=llm.requires_grad_(False).eval().to(dtype),
@@ -121,10 +121,10 @@ def load_mgie(name: str, dtype="auto", device=None) -> MGIEModel:
         num_patches=(vcfg.image_size // vcfg.patch_size) ** 2,
         select_layer=int(config.get("mm_vision_select_layer", -2)),
         use_im_start_end=use_im_start_end)
-    return runtime.manage(model, {f"MGIE {folder.name} LLM": model.llm,
-                                  f"MGIE {folder.name} vision tower": model.vision,
-                                  f"MGIE {folder.name} projector": model.projector,
-                                  f"MGIE {folder.name} edit head": model.edit_head}, device)
+    return memory.manage(model, {f"MGIE {folder.name} LLM": model.llm,
+                                 f"MGIE {folder.name} vision tower": model.vision,
+                                 f"MGIE {folder.name} projector": model.projector,
+                                 f"MGIE {folder.name} edit head": model.edit_head}, device)
 
 
 def read_mllm(path: Path) -> dict[str, torch.Tensor]:

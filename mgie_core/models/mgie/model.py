@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ... import runtime
+from ... import host
 from ...errors import InputError, ModelLoadError
 from ..conditioning import Conditioning
 from ..hf import check_positive, generation_kwargs, interrupt_criteria, to_pil_images
@@ -227,7 +227,7 @@ class MGIEModel:
             raise ModelLoadError(WHAT, self.path, f"the tokenizer split the image placeholder "
                                  f"into {n_patch} {IM_PATCH} tokens, not {self.num_patches}",
                                  f"Its tokenizer must hold {IM_PATCH} as one added token.")
-        with runtime.progress(max_new_tokens, "MGIE instruction") as bar, \
+        with host.progress(max_new_tokens, "MGIE instruction") as bar, \
                 torch.inference_mode():
             features = self.image_features(image)
             new = self.generate(ids, self.embed(ids, features), max_new_tokens, bar.update)

@@ -1,6 +1,11 @@
 """Count what would stall a GPU inside the per-step loops: host synchronisations and
-host-device traffic, per stage and per step (issue 15; a diagnostic for tests and the
-benchmark, never used by the editing code itself).
+host-device traffic, per stage and per step (a diagnostic for the tests and the
+benchmark, outside the library: the editing code never uses it).
+
+Both import it as the top-level module ``syncs`` with this folder on ``sys.path``: run
+as a script, ``bench/edit_bench.py`` has it there already; ``tests/test_syncs.py`` and
+the benchmark loaded as a module put it there. It counts the ``xmgie`` its importer
+already imported.
 
 On a GPU the host queues kernels and runs ahead; anything that needs a value back on
 the host waits for every queued kernel first. With UNet passes that are launch-bound
@@ -31,7 +36,7 @@ alphas, token positions) as Python numbers, not as CPU tensors read in the loop.
 GPU (``device`` given), reads of CPU tensors are not synchronisations and are counted
 apart as ``host_read``.
 
-Steps are told apart through the runtime's progress bars: the counter wraps the
+Steps are told apart through the host's progress bars: the counter wraps the
 ``progress`` hook, so every loop that reports progress (DDIM inversion, null-text
 inversion, editing, ...) is a stage named by its bar, and the events between two
 updates are one step. Everything outside a bar is counted under ``outside``.
@@ -47,7 +52,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import runtime
+from xmgie.mgie_core import host
 
 KINDS = ("scalar_read", "to_host", "host_tensor")
 # Counted too, apart from the synchronisations: an explicit move to the model's device
@@ -260,9 +265,9 @@ class SyncCounter:
 
     # -- context --------------------------------------------------------------------
     def __enter__(self) -> "SyncCounter":
-        prev = runtime.hooks()
+        prev = host.hooks()
         factory = prev.progress
-        self._previous_hooks = runtime.set_hooks(
+        self._previous_hooks = host.set_hooks(
             progress=lambda total, desc: _CountingProgress(self, factory(total, desc), total, desc))
         self._modes = [_FunctionMode(self), _DispatchMode(self)]
         for m in self._modes:
@@ -274,5 +279,5 @@ class SyncCounter:
             m.__exit__(*exc)
         self._modes = []
         if self._previous_hooks is not None:
-            runtime.set_hooks(progress=self._previous_hooks.progress)
+            host.set_hooks(progress=self._previous_hooks.progress)
             self._previous_hooks = None
