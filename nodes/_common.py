@@ -21,6 +21,7 @@ import functools
 from typing import Any
 
 from ..mgie_core import runtime
+from ..mgie_core.images import FITS, check_mask
 from ..mgie_core.plan import PLAN_RULE, from_plan
 
 PREFIX = "XMGIE"
@@ -57,6 +58,11 @@ def fill(name: str, typed, plan, field: str, expected: str, required: bool = Tru
     return from_plan(name, typed, plan, field, expected, required=required)
 
 
+def split_words(text: str) -> list[str]:
+    """A comma-separated words input as a list (empty items dropped)."""
+    return [w.strip() for w in (text or "").split(",") if w.strip()]
+
+
 def category(sub: str = "") -> str:
     return f"{ROOT_CATEGORY}/{sub}" if sub else ROOT_CATEGORY
 
@@ -64,6 +70,21 @@ def category(sub: str = "") -> str:
 def inp(tooltip: str, **opts: Any) -> dict:
     """Options dict for an input, always carrying a tooltip."""
     return {"tooltip": tooltip, **opts}
+
+
+def fit_input(step: str = "the model's size step (64 px for SD 1.x)") -> tuple:
+    """The optional ``fit`` input of a node that encodes a photo: how a photo whose sides
+    are not multiples of ``step`` is fitted (``mgie_core.images.FITS``). Optional with a
+    default, so workflows saved before it existed load unchanged."""
+    return (list(FITS), inp(
+        f"How a photo whose sides are not multiples of {step} is fitted. pad (default): "
+        "reflect-pad it, work on it, and crop the result back, so the output has the "
+        "photo's exact size (the padded border is never edited: masks are padded with "
+        "zeros). crop: centre-crop it (the output is smaller, as with ComfyUI's VAE "
+        "Encode). refuse: stop with an error naming the size.", default="pad"))
+
+
+FIT_INPUT = fit_input()
 
 
 def uses_models(cls: type) -> type:
@@ -101,3 +122,45 @@ def report_output(result: tuple, report) -> Any:
     if not report:
         return full
     return {"ui": {"text": report.lines(), "updates": report.as_dicts()}, "result": full}
+
+
+# --- control nodes ------------------------------------------------------------------------
+
+# A control's own mask and plan: an override of the sampler's (mgie_core/control.py).
+MASK_RULE = ("Empty (not connected): the sampler's mask is used, as by every control; a mask "
+             "connected here overrides it for this control only.")
+PLAN_RULE_CONTROL = ("Not connected: the sampler's plan is used (a plan connected here "
+                     "overrides it for this control only).")
+
+
+class ControlNode:
+    """The glue every control node shares: it makes one ``mgie_core`` control from its
+    inputs (:meth:`control`, the subclass's one job) with its own mask checked, and
+    appends it to the ``controls`` chained in before it. The sampler, not the node,
+    applies the run's mask and plan to every control (``mgie_core.control``)."""
+
+    CATEGORY = category("editing/controls")
+    RETURN_TYPES = (CONTROLS,)
+    RETURN_NAMES = ("controls",)
+    FUNCTION = "make"
+
+    CHAIN_INPUT = (CONTROLS, inp("Controls to chain before this one."))
+
+    @staticmethod
+    def mask_input(before: str, after: str = "") -> tuple:
+        """The optional own-mask input: what the mask is for, the override rule, and
+        what happens with neither mask."""
+        return ("MASK", inp(f"{before} {MASK_RULE}" + (f" {after}" if after else "")))
+
+    @staticmethod
+    def plan_input(what: str) -> tuple:
+        return (PLAN, inp(f"{what} {PLAN_RULE_CONTROL}"))
+
+    def control(self, mask, **inputs):
+        """The control made from this node's inputs; ``mask`` is its own (checked) mask
+        or None."""
+        raise NotImplementedError
+
+    def make(self, mask=None, controls=None, **inputs):
+        own = check_mask("mask", mask.clone()) if mask is not None else None
+        return (list(controls or []) + [self.control(own, **inputs)],)
