@@ -41,7 +41,9 @@ class Invert:
     DESCRIPTION = ("Inverts a photo into the diffusion trajectory under its source prompt: "
                    "DDIM, null-text (optimised, slow), negative-prompt or direct (no "
                    "optimisation, exact reconstruction). Feeds the two-branch sampler. "
-                   "Null-text reports the optimiser updates it applied and skipped.")
+                   "Null-text reports the optimiser updates it applied and skipped. A photo "
+                   "of any size is padded to the model's 64 px step and the edit cropped "
+                   "back by xMGIE VAE Decode (fit).")
     RETURN_TYPES = (INVERSION, LATENT, "STRING")
     RETURN_NAMES = ("inversion", "latent", "updates")
     OUTPUT_TOOLTIPS = ("The inversion (trajectory, prompts, null embeddings) for the sampler.",
@@ -249,7 +251,8 @@ class InstructSampler:
     CATEGORY = category("instruction")
     DESCRIPTION = ("Samples an 8-channel instruction UNet (InstructPix2Pix or MGIE) with "
                    "text and image guidance; CAM and chained controls (PFB) keep the edit "
-                   "inside the mask.")
+                   "inside the mask. A photo of any size is padded to the model's 64 px "
+                   "step and the edit cropped back by xMGIE VAE Decode (fit).")
     RETURN_TYPES = (LATENT, "STRING")
     RETURN_NAMES = ("edited", "updates")
     OUTPUT_TOOLTIPS = ("The edited latent (ComfyUI's LATENT).", UPDATES_TOOLTIP)
