@@ -18,6 +18,7 @@ their model inputs (the SD 1.5 model under MGIE's UNet) are only read, not run.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 from ..mgie_core import runtime
@@ -135,9 +136,13 @@ PLAN_RULE_CONTROL = ("Not connected: the sampler's plan is used (a plan connecte
 
 class ControlNode:
     """The glue every control node shares: it makes one ``mgie_core`` control from its
-    inputs (:meth:`control`, the subclass's one job) with its own mask checked, and
+    inputs (:meth:`control`, the subclass's one job) with its own ``mask`` checked, and
     appends it to the ``controls`` chained in before it. The sampler, not the node,
-    applies the run's mask and plan to every control (``mgie_core.control``)."""
+    applies the run's mask and plan to every control (``mgie_core.control``).
+
+    ``make`` takes the node's inputs as :meth:`control` declares them (ComfyUI passes
+    them by name; a Python caller may pass the leading ones in that order) plus
+    ``controls``."""
 
     CATEGORY = category("editing/controls")
     RETURN_TYPES = (CONTROLS,)
@@ -156,11 +161,14 @@ class ControlNode:
     def plan_input(what: str) -> tuple:
         return (PLAN, inp(f"{what} {PLAN_RULE_CONTROL}"))
 
-    def control(self, mask, **inputs):
-        """The control made from this node's inputs; ``mask`` is its own (checked) mask
-        or None."""
+    def control(self, *args, **kwargs):
+        """The control made from this node's inputs, among them ``mask``: its own mask
+        (checked) or None."""
         raise NotImplementedError
 
-    def make(self, mask=None, controls=None, **inputs):
-        own = check_mask("mask", mask.clone()) if mask is not None else None
-        return (list(controls or []) + [self.control(own, **inputs)],)
+    def make(self, *args, controls=None, **kwargs):
+        bound = inspect.signature(self.control).bind(*args, **kwargs)
+        mask = bound.arguments.get("mask")
+        if mask is not None:
+            bound.arguments["mask"] = check_mask("mask", mask.clone())
+        return (list(controls or []) + [self.control(*bound.args, **bound.kwargs)],)

@@ -39,7 +39,7 @@ class AStarControlNode(ControlNode):
                                    "ones take the plan's edit words)."),
         }}
 
-    def control(self, mask, words, steps_fraction, step_size, threshold, plan=None):
+    def control(self, words, steps_fraction, step_size, threshold, mask=None, plan=None):
         return astar.AStarControl(split_words(words), steps_fraction=steps_fraction,
                                   step_size=step_size, threshold=threshold, mask=mask,
                                   plan=plan)

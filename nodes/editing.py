@@ -125,8 +125,8 @@ class PFBControlNode(ControlNode):
                 default="pfb_diff")),
         }}
 
-    def control(self, mask, preset="object", alpha=1.0, latent_blend=True, reference="cond",
-                placement="pfb_diff"):
+    def control(self, mask=None, preset="object", alpha=1.0, latent_blend=True,
+                reference="cond", placement="pfb_diff"):
         return pfb.PFBControl(mask, preset=preset, alpha=alpha, latent_blend=latent_blend,
                               reference=reference, placement=placement)
 
@@ -351,7 +351,7 @@ class MAGControlNode(ControlNode):
                                    "words win, empty ones take the plan's)."),
         }}
 
-    def control(self, mask, words="", negative_words="", opt_fraction=0.5, iterations=15,
+    def control(self, mask=None, words="", negative_words="", opt_fraction=0.5, iterations=15,
                 scale=2.5, spatial_ratio=False, negative_weight=5.5, blend_fraction=0.3,
                 plan=None):
         return MAGControl(mask, split_words(words), split_words(negative_words),

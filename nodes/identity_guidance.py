@@ -88,7 +88,7 @@ class IdentityGuidanceNode(ControlNode):
                 "with a CLIP encoder for objects).", default=True)),
         }}
 
-    def control(self, mask, identity_encoder, embedding, start, end, weight, memory,
+    def control(self, identity_encoder, embedding, start, end, weight, memory, mask=None,
                 plan=None, only_people=True):
         return idg.IdentityGuidance(identity_encoder, embedding, mask=mask, start=start,
                                     end=end, weight=weight, memory=memory, plan=plan,
