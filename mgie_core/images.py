@@ -278,13 +278,17 @@ def _reflect_pad(x: torch.Tensor, size, fitted, offset) -> torch.Tensor:
 
 
 def fit_image(name: str, image: torch.Tensor, multiple: int, fit: str = "pad",
-              max_batch: Optional[int] = None) -> tuple[torch.Tensor, Fit]:
-    """Check an IMAGE (:func:`check_image`) and fit it to sides that are multiples of
-    ``multiple`` by ``fit`` (:data:`FITS`): the fitted image and how it was fitted."""
+              max_batch: Optional[int] = None, smallest: int = 8) -> tuple[torch.Tensor, Fit]:
+    """Check an IMAGE (:func:`check_image`; sides of at least ``smallest`` pixels, the
+    VAE's factor: a smaller one is no photo, padding it would only invent one) and fit it
+    to sides that are multiples of ``multiple`` by ``fit`` (:data:`FITS`): the fitted
+    image and how it was fitted."""
     if fit not in FITS:
         raise InputError("fit", f"is {fit!r}", " / ".join(FITS))
-    image = check_image(name, image, max_batch=max_batch)
+    image = check_image(name, image, multiple_of=1, max_batch=max_batch)
     h, w = (int(s) for s in image.shape[1:3])
+    if w < smallest or h < smallest:
+        check_image(name, image, multiple_of=smallest)      # its error: a real size
     m = max(1, int(multiple))
     if fit == "crop":
         fitted = (h // m * m, w // m * m)

@@ -92,11 +92,13 @@ def test_crop_is_centred_and_refuse_names_the_size(photo):
         images.fit_image("image", photo, 64, "stretch")
 
 
-def test_a_photo_smaller_than_the_pad_still_pads():
-    small = torch.rand(1, 5, 3, 3)
+def test_a_photo_smaller_than_the_pad_still_pads_but_a_dot_is_refused():
+    small = torch.rand(1, 12, 20, 3)
     fitted, fit = images.fit_image("image", small, 64, "pad")
     assert tuple(fitted.shape) == (1, 64, 64, 3)
     assert torch.equal(fit.undo(fitted), small)
+    with pytest.raises(InputError, match="5x3 pixels, smaller than"):
+        images.fit_image("image", torch.rand(1, 3, 5, 3), 64, "pad")
 
 
 def test_model_step_is_64_for_sd(tiny_sd):
@@ -216,12 +218,12 @@ def _photos(folder: Path, sizes) -> list[str]:
     return names
 
 
-def _run(tmp_path, *extra):
+def _run(tmp_path, *extra, workflow=YELLOW):
     from xmgie import cli
 
     (name,) = _photos(tmp_path / "in", [(513, 301)])
     out = tmp_path / "out"
-    code = cli.main(["run", str(YELLOW), "--tiny", "--input-dir", str(tmp_path / "in"),
+    code = cli.main(["run", str(workflow), "--tiny", "--input-dir", str(tmp_path / "in"),
                      "--output-dir", str(out), "--set", f"1.image={name}.png",
                      "--set", f"2.image={name}_mask.png", "--set", "4.steps=2", *extra])
     return code, sorted(out.glob("*.png"))
@@ -235,6 +237,18 @@ def test_a_513x301_photo_under_tiny_is_edited_at_its_loaded_size(tmp_path, tiny_
     assert code == 0, err
     (png,) = files
     with Image.open(png) as im:
+        assert im.size == (128, 72)
+
+
+def test_a_workflow_saved_without_fit_pads(tmp_path, tiny_env, capsys):
+    api = json.loads(YELLOW.read_text())
+    for node in api.values():
+        node["inputs"].pop("fit", None)
+    saved = tmp_path / "saved_before_fit.json"
+    saved.write_text(json.dumps(api))
+    code, files = _run(tmp_path, workflow=saved)
+    assert code == 0, capsys.readouterr().err
+    with Image.open(files[0]) as im:
         assert im.size == (128, 72)
 
 
