@@ -280,7 +280,7 @@ def _cached_defaults(fam: Family) -> list[str]:
     if len(fam.default_names) == 1:
         pairs = [(fam.default_names[0], r) for r in fam.hf_repos]
     else:
-        pairs = list(zip(fam.default_names, fam.hf_repos))
+        pairs = list(zip(fam.default_names, fam.hf_repos, strict=False))
     out: list[str] = []
     for name, repo in pairs:
         if name not in out:

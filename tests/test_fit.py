@@ -276,7 +276,7 @@ def test_batch_edits_photos_of_ordinary_sizes(tmp_path, tiny_env, capsys):
                      "--set", "4.steps=1", "--out", str(run)])
     out = capsys.readouterr()
     assert code == 0, out.out + out.err
-    for n, size in zip(names, sizes):
+    for n, size in zip(names, sizes, strict=True):
         rec = json.loads((run / "items" / n / "record.json").read_text())
         assert rec["status"] == "ok", rec
         with Image.open(run / "items" / n / rec["outputs"][0]["file"]) as im:
