@@ -31,6 +31,8 @@ run, by one rule:
   guidance unless ``use_mask=False``) and has neither raises an ``InputError`` naming
   both; A-STAR without either updates everywhere. Either mask is binarised at 0.5, then
   resized to each resolution (bicubic, threshold 0.5). :meth:`Control.resolve_mask`.
+  A photo padded to the model's size step pads an own mask of its size the same way
+  (``run.fit``), as the sampler does with the run's.
 * **plan**: likewise the control's own plan, else the run's (:meth:`Control.resolve_plan`);
   a control's typed words win over the plan's, an empty one takes the plan's
   (``plan.PLAN_RULE``), and with neither the control raises naming both.
@@ -49,6 +51,7 @@ from .attention import AttnHook, BatchLayout, Branch
 from .diffusion import Schedule
 from .errors import InputError
 from .guidance import SourceCache
+from .images import Fit
 from .inversion import InversionResult
 from .models.sd import SDModel
 from .plan import EditPlan, from_plan
@@ -113,6 +116,8 @@ class Control:
         mask, an explicit override) when given, else the run's. Neither: None, or an
         :class:`InputError` naming both when the control ``required`` one (``use`` says
         what for)."""
+        if own is not None and run.fit is not None:
+            own = run.fit.mask(own if own.ndim == 3 else own[None])   # as the photo was
         m = own if own is not None else run.mask
         if m is None:
             if required:
@@ -169,6 +174,9 @@ class SamplingRun:
     reference: Optional[torch.Tensor] = None     # (N+1, B, 4, h, w) reference trajectory
     step: int = 0
     plan: Optional[EditPlan] = None              # the edit plan the sampler was given
+    # How the photo was fitted to the model's size step (images.Fit): a control's own
+    # mask of the photo's size is fitted the same way (zero-padded) in resolve_mask.
+    fit: Optional[Fit] = None
 
     # Two-branch (inversion) sampler only; None on the instruction path.
     source_prompt: Optional[str] = None

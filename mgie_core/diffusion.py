@@ -105,10 +105,11 @@ def invert_step(sch: Schedule, i: int, z: torch.Tensor, eps: torch.Tensor) -> to
 
 
 @torch.no_grad()
-def encode_prompt(sd: SDModel, prompt: str) -> torch.Tensor:
+def encode_prompt(sd: SDModel, prompt: str, name: str = "prompt", report=None) -> torch.Tensor:
     """CLIP text embedding (1, 77, D) of the last hidden layer, float32 on the device.
-    Words past the 77-token window are dropped, and logged (:func:`tokens.warn_if_truncated`)."""
-    warn_if_truncated(sd.tokenizer, prompt)
+    Words past the 77-token window are dropped, logged, and noted in ``report`` when
+    given (:func:`tokens.warn_if_truncated`; ``name`` is the prompt's input)."""
+    warn_if_truncated(sd.tokenizer, prompt, name, report)
     tok = sd.tokenizer(prompt, padding="max_length", max_length=sd.tokenizer.model_max_length,
                        truncation=True, return_tensors="pt")
     out = sd.text_encoder(tok.input_ids.to(sd.device))

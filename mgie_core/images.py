@@ -7,12 +7,17 @@ refused with the input's name rather than saved as a black or saturated picture;
 for size: an image above :func:`max_pixels` (16.8 megapixels, 4096x4096, by default;
 ``XMGIE_MAX_IMAGE_PIXELS`` or ``xmgie run --max-image-pixels`` raise it) is refused
 before any work, since memory and time grow with the pixel count.
+
+A photo whose sides are not multiples of the model's size step is fitted to it
+(:func:`fit_image`, :class:`Fit`): reflect-padded by default and cropped back after the
+edit, or centre-cropped, or refused, as the caller's ``fit`` says.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -169,3 +174,137 @@ def check_mask(name: str, mask: torch.Tensor, size: tuple[int, int] | None = Non
         raise InputError(name, "covers the whole image", "a mask that leaves some "
                          "background", "Use a smaller region, or edit without a mask.")
     return mask
+
+
+# --- fitting a photo to the model's multiple ------------------------------------------------
+#
+# SD 1.x works on sides that are multiples of 64 pixels: the VAE divides by 8 and the
+# UNet halves the latent three times, and the attention controls address every level at
+# exactly 1/2, 1/4, 1/8 of the latent. Most photos (451x300, 640x427, COCO) are not.
+# ComfyUI's VAE Encode centre-crops to a multiple of 8 and loses those pixels; the pack
+# pads instead (reflected, so the border continues the photo and the model sees no hard
+# edge), edits, and crops the result back: the edit has the photo's exact size.
+
+FITS = ("pad", "crop", "refuse")
+LATENT_FIT_KEY = "xmgie_fit"   # where a LATENT dict carries how its photo was fitted
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """How a photo of ``size`` (H, W) was brought to ``fitted`` (H, W): ``mode`` "pad"
+    (the photo sits at ``offset`` (top, left) inside the fitted image) or "crop" (the
+    fitted image is the photo's region at ``offset``)."""
+
+    mode: str
+    size: tuple[int, int]
+    fitted: tuple[int, int]
+    offset: tuple[int, int] = (0, 0)
+
+    @property
+    def changed(self) -> bool:
+        return self.size != self.fitted
+
+    def _region(self, x: torch.Tensor, h_dim: int) -> torch.Tensor:
+        """The photo's region of a fitted-size tensor (pad), or the fitted region of a
+        photo-size one (crop)."""
+        (top, left), (h, w) = self.offset, (self.size if self.mode == "pad" else self.fitted)
+        return x.narrow(h_dim, top, h).narrow(h_dim + 1, left, w)
+
+    def image(self, image: torch.Tensor) -> torch.Tensor:
+        """IMAGE [B,H,W,C] of the photo's size -> the fitted image."""
+        if not self.changed:
+            return image
+        if self.mode == "crop":
+            return self._region(image, 1)
+        return _reflect_pad(image.permute(0, 3, 1, 2), self.size, self.fitted,
+                            self.offset).permute(0, 2, 3, 1).contiguous()
+
+    def mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """MASK [B,H,W] of the photo's size -> the fitted size. Padding is zeros: the
+        border is not part of the photo, so it is background to every control (kept from
+        the reconstruction, never pulled into an edit) and never edited; a reflected mask
+        would mirror the edit region into a border that is cropped away."""
+        if not self.changed or tuple(mask.shape[-2:]) != self.size:
+            return mask
+        if self.mode == "crop":
+            return self._region(mask, mask.ndim - 2)
+        (top, left), (h, w), (fh, fw) = self.offset, self.size, self.fitted
+        return torch.nn.functional.pad(mask, (left, fw - w - left, top, fh - h - top))
+
+    def undo(self, image: torch.Tensor) -> torch.Tensor:
+        """A decoded IMAGE [B,H,W,C] of the fitted size -> the photo's size (pad); a
+        crop cannot be undone, so a cropped edit keeps the fitted size."""
+        if self.mode != "pad" or not self.changed or tuple(image.shape[1:3]) != self.fitted:
+            return image
+        return self._region(image, 1).contiguous()
+
+    def undo_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A MASK [B,H,W] of the fitted size -> the photo's size (pad: cropped back;
+        crop: the cut-off border added back as background)."""
+        if not self.changed or tuple(mask.shape[-2:]) != self.fitted:
+            return mask
+        if self.mode == "pad":
+            return self._region(mask, mask.ndim - 2).contiguous()
+        (top, left), (h, w), (fh, fw) = self.offset, self.size, self.fitted
+        return torch.nn.functional.pad(mask, (left, w - fw - left, top, h - fh - top))
+
+    def as_dict(self) -> dict:
+        return {"mode": self.mode, "size": list(self.size), "fitted": list(self.fitted),
+                "offset": list(self.offset)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Optional["Fit"]:
+        try:
+            return cls(str(d["mode"]), tuple(int(v) for v in d["size"]),
+                       tuple(int(v) for v in d["fitted"]), tuple(int(v) for v in d["offset"]))
+        except (TypeError, KeyError, ValueError):
+            return None
+
+
+def _reflect_pad(x: torch.Tensor, size, fitted, offset) -> torch.Tensor:
+    """[B,C,H,W] reflect-padded to ``fitted``; a pad wider than the photo (a tiny photo)
+    reflects repeatedly, as reflection of a reflection is still the photo's continuation."""
+    (top, left), (fh, fw) = offset, fitted
+    while tuple(x.shape[-2:]) != tuple(fitted):
+        h, w = x.shape[-2:]
+        pads = [min(left, w - 1), min(fw - w - left, w - 1),
+                min(top, h - 1), min(fh - h - top, h - 1)]
+        if not any(pads):     # a 1-pixel side cannot reflect: repeat it
+            return torch.nn.functional.pad(x, (left, fw - w - left, top, fh - h - top),
+                                           mode="replicate")
+        x = torch.nn.functional.pad(x, pads, mode="reflect")
+        left, top = left - pads[0], top - pads[2]
+    return x
+
+
+def fit_image(name: str, image: torch.Tensor, multiple: int, fit: str = "pad",
+              max_batch: Optional[int] = None, smallest: int = 8) -> tuple[torch.Tensor, Fit]:
+    """Check an IMAGE (:func:`check_image`; sides of at least ``smallest`` pixels, the
+    VAE's factor: a smaller one is no photo, padding it would only invent one) and fit it
+    to sides that are multiples of ``multiple`` by ``fit`` (:data:`FITS`): the fitted
+    image and how it was fitted."""
+    if fit not in FITS:
+        raise InputError("fit", f"is {fit!r}", " / ".join(FITS))
+    image = check_image(name, image, multiple_of=1, max_batch=max_batch)
+    h, w = (int(s) for s in image.shape[1:3])
+    if w < smallest or h < smallest:
+        check_image(name, image, multiple_of=smallest)      # its error: a real size
+    m = max(1, int(multiple))
+    if fit == "crop":
+        fitted = (h // m * m, w // m * m)
+        if not all(fitted):
+            raise InputError(name, f"is {w}x{h} pixels, smaller than the model's size step "
+                             f"({m}x{m}), so cropping leaves nothing", "a larger image",
+                             "Use fit = pad, or a larger image.")
+        offset = ((h - fitted[0]) // 2, (w - fitted[1]) // 2)     # centred, as ComfyUI
+    else:
+        fitted = (-(-h // m) * m, -(-w // m) * m)
+        if fit == "refuse" and fitted != (h, w):
+            raise InputError(name, f"is {w}x{h} pixels", f"width and height that are "
+                             f"multiples of {m} (the model's size step)",
+                             f"Set fit to pad (edits it at {fitted[1]}x{fitted[0]} and crops "
+                             f"the result back to {w}x{h}) or crop (to "
+                             f"{w // m * m}x{h // m * m}), or resize the photo.")
+        offset = ((fitted[0] - h) // 2, (fitted[1] - w) // 2)
+    f = Fit(fit, (h, w), fitted, offset)
+    return f.image(image), f

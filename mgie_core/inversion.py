@@ -23,6 +23,7 @@ from . import grad_mode, host
 from .diffusion import (Schedule, denoise_step, encode_prompt, invert_step, make_schedule,
                         unet_eps)
 from .errors import GradientError, InputError, why_no_gradient
+from .images import Fit
 from .models.sd import SDModel
 from .report import UpdateReport
 
@@ -47,6 +48,7 @@ class InversionResult:
     settings: dict = dataclasses.field(default_factory=dict)
     image_size: tuple[int, int] = (0, 0)
     updates: UpdateReport = dataclasses.field(default_factory=UpdateReport)  # null-text
+    fit: Optional[Fit] = None    # how the photo was fitted to the model (vae.encode_photo)
 
     @property
     def num_steps(self) -> int:
@@ -181,8 +183,8 @@ def direct_offsets(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor, uncond: 
 
 def invert(sd: SDModel, z0: torch.Tensor, source_prompt: str, method: str = "null_text",
            steps: int = 50, guidance_scale: float = 7.5, inner_steps: int = 10,
-           image_size: tuple[int, int] = (0, 0), record_offsets: bool = False
-           ) -> InversionResult:
+           image_size: tuple[int, int] = (0, 0), record_offsets: bool = False,
+           fit: Optional[Fit] = None) -> InversionResult:
     """Invert latents ``z0`` (B,4,h,w, scaled) under ``source_prompt``.
 
     Direct inversion: the offset of step i is defined so that the guided source step
@@ -190,18 +192,24 @@ def invert(sd: SDModel, z0: torch.Tensor, source_prompt: str, method: str = "nul
     step it actually takes, i.e. its source branch follows the stored trajectory exactly,
     so no pre-pass is needed. ``record_offsets`` still computes them in a pre-pass (N
     guided UNet calls), e.g. for other samplers; re-adding offsets computed in another
-    batch layout lets float noise (~1e-6) grow through guidance."""
+    batch layout lets float noise (~1e-6) grow through guidance.
+
+    ``fit``: how the photo was fitted to the model (``vae.encode_photo``); the sampler
+    fits the mask the same way and its result is cropped back with it. A source prompt
+    past the text encoder's window is noted in the result's ``updates`` report."""
     _check(z0, method, steps)
     if sd.instruct:
         raise InputError("sd_model", "is an 8-channel instruction model",
                          "a text-to-image SD 1.x model for inversion",
                          "Load SD 1.5 with a checkpoint or diffusers loader for this branch.")
     sch = make_schedule(sd, steps)
-    cond = encode_prompt(sd, source_prompt)
+    report = UpdateReport()
+    cond = encode_prompt(sd, source_prompt, "source_prompt", report)
     empty = encode_prompt(sd, "")
     traj = ddim_trajectory(sd, z0, cond, sch)
     result = InversionResult(method, source_prompt, traj, sch.timesteps, guidance_scale,
-                             settings={"steps": steps}, image_size=image_size)
+                             settings={"steps": steps}, image_size=image_size,
+                             updates=report, fit=fit)
     if method == "null_text":
         result.null_embeddings = null_text_optimisation(sd, traj, cond, empty, sch,
                                                         guidance_scale, inner_steps,

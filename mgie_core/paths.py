@@ -249,15 +249,57 @@ def resolve(family: Family | str, name: str) -> Path:
         p = _hf_cache(repo)
         if p is not None and _valid(fam, p):
             return p
-    raise ModelNotFoundError(
-        fam.what, name, searched, fam.published,
-        hint=f"Put it in a '{fam.folder}' folder: ComfyUI's models/{fam.comfy_names[0]}, "
-             f"or <models dir>/{fam.folder} with --models-dir or {ENV_MODELS_DIR}.")
+    raise ModelNotFoundError(fam.what, name, searched, fam.published, hint=where_to_put(fam))
+
+
+def in_comfyui() -> bool:
+    """True when ComfyUI is the host: its adapter (``nodes/_comfy.py``) registered
+    ComfyUI's model folders as the first place to search."""
+    return _comfy_provider is not None
+
+
+def where_to_put(family: Family | str) -> str:
+    """Where a missing model of ``family`` goes, said for the host that runs the pack:
+    ComfyUI's model folders inside ComfyUI; the models dir options standalone."""
+    fam = FAMILIES[family] if isinstance(family, str) else family
+    if in_comfyui():
+        names = " or ".join(f"models/{n}" for n in fam.comfy_names)
+        return (f"Put it in ComfyUI's {names} folder (or a '{fam.comfy_names[0]}' folder "
+                f"that extra_model_paths.yaml adds), then refresh the node definitions "
+                f"(press R in the browser) so the loader lists it.")
+    return (f"Put it in a '{fam.folder}' folder inside a models folder and name that "
+            f"folder with --models-dir (xmgie run/check/batch) or the {ENV_MODELS_DIR} "
+            f"environment variable (Python: mgie_core.paths.configure(models_dir=...)).")
+
+
+def _cached_defaults(fam: Family) -> list[str]:
+    """Default names a local Hugging Face cache answers (no download): one default with
+    any of the family's repositories, else each default with its repository in order."""
+    if not fam.hf_repos:
+        return []
+    if len(fam.default_names) == 1:
+        pairs = [(fam.default_names[0], r) for r in fam.hf_repos]
+    else:
+        pairs = list(zip(fam.default_names, fam.hf_repos, strict=False))
+    out: list[str] = []
+    for name, repo in pairs:
+        if name not in out:
+            p = _hf_cache(repo)
+            if p is not None and _valid(fam, p):
+                out.append(name)
+    return out
 
 
 def list_models(family: Family | str) -> list[str]:
-    """Names to offer in a node's dropdown: what is found, then the published defaults
-    (picking a missing default gives the clear not-found error at run time)."""
+    """Names to offer in a node's dropdown.
+
+    Inside ComfyUI (:func:`in_comfyui`): only the models that exist (in its folders, the
+    models dirs, or the local Hugging Face cache under a default name), as ComfyUI's own
+    loaders list theirs, so its frontend can flag a workflow's missing model before the
+    run. Standalone (``xmgie run``/``check``, the library), the published default names
+    follow what is found: a workflow naming a missing default then reaches the loader's
+    not-found error, which says where to get the model and where to put it. Tiny mode:
+    the defaults, which it answers whatever the name."""
     fam = FAMILIES[family] if isinstance(family, str) else family
     if _tiny_root is not None:
         return list(fam.default_names)
@@ -270,8 +312,9 @@ def list_models(family: Family | str) -> list[str]:
                 found.append(p.relative_to(d).as_posix())
             elif fam.kind == "folder" and _valid(fam, p):
                 found.append(p.name)
+    more = _cached_defaults(fam) if in_comfyui() else list(fam.default_names)
     out = []
-    for n in found + list(fam.default_names):
+    for n in found + more:
         if n not in out:
             out.append(n)
     return out

@@ -53,6 +53,9 @@ class UpdateReport:
 
     def __init__(self):
         self._stages: dict[str, UpdateCounts] = {}
+        # Lines shown after the counts: what else the run must tell its user (e.g. the
+        # words a prompt lost to the text encoder's window).
+        self._notes: list[str] = []
         # (stage, step, finite, nonzero, logger): verdicts still on the device
         self._pending: list[tuple] = []
 
@@ -101,17 +104,26 @@ class UpdateReport:
             else:
                 self.applied(stage)
 
+    def note(self, text: str) -> None:
+        """Add a line the report shows after the counts (once)."""
+        if text and text not in self._notes:
+            self._notes.append(text)
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self._notes)
+
     def __bool__(self) -> bool:
-        return bool(self.stages)
+        return bool(self.stages) or bool(self._notes)
 
     def lines(self) -> list[str]:
-        return [c.line() for c in self.stages.values()]
+        return [c.line() for c in self.stages.values()] + self._notes
 
     def as_dicts(self) -> list[dict]:
         return [c.as_dict() for c in self.stages.values()]
 
     def log(self, logger: logging.Logger, what: str, level: int = logging.INFO) -> None:
-        for line in self.lines():
+        for line in [c.line() for c in self.stages.values()]:   # notes were logged as made
             logger.log(level, "%s: %s", what, line)
 
     def get(self, stage: str) -> Optional[UpdateCounts]:

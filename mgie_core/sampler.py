@@ -22,19 +22,20 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import attention, attention_hooks, host
+from . import attention, attention_hooks, host, vae
 from .architecture import architecture_of
 from .attention import COND, UNCOND, AttnContext, BatchLayout, Branch, Half
 from .control import Control, SamplingRun, check_controls
 from .diffusion import (Schedule, denoise_step, encode_prompt, instruct_solver, make_schedule,
                         token_ids, unet_eps)
 from .errors import InputError
+from .images import Fit, check_mask
 from .inversion import InversionResult
 from .models.conditioning import Conditioning
 from .models.sd import SDModel
 from .plan import EditPlan, find_phrase, from_plan, split_words
 from .report import UpdateReport
-from .tokens import find_word_tokens
+from .tokens import dropped_text, find_word_tokens, truncation_note
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class EditResult:
     settings: dict
     # Updates the optimising controls applied and skipped in this run.
     report: UpdateReport = dataclasses.field(default_factory=UpdateReport)
+    # How the photo was fitted to the model: vae.decode(sd, edit, fit=...) crops it back.
+    fit: Optional[Fit] = None
 
 
 def _finish(run: SamplingRun, controls: Sequence[Control]) -> None:
@@ -126,19 +129,38 @@ def _run_unet(run: SamplingRun, groups: list[tuple[BatchLayout, torch.Tensor, to
     return torch.cat(outs)
 
 
-def _validate_mask(mask, z: torch.Tensor, image_size) -> Optional[torch.Tensor]:
+def _validate_mask(mask, sd: SDModel, z: torch.Tensor, fit: Optional[Fit]
+                   ) -> Optional[torch.Tensor]:
+    """The run's mask, checked here once for every caller (the nodes pass it as given):
+    [B,H,W], not empty, of the photo's size (then fitted as the photo was, see
+    ``images.Fit.mask``), or of the size the model works on, or of the latent."""
     if mask is None:
         return None
-    from .images import check_mask
-
-    m = mask if mask.ndim == 3 else mask[None]
+    m = check_mask("mask", mask, allow_empty=True)
     hw = tuple(m.shape[1:])
     latent = _latent_hw(z)
-    if image_size and all(image_size) and hw != tuple(image_size) and hw != latent:
+    worked = (latent[0] * sd.vae_scale, latent[1] * sd.vae_scale)
+    photo = fit.size if fit is not None else worked
+    if hw not in (photo, worked, latent):
         raise InputError("mask", f"is {hw[1]}x{hw[0]} pixels but the image is "
-                         f"{image_size[1]}x{image_size[0]}", "a mask of the image's size",
-                         "Resize the mask to the image, or make it from this image.")
+                         f"{photo[1]}x{photo[0]}", "a mask of the image's size",
+                         "Resize the mask to the image (e.g. with a mask resize node), or "
+                         "make it from this image.")
+    if fit is not None:
+        m = fit.mask(m)
     return check_mask("mask", m, allow_empty=False, allow_full=True)
+
+
+def _cam_from_plan(cam: Optional[CAMSettings], plan: Optional[EditPlan],
+                   mask: Optional[torch.Tensor]) -> Optional[CAMSettings]:
+    """Two-branch CAM by ``plan.PLAN_RULE``: asked for (``cam`` given) with no in-words,
+    it takes the plan's edit words, but only where CAM can act, with a mask (empty
+    words otherwise mean "off")."""
+    if cam is None or cam.in_words or cam.whole_condition or mask is None:
+        return cam
+    words = from_plan("cam_in_words", [], plan, "edit_words", "words of the target prompt",
+                      required=False)
+    return dataclasses.replace(cam, in_words=words) if words else cam
 
 
 def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
@@ -150,8 +172,11 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     """Two-branch prompt-to-prompt editing from an inversion (text-to-image UNet).
 
     ``mask`` and ``plan`` are the run's edit context (``SamplingRun.mask``/``.plan``):
-    every control reads them unless it was given its own. An empty ``target_prompt``
-    takes the plan's (``plan.PLAN_RULE``).
+    every control reads them unless it was given its own. The mask is checked here
+    (callers pass it as given) and fitted as the photo was (``inversion.fit``). An empty
+    ``target_prompt`` takes the plan's, and CAM settings with no in-words take the plan's
+    edit words when there is a mask (``plan.PLAN_RULE``). A target prompt longer than the
+    text encoder's window is noted in the result's report with the words it loses.
 
     ``p2p_mode``: "refine" (default; words may be added or removed: aligned tokens take
     the reconstruction's cross-attention maps, new tokens keep theirs) or "replace" (word
@@ -175,16 +200,20 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     nulls = host.place(inversion.null_embeddings, sd.device, torch.float32) \
         if inversion.null_embeddings is not None else None
     z_T = traj[0]
-    mask = _validate_mask(mask, z_T, inversion.image_size)
+    fit = getattr(inversion, "fit", None)
+    mask = _validate_mask(mask, sd, z_T, fit)
+    cam = _cam_from_plan(cam, plan, mask)
 
-    cond_src = encode_prompt(sd, inversion.source_prompt)
-    cond_tgt = encode_prompt(sd, target_prompt)
+    report = UpdateReport()
+    cond_src = encode_prompt(sd, inversion.source_prompt)   # its Invert node said so
+    cond_tgt = encode_prompt(sd, target_prompt, "target_prompt", report)
     empty = encode_prompt(sd, "") if inversion.null_embeddings is None else None
     b = z_T.shape[0]
     controls = check_controls(controls)
     controller = attention.install(sd.unet)
     run = SamplingRun(sd, sch, BatchLayout(()), {REC: z_T.clone(), EDIT: z_T.clone()},
-                      controller, mask=mask, inversion=inversion, reference=traj, plan=plan)
+                      controller, mask=mask, inversion=inversion, reference=traj, plan=plan,
+                      report=report, fit=fit)
 
     hooks: list[attention.AttnHook] = []
     if p2p_mode == "refine":
@@ -258,11 +287,15 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
                        "cross_replace": cross_replace, "self_replace": self_replace,
                        "p2p_mode": p2p_mode, "batched": batched, "steps": n,
                        "inversion": inversion.method},
-                      run.report)
+                      run.report, fit)
 
 
 def encode_instruction(sd: SDModel, text: str) -> Conditioning:
-    return Conditioning(encode_prompt(sd, text).cpu(), encode_prompt(sd, "").cpu(), text, "clip")
+    """A CLIP-encoded instruction; words past the text encoder's window are logged and
+    kept on the condition (``dropped``), so the sampler's report names them too."""
+    cond = encode_prompt(sd, text, "instruction").cpu()       # logs the dropped words
+    dropped = dropped_text(sd.tokenizer, text) if text.strip() else ""
+    return Conditioning(cond, encode_prompt(sd, "").cpu(), text, "clip", dropped=dropped)
 
 
 WHOLE_CONDITION = "*"
@@ -300,7 +333,7 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
                   source_latent: Optional[torch.Tensor] = None,
                   cam: Optional[CAMSettings] = None, controls: Sequence[Control] = (),
                   batched: bool = True, scheduler: str = "euler_ancestral",
-                  plan: Optional[EditPlan] = None) -> EditResult:
+                  plan: Optional[EditPlan] = None, fit: Optional[Fit] = None) -> EditResult:
     """Instruction-UNet sampling (section 0): rows [cond,img], [null,img], [null,0];
     eps = e_u + s_T (e_text - e_img) + s_I (e_img - e_u).
 
@@ -314,7 +347,11 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
     match their authors' outputs. "ddim" is deterministic after the initial noise (the
     convention of the inversion-based stages, ALGORITHMS.md section 0).
 
-    ``mask`` and ``plan`` are the run's edit context, as in :func:`edit`."""
+    ``mask`` and ``plan`` are the run's edit context, as in :func:`edit`; ``fit`` is how
+    the photo was fitted to the model (:func:`vae.encode_photo`), for the mask and the
+    result. CAM settings with no in-words take the plan's by :func:`instruction_cam`
+    when there is a mask; typed in-words '*' mean the whole condition.
+    :func:`edit_instruct_photo` starts from the photo itself."""
     if not sd.instruct:
         raise InputError("sd_model", "has a 4-channel UNet",
                          "an 8-channel instruction model (InstructPix2Pix or MGIE)",
@@ -327,7 +364,11 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
     noise = torch.randn(img.shape, generator=gen).to(sd.device)
     cond = conditioning.cond.to(sd.device).float().expand(b, -1, -1)
     null = conditioning.null.to(sd.device).float().expand(b, -1, -1)
-    mask = _validate_mask(mask, img, None)
+    mask = _validate_mask(mask, sd, img, fit)
+    if cam is not None and list(cam.in_words) == [WHOLE_CONDITION]:
+        cam = dataclasses.replace(cam, in_words=(), whole_condition=True)
+    if cam is not None and not cam.in_words and not cam.whole_condition and mask is not None:
+        cam = instruction_cam(conditioning, "", plan) or cam
     controls = check_controls(controls)
     controller = attention.install(sd.unet)
 
@@ -336,7 +377,10 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
         z0 = source_latent.to(sd.device, torch.float32)
         reference = torch.stack([solver.noised(z0, noise, i) for i in range(steps + 1)])
     run = SamplingRun(sd, sch, BatchLayout(()), {EDIT: solver.start(noise)}, controller,
-                      mask=mask, reference=reference, plan=plan)
+                      mask=mask, reference=reference, plan=plan, fit=fit)
+    if conditioning.dropped:
+        run.report.note(truncation_note("instruction", conditioning.dropped,
+                                        int(getattr(sd.tokenizer, "model_max_length", 77))))
     if reference is not None:
         run.latents[REF] = reference[0]
 
@@ -402,4 +446,16 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
                       {"steps": steps, "text_scale": text_scale, "image_scale": image_scale,
                        "seed": seed, "batched": batched, "conditioning": conditioning.source,
                        "scheduler": scheduler},
-                      run.report)
+                      run.report, fit)
+
+
+def edit_instruct_photo(sd: SDModel, image: torch.Tensor, conditioning: Conditioning, *,
+                        fit: str = "pad", **kwargs) -> EditResult:
+    """:func:`edit_instruct` from a photo (IMAGE [1,H,W,3] in 0..1): checked, fitted to
+    the model's size step by ``fit`` (``images.FITS``), encoded, and sampled with its
+    latent as both the image condition and the reference branch's source. Decode the
+    result with ``vae.decode(sd, result.edit, fit=result.fit)`` to get the photo's size."""
+    lat = vae.encode_photo(sd, image, fit)
+    unscaled = lat.samples / sd.vae.config.scaling_factor
+    return edit_instruct(sd, unscaled, conditioning, source_latent=lat.samples, fit=lat.fit,
+                         **kwargs)

@@ -128,14 +128,23 @@ def dropped_text(tokenizer, prompt: str, max_length: Optional[int] = None) -> st
     return tokenizer.decode(ids[room:], skip_special_tokens=True).strip()
 
 
-def warn_if_truncated(tokenizer, prompt: str, name: str = "prompt") -> str:
+def truncation_note(name: str, dropped: str, limit: int = 77) -> str:
+    """The line that tells a user which words of prompt ``name`` were cut off."""
+    return (f"{name}: longer than the text encoder's {limit} tokens; these words are "
+            f"dropped: {dropped!r}. Shorten it (put what matters first).")
+
+
+def warn_if_truncated(tokenizer, prompt: str, name: str = "prompt", report=None) -> str:
     """Log which words of ``prompt`` the text encoder will not see (CLIP reads 75
-    prompt tokens); returns them ("" when nothing is dropped)."""
+    prompt tokens), and add the same line to ``report`` (a run's
+    :class:`~.report.UpdateReport`, shown in the node's text output) when given; returns
+    the dropped words ("" when nothing is dropped)."""
     if not isinstance(prompt, str) or not prompt.strip():
         return ""
     dropped = dropped_text(tokenizer, prompt)
     if dropped:
-        limit = int(getattr(tokenizer, "model_max_length", 77))
-        log.warning("%s is longer than the text encoder's %d tokens; these words are "
-                    "dropped: %r. Shorten it (put what matters first).", name, limit, dropped)
+        note = truncation_note(name, dropped, int(getattr(tokenizer, "model_max_length", 77)))
+        log.warning("%s", note)
+        if report is not None:
+            report.note(note)
     return dropped

@@ -21,12 +21,12 @@ only to be divided again.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from .errors import InputError
-from .images import check_finite, check_image
+from .images import LATENT_FIT_KEY, Fit, check_finite, check_image, fit_image
 from .models.sd import SDModel
 
 _VAE_FIX = ("The VAE produced them from finite input: its weights may be damaged, or half "
@@ -39,6 +39,7 @@ class Latents:
 
     samples: torch.Tensor   # [B,4,h,w] float32 on CPU
     image_size: tuple[int, int]
+    fit: Optional[Fit] = None   # how the photo was fitted to the model (encode_photo)
 
     def __repr__(self) -> str:
         return f"Latents({tuple(self.samples.shape)}, image {self.image_size})"
@@ -47,6 +48,28 @@ class Latents:
 def vae_scale_of(vae) -> int:
     """Pixels per latent cell of a diffusers AutoencoderKL (8 for SD 1.x)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def size_multiple(sd: SDModel) -> int:
+    """The step of the image sides the model edits at: the VAE's factor times the UNet's
+    (it halves the latent once per level but the last), 8 x 8 = 64 px for SD 1.x. The
+    attention controls address each UNet level at exactly 1/2, 1/4, 1/8 of the latent,
+    which holds only on this grid."""
+    levels = len(getattr(sd.unet.config, "block_out_channels", (0,)))
+    return sd.vae_scale * 2 ** max(0, levels - 1)
+
+
+def encode_photo(sd: SDModel, image: torch.Tensor, fit: str = "pad", name: str = "image",
+                 multiple: Optional[int] = None, max_batch: Optional[int] = 1,
+                 scaled: bool = True) -> Latents:
+    """A photo checked, fitted to the model's size step (``fit``: ``images.FITS``;
+    ``multiple`` defaults to :func:`size_multiple`) and encoded (:func:`encode`). The
+    result's ``fit`` says how to crop the edit back (:func:`decode` reads it)."""
+    fitted, how = fit_image(name, image, multiple or size_multiple(sd), fit,
+                            max_batch=max_batch)
+    lat = encode(sd, fitted.clone(), name, scaled=scaled)
+    lat.fit = how
+    return lat
 
 
 @torch.no_grad()
@@ -88,7 +111,7 @@ def decode_with(vae, latents: Latents | torch.Tensor, device, dtype, name: str =
 
 
 def decode(sd: SDModel, latents: Latents | torch.Tensor, name: str = "latent",
-           scaled: bool = True, to_cpu: bool = True) -> torch.Tensor:
+           scaled: bool = True, to_cpu: bool = True, fit: Optional[Fit] = None) -> torch.Tensor:
     """Images [B,H,W,3] in 0..1. NaN/Inf latents are refused before decoding, and a
     decoder that turns finite latents into NaN/Inf pixels is an error, not a black image.
     ``scaled=False``: the latents are raw (ComfyUI's LATENT samples).
@@ -96,17 +119,45 @@ def decode(sd: SDModel, latents: Latents | torch.Tensor, name: str = "latent",
     ``to_cpu``: the image on the host (ComfyUI's IMAGE convention, what the node hands
     on). A library pipeline that goes on to the seam blur passes False and gets the
     image on the model's device (float32), so decode -> GB never round-trips through the
-    host (:func:`blur.gb_blur` runs on the image's device)."""
-    return decode_with(sd.vae, latents, sd.device, sd.dtype, name, scaled, to_cpu)
+    host (:func:`blur.gb_blur` runs on the image's device).
+
+    ``fit`` (default: a :class:`Latents`' own): how the photo was fitted to the model; a
+    padded photo's edit is cropped back to the photo's size."""
+    fit = fit or (latents.fit if isinstance(latents, Latents) else None)
+    image = decode_with(sd.vae, latents, sd.device, sd.dtype, name, scaled, to_cpu)
+    return fit.undo(image) if fit is not None else image
 
 
 # --- ComfyUI's LATENT ---------------------------------------------------------------------
 
-def to_comfy_latent(latents: Latents | torch.Tensor, scaling_factor: float) -> dict:
+def to_comfy_latent(latents: Latents | torch.Tensor, scaling_factor: float,
+                    fit: Optional[Fit] = None) -> dict:
     """A library latent (scaled) as ComfyUI's LATENT: ``{"samples": z / factor}``, float32
-    on the CPU, as ComfyUI's VAEEncode gives it."""
+    on the CPU, as ComfyUI's VAEEncode gives it. A fitted photo's latent also carries how
+    it was fitted (``images.LATENT_FIT_KEY``; ``fit``, default a :class:`Latents`' own),
+    so xMGIE VAE Decode crops the edit back; other nodes ignore the extra key, as
+    ComfyUI's nodes do with keys they do not know."""
     z = latents.samples if isinstance(latents, Latents) else latents
-    return {"samples": (z.float() / scaling_factor).cpu()}
+    fit = fit or (latents.fit if isinstance(latents, Latents) else None)
+    out = {"samples": (z.float() / scaling_factor).cpu()}
+    if fit is not None and fit.changed:
+        out[LATENT_FIT_KEY] = fit.as_dict()
+    return out
+
+
+def latent_fit(value: Any, vae_scale: int) -> Optional[Fit]:
+    """How the photo of a LATENT was fitted (:func:`to_comfy_latent`), or None. A fit is
+    only believed while the samples still have its size (``vae_scale`` pixels per latent
+    cell): a node that resized the latent and copied the dict along leaves a stale one,
+    which is ignored."""
+    if not isinstance(value, dict) or LATENT_FIT_KEY not in value:
+        return None
+    fit = Fit.from_dict(value[LATENT_FIT_KEY])
+    z = value.get("samples")
+    if fit is None or not isinstance(z, torch.Tensor) or z.ndim != 4:
+        return None
+    size = (int(z.shape[-2]) * vae_scale, int(z.shape[-1]) * vae_scale)
+    return fit if size == tuple(fit.fitted) else None
 
 
 def comfy_latent_samples(name: str, value: Any, channels: int = 4) -> torch.Tensor:

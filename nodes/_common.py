@@ -18,9 +18,11 @@ their model inputs (the SD 1.5 model under MGIE's UNet) are only read, not run.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 from ..mgie_core import memory
+from ..mgie_core.images import FITS, check_mask
 from ..mgie_core.plan import PLAN_RULE, from_plan
 
 PREFIX = "XMGIE"
@@ -66,6 +68,21 @@ def inp(tooltip: str, **opts: Any) -> dict:
     return {"tooltip": tooltip, **opts}
 
 
+def fit_input(step: str = "the model's size step (64 px for SD 1.x)") -> tuple:
+    """The optional ``fit`` input of a node that encodes a photo: how a photo whose sides
+    are not multiples of ``step`` is fitted (``mgie_core.images.FITS``). Optional with a
+    default, so workflows saved before it existed load unchanged."""
+    return (list(FITS), inp(
+        f"How a photo whose sides are not multiples of {step} is fitted. pad (default): "
+        "reflect-pad it, work on it, and crop the result back, so the output has the "
+        "photo's exact size (the padded border is never edited: masks are padded with "
+        "zeros). crop: centre-crop it (the output is smaller, as with ComfyUI's VAE "
+        "Encode). refuse: stop with an error naming the size.", default="pad"))
+
+
+FIT_INPUT = fit_input()
+
+
 def uses_models(cls: type) -> type:
     """Wrap ``cls``'s FUNCTION so it runs inside ``memory.use`` of the loaded models among
     its arguments (models, and controls holding models, e.g. an identity encoder)."""
@@ -101,3 +118,52 @@ def report_output(result: tuple, report) -> Any:
     if not report:
         return full
     return {"ui": {"text": report.lines(), "updates": report.as_dicts()}, "result": full}
+
+
+# --- control nodes ------------------------------------------------------------------------
+
+# A control's own mask and plan: an override of the sampler's (mgie_core/control.py).
+MASK_RULE = ("Empty (not connected): the sampler's mask is used, as by every control; a mask "
+             "connected here overrides it for this control only.")
+PLAN_RULE_CONTROL = ("Not connected: the sampler's plan is used (a plan connected here "
+                     "overrides it for this control only).")
+
+
+class ControlNode:
+    """The glue every control node shares: it makes one ``mgie_core`` control from its
+    inputs (:meth:`control`, the subclass's one job) with its own ``mask`` checked, and
+    appends it to the ``controls`` chained in before it. The sampler, not the node,
+    applies the run's mask and plan to every control (``mgie_core.control``).
+
+    ``make`` takes the node's inputs as :meth:`control` declares them (ComfyUI passes
+    them by name; a Python caller may pass the leading ones in that order) plus
+    ``controls``."""
+
+    CATEGORY = category("editing/controls")
+    RETURN_TYPES = (CONTROLS,)
+    RETURN_NAMES = ("controls",)
+    FUNCTION = "make"
+
+    CHAIN_INPUT = (CONTROLS, inp("Controls to chain before this one."))
+
+    @staticmethod
+    def mask_input(before: str, after: str = "") -> tuple:
+        """The optional own-mask input: what the mask is for, the override rule, and
+        what happens with neither mask."""
+        return ("MASK", inp(f"{before} {MASK_RULE}" + (f" {after}" if after else "")))
+
+    @staticmethod
+    def plan_input(what: str) -> tuple:
+        return (PLAN, inp(f"{what} {PLAN_RULE_CONTROL}"))
+
+    def control(self, *args, **kwargs):
+        """The control made from this node's inputs, among them ``mask``: its own mask
+        (checked) or None."""
+        raise NotImplementedError
+
+    def make(self, *args, controls=None, **kwargs):
+        bound = inspect.signature(self.control).bind(*args, **kwargs)
+        mask = bound.arguments.get("mask")
+        if mask is not None:
+            bound.arguments["mask"] = check_mask("mask", mask.clone())
+        return (list(controls or []) + [self.control(*bound.args, **bound.kwargs)],)

@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 from ..mgie_core import astar
-from ..mgie_core.images import check_mask
 from ..mgie_core.plan import split_words
-from ._common import CONTROLS, PLAN, PREFIX, category, inp
-from .editing import MASK_RULE, PLAN_RULE_CONTROL
+from ._common import PREFIX, ControlNode, inp
 
 
-class AStarControlNode:
+class AStarControlNode(ControlNode):
     NODE_ID = f"{PREFIX}AStarControl"
     DISPLAY_NAME = "xMGIE A-STAR Concept Separation"
-    CATEGORY = category("editing/controls")
     DESCRIPTION = ("A-STAR (attention segregation and retention): in the early steps, nudges "
                    "the edit latent so the cross-attention maps of the listed concept words "
                    "of the target prompt overlap less and each keeps the region it had at the "
                    "step before, against concepts merging or vanishing in multi-concept "
                    "prompts ('a cat and a dog').")
-    RETURN_TYPES = (CONTROLS,)
-    RETURN_NAMES = ("controls",)
-    FUNCTION = "make"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -39,20 +33,17 @@ class AStarControlNode:
                                        "least this fraction of its peak.",
                                        default=0.5, min=0.01, max=1.0, step=0.05)),
         }, "optional": {
-            "mask": ("MASK", inp("Only change the latent inside this region (white). "
-                                 + MASK_RULE + " With neither, the latent changes "
-                                 "everywhere.")),
-            "controls": (CONTROLS, inp("Controls to chain before this one.")),
-            "plan": (PLAN, inp("Optional edit plan for words (typed words win, empty ones "
-                               "take the plan's edit words). " + PLAN_RULE_CONTROL)),
+            "mask": cls.mask_input("Only change the latent inside this region (white).",
+                                   "With neither, the latent changes everywhere."),
+            "controls": cls.CHAIN_INPUT,
+            "plan": cls.plan_input("Optional edit plan for words (typed words win, empty "
+                                   "ones take the plan's edit words)."),
         }}
 
-    def make(self, words, steps_fraction, step_size, threshold, mask=None, controls=None,
-             plan=None):
-        m = check_mask("mask", mask.clone()) if mask is not None else None
-        ctrl = astar.AStarControl(split_words(words), steps_fraction=steps_fraction,
-                                  step_size=step_size, threshold=threshold, mask=m, plan=plan)
-        return (list(controls or []) + [ctrl],)
+    def control(self, words, steps_fraction, step_size, threshold, mask=None, plan=None):
+        return astar.AStarControl(split_words(words), steps_fraction=steps_fraction,
+                                  step_size=step_size, threshold=threshold, mask=mask,
+                                  plan=plan)
 
 
 NODES = [AStarControlNode]

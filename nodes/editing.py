@@ -6,22 +6,14 @@ from ..mgie_core import inversion as inv_mod
 from ..mgie_core import pfb, sampler, vae
 from ..mgie_core.attention_hooks import CAMHook
 from ..mgie_core.diffusion import INSTRUCT_SCHEDULERS
-from ..mgie_core.images import check_finite, check_image, check_mask
+from ..mgie_core.images import check_finite
 from ..mgie_core.mag import MAGControl
 from ..mgie_core.models.compile import compile_unet
 from ..mgie_core.plan import split_words
-from ._common import (CONDITIONING, CONTROLS, INVERSION, LATENT, PLAN, PREFIX, SD_MODEL,
-                      UPDATES_TOOLTIP, category, fill, inp, plan_input, report_output)
-
-# A control's own mask and plan: an override of the sampler's (mgie_core/control.py).
-MASK_RULE = ("Empty (not connected): the sampler's mask is used, as by every control; a mask "
-             "connected here overrides it for this control only.")
-PLAN_RULE_CONTROL = ("Not connected: the sampler's plan is used (a plan connected here "
-                     "overrides it for this control only).")
-
-
-def _mask(mask, image_hw):
-    return check_mask("mask", mask, size=image_hw)
+from ..mgie_core.tokens import truncation_note
+from ._common import (CONDITIONING, CONTROLS, FIT_INPUT, INVERSION, LATENT, PREFIX, SD_MODEL,
+                      UPDATES_TOOLTIP, ControlNode, category, fill, inp, plan_input,
+                      report_output)
 
 
 _DIVERGED = ("The sampler produced them from finite inputs: the model's weights may be "
@@ -50,7 +42,9 @@ class Invert:
     DESCRIPTION = ("Inverts a photo into the diffusion trajectory under its source prompt: "
                    "DDIM, null-text (optimised, slow), negative-prompt or direct (no "
                    "optimisation, exact reconstruction). Feeds the two-branch sampler. "
-                   "Null-text reports the optimiser updates it applied and skipped.")
+                   "Null-text reports the optimiser updates it applied and skipped. A photo "
+                   "of any size is padded to the model's 64 px step and the edit cropped "
+                   "back by xMGIE VAE Decode (fit).")
     RETURN_TYPES = (INVERSION, LATENT, "STRING")
     RETURN_NAMES = ("inversion", "latent", "updates")
     OUTPUT_TOOLTIPS = ("The inversion (trajectory, prompts, null embeddings) for the sampler.",
@@ -61,7 +55,7 @@ class Invert:
     def INPUT_TYPES(cls):
         return {"required": {
             "sd_model": (SD_MODEL, inp("Text-to-image SD 1.x model.")),
-            "image": ("IMAGE", inp("Photo to edit (RGB, sides multiples of 8).")),
+            "image": ("IMAGE", inp("Photo to edit (RGB, any size; see fit).")),
             "source_prompt": ("STRING", inp("What the photo shows, e.g. 'a cat wearing a "
                                             "blue shirt'. Empty: the plan's source prompt.",
                                             multiline=True, default="")),
@@ -77,32 +71,28 @@ class Invert:
                                        default=10, min=1, max=100)),
         }, "optional": {
             "plan": plan_input("source_prompt"),
+            "fit": FIT_INPUT,
         }}
 
     def invert(self, sd_model, image, source_prompt, method, steps, guidance, inner_steps,
-               plan=None):
+               plan=None, fit="pad"):
         source_prompt = fill("source_prompt", source_prompt, plan, "source_prompt",
                              "a caption of the photo, e.g. 'a cat wearing a blue shirt'")
-        image = check_image("image", image, multiple_of=sd_model.vae_scale, max_batch=1)
-        lat = vae.encode(sd_model, image.clone())
+        lat = vae.encode_photo(sd_model, image, fit)
         result = inv_mod.invert(sd_model, lat.samples, source_prompt, method=method,
                                 steps=steps, guidance_scale=guidance, inner_steps=inner_steps,
-                                image_size=tuple(image.shape[1:3]))
+                                image_size=tuple(lat.fit.fitted), fit=lat.fit)
         return report_output((result, vae.to_comfy_latent(lat, sd_model.vae.config.scaling_factor)),
                              result.updates)
 
 
-class PFBControlNode:
+class PFBControlNode(ControlNode):
     NODE_ID = f"{PREFIX}PFBControl"
     DISPLAY_NAME = "xMGIE PFB Feature Blending"
-    CATEGORY = category("editing/controls")
     DESCRIPTION = ("Progressive feature blending (PFB-Diff): inside the sampler, UNet "
                    "features outside the mask are taken from the reconstruction branch, "
                    "and early latents are blended, so the background stays the photo's. "
                    "Uses the sampler's mask unless a mask is connected here.")
-    RETURN_TYPES = (CONTROLS,)
-    RETURN_NAMES = ("controls",)
-    FUNCTION = "make"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -120,9 +110,8 @@ class PFBControlNode:
             "latent_blend": ("BOOLEAN", inp("Also blend latents in the early steps.",
                                             default=True)),
         }, "optional": {
-            "mask": ("MASK", inp("Edit region (white). " + MASK_RULE + " PFB needs one of "
-                                 "the two.")),
-            "controls": (CONTROLS, inp("Controls to chain before this one.")),
+            "mask": cls.mask_input("Edit region (white).", "PFB needs one of the two."),
+            "controls": cls.CHAIN_INPUT,
             "reference": (list(pfb.REFERENCES), inp(
                 "Which reference features each guidance half of the edit blends with. "
                 "cond (default, PFB-Diff's code): every half takes the reference's "
@@ -137,13 +126,10 @@ class PFBControlNode:
                 default="pfb_diff")),
         }}
 
-    def make(self, mask=None, preset="object", alpha=1.0, latent_blend=True, controls=None,
-             reference="cond", placement="pfb_diff"):
-        own = check_mask("mask", mask.clone()) if mask is not None else None
-        ctrl = pfb.PFBControl(own, preset=preset, alpha=alpha,
-                              latent_blend=latent_blend, reference=reference,
-                              placement=placement)
-        return (list(controls or []) + [ctrl],)
+    def control(self, mask=None, preset="object", alpha=1.0, latent_blend=True,
+                reference="cond", placement="pfb_diff"):
+        return pfb.PFBControl(mask, preset=preset, alpha=alpha, latent_blend=latent_blend,
+                              reference=reference, placement=placement)
 
 
 class CAMSampler:
@@ -208,25 +194,20 @@ class CAMSampler:
                cross_replace, self_replace, batched, mask=None, controls=None,
                p2p_mode="refine", plan=None, compile_unet="off"):
         _compile(sd_model, compile_unet)
-        target_prompt = fill("target_prompt", target_prompt, plan, "target_prompt",
-                             "the source prompt with the edit, e.g. 'a cat wearing a red "
-                             "shirt'")
-        # The plan's words only where CAM can act: with a mask (empty words mean "off").
-        in_words = fill("cam_in_words", cam_in_words, plan if mask is not None else None,
-                        "edit_words", "words of the target prompt", required=False)
-        cam = sampler.CAMSettings(in_words, split_words(cam_out_words), cam_mode,
-                                  CAMHook.DEFAULT_LAYERS)
-        m = _mask(mask, inversion.image_size) if mask is not None else None
-        res = sampler.edit(sd_model, inversion, target_prompt, mask=m, cam=cam,
+        # The sampler checks the mask, fits it as the photo was, and fills the empty
+        # target prompt and CAM words from the plan (mgie_core.plan.PLAN_RULE).
+        cam = sampler.CAMSettings(split_words(cam_in_words), split_words(cam_out_words),
+                                  cam_mode, CAMHook.DEFAULT_LAYERS)
+        res = sampler.edit(sd_model, inversion, target_prompt, mask=mask, cam=cam,
                            controls=list(controls or []), cross_replace=cross_replace,
                            self_replace=self_replace, batched=batched, p2p_mode=p2p_mode,
                            plan=plan)
         factor = sd_model.vae.config.scaling_factor
         return report_output((vae.to_comfy_latent(_finite_latent("edited latent", res.edit.cpu()),
-                                                  factor),
+                                                  factor, res.fit),
                               vae.to_comfy_latent(_finite_latent("reconstruction latent",
                                                                  res.reconstruction.cpu()),
-                                                  factor)),
+                                                  factor, res.fit)),
                              res.report)
 
 
@@ -255,7 +236,14 @@ class EncodeInstruction:
     def encode(self, sd_model, instruction, plan=None):
         instruction = fill("instruction", instruction, plan, "expressive_instruction",
                            "an edit instruction, e.g. 'make the carpet yellow'")
-        return (sampler.encode_instruction(sd_model, instruction),)
+        cond = sampler.encode_instruction(sd_model, instruction)
+        if not cond.dropped:
+            return (cond,)
+        # Shown in ComfyUI's history and printed by `xmgie run`; the instruction sampler's
+        # text output repeats it.
+        note = truncation_note("instruction", cond.dropped,
+                               int(getattr(sd_model.tokenizer, "model_max_length", 77)))
+        return {"ui": {"text": [note]}, "result": (cond,)}
 
 
 class InstructSampler:
@@ -264,7 +252,8 @@ class InstructSampler:
     CATEGORY = category("instruction")
     DESCRIPTION = ("Samples an 8-channel instruction UNet (InstructPix2Pix or MGIE) with "
                    "text and image guidance; CAM and chained controls (PFB) keep the edit "
-                   "inside the mask.")
+                   "inside the mask. A photo of any size is padded to the model's 64 px "
+                   "step and the edit cropped back by xMGIE VAE Decode (fit).")
     RETURN_TYPES = (LATENT, "STRING")
     RETURN_NAMES = ("edited", "updates")
     OUTPUT_TOOLTIPS = ("The edited latent (ComfyUI's LATENT).", UPDATES_TOOLTIP)
@@ -274,7 +263,7 @@ class InstructSampler:
     def INPUT_TYPES(cls):
         return {"required": {
             "sd_model": (SD_MODEL, inp("8-channel instruction model.")),
-            "image": ("IMAGE", inp("Photo to edit (RGB, sides multiples of 8).")),
+            "image": ("IMAGE", inp("Photo to edit (RGB, any size; see fit).")),
             "conditioning": (CONDITIONING, inp("From Encode Instruction or MGIE.")),
             "steps": ("INT", inp("Sampling steps (MGIE and InstructPix2Pix use 100).",
                                  default=100, min=1, max=1000)),
@@ -302,41 +291,35 @@ class InstructSampler:
             "plan": plan_input("cam_in_words, and is the run's plan for every chained "
                                "control that has none of its own"),
             "compile_unet": _COMPILE_INPUT,
+            "fit": FIT_INPUT,
         }}
 
     def sample(self, sd_model, image, conditioning, steps, text_scale, image_scale, seed,
                cam_in_words, batched, mask=None, controls=None, scheduler="euler_ancestral",
-               plan=None, compile_unet="off"):
+               plan=None, compile_unet="off", fit="pad"):
         _compile(sd_model, compile_unet)
-        image = check_image("image", image, multiple_of=sd_model.vae_scale, max_batch=1)
-        m = _mask(mask, tuple(image.shape[1:3])) if mask is not None else None
-        mode = vae.encode(sd_model, image.clone())          # scaled posterior mode
-        unscaled = mode.samples / sd_model.vae.config.scaling_factor
-        cam = sampler.instruction_cam(conditioning, cam_in_words,
-                                      plan if m is not None else None)
-        res = sampler.edit_instruct(sd_model, unscaled, conditioning, steps=steps,
-                                    text_scale=text_scale, image_scale=image_scale, seed=seed,
-                                    mask=m, source_latent=mode.samples, cam=cam,
-                                    controls=list(controls or []), batched=batched,
-                                    scheduler=scheduler, plan=plan)
+        # The library checks and fits the photo and the mask, and fills empty CAM words
+        # from the plan ('*': the whole condition).
+        res = sampler.edit_instruct_photo(
+            sd_model, image, conditioning, fit=fit, steps=steps, text_scale=text_scale,
+            image_scale=image_scale, seed=seed, mask=mask,
+            cam=sampler.CAMSettings(split_words(cam_in_words)), controls=list(controls or []),
+            batched=batched, scheduler=scheduler, plan=plan)
         return report_output((vae.to_comfy_latent(_finite_latent("edited latent",
                                                                   res.edit.cpu()),
-                                                  sd_model.vae.config.scaling_factor),),
+                                                  sd_model.vae.config.scaling_factor,
+                                                  res.fit),),
                              res.report)
 
 
-class MAGControlNode:
+class MAGControlNode(ControlNode):
     NODE_ID = f"{PREFIX}MAGControl"
     DISPLAY_NAME = "xMGIE MAG Attention Guidance"
-    CATEGORY = category("editing/controls")
     DESCRIPTION = ("MAG-Edit's mask-based attention-adjusted guidance: in the early steps "
                    "the edit latent is optimised inside the mask so the edit words' "
                    "cross-attention concentrates there; late steps blend the background "
                    "back from the reconstruction. Uses the sampler's mask and plan unless "
                    "its own are connected.")
-    RETURN_TYPES = (CONTROLS,)
-    RETURN_NAMES = ("controls",)
-    FUNCTION = "make"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -361,25 +344,21 @@ class MAGControlNode:
                                             "background from the reconstruction (15 of 50).",
                                             default=0.3, min=0.0, max=1.0, step=0.02)),
         }, "optional": {
-            "mask": ("MASK", inp("Edit region (white): where the loss pulls the words, "
-                                 "where the latent changes and what the late blend keeps. "
-                                 + MASK_RULE + " MAG needs one of the two.")),
-            "controls": (CONTROLS, inp("Controls to chain before this one.")),
-            "plan": (PLAN, inp("Optional edit plan for words and negative_words (typed "
-                               "words win, empty ones take the plan's). "
-                               + PLAN_RULE_CONTROL)),
+            "mask": cls.mask_input("Edit region (white): where the loss pulls the words, "
+                                   "where the latent changes and what the late blend keeps.",
+                                   "MAG needs one of the two."),
+            "controls": cls.CHAIN_INPUT,
+            "plan": cls.plan_input("Optional edit plan for words and negative_words (typed "
+                                   "words win, empty ones take the plan's)."),
         }}
 
-    def make(self, mask=None, words="", negative_words="", opt_fraction=0.5, iterations=15,
-             scale=2.5, spatial_ratio=False, negative_weight=5.5, blend_fraction=0.3,
-             controls=None, plan=None):
-        own = check_mask("mask", mask.clone()) if mask is not None else None
-        ctrl = MAGControl(own, split_words(words),
-                          split_words(negative_words), opt_fraction=opt_fraction,
-                          iterations=iterations, scale=scale, use_spatial_ratio=spatial_ratio,
-                          negative_weight=negative_weight, blend_fraction=blend_fraction,
-                          plan=plan)
-        return (list(controls or []) + [ctrl],)
+    def control(self, mask=None, words="", negative_words="", opt_fraction=0.5, iterations=15,
+                scale=2.5, spatial_ratio=False, negative_weight=5.5, blend_fraction=0.3,
+                plan=None):
+        return MAGControl(mask, split_words(words), split_words(negative_words),
+                          opt_fraction=opt_fraction, iterations=iterations, scale=scale,
+                          use_spatial_ratio=spatial_ratio, negative_weight=negative_weight,
+                          blend_fraction=blend_fraction, plan=plan)
 
 
 NODES = [Invert, PFBControlNode, MAGControlNode, CAMSampler, EncodeInstruction, InstructSampler]

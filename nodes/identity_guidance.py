@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from ..mgie_core import identity_guidance as idg
 from ..mgie_core.images import check_image, check_mask
-from ._common import CONTROLS, IDENTITY_ENCODER, PLAN, PREFIX, category, inp
-from .editing import MASK_RULE, PLAN_RULE_CONTROL
+from ._common import IDENTITY_ENCODER, PREFIX, ControlNode, category, inp
 
 ID_EMBEDDING = "XMGIE_ID_EMBEDDING"   # mgie_core.identity_guidance.IdentityEmbedding
 
@@ -45,19 +44,15 @@ class IdentityEmbed:
         return (idg.embed_identity(identity_encoder, image, mask, crop_margin),)
 
 
-class IdentityGuidanceNode:
+class IdentityGuidanceNode(ControlNode):
     NODE_ID = f"{PREFIX}IdentityGuidance"
     DISPLAY_NAME = "xMGIE Identity Guidance"
-    CATEGORY = category("editing/controls")
     DESCRIPTION = ("Identity guidance inside the sampler: during a window of steps, the "
                    "predicted clean image is decoded and the latent is nudged (inside the "
                    "mask) towards the source's identity embedding, by the gradient of "
                    "1 - cos(E_id(decoded), e_id). Chain it into the two-branch sampler. "
                    "With an edit plan whose subject is not a person it stands aside (the "
                    "sampler's text output says so).")
-    RETURN_TYPES = (CONTROLS,)
-    RETURN_NAMES = ("controls",)
-    FUNCTION = "make"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -81,11 +76,11 @@ class IdentityGuidanceNode:
                 "(least memory, approximate). none: fastest, most memory.",
                 default="checkpoint")),
         }, "optional": {
-            "mask": ("MASK", inp("Region where the latent may change (the subject). "
-                                 + MASK_RULE + " Identity guidance needs one of the two.")),
-            "controls": (CONTROLS, inp("Controls to chain before this one.")),
-            "plan": (PLAN, inp("Optional edit plan: says whether the subject is a person. "
-                               + PLAN_RULE_CONTROL)),
+            "mask": cls.mask_input("Region where the latent may change (the subject).",
+                                   "Identity guidance needs one of the two."),
+            "controls": cls.CHAIN_INPUT,
+            "plan": cls.plan_input("Optional edit plan: says whether the subject is a "
+                                   "person."),
             "only_people": ("BOOLEAN", inp(
                 "On: when the edit plan (this node's, else the sampler's) says the subject "
                 "is not a person, stand aside for the run (no update; the sampler's text "
@@ -93,14 +88,11 @@ class IdentityGuidanceNode:
                 "with a CLIP encoder for objects).", default=True)),
         }}
 
-    def make(self, identity_encoder, embedding, start, end, weight, memory, mask=None,
-             controls=None, plan=None, only_people=True):
-        if mask is not None:
-            mask = check_mask("mask", mask.clone())
-        ctrl = idg.IdentityGuidance(identity_encoder, embedding, mask=mask, start=start,
+    def control(self, identity_encoder, embedding, start, end, weight, memory, mask=None,
+                plan=None, only_people=True):
+        return idg.IdentityGuidance(identity_encoder, embedding, mask=mask, start=start,
                                     end=end, weight=weight, memory=memory, plan=plan,
                                     only_people=only_people)
-        return (list(controls or []) + [ctrl],)
 
 
 NODES = [IdentityEmbed, IdentityGuidanceNode]

@@ -10,70 +10,62 @@ DTYPES = list(sd.DTYPES)
 _DTYPE_TIP = "Weights' precision. auto = fp16 on a CUDA GPU, fp32 on the CPU."
 
 
-class LoadCheckpoint:
+class SDLoader:
+    """One loader node for the SD 1.x models that are read by name and precision alone
+    (a single-file checkpoint, a diffusers folder, an InstructPix2Pix folder): a
+    subclass says which family it lists (``FAMILY``), its name input (``NAME_INPUT``,
+    kept as saved workflows have it) and the library loader it calls (``LOADER``)."""
+
+    CATEGORY = category("loaders")
+    RETURN_TYPES = (SD_MODEL,)
+    RETURN_NAMES = ("sd_model",)
+    FUNCTION = "load"
+
+    FAMILY: paths.Family
+    NAME_INPUT = "model"
+    NAME_TOOLTIP = ""
+    LOADER = staticmethod(sd.load_sd_diffusers)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            cls.NAME_INPUT: (paths.list_models(cls.FAMILY), inp(cls.NAME_TOOLTIP)),
+            "dtype": (DTYPES, inp(_DTYPE_TIP, default="auto")),
+        }}
+
+    def load(self, dtype="auto", **name):
+        return (self.LOADER(name[self.NAME_INPUT], dtype=dtype),)
+
+
+class LoadCheckpoint(SDLoader):
     NODE_ID = f"{PREFIX}LoadCheckpoint"
     DISPLAY_NAME = "xMGIE Load SD1.x Checkpoint"
-    CATEGORY = category("loaders")
     DESCRIPTION = ("Loads a Stable Diffusion 1.x single-file checkpoint (.safetensors or "
                    ".ckpt from models/checkpoints) with the pack's SD 1.5 configs, offline.")
-    RETURN_TYPES = (SD_MODEL,)
-    RETURN_NAMES = ("sd_model",)
-    FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "ckpt_name": (paths.list_models(paths.SD_CHECKPOINT),
-                          inp("SD 1.x checkpoint file in models/checkpoints.")),
-            "dtype": (DTYPES, inp(_DTYPE_TIP, default="auto")),
-        }}
-
-    def load(self, ckpt_name, dtype):
-        return (sd.load_sd_checkpoint(ckpt_name, dtype=dtype),)
+    FAMILY = paths.SD_CHECKPOINT
+    NAME_INPUT = "ckpt_name"
+    NAME_TOOLTIP = "SD 1.x checkpoint file in models/checkpoints."
+    LOADER = staticmethod(sd.load_sd_checkpoint)
 
 
-class LoadDiffusers:
+class LoadDiffusers(SDLoader):
     NODE_ID = f"{PREFIX}LoadDiffusers"
     DISPLAY_NAME = "xMGIE Load SD1.x Diffusers Folder"
-    CATEGORY = category("loaders")
     DESCRIPTION = ("Loads a Stable Diffusion 1.x model from a diffusers folder "
                    "(models/diffusers/<name>, or the local Hugging Face cache), offline.")
-    RETURN_TYPES = (SD_MODEL,)
-    RETURN_NAMES = ("sd_model",)
-    FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": (paths.list_models(paths.SD_DIFFUSERS),
-                      inp("Diffusers folder in models/diffusers.")),
-            "dtype": (DTYPES, inp(_DTYPE_TIP, default="auto")),
-        }}
-
-    def load(self, model, dtype):
-        return (sd.load_sd_diffusers(model, dtype=dtype),)
+    FAMILY = paths.SD_DIFFUSERS
+    NAME_TOOLTIP = "Diffusers folder in models/diffusers."
+    LOADER = staticmethod(sd.load_sd_diffusers)
 
 
-class LoadInstructPix2Pix:
+class LoadInstructPix2Pix(SDLoader):
     NODE_ID = f"{PREFIX}LoadInstructPix2Pix"
     DISPLAY_NAME = "xMGIE Load InstructPix2Pix"
-    CATEGORY = category("loaders")
     DESCRIPTION = ("Loads an 8-channel instruction model (InstructPix2Pix diffusers "
                    "layout) for instruction-guided sampling.")
-    RETURN_TYPES = (SD_MODEL,)
-    RETURN_NAMES = ("sd_model",)
-    FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": (paths.list_models(paths.IP2P_DIFFUSERS),
-                      inp("InstructPix2Pix diffusers folder in models/diffusers.")),
-            "dtype": (DTYPES, inp(_DTYPE_TIP, default="auto")),
-        }}
-
-    def load(self, model, dtype):
-        return (sd.load_instruct_diffusers(model, dtype=dtype),)
+    FAMILY = paths.IP2P_DIFFUSERS
+    NAME_TOOLTIP = "InstructPix2Pix diffusers folder in models/diffusers."
+    LOADER = staticmethod(sd.load_instruct_diffusers)
 
 
 class LoadMGIEUNet:

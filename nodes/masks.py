@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..mgie_core import masks
+from ..mgie_core import masks, vae
+from ..mgie_core.images import fit_image
 from ._common import PREFIX, SAM_MODEL, SD_MODEL, category, inp, plan_input
 
 
@@ -33,8 +34,9 @@ class AttentionMask:
             "required": {
                 "sd_model": (SD_MODEL, inp("Text-to-image SD 1.x model (4-channel UNet) whose "
                                            "cross-attention locates the word.")),
-                "image": ("IMAGE", inp("Image(s) to find the object in; width and height "
-                                       "multiples of 8.")),
+                "image": ("IMAGE", inp("Image(s) to find the object in, any size (a photo "
+                                       "is reflect-padded to the model's 64 px step for "
+                                       "the UNet pass; the mask has the photo's size).")),
                 "prompt": ("STRING", inp("A caption of the image that contains the word, "
                                          "e.g. 'a photo of a cat on a sofa'. Empty: the "
                                          "plan's source prompt (the word added when it "
@@ -61,12 +63,15 @@ class AttentionMask:
     def run(self, sd_model, image, prompt, word, threshold, seed, sam=None, plan=None):
         prompt, word = masks.prompt_and_word(prompt, word, plan)
         out_masks, previews = [], []
+        step = vae.size_multiple(sd_model)
         for img in image:
             img = img.clone()[None]
-            mask, amap, _ = masks.object_mask(sd_model, img, prompt, word, threshold, seed,
+            # Padded (never cropped: the mask must cover the whole photo), then cut back.
+            fitted, fit = fit_image("image", img, step, "pad")
+            mask, amap, _ = masks.object_mask(sd_model, fitted, prompt, word, threshold, seed,
                                               sam)
-            out_masks.append(mask.cpu())
-            previews.append(masks.heat_map(amap, img))
+            out_masks.append(fit.undo_mask(mask.cpu()[None])[0])
+            previews.append(masks.heat_map(fit.undo_mask(amap.cpu()[None])[0], img))
         return torch.stack(out_masks), torch.stack(previews)
 
 

@@ -140,7 +140,7 @@ def test_seed_control_and_upload_widgets_as_the_frontend_stores_them(registry):
     assert mask["inputs"][-1]["type"] == "IMAGEUPLOAD"
     optional = [e for e in sampler["inputs"] if e.get("shape") == wui.OPTIONAL_SHAPE]
     assert [e["name"] for e in optional] == ["mask", "controls", "plan", "scheduler",
-                                             "compile_unet"]
+                                             "compile_unet", "fit"]
 
 
 # --- the writer on every node type ----------------------------------------------------------

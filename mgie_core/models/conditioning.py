@@ -20,6 +20,7 @@ class Conditioning:
     null: torch.Tensor   # (1, 77, D)
     text: str = ""
     source: str = "clip"
+    dropped: str = ""    # the end of ``text`` past the text encoder's window (CLIP only)
 
     def __repr__(self) -> str:
         return f"Conditioning({self.source}, {tuple(self.cond.shape)}, '{self.text[:40]}')"
