@@ -10,12 +10,12 @@ import logging
 import pytest
 import torch
 
-from xmgie.mgie_core import inversion, paths, plan, sampler, vae
+from xmgie.mgie_core import inversion, paths, plan_rules, sampler, vae
 from xmgie.mgie_core.errors import InputError, ModelNotFoundError
 from xmgie.nodes import _common, astar as astar_nodes, editing, identity_guidance, loaders
 
 SRC, TGT = "a red sofa on a red carpet", "a red sofa on a yellow carpet"
-PLAN = plan.plan_from_prompts("make the carpet yellow", SRC, TGT)
+PLAN = plan_rules.plan_from_prompts("make the carpet yellow", SRC, TGT)
 LONG = " ".join(["a very"] * 45) + " zebra hat"      # past 75 tokens: 'zebra hat' is cut
 
 
