@@ -81,7 +81,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _import_xmgie():
     """The repo root is the package ``xmgie``. Run as a script, the bench imports THIS
-    checkout under that name: on a bare checkout (the GPU machine, where it is not
+    checkout under that name: on a bare checkout (e.g. a GPU machine where it is not
     pip-installed), or where another copy is installed (an editable install of another
     worktree), through a symlink in a temporary folder placed first on the path. Loaded
     as a module (tests/test_bench.py), it uses the ``xmgie`` its caller already has."""

@@ -1,5 +1,5 @@
 """A-STAR: attention segregation and retention for multi-concept prompts
-(Agarwal et al., ICCV 2023; ALGORITHMS.md section 7), as a sampling control.
+(Agarwal et al., ICCV 2023; docs/algorithms.md section 7), as a sampling control.
 
 In the first optimised steps, the edit branch's latent takes one gradient step per
 sampling step on two losses over the 16x16 (at 512 px) cross-attention maps of each

@@ -312,7 +312,7 @@ def uninstall(unet) -> None:
 
 class MaskPyramid:
     """A mask resized to each layer resolution (bicubic, then threshold 0.5:
-    ALGORITHMS.md section 4), cached."""
+    docs/algorithms.md section 4), cached."""
 
     def __init__(self, mask: torch.Tensor):
         # mask: [H,W] or [B,H,W] float in 0..1 at image or latent resolution

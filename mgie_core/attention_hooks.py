@@ -100,7 +100,7 @@ def cam_logit_bias(mask_hw: torch.Tensor, in_tokens, out_tokens, n_key: int,
 
 
 class CAMHook(AttnHook):
-    """Cross-attention masking (ALGORITHMS.md section 4) on the conditional rows.
+    """Cross-attention masking (docs/algorithms.md section 4) on the conditional rows.
 
     ``mode="logits"`` (PFB-Diff's code): the IN/OUT tokens' logits are pushed to -inf
     before the softmax, so each row renormalises over the tokens left. ``mode="probs"``
@@ -317,7 +317,7 @@ def token_alignment(source_ids: Sequence[int], target_ids: Sequence[int]) -> tor
 
 
 class InjectionHook(AttnHook):
-    """Prompt-to-prompt injection (ALGORITHMS.md section 3) on the conditional rows.
+    """Prompt-to-prompt injection (docs/algorithms.md section 3) on the conditional rows.
 
     Cross-attention, steps < cross_steps, every layer: with a 1-D ``mapper`` ("refine",
     from :func:`token_alignment`) the edit row's maps of tokens aligned with the source

@@ -1,4 +1,4 @@
-"""GB stage: spatially-varying Gaussian blur of the edit-mask seam (ALGORITHMS.md section 9).
+"""GB stage: spatially-varying Gaussian blur of the edit-mask seam (docs/algorithms.md section 9).
 
     D(p)     = Euclidean distance from a pixel inside the mask to the mask boundary
     sigma(D) = sigma_max * exp(-D^2 / (2 sigma_s^2))          (0 outside the mask)

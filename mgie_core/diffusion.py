@@ -1,4 +1,4 @@
-"""Shared diffusion arithmetic for SD 1.x (ALGORITHMS.md section 0): prompt encoding,
+"""Shared diffusion arithmetic for SD 1.x (docs/algorithms.md section 0): prompt encoding,
 the DDIM schedule and deterministic DDIM steps in both directions.
 
 The step functions are plain tensor maths (differentiable), evaluated in float32
@@ -140,7 +140,7 @@ INSTRUCT_SCHEDULERS = ("euler_ancestral", "ddim")
 
 
 class DDIMSolver:
-    """Deterministic DDIM over the model's schedule (ALGORITHMS.md section 0): the latent
+    """Deterministic DDIM over the model's schedule (docs/algorithms.md section 0): the latent
     is x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, fed to the UNet as it is."""
 
     name = "ddim"
@@ -177,7 +177,7 @@ class EulerAncestralSolver:
     order diffusers' StableDiffusionInstructPix2PixPipeline draws it, so the same seed gives
     the same result (float32 latents; the pipeline draws in the UNet's dtype).
 
-    Where this differs from calling ``scheduler.step`` (issue 15): the per-step numbers
+    Where this differs from calling ``scheduler.step``: the per-step numbers
     (sigma, the input scale, sigma_up, the Euler dt) are computed once, in float32 as the
     scheduler computes them, and kept as Python numbers; the step noise is drawn on the
     host generator all at once in :meth:`start` (the same draws in the same order: nothing

@@ -1,5 +1,5 @@
 """Identity guidance: keep the edited subject's identity during sampling, without
-training (ALGORITHMS.md section 8).
+training (docs/algorithms.md section 8).
 
 A sampling control for the two-branch sampler. For the steps of a window (default the
 steps from 20 % to 70 % of the trajectory: 10..34 of 50), before the step's UNet call:

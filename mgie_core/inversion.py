@@ -1,4 +1,4 @@
-"""Inversion of a photo's latent into the diffusion trajectory (ALGORITHMS.md section 2):
+"""Inversion of a photo's latent into the diffusion trajectory (docs/algorithms.md section 2):
 DDIM, null-text, negative-prompt and direct inversion.
 
 All methods start with DDIM inversion under the source prompt (guidance 1), which gives

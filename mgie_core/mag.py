@@ -1,4 +1,4 @@
-"""MAG: mask-based attention-adjusted guidance (MAG-Edit; ALGORITHMS.md section 6).
+"""MAG: mask-based attention-adjusted guidance (MAG-Edit; docs/algorithms.md section 6).
 
 A sampling control. In the first steps (default 25 of 50) it runs 15 gradient updates of
 the edit branch's latent per step, inside the mask only, from losses on the edit

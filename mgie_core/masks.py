@@ -1,4 +1,4 @@
-"""Masks from attention (ALGORITHMS.md section 11).
+"""Masks from attention (docs/algorithms.md section 11).
 
 The object word's cross-attention, aggregated over the layers at 1/4 of the latent
 resolution (16x16 at 512 px: down_blocks.2 x2 and up_blocks.1 x3 in SD 1.x), their

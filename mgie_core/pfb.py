@@ -1,4 +1,4 @@
-"""PFB: progressive feature blending (PFB-Diff; ALGORITHMS.md section 5).
+"""PFB: progressive feature blending (PFB-Diff; docs/algorithms.md section 5).
 
 A sampling control. At chosen places inside the UNet, the edit branch's features are
 blended with the reference branch's, in the same batched call:
@@ -21,7 +21,7 @@ at 512 px (latent 64x64; "16x16" is down block 2, "8x8" down block 3 and the mid
   ``down_blocks.3.resnets.1`` (16, 16, 8, 8). The blend replaces the tensor flowing on;
   the skip connection saved before it is the edit's own, unblended. The background
   preset starts one unit earlier, at ``down_blocks.2.resnets.0`` (16x16, the output of
-  the 32x32 block's downsampler: ALGORITHMS.md's "from 32x32").
+  the 32x32 block's downsampler: docs/algorithms.md section 5's "from 32x32").
 * middle: the mid block's *input* is blended with the reference's mid block *output*
   (``h_ref[12]`` in the authors' indexing; both are 8x8 with the same channels).
 * decoder: the *output* of every up-block unit that is at 16x16 or 8x8, before it is
@@ -37,7 +37,7 @@ outputs of whole diffusers blocks (after their up/down samplers), including a do
 block's skip tensors. It is not PFB-Diff's.
 
 PFB-Diff resizes its 64x64 mask bicubically to each site *without* thresholding; here
-the mask is resized and thresholded at 0.5 like CAM's (ALGORITHMS.md section 4).
+the mask is resized and thresholded at 0.5 like CAM's (docs/algorithms.md section 4).
 """
 
 from __future__ import annotations

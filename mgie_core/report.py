@@ -8,7 +8,7 @@ with the result; the nodes show its lines as their text output, and the headless
 prints them. A stage that cannot compute its gradient at all raises
 :class:`~.errors.GradientError` instead of counting anything.
 
-Verdicts on the device (issue 15). Whether a gradient is finite and non-zero is a
+Verdicts on the device. Whether a gradient is finite and non-zero is a
 property of a device tensor; reading it in every iteration would make the host wait for
 the GPU each time. The controls therefore apply or skip their update on the device
 (``torch.where``) and hand the verdict to :meth:`UpdateReport.defer`; the report reads

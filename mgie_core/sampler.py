@@ -1,4 +1,4 @@
-"""Two-branch editing sampler (ALGORITHMS.md sections 0, 3, 4, 5), read top to bottom:
+"""Two-branch editing sampler (docs/algorithms.md sections 0, 3, 4, 5), read top to bottom:
 
   1. prompts -> embeddings; the reconstruction branch starts from the inverted z*_T;
   2. every step, ONE batched UNet call holds every branch and both guidance halves;
@@ -345,7 +345,7 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
     which MGIE's demo samples with through diffusers' InstructPix2Pix pipeline: with the
     same seed this sampler gives that pipeline's result (tested), so MGIE and IP2P edits
     match their authors' outputs. "ddim" is deterministic after the initial noise (the
-    convention of the inversion-based stages, ALGORITHMS.md section 0).
+    convention of the inversion-based stages, docs/algorithms.md section 0).
 
     ``mask`` and ``plan`` are the run's edit context, as in :func:`edit`; ``fit`` is how
     the photo was fitted to the model (:func:`vae.encode_photo`), for the mask and the

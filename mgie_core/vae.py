@@ -1,4 +1,4 @@
-"""VAE encode/decode with SD 1.x conventions (ALGORITHMS.md section 0), and the
+"""VAE encode/decode with SD 1.x conventions (docs/algorithms.md section 0), and the
 ComfyUI LATENT convention at the pack's boundary.
 
 Two scalings of the same latent are in use:

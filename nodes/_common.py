@@ -33,7 +33,7 @@ SD_MODEL = "XMGIE_SD"            # mgie_core.models.sd.SDModel (4- or 8-channel 
 
 # ComfyUI's own LATENT {"samples": [B,4,h,w]}: RAW VAE latents (no 0.18215), as core
 # VAEEncode gives and VAEDecode takes (mgie_core.vae.to_comfy_latent / comfy_latent_samples).
-# Until issue 12 the pack passed its own scaled "XMGIE_LATENT"; saved graphs keep working
+# Before 0.2.0 the pack passed its own scaled "XMGIE_LATENT"; saved graphs keep working
 # because node ids, input names and output indices did not change.
 LATENT = "LATENT"
 SAM_MODEL = "XMGIE_SAM"

@@ -1,5 +1,5 @@
 """Identity guidance nodes: embed the source identity, and the sampling control that
-keeps it (ALGORITHMS.md section 8)."""
+keeps it (docs/algorithms.md section 8)."""
 
 from __future__ import annotations
 

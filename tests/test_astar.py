@@ -1,5 +1,5 @@
 """A-STAR: segregation and retention losses on hand-built maps, and the control on the
-tiny SD two-branch sampler (ALGORITHMS.md section 7)."""
+tiny SD two-branch sampler (docs/algorithms.md section 7)."""
 
 from __future__ import annotations
 

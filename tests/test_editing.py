@@ -1,5 +1,5 @@
 """Inversion, the two-branch sampler, CAM, PFB and the instruction path on tiny models
-(ALGORITHMS.md sections 0, 2, 3, 4, 5)."""
+(docs/algorithms.md sections 0, 2, 3, 4, 5)."""
 
 from __future__ import annotations
 

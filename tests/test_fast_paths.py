@@ -1,4 +1,4 @@
-"""Issue 15: the fast paths keep the results of the eager float32 path.
+"""The fast paths keep the results of the eager float32 path.
 
 * half precision (fp16, the default on CUDA) with float32 optimised latents and losses;
 * the opt-in compiled UNet (models/compile.py) -- the default suite compiles with the

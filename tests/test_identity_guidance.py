@@ -1,4 +1,4 @@
-"""Identity guidance (ALGORITHMS.md section 8) on tiny models: the control raises IPS,
+"""Identity guidance (docs/algorithms.md section 8) on tiny models: the control raises IPS,
 updates only inside the mask, keeps a float32 finite gradient path, skips non-finite
 gradients, bounds memory (checkpoint / downscale), and the nodes chain."""
 

@@ -1,4 +1,4 @@
-"""MAG (ALGORITHMS.md section 6): losses on hand-built maps, and the control on the tiny
+"""MAG (docs/algorithms.md section 6): losses on hand-built maps, and the control on the tiny
 SD model: rising activation, masked updates, truncation, caching, precision, NaNs."""
 
 from __future__ import annotations

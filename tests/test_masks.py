@@ -1,4 +1,4 @@
-"""Masks from attention (ALGORITHMS.md section 11) on the tiny SD and the tiny SAM."""
+"""Masks from attention (docs/algorithms.md section 11) on the tiny SD and the tiny SAM."""
 
 from __future__ import annotations
 

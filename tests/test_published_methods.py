@@ -1,4 +1,4 @@
-"""Where the code follows the published methods exactly (issue 11), each pinned against a
+"""Where the code follows the published methods exactly, each pinned against a
 reference computed here independently: PFB-Diff's blend sites, dilation and reference
 features; CAM under prompt-to-prompt injection; the scheduler's timestep spacing; P2P's
 replace; Euler ancestral against diffusers' InstructPix2Pix pipeline; GB's kernel rule."""

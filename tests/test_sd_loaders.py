@@ -39,7 +39,7 @@ def test_diffusers_folder_by_name_and_by_path(sd_root, clean_paths):
         _assert_same_weights(unet, model.unet)
         _assert_same_weights(vae, model.vae)
         _assert_same_weights(te, model.text_encoder)
-    # ALGORITHMS.md section 0 scheduler settings, whatever the folder's scheduler says.
+    # docs/algorithms.md section 0 scheduler settings, whatever the folder's scheduler says.
     cfg = by_name.scheduler.config
     assert (cfg.beta_start, cfg.beta_end, cfg.beta_schedule) == (0.00085, 0.012, "scaled_linear")
     assert cfg.clip_sample is False and cfg.set_alpha_to_one is False and cfg.steps_offset == 1

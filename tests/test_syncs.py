@@ -1,4 +1,4 @@
-"""Issue 15: no host synchronisation inside the per-step loops of the fast path.
+"""No host synchronisation inside the per-step loops of the fast path.
 
 The counter (bench/syncs.py) runs on the CPU, where every tensor is on the host, so
 it counts the operations that WOULD make the host wait for a GPU (scalar reads, copies to

@@ -1,4 +1,4 @@
-"""BLIP-2 captioner (ALGORITHMS.md section 10: d_new = BLIP2(I_new), MMIG).
+"""BLIP-2 captioner (docs/algorithms.md section 10: d_new = BLIP2(I_new), MMIG).
 
 Loads ``Blip2ForConditionalGeneration`` and ``Blip2Processor`` from a Hugging Face folder
 found by :func:`paths.resolve` (offline, ``local_files_only``), validates what it loaded,

@@ -1,4 +1,4 @@
-"""Opt-in compiled UNet forward (issue 15): ``torch.compile`` of the UNet's hook-free
+"""Opt-in compiled UNet forward: ``torch.compile`` of the UNet's hook-free
 compute, in place, for fixed shapes.
 
 What is compiled. Not the whole UNet: its attention layers run the pack's controlled

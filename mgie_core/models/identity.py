@@ -1,4 +1,4 @@
-"""Identity encoders and the identity preservation score (ALGORITHMS.md, section 8).
+"""Identity encoders and the identity preservation score (docs/algorithms.md section 8).
 
 e_id = E_id(X) is a frozen encoder: a face-recognition network (ArcFace IResNet) for
 people, or a CLIP image embedding for objects. IPS = cos(E_id(edited), E_id(source)).

@@ -3,7 +3,7 @@
 The architecture is read from the state dict itself (widths, depth, heads, which encoder
 blocks attend globally, window and image size, decoder sizes), so the official
 sam_vit_h/l/b files and the tiny test model load through the same code path. With
-multimask output the mask with the highest predicted IoU is kept (ALGORITHMS.md, 11).
+multimask output the mask with the highest predicted IoU is kept (docs/algorithms.md section 11).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from .validate import (check_files, check_loading_info, check_state_dict_keys, c
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "sd15"
 SIDE_CONFIG_SUFFIX = ".config"
 
-# ALGORITHMS.md section 0: DDIM, scaled_linear 0.00085 -> 0.012, no clipping,
+# docs/algorithms.md section 0: DDIM, scaled_linear 0.00085 -> 0.012, no clipping,
 # set_alpha_to_one=False, steps_offset=1.
 DDIM_SETTINGS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                      clip_sample=False, set_alpha_to_one=False, steps_offset=1,

@@ -185,7 +185,7 @@ CLIP_TEXT_KEYS = ("text_model.*", "text_projection.*", "logit_scale", "*.positio
 # --- diffusers folders ------------------------------------------------------------------
 
 # Schedulers a Stable Diffusion model_index.json may name (only their numbers are read:
-# sampling always uses DDIM with the settings of ALGORITHMS.md section 0).
+# sampling always uses DDIM with the settings of docs/algorithms.md section 0).
 SD_SCHEDULERS = frozenset({
     "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
     "EulerDiscreteScheduler", "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler",

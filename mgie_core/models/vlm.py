@@ -1,6 +1,6 @@
 """Any local vision-language model (transformers image-text-to-text with a chat template).
 
-ALGORITHMS.md section 1, "Beyond MGIE": a VLM such as Qwen2.5-VL or LLaVA-1.5 answers
+docs/algorithms.md section 1, "Beyond MGIE": a VLM such as Qwen2.5-VL or LLaVA-1.5 answers
 questions about an image; the edit-plan prompts built on :func:`ask` live elsewhere.
 Loading is offline (``local_files_only``) through ``AutoModelForImageTextToText`` and
 ``AutoProcessor``; the processor must carry a chat template, because the prompt layout

@@ -1,4 +1,4 @@
-"""MGIE's multimodal LLM (ALGORITHMS.md section 1), in three parts:
+"""MGIE's multimodal LLM (docs/algorithms.md section 1), in three parts:
 
 * :mod:`.layout`: the files on disk (folder layout, ``mllm.pt`` keys) and MGIE's fixed
   prompt, tokens and generation settings;

@@ -1,5 +1,5 @@
 """MGIE's files on disk: the folder layout, the keys of ``mllm.pt`` and the fixed
-vocabulary, prompt and generation settings of MGIE 7B (ALGORITHMS.md section 1).
+vocabulary, prompt and generation settings of MGIE 7B (docs/algorithms.md section 1).
 
 Layout accepted by :func:`load_mgie` (a folder in the ``mgie`` models folder, e.g.
 ``models/mgie/mgie_7b``; the ``mgie`` family's marker file is ``mllm.pt``)::

@@ -1,5 +1,5 @@
 """MGIE's multimodal LLM: instruction -> expressive instruction + visual tokens -> edit
-condition (ALGORITHMS.md section 1), on current transformers without the LLaVA fork.
+condition (docs/algorithms.md section 1), on current transformers without the LLaVA fork.
 
 The model is LLaVA-7B v1 rebuilt from plain parts:
 
@@ -186,7 +186,7 @@ class MGIEModel:
                  on_step=None) -> list[int]:
         """Greedy decoding (module docstring).
 
-        KV cache (issue 15). With ``kv_cache="static"`` transformers preallocates the keys
+        KV cache. With ``kv_cache="static"`` transformers preallocates the keys
         and values for prompt + ``max_new_tokens`` (``cache_implementation="static"``)
         instead of growing them by a concatenation per token and layer; the tokens are the
         same (tested against the dynamic cache). On a GPU transformers would also compile
