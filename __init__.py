@@ -10,9 +10,14 @@ if __package__:
         # without it, so torch is imported inside the command's own Ctrl-C handling.
         if name not in __all__:
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, _comfy
+        try:
+            from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, _comfy
 
-        _comfy.install()
+            _comfy.install()
+        except AttributeError as exc:
+            # hasattr() (how ComfyUI asks for the mappings) would swallow this one and
+            # load the pack with no nodes and no message: make it an import error.
+            raise ImportError(f"the xMGIE nodes failed to load: {exc}") from exc
         globals().update(NODE_CLASS_MAPPINGS=NODE_CLASS_MAPPINGS,
                          NODE_DISPLAY_NAME_MAPPINGS=NODE_DISPLAY_NAME_MAPPINGS)
         return globals()[name]
