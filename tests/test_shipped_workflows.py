@@ -1,12 +1,14 @@
 """Every workflow ComfyUI lists from workflows/ (the UI files; their API twins in
 workflows/api/ convert to the same prompt, tests/test_workflow_ui.py) validates and runs
-under --tiny, as a user runs it: through the real `xmgie` CLI, with small inputs and few
-steps set by --set overrides. And the README's first command: the shipped edit."""
+under --tiny, as a user runs it: through the real `xmgie` CLI, on the photo and mask it
+ships with (found beside it), with few steps set by --set overrides; and every optimising
+control in it applies updates. And the README's first command: the shipped edit."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -15,54 +17,75 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 
-# Cheap values for inputs that only cost time, applied wherever a node has them.
-FAST = {"steps": 3, "max_new_tokens": 4, "iterations": 2, "inner_steps": 2}
+# Cheap values for inputs that only cost time, applied wherever a node has them. And
+# only_people off: identity guidance stands aside (by design, reported as such) when the
+# plan's subject is not a person, and the photo the templates ship is a carpet.
+FAST = {"steps": 3, "max_new_tokens": 4, "iterations": 2, "inner_steps": 2,
+        "only_people": False}
+
+# The optimising stages, by the node that adds them (with a condition on its inputs), as
+# named in the update report ("MAG: 12 update(s) applied, 0 skipped").
+OPTIMISING = {
+    "XMGIEInvert": ("null-text inversion", lambda inputs: inputs.get("method") == "null_text"),
+    "XMGIEMAGControl": ("MAG", None),
+    "XMGIEAStarControl": ("A-STAR", None),
+    "XMGIEIdentityGuidance": ("identity guidance", None),
+}
+UPDATES = re.compile(r"^(?:\[\d+\] )?([^:\n]+): (\d+) update\(s\) applied, (\d+) skipped",
+                     re.M)
 
 
-def _inputs(tmp_path: Path) -> tuple[Path, Path]:
-    img, mask = tmp_path / "small.png", tmp_path / "small_mask.png"
-    Image.new("RGB", (128, 128), (180, 40, 40)).save(img)
-    m = Image.new("L", (128, 128), 0)
-    m.paste(255, (32, 40, 96, 104))
-    m.save(mask)
-    return img, mask
-
-
-def _overrides(wf: Path, tmp_path: Path) -> list[str]:
+def _prompt(wf: Path) -> dict:
     from xmgie import cli
     from xmgie.runner import engine
 
-    registry = cli.build_registry()
-    prompt = engine.to_api(json.loads(wf.read_text()), registry)
-    img, mask = _inputs(tmp_path)
+    return engine.to_api(json.loads(wf.read_text()), cli.build_registry())
+
+
+def _overrides(prompt: dict) -> list[str]:
+    from xmgie.runner import engine
+
     sets = []
     for node_id, node in prompt.items():
-        inputs = node["inputs"]
-        # Names in the input folder (--input-dir below): LoadImage reads nowhere else.
-        if node["class_type"] == "LoadImage":
-            sets.append(f"{node_id}.image={img.name}")
-        elif node["class_type"] == "LoadImageMask":
-            sets.append(f"{node_id}.image={mask.name}")
-        elif node["class_type"] == "XMGIESAMSegment":
-            sets += [f"{node_id}.points=64,64", f"{node_id}.negative_points=10,10"]
         for name, value in FAST.items():
-            if name in inputs and not engine.is_link(inputs[name]):
-                sets.append(f"{node_id}.{name}={value}")
+            if name in node["inputs"] and not engine.is_link(node["inputs"][name]):
+                sets.append(f"{node_id}.{name}={json.dumps(value)}")
     return [a for s in sets for a in ("--set", s)]
 
 
+def _optimising(prompt: dict) -> set[str]:
+    stages = set()
+    for node in prompt.values():
+        stage, when = OPTIMISING.get(node["class_type"], (None, None))
+        if stage and (when is None or when(node["inputs"])):
+            stages.add(stage)
+    return stages
+
+
+def test_every_control_node_is_classified():
+    """A new control or guidance node must be listed in OPTIMISING (or as not
+    optimising), so that the run below checks its updates."""
+    from xmgie import cli
+
+    controls = {c for c in cli.build_registry()
+                if c.startswith("XMGIE") and c.endswith(("Control", "Guidance"))}
+    assert controls - set(OPTIMISING) == {"XMGIEPFBControl"}      # PFB blends, no updates
+
+
 @pytest.mark.parametrize("wf", WORKFLOWS, ids=lambda p: p.name)
-def test_workflow_checks_and_runs_under_tiny(wf, tmp_path, tiny_root, clean_paths, capsys):
+def test_workflow_checks_runs_and_optimises_under_tiny(wf, tmp_path, tiny_root, clean_paths,
+                                                       capsys):
     from xmgie import cli
     from xmgie.mgie_core import tiny
 
+    prompt = _prompt(wf)
     old = os.environ.get(tiny.ENV_TINY_DIR)
     os.environ[tiny.ENV_TINY_DIR] = str(tiny_root)
     try:
         assert cli.main(["check", str(wf), "--tiny"]) == 0
         out_dir = tmp_path / "out"
         rc = cli.main(["run", str(wf), "--tiny", "--output-dir", str(out_dir),
-                       "--input-dir", str(tmp_path), *_overrides(wf, tmp_path)])
+                       *_overrides(prompt)])
     finally:
         if old is None:
             os.environ.pop(tiny.ENV_TINY_DIR, None)
@@ -75,6 +98,14 @@ def test_workflow_checks_and_runs_under_tiny(wf, tmp_path, tiny_root, clean_path
     for p in pngs:
         with Image.open(p) as im:
             assert im.mode == "RGB" and im.size == (128, 128)
+    # Every optimising control applies updates (a control that only skips is a template
+    # that does nothing it claims to).
+    reported: dict[str, list[int]] = {}
+    for stage, applied, _ in UPDATES.findall(printed.out):
+        reported.setdefault(stage.strip(), []).append(int(applied))
+    for stage in _optimising(prompt):
+        assert stage in reported, f"{wf.name}: no update report for {stage}\n{printed.out}"
+        assert min(reported[stage]) > 0, f"{wf.name}: {stage} applied no update\n{printed.out}"
 
 
 # --- the README's first command ---------------------------------------------------------
