@@ -556,20 +556,50 @@ def _set_order(prompt: Mapping[str, dict], nodes: list[dict]) -> None:
         n["order"] = order[str(n["id"])]
 
 
-def _fit_view(nodes: list[dict], groups: list[dict], view=(1500.0, 880.0)) -> dict:
-    """extra.ds: scale and offset that show the whole graph in a ~1500x880 canvas."""
-    boxes = [g["bounding"] for g in groups] + \
-        [[n["pos"][0], n["pos"][1] - TITLE_H, n["size"][0], n["size"][1] + TITLE_H] for n in nodes]
-    if not boxes:
+# The view a workflow opens at: the frontend draws no text on nodes below a zoom of
+# about 0.6 (LiteGraph's low-quality threshold), so a template opened "fit to the whole
+# graph" showed grey boxes. It opens at the zoom that shows the whole graph, but never
+# below MIN_SCALE, and never so close that the note and the first (load) group, where
+# a user starts, leave the view; the rest is a pan to the right. VIEW is
+# the canvas assumed: a 1920x1080 screen less the frontend's side bar, top menu and
+# browser chrome, rounded down (a larger canvas shows more, never less).
+VIEW = (1500.0, 880.0)
+MIN_SCALE = 0.6
+VIEW_MARGIN = 40.0      # screen px around the framed boxes
+
+
+def _fit_view(nodes: list[dict], groups: list[dict], view=VIEW) -> dict:
+    """extra.ds: the scale and offset (screen = (world + offset) * scale, as LiteGraph's
+    DragAndScale) for a ``view`` canvas, top-left aligned: the whole graph when that
+    is readable, else MIN_SCALE, at most the zoom that still frames the note and the
+    first group (and at most 1)."""
+    notes = [node_box(n) for n in nodes if n["type"] in engine.UI_NOTE_TYPES]
+    others = [node_box(n) for n in nodes if n["type"] not in engine.UI_NOTE_TYPES]
+    everything = notes + others + [tuple(g["bounding"]) for g in groups]
+    if not everything:
         return {"scale": 1.0, "offset": [0.0, 0.0]}
-    x0 = min(b[0] for b in boxes)
-    y0 = min(b[1] for b in boxes)
-    x1 = max(b[0] + b[2] for b in boxes)
-    y1 = max(b[1] + b[3] for b in boxes)
-    scale = min(1.0, view[0] / (x1 - x0), view[1] / (y1 - y0))
-    scale = math.floor(scale * 100) / 100
-    margin = 40.0 / scale
+    start = notes + ([tuple(groups[0]["bounding"])] if groups else others)
+    frame = min(1.0, _fit(start, view))
+    scale = min(frame, max(MIN_SCALE, _fit(everything, view)))
+    margin = VIEW_MARGIN / scale
+    x0 = min(b[0] for b in everything)
+    y0 = min(b[1] for b in everything)
     return {"scale": scale, "offset": [round(-x0 + margin, 1), round(-y0 + margin, 1)]}
+
+
+def _fit(boxes, view) -> float:
+    """The largest zoom (to 0.01 below) at which ``boxes`` fit the view with margins."""
+    w = max(b[0] + b[2] for b in boxes) - min(b[0] for b in boxes)
+    h = max(b[1] + b[3] for b in boxes) - min(b[1] for b in boxes)
+    fit = min((view[0] - 2 * VIEW_MARGIN) / w, (view[1] - 2 * VIEW_MARGIN) / h)
+    return math.floor(fit * 100) / 100
+
+
+def initial_view(data: Mapping, view=VIEW) -> tuple[float, float, float, float]:
+    """(x, y, w, h) of the graph area a UI workflow opens on in a ``view`` canvas."""
+    ds = (data.get("extra") or {}).get("ds") or {"scale": 1.0, "offset": [0.0, 0.0]}
+    scale = float(ds["scale"])
+    return (-float(ds["offset"][0]), -float(ds["offset"][1]), view[0] / scale, view[1] / scale)
 
 
 # --- UI -> API twin ---------------------------------------------------------------------------

@@ -168,3 +168,38 @@ def test_tiny_context_downscales_loaded_images(tmp_path):
     with core_nodes.using_context(core_nodes.RunContext(input_dirs=[tmp_path])):
         image, _ = core_nodes.LoadImage().load_image("big.png")
     assert image.shape == (1, 384, 512, 3)
+
+
+# --- how a template opens in the frontend ---------------------------------------------------
+
+UI_FILES = [p for p in WORKFLOWS]
+# The canvas assumed: a 1920x1080 screen less ComfyUI's side bar, top menu and browser
+# chrome (a larger canvas shows more of the graph, never less).
+CANVAS = (1500.0, 880.0)
+READABLE = 0.6          # below this zoom the frontend draws no text on nodes
+
+
+def _inside(box, view) -> bool:
+    x, y, w, h = box
+    vx, vy, vw, vh = view
+    return vx <= x and vy <= y and x + w <= vx + vw and y + h <= vy + vh
+
+
+@pytest.mark.parametrize("wf", UI_FILES, ids=lambda p: p.name)
+def test_template_opens_readable_on_its_load_group_and_note(wf):
+    """Saved at a zoom where the frontend draws text, and the first group (the loads)
+    and the note lie inside the view it opens on: screen = (world + offset) * scale."""
+    data = json.loads(wf.read_text())
+    ds = data["extra"]["ds"]
+    assert ds["scale"] >= READABLE, f"{wf.name} opens at zoom {ds['scale']}"
+    view = (-ds["offset"][0], -ds["offset"][1], CANVAS[0] / ds["scale"],
+            CANVAS[1] / ds["scale"])
+    load = data["groups"][0]
+    assert load["title"].startswith("1 "), load["title"]
+    assert _inside(load["bounding"], view), (wf.name, load["bounding"], view)
+    notes = [n for n in data["nodes"] if n["type"] == "MarkdownNote"]
+    assert len(notes) == 1
+    (note,) = notes
+    title_h = 30                              # the title bar is drawn above pos
+    box = (note["pos"][0], note["pos"][1] - title_h, note["size"][0], note["size"][1] + title_h)
+    assert _inside(box, view), (wf.name, box, view)
