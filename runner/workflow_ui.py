@@ -17,6 +17,10 @@ The source of a shipped workflow is two files in ``workflows/api/``:
       {"stages": [{"title": "1 Load", "nodes": ["3", "1", "2"]}, ...],
        "note": ["## Title", "", "text ..."]}
 
+and, shared by all, ``models.json``: the model files the workflows name, with the folder
+of ``ComfyUI/models/`` each goes in and where it is published, written into each loader
+node's ``properties.models`` (the frontend's missing-models dialog reads them).
+
 ``xmgie workflow sync`` writes ``workflows/<name>.json`` from them and rewrites the API
 twin from that UI file (the twin then holds every widget value, optional ones included,
 as the frontend sends them), so the two always convert into each other.
@@ -237,6 +241,8 @@ class Layout:
 
     stages: list[Stage]
     note: str = ""
+    # {file name: {"directory", "url"}}: the models.json beside the layout file, if any
+    models: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: Mapping, where: str = "layout") -> "Layout":
@@ -268,7 +274,9 @@ class Layout:
 
     @classmethod
     def load(cls, path: str | Path) -> "Layout":
-        return cls.from_json(engine.load_file(path), str(path))
+        layout = cls.from_json(engine.load_file(path), str(path))
+        layout.models = load_models(Path(path).parent / MODELS_FILE)
+        return layout
 
 
 def auto_layout(prompt: Mapping[str, dict]) -> Layout:
@@ -375,8 +383,12 @@ def _check_node_inputs(node_id: str, node: Mapping, spec: NodeSpec, prompt: Mapp
 
 def api_to_ui(prompt: Mapping[str, dict], registry: Registry,
               layout: Optional[Layout] = None, *, name: str = "workflow",
-              source: str = "") -> dict:
+              source: str = "", models: Optional[Mapping[str, Mapping]] = None) -> dict:
     """The UI-format workflow of an API prompt, laid out by ``layout`` (or by depth).
+
+    ``models`` maps model file names to ``{"directory", "url"}`` (default: the layout's):
+    a node with a widget holding one of them declares it in ``properties.models`` (see
+    :func:`model_entries`).
 
     Deterministic: the same prompt, registry and layout give the same JSON. Node ids are
     kept; links are numbered in order of target node id, then input slot; the note gets
@@ -446,6 +458,10 @@ def api_to_ui(prompt: Mapping[str, dict], registry: Registry,
               "inputs": entries, "outputs": outputs,
               "properties": {"Node name for S&R": spec.class_type},
               "widgets_values": values}
+        declared = model_entries(values, models if models is not None else
+                                 (layout.models if layout else {}))
+        if declared:
+            ui["properties"]["models"] = declared
         title = (node.get("_meta") or {}).get("title")
         if isinstance(title, str) and title and title != display_name(spec):
             ui["title"] = title
@@ -495,6 +511,19 @@ def api_to_ui(prompt: Mapping[str, dict], registry: Registry,
         "extra": extra,
         "version": UI_VERSION,
     }
+
+
+def model_entries(values, models: Mapping[str, Mapping]) -> list[dict]:
+    """The frontend's model metadata for a node's widget values: ``{name, url,
+    directory}`` per value that ``models`` lists. The frontend collects every node's
+    ``properties.models`` when a workflow opens and names each file that is not in its
+    ``models/<directory>`` folder in the missing-models dialog, with where to get it."""
+    out = []
+    for v in values:
+        if isinstance(v, str) and v in models and not v.startswith("_"):
+            m = models[v]
+            out.append({"name": v, "url": str(m["url"]), "directory": str(m["directory"])})
+    return out
 
 
 def _place(prompt: Mapping[str, dict], stages: list[Stage], ui_nodes: dict[str, dict]) -> list[dict]:
@@ -701,6 +730,22 @@ class Shipped:
 API_SUBDIR = "api"
 API_SUFFIX = "_api.json"
 LAYOUT_SUFFIX = ".layout.json"
+MODELS_FILE = "models.json"     # in api/: {file name: {"directory", "url"}} of the models
+
+
+def load_models(path: str | Path) -> dict[str, dict]:
+    """A models.json (keys starting with "_" are comments), or {} when there is none."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    data = engine.load_file(path)
+    models = {k: v for k, v in data.items() if not k.startswith("_")}
+    for k, v in models.items():
+        if not (isinstance(v, Mapping) and isinstance(v.get("directory"), str)
+                and str(v.get("url", "")).startswith("https://")):
+            raise WorkflowFileError(f"{path}: {k!r} needs a 'directory' (a folder of "
+                                    "ComfyUI/models) and an https 'url'")
+    return models
 
 
 def shipped(folder: str | Path) -> list[Shipped]:

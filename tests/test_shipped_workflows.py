@@ -203,3 +203,30 @@ def test_template_opens_readable_on_its_load_group_and_note(wf):
     title_h = 30                              # the title bar is drawn above pos
     box = (note["pos"][0], note["pos"][1] - title_h, note["size"][0], note["size"][1] + title_h)
     assert _inside(box, view), (wf.name, box, view)
+
+
+MODEL_FILE = (".safetensors", ".ckpt", ".pth", ".pt")
+
+
+@pytest.mark.parametrize("wf", UI_FILES, ids=lambda p: p.name)
+def test_template_declares_its_model_files_for_the_missing_models_dialog(wf):
+    """Every model file a node names is declared in that node's properties.models as
+    the frontend reads it ({name, url, directory}), in the folder the pack's loader
+    searches, so ComfyUI names a missing file, its folder and where it is published."""
+    from xmgie.mgie_core import paths
+
+    folder_of = {name: fam.comfy_names[0] for fam in paths.FAMILIES.values()
+                 if fam.kind == "file" for name in fam.default_names}
+    data = json.loads(wf.read_text())
+    named = 0
+    for node in data["nodes"]:
+        files = [v for v in node.get("widgets_values") or []
+                 if isinstance(v, str) and v.endswith(MODEL_FILE)]
+        declared = {m["name"]: m for m in node["properties"].get("models", [])}
+        assert set(declared) == set(files), (wf.name, node["id"], files, declared)
+        for name, m in declared.items():
+            assert set(m) == {"name", "url", "directory"}
+            assert m["url"].startswith("https://") and " " not in m["url"]
+            assert m["directory"] == folder_of[name], (name, m["directory"])
+        named += len(files)
+    assert named >= 1, f"{wf.name} names no model file"
