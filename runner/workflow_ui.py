@@ -726,6 +726,10 @@ class Shipped:
     layout: Path    # workflows/api/<name>.layout.json
     ui: Path        # workflows/<name>.json
 
+    @property
+    def thumbnail(self) -> Path:    # workflows/<name>.jpg, the template browser's card
+        return self.ui.with_suffix(".jpg")
+
 
 API_SUBDIR = "api"
 API_SUFFIX = "_api.json"
@@ -773,8 +777,9 @@ def render(item: Shipped, registry: Registry) -> tuple[str, str, list[str]]:
 def sync(folder: str | Path, registry: Registry, *, check: bool = False,
          log=print) -> list[Path]:
     """Regenerate every ``<folder>/<name>.json`` from ``api/<name>_api.json`` and
-    ``api/<name>.layout.json``, then the API twin from it. Returns the files that
-    changed (with ``check``, that would change; nothing is written)."""
+    ``api/<name>.layout.json``, then the API twin from it, and draw ``<name>.jpg`` where
+    it is missing. Returns the files that changed (with ``check``, that would change;
+    nothing is written)."""
     items = shipped(folder)
     if not items:
         raise WorkflowFileError(f"no {API_SUBDIR}/*{LAYOUT_SUFFIX} files in {folder}; "
@@ -794,4 +799,13 @@ def sync(folder: str | Path, registry: Registry, *, check: bool = False,
         problems = layout_problems(json.loads(ui_text), registry)
         if problems:
             raise WorkflowError([f"{item.ui.name}: {p}" for p in problems])
+        # The thumbnail is drawn once (delete it to draw it again): JPEG bytes depend on
+        # the Pillow version and fonts, so a check only asks that it exists.
+        if not item.thumbnail.exists():
+            changed.append(item.thumbnail)
+            if not check:
+                from . import workflow_thumbnails
+
+                workflow_thumbnails.write(item.thumbnail, workflow_thumbnails.thumbnail_for(
+                    item.api, item.layout, Layout.load(item.layout).note))
     return changed

@@ -230,3 +230,38 @@ def test_template_declares_its_model_files_for_the_missing_models_dialog(wf):
             assert m["directory"] == folder_of[name], (name, m["directory"])
         named += len(files)
     assert named >= 1, f"{wf.name} names no model file"
+
+
+@pytest.mark.parametrize("wf", UI_FILES, ids=lambda p: p.name)
+def test_template_ships_its_thumbnail(wf):
+    """The template browser asks for <name>.jpg beside <name>.json (the frontend fixes
+    the extension to jpg for a pack's templates): a real JPEG, small."""
+    thumb = wf.with_suffix(".jpg")
+    assert thumb.is_file(), f"{thumb.name} is missing (run `xmgie workflow sync`)"
+    assert thumb.stat().st_size < 60_000
+    with Image.open(thumb) as im:
+        assert im.format == "JPEG" and im.size == (384, 384) and im.mode == "RGB"
+
+
+def test_sync_draws_a_missing_thumbnail(tmp_path):
+    import shutil
+
+    from xmgie import cli
+    from xmgie.runner import workflow_ui
+
+    folder = tmp_path / "workflows"
+    shutil.copytree(ROOT / "workflows", folder)
+    (folder / "masks_and_seam.jpg").unlink()
+    registry = cli.build_registry()
+    assert workflow_ui.sync(folder, registry, check=True, log=lambda *a: None) == \
+        [folder / "masks_and_seam.jpg"]
+    assert not (folder / "masks_and_seam.jpg").exists()          # check writes nothing
+    workflow_ui.sync(folder, registry, log=lambda *a: None)
+    with Image.open(folder / "masks_and_seam.jpg") as im:
+        assert im.format == "JPEG" and im.size == (384, 384)
+        # the SAM points are drawn: green on the object, red off it
+        px = im.convert("RGB").load()
+        colours = {px[x, y] for x in range(384) for y in range(288)}
+    assert any(g > 180 and r < 110 and b < 150 for r, g, b in colours)
+    assert any(r > 200 and g < 90 and b < 90 for r, g, b in colours)
+    assert workflow_ui.sync(folder, registry, check=True, log=lambda *a: None) == []
