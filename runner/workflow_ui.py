@@ -624,13 +624,6 @@ def _fit(boxes, view) -> float:
     return math.floor(fit * 100) / 100
 
 
-def initial_view(data: Mapping, view=VIEW) -> tuple[float, float, float, float]:
-    """(x, y, w, h) of the graph area a UI workflow opens on in a ``view`` canvas."""
-    ds = (data.get("extra") or {}).get("ds") or {"scale": 1.0, "offset": [0.0, 0.0]}
-    scale = float(ds["scale"])
-    return (-float(ds["offset"][0]), -float(ds["offset"][1]), view[0] / scale, view[1] / scale)
-
-
 # --- UI -> API twin ---------------------------------------------------------------------------
 
 def ui_to_api_twin(data: Mapping, registry: Registry) -> engine.Prompt:

@@ -9,7 +9,13 @@ channels at every level and a 768-wide text encoder, everything else as small as
 layout allows (one res block and one transformer block per level, two text layers, SD's
 8 heads and 32 norm groups, which ComfyUI and the bridge assume for SD 1.5). The tiny
 models the tests and ``--tiny`` use stay narrow: at 320 channels a UNet call is about
-nine times slower and the file 320 MB.
+nine times slower and the file 320 MB. ComfyUI builds SD 1.5's VAE and CLIP-L at their
+full widths whatever the file holds, so a run of Load Checkpoint in a real ComfyUI also
+needs those parts full-size; the detection itself, which this checkpoint is for, reads
+only the UNet::
+
+    python -c "from pathlib import Path; from xmgie.mgie_core.tiny import sd; \
+               sd.make_comfy_sd15_checkpoint(Path('tiny-sd15-comfy.safetensors'))"
 """
 
 from __future__ import annotations
