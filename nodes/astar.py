@@ -14,15 +14,20 @@ class AStarControlNode(ControlNode):
                    "the edit latent so the cross-attention maps of the listed concept words "
                    "of the target prompt overlap less and each keeps the region it had at the "
                    "step before, against concepts merging or vanishing in multi-concept "
-                   "prompts ('a cat and a dog').")
+                   "prompts ('a cat and a dog'). Give two or more words: with one, only "
+                   "retention acts, and a word that CAM confines to the mask (cam_in_words) "
+                   "has nothing to retain where the mask covers one cell of A-STAR's maps "
+                   "(1/32 of the image side: small masks, small images, --tiny), so no "
+                   "update applies; name the edited word and the object it changes "
+                   "('yellow, carpet').")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "words": ("STRING", inp("Comma-separated concept words of the target prompt, "
                                     "e.g. 'cat, dog' (two or more to separate them; one "
-                                    "only keeps its region). Empty: the plan's edit "
-                                    "words.", default="")),
+                                    "only keeps its region, see the description). "
+                                    "Empty: the plan's edit words.", default="")),
             "steps_fraction": ("FLOAT", inp("Share of the steps, from the start, that are "
                                             "optimised (0.5: the first 25 of 50).",
                                             default=0.5, min=0.0, max=1.0, step=0.05)),

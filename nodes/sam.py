@@ -38,7 +38,8 @@ class SAMSegment:
     DISPLAY_NAME = "xMGIE SAM Segment"
     CATEGORY = category("masks")
     DESCRIPTION = ("Segments each image with Segment Anything from positive points, negative "
-                   "points and/or a box (pixel coordinates from the top-left corner). With "
+                   "points and/or a box (coordinates from the top-left corner, in pixels or as "
+                   "percentages of the image size: '50%,80%' fits a photo of any size). With "
                    "multimask on, the mask with the highest predicted IoU is kept. With an "
                    "edit plan and no points or box typed, the prompt is the box of the plan "
                    "object's cross-attention (needs the SD model).")
@@ -51,13 +52,15 @@ class SAMSegment:
         return {"required": {
             "image": ("IMAGE", inp("Images to segment; every image gets the same prompts.")),
             "sam": (SAM_MODEL, inp("A SAM model from xMGIE Load SAM.")),
-            "points": ("STRING", inp("Positive points on the object, 'x,y; x,y' in pixels.",
+            "points": ("STRING", inp("Positive points on the object, 'x,y; x,y' in pixels, or "
+                                     "in % of the image size ('50%,80%'; any size).",
                                      default="", multiline=False)),
             "negative_points": ("STRING", inp(
-                "Points that are NOT the object, 'x,y; x,y' in pixels (may be empty).",
+                "Points that are NOT the object, 'x,y; x,y' in pixels or % of "
+                "the image size (may be empty).",
                 default="", multiline=False)),
             "box": ("STRING", inp("Optional box around the object, 'x0,y0,x1,y1' in pixels "
-                                  "(empty for none).", default="", multiline=False)),
+                                  "or % of the image size (empty for none).", default="", multiline=False)),
             "multimask": ("BOOLEAN", inp("Predict three candidate masks and keep the one "
                                          "with the highest predicted IoU (best for a single "
                                          "ambiguous point).", default=True)),
@@ -71,10 +74,14 @@ class SAMSegment:
 
     def segment(self, image, sam, points, negative_points, box, multimask, plan=None,
                 sd_model=None):
-        pos = sam_lib.parse_points(points, "points")
-        neg = sam_lib.parse_points(negative_points, "negative_points")
-        box = sam_lib.parse_box(box)
-        if not (pos or neg or box) and plan is not None:
+        # Parsed per image: a percentage is of that image's own size.
+        def prompts(img):
+            size = (int(img.shape[1]), int(img.shape[0]))
+            return (sam_lib.parse_points(points, "points", size),
+                    sam_lib.parse_points(negative_points, "negative_points", size),
+                    sam_lib.parse_box(box, "box", size))
+
+        if not any(prompts(image[0])) and plan is not None:
             if sd_model is None:
                 raise InputError("sd_model", "is not connected, but the plan's object must "
                                  "be found to prompt SAM", "a text-to-image SD 1.x model",
@@ -83,10 +90,12 @@ class SAMSegment:
             return (torch.stack([masks_lib.attention_mask_sam(sd_model, sam, img.clone()[None],
                                                               prompt, word).cpu()
                                  for img in image]),)
-        labels = [1] * len(pos) + [0] * len(neg)
-        masks = [sam_lib.segment(sam, img, points=pos + neg, labels=labels, box=box,
-                                 multimask=multimask)[0]
-                 for img in image]
+        masks = []
+        for img in image:
+            pos, neg, rect = prompts(img)
+            masks.append(sam_lib.segment(sam, img, points=pos + neg,
+                                         labels=[1] * len(pos) + [0] * len(neg), box=rect,
+                                         multimask=multimask)[0])
         return (torch.stack(masks).cpu(),)
 
 

@@ -19,6 +19,10 @@ The source of a shipped workflow is two files in ``workflows/api/``:
       {"stages": [{"title": "1 Load", "nodes": ["3", "1", "2"]}, ...],
        "note": ["## Title", "", "text ..."]}
 
+and, shared by all, ``models.json``: the model files the workflows name, with the folder
+of ``ComfyUI/models/`` each goes in and where it is published, written into each loader
+node's ``properties.models`` (the frontend's missing-models dialog reads them).
+
 ``xmgie workflow sync`` writes ``workflows/<name>.json`` from them and rewrites the API
 twin from that UI file (the twin then holds every widget value, optional ones included,
 as the frontend sends them), so the two always convert into each other.
@@ -476,6 +480,8 @@ class Layout:
 
     stages: list[Stage]
     note: str = ""
+    # {file name: {"directory", "url"}}: the models.json beside the layout file, if any
+    models: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: Mapping, where: str = "layout") -> "Layout":
@@ -507,7 +513,9 @@ class Layout:
 
     @classmethod
     def load(cls, path: str | Path) -> "Layout":
-        return cls.from_json(engine.load_file(path), str(path))
+        layout = cls.from_json(engine.load_file(path), str(path))
+        layout.models = load_models(Path(path).parent / MODELS_FILE)
+        return layout
 
 
 def auto_layout(prompt: Mapping[str, dict]) -> Layout:
@@ -614,8 +622,12 @@ def _check_node_inputs(node_id: str, node: Mapping, spec: NodeSpec, prompt: Mapp
 
 def api_to_ui(prompt: Mapping[str, dict], registry: Registry,
               layout: Optional[Layout] = None, *, name: str = "workflow",
-              source: str = "") -> dict:
+              source: str = "", models: Optional[Mapping[str, Mapping]] = None) -> dict:
     """The UI-format workflow of an API prompt, laid out by ``layout`` (or by depth).
+
+    ``models`` maps model file names to ``{"directory", "url"}`` (default: the layout's):
+    a node with a widget holding one of them declares it in ``properties.models`` (see
+    :func:`model_entries`).
 
     Deterministic: the same prompt, registry and layout give the same JSON. Node ids are
     kept; links are numbered in order of target node id, then input slot; the note gets
@@ -684,6 +696,10 @@ def api_to_ui(prompt: Mapping[str, dict], registry: Registry,
               "inputs": entries, "outputs": outputs,
               "properties": {"Node name for S&R": spec.class_type},
               "widgets_values": values}
+        declared = model_entries(values, models if models is not None else
+                                 (layout.models if layout else {}))
+        if declared:
+            ui["properties"]["models"] = declared
         title = (node.get("_meta") or {}).get("title")
         if isinstance(title, str) and title and title != display_name(spec):
             ui["title"] = title
@@ -733,6 +749,19 @@ def api_to_ui(prompt: Mapping[str, dict], registry: Registry,
         "extra": extra,
         "version": UI_VERSION,
     }
+
+
+def model_entries(values, models: Mapping[str, Mapping]) -> list[dict]:
+    """The frontend's model metadata for a node's widget values: ``{name, url,
+    directory}`` per value that ``models`` lists. The frontend collects every node's
+    ``properties.models`` when a workflow opens and names each file that is not in its
+    ``models/<directory>`` folder in the missing-models dialog, with where to get it."""
+    out = []
+    for v in values:
+        if isinstance(v, str) and v in models and not v.startswith("_"):
+            m = models[v]
+            out.append({"name": v, "url": str(m["url"]), "directory": str(m["directory"])})
+    return out
 
 
 def _place(prompt: Mapping[str, dict], stages: list[Stage], ui_nodes: dict[str, dict]) -> list[dict]:
@@ -794,20 +823,43 @@ def _set_order(prompt: Mapping[str, dict], nodes: list[dict]) -> None:
         n["order"] = order[str(n["id"])]
 
 
-def _fit_view(nodes: list[dict], groups: list[dict], view=(1500.0, 880.0)) -> dict:
-    """extra.ds: scale and offset that show the whole graph in a ~1500x880 canvas."""
-    boxes = [g["bounding"] for g in groups] + \
-        [[n["pos"][0], n["pos"][1] - TITLE_H, n["size"][0], n["size"][1] + TITLE_H] for n in nodes]
-    if not boxes:
+# The view a workflow opens at: the frontend draws no text on nodes below a zoom of
+# about 0.6 (LiteGraph's low-quality threshold), so a template opened "fit to the whole
+# graph" showed grey boxes. It opens at the zoom that shows the whole graph, but never
+# below MIN_SCALE, and never so close that the note and the first (load) group, where
+# a user starts, leave the view; the rest is a pan to the right. VIEW is
+# the canvas assumed: a 1920x1080 screen less the frontend's side bar, top menu and
+# browser chrome, rounded down (a larger canvas shows more, never less).
+VIEW = (1500.0, 880.0)
+MIN_SCALE = 0.6
+VIEW_MARGIN = 40.0      # screen px around the framed boxes
+
+
+def _fit_view(nodes: list[dict], groups: list[dict], view=VIEW) -> dict:
+    """extra.ds: the scale and offset (screen = (world + offset) * scale, as LiteGraph's
+    DragAndScale) for a ``view`` canvas, top-left aligned: the whole graph when that
+    is readable, else MIN_SCALE, at most the zoom that still frames the note and the
+    first group (and at most 1)."""
+    notes = [node_box(n) for n in nodes if n["type"] in UI_NOTE_TYPES]
+    others = [node_box(n) for n in nodes if n["type"] not in UI_NOTE_TYPES]
+    everything = notes + others + [tuple(g["bounding"]) for g in groups]
+    if not everything:
         return {"scale": 1.0, "offset": [0.0, 0.0]}
-    x0 = min(b[0] for b in boxes)
-    y0 = min(b[1] for b in boxes)
-    x1 = max(b[0] + b[2] for b in boxes)
-    y1 = max(b[1] + b[3] for b in boxes)
-    scale = min(1.0, view[0] / (x1 - x0), view[1] / (y1 - y0))
-    scale = math.floor(scale * 100) / 100
-    margin = 40.0 / scale
+    start = notes + ([tuple(groups[0]["bounding"])] if groups else others)
+    frame = min(1.0, _fit(start, view))
+    scale = min(frame, max(MIN_SCALE, _fit(everything, view)))
+    margin = VIEW_MARGIN / scale
+    x0 = min(b[0] for b in everything)
+    y0 = min(b[1] for b in everything)
     return {"scale": scale, "offset": [round(-x0 + margin, 1), round(-y0 + margin, 1)]}
+
+
+def _fit(boxes, view) -> float:
+    """The largest zoom (to 0.01 below) at which ``boxes`` fit the view with margins."""
+    w = max(b[0] + b[2] for b in boxes) - min(b[0] for b in boxes)
+    h = max(b[1] + b[3] for b in boxes) - min(b[1] for b in boxes)
+    fit = min((view[0] - 2 * VIEW_MARGIN) / w, (view[1] - 2 * VIEW_MARGIN) / h)
+    return math.floor(fit * 100) / 100
 
 
 # --- UI -> API twin ---------------------------------------------------------------------------
@@ -905,10 +957,30 @@ class Shipped:
     layout: Path    # workflows/api/<name>.layout.json
     ui: Path        # workflows/<name>.json
 
+    @property
+    def thumbnail(self) -> Path:    # workflows/<name>.jpg, the template browser's card
+        return self.ui.with_suffix(".jpg")
+
 
 API_SUBDIR = "api"
 API_SUFFIX = "_api.json"
 LAYOUT_SUFFIX = ".layout.json"
+MODELS_FILE = "models.json"     # in api/: {file name: {"directory", "url"}} of the models
+
+
+def load_models(path: str | Path) -> dict[str, dict]:
+    """A models.json (keys starting with "_" are comments), or {} when there is none."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    data = engine.load_file(path)
+    models = {k: v for k, v in data.items() if not k.startswith("_")}
+    for k, v in models.items():
+        if not (isinstance(v, Mapping) and isinstance(v.get("directory"), str)
+                and str(v.get("url", "")).startswith("https://")):
+            raise WorkflowFileError(f"{path}: {k!r} needs a 'directory' (a folder of "
+                                    "ComfyUI/models) and an https 'url'")
+    return models
 
 
 def shipped(folder: str | Path) -> list[Shipped]:
@@ -936,8 +1008,9 @@ def render(item: Shipped, registry: Registry) -> tuple[str, str, list[str]]:
 def sync(folder: str | Path, registry: Registry, *, check: bool = False,
          log=print) -> list[Path]:
     """Regenerate every ``<folder>/<name>.json`` from ``api/<name>_api.json`` and
-    ``api/<name>.layout.json``, then the API twin from it. Returns the files that
-    changed (with ``check``, that would change; nothing is written)."""
+    ``api/<name>.layout.json``, then the API twin from it, and draw ``<name>.jpg`` where
+    it is missing. Returns the files that changed (with ``check``, that would change;
+    nothing is written)."""
     items = shipped(folder)
     if not items:
         raise WorkflowFileError(f"no {API_SUBDIR}/*{LAYOUT_SUFFIX} files in {folder}; "
@@ -957,4 +1030,13 @@ def sync(folder: str | Path, registry: Registry, *, check: bool = False,
         problems = layout_problems(json.loads(ui_text), registry)
         if problems:
             raise WorkflowError([f"{item.ui.name}: {p}" for p in problems])
+        # The thumbnail is drawn once (delete it to draw it again): JPEG bytes depend on
+        # the Pillow version and fonts, so a check only asks that it exists.
+        if not item.thumbnail.exists():
+            changed.append(item.thumbnail)
+            if not check:
+                from . import workflow_thumbnails
+
+                workflow_thumbnails.write(item.thumbnail, workflow_thumbnails.thumbnail_for(
+                    item.api, item.layout, Layout.load(item.layout).note))
     return changed

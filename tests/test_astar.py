@@ -72,6 +72,32 @@ def test_retention_values():
         astar.retention_loss(b[:1], b)
 
 
+def _confined_map(cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A concept's peak-normalised map from logits (16 pixels x 3 tokens) with CAM's -inf
+    bias outside the first ``cells`` pixels (the word's mask), and the logits."""
+    logits = torch.randn(16, 3, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    bias = torch.zeros(16, 3)
+    bias[cells:, 1] = torch.finfo(torch.float32).min        # token 1 only inside the mask
+    A = torch.softmax(logits + bias, -1)[:, 1].reshape(1, 4, 4)
+    return astar.peak_normalise(A), logits
+
+
+@pytest.mark.parametrize("cells", [1, 3])
+def test_one_confined_concept_has_a_retention_gradient_only_over_several_cells(cells):
+    """Why A-STAR with one word that CAM confines to the mask applied no update on a
+    small image: where the mask covers a single cell of the map, the peak-normalised map
+    is that cell at 1 and exact zeros elsewhere whatever the latent, so retention (the
+    only term with one concept) is constant; over several cells it has a gradient."""
+    A, logits = _confined_map(cells)
+    B = astar.binarise(A.detach())
+    (grad,) = torch.autograd.grad(astar.retention_loss(A, B), logits)
+    if cells == 1:
+        assert A.detach().flatten().tolist() == [1.0] + [0.0] * 15
+        assert grad.abs().max().item() == 0.0
+    else:
+        assert grad.abs().max().item() > 1e-4
+
+
 def test_binarise_relative_to_each_peak():
     A = _maps([[0.1, 0.6], [1.0, 0.4]], [[0.02, 0.01], [0.0, 0.005]], [[0.0, 0.0], [0.0, 0.0]])
     B = astar.binarise(A, 0.5)

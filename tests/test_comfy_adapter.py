@@ -122,3 +122,31 @@ def test_comfyuis_sd1_tokenizer_is_registered_for_single_files(comfy):
     folders = folder_paths.get_folder_paths(paths.CLIP_TOKENIZER.folder)
     tok = [f for f in folders if os.path.isdir(os.path.join(f, "sd1_tokenizer"))]
     assert tok and os.path.isfile(os.path.join(tok[0], "sd1_tokenizer", "vocab.json"))
+
+
+def test_core_detection_takes_the_tiny_checkpoint_for_sd15(tmp_path):
+    """ComfyUI's own model detection (what its core Load Checkpoint runs) finds SD 1.5
+    in the tiny checkpoint made for it, and the narrow tiny checkpoint the tests use is
+    what it cannot detect."""
+    sys.path.insert(0, COMFY_DIR)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_detection
+    import comfy.supported_models
+    import comfy.utils
+    from xmgie.mgie_core.tiny import sd as tiny_sd
+
+    prefix = "model.diffusion_model."
+    wide = tmp_path / "tiny-sd15-comfy.safetensors"
+    tiny_sd.make_comfy_sd15_checkpoint(wide)
+    state = comfy.utils.load_torch_file(str(wide))
+    config = comfy.model_detection.model_config_from_unet(state, prefix)
+    assert type(config) is comfy.supported_models.SD15
+    assert config.unet_config["model_channels"] == 320
+    assert config.unet_config["channel_mult"] == [1, 1, 1, 1]
+    assert config.unet_config["transformer_depth"] == [1, 1, 1, 0]
+    narrow = tmp_path / "tiny-sd15.safetensors"
+    tiny_sd.make_sd_checkpoint(narrow)
+    assert comfy.model_detection.model_config_from_unet(
+        comfy.utils.load_torch_file(str(narrow)), prefix) is None

@@ -204,3 +204,35 @@ def test_text_encoder_keeps_its_own_precision_and_its_tensors(parts):
     emb = diffusion.encode_prompt(model, "a red carpet")
     full = diffusion.encode_prompt(from_ldm.sd_from_ldm(unet, vae, clip), "a red carpet")
     assert emb.dtype == torch.float32 and torch.allclose(emb, full, atol=2e-2)
+
+
+def _comfy_sd15_ldm_on_meta() -> dict:
+    """The LDM state dict of the ComfyUI-detectable tiny checkpoint, on the meta device
+    (shapes only: nothing is allocated)."""
+    with torch.device("meta"):
+        unet, vae, text_encoder = tiny_sd.build(4, comfy_detectable=True)
+    return ldm_convert.pipeline_to_ldm(unet, vae, text_encoder)
+
+
+def test_comfy_detectable_checkpoint_has_sd15_layout_read_back_without_hints():
+    """The checkpoint for a real ComfyUI: SD 1.5's blocks at 320 channels and a 768-wide
+    context (what ComfyUI detects SD 1.5 by), and the bridge reads it back from its
+    shapes with SD 1.5's defaults (8 heads, 32 groups, 12 text heads), no hints."""
+    state = _comfy_sd15_ldm_on_meta()
+    u_state = {k.removeprefix("model.diffusion_model."): v for k, v in state.items()
+               if k.startswith("model.diffusion_model.")}
+    t_state = {k.removeprefix("cond_stage_model.transformer."): v for k, v in state.items()
+               if k.startswith("cond_stage_model.transformer.")}
+    assert u_state["input_blocks.0.0.weight"].shape[0] == 320               # model_channels
+    assert u_state["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[1] == 768
+    ucfg = from_ldm.unet_config_from_ldm(u_state)
+    want = tiny_sd.unet_config(comfy_detectable=True)
+    for key in ("in_channels", "layers_per_block", "cross_attention_dim",
+                "attention_head_dim", "norm_num_groups"):
+        assert ucfg[key] == want[key], key
+    assert list(ucfg["block_out_channels"]) == [320] * 4
+    assert list(ucfg["down_block_types"]) == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert list(ucfg["up_block_types"]) == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+    tcfg = from_ldm.text_config_from_ldm(t_state)
+    assert tcfg["hidden_size"] == 768
+    assert tcfg["num_attention_heads"] == tiny_sd.text_config(True)["num_attention_heads"]

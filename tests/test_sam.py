@@ -179,6 +179,40 @@ def test_parse_prompt_text(sam_lib):
         sam_lib.parse_box("1,2,3")
 
 
+def test_percent_coordinates_follow_the_image_size(sam_lib):
+    from xmgie.mgie_core.errors import InputError
+
+    # x percentages of the width, y of the height; pixels and percentages may mix
+    assert sam_lib.parse_points("50%,82%; 10, 25%", size=(512, 512)) == [(256.0, 419.84),
+                                                                          (10.0, 128.0)]
+    assert sam_lib.parse_points("50%,82%", size=(160, 96)) == [(80.0, 96 * 0.82)]
+    assert sam_lib.parse_box("25%,0%,100%,50%", size=(160, 96)) == (40.0, 0.0, 160.0, 48.0)
+    with pytest.raises(InputError) as e:          # a percentage needs an image size
+        sam_lib.parse_points("50%,82%", "negative_points")
+    assert e.value.input_name == "negative_points"
+    with pytest.raises(InputError):
+        sam_lib.parse_points("50%%,1")
+
+
+@pytest.mark.parametrize("hw", [(128, 128), (96, 160), (400, 300)])
+def test_node_percent_points_fit_small_photos(hw, tiny_models, clean_paths):
+    """The points the shipped mask template uses ('50%,82%'; it once said '256,420' in
+    512 px pixels) fit a --tiny 128 px photo and a photo under 421 px tall; the same
+    pixel points are refused there with an error naming the input."""
+    from xmgie.mgie_core.errors import InputError
+    from xmgie.nodes import sam as sam_nodes
+
+    path = tiny_models("sam")
+    clean_paths.configure(models_dir=path.parent.parent)
+    (model,) = sam_nodes.LoadSAM().load(path.name)
+    images = _image(*hw)[None]
+    (masks,) = sam_nodes.SAMSegment().segment(images, model, "50%,82%", "50%,29%", "", True)
+    assert masks.shape == (1, *hw)
+    with pytest.raises(InputError) as e:
+        sam_nodes.SAMSegment().segment(images, model, "256,420", "256,150", "", True)
+    assert e.value.input_name == "points" and "outside" in str(e.value)
+
+
 # --- nodes --------------------------------------------------------------------------
 
 def test_nodes(tiny_models, clean_paths):

@@ -117,7 +117,8 @@ def test_ui_file_follows_the_frontend_format(name, registry):
         if n["type"] in wui.UI_NOTE_TYPES:
             continue
         spec = specs.get(n["type"])
-        assert n["properties"] == {"Node name for S&R": n["type"]}
+        assert n["properties"]["Node name for S&R"] == n["type"]
+        assert set(n["properties"]) <= {"Node name for S&R", "models"}   # models: files
         names = [e["name"] for e in n["inputs"]]
         sockets = [i.name for i in wui.sockets(spec)]
         widgets = [i.name for i in wui.widgets(spec)]

@@ -228,7 +228,8 @@ def _check_xy(name: str, xy: Sequence[float], w: int, h: int) -> None:
     if not (0 <= x <= w and 0 <= y <= h):
         raise InputError(name, f"({x:g}, {y:g}) lies outside the {w}x{h} image",
                          f"pixel coordinates with 0 <= x <= {w} and 0 <= y <= {h}",
-                         "Coordinates are (x, y) in pixels from the top-left corner.")
+                         "Coordinates are (x, y) in pixels from the top-left corner; "
+                         "percentages of the image size ('50%,80%') fit any size.")
 
 
 def _check_prompts(points, labels, box, w: int, h: int):
@@ -292,34 +293,58 @@ def segment(model: SamModel, image: torch.Tensor, points=None, labels=None, box=
 
 
 # --- prompt text ("x,y; x,y"), as typed in a node -----------------------------------
+# A coordinate is in pixels ("256") or a percentage of the image's width (x) or height
+# (y) ("50%"): percentages keep a saved prompt on the object whatever size the photo is
+# loaded at (a smaller photo, --tiny's 128 px); plain numbers stay pixels, as before.
 
-def _numbers(text: str, name: str, group: str) -> list[float]:
-    try:
-        return [float(v) for v in group.replace(" ", ",").split(",") if v.strip()]
-    except ValueError:
-        raise InputError(name, f"{group.strip()!r} in {text!r} is not a list of numbers",
-                         "numbers separated by commas") from None
+def _numbers(text: str, name: str, group: str,
+             size: Optional[tuple[int, int]] = None) -> list[float]:
+    """The numbers of ``group``; "p%" is p percent of the width (even positions, x) or
+    the height (odd positions, y) of ``size`` = (width, height)."""
+    out = []
+    for k, v in enumerate(t.strip() for t in group.replace(" ", ",").split(",")):
+        if not v:
+            continue
+        percent = v.endswith("%")
+        try:
+            value = float(v[:-1] if percent else v)
+        except ValueError:
+            raise InputError(name, f"{group.strip()!r} in {text!r} is not a list of numbers",
+                             "numbers separated by commas, in pixels or with % of the "
+                             "image size (e.g. '50%,80%')") from None
+        if percent:
+            if size is None:
+                raise InputError(name, f"{v!r} is a percentage but no image size is known",
+                                 "pixel coordinates here")
+            value = value / 100.0 * float(size[len(out) % 2])
+        out.append(value)
+    return out
 
 
-def parse_points(text: str, name: str = "points") -> list[tuple[float, float]]:
-    """``"x,y; x,y"`` -> [(x, y), ...]; an empty string gives no points."""
+def parse_points(text: str, name: str = "points",
+                 size: Optional[tuple[int, int]] = None) -> list[tuple[float, float]]:
+    """``"x,y; x,y"`` -> [(x, y), ...] in pixels; an empty string gives no points. With
+    ``size`` = (width, height), "x%,y%" are percentages of it."""
     points = []
     for group in (text or "").replace("\n", ";").split(";"):
         if not group.strip():
             continue
-        xy = _numbers(text, name, group)
+        xy = _numbers(text, name, group, size)
         if len(xy) != 2:
             raise InputError(name, f"{group.strip()!r} has {len(xy)} numbers",
-                             "pairs 'x,y' separated by ';' (e.g. '120,80; 200,150')")
+                             "pairs 'x,y' separated by ';' (e.g. '120,80; 200,150' or "
+                             "'50%,80%')")
         points.append((xy[0], xy[1]))
     return points
 
 
-def parse_box(text: str, name: str = "box") -> Optional[tuple[float, float, float, float]]:
-    """``"x0,y0,x1,y1"`` -> the box; an empty string gives None."""
+def parse_box(text: str, name: str = "box", size: Optional[tuple[int, int]] = None
+              ) -> Optional[tuple[float, float, float, float]]:
+    """``"x0,y0,x1,y1"`` -> the box in pixels; an empty string gives None. With ``size``
+    = (width, height), percentages as in :func:`parse_points`."""
     if not (text or "").strip():
         return None
-    v = _numbers(text, name, text)
+    v = _numbers(text, name, text, size)
     if len(v) != 4:
         raise InputError(name, f"{text.strip()!r} has {len(v)} numbers",
                          "four numbers 'x0,y0,x1,y1' (top-left and bottom-right corners)")
