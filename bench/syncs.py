@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -99,7 +98,7 @@ class StageCounts:
             self.steps.append(collections.Counter())
         return self.steps[step]
 
-    def per_step(self, kind: Optional[str] = None) -> list[int]:
+    def per_step(self, kind: str | None = None) -> list[int]:
         kinds = KINDS if kind is None else (kind,)
         return [sum(c[k] for k in kinds) for c in self.steps]
 
@@ -111,7 +110,7 @@ class StageCounts:
 
 
 class _FunctionMode(TorchFunctionMode):
-    def __init__(self, owner: "SyncCounter"):
+    def __init__(self, owner: SyncCounter):
         super().__init__()
         self.owner = owner
 
@@ -140,7 +139,7 @@ class _FunctionMode(TorchFunctionMode):
 
 
 class _DispatchMode(TorchDispatchMode):
-    def __init__(self, owner: "SyncCounter"):
+    def __init__(self, owner: SyncCounter):
         super().__init__()
         self.owner = owner
 
@@ -153,7 +152,7 @@ class _DispatchMode(TorchDispatchMode):
                 owner._event(kind, str(func))
         return func(*args, **kwargs)
 
-    def _classify(self, func, args, kwargs) -> Optional[str]:
+    def _classify(self, func, args, kwargs) -> str | None:
         dev = self.owner.device
         if func in _SCALAR_OPS:
             t = args[0] if args and isinstance(args[0], torch.Tensor) else None
@@ -183,7 +182,7 @@ class _DispatchMode(TorchDispatchMode):
 class _CountingProgress:
     """Wraps the host's progress bar; its updates mark the counter's steps."""
 
-    def __init__(self, owner: "SyncCounter", inner, total: int, desc: str):
+    def __init__(self, owner: SyncCounter, inner, total: int, desc: str):
         self.owner, self.inner, self.desc, self.total = owner, inner, desc, total
         owner._stack.append([desc, 0])
         owner._stage(desc).at(0)
@@ -213,7 +212,7 @@ class SyncCounter:
     counted apart (``host_read``). ``trace``: keep the op names of every event (for
     finding where they come from)."""
 
-    def __init__(self, device: Optional[torch.device] = None, trace: bool = False):
+    def __init__(self, device: torch.device | None = None, trace: bool = False):
         self.device = torch.device(device) if device is not None else None
         self.trace = trace
         self.stages: dict[str, StageCounts] = {}
@@ -224,7 +223,7 @@ class SyncCounter:
         self._previous_hooks = None
 
     # -- counting -------------------------------------------------------------------
-    def _classify_to(self, func, args, kwargs) -> Optional[str]:
+    def _classify_to(self, func, args, kwargs) -> str | None:
         """``.to("cpu")`` (a string naming the host) is a copy to the host. A
         ``torch.device`` is how the library names the model's device (``sd.device``): on
         the CPU it is the host too, so such a call counts as a ``placement`` (a no-op when
@@ -264,7 +263,7 @@ class SyncCounter:
         return {name: s.summary() for name, s in self.stages.items()}
 
     # -- context --------------------------------------------------------------------
-    def __enter__(self) -> "SyncCounter":
+    def __enter__(self) -> SyncCounter:
         prev = host.hooks()
         factory = prev.progress
         self._previous_hooks = host.set_hooks(

@@ -34,8 +34,9 @@ import argparse
 import importlib
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from . import batch, workflow
 from .host import build_registry, configure_models
@@ -128,7 +129,7 @@ def _print_errors(exc) -> None:
         print(f"  - {message}", file=sys.stderr)
 
 
-def _registry_or_message() -> Optional[dict[str, type]]:
+def _registry_or_message() -> dict[str, type] | None:
     try:
         return build_registry()
     except Exception as exc:
@@ -137,7 +138,7 @@ def _registry_or_message() -> Optional[dict[str, type]]:
         return None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; errors become messages and exit statuses. Ctrl-C at any point,
     the imports included, ends with "Interrupted." and status 130. Called as the
     program (``argv`` None), it then ignores Ctrl-C while Python shuts down, so a late
@@ -152,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _main(argv: Optional[Sequence[str]]) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

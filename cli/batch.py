@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from . import host
 
@@ -155,8 +155,15 @@ def run_variant_batches(workflow: Path, base_data: dict, variants, run_dir: Path
     folder, with one Session (or one set of Ray workers) for all of them, so models load
     once. A variant that changes nothing runs into ``run_dir`` itself (the base run).
     ``registry_factory`` gives the node registry, here and in each Ray worker."""
-    from ..runner.batch import (Session, Summary, prepare_settings, print_summary,
-                                run_batch, variant_dir, write_variants_file)
+    from ..runner.batch import (
+        Session,
+        Summary,
+        prepare_settings,
+        print_summary,
+        run_batch,
+        variant_dir,
+        write_variants_file,
+    )
 
     registry = registry_factory()
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,18 +47,18 @@ class EvalError(XMGIEError, ValueError):
 @dataclasses.dataclass
 class EvalOptions:
     metrics: tuple[str, ...] = ALL_METRICS
-    reference: Optional[Path] = None
+    reference: Path | None = None
     lpips_net: str = "alex"
     fid_feature: int = 2048
-    clip_model: Optional[str] = None
-    ips_encoder: Optional[str] = None
-    image_node: Optional[str] = None
-    out: Optional[Path] = None
+    clip_model: str | None = None
+    ips_encoder: str | None = None
+    image_node: str | None = None
+    out: Path | None = None
     pictures: bool = True
-    device: Optional[str] = None
+    device: str | None = None
 
     @classmethod
-    def from_args(cls, args) -> "EvalOptions":
+    def from_args(cls, args) -> EvalOptions:
         chosen = ALL_METRICS
         if args.metrics:
             chosen = tuple(m.strip().lower() for m in args.metrics.split(",") if m.strip())
@@ -90,7 +91,7 @@ class EvalResult:
     errors: dict[str, str]              # metric -> why it is missing
     items: list[str]                    # evaluated item ids
     sources: dict[str, Path]
-    masks: dict[str, Optional[Path]]
+    masks: dict[str, Path | None]
     notes: list[str]
     files: list[Path] = dataclasses.field(default_factory=list)
 
@@ -114,8 +115,8 @@ def _records(run_dir: Path) -> dict[str, dict]:
     return out
 
 
-def _result_file(run_dir: Path, record: dict, prompt: dict, image_node: Optional[str]
-                 ) -> Optional[Path]:
+def _result_file(run_dir: Path, record: dict, prompt: dict, image_node: str | None
+                 ) -> Path | None:
     outputs = [o for o in record.get("outputs") or [] if str(o["file"]).lower().endswith(".png")]
     if image_node is not None:
         chosen = [o for o in outputs if o.get("node") == str(image_node)]
@@ -200,7 +201,7 @@ def _rows(run_dir: Path, runs) -> list[Row]:
     return [Row(name, variant.get("description", ""), Path(run_dir))]
 
 
-def evaluate_runs(run_dir: Path, runs=None, options: Optional[EvalOptions] = None,
+def evaluate_runs(run_dir: Path, runs=None, options: EvalOptions | None = None,
                   progress: bool = True) -> EvalResult:
     """Evaluate ``run_dir`` (or the ``runs`` [(variant, folder)] of its variants), write
     the table and pictures (see :mod:`.report`) and return what was computed."""
@@ -241,7 +242,7 @@ def evaluate_runs(run_dir: Path, runs=None, options: Optional[EvalOptions] = Non
     wanted = [m for m in ALL_METRICS if m in options.metrics]
     errors: dict[str, str] = {}
     resized = 0
-    ref_feats: Optional[torch.Tensor] = None
+    ref_feats: torch.Tensor | None = None
 
     def need(metric: str) -> bool:
         return metric in wanted and metric not in errors

@@ -17,7 +17,7 @@ E(source)), on crops around the mask when there is one (the IdentityScore node's
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +107,7 @@ def is_splits(n: int) -> int:
     return 10 if n >= 100 else 1
 
 
-def inception_score(logits: torch.Tensor, splits: Optional[int] = None) -> tuple[float, float]:
+def inception_score(logits: torch.Tensor, splits: int | None = None) -> tuple[float, float]:
     """(mean, std) of the Inception Score of unbiased Inception logits [N, 1008]."""
     import warnings
 
@@ -137,7 +137,7 @@ def clip_scores(model, processor, images_u8: Sequence[torch.Tensor], texts: Sequ
 
 
 def ips_scores(encoder, edited: torch.Tensor, source: torch.Tensor,
-               mask: Optional[torch.Tensor] = None, margin: float = 0.1) -> torch.Tensor:
+               mask: torch.Tensor | None = None, margin: float = 0.1) -> torch.Tensor:
     """IPS per image with the pack's identity encoder; images [B, 3, H, W]."""
     from ..mgie_core.models import identity
 

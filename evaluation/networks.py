@@ -27,7 +27,6 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -72,7 +71,7 @@ def hub_checkpoints() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def find(family: paths.Family, name: Optional[str] = None) -> Path:
+def find(family: paths.Family, name: str | None = None) -> Path:
     """Path of a metric network, or ModelNotFoundError (see the module docstring)."""
     name = name or family.default_names[0]
     try:
@@ -131,7 +130,7 @@ class Inception(torch.nn.Module):
         return feats.reshape(feats.shape[0], -1).double().cpu(), logits.double().cpu()
 
 
-def load_inception(name: Optional[str] = None, fid_feature: int | str = 2048,
+def load_inception(name: str | None = None, fid_feature: int | str = 2048,
                    device=None) -> Inception:
     """The FID/IS Inception from the model folders (see :func:`find`)."""
     try:
@@ -157,7 +156,7 @@ def load_inception(name: Optional[str] = None, fid_feature: int | str = 2048,
 
 # --- LPIPS ----------------------------------------------------------------------------
 
-def load_lpips(net: str = "alex", name: Optional[str] = None, device=None):
+def load_lpips(net: str = "alex", name: str | None = None, device=None):
     """LPIPS v0.1 (lpips package) with the torchvision backbone read from the model folders
     (only its ``features.*`` weights are used) and the linear layers the package ships.
 
@@ -222,7 +221,7 @@ def load_lpips(net: str = "alex", name: Optional[str] = None, device=None):
 
 # --- CLIP score -----------------------------------------------------------------------
 
-def load_clip(name: Optional[str] = None, device=None):
+def load_clip(name: str | None = None, device=None):
     """(CLIPModel, CLIPProcessor) of a whole CLIP folder, offline."""
     from transformers import CLIPModel, CLIPProcessor
 
@@ -258,7 +257,7 @@ def load_clip(name: Optional[str] = None, device=None):
 DEFAULT_IPS_ENCODER = "clip_vision:clip-vit-large-patch14"
 
 
-def load_ips_encoder(spec: Optional[str] = None, device=None):
+def load_ips_encoder(spec: str | None = None, device=None):
     """The pack's identity encoder for IPS, from ``KIND:NAME`` (see
     ``mgie_core.models.identity``)."""
     from ..mgie_core.models import identity

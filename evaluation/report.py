@@ -11,7 +11,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from . import metrics as M
 PICTURES = "pictures"
 
 
-def format_value(value: Optional[float]) -> str:
+def format_value(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if math.isinf(value):
@@ -28,7 +28,7 @@ def format_value(value: Optional[float]) -> str:
     return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
 
 
-def _json_value(value: Optional[float]) -> Any:
+def _json_value(value: float | None) -> Any:
     if value is None or math.isnan(value):
         return None
     if math.isinf(value):
@@ -141,7 +141,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def bar_chart(result, metric: str, path: Path) -> Optional[Path]:
+def bar_chart(result, metric: str, path: Path) -> Path | None:
     values = [result.rows[i].values.get(metric) for i in range(len(result.rows))]
     finite = [v if v is not None and math.isfinite(v) else np.nan for v in values]
     if all(np.isnan(v) for v in finite):
@@ -163,7 +163,7 @@ def bar_chart(result, metric: str, path: Path) -> Optional[Path]:
         plt.close(fig)
 
 
-def _thumb(path: Optional[Path], size: int = 256, mode: str = "RGB") -> np.ndarray:
+def _thumb(path: Path | None, size: int = 256, mode: str = "RGB") -> np.ndarray:
     from PIL import Image
 
     if path is None or not Path(path).is_file():

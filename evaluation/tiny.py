@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import torch
 
@@ -76,8 +76,13 @@ def make_lpips_backbone(net: str):
 
 
 def make_clip(folder: Path, seed: int = 0) -> None:
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig,
-                              CLIPVisionConfig)
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+    )
 
     from ..mgie_core.tiny.sd import text_config
     from ..mgie_core.tiny.tokenizers import write_clip_tokenizer
@@ -120,7 +125,7 @@ def write(family: paths.Family, target: Path) -> Path:
     return target
 
 
-def ensure(root: Path | str, families: Optional[Iterable[str]] = None) -> Path:
+def ensure(root: Path | str, families: Iterable[str] | None = None) -> Path:
     """Tiny networks of ``families`` (keys; default all) under ``root`` in the layout tiny
     mode resolves (``<root>/<folder>/<tiny name>``)."""
     root = Path(root)
@@ -130,7 +135,7 @@ def ensure(root: Path | str, families: Optional[Iterable[str]] = None) -> Path:
     return root
 
 
-def write_models_dir(root: Path | str, families: Optional[Iterable[str]] = None) -> Path:
+def write_models_dir(root: Path | str, families: Iterable[str] | None = None) -> Path:
     """Tiny networks under their published names in a models folder
     (``<root>/metrics/alexnet-owt-7be5be79.pth`` ...), as a user lays out real ones."""
     root = Path(root)

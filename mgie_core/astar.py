@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -151,8 +151,8 @@ class AStarControl(Control):
     step_size: float = 2.5                   # alpha_t = step_size * sigma_t (MAG's rule)
     threshold: float = 0.5                   # B = [A >= threshold * max A]
     use_mask: bool = True                    # update only inside the mask, if there is one
-    mask: Optional[torch.Tensor] = None      # own region; else the sampler's mask
-    plan: Optional[EditPlan] = None          # own edit plan; else the sampler's
+    mask: torch.Tensor | None = None      # own region; else the sampler's mask
+    plan: EditPlan | None = None          # own edit plan; else the sampler's
 
     def __post_init__(self):
         self.words = [w.strip() for w in self.words if w and w.strip()]
@@ -163,10 +163,10 @@ class AStarControl(Control):
                              "a fraction of each map's peak in (0, 1]")
         if self.iterations < 1:
             raise InputError("iterations", f"is {self.iterations}", "1 or more")
-        self._pyramid: Optional[MaskPyramid] = None   # set up per run
+        self._pyramid: MaskPyramid | None = None   # set up per run
         self.history: list[dict] = []        # per update: step, iteration, losses, applied
         self._records: list[tuple] = []      # the run's device records (setup resets)
-        self._prev: Optional[torch.Tensor] = None
+        self._prev: torch.Tensor | None = None
 
     def setup(self, run) -> None:
         prompt = run.target_prompt
@@ -202,12 +202,12 @@ class AStarControl(Control):
                             "moved there", ", ".join(map(repr, frozen)),
                             min(inj.cross_steps, self._n_opt))
 
-    def _region(self, run, z: torch.Tensor) -> Optional[torch.Tensor]:
+    def _region(self, run, z: torch.Tensor) -> torch.Tensor | None:
         if self._pyramid is None:
             return None
         return self._pyramid.at(tuple(z.shape[-2:]), z.device)[:, None]
 
-    def constant_loss_reason(self, run, i: int) -> Optional[str]:
+    def constant_loss_reason(self, run, i: int) -> str | None:
         """Why the loss at step i is a constant by construction (so there is no gradient
         to follow and the update is skipped, counted with this reason), or None.
 

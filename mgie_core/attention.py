@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -68,13 +68,13 @@ class BatchLayout:
 
     rows: tuple[tuple[str, str], ...]
 
-    def index(self, branch: str, half: str) -> Optional[int]:
+    def index(self, branch: str, half: str) -> int | None:
         try:
             return self.rows.index((branch, half))
         except ValueError:
             return None
 
-    def indices(self, half: Optional[str] = None, branch: Optional[str] = None) -> list[int]:
+    def indices(self, half: str | None = None, branch: str | None = None) -> list[int]:
         return [i for i, (b, h) in enumerate(self.rows)
                 if (half is None or h == half) and (branch is None or b == branch)]
 
@@ -118,17 +118,17 @@ class AttnHook:
         return False
 
     def qk_override(self, layer: LayerInfo, ctx: AttnContext, query: torch.Tensor,
-                    key: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+                    key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Return new (query, key) for the whole batch, or None (cached injection)."""
         return None
 
     def logit_bias(self, layer: LayerInfo, ctx: AttnContext, n_query: int, n_key: int,
-                   device, dtype) -> Optional[torch.Tensor]:
+                   device, dtype) -> torch.Tensor | None:
         """Additive bias broadcastable to (batch, heads, n_query, n_key), or None."""
         return None
 
     def qk_source(self, layer: LayerInfo, ctx: AttnContext, n_query: int
-                  ) -> Optional[dict[int, int]]:
+                  ) -> dict[int, int] | None:
         """{target row: source row}: the target row uses the source row's Q and K."""
         return None
 
@@ -159,11 +159,11 @@ class AttentionController:
 
     def __init__(self):
         self.hooks: list[AttnHook] = []
-        self.context: Optional[AttnContext] = None
+        self.context: AttnContext | None = None
         self.explicit_layers: set[str] = set()   # names computed explicitly this call
         self._patches: list = []                 # torch hook handles of patch_module
 
-    def reset_call(self, ctx: Optional[AttnContext]) -> None:
+    def reset_call(self, ctx: AttnContext | None) -> None:
         self.context = ctx
         self.explicit_layers.clear()
 

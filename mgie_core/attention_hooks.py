@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -43,8 +43,8 @@ class CaptureHook(AttnHook):
     ``maps[layer_name]`` is (len(rows), heads, HW, 77). Gradients flow through when the
     UNet call is under autograd (MAG needs that)."""
 
-    def __init__(self, layers: Sequence[str], rows: Optional[Sequence[tuple[str, str]]] = None,
-                 cross: bool = True, steps: Optional[Iterable[int]] = None):
+    def __init__(self, layers: Sequence[str], rows: Sequence[tuple[str, str]] | None = None,
+                 cross: bool = True, steps: Iterable[int] | None = None):
         self.layers = tuple(layers)
         self.rows = tuple(rows) if rows else None
         self.cross = cross
@@ -121,7 +121,7 @@ class CAMHook(AttnHook):
 
     def __init__(self, mask: torch.Tensor, in_tokens: Sequence[int], out_tokens: Sequence[int] = (),
                  layers: Sequence[str] = DEFAULT_LAYERS, mode: str = "logits",
-                 branches: Sequence[str] = ("edit",), steps: Optional[Iterable[int]] = None):
+                 branches: Sequence[str] = ("edit",), steps: Iterable[int] | None = None):
         if mode not in ("logits", "probs"):
             raise ValueError(f"CAM mode must be 'logits' or 'probs', not {mode!r}")
         self.pyramid = mask if isinstance(mask, MaskPyramid) else MaskPyramid(mask)
@@ -340,7 +340,7 @@ class InjectionHook(AttnHook):
         self.base_latent_res = base_latent_res
         # Host copy for host-side questions (which target tokens are aligned), so no
         # caller reads the mapper tensor element by element.
-        self.aligned: Optional[list[int]] = mapper.tolist() if mapper.ndim == 1 else None
+        self.aligned: list[int] | None = mapper.tolist() if mapper.ndim == 1 else None
         self._on: dict = {}
 
     def prepare(self, device, latent_hw, architecture: UNetArchitecture = SD1):

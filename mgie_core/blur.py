@@ -58,7 +58,7 @@ Pixels outside the mask are copied from the input with ``torch.where``: bit-iden
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

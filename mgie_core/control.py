@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 
@@ -92,26 +92,26 @@ class Control:
                             f"hook; the hooks are {', '.join(HOOKS)}. A misspelt hook would "
                             f"never be called: rename it, or list it in NOT_HOOKS.")
 
-    def setup(self, run: "SamplingRun") -> None:
+    def setup(self, run: SamplingRun) -> None:
         """Once before the first step: read the run, check inputs, patch UNet modules
         through ``run.controller.patch_module`` (removed when the run ends)."""
 
-    def attn_hooks(self, run: "SamplingRun") -> list[AttnHook]:
+    def attn_hooks(self, run: SamplingRun) -> list[AttnHook]:
         """Attention hooks this control adds for the whole run."""
         return []
 
-    def before_step(self, run: "SamplingRun", i: int) -> None:
+    def before_step(self, run: SamplingRun, i: int) -> None:
         """Before step i's UNet call."""
 
-    def after_step(self, run: "SamplingRun", i: int) -> None:
+    def after_step(self, run: SamplingRun, i: int) -> None:
         """After step i's update of every branch."""
 
-    def teardown(self, run: "SamplingRun") -> None:
+    def teardown(self, run: SamplingRun) -> None:
         """Once at the end, also after an error or an interruption: undo what setup did."""
 
     # -- the edit context (see the module docstring) -------------------------------------
-    def resolve_mask(self, run: "SamplingRun", own: Optional[torch.Tensor], *,
-                     required: bool, use: str) -> Optional[torch.Tensor]:
+    def resolve_mask(self, run: SamplingRun, own: torch.Tensor | None, *,
+                     required: bool, use: str) -> torch.Tensor | None:
         """The mask this control acts on, (B, H, W) in {0, 1}: ``own`` (the control's own
         mask, an explicit override) when given, else the run's. Neither: None, or an
         :class:`InputError` naming both when the control ``required`` one (``use`` says
@@ -130,11 +130,11 @@ class Control:
         m = m if m.ndim == 3 else m[None]
         return (m.float() > 0.5).float()
 
-    def resolve_plan(self, run: "SamplingRun", own: Optional[EditPlan]) -> Optional[EditPlan]:
+    def resolve_plan(self, run: SamplingRun, own: EditPlan | None) -> EditPlan | None:
         """The edit plan this control reads: ``own`` when given, else the run's."""
         return own if own is not None else run.plan
 
-    def resolve_words(self, run: "SamplingRun", typed, own_plan: Optional[EditPlan],
+    def resolve_words(self, run: SamplingRun, typed, own_plan: EditPlan | None,
                       field: str, what: str, *, required: bool = True) -> list[str]:
         """Words by ``plan.PLAN_RULE``: ``typed`` when not empty, else the plan's ``field``
         (own plan, else the run's); with neither, an error naming both (``required``)."""
@@ -169,23 +169,23 @@ class SamplingRun:
     layout: BatchLayout
     latents: dict[Branch, torch.Tensor]          # branch -> current latent (float32)
     controller: attention.AttentionController
-    mask: Optional[torch.Tensor] = None          # [B,H,W] edit mask, any resolution
-    inversion: Optional[InversionResult] = None
-    reference: Optional[torch.Tensor] = None     # (N+1, B, 4, h, w) reference trajectory
+    mask: torch.Tensor | None = None          # [B,H,W] edit mask, any resolution
+    inversion: InversionResult | None = None
+    reference: torch.Tensor | None = None     # (N+1, B, 4, h, w) reference trajectory
     step: int = 0
-    plan: Optional[EditPlan] = None              # the edit plan the sampler was given
+    plan: EditPlan | None = None              # the edit plan the sampler was given
     # How the photo was fitted to the model's size step (images.Fit): a control's own
     # mask of the photo's size is fitted the same way (zero-padded) in resolve_mask.
-    fit: Optional[Fit] = None
+    fit: Fit | None = None
 
     # Two-branch (inversion) sampler only; None on the instruction path.
-    source_prompt: Optional[str] = None
-    target_prompt: Optional[str] = None
-    cond_src: Optional[torch.Tensor] = None      # (1, 77, D) source prompt embedding
-    cond_tgt: Optional[torch.Tensor] = None      # (1, 77, D) target prompt embedding
-    null: Optional[torch.Tensor] = None          # (B, 77, D) this step's unconditional row
+    source_prompt: str | None = None
+    target_prompt: str | None = None
+    cond_src: torch.Tensor | None = None      # (1, 77, D) source prompt embedding
+    cond_tgt: torch.Tensor | None = None      # (1, 77, D) target prompt embedding
+    null: torch.Tensor | None = None          # (B, 77, D) this step's unconditional row
     guidance_scale: float = 7.5
-    injection: Optional[attention_hooks.InjectionHook] = None
+    injection: attention_hooks.InjectionHook | None = None
     sampler_hooks: list[AttnHook] = dataclasses.field(default_factory=list)
 
     # Shared by latent-optimising controls within a step (see guidance.py).
@@ -198,7 +198,7 @@ class SamplingRun:
     def two_branch(self) -> bool:
         return self.cond_tgt is not None and Branch.REC in self.latents
 
-    def reference_at(self, i: int) -> Optional[torch.Tensor]:
+    def reference_at(self, i: int) -> torch.Tensor | None:
         """Reference latent before step i (i = N: the clean latent). The samplers keep
         the reference on the model's device, so this is a view, never a copy per step."""
         if self.reference is None:

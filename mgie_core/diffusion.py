@@ -7,7 +7,6 @@ whatever precision the UNet runs in."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 
@@ -145,7 +144,7 @@ class DDIMSolver:
 
     name = "ddim"
 
-    def __init__(self, sd: SDModel, steps: int, generator: Optional[torch.Generator] = None):
+    def __init__(self, sd: SDModel, steps: int, generator: torch.Generator | None = None):
         self.schedule = make_schedule(sd, steps)
         self.timesteps = self.schedule.timesteps.tolist()   # host copy: no sync in the loop
 
@@ -189,7 +188,7 @@ class EulerAncestralSolver:
 
     name = "euler_ancestral"
 
-    def __init__(self, sd: SDModel, steps: int, generator: Optional[torch.Generator] = None):
+    def __init__(self, sd: SDModel, steps: int, generator: torch.Generator | None = None):
         from diffusers import EulerAncestralDiscreteScheduler
 
         if not isinstance(steps, int) or steps < 1 or steps > 1000:
@@ -215,7 +214,7 @@ class EulerAncestralSolver:
         self._in_scale = ((s_from ** 2 + 1) ** 0.5).tolist()
         self._up = s_up.tolist()
         self._dt = (s_down - s_from).tolist()
-        self._noise: Optional[torch.Tensor] = None
+        self._noise: torch.Tensor | None = None
         self._init_sigma = float(sched.init_noise_sigma)
 
     def start(self, noise: torch.Tensor) -> torch.Tensor:
@@ -246,7 +245,7 @@ class EulerAncestralSolver:
 
 
 def instruct_solver(name: str, sd: SDModel, steps: int,
-                    generator: Optional[torch.Generator] = None):
+                    generator: torch.Generator | None = None):
     """The solver of the instruction path by name (see :data:`INSTRUCT_SCHEDULERS`)."""
     table = {"euler_ancestral": EulerAncestralSolver, "ddim": DDIMSolver}
     if name not in table:

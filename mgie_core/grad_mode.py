@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 
@@ -113,7 +113,7 @@ def normal_weights(module: torch.nn.Module) -> int:
     return replaced
 
 
-def differentiable(*modules: Optional[torch.nn.Module], stage: str = "") -> int:
+def differentiable(*modules: torch.nn.Module | None, stage: str = "") -> int:
     """Make sure gradients can pass through ``modules``: weights made in inference mode
     are replaced by normal copies (:func:`normal_weights`); returns how many tensors were
     copied (0 for the pack's own loaders, which build normal weights).

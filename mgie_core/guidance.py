@@ -20,7 +20,7 @@ identity guidance): re-run the edit branch with gradients, cheaply and exactly.
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -67,20 +67,20 @@ class SourceCache:
     an entry of a new step drops the older steps' ones."""
 
     def __init__(self):
-        self._step: Optional[int] = None
-        self._by_stop: dict[Optional[str], SourceRecorder] = {}
+        self._step: int | None = None
+        self._by_stop: dict[str | None, SourceRecorder] = {}
         self.passes = 0            # reconstruction-row passes made to fill the cache
 
-    def get(self, step: int, stop_layer: Optional[str]) -> Optional[SourceRecorder]:
+    def get(self, step: int, stop_layer: str | None) -> SourceRecorder | None:
         return self._by_stop.get(stop_layer) if step == self._step else None
 
-    def put(self, step: int, stop_layer: Optional[str], recorder: SourceRecorder) -> None:
+    def put(self, step: int, stop_layer: str | None, recorder: SourceRecorder) -> None:
         if step != self._step:
             self._step, self._by_stop = step, {}
         self._by_stop[stop_layer] = recorder
         self.passes += 1
 
-    def forget(self, step: int, stop_layer: Optional[str]) -> None:
+    def forget(self, step: int, stop_layer: str | None) -> None:
         """Drop one entry, so the next :func:`source_cache` call records it again."""
         if step == self._step:
             self._by_stop.pop(stop_layer, None)
@@ -125,7 +125,7 @@ class CachedInjection(AttnHook):
 
 
 def _call_unet(run, layout: BatchLayout, z: torch.Tensor, emb: torch.Tensor, step: int,
-               hooks: Sequence[AttnHook], stop_layer: Optional[str]) -> Optional[torch.Tensor]:
+               hooks: Sequence[AttnHook], stop_layer: str | None) -> torch.Tensor | None:
     ctl = run.controller
     saved_hooks, saved_ctx = ctl.hooks, ctl.context
     # The forward stops after ``stop_layer`` (None: it runs whole).
@@ -139,7 +139,7 @@ def _call_unet(run, layout: BatchLayout, z: torch.Tensor, emb: torch.Tensor, ste
         ctl.hooks, ctl.context = saved_hooks, saved_ctx
 
 
-def source_cache(run, step: int, stop_layer: Optional[str] = None) -> SourceRecorder:
+def source_cache(run, step: int, stop_layer: str | None = None) -> SourceRecorder:
     """The reconstruction row's maps and Q/K at ``step``: computed once per step."""
     cached = run.source_cache.get(step, stop_layer)
     if cached is None:
@@ -226,8 +226,8 @@ def count_update(run, stage: str, grad: torch.Tensor, step: int) -> torch.Tensor
     return finite & nonzero
 
 
-def masked_update(z: torch.Tensor, grad: torch.Tensor, mask: Optional[torch.Tensor],
-                  step_size: float, ok: Optional[torch.Tensor] = None) -> torch.Tensor:
+def masked_update(z: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None,
+                  step_size: float, ok: torch.Tensor | None = None) -> torch.Tensor:
     """z - step * grad inside the mask (everywhere when ``mask`` is None) and where
     ``ok`` (the verdict of :func:`count_update`) holds; elsewhere the very same values
     (torch.where, not arithmetic, so they stay bit-identical, and a skipped non-finite

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Optional, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
@@ -63,18 +64,18 @@ class Hooks:
     check_interrupt: Callable[[], None] = lambda: None
     # Ask the host to free this many bytes on `device` before a load (standalone: the
     # registry offloads the pack's models not in use, on accelerators only).
-    free_memory: Optional[Callable[[int, torch.device], None]] = None
+    free_memory: Callable[[int, torch.device], None] | None = None
     # Whether a freshly loaded model goes straight to its compute device: yes standalone
     # (no with offload-after-use on); no in ComfyUI, whose loader moves it on use.
-    load_on_register: Optional[Callable[[Any], bool]] = None
+    load_on_register: Callable[[Any], bool] | None = None
     # Wrap a newly registered module for the host (ComfyUI: a ModelPatcher); the result
     # is kept as ``entry.handle`` (standalone: no wrapper).
-    wrap_model: Optional[Callable[[Any], Any]] = None
+    wrap_model: Callable[[Any], Any] | None = None
     # Put these modules on their compute device, together (they are used together).
-    load_models: Optional[Callable[[list], None]] = None
+    load_models: Callable[[list], None] | None = None
     # Whether a module is on its compute device (ComfyUI: its patcher is fully loaded;
     # standalone: the registry's own record).
-    is_loaded: Optional[Callable[[Any], bool]] = None
+    is_loaded: Callable[[Any], bool] | None = None
 
 
 _hooks = Hooks()
@@ -112,9 +113,9 @@ class progress:
     def __init__(self, total: int, desc: str = ""):
         self.total = total
         self.desc = desc
-        self._bar: Optional[Progress] = None
+        self._bar: Progress | None = None
 
-    def __enter__(self) -> "progress":
+    def __enter__(self) -> progress:
         check_interrupt()
         self._bar = _hooks.progress(self.total, self.desc)
         return self
@@ -151,12 +152,12 @@ def device_key(device) -> str:
     try:
         if module is not None and module.is_available():
             index = module.current_device()
-    except Exception:  # noqa: BLE001 - a backend without current_device(): index 0
+    except Exception:
         index = 0
     return f"{d.type}:{index}"
 
 
-def place(x: torch.Tensor, device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def place(x: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x`` on ``device`` (and in ``dtype``): the tensor itself when it is there already,
     a dtype cast when only the dtype differs, a copy only when it lives elsewhere. Loops
     use this instead of ``x.to(device)`` so that the sync counter (bench/syncs.py) sees an

@@ -43,7 +43,6 @@ import dataclasses
 import functools
 import logging
 import math
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +78,7 @@ class IdentityEmbedding:
 
 
 def embed_identity(encoder: IdentityEncoder, image: torch.Tensor,
-                   mask: Optional[torch.Tensor] = None, margin: float = 0.1
+                   mask: torch.Tensor | None = None, margin: float = 0.1
                    ) -> IdentityEmbedding:
     """The identity embedding of ``image`` ([B,H,W,3] in 0..1), cropped to the box of
     ``mask`` grown by ``margin`` when a mask is given."""
@@ -182,18 +181,18 @@ class IdentityGuidance(Control):
     name = "identity guidance"
 
     encoder: IdentityEncoder
-    embedding: Union[IdentityEmbedding, torch.Tensor, None] = None
-    source: Optional[torch.Tensor] = None
-    mask: Optional[torch.Tensor] = None
+    embedding: IdentityEmbedding | torch.Tensor | None = None
+    source: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
     start: float = 0.2                 # window: steps [start n, end n), 10..34 of 50
     end: float = 0.7
     weight: float = 0.05               # RMS step of the predicted clean latent
     iterations: int = 1
-    crop: Optional[bool] = None
+    crop: bool | None = None
     margin: float = 0.1
     use_mask: bool = True
     memory: str = "checkpoint"
-    plan: Optional[EditPlan] = None    # own edit plan; None: the sampler's
+    plan: EditPlan | None = None    # own edit plan; None: the sampler's
     only_people: bool = True           # stand aside when the plan's subject is no person
 
     def __post_init__(self):
@@ -212,7 +211,7 @@ class IdentityGuidance(Control):
                              "Embed the source image with the same identity encoder.")
         self.history: list[dict] = []
         self._records: list[tuple] = []      # the run's device records (setup resets)
-        self._e_id: Optional[torch.Tensor] = None
+        self._e_id: torch.Tensor | None = None
 
     # -- sampler protocol ---------------------------------------------------------
     def setup(self, run) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -30,10 +30,10 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 # a quarter of the range beyond it are another convention (0..255, -1..1).
 RANGE_TOLERANCE = 0.25
 
-_max_pixels: Optional[int] = None
+_max_pixels: int | None = None
 
 
-def set_max_pixels(limit: Optional[int]) -> None:
+def set_max_pixels(limit: int | None) -> None:
     """Override the pixel limit for this process (None: back to the env var / default)."""
     global _max_pixels
     if limit is not None and (not isinstance(limit, int) or limit < 1):
@@ -102,7 +102,7 @@ def check_pixels(name: str, image: torch.Tensor) -> None:
 
 
 def check_image(name: str, image: torch.Tensor, multiple_of: int = 1,
-                max_batch: Optional[int] = None) -> torch.Tensor:
+                max_batch: int | None = None) -> torch.Tensor:
     """Validate an IMAGE tensor (layout, values, size) and return it as [B,H,W,3]
     float32. ``max_batch`` refuses larger batches (stages that edit one image)."""
     if not isinstance(image, torch.Tensor):
@@ -253,7 +253,7 @@ class Fit:
                 "offset": list(self.offset)}
 
     @classmethod
-    def from_dict(cls, d: Any) -> Optional["Fit"]:
+    def from_dict(cls, d: Any) -> Fit | None:
         try:
             return cls(str(d["mode"]), tuple(int(v) for v in d["size"]),
                        tuple(int(v) for v in d["fitted"]), tuple(int(v) for v in d["offset"]))
@@ -278,7 +278,7 @@ def _reflect_pad(x: torch.Tensor, size, fitted, offset) -> torch.Tensor:
 
 
 def fit_image(name: str, image: torch.Tensor, multiple: int, fit: str = "pad",
-              max_batch: Optional[int] = None, smallest: int = 8) -> tuple[torch.Tensor, Fit]:
+              max_batch: int | None = None, smallest: int = 8) -> tuple[torch.Tensor, Fit]:
     """Check an IMAGE (:func:`check_image`; sides of at least ``smallest`` pixels, the
     VAE's factor: a smaller one is no photo, padding it would only invent one) and fit it
     to sides that are multiples of ``multiple`` by ``fit`` (:data:`FITS`): the fitted

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional
 
 import torch
 
 from . import grad_mode, host
-from .diffusion import (Schedule, denoise_step, encode_prompt, invert_step, make_schedule,
-                        unet_eps)
+from .diffusion import Schedule, denoise_step, encode_prompt, invert_step, make_schedule, unet_eps
 from .errors import GradientError, InputError, why_no_gradient
 from .images import Fit
 from .models.sd import SDModel
@@ -43,12 +41,12 @@ class InversionResult:
     latents: torch.Tensor                 # (N+1, B, 4, h, w): [i] = z*_{t_i}, [N] = z*_0
     timesteps: torch.Tensor               # (N,) descending
     guidance_scale: float
-    null_embeddings: Optional[torch.Tensor] = None   # (N, 1, 77, D): per-step uncond
-    offsets: Optional[torch.Tensor] = None           # (N, B, 4, h, w): direct inversion
+    null_embeddings: torch.Tensor | None = None   # (N, 1, 77, D): per-step uncond
+    offsets: torch.Tensor | None = None           # (N, B, 4, h, w): direct inversion
     settings: dict = dataclasses.field(default_factory=dict)
     image_size: tuple[int, int] = (0, 0)
     updates: UpdateReport = dataclasses.field(default_factory=UpdateReport)  # null-text
-    fit: Optional[Fit] = None    # how the photo was fitted to the model (vae.encode_photo)
+    fit: Fit | None = None    # how the photo was fitted to the model (vae.encode_photo)
 
     @property
     def num_steps(self) -> int:
@@ -99,7 +97,7 @@ def null_text_optimisation(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor,
                            uncond: torch.Tensor, sch: Schedule, scale: float,
                            inner_steps: int = 10, lr: float = 1e-2,
                            early_stop: float = 1e-5,
-                           report: Optional[UpdateReport] = None) -> torch.Tensor:
+                           report: UpdateReport | None = None) -> torch.Tensor:
     """Per step i: Adam on the unconditional embedding (warm-started from step i-1),
     lr * (1 - i/100), at most ``inner_steps`` iterations, stopping once the loss is below
     early_stop + i * 2e-5; then advance with it. The embedding and loss stay float32.
@@ -184,7 +182,7 @@ def direct_offsets(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor, uncond: 
 def invert(sd: SDModel, z0: torch.Tensor, source_prompt: str, method: str = "null_text",
            steps: int = 50, guidance_scale: float = 7.5, inner_steps: int = 10,
            image_size: tuple[int, int] = (0, 0), record_offsets: bool = False,
-           fit: Optional[Fit] = None) -> InversionResult:
+           fit: Fit | None = None) -> InversionResult:
     """Invert latents ``z0`` (B,4,h,w, scaled) under ``source_prompt``.
 
     Direct inversion: the offset of step i is defined so that the guided source step
@@ -223,7 +221,7 @@ def invert(sd: SDModel, z0: torch.Tensor, source_prompt: str, method: str = "nul
 
 
 def source_null(inv: InversionResult, sd: SDModel, i: int,
-                empty: Optional[torch.Tensor] = None) -> torch.Tensor:
+                empty: torch.Tensor | None = None) -> torch.Tensor:
     """The unconditional embedding the source branch uses at step i (``empty``: the
     empty prompt's embedding, when the caller already has it)."""
     if inv.null_embeddings is not None:

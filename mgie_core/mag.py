@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -104,7 +104,7 @@ class MAGControl(Control):
 
     name = "MAG"
 
-    mask: Optional[torch.Tensor] = None      # own [H,W]/[B,H,W] edit region; None: the run's
+    mask: torch.Tensor | None = None      # own [H,W]/[B,H,W] edit region; None: the run's
     words: Sequence[str] = ()                # words of the target prompt to pull in
     negative_words: Sequence[str] = ()       # words of the target prompt to push out
     opt_fraction: float = 25 / 50            # first 25 of 50 steps
@@ -116,10 +116,10 @@ class MAGControl(Control):
     blend_fraction: float = 15 / 50          # latent blend in the last 15 of 50 steps
     truncate: bool = True                    # stop the loss forward after the last map
     cache_source: bool = True                # reconstruction maps once per step (exact)
-    plan: Optional[EditPlan] = None          # own edit plan; None: the sampler's
+    plan: EditPlan | None = None          # own edit plan; None: the sampler's
 
     def __post_init__(self):
-        self._pyramid: Optional[MaskPyramid] = None   # set up per run
+        self._pyramid: MaskPyramid | None = None   # set up per run
         self.history: list[dict] = []        # per update: step, loss, activation
         self._records: list[tuple] = []      # the run's device records (setup resets)
 
@@ -157,7 +157,7 @@ class MAGControl(Control):
         # and the mask at the maps' size (checked here, once: it must not vanish there).
         z = run.latents[Branch.EDIT]
         dev, hw = z.device, tuple(z.shape[-2:])
-        self._insides: dict[tuple[int, int], Optional[torch.Tensor]] = {}
+        self._insides: dict[tuple[int, int], torch.Tensor | None] = {}
         if self._n_opt > 0:
             # the 16x16 maps at 512 px
             self._inside_at(architecture_of(run.sd.unet).feature_size(hw, 2), dev)
@@ -167,7 +167,7 @@ class MAGControl(Control):
         self._m64 = self._pyramid.at(hw, dev)[:, None]   # one mask: loss, update, blend
         self._blend = guidance.dilate3(self._pyramid.at(hw, dev)[:, None])
 
-    def _inside_at(self, hw: tuple[int, int], device) -> Optional[torch.Tensor]:
+    def _inside_at(self, hw: tuple[int, int], device) -> torch.Tensor | None:
         """The mask inside a map of size ``hw`` as a flat bool (HW,), or None when it is
         empty there; made (and checked, one host read) once per size. Normal tensors
         (not inference ones): the loss saves them for its backward."""

@@ -28,7 +28,7 @@ latent too and its cross-attention does not follow an object word of a caption.
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -229,7 +229,7 @@ def mask_bbox(mask: torch.Tensor) -> tuple[int, int, int, int]:
 
 def attention_mask_sam(sd: SDModel, sam_model, image: torch.Tensor, prompt: str, word: str,
                        threshold: float = 0.5, timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
-                       seed: int = 0, attn: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                       seed: int = 0, attn: tuple[torch.Tensor, torch.Tensor] | None = None
                        ) -> torch.Tensor:
     """Attention mask refined by SAM: the bounding box of the thresholded attention map
     prompts SAM (one box, single-mask output as SAM recommends for a box). Returns a
@@ -281,7 +281,7 @@ def object_mask(sd: SDModel, image: torch.Tensor, prompt: str, word: str,
 
 # --- preview ------------------------------------------------------------------------
 
-def heat_map(m: torch.Tensor, image: Optional[torch.Tensor] = None, alpha: float = 0.6
+def heat_map(m: torch.Tensor, image: torch.Tensor | None = None, alpha: float = 0.6
              ) -> torch.Tensor:
     """[H,W,3] preview of a map in 0..1: a blue-green-red ramp, blended over ``image``
     ([H,W,3] or [1,H,W,3]) when given."""

@@ -24,12 +24,13 @@ import itertools
 import logging
 import os
 import weakref
-from typing import Any, Callable, Iterable, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
-from .grad_mode import loading, normal_weights
 from . import host
+from .grad_mode import loading, normal_weights
 from .host import same_device
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def module_bytes(module: torch.nn.Module) -> int:
                for t in itertools.chain(module.parameters(), module.buffers()))
 
 
-def _module_device(module: torch.nn.Module) -> Optional[torch.device]:
+def _module_device(module: torch.nn.Module) -> torch.device | None:
     for t in itertools.chain(module.parameters(), module.buffers()):
         return t.device
     return None
@@ -80,7 +81,7 @@ class ManagedModule:
     owners: int = 0                  # loaded models holding it (the registry lets go at 0)
 
     @property
-    def device(self) -> Optional[torch.device]:
+    def device(self) -> torch.device | None:
         return _module_device(self.module)
 
     def is_loaded(self) -> bool:
@@ -103,7 +104,7 @@ class ManagedModule:
                 f"{self.load_device} / {self.offload_device})")
 
 
-def _free_bytes(dev: torch.device) -> Optional[int]:
+def _free_bytes(dev: torch.device) -> int | None:
     """Free memory on ``dev`` as the driver reports it, None when unknown (CPU, MPS)."""
     if dev.type == "cuda" and torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info(dev)
@@ -119,7 +120,7 @@ class ModelRegistry:
     every model not in use on that device, as the only safe answer); the default asks
     the CUDA driver. ``reserve`` bytes are kept free on top of each request."""
 
-    def __init__(self, free_bytes: Callable[[torch.device], Optional[int]] = _free_bytes,
+    def __init__(self, free_bytes: Callable[[torch.device], int | None] = _free_bytes,
                  reserve: int = 256 * 2**20):
         self.free_bytes = free_bytes
         self.reserve = reserve

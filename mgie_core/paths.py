@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 from .errors import ModelNotFoundError
 
@@ -150,13 +150,13 @@ FACE_RECOGNITION = register_family(Family(
 # --- configuration ------------------------------------------------------------------
 
 _models_dirs: list[Path] = []
-_tiny_root: Optional[Path] = None
+_tiny_root: Path | None = None
 # Returns the ComfyUI folders for a ComfyUI folder name; installed by the adapter.
-_comfy_provider: Optional[Callable[[str], list[str]]] = None
+_comfy_provider: Callable[[str], list[str]] | None = None
 
 
-def configure(models_dir: Optional[Iterable[str | Path] | str | Path] = None,
-              tiny_root: Optional[str | Path] = None, *, reset: bool = False) -> None:
+def configure(models_dir: Iterable[str | Path] | str | Path | None = None,
+              tiny_root: str | Path | None = None, *, reset: bool = False) -> None:
     """Set the ``--models-dir`` folders and/or tiny mode. ``reset`` clears both first."""
     global _models_dirs, _tiny_root
     if reset:
@@ -170,11 +170,11 @@ def configure(models_dir: Optional[Iterable[str | Path] | str | Path] = None,
         _tiny_root = Path(tiny_root)
 
 
-def tiny_root() -> Optional[Path]:
+def tiny_root() -> Path | None:
     return _tiny_root
 
 
-def set_comfy_provider(provider: Optional[Callable[[str], list[str]]]) -> None:
+def set_comfy_provider(provider: Callable[[str], list[str]] | None) -> None:
     global _comfy_provider
     _comfy_provider = provider
 
@@ -211,7 +211,7 @@ def _valid(fam: Family, p: Path) -> bool:
     return p.is_file()
 
 
-def _hf_cache(repo_id: str) -> Optional[Path]:
+def _hf_cache(repo_id: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 

@@ -43,7 +43,7 @@ the mask is resized and thresholded at 0.5 like CAM's (docs/algorithms.md sectio
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -166,10 +166,10 @@ class PFBControl(Control):
 
     name = "PFB"
 
-    mask: Optional[torch.Tensor] = None      # own [B,H,W] object mask; None: the sampler's
+    mask: torch.Tensor | None = None      # own [B,H,W] object mask; None: the sampler's
     preset: str = "object"
     alpha: float | dict = 1.0                # per-site a_l, or one value for all
-    blocks: Optional[Sequence[str]] = None   # block_outputs placement: override the blocks
+    blocks: Sequence[str] | None = None   # block_outputs placement: override the blocks
     latent_blend: bool = True
     follow_inversion: bool = True            # pin the reconstruction branch to z*_t
     reference: str = "cond"
@@ -186,11 +186,11 @@ class PFBControl(Control):
             raise InputError("blocks", "are given with the pfb_diff placement",
                              "blocks only with placement='block_outputs'",
                              "PFB-Diff's sites follow from the preset.")
-        self._blend_mask: Optional[MaskPyramid] = None   # set up per run
+        self._blend_mask: MaskPyramid | None = None   # set up per run
         self._run = None
         self.sites: list[Site] = []
         self._cache: dict[str, torch.Tensor] = {}   # site -> conditional reference rows
-        self._cache_step: Optional[int] = None
+        self._cache_step: int | None = None
         self._in_reference_pass = False
 
     # -- sampler protocol ---------------------------------------------------------

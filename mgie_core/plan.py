@@ -22,8 +22,9 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import InputError, names_list
 from .tokens import clean_word
@@ -217,7 +218,7 @@ class EditPlan:
             return f"{self.source_prompt.rstrip(' .,;')}, with the {word}"
         return f"a photo of the {word}"
 
-    def validate(self) -> "EditPlan":
+    def validate(self) -> EditPlan:
         """Raise InputError when the plan cannot drive the editing stages; return self."""
         fix_typed = ("Fix the plan's prompts (xMGIE Edit Plan From Prompts), or ask the "
                      "vision-language model again.")
@@ -260,7 +261,7 @@ class EditPlan:
         return json.dumps(asdict(self), indent=indent, ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, data: str | dict) -> "EditPlan":
+    def from_json(cls, data: str | dict) -> EditPlan:
         if isinstance(data, str):
             try:
                 data = json.loads(data)
@@ -312,7 +313,7 @@ def split_words(v: Any) -> list[str]:
     return [str(w).strip() for w in v if str(w).strip()]
 
 
-def from_plan(name: str, typed: Any, plan: "EditPlan | None", field_name: str,
+def from_plan(name: str, typed: Any, plan: EditPlan | None, field_name: str,
               expected: str, *, required: bool = True,
               no_plan: str = "no plan is connected") -> Any:
     """The value of input ``name`` under ``PLAN_RULE``: ``typed`` when it is not empty,

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .errors import InputError, XMGIEError, names_list
 from .plan import FIELDS, EditPlan, as_bool, as_words

@@ -28,11 +28,21 @@ and ``EditPlanFromVLM``'s fallback uses it when a model's answer cannot be read.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from .errors import InputError
-from .plan import (EDGE_STOP, WORD_RE, EditPlan, as_words, diff_words, find_phrase,
-                   is_person_word, lower_words, replace_phrase, word_spans)
+from .plan import (
+    EDGE_STOP,
+    WORD_RE,
+    EditPlan,
+    as_words,
+    diff_words,
+    find_phrase,
+    is_person_word,
+    lower_words,
+    replace_phrase,
+    word_spans,
+)
 from .tokens import as_text, clean_word
 
 # ---------------------------------------------------------------------------------------

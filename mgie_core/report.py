@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional
 
 import torch
 
@@ -77,7 +76,7 @@ class UpdateReport:
         c.skipped[reason] = c.skipped.get(reason, 0) + n
 
     def defer(self, stage: str, step: int, finite: torch.Tensor, nonzero: torch.Tensor,
-              logger: Optional[logging.Logger] = None) -> None:
+              logger: logging.Logger | None = None) -> None:
         """Count one update whose verdict is still on the device: applied when ``finite``
         and ``nonzero`` (0-dim bool tensors) are both true; skipped for a non-finite
         gradient (warned on ``logger``) or a zero one. Read at :meth:`flush`."""
@@ -126,7 +125,7 @@ class UpdateReport:
         for line in [c.line() for c in self.stages.values()]:   # notes were logged as made
             logger.log(level, "%s: %s", what, line)
 
-    def get(self, stage: str) -> Optional[UpdateCounts]:
+    def get(self, stage: str) -> UpdateCounts | None:
         return self.stages.get(stage)
 
     def __repr__(self) -> str:

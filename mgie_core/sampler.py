@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -26,8 +26,14 @@ from . import attention, attention_hooks, host, vae
 from .architecture import architecture_of
 from .attention import COND, UNCOND, AttnContext, BatchLayout, Branch, Half
 from .control import Control, SamplingRun, check_controls
-from .diffusion import (Schedule, denoise_step, encode_prompt, instruct_solver, make_schedule,
-                        token_ids, unet_eps)
+from .diffusion import (
+    denoise_step,
+    encode_prompt,
+    instruct_solver,
+    make_schedule,
+    token_ids,
+    unet_eps,
+)
 from .errors import InputError
 from .images import Fit, check_mask
 from .inversion import InversionResult
@@ -65,12 +71,12 @@ class EditResult:
     them to the CPU at their outputs (ComfyUI's convention between nodes)."""
 
     edit: torch.Tensor            # (B,4,h,w) final edit-branch latent, float32, on device
-    reconstruction: Optional[torch.Tensor]
+    reconstruction: torch.Tensor | None
     settings: dict
     # Updates the optimising controls applied and skipped in this run.
     report: UpdateReport = dataclasses.field(default_factory=UpdateReport)
     # How the photo was fitted to the model: vae.decode(sd, edit, fit=...) crops it back.
-    fit: Optional[Fit] = None
+    fit: Fit | None = None
 
 
 def _finish(run: SamplingRun, controls: Sequence[Control]) -> None:
@@ -129,8 +135,8 @@ def _run_unet(run: SamplingRun, groups: list[tuple[BatchLayout, torch.Tensor, to
     return torch.cat(outs)
 
 
-def _validate_mask(mask, sd: SDModel, z: torch.Tensor, fit: Optional[Fit]
-                   ) -> Optional[torch.Tensor]:
+def _validate_mask(mask, sd: SDModel, z: torch.Tensor, fit: Fit | None
+                   ) -> torch.Tensor | None:
     """The run's mask, checked here once for every caller (the nodes pass it as given):
     [B,H,W], not empty, of the photo's size (then fitted as the photo was, see
     ``images.Fit.mask``), or of the size the model works on, or of the latent."""
@@ -151,8 +157,8 @@ def _validate_mask(mask, sd: SDModel, z: torch.Tensor, fit: Optional[Fit]
     return check_mask("mask", m, allow_empty=False, allow_full=True)
 
 
-def _cam_from_plan(cam: Optional[CAMSettings], plan: Optional[EditPlan],
-                   mask: Optional[torch.Tensor]) -> Optional[CAMSettings]:
+def _cam_from_plan(cam: CAMSettings | None, plan: EditPlan | None,
+                   mask: torch.Tensor | None) -> CAMSettings | None:
     """Two-branch CAM by ``plan.PLAN_RULE``: asked for (``cam`` given) with no in-words,
     it takes the plan's edit words, but only where CAM can act, with a mask (empty
     words otherwise mean "off")."""
@@ -164,11 +170,11 @@ def _cam_from_plan(cam: Optional[CAMSettings], plan: Optional[EditPlan],
 
 
 def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
-         mask: Optional[torch.Tensor] = None, cam: Optional[CAMSettings] = None,
+         mask: torch.Tensor | None = None, cam: CAMSettings | None = None,
          controls: Sequence[Control] = (), cross_replace: float = 0.8, self_replace: float = 0.5,
-         self_max_res: int = 32, guidance_scale: Optional[float] = None,
+         self_max_res: int = 32, guidance_scale: float | None = None,
          batched: bool = True, keep_reconstruction: bool = True,
-         p2p_mode: str = "refine", plan: Optional[EditPlan] = None) -> EditResult:
+         p2p_mode: str = "refine", plan: EditPlan | None = None) -> EditResult:
     """Two-branch prompt-to-prompt editing from an inversion (text-to-image UNet).
 
     ``mask`` and ``plan`` are the run's edit context (``SamplingRun.mask``/``.plan``):
@@ -302,7 +308,7 @@ WHOLE_CONDITION = "*"
 
 
 def instruction_cam(conditioning: Conditioning, cam_in_words: str = "",
-                    plan: Optional[EditPlan] = None) -> Optional[CAMSettings]:
+                    plan: EditPlan | None = None) -> CAMSettings | None:
     """The instruction sampler's CAM from its typed words and the edit plan
     (``plan.PLAN_RULE``: typed words win, empty ones take the plan's).
 
@@ -329,11 +335,11 @@ def instruction_cam(conditioning: Conditioning, cam_in_words: str = "",
 
 def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditioning, *,
                   steps: int = 100, text_scale: float = 7.5, image_scale: float = 1.5,
-                  seed: int = 0, mask: Optional[torch.Tensor] = None,
-                  source_latent: Optional[torch.Tensor] = None,
-                  cam: Optional[CAMSettings] = None, controls: Sequence[Control] = (),
+                  seed: int = 0, mask: torch.Tensor | None = None,
+                  source_latent: torch.Tensor | None = None,
+                  cam: CAMSettings | None = None, controls: Sequence[Control] = (),
                   batched: bool = True, scheduler: str = "euler_ancestral",
-                  plan: Optional[EditPlan] = None, fit: Optional[Fit] = None) -> EditResult:
+                  plan: EditPlan | None = None, fit: Fit | None = None) -> EditResult:
     """Instruction-UNet sampling (section 0): rows [cond,img], [null,img], [null,0];
     eps = e_u + s_T (e_text - e_img) + s_I (e_img - e_u).
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .errors import InputError
 
@@ -116,7 +117,7 @@ def find_word_tokens(tokenizer, prompt: str, words: Sequence[str]) -> list[int]:
     return sorted({p for g in word_token_groups(tokenizer, prompt, words) for p in g})
 
 
-def dropped_text(tokenizer, prompt: str, max_length: Optional[int] = None) -> str:
+def dropped_text(tokenizer, prompt: str, max_length: int | None = None) -> str:
     """The end of ``prompt`` a CLIP tokenizer cuts off at its window (``max_length``
     tokens with the start and end tokens; 77 for SD 1.x), as text; "" when it fits."""
     max_length = int(max_length or getattr(tokenizer, "model_max_length", 77))

@@ -21,7 +21,7 @@ only to be divided again.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -39,7 +39,7 @@ class Latents:
 
     samples: torch.Tensor   # [B,4,h,w] float32 on CPU
     image_size: tuple[int, int]
-    fit: Optional[Fit] = None   # how the photo was fitted to the model (encode_photo)
+    fit: Fit | None = None   # how the photo was fitted to the model (encode_photo)
 
     def __repr__(self) -> str:
         return f"Latents({tuple(self.samples.shape)}, image {self.image_size})"
@@ -60,7 +60,7 @@ def size_multiple(sd: SDModel) -> int:
 
 
 def encode_photo(sd: SDModel, image: torch.Tensor, fit: str = "pad", name: str = "image",
-                 multiple: Optional[int] = None, max_batch: Optional[int] = 1,
+                 multiple: int | None = None, max_batch: int | None = 1,
                  scaled: bool = True) -> Latents:
     """A photo checked, fitted to the model's size step (``fit``: ``images.FITS``;
     ``multiple`` defaults to :func:`size_multiple`) and encoded (:func:`encode`). The
@@ -111,7 +111,7 @@ def decode_with(vae, latents: Latents | torch.Tensor, device, dtype, name: str =
 
 
 def decode(sd: SDModel, latents: Latents | torch.Tensor, name: str = "latent",
-           scaled: bool = True, to_cpu: bool = True, fit: Optional[Fit] = None) -> torch.Tensor:
+           scaled: bool = True, to_cpu: bool = True, fit: Fit | None = None) -> torch.Tensor:
     """Images [B,H,W,3] in 0..1. NaN/Inf latents are refused before decoding, and a
     decoder that turns finite latents into NaN/Inf pixels is an error, not a black image.
     ``scaled=False``: the latents are raw (ComfyUI's LATENT samples).
@@ -131,7 +131,7 @@ def decode(sd: SDModel, latents: Latents | torch.Tensor, name: str = "latent",
 # --- ComfyUI's LATENT ---------------------------------------------------------------------
 
 def to_comfy_latent(latents: Latents | torch.Tensor, scaling_factor: float,
-                    fit: Optional[Fit] = None) -> dict:
+                    fit: Fit | None = None) -> dict:
     """A library latent (scaled) as ComfyUI's LATENT: ``{"samples": z / factor}``, float32
     on the CPU, as ComfyUI's VAEEncode gives it. A fitted photo's latent also carries how
     it was fitted (``images.LATENT_FIT_KEY``; ``fit``, default a :class:`Latents`' own),
@@ -145,7 +145,7 @@ def to_comfy_latent(latents: Latents | torch.Tensor, scaling_factor: float,
     return out
 
 
-def latent_fit(value: Any, vae_scale: int) -> Optional[Fit]:
+def latent_fit(value: Any, vae_scale: int) -> Fit | None:
     """How the photo of a LATENT was fitted (:func:`to_comfy_latent`), or None. A fit is
     only believed while the samples still have its size (``vae_scale`` pixels per latent
     cell): a node that resized the latent and copied the dict along leaves a stale one,

@@ -11,10 +11,22 @@ from ..mgie_core.mag import MAGControl
 from ..mgie_core.models.compile import compile_unet
 from ..mgie_core.plan import split_words
 from ..mgie_core.tokens import truncation_note
-from ._common import (CONDITIONING, CONTROLS, FIT_INPUT, INVERSION, LATENT, PREFIX, SD_MODEL,
-                      UPDATES_TOOLTIP, ControlNode, category, fill, inp, plan_input,
-                      report_output)
-
+from ._common import (
+    CONDITIONING,
+    CONTROLS,
+    FIT_INPUT,
+    INVERSION,
+    LATENT,
+    PREFIX,
+    SD_MODEL,
+    UPDATES_TOOLTIP,
+    ControlNode,
+    category,
+    fill,
+    inp,
+    plan_input,
+    report_output,
+)
 
 _DIVERGED = ("The sampler produced them from finite inputs: the model's weights may be "
              "damaged, or half precision overflowed (load the model with dtype fp32).")

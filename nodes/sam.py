@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..mgie_core import masks as masks_lib
 from ..mgie_core import host, paths
+from ..mgie_core import masks as masks_lib
 from ..mgie_core.errors import InputError
 from ..mgie_core.models import sam as sam_lib
 from ._common import PREFIX, SAM_MODEL, SD_MODEL, category, inp, plan_input

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..mgie_core import paths
-from ..mgie_core.models.sd import DTYPES
 from ..mgie_core.models import vlm as vlm_lib
+from ..mgie_core.models.sd import DTYPES
 from ._common import PREFIX, VLM_MODEL, category, inp
 
 DTYPE_TIP = "Weights' precision. auto = fp16 on a CUDA GPU, fp32 on the CPU."

@@ -41,8 +41,9 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -50,8 +51,16 @@ from ..mgie_core import host
 from ..mgie_core.errors import XMGIEError
 from . import core_nodes, engine, workflow_ui
 from .dataset import Dataset, Item, pie_bench_mask
-from .mapping import (BatchError, ItemError, canonical_sha, item_prompt, item_seed,
-                      parse_map_options, resolve_mapping, seed_everything)
+from .mapping import (
+    BatchError,
+    ItemError,
+    canonical_sha,
+    item_prompt,
+    item_seed,
+    parse_map_options,
+    resolve_mapping,
+    seed_everything,
+)
 from .model_cache import ModelCache, PassCounter
 from .variants import Variant, apply_variant
 
@@ -103,13 +112,13 @@ class BatchSettings:
     seed: int
     dataset: str
     overrides: list[str] = dataclasses.field(default_factory=list)
-    variant: Optional[dict] = None
+    variant: dict | None = None
     fixed: list[list[str]] = dataclasses.field(default_factory=list)  # inputs the variant set
     extra_pnginfo: dict = dataclasses.field(default_factory=dict)
     tiny: bool = False
     models_dirs: list[str] = dataclasses.field(default_factory=list)
     input_dirs: list[str] = dataclasses.field(default_factory=list)
-    device: Optional[str] = None
+    device: str | None = None
 
     def fingerprint(self) -> str:
         """What must match for a rerun to resume this folder."""
@@ -120,17 +129,17 @@ class BatchSettings:
         return {**dataclasses.asdict(self), "fingerprint": self.fingerprint()}
 
     @classmethod
-    def from_json(cls, data: Mapping) -> "BatchSettings":
+    def from_json(cls, data: Mapping) -> BatchSettings:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def prepare_settings(workflow: Path, data: dict, registry: engine.Registry, dataset: Dataset, *,
                      overrides: Sequence[str] = (), map_options: Sequence[str] = (),
-                     seed: int = 0, variant: Optional[Variant] = None, tiny: bool = False,
+                     seed: int = 0, variant: Variant | None = None, tiny: bool = False,
                      models_dirs: Sequence[Path] = (), input_dirs: Sequence[Path] = (),
-                     device: Optional[str] = None, mapping: Optional[dict] = None,
-                     extra_pnginfo: Optional[dict] = None) -> BatchSettings:
+                     device: str | None = None, mapping: dict | None = None,
+                     extra_pnginfo: dict | None = None) -> BatchSettings:
     """Convert, override, apply the variant, resolve the mapping and validate the
     workflow once (per-item problems are found per item).
 
@@ -324,7 +333,7 @@ def _commit(staging: Path, final: Path) -> None:
 
 # --- the batch ----------------------------------------------------------------------------
 
-def read_record(run_dir: Path, item_id: str) -> Optional[dict]:
+def read_record(run_dir: Path, item_id: str) -> dict | None:
     path = Path(run_dir) / ITEMS_DIR / item_id / RECORD_FILE
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -332,7 +341,7 @@ def read_record(run_dir: Path, item_id: str) -> Optional[dict]:
         return None
 
 
-def is_done(run_dir: Path, item_id: str, fingerprint: Optional[str] = None) -> bool:
+def is_done(run_dir: Path, item_id: str, fingerprint: str | None = None) -> bool:
     """The item's record says ok, belongs to this batch, and lists outputs that are all
     there with their recorded sizes."""
     record = read_record(run_dir, item_id)
@@ -361,7 +370,7 @@ class Summary:
     def exit_code(self) -> int:
         return min(len(self.failed), EXIT_MAX_FAILED)
 
-    def add(self, other: "Summary") -> None:
+    def add(self, other: Summary) -> None:
         self.total += other.total
         self.skipped += other.skipped
         self.ok += other.ok
@@ -482,8 +491,8 @@ class Progress:
 
 
 def run_batch(settings: BatchSettings, run_dir: Path, dataset: Dataset, *,
-              session: Optional[Session] = None, executor=None, desc: str = "batch",
-              limit: Optional[int] = None) -> Summary:
+              session: Session | None = None, executor=None, desc: str = "batch",
+              limit: int | None = None) -> Summary:
     """Run every item of ``dataset`` not done yet into ``run_dir``.
 
     ``executor`` (see :mod:`.scale`) runs items elsewhere; without one they run here, in
@@ -538,7 +547,7 @@ def write_variants_file(run_dir: Path, variants: Sequence[Variant]) -> None:
         for v in variants]})
 
 
-def read_variants_file(run_dir: Path) -> Optional[list[tuple[Variant, Path]]]:
+def read_variants_file(run_dir: Path) -> list[tuple[Variant, Path]] | None:
     path = Path(run_dir) / VARIANTS_FILE
     if not path.exists():
         return None

@@ -32,16 +32,16 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
-from ..mgie_core import images as images_mod
 from ..mgie_core import host, paths
+from ..mgie_core import images as images_mod
 from ..mgie_core import vae as vae_mod
 from ..mgie_core.errors import InputError
 from ..mgie_core.models import from_ldm
@@ -64,14 +64,14 @@ class RunContext:
 
     input_dirs: list[Path] = dataclasses.field(default_factory=lambda: [Path("input")])
     output_dir: Path = Path("output")
-    workflow_dir: Optional[Path] = None
+    workflow_dir: Path | None = None
     written: list[Path] = dataclasses.field(default_factory=list)
     # Longest side of images LoadImage/LoadImageMask give (None: as stored). Set by
     # `xmgie run --tiny`, where the tiny models make any image meaningless anyway.
-    max_side: Optional[int] = None
+    max_side: int | None = None
     # One factor for every image of the run (see plan_scale), so images of different
     # sizes stay different; None: each image is fitted to max_side on its own.
-    scale: Optional[float] = None
+    scale: float | None = None
     # (image name, size as given, size as loaded) of every image the limit shrank.
     scaled: list[tuple[str, tuple[int, int], tuple[int, int]]] = \
         dataclasses.field(default_factory=list)
@@ -231,7 +231,7 @@ def _to_rgba(frame: Image.Image) -> Image.Image:
 IMAGE_NODES = ("LoadImage", "LoadImageMask")
 
 
-def plan_scale(prompt: dict) -> Optional[float]:
+def plan_scale(prompt: dict) -> float | None:
     """Fix the context's one image scale for a run: the factor that brings the largest
     image the prompt's LoadImage/LoadImageMask nodes name to ``max_side``, read from the
     file headers (nothing is decoded). One factor keeps different sizes different, so a
@@ -362,7 +362,7 @@ def _next_counter(folder: Path, stem: str) -> int:
     return highest + 1
 
 
-def _png_info(prompt: Optional[dict], extra_pnginfo: Optional[dict]) -> PngInfo:
+def _png_info(prompt: dict | None, extra_pnginfo: dict | None) -> PngInfo:
     # ComfyUI embeds the prompt and the UI workflow so the PNG can be dropped back in.
     info = PngInfo()
     if prompt is not None:
@@ -427,7 +427,7 @@ def check_save_images(images, name: str = "images") -> torch.Tensor:
 
 
 def save_images(images: torch.Tensor, folder: Path, filename_prefix: str,
-                prompt: Optional[dict] = None, extra_pnginfo: Optional[dict] = None,
+                prompt: dict | None = None, extra_pnginfo: dict | None = None,
                 compress_level: int = 4) -> list[Path]:
     """Write a batch as ``<prefix>_00001_.png``, ... under ``folder``; returns the paths.
 

@@ -35,8 +35,9 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 
@@ -65,13 +66,13 @@ class Item:
 
     id: str
     fields: dict[str, Any]
-    mask_rle: Optional[list[int]] = None
+    mask_rle: list[int] | None = None
 
     def to_json(self) -> dict:
         return {"id": self.id, "fields": self.fields, "mask_rle": self.mask_rle}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Item":
+    def from_json(cls, data: dict) -> Item:
         return cls(id=data["id"], fields=dict(data["fields"]), mask_rle=data.get("mask_rle"))
 
 

@@ -77,8 +77,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any
 
 import torch
 
@@ -104,8 +105,8 @@ class WorkflowError(XMGIEError):
     Raised for validation (all problems at once) and, with ``node_id``/``class_type`` set,
     for an exception inside a node (the original exception is the ``__cause__``)."""
 
-    def __init__(self, errors: Iterable[str] | str, *, node_id: Optional[str] = None,
-                 class_type: Optional[str] = None):
+    def __init__(self, errors: Iterable[str] | str, *, node_id: str | None = None,
+                 class_type: str | None = None):
         self.errors = [errors] if isinstance(errors, str) else list(errors)
         self.node_id = node_id
         self.class_type = class_type
@@ -159,7 +160,7 @@ class InputSpec:
     required: bool
 
     @property
-    def choices(self) -> Optional[list]:
+    def choices(self) -> list | None:
         """The allowed values of a combo input (classic list form or "COMBO" + options)."""
         if isinstance(self.type, (list, tuple)):
             return list(self.type)
@@ -231,7 +232,7 @@ class _Specs:
         self._cache: dict[str, NodeSpec] = {}
         self.failures: dict[str, str] = {}
 
-    def get(self, class_type: str) -> Optional[NodeSpec]:
+    def get(self, class_type: str) -> NodeSpec | None:
         if class_type in self._cache:
             return self._cache[class_type]
         cls = self.registry.get(class_type)
@@ -324,7 +325,7 @@ def parse_override(text: str) -> tuple[str, str, str]:
     return node_id, name, value
 
 
-def _override_value(text: str, spec: Optional[InputSpec]) -> Any:
+def _override_value(text: str, spec: InputSpec | None) -> Any:
     # JSON when possible (numbers, booleans, links like ["4", 0]); text otherwise. A
     # STRING or combo input keeps the raw text, so 6.text=123 stays the string "123".
     try:
@@ -375,7 +376,7 @@ def apply_overrides(prompt: Prompt, overrides: Iterable[str], registry: Registry
 
 # --- validation -------------------------------------------------------------------------
 
-def _where(node_id: str, class_type: Any, name: Optional[str] = None) -> str:
+def _where(node_id: str, class_type: Any, name: str | None = None) -> str:
     return f"node {node_id} ({class_type})" + (f", input '{name}'" if name else "")
 
 
@@ -385,7 +386,7 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _check_widget(spec: InputSpec, value: Any) -> tuple[Any, Optional[str]]:
+def _check_widget(spec: InputSpec, value: Any) -> tuple[Any, str | None]:
     """Check a literal value for a widget input; return (normalized value, problem)."""
     choices = spec.choices
     if choices is not None:
@@ -418,7 +419,7 @@ def _check_widget(spec: InputSpec, value: Any) -> tuple[Any, Optional[str]]:
     return value, None
 
 
-def _check_link(prompt: Prompt, specs: _Specs, input_spec: InputSpec, link: list) -> Optional[str]:
+def _check_link(prompt: Prompt, specs: _Specs, input_spec: InputSpec, link: list) -> str | None:
     src_id, index = str(link[0]), link[1]
     src = prompt.get(src_id)
     if src is None:
@@ -689,7 +690,7 @@ def _node_kwargs(spec: NodeSpec, node_id: str, node: dict, outputs: dict[str, tu
     return kwargs
 
 
-def _split_result(spec: NodeSpec, node_id: str, result: Any) -> tuple[tuple, Optional[dict]]:
+def _split_result(spec: NodeSpec, node_id: str, result: Any) -> tuple[tuple, dict | None]:
     """A node returns its outputs as a tuple, or {"ui": ..., "result": tuple}."""
     ui = None
     if isinstance(result, dict):
@@ -718,8 +719,8 @@ def _run_node(spec: NodeSpec, node_id: str, kwargs: dict) -> Any:
 
 
 def execute(prompt: Prompt, registry: Registry, *,
-            on_node: Optional[Callable[[NodeTiming], None]] = None,
-            extra_pnginfo: Optional[dict] = None) -> RunResult:
+            on_node: Callable[[NodeTiming], None] | None = None,
+            extra_pnginfo: dict | None = None) -> RunResult:
     """Validate, then run the nodes the outputs need, each once, in dependency order,
     inside ``torch.inference_mode()`` as ComfyUI does.
 
@@ -735,7 +736,7 @@ def execute(prompt: Prompt, registry: Registry, *,
 
 
 def _execute(prompt: Prompt, registry: Registry,
-             on_node: Optional[Callable[[NodeTiming], None]], extra_pnginfo: dict
+             on_node: Callable[[NodeTiming], None] | None, extra_pnginfo: dict
              ) -> RunResult:
     specs = _Specs(registry)
     result = RunResult(outputs={}, ui={}, timings=[])

@@ -26,7 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ def canonical_sha(data: Any) -> str:
 def item_seed(base: int, item_id: str) -> int:
     """A seed per item that depends only on the base seed and the item's id (not on the
     item's position, the worker or the order items run in)."""
-    digest = hashlib.sha256(f"{int(base)}:{item_id}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{int(base)}:{item_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % SEED_MODULUS
 
 
@@ -82,7 +83,7 @@ def parse_map_options(options: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
-def _spec(registry: engine.Registry, class_type: Any) -> Optional[engine.NodeSpec]:
+def _spec(registry: engine.Registry, class_type: Any) -> engine.NodeSpec | None:
     cls = registry.get(class_type) if isinstance(class_type, str) else None
     return engine.node_spec(class_type, cls) if cls is not None else None
 

@@ -10,7 +10,8 @@ kept). UNet passes are counted with hooks on the cached models' UNets.
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -95,7 +96,7 @@ class ModelCache:
 
     MAX_ENTRIES = 6
 
-    def __init__(self, on_load: Optional[Callable[[Any], None]] = None):
+    def __init__(self, on_load: Callable[[Any], None] | None = None):
         self._entries: collections.OrderedDict = collections.OrderedDict()
         self.on_load = on_load
         self.loads: list[str] = []        # loader classes that loaded (missed) since reset

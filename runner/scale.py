@@ -22,8 +22,8 @@ from __future__ import annotations
 import collections
 import os
 import socket
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from ..mgie_core.errors import XMGIEError
 from .batch import BatchSettings, Session, read_record
@@ -82,7 +82,7 @@ class BatchWorker:
                                      Item.from_json(item))
 
 
-def _local_pythonpath() -> Optional[str]:
+def _local_pythonpath() -> str | None:
     """The folder holding this ``xmgie`` package, so local workers import the same code
     as the driver even when it is not installed (e.g. run from a checkout)."""
     package = Path(__file__).resolve().parent.parent
@@ -96,8 +96,8 @@ def _local_pythonpath() -> Optional[str]:
 class RayExecutor:
     """Runs a batch's items on Ray workers (see the module docstring)."""
 
-    def __init__(self, address: Optional[str] = LOCAL, workers: Optional[int] = None,
-                 cpus_per_worker: int = 1, process_config: Optional[dict] = None, *,
+    def __init__(self, address: str | None = LOCAL, workers: int | None = None,
+                 cpus_per_worker: int = 1, process_config: dict | None = None, *,
                  registry_factory: Callable[[], dict]):
         self.ray = ray = import_ray()
         if workers is not None and workers < 1:

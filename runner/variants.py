@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from ..mgie_core.errors import XMGIEError
 from . import engine
@@ -52,7 +53,7 @@ class Variant:
                 "bypass": list(self.bypass)}
 
     @classmethod
-    def from_json(cls, data: Mapping) -> "Variant":
+    def from_json(cls, data: Mapping) -> Variant:
         return cls(name=data["name"], set=dict(data.get("set") or {}),
                    bypass=tuple(data.get("bypass") or ()),
                    description=str(data.get("description") or ""))
@@ -151,7 +152,7 @@ def bypass_nodes(prompt: engine.Prompt, node_ids: list[str],
     out = {nid: {**n, "inputs": dict(n.get("inputs") or {})} for nid, n in prompt.items()}
     gone = set(node_ids)
 
-    def replacement(link: list, depth: int = 0) -> Optional[list]:
+    def replacement(link: list, depth: int = 0) -> list | None:
         src = str(link[0])
         if src not in gone:
             return link

@@ -16,8 +16,8 @@ the object, red: off it), and a band with the note's title and the layout's
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
 
 from . import engine
 
@@ -49,7 +49,7 @@ def _inputs(prompt: Mapping[str, dict], class_type: str, name: str) -> list:
             if n.get("class_type") == class_type and isinstance(n["inputs"].get(name), str)]
 
 
-def _window(size: tuple[int, int], focus: Optional[tuple[float, float]],
+def _window(size: tuple[int, int], focus: tuple[float, float] | None,
             aspect: float) -> tuple[int, int, int, int]:
     """The largest box of ``aspect`` (w/h) inside an image of ``size``, centred on
     ``focus`` (pixels; the centre when None) as far as the edges allow."""
@@ -169,7 +169,7 @@ def layout_caption(layout_path: Path) -> str:
 
 
 def thumbnail_for(api_path: Path, layout_path: Path, note: str,
-                  inputs_dir: Optional[Path] = None):
+                  inputs_dir: Path | None = None):
     """The thumbnail of a shipped workflow from its two source files."""
     prompt = engine.load_file(api_path)
     folder = Path(api_path).parent.parent

@@ -53,12 +53,12 @@ import heapq
 import json
 import math
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from . import engine
-from .engine import (InputSpec, NodeSpec, Prompt, Registry, WorkflowError,
-                     WorkflowFileError)
+from .engine import InputSpec, NodeSpec, Prompt, Registry, WorkflowError, WorkflowFileError
 
 # --- frontend geometry (LiteGraph in ComfyUI frontend 1.27) --------------------------------
 
@@ -229,7 +229,7 @@ class _UIGraph:
     def mode(self, node_id: str) -> int:
         return int(self.nodes[node_id].get("mode", 0) or 0)
 
-    def source(self, link_id: Optional[int]) -> Optional[tuple[str, Any]]:
+    def source(self, link_id: int | None) -> tuple[str, Any] | None:
         """Where a link's value comes from: ``("link", [id, slot])``, ``("value", v)``,
         or None when it comes from nothing (a muted node, a dangling reroute, a loop of
         reroutes). Followed iteratively, so chains of any length work."""
@@ -254,7 +254,7 @@ class _UIGraph:
         return None
 
     @staticmethod
-    def _bypass_input(node: Mapping, slot: int) -> Optional[int]:
+    def _bypass_input(node: Mapping, slot: int) -> int | None:
         # ComfyUI passes a bypassed node's output through from its input of the same
         # type: the input at the same slot first, then the first one of that type.
         outputs = node.get("outputs") or []
@@ -269,7 +269,7 @@ class _UIGraph:
         return None
 
 
-def _input_link(node: Mapping, index: int) -> Optional[int]:
+def _input_link(node: Mapping, index: int) -> int | None:
     inputs = node.get("inputs") or []
     return inputs[index].get("link") if index < len(inputs) else None
 
@@ -471,7 +471,7 @@ class Stage:
 
     title: str
     nodes: list[str]
-    columns: Optional[list[list[str]]] = None
+    columns: list[list[str]] | None = None
 
 
 @dataclasses.dataclass
@@ -484,7 +484,7 @@ class Layout:
     models: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, data: Mapping, where: str = "layout") -> "Layout":
+    def from_json(cls, data: Mapping, where: str = "layout") -> Layout:
         if not isinstance(data, Mapping) or not isinstance(data.get("stages"), list):
             raise WorkflowFileError(f"{where}: expected an object with a 'stages' list "
                                     "([{\"title\": ..., \"nodes\": [ids]}, ...]) and a 'note'")
@@ -512,7 +512,7 @@ class Layout:
         return cls(stages, note)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Layout":
+    def load(cls, path: str | Path) -> Layout:
         layout = cls.from_json(engine.load_file(path), str(path))
         layout.models = load_models(Path(path).parent / MODELS_FILE)
         return layout
@@ -589,7 +589,7 @@ def _assign_stages(prompt: Mapping[str, dict], layout: Layout) -> tuple[list[Sta
 
 # --- API -> UI --------------------------------------------------------------------------------
 
-def _spec(specs: "engine._Specs", node_id: str, node: Mapping) -> NodeSpec:
+def _spec(specs: engine._Specs, node_id: str, node: Mapping) -> NodeSpec:
     class_type = node.get("class_type")
     spec = specs.get(class_type) if isinstance(class_type, str) else None
     if spec is None:
@@ -600,7 +600,7 @@ def _spec(specs: "engine._Specs", node_id: str, node: Mapping) -> NodeSpec:
 
 
 def _check_node_inputs(node_id: str, node: Mapping, spec: NodeSpec, prompt: Mapping,
-                       specs: "engine._Specs") -> list[str]:
+                       specs: engine._Specs) -> list[str]:
     errors = []
     for name, value in (node.get("inputs") or {}).items():
         where = engine._where(node_id, spec.class_type, name)
@@ -621,8 +621,8 @@ def _check_node_inputs(node_id: str, node: Mapping, spec: NodeSpec, prompt: Mapp
 
 
 def api_to_ui(prompt: Mapping[str, dict], registry: Registry,
-              layout: Optional[Layout] = None, *, name: str = "workflow",
-              source: str = "", models: Optional[Mapping[str, Mapping]] = None) -> dict:
+              layout: Layout | None = None, *, name: str = "workflow",
+              source: str = "", models: Mapping[str, Mapping] | None = None) -> dict:
     """The UI-format workflow of an API prompt, laid out by ``layout`` (or by depth).
 
     ``models`` maps model file names to ``{"directory", "url"}`` (default: the layout's):
@@ -896,7 +896,7 @@ def _overlap(a, b) -> float:
     return w * h if w > 0 and h > 0 else 0.0
 
 
-def layout_problems(data: Mapping, registry: Optional[Registry] = None) -> list[str]:
+def layout_problems(data: Mapping, registry: Registry | None = None) -> list[str]:
     """What is wrong with a UI workflow's layout: overlapping nodes (title bars
     included), a node outside every group or in two, a group overlapping another, a node
     smaller than the frontend's minimum for its widgets (when ``registry`` is given)."""

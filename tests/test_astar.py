@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-from xmgie.mgie_core.control import Control
 from xmgie.mgie_core import astar, guidance, inversion, sampler, vae
+from xmgie.mgie_core.control import Control
 from xmgie.mgie_core.errors import InputError
 
 SRC = "a photo of a red carpet in a room"
@@ -147,7 +147,7 @@ class SegProbe(Control):
     ``target`` tap, also L_ret against the retention region the control used at that step,
     so ``total`` is the very objective the control descends."""
 
-    def __init__(self, target: "TargetTap | None" = None):
+    def __init__(self, target: TargetTap | None = None):
         self.seg: dict[int, float] = {}
         self.total: dict[int, float] = {}
         self.target = target

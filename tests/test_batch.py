@@ -201,8 +201,8 @@ def test_map_option_overrides_and_errors():
 
 
 def test_seeds_are_per_item_and_written_into_seed_inputs():
-    from xmgie.runner.mapping import item_prompt, item_seed
     from xmgie.runner.dataset import Item
+    from xmgie.runner.mapping import item_prompt, item_seed
 
     assert item_seed(0, "a") == item_seed(0, "a") != item_seed(0, "b") != item_seed(1, "b")
     prompt = {"1": {"class_type": "XMGIEAttentionMask",

@@ -36,7 +36,8 @@ def comfy(tiny_root, tiny_models):
 
     comfy.cli_args.args.cpu = True          # as `python main.py --cpu`
     import comfy.model_management as mm
-    import comfy.model_patcher  # noqa: F401
+    import comfy.model_patcher
+
     from xmgie.nodes import _comfy
 
     tiny_models("sd_diffusers")
@@ -135,6 +136,7 @@ def test_core_detection_takes_the_tiny_checkpoint_for_sd15(tmp_path):
     import comfy.model_detection
     import comfy.supported_models
     import comfy.utils
+
     from xmgie.mgie_core.tiny import sd as tiny_sd
 
     prefix = "model.diffusion_model."

@@ -8,8 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xmgie.mgie_core import (attention, attention_hooks, diffusion, inversion, plan_rules,
-                             sampler, vae)
+from xmgie.mgie_core import (
+    attention,
+    attention_hooks,
+    diffusion,
+    inversion,
+    plan_rules,
+    sampler,
+    vae,
+)
 from xmgie.mgie_core.astar import AStarControl
 from xmgie.mgie_core.control import Control
 from xmgie.mgie_core.errors import InputError
@@ -304,7 +311,9 @@ def _result(r):
 
 def test_nodes_fill_from_the_plan_and_name_both_when_given_neither(tiny_sd, tiny_models):
     from xmgie.mgie_core.models import sam as sam_lib
-    from xmgie.nodes import editing, masks as mask_nodes, sam as sam_nodes
+    from xmgie.nodes import editing
+    from xmgie.nodes import masks as mask_nodes
+    from xmgie.nodes import sam as sam_nodes
 
     image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
     invert = editing.Invert()

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from test_batch import WF, YELLOW, make_dataset  # noqa: F401  (shared helpers)
+from test_batch import WF, YELLOW, make_dataset
 
 pytest.importorskip("torchmetrics")
 pytest.importorskip("lpips")

@@ -19,8 +19,14 @@ from PIL import Image
 from xmgie.mgie_core import images, sampler, vae
 from xmgie.mgie_core.control import Control
 from xmgie.mgie_core.errors import InputError
-from xmgie.nodes.editing import (CAMSampler, EncodeInstruction, InstructSampler, Invert,
-                                 MAGControlNode, PFBControlNode)
+from xmgie.nodes.editing import (
+    CAMSampler,
+    EncodeInstruction,
+    InstructSampler,
+    Invert,
+    MAGControlNode,
+    PFBControlNode,
+)
 from xmgie.nodes.latents import VAEDecode, VAEEncode
 from xmgie.nodes.masks import AttentionMask
 

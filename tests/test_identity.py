@@ -188,6 +188,7 @@ def test_bad_face_state_dict_is_a_load_error(change, tiny_models, tmp_path, id_l
 @pytest.mark.parametrize("change", ["drop_projection", "model_type"])
 def test_bad_clip_folder_is_a_load_error(change, tiny_models, tmp_path, id_lib):
     from safetensors.torch import load_file, save_file
+
     from xmgie.mgie_core.errors import ModelLoadError
 
     folder = tmp_path / "clip"

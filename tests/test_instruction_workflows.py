@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from xmgie import cli
-from xmgie.mgie_core import attention_hooks, masks, plan as plan_mod
+from xmgie.mgie_core import attention_hooks, masks
+from xmgie.mgie_core import plan as plan_mod
 from xmgie.mgie_core.control import Control
 from xmgie.mgie_core.tokens import find_word_tokens
 from xmgie.runner import core_nodes, engine, workflow_ui

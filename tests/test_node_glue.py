@@ -12,7 +12,8 @@ import torch
 
 from xmgie.mgie_core import inversion, paths, plan_rules, sampler, vae
 from xmgie.mgie_core.errors import InputError, ModelNotFoundError
-from xmgie.nodes import _common, astar as astar_nodes, editing, identity_guidance, loaders
+from xmgie.nodes import _common, editing, identity_guidance, loaders
+from xmgie.nodes import astar as astar_nodes
 
 SRC, TGT = "a red sofa on a red carpet", "a red sofa on a yellow carpet"
 PLAN = plan_rules.plan_from_prompts("make the carpet yellow", SRC, TGT)

@@ -10,8 +10,8 @@ import pytest
 from xmgie.mgie_core import plan as P
 from xmgie.mgie_core import plan_answer as A
 from xmgie.mgie_core import plan_rules as R
-from xmgie.mgie_core import tolerant_json
 from xmgie.mgie_core import tokens as T
+from xmgie.mgie_core import tolerant_json
 from xmgie.mgie_core.errors import InputError, XMGIEError
 
 CARPET = dict(instruction="make the carpet yellow",

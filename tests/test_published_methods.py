@@ -286,7 +286,7 @@ def test_background_dilation_is_a_36px_kernel():
     ours = pfb.dilate(torch.from_numpy(ellipse)[None], 36)[0].numpy()
     ref = cv2_dilate_reference(ellipse, 36)
     assert np.array_equal(ours, ref)
-    from scipy import ndimage      # a second reference: the same window, centre at k // 2
+    from scipy import ndimage  # a second reference: the same window, centre at k // 2
     assert np.array_equal(ours, ndimage.maximum_filter(ellipse, size=36, mode="constant"))
     added = int(ours.sum() - ellipse.sum())
     radius36 = torch.nn.functional.max_pool2d(torch.from_numpy(ellipse)[None, None], 73,

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_batch import ROOT, YELLOW, make_dataset
 
 VOLATILE = ("times", "worker")  # wall times and which process ran the item

@@ -75,10 +75,11 @@ def test_tiny_mode_answers_any_name(sd_root, clean_paths):
 def test_ldm_writer_matches_diffusers_reader_at_sd_structure():
     """Two layers per block as in SD 1.5 (the tiny model has one): the written LDM keys
     must convert back to the same diffusers weights with diffusers' own converter."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint)
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
 
     torch.manual_seed(0)
     cfg = dict(tiny_sd.unet_config(), layers_per_block=2)

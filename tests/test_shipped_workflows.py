@@ -141,7 +141,7 @@ def test_readme_first_command_edits_at_128_px(tmp_path, tiny_root, clean_paths, 
 
 def test_tiny_caps_apply_before_set_overrides(tmp_path, tiny_root, clean_paths):
     from xmgie import cli
-    from xmgie.runner import core_nodes, engine, workflow_ui
+    from xmgie.runner import core_nodes, workflow_ui
 
     wf = ROOT / "workflows" / "edit_carpet_guided.json"
     args = cli.build_parser().parse_args(["check", str(wf), "--tiny", "--set", "4.steps=3"])

@@ -16,8 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from xmgie.mgie_core import astar, identity_guidance as idg, inversion, mag, pfb, sampler
-from xmgie.mgie_core import attention, attention_hooks, host, vae
+from xmgie.mgie_core import (
+    astar,
+    attention,
+    attention_hooks,
+    host,
+    inversion,
+    mag,
+    pfb,
+    sampler,
+    vae,
+)
+from xmgie.mgie_core import identity_guidance as idg
 from xmgie.mgie_core.architecture import SD1
 from xmgie.mgie_core.models import identity as id_lib
 

@@ -15,8 +15,7 @@ from PIL import Image
 
 from xmgie import cli
 from xmgie.mgie_core import host, paths
-from xmgie.runner import engine, workflow_ui
-from xmgie.runner import core_nodes
+from xmgie.runner import core_nodes, engine, workflow_ui
 
 # --- test nodes ---------------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from xmgie import cli
-from xmgie.runner import engine, workflow_ui as wui
+from xmgie.runner import engine
+from xmgie.runner import workflow_ui as wui
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "workflows"

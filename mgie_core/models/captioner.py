@@ -17,8 +17,18 @@ import torch
 
 from .. import grad_mode, host, memory, paths
 from ..errors import InputError, ModelLoadError
-from .hf import (check_folder, check_positive, decode_new, generation_kwargs, interrupt_criteria,
-                 load_model, load_processor, read_config, to_device, to_pil_images)
+from .hf import (
+    check_folder,
+    check_positive,
+    decode_new,
+    generation_kwargs,
+    interrupt_criteria,
+    load_model,
+    load_processor,
+    read_config,
+    to_device,
+    to_pil_images,
+)
 from .sd import resolve_dtype
 
 ARCHITECTURES = ("Blip2ForConditionalGeneration",)

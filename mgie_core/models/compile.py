@@ -31,8 +31,6 @@ checks that its edit equals the eager one (bench/RESULTS.md).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..errors import InputError
@@ -59,7 +57,7 @@ def check_mode(mode: str) -> str:
 
 
 def compile_unet(unet: torch.nn.Module, mode: str = "default",
-                 backend: Optional[str] = None) -> int:
+                 backend: str | None = None) -> int:
     """Compile the UNet's hook-free compute modules in place (see the module docstring);
     returns how many modules run compiled. ``mode="off"`` restores the eager forwards.
     Calling it again with the same mode does nothing (the compiled code is kept);

@@ -35,16 +35,29 @@ import copy
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from .. import paths
 from ..errors import InputError, ModelLoadError
-from .sd import (CONFIG_DIR, LDM_PREFIXES, SINGLE_FILE_OPTIONAL, TEXT_ENCODER_OPTIONAL,
-                 SDModel, ddim_scheduler, fit_tokenizer, read_single_file, resolve_dtype)
-from .validate import (check_state_dict_keys, compare_state_dicts, describe_load_error,
-                       read_sd_configs)
+from .sd import (
+    CONFIG_DIR,
+    LDM_PREFIXES,
+    SINGLE_FILE_OPTIONAL,
+    TEXT_ENCODER_OPTIONAL,
+    SDModel,
+    ddim_scheduler,
+    fit_tokenizer,
+    read_single_file,
+    resolve_dtype,
+)
+from .validate import (
+    check_state_dict_keys,
+    compare_state_dicts,
+    describe_load_error,
+    read_sd_configs,
+)
 
 UNET, VAE, TEXT_ENCODER = "unet", "vae", "text_encoder"
 KINDS = (UNET, VAE, TEXT_ENCODER)
@@ -67,7 +80,7 @@ class LDMPart:
     config: dict
     source: str
     tokenizer: Any = None                  # text encoder only (a CLIPTokenizer)
-    scheduler_config: Optional[dict] = None  # UNet only
+    scheduler_config: dict | None = None  # UNet only
     cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -100,7 +113,7 @@ def split_checkpoint(state: dict, what: str, path: Path | str) -> dict[str, dict
     return parts
 
 
-def read_ldm_checkpoint(name: str, config_dir: Optional[Path] = None
+def read_ldm_checkpoint(name: str, config_dir: Path | None = None
                         ) -> tuple[LDMPart, LDMPart, LDMPart]:
     """(UNet, text encoder, VAE) parts of a single-file SD 1.x checkpoint, found as the
     single-file loader finds it (models/checkpoints, tiny mode), with the same configs
@@ -138,7 +151,7 @@ def _indices(state: dict, pattern: str) -> list[int]:
 
 
 def unet_config_from_ldm(state: dict, num_heads: int = 8, norm_num_groups: int = 32,
-                         base: Optional[dict] = None, source: str = "UNet") -> dict:
+                         base: dict | None = None, source: str = "UNet") -> dict:
     """The diffusers config of an SD 1.x LDM UNet, sizes read from its tensors.
 
     Shapes give the channels per level, the res blocks per level, which levels have
@@ -191,7 +204,7 @@ def unet_config_from_ldm(state: dict, num_heads: int = 8, norm_num_groups: int =
     return cfg
 
 
-def vae_config_from_ldm(state: dict, norm_num_groups: int = 32, base: Optional[dict] = None,
+def vae_config_from_ldm(state: dict, norm_num_groups: int = 32, base: dict | None = None,
                         source: str = "VAE") -> dict:
     """The diffusers config of an LDM AutoencoderKL, sizes read from its tensors (the
     GroupNorm groups, 32 in SD, are not in the shapes); the scaling factor is SD 1.x's."""
@@ -215,7 +228,7 @@ def vae_config_from_ldm(state: dict, norm_num_groups: int = 32, base: Optional[d
 
 
 def text_config_from_ldm(state: dict, num_attention_heads: int = 12,
-                         hidden_act: str = "quick_gelu", base: Optional[dict] = None,
+                         hidden_act: str = "quick_gelu", base: dict | None = None,
                          source: str = "CLIP") -> dict:
     """The transformers config of a CLIP text encoder, sizes read from its tensors
     (heads and activation are not in the shapes: CLIP-L has 12 and quick_gelu)."""
@@ -265,9 +278,11 @@ def _expected_ldm(kind: str, module) -> dict:
 
 def _convert(kind: str, prefixed: dict, module) -> dict:
     """diffusers' own LDM -> diffusers key converters, as the single-file loader uses."""
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint,
-                                                     convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
 
     if kind == UNET:
         return convert_ldm_unet_checkpoint(prefixed, module.config)
@@ -356,7 +371,7 @@ def runnable_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def sd_from_ldm(unet: LDMPart, vae: LDMPart, text_encoder: LDMPart, *, dtype=None,
-                device=None, source: Optional[str] = None) -> SDModel:
+                device=None, source: str | None = None) -> SDModel:
     """The pack's :class:`SDModel` from three LDM parts, the modules' weights being the
     parts' tensors.
 

@@ -8,16 +8,23 @@ honours interruption (ComfyUI's cancel, Ctrl-C) after every generated token.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 import torch
 
 from .. import host
 from ..errors import InputError, ModelLoadError
 from ..images import check_pixels
-from .validate import (check_files, check_hf_folder, check_loading_info, check_tokenizer,
-                       first_line, read_json, weights_file)
+from .validate import (
+    check_files,
+    check_hf_folder,
+    check_loading_info,
+    check_tokenizer,
+    first_line,
+    read_json,
+    weights_file,
+)
 
 TOKENIZER_FIX = ("Copy the tokenizer files of the model (tokenizer.json or vocab.json + "
                  "merges.txt, tokenizer_config.json, special_tokens_map.json) into this folder.")
@@ -29,8 +36,8 @@ def read_config(folder: Path, what: str) -> dict:
                      "Copy the whole model repository into this folder.")
 
 
-def check_folder(folder: Path, what: str, model_types: Optional[Iterable[str]] = None,
-                 architectures: Optional[Iterable[str]] = None) -> dict:
+def check_folder(folder: Path, what: str, model_types: Iterable[str] | None = None,
+                 architectures: Iterable[str] | None = None) -> dict:
     """Every JSON config of a Hugging Face folder checked before transformers reads it
     (:func:`validate.check_hf_folder`: no ``auto_map``, only transformers classes, the
     model types this loader reads); returns config.json."""
@@ -171,7 +178,7 @@ def interrupt_criteria(on_step=None):
     return StoppingCriteriaList([_Interrupt()])
 
 
-def decode_new(tokenizer, output_ids: torch.Tensor, input_ids: Optional[torch.Tensor]) -> str:
+def decode_new(tokenizer, output_ids: torch.Tensor, input_ids: torch.Tensor | None) -> str:
     """Decode only the generated tokens: decoder-only models return the prompt first,
     encoder-decoder ones (e.g. BLIP-2 with Flan-T5) do not."""
     n = 0 if input_ids is None else int(input_ids.shape[-1])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +21,17 @@ from torch import nn
 from .. import grad_mode, host, memory, paths
 from ..errors import InputError, ModelLoadError, names_list
 from . import iresnet
-from .validate import (CLIP_ARCHITECTURES, CLIP_TEXT_KEYS, check_hf_folder, check_loading_info,
-                       describe_load_error, load_state_dict_checked, read_json,
-                       read_weights_file, weights_file)
+from .validate import (
+    CLIP_ARCHITECTURES,
+    CLIP_TEXT_KEYS,
+    check_hf_folder,
+    check_loading_info,
+    describe_load_error,
+    load_state_dict_checked,
+    read_json,
+    read_weights_file,
+    weights_file,
+)
 
 KINDS = ("clip_vision", "face_recognition")
 FAMILY_OF_KIND = {"clip_vision": paths.CLIP_VISION, "face_recognition": paths.FACE_RECOGNITION}
@@ -47,11 +54,11 @@ class IdentityEncoder:
     size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    resize_shortest: Optional[int]
+    resize_shortest: int | None
     interpolation: str                 # torch interpolate mode: "bicubic" or "bilinear"
     device: torch.device
     dtype: torch.dtype
-    path: Optional[Path] = None
+    path: Path | None = None
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[B,H,W,3] 0..1 -> normalised [B,3,h,w] on the encoder's device and dtype."""
@@ -150,7 +157,7 @@ def _freeze(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Mo
     return model.eval().requires_grad_(False).to(dtype=dtype)
 
 
-def _managed(encoder: "IdentityEncoder") -> "IdentityEncoder":
+def _managed(encoder: IdentityEncoder) -> IdentityEncoder:
     name = f"{encoder.kind} {encoder.path.name if encoder.path else ''}".strip()
     return memory.manage(encoder, {name: encoder.model}, encoder.device)
 
@@ -224,7 +231,7 @@ def _clip_vision_config(folder: Path):
 
 
 @grad_mode.builds_weights
-def load_clip_vision(name: str, device=None, dtype: Optional[torch.dtype] = None
+def load_clip_vision(name: str, device=None, dtype: torch.dtype | None = None
                      ) -> IdentityEncoder:
     """CLIPVisionModelWithProjection from a Hugging Face folder (a CLIP vision folder or a
     whole CLIP model folder); embeddings are its projected ``image_embeds``."""
@@ -261,7 +268,7 @@ FACE_OPTIONAL = ("*.num_batches_tracked",)
 
 
 @grad_mode.builds_weights
-def load_face_recognition(name: str, device=None, dtype: Optional[torch.dtype] = None
+def load_face_recognition(name: str, device=None, dtype: torch.dtype | None = None
                           ) -> IdentityEncoder:
     """ArcFace IResNet (insightface arcface_torch backbone) from a .pth/.pt/.safetensors
     state dict; takes 112x112 RGB faces normalised with (x - 0.5) / 0.5.
@@ -289,7 +296,7 @@ def load_face_recognition(name: str, device=None, dtype: Optional[torch.dtype] =
 
 
 def load_identity_encoder(kind: str, name: str, device=None,
-                          dtype: Optional[torch.dtype] = None) -> IdentityEncoder:
+                          dtype: torch.dtype | None = None) -> IdentityEncoder:
     if kind == "clip_vision":
         return load_clip_vision(name, device, dtype)
     if kind == "face_recognition":

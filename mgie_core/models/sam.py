@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -169,8 +169,13 @@ def infer_arch(sd: dict, path: Path | str = "<state dict>") -> SamArch:
 
 def build_sam(arch: SamArch) -> nn.Module:
     """An untrained Sam of the given architecture, built like segment_anything's build_sam."""
-    from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
-                                           TwoWayTransformer)
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
 
     grid = arch.img_size // arch.patch_size
     return Sam(
@@ -206,7 +211,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 @grad_mode.builds_weights
-def load_sam(name: str, device: Optional[torch.device | str] = None) -> SamModel:
+def load_sam(name: str, device: torch.device | str | None = None) -> SamModel:
     """Find SAM checkpoint ``name`` (file name or path), build its architecture and load it
     (every weight checked: missing, unexpected and reshaped ones are named)."""
     path = paths.resolve(paths.SAM, name)
@@ -298,7 +303,7 @@ def segment(model: SamModel, image: torch.Tensor, points=None, labels=None, box=
 # loaded at (a smaller photo, --tiny's 128 px); plain numbers stay pixels, as before.
 
 def _numbers(text: str, name: str, group: str,
-             size: Optional[tuple[int, int]] = None) -> list[float]:
+             size: tuple[int, int] | None = None) -> list[float]:
     """The numbers of ``group``; "p%" is p percent of the width (even positions, x) or
     the height (odd positions, y) of ``size`` = (width, height)."""
     out = []
@@ -322,7 +327,7 @@ def _numbers(text: str, name: str, group: str,
 
 
 def parse_points(text: str, name: str = "points",
-                 size: Optional[tuple[int, int]] = None) -> list[tuple[float, float]]:
+                 size: tuple[int, int] | None = None) -> list[tuple[float, float]]:
     """``"x,y; x,y"`` -> [(x, y), ...] in pixels; an empty string gives no points. With
     ``size`` = (width, height), "x%,y%" are percentages of it."""
     points = []
@@ -338,8 +343,8 @@ def parse_points(text: str, name: str = "points",
     return points
 
 
-def parse_box(text: str, name: str = "box", size: Optional[tuple[int, int]] = None
-              ) -> Optional[tuple[float, float, float, float]]:
+def parse_box(text: str, name: str = "box", size: tuple[int, int] | None = None
+              ) -> tuple[float, float, float, float] | None:
     """``"x0,y0,x1,y1"`` -> the box in pixels; an empty string gives None. With ``size``
     = (width, height), percentages as in :func:`parse_points`."""
     if not (text or "").strip():

@@ -11,16 +11,24 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from .. import grad_mode, host, memory, paths
 from ..errors import ModelLoadError, XMGIEError
-from .validate import (check_files, check_loading_info, check_state_dict_keys, check_tokenizer,
-                       check_tokenizer_folder, compare_state_dicts, describe_load_error,
-                       load_state_dict_checked, read_sd_configs, read_weights_file,
-                       weights_file)
+from .validate import (
+    check_files,
+    check_loading_info,
+    check_state_dict_keys,
+    check_tokenizer,
+    check_tokenizer_folder,
+    compare_state_dicts,
+    describe_load_error,
+    load_state_dict_checked,
+    read_sd_configs,
+    read_weights_file,
+    weights_file,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "sd15"
 SIDE_CONFIG_SUFFIX = ".config"
@@ -75,7 +83,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return table[dtype]
 
 
-def ddim_scheduler(config: Optional[dict] = None):
+def ddim_scheduler(config: dict | None = None):
     from diffusers import DDIMScheduler
 
     base = dict(config or {})
@@ -267,7 +275,7 @@ def _build(what: str, config_dir: Path, component: str, build):
                              "Use the config folder of an SD 1.x model.") from exc
 
 
-def read_single_file(name: str, config_dir: Optional[Path] = None):
+def read_single_file(name: str, config_dir: Path | None = None):
     """What every single-file SD 1.x reader starts from: (path, config folder, configs read
     as data, CLIP tokenizer, raw state dict). The checkpoint is found in models/checkpoints
     (or tiny mode); the configs come from ``<stem>.config/`` beside it, else the pack's
@@ -282,7 +290,7 @@ def read_single_file(name: str, config_dir: Optional[Path] = None):
 
 @grad_mode.builds_weights
 def load_sd_checkpoint(name: str, dtype="auto", device=None,
-                       config_dir: Optional[Path] = None) -> SDModel:
+                       config_dir: Path | None = None) -> SDModel:
     """An SD 1.x single-file checkpoint (.safetensors/.ckpt, ComfyUI models/checkpoints).
 
     The architecture comes from a local config folder (``<stem>.config/`` beside the file,
@@ -292,9 +300,11 @@ def load_sd_checkpoint(name: str, dtype="auto", device=None,
     config folder names is imported, and every weight must be in the file: a missing or
     unexpected key, or one of the wrong shape, is an error naming it."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint,
-                                                     convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     what = paths.SD_CHECKPOINT.what

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -115,8 +115,8 @@ def _transformers_names(names: Iterable[str]) -> list[str]:
     return [n for n in names if not known(n)]
 
 
-def check_hf_folder(folder: Path | str, what: str, *, model_types: Optional[Iterable[str]] = None,
-                    architectures: Optional[Iterable[str]] = None,
+def check_hf_folder(folder: Path | str, what: str, *, model_types: Iterable[str] | None = None,
+                    architectures: Iterable[str] | None = None,
                     config_name: str = "config.json") -> dict:
     """Check every JSON config of a Hugging Face folder before transformers reads it.
 
@@ -150,8 +150,8 @@ def check_hf_folder(folder: Path | str, what: str, *, model_types: Optional[Iter
 
 
 def _check_model_classes(config: dict, path: Path, what: str,
-                         model_types: Optional[Iterable[str]],
-                         architectures: Optional[Iterable[str]]) -> None:
+                         model_types: Iterable[str] | None,
+                         architectures: Iterable[str] | None) -> None:
     if model_types is not None:
         allowed = sorted(set(model_types))
         if config.get("model_type") not in allowed:

@@ -12,8 +12,9 @@ import importlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 from .. import paths
 
@@ -55,8 +56,8 @@ def tiny_path(root: Path, family: str) -> Path:
     return root / fam.folder / fam.tiny_name
 
 
-def ensure_tiny_models(root: Optional[Path | str] = None,
-                       families: Optional[Iterable[str]] = None) -> Path:
+def ensure_tiny_models(root: Path | str | None = None,
+                       families: Iterable[str] | None = None) -> Path:
     """Write any missing tiny models under ``root`` and return it.
 
     Each model is written to a temporary sibling and renamed into place, so an

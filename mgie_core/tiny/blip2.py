@@ -34,8 +34,12 @@ def build_opt_tokenizer():
 
 
 def make_blip2(folder: Path) -> None:
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor,
-                              BlipImageProcessor)
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+    )
 
     folder = Path(folder)
     tokenizer = build_opt_tokenizer()

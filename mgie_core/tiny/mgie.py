@@ -36,8 +36,15 @@ HIDDEN, VISION_HIDDEN, HEAD_DIM_MODEL = 32, 32, 16
 def make_mgie(folder: Path | str, out_dim: int = 32, seed: int = 0,
               img_tokens_in_tokenizer: bool = True) -> None:
     from safetensors.torch import save_file
-    from transformers import (AddedToken, CLIPImageProcessor, CLIPVisionConfig,
-                              CLIPVisionModel, GPT2Tokenizer, LlamaConfig, LlamaForCausalLM)
+    from transformers import (
+        AddedToken,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        GPT2Tokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     folder = Path(folder)
     llava, vision_dir = folder / LLAVA_DIR, folder / VISION_DIR

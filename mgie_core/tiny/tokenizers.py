@@ -10,7 +10,7 @@ editing words are single tokens.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 _WORDS = """
@@ -70,7 +70,7 @@ def _learn(words: list[str], n_merges: int, end_of_word: str = "") -> list[tuple
     return pairs[:n_merges]
 
 
-@lru_cache(maxsize=None)
+@cache
 def clip_bpe(n_merges: int = 700) -> tuple[dict[str, int], list[str]]:
     """CLIP layout: bytes, bytes+'</w>', merges, then <|startoftext|>, <|endoftext|>."""
     b2u = bytes_to_unicode()
@@ -84,7 +84,7 @@ def clip_bpe(n_merges: int = 700) -> tuple[dict[str, int], list[str]]:
     return vocab, [f"{a} {b}" for a, b in merges]
 
 
-@lru_cache(maxsize=None)
+@cache
 def gpt2_bpe(n_merges: int = 900, specials: tuple[str, ...] = ("<|endoftext|>",)
              ) -> tuple[dict[str, int], list[str]]:
     """GPT-2 layout (space as 'Ġ' prefix); used for OPT/LLaMA-style tiny tokenizers."""

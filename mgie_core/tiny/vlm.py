@@ -36,9 +36,16 @@ CHAT_TEMPLATE = (
 
 
 def make_vlm(folder: Path) -> None:
-    from transformers import (AddedToken, CLIPImageProcessor, CLIPVisionConfig, GPT2Tokenizer,
-                              LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
+    from transformers import (
+        AddedToken,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        GPT2Tokenizer,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     folder = Path(folder)
     vocab, merges = gpt2_bpe(N_MERGES, specials=LLAMA_SPECIALS)

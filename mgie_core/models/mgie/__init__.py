@@ -6,11 +6,29 @@
 * :mod:`.loading`: building it from a folder, every key checked.
 """
 
-from .layout import (FAMILY_KEY, IM_END, IM_PATCH, IM_START, IMG_TOKENS, LLAMA_KEYS,
-                     MAX_NEW_TOKENS, MLLM_FILE, NO_REPEAT_NGRAM_SIZE, PROMPT, SYSTEM, WHAT,
-                     family)
-from .loading import (find_llava_folder, load_llava, load_mgie, load_vision_tower, read_mllm,
-                      read_weights)
+from .layout import (
+                     FAMILY_KEY,
+                     IM_END,
+                     IM_PATCH,
+                     IM_START,
+                     IMG_TOKENS,
+                     LLAMA_KEYS,
+                     MAX_NEW_TOKENS,
+                     MLLM_FILE,
+                     NO_REPEAT_NGRAM_SIZE,
+                     PROMPT,
+                     SYSTEM,
+                     WHAT,
+                     family,
+)
+from .loading import (
+                     find_llava_folder,
+                     load_llava,
+                     load_mgie,
+                     load_vision_tower,
+                     read_mllm,
+                     read_weights,
+)
 from .model import EditHead, MGIEModel, MGIEOutput, first_sentences
 
 __all__ = ["FAMILY_KEY", "IM_END", "IM_PATCH", "IM_START", "IMG_TOKENS", "LLAMA_KEYS",

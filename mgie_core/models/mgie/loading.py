@@ -14,12 +14,19 @@ from ... import grad_mode, host, memory, paths
 from ...errors import ModelLoadError, ModelNotFoundError
 from ..hf import TOKENIZER_FIX, first_line
 from ..sd import resolve_dtype
-from ..validate import (CLIP_ARCHITECTURES, CLIP_TEXT_KEYS, check_hf_folder, check_loading_info,
-                        check_state_dict_keys, check_tokenizer, describe_load_error,
-                        read_weights_file, weights_file)
+from ..validate import (
+    CLIP_ARCHITECTURES,
+    CLIP_TEXT_KEYS,
+    check_hf_folder,
+    check_loading_info,
+    check_state_dict_keys,
+    check_tokenizer,
+    describe_load_error,
+    read_weights_file,
+    weights_file,
+)
 from .layout import IM_END, IM_PATCH, IM_START, IMG_TOKENS, LLAMA_KEYS, MLLM_FILE, WHAT, family
 from .model import EditHead, MGIEModel
-
 
 # What the LLaVA folder's config.json may say it is (the LLaVA fork's class, or LLaMA's).
 LLAVA_MODEL_TYPES = ("llava", "llama")

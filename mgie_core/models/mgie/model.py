@@ -50,8 +50,17 @@ from ...errors import InputError, ModelLoadError
 from ..conditioning import Conditioning
 from ..hf import check_positive, generation_kwargs, interrupt_criteria, to_pil_images
 from ..validate import check_state_dict_keys
-from .layout import (IM_END, IM_PATCH, IM_START, IMG_TOKENS, MAX_NEW_TOKENS,
-                     NO_REPEAT_NGRAM_SIZE, PROMPT, SYSTEM, WHAT)
+from .layout import (
+    IM_END,
+    IM_PATCH,
+    IM_START,
+    IMG_TOKENS,
+    MAX_NEW_TOKENS,
+    NO_REPEAT_NGRAM_SIZE,
+    PROMPT,
+    SYSTEM,
+    WHAT,
+)
 
 
 class EditHead(nn.Module):
@@ -82,7 +91,7 @@ class EditHead(nn.Module):
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], nhead: int = 4,
-                        path: Path | str = "", what: str = WHAT) -> "EditHead":
+                        path: Path | str = "", what: str = WHAT) -> EditHead:
         """Build at the dimensions the weights have (``edit_head.`` prefix removed) and load
         them strictly. nhead is not visible in the weights: MGIE uses 4."""
         need = ("llm2hid.weight", "hid2feat.weight", "query",
