@@ -36,7 +36,6 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
 
 from . import batch, workflow
 from .host import build_registry, configure_models

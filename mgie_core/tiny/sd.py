@@ -90,8 +90,8 @@ def write_configs(folder: Path, in_channels: int = 4, with_tokenizer: bool = Tru
     UNet2DConditionModel.from_config(unet_config(in_channels, comfy_detectable)).save_config(
         folder / "unet")
     AutoencoderKL.from_config(vae_config()).save_config(folder / "vae")
-    CLIPTextConfig(**text_config(comfy_detectable), architectures=["CLIPTextModel"]).save_pretrained(
-        folder / "text_encoder")
+    text = CLIPTextConfig(**text_config(comfy_detectable), architectures=["CLIPTextModel"])
+    text.save_pretrained(folder / "text_encoder")
     DDIMScheduler(**DDIM_SETTINGS).save_config(folder / "scheduler")
     if with_tokenizer:
         write_clip_tokenizer(folder / "tokenizer")
