@@ -286,7 +286,7 @@ def evaluate_runs(run_dir: Path, runs=None, options: EvalOptions | None = None,
                                  "metrics are left out")
             values: dict[str, float] = {}
 
-            def paired(prefix: str, a, b) -> None:
+            def paired(prefix: str, a, b, values: dict[str, float] = values) -> None:
                 """PSNR, SSIM, MSE and LPIPS of ``a`` against ``b``, as ``prefix + name``."""
                 for name, fn in (("psnr", M.psnr), ("ssim", M.ssim), ("mse", M.mse)):
                     if need(prefix + name):

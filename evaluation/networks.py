@@ -202,8 +202,9 @@ def load_lpips(net: str = "alex", name: str | None = None, device=None):
     partial = {}
     for key, src in wanted.items():
         if backbone[src].shape != state[key].shape:
-            raise ModelLoadError(family.what, path, f"{src} has shape "
-                                 f"{tuple(backbone[src].shape)}, expected {tuple(state[key].shape)}",
+            raise ModelLoadError(family.what, path,
+                                 f"{src} has shape {tuple(backbone[src].shape)}, "
+                                 f"expected {tuple(state[key].shape)}",
                                  f"Use torchvision's {family.default_names[0]}.")
         partial[key] = backbone[src]
     # lin<k> and lins.<k> are the same modules: load only the lin<k> names, as lpips does.

@@ -110,7 +110,8 @@ def table_markdown(result, pictures: list[tuple[str, Path]], grids: list[tuple[s
     if pictures:
         lines += ["## Metrics across variants", ""]
         for metric, path in pictures:
-            lines.append(f"![{M.LABELS.get(metric, metric)}]({path.relative_to(out_dir).as_posix()})")
+            rel = path.relative_to(out_dir).as_posix()
+            lines.append(f"![{M.LABELS.get(metric, metric)}]({rel})")
         lines.append("")
     if grids:
         lines += ["## Results per item", "",
@@ -153,8 +154,8 @@ def bar_chart(result, metric: str, path: Path) -> Path | None:
     for bar, raw in zip(bars, values):
         ax.annotate(format_value(raw), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=8)
-    ax.set_title(f"{M.LABELS.get(metric, metric)} ({'higher' if M.HIGHER_IS_BETTER.get(metric, True) else 'lower'} is better)",
-                 fontsize=10)
+    better = "higher" if M.HIGHER_IS_BETTER.get(metric, True) else "lower"
+    ax.set_title(f"{M.LABELS.get(metric, metric)} ({better} is better)", fontsize=10)
     ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     ax.margins(y=0.15)
     try:

@@ -274,7 +274,9 @@ def replace_mapper(tokenizer, source_prompt: str, target_prompt: str) -> torch.T
                          f"{len(ws)}", "a word swap of the source prompt (the same number of "
                          "words) for prompt-to-prompt replace",
                          "Use p2p_mode 'refine' to add or remove words.")
-    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     per_s, per_t = [ids(w) for w in ws], [ids(w) for w in wt]
     for prompt, per in ((source_prompt, per_s), (target_prompt, per_t)):
         if [i for p in per for i in p] != ids(" ".join(prompt.split())):

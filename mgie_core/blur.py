@@ -50,8 +50,9 @@ All levels go through two 1-D passes done as blocked banded matrix products shar
 the levels (fast on CPU and GPU, cost linear in the image size), on the bounding box of
 the blurred pixels only. Each level equals kornia's ``gaussian_blur2d`` with reflect
 padding (a test checks it); calling that once per level would cost about ten tensor
-operations per level instead of ten in all, which dominates on a busy CPU. On CUDA they run in float64 so a global TF32 setting cannot
-degrade them. The stage never changes torch's process-wide thread settings.
+operations per level instead of ten in all, which dominates on a busy CPU. On CUDA they
+run in float64 so a global TF32 setting cannot degrade them. The stage never changes
+torch's process-wide thread settings.
 Pixels outside the mask are copied from the input with ``torch.where``: bit-identical.
 """
 
@@ -174,7 +175,8 @@ def _u(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, torch.exp(-0.5 / s.clamp_min(1e-3) ** 2), torch.zeros_like(s))
 
 
-def level_weights(sigma: torch.Tensor, levels: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def level_weights(sigma: torch.Tensor,
+                  levels: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pixel interpolation: indices [N,k] into ``levels`` and weights [N,k] (float64,
     summing to 1) such that sum_j w_j G_{levels[idx_j]} ~= G_sigma. ``sigma``: [N] in
     [0, levels[-1]]. 4-point Lagrange in u = exp(-1/(2 s^2)) on intervals that start at 0

@@ -162,7 +162,7 @@ def _apply_instruction(source_prompt: str, instruction: str
         return None
     if r["kind"] == "attribute" and r["object"] and len(new.split()) == 1:
         spans = word_spans(source_prompt)
-        for i, (w, s, e) in enumerate(spans):
+        for i, (w, s, _end) in enumerate(spans):
             if w != r["object"] and w.rstrip("s") != r["object"]:
                 continue
             if i > 0:

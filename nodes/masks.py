@@ -20,8 +20,8 @@ class AttentionMask:
                    "thresholded. With a SAM model, the mask's bounding box prompts SAM for a "
                    "sharper mask; without one (SAM not connected, or its loader bypassed), "
                    "or when SAM's mask falls apart at the attention resolution (1/32 of "
-                   "the image), the attention mask itself is the result. With an edit plan, the word is "
-                   "the plan's object. Needs a text-to-image SD 1.x model (not an "
+                   "the image), the attention mask itself is the result. With an edit plan, "
+                   "the word is the plan's object. Needs a text-to-image SD 1.x model (not an "
                    "instruction model). Also returns the attention map as a heat map "
                    "preview.")
     RETURN_TYPES = ("MASK", "IMAGE")

@@ -60,7 +60,8 @@ class SAMSegment:
                 "the image size (may be empty).",
                 default="", multiline=False)),
             "box": ("STRING", inp("Optional box around the object, 'x0,y0,x1,y1' in pixels "
-                                  "or % of the image size (empty for none).", default="", multiline=False)),
+                                  "or % of the image size (empty for none).", default="",
+                                  multiline=False)),
             "multimask": ("BOOLEAN", inp("Predict three candidate masks and keep the one "
                                          "with the highest predicted IoU (best for a single "
                                          "ambiguous point).", default=True)),

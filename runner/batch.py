@@ -397,10 +397,12 @@ class _Lock:
                     other = {}
                 if other.get("host") == me["host"] and _alive(other.get("pid")):
                     raise BatchError(f"another batch (pid {other.get('pid')}) is running in "
-                                     f"{self.path.parent}; wait for it or use another --out")
+                                     f"{self.path.parent}; wait for it or use another --out"
+                                     ) from None
                 if other.get("host") not in (None, me["host"]):
                     raise BatchError(f"{self.path} says a batch runs on {other.get('host')} "
-                                     f"(pid {other.get('pid')}); if it is gone, delete the file")
+                                     f"(pid {other.get('pid')}); if it is gone, delete the file"
+                                     ) from None
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:

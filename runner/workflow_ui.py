@@ -264,7 +264,8 @@ class _UIGraph:
         inputs = node.get("inputs") or []
         order = ([slot] if slot < len(inputs) else []) + list(range(len(inputs)))
         for i in order:
-            if inputs[i].get("link") is not None and engine._types_match(inputs[i].get("type"), out_type):
+            linked = inputs[i].get("link") is not None
+            if linked and engine._types_match(inputs[i].get("type"), out_type):
                 return inputs[i]["link"]
         return None
 
@@ -494,8 +495,10 @@ class Layout:
             if columns is not None and not (isinstance(columns, list) and columns and all(
                     isinstance(c, list) for c in columns)):
                 columns = "bad"
+            no_nodes = (isinstance(raw, Mapping) and columns is None
+                        and not isinstance(raw.get("nodes"), list))
             if not isinstance(raw, Mapping) or not isinstance(raw.get("title"), str) \
-                    or columns == "bad" or (columns is None and not isinstance(raw.get("nodes"), list)):
+                    or columns == "bad" or no_nodes:
                 raise WorkflowFileError(f"{where}: stage {i} must be "
                                         "{\"title\": text, \"nodes\": [node ids]} or "
                                         "{\"title\": text, \"columns\": [[node ids], ...]}")
@@ -729,7 +732,8 @@ def api_to_ui(prompt: Mapping[str, dict], registry: Registry,
         nw, nh = note_size(note_text)
         left = min((g["bounding"][0] for g in groups), default=0.0)
         top = min((g["bounding"][1] for g in groups), default=0.0)
-        nodes.append({"id": next_id, "type": NOTE_TYPE, "pos": [left - GROUP_GAP - nw, top + TITLE_H],
+        nodes.append({"id": next_id, "type": NOTE_TYPE,
+                      "pos": [left - GROUP_GAP - nw, top + TITLE_H],
                       "size": [nw, nh], "flags": {}, "order": 0, "mode": 0, "inputs": [],
                       "outputs": [], "title": "Read me", "properties": {},
                       "widgets_values": [note_text], "color": NOTE_COLOR,
@@ -764,7 +768,8 @@ def model_entries(values, models: Mapping[str, Mapping]) -> list[dict]:
     return out
 
 
-def _place(prompt: Mapping[str, dict], stages: list[Stage], ui_nodes: dict[str, dict]) -> list[dict]:
+def _place(prompt: Mapping[str, dict], stages: list[Stage],
+           ui_nodes: dict[str, dict]) -> list[dict]:
     """Positions: one group per stage, left to right; inside a group, columns by the
     depth of links within the stage, nodes stacked in each column in the stage's order.
     Nodes of a column share its width. Groups share their top edge."""

@@ -125,7 +125,8 @@ def make_pie_bench(folder: Path) -> tuple[Path, np.ndarray]:
     mask[100:300, 150:420] = 1
     entries = {}
     for key in ("000000000000", "000000000001"):
-        Image.fromarray(rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)).save(sub / f"{key}.png")
+        pixels = rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(sub / f"{key}.png")
         entries[key] = {"image_path": f"0_random_140/{key}.png",
                         "original_prompt": "a [cat] sitting on a sofa",
                         "editing_prompt": "a [tiger] sitting on a [red sofa]",
@@ -379,7 +380,8 @@ def test_killed_batch_resumes_without_recomputing_finished_items(tmp_path, tiny_
 def test_a_run_folder_of_another_batch_is_refused(tmp_path, tiny_env, capsys):
     data = make_dataset(tmp_path / "ds", sizes=(64,))
     run = tmp_path / "run"
-    assert _batch(WF / "api" / "vae_roundtrip_api.json", "--dataset", data, "--tiny", "--out", run) == 0
+    assert _batch(WF / "api" / "vae_roundtrip_api.json", "--dataset", data, "--tiny",
+                  "--out", run) == 0
     assert _batch(WF / "api" / "vae_roundtrip_api.json", "--dataset", data, "--tiny", "--seed", "9",
                   "--out", run) == 101
     assert "holds another batch (different seed)" in capsys.readouterr().err

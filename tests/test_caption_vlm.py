@@ -330,7 +330,8 @@ def test_nodes_run_on_tiny_models(tiny_models, clean_paths):
     (text,) = out["result"]
     assert out["ui"]["text"] == [text]
     assert isinstance(text, str) and len(text.split("\n")) == 2
-    (text_p,) = caption.Caption().caption(cap, images, max_new_tokens=5, prompt="a photo of")["result"]
+    (text_p,) = caption.Caption().caption(cap, images, max_new_tokens=5,
+                                          prompt="a photo of")["result"]
     assert isinstance(text_p, str)
 
     (model,) = vlm.LoadVLM().load(model="Qwen2.5-VL-3B-Instruct", dtype="fp32")

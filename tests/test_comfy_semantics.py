@@ -167,8 +167,8 @@ def test_each_control_changes_the_edit_with_applied_updates(edits, stage):
     assert n is not None and n > 0, res.ui.get("20")
     # the run without controls reports nothing, the reconstruction is the same in both
     assert "20" not in edits["none"].ui
-    assert torch.allclose(res.outputs["20"][1]["samples"], edits["none"].outputs["20"][1]["samples"],
-                          atol=1e-5)
+    assert torch.allclose(res.outputs["20"][1]["samples"],
+                          edits["none"].outputs["20"][1]["samples"], atol=1e-5)
 
 
 def test_counts_are_per_run_and_structured(edits):

@@ -237,7 +237,6 @@ def test_controlled_processor_without_hooks_is_sdpa(sd, z0):
 
 def test_cam_logits_masks_token_mass(sd, z0, mask):
     z, emb = _batch(sd, z0)
-    tgt_ids = diffusion.token_ids(sd, TGT)
     from xmgie.mgie_core.tokens import find_word_tokens
 
     in_tok = find_word_tokens(sd.tokenizer, TGT, ["yellow"])
@@ -337,7 +336,10 @@ def test_pfb_keeps_background_of_the_photo(sd, z0, inv_direct, mask):
     out = ~m[:, None].expand_as(z0)
     plain = sampler.edit(sd, inv_direct, TGT)
     blended = sampler.edit(sd, inv_direct, TGT, controls=[PFBControl(mask[0])])
-    err = lambda r: (r.edit - z0)[out].abs().mean()
+
+    def err(r):
+        return (r.edit - z0)[out].abs().mean()
+
     assert err(blended) < 0.5 * err(plain)
 
 
@@ -384,7 +386,9 @@ def test_instruction_guidance_formula(models, image):
     t = int(sch.timesteps[0])
     noise = torch.randn(img.shape, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        x = lambda im: torch.cat([noise, im], 1)
+        def x(im):
+            return torch.cat([noise, im], 1)
+
         et = diffusion.unet_eps(ip, x(img), t, cond.cond)
         ei = diffusion.unet_eps(ip, x(img), t, cond.null)
         eu = diffusion.unet_eps(ip, x(torch.zeros_like(img)), t, cond.null)

@@ -647,7 +647,7 @@ def test_two_saves_at_the_same_moment_keep_both_images(tmp_path):
     for r in range(rounds):
         barrier = threading.Barrier(2)
 
-        def save(value):
+        def save(value, barrier=barrier):
             try:
                 img = torch.full((1, 8, 8, 3), value)
                 barrier.wait()
@@ -868,7 +868,8 @@ def test_bad_set_is_a_usage_error(run):
 
 # --- --tiny compares images as given; Ctrl-C ------------------------------------------------
 
-YELLOW_TWIN = Path(__file__).resolve().parent.parent / "workflows" / "api" / "edit_carpet_yellow_api.json"
+YELLOW_TWIN = (Path(__file__).resolve().parent.parent / "workflows" / "api"
+               / "edit_carpet_yellow_api.json")
 
 
 @pytest.mark.parametrize("mask_size, shown", [((256, 256), "64x64"), ((510, 510), "128x128")])

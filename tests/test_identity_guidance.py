@@ -100,7 +100,7 @@ def guided(sd, inv, encoder, embedding, mask):
 # --- the acceptance point -----------------------------------------------------------
 
 def test_guidance_raises_ips_and_lowers_the_loss(sd, encoder, image, mask, baseline, guided):
-    (base, probe), (res, ctrl) = baseline, guided
+    (base, _probe), (res, ctrl) = baseline, guided
     # The baseline is the same seeded run; its probe changes nothing (next test).
     ips_base = _ips(sd, encoder, base.edit, image, mask)
     ips_guided = _ips(sd, encoder, res.edit, image, mask)

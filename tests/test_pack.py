@@ -78,7 +78,8 @@ def test_node_metadata(node_id, cls):
 def test_core_library_never_imports_comfyui_or_nodes():
     pattern = re.compile(r"^\s*(import|from)\s+(comfy\b|folder_paths\b|nodes\b|\.\.nodes\b|"
                          r"\.\.\.nodes\b|xmgie\.nodes\b)", re.M)
-    offenders = [str(p) for p in (ROOT / "mgie_core").rglob("*.py") if pattern.search(p.read_text())]
+    offenders = [str(p) for p in (ROOT / "mgie_core").rglob("*.py")
+                 if pattern.search(p.read_text())]
     assert offenders == []
     code = ("import sys, xmgie.mgie_core.models.sd, xmgie.mgie_core.paths, xmgie.mgie_core.vae;"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('comfy','folder_paths')))")

@@ -523,7 +523,7 @@ def test_gb_kernel_truncation_rule_is_ceil_not_scipys():
     assert "scipy.ndimage's default" not in (blur.__doc__ or "")
 
 
-# --- the nodes expose the options ------------------------------------------------------------------
+# --- the nodes expose the options ----------------------------------------------------------
 
 def test_nodes_expose_the_new_options_as_optional_inputs():
     from xmgie.nodes.editing import CAMSampler, InstructSampler, PFBControlNode

@@ -108,7 +108,10 @@ def test_shipped_sd15_config_has_sd15_sizes():
             UNet2DConditionModel.load_config(sd.CONFIG_DIR / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(sd.CONFIG_DIR / "vae"))
         te = CLIPTextModel(CLIPTextConfig.from_pretrained(sd.CONFIG_DIR / "text_encoder"))
-    count = lambda m: sum(p.numel() for p in m.parameters())
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
     assert count(unet) == 859_520_964
     assert count(vae) == 83_653_863
     assert count(te) == 123_060_480

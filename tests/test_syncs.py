@@ -214,7 +214,7 @@ def test_null_text_reads_once_per_inner_iteration(sd, z0):
     with syncs.SyncCounter(device=sd.device, trace=True) as c:
         inv = inversion.invert(sd, z0, SRC, method="null_text", steps=STEPS, inner_steps=inner)
     ours = [0] * STEPS
-    for stage, step, kind, what in c.events:
+    for stage, step, _kind, what in c.events:
         if stage == "null-text inversion" and what == "tolist":
             ours[step] += 1
     counts = inv.updates.get(inversion.NULL_TEXT)

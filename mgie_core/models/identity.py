@@ -179,7 +179,7 @@ def _clip_preprocessing(folder: Path, image_size: int) -> dict:
     cfg_path = folder / "preprocessor_config.json"
     if not cfg_path.exists():
         warnings.warn(f"{folder} has no preprocessor_config.json; using OpenAI CLIP's "
-                      f"normalisation at {image_size}x{image_size}")
+                      f"normalisation at {image_size}x{image_size}", stacklevel=2)
         return dict(size=(image_size, image_size), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
                     resize_shortest=image_size, interpolation="bicubic")
     cfg = read_json(cfg_path, "CLIP vision preprocessor_config.json")

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
-           ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
+_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"),
+           ("time_emb_proj", "emb_layers.1"), ("norm2", "out_layers.0"),
+           ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
 
 
 def _unet_prefix_map(config) -> list[tuple[str, str]]:
@@ -20,7 +21,8 @@ def _unet_prefix_map(config) -> list[tuple[str, str]]:
     L = config["layers_per_block"]
     down, up = config["down_block_types"], config["up_block_types"]
     m: list[tuple[str, str]] = [
-        ("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
+        ("time_embedding.linear_1.", "time_embed.0."),
+        ("time_embedding.linear_2.", "time_embed.2."),
         ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
     ]
     for i, kind in enumerate(down):
@@ -30,7 +32,8 @@ def _unet_prefix_map(config) -> list[tuple[str, str]]:
             if "CrossAttn" in kind:
                 m.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{idx}.1."))
         if i < len(down) - 1:
-            m.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i + 1) * (L + 1)}.0.op."))
+            m.append((f"down_blocks.{i}.downsamplers.0.conv.",
+                      f"input_blocks.{(i + 1) * (L + 1)}.0.op."))
     m.append(("mid_block.attentions.0.", "middle_block.1."))
     for j in range(2):
         m.append((f"mid_block.resnets.{j}.", f"middle_block.{2 * j}."))

@@ -307,7 +307,7 @@ def _numbers(text: str, name: str, group: str,
     """The numbers of ``group``; "p%" is p percent of the width (even positions, x) or
     the height (odd positions, y) of ``size`` = (width, height)."""
     out = []
-    for k, v in enumerate(t.strip() for t in group.replace(" ", ",").split(",")):
+    for v in (t.strip() for t in group.replace(" ", ",").split(",")):
         if not v:
             continue
         percent = v.endswith("%")
