@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,15 +31,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.comfy_checkpoint is not None:
         path = args.comfy_checkpoint
         if path.suffix != ".safetensors":
-            parser.error(f"--comfy-checkpoint: {path} must end in .safetensors (ComfyUI "
-                         "lists checkpoints by extension)")
+            parser.error(f"--comfy-checkpoint: {path} must end in .safetensors (the file "
+                         "is written in that format)")
         if not path.parent.is_dir():
             parser.error(f"--comfy-checkpoint: folder {path.parent} does not exist; "
                          "create it first")
+        from ..models.sd import SIDE_CONFIG_SUFFIX
         from .sd import make_comfy_sd15_checkpoint
 
         start = time.perf_counter()
-        make_comfy_sd15_checkpoint(path)
+        # Written beside the target and moved into place, config folder first, so an
+        # interrupted run leaves no half-written checkpoint for ComfyUI to list.
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+        try:
+            make_comfy_sd15_checkpoint(tmp / path.name)
+            config = path.with_name(path.stem + SIDE_CONFIG_SUFFIX)
+            if config.exists():
+                shutil.rmtree(config)
+            os.replace(tmp / config.name, config)
+            os.replace(tmp / path.name, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB) in "
               f"{time.perf_counter() - start:.0f} s")
     if args.root is not None:
