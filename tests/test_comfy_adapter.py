@@ -63,8 +63,8 @@ def _load_sd():
     from xmgie.nodes import NODE_CLASS_MAPPINGS
 
     with torch.inference_mode():   # as ComfyUI runs a loader node
-        (sd,) = NODE_CLASS_MAPPINGS["XMGIELoadDiffusers"]().load(
-            paths.list_models(paths.SD_DIFFUSERS)[0], "fp32")
+        (sd,) = NODE_CLASS_MAPPINGS["XMGIELoadDiffusers"]().load(   # by name, as ComfyUI
+            model=paths.list_models(paths.SD_DIFFUSERS)[0], dtype="fp32")
     return sd
 
 
@@ -125,7 +125,18 @@ def test_comfyuis_sd1_tokenizer_is_registered_for_single_files(comfy):
     assert tok and os.path.isfile(os.path.join(tok[0], "sd1_tokenizer", "vocab.json"))
 
 
-def test_core_detection_takes_the_tiny_checkpoint_for_sd15(tmp_path):
+@pytest.fixture(scope="module")
+def comfy_checkpoint(tmp_path_factory):
+    """The random-weight SD 1.5-shaped checkpoint made for a real ComfyUI (fp16, about
+    560 MB), with its config folder beside it."""
+    from xmgie.mgie_core.tiny import sd as tiny_sd
+
+    path = tmp_path_factory.mktemp("comfy-checkpoints") / "tiny-sd15-comfy.safetensors"
+    tiny_sd.make_comfy_sd15_checkpoint(path)
+    return path
+
+
+def test_core_detection_takes_the_tiny_checkpoint_for_sd15(tmp_path, comfy_checkpoint):
     """ComfyUI's own model detection (what its core Load Checkpoint runs) finds SD 1.5
     in the tiny checkpoint made for it, and the narrow tiny checkpoint the tests use is
     what it cannot detect."""
@@ -140,9 +151,7 @@ def test_core_detection_takes_the_tiny_checkpoint_for_sd15(tmp_path):
     from xmgie.mgie_core.tiny import sd as tiny_sd
 
     prefix = "model.diffusion_model."
-    wide = tmp_path / "tiny-sd15-comfy.safetensors"
-    tiny_sd.make_comfy_sd15_checkpoint(wide)
-    state = comfy.utils.load_torch_file(str(wide))
+    state = comfy.utils.load_torch_file(str(comfy_checkpoint))
     config = comfy.model_detection.model_config_from_unet(state, prefix)
     assert type(config) is comfy.supported_models.SD15
     assert config.unet_config["model_channels"] == 320
@@ -152,3 +161,74 @@ def test_core_detection_takes_the_tiny_checkpoint_for_sd15(tmp_path):
     tiny_sd.make_sd_checkpoint(narrow)
     assert comfy.model_detection.model_config_from_unet(
         comfy.utils.load_torch_file(str(narrow)), prefix) is None
+
+
+def _photo(name: str, size: int = 128) -> torch.Tensor:
+    """A shipped template input at ``size`` px, as ComfyUI's LoadImage gives it."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    path = Path(__file__).resolve().parent.parent / "workflows" / "inputs" / name
+    image = Image.open(path).convert("RGB").resize((size, size), Image.NEAREST)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+
+
+def test_core_load_checkpoint_feeds_the_bridge_and_the_pack_edits(comfy, comfy_checkpoint,
+                                                                  monkeypatch):
+    """The bridge template's path inside ComfyUI, in-process: ComfyUI's own Load
+    Checkpoint code loads the tiny SD 1.5 checkpoint (its VAE and CLIP-L at SD 1.5's full
+    sizes, which a narrower file fails with size mismatches); the bridge node takes
+    ComfyUI's MODEL, CLIP and VAE, sharing the UNet's weights; the pack's nodes invert
+    and edit a photo, and ComfyUI's VAE decodes the pack's latent. The pack's own
+    Load Checkpoint node, finding the file through ComfyUI's checkpoint folders, reads
+    the same UNet."""
+    import comfy.sd
+    import comfy.supported_models
+    import folder_paths
+
+    from xmgie.mgie_core import paths
+    from xmgie.nodes import NODE_CLASS_MAPPINGS
+
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+        str(comfy_checkpoint), output_vae=True, output_clip=True)[:3]
+    assert type(model.model.model_config) is comfy.supported_models.SD15
+    image, mask = _photo("carpet.png"), _photo("carpet_mask.png")[..., 0]
+    nodes = NODE_CLASS_MAPPINGS
+    with torch.inference_mode():            # as ComfyUI runs every node
+        (sd,) = nodes["XMGIESDModelFromComfy"]().convert(model, clip, vae, "auto")
+        comfy_unet = model.model.diffusion_model
+        assert sd.unet.conv_in.weight.data_ptr() == \
+            comfy_unet.input_blocks[0][0].weight.data_ptr()           # shared, not copied
+        inversion, latent, _ = nodes["XMGIEInvert"]().invert(
+            sd, image, "there is a set of sofas on the red carpet in the living room",
+            "direct", 2, 7.5, 1)
+        (controls,) = nodes["XMGIEPFBControl"]().make(mask=mask)
+        out = nodes["XMGIECAMSampler"]().sample(
+            sd, inversion, "there is a set of sofas on the yellow carpet in the living room",
+            "yellow", "", "logits", 0.8, 0.5, True, mask=mask, controls=controls)
+        edited, reconstruction = (out["result"] if isinstance(out, dict) else out)[:2]
+        decoded = vae.decode(edited["samples"])
+    assert latent["samples"].shape == edited["samples"].shape == (1, 4, 16, 16)
+    assert decoded.shape == (1, 128, 128, 3) and torch.isfinite(decoded).all()
+    assert not torch.equal(edited["samples"], reconstruction["samples"])
+
+    # The pack's own loader, finding the file as ComfyUI's Load Checkpoint does.
+    folder = str(comfy_checkpoint.parent)
+    folder_paths.add_model_folder_path("checkpoints", folder)
+    monkeypatch.setattr(paths, "_tiny_root", None)
+    try:
+        assert comfy_checkpoint.name in paths.list_models(paths.SD_CHECKPOINT)
+        with torch.inference_mode():
+            (own,) = nodes["XMGIELoadCheckpoint"]().load(ckpt_name=comfy_checkpoint.name,
+                                                        dtype="fp32")
+    finally:
+        folder_paths.folder_names_and_paths["checkpoints"][0].remove(folder)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500])
+    with torch.inference_mode():
+        ours = own.unet.to(sd.device)(x, t, context).sample
+        bridged = sd.unet(x.to(sd.dtype), t, context.to(sd.dtype)).sample
+    assert torch.allclose(ours.float(), bridged.float(), atol=1e-4, rtol=1e-4)

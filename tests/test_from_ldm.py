@@ -11,6 +11,7 @@ import torch
 
 from xmgie.mgie_core.errors import InputError, ModelLoadError
 from xmgie.mgie_core.models import from_ldm, ldm_convert, sd
+from xmgie.mgie_core.models.validate import read_sd_configs
 from xmgie.mgie_core.tiny import sd as tiny_sd
 
 CKPT = "tiny-sd15.safetensors"
@@ -210,13 +211,14 @@ def _comfy_sd15_ldm_on_meta() -> dict:
     """The LDM state dict of the ComfyUI-detectable tiny checkpoint, on the meta device
     (shapes only: nothing is allocated)."""
     with torch.device("meta"):
-        unet, vae, text_encoder = tiny_sd.build(4, comfy_detectable=True)
+        unet, vae, text_encoder = tiny_sd.build(4, comfy_sd15=True)
     return ldm_convert.pipeline_to_ldm(unet, vae, text_encoder)
 
 
-def test_comfy_detectable_checkpoint_has_sd15_layout_read_back_without_hints():
+def test_comfy_checkpoint_has_sd15_layout_read_back_without_hints():
     """The checkpoint for a real ComfyUI: SD 1.5's blocks at 320 channels and a 768-wide
-    context (what ComfyUI detects SD 1.5 by), and the bridge reads it back from its
+    context (what ComfyUI detects SD 1.5 by), SD 1.5's full-size VAE and CLIP-L (which
+    ComfyUI builds whatever the file holds), and the bridge reads it back from its
     shapes with SD 1.5's defaults (8 heads, 32 groups, 12 text heads), no hints."""
     state = _comfy_sd15_ldm_on_meta()
     u_state = {k.removeprefix("model.diffusion_model."): v for k, v in state.items()
@@ -226,7 +228,7 @@ def test_comfy_detectable_checkpoint_has_sd15_layout_read_back_without_hints():
     assert u_state["input_blocks.0.0.weight"].shape[0] == 320               # model_channels
     assert u_state["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[1] == 768
     ucfg = from_ldm.unet_config_from_ldm(u_state)
-    want = tiny_sd.unet_config(comfy_detectable=True)
+    want = tiny_sd.unet_config(comfy_sd15=True)
     for key in ("in_channels", "layers_per_block", "cross_attention_dim",
                 "attention_head_dim", "norm_num_groups"):
         assert ucfg[key] == want[key], key
@@ -234,5 +236,14 @@ def test_comfy_detectable_checkpoint_has_sd15_layout_read_back_without_hints():
     assert list(ucfg["down_block_types"]) == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
     assert list(ucfg["up_block_types"]) == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
     tcfg = from_ldm.text_config_from_ldm(t_state)
-    assert tcfg["hidden_size"] == 768
-    assert tcfg["num_attention_heads"] == tiny_sd.text_config(True)["num_attention_heads"]
+    sd15 = read_sd_configs(sd.CONFIG_DIR, "SD 1.5 config")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "max_position_embeddings"):
+        assert tcfg[key] == sd15["text_encoder"][key] == tiny_sd.text_config(True)[key], key
+    assert tcfg["num_hidden_layers"] == 12 and tcfg["vocab_size"] == 49408
+    v_state = {k.removeprefix("first_stage_model."): v for k, v in state.items()
+               if k.startswith("first_stage_model.")}
+    vcfg = from_ldm.vae_config_from_ldm(v_state)
+    assert list(vcfg["block_out_channels"]) == sd15["vae"]["block_out_channels"] \
+        == [128, 256, 512, 512]
+    assert vcfg["layers_per_block"] == sd15["vae"]["layers_per_block"] == 2
