@@ -619,15 +619,29 @@ class CheckpointLoaderSimple:
         }}
 
     def load_checkpoint(self, ckpt_name: str):
-        """The file's UNet, CLIP and VAE tensors; CLIP in the run's text-encoder precision
-        (fp16 unless --fp32-text-enc), as ComfyUI's own Load Checkpoint gives it, so the
-        bridge node sees what it sees inside ComfyUI."""
+        """The file's UNet, CLIP and VAE tensors in the precisions ComfyUI's own Load
+        Checkpoint gives them, whatever the file stores, so the bridge node sees what it
+        sees inside ComfyUI: the UNet in ComfyUI's weight dtype for the run's device
+        (``unet_weight_dtype``), CLIP in the run's text-encoder precision (fp16 unless
+        --fp32-text-enc)."""
         unet, text, vae = from_ldm.read_ldm_checkpoint(ckpt_name)
-        dtype = context().text_encoder_dtype
-        if dtype is not None:
-            text.state = {k: v.to(dtype) if v.is_floating_point() else v
-                          for k, v in text.state.items()}
+        _cast_floats(unet, unet_weight_dtype(host.device()))
+        _cast_floats(text, context().text_encoder_dtype)
         return unet, text, vae
+
+
+def unet_weight_dtype(device: torch.device) -> torch.dtype:
+    """ComfyUI's weight dtype for an SD 1.x UNet (model_management.unet_dtype): fp16 on a
+    CUDA GPU, fp32 elsewhere (on the CPU an fp16 file is loaded as fp32: half-precision
+    matrix products are slow there, and ComfyUI never runs them)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _cast_floats(part: from_ldm.LDMPart, dtype: torch.dtype | None) -> None:
+    """The part's floating-point tensors in ``dtype`` (None: as stored)."""
+    if dtype is not None:
+        part.state = {k: v.to(dtype) if v.is_floating_point() else v
+                      for k, v in part.state.items()}
 
 
 def _vae_part(vae) -> from_ldm.LDMPart:

@@ -78,6 +78,32 @@ def test_load_checkpoint_gives_clip_in_comfyuis_text_encoder_precision(tiny, ctx
     assert {v.dtype for v in clip32.state.values() if v.is_floating_point()} == {torch.float32}
 
 
+
+def test_load_checkpoint_gives_an_fp16_files_unet_in_fp32_on_the_cpu(tiny, ctx, tmp_path):
+    """ComfyUI loads an SD 1.x UNet in its weight dtype for the device, not the file's:
+    fp32 on the CPU. An fp16 file (as most SD 1.5 downloads are) must not make the bridge
+    run fp16 matrix products on the CPU, which ComfyUI never does."""
+    from safetensors.torch import load_file, save_file
+
+    src = paths.resolve(paths.SD_CHECKPOINT, "x.safetensors")
+    models = tmp_path / "models" / "checkpoints"
+    models.mkdir(parents=True)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(src).items()}
+    save_file(state, models / "half.safetensors")
+    side = src.with_name(src.stem + ".config")
+    if side.is_dir():
+        import shutil
+
+        shutil.copytree(side, models / "half.config")
+    paths.configure(models_dir=[tmp_path / "models"])
+    unet, clip, vae_part = core_nodes.CheckpointLoaderSimple().load_checkpoint("half.safetensors")
+    assert {v.dtype for v in unet.state.values() if v.is_floating_point()} == {torch.float32}
+    assert {v.dtype for v in clip.state.values() if v.is_floating_point()} == {torch.float16}
+    assert core_nodes.unet_weight_dtype(torch.device("cuda")) == torch.float16
+    (model,) = __import__("xmgie.nodes.loaders", fromlist=["x"]).SDModelFromComfy().convert(
+        unet, clip, vae_part, "auto")
+    assert model.unet.dtype == torch.float32
+
 def test_shipped_checkpoint_edit_equals_the_pack_loader_edit(tiny, fp32_text_enc):
     """Load Checkpoint -> bridge -> edit -> core VAE Decode gives, bit for bit, what the
     pack's own loader and decoder give for the same edit (with the text encoder in fp32,
