@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import paths
 
 # Bump when a maker changes so cached tiny models are rebuilt.
-TINY_VERSION = "4"
+TINY_VERSION = "5"
 ENV_TINY_DIR = "XMGIE_TINY_DIR"
 
 # family key -> "module:function"; each function takes the final path to write.

@@ -2,14 +2,15 @@
 
 Real tokenizer files cannot be downloaded here, and a loader must reject stub tokenizers
 (fewer than 1000 entries), so the tiny models get small but genuine byte-level BPE
-vocabularies learned on a built-in word list by the ``tokenizers`` library's BPE trainer,
-written in the CLIP and GPT-2 file layouts: every byte is representable, and common
-editing words are single tokens.
+vocabularies, learned on a built-in word list (deterministically: the same in every
+process) and written in the CLIP and GPT-2 file layouts: every byte is representable,
+and common editing words are single tokens.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from functools import cache
 from pathlib import Path
 
@@ -52,22 +53,39 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def _learn(words: list[str], n_merges: int, end_of_word: str = "") -> list[tuple[str, str]]:
-    """The first ``n_merges`` byte-level BPE merges learned on ``words`` by the
-    ``tokenizers`` library's trainer (greedy, so the first n merges of a longer training
-    are the n-merge training). Each string is one pre-token; ``end_of_word`` is CLIP's
-    ``</w>`` suffix on a word's last symbol (GPT-2 style words carry a leading space)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    """The first ``n_merges`` byte-level BPE merges learned on ``words``: each string is
+    one pre-token, spelt in GPT-2/CLIP's byte alphabet; ``end_of_word`` is CLIP's
+    ``</w>`` suffix on a word's last symbol (GPT-2 style words carry a leading space).
+    Each merge is the most frequent adjacent pair, ties broken by the pair's text, so the
+    vocabulary is the same in every process (the ``tokenizers`` trainer breaks ties in
+    hash order, which changes from run to run)."""
+    b2u = bytes_to_unicode()
+    seqs = []
+    for word in words:
+        symbols = [b2u[b] for b in word.encode("utf-8")]
+        symbols[-1] += end_of_word
+        seqs.append(symbols)
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n_merges:
+        counts = Counter(p for s in seqs for p in zip(s, s[1:]))
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        seqs = [_merge(s, best) for s in seqs]
+    return merges
 
-    suffix = {"end_of_word_suffix": end_of_word} if end_of_word else {}
-    tok = Tokenizer(models.BPE(**suffix))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=1_000_000, min_frequency=0, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), **suffix)
-    tok.train_from_iterator(words, trainer=trainer)
-    merges = json.loads(tok.to_str())["model"]["merges"]
-    pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
-    return pairs[:n_merges]
+
+def _merge(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
 
 
 @cache
