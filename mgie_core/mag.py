@@ -329,6 +329,13 @@ class MAGControl(Control):
 
 SCHEDULES = ("step", "linear")
 
+# The fast setting, chosen from the frontier of passes against distance from MAG-Edit's
+# edit (bench/RESULTS.md, "MAG frontier"; docs/algorithms.md section 6): MAG-Edit's 15
+# updates per step, in the first 8 of 50 steps only (120 forward+backward pairs instead of
+# 375). The update's size sigma_t falls 8x over the first 25 steps, so the early ones
+# carry most of the edit. The defaults of MAGControl stay MAG-Edit's (seed-faithful).
+FAST_SETTINGS = {"opt_fraction": 0.16, "iterations": 15}
+
 
 def _round(x: float) -> int:
     """Half up (Python's round() rounds half to even: 2.5 -> 2)."""

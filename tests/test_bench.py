@@ -25,8 +25,9 @@ def _load_bench(path: Path = BENCH):
     return mod
 
 
-def expected(method: str, batched: bool, iters: int, cache: bool, truncate: bool) -> dict:
-    """One full edit at STEPS steps; MAG optimises round(STEPS / 2) = 2 steps.
+def expected(method: str, batched: bool, iters: int, cache: bool, truncate: bool,
+             n_opt: int = 2) -> dict:
+    """One full edit at STEPS steps; MAG optimises ``n_opt`` steps (MAG-Edit's half: 2).
 
     inversion  DDIM trajectory: N forwards. Null-text adds per step 1 conditional forward
                (no grad), INNER forward+backward pairs and 1 guided (batch-2) forward.
@@ -36,7 +37,7 @@ def expected(method: str, batched: bool, iters: int, cache: bool, truncate: bool
                pattern doubles MAG's forwards. Truncation stops those forwards early but
                does not change how many there are.
     """
-    n, n_opt = STEPS, 2
+    n = STEPS
     inv_fwd = n + (n * (1 + INNER + 1) if method == "null_text" else 0)
     inv_bwd = n * INNER if method == "null_text" else 0
     mag_edit = n_opt * iters
@@ -62,9 +63,10 @@ def test_edit_bench_tiny(example_photos, tmp_path, capsys):
 
     assert not res["interrupted"]
     assert set(res["modes"]) == {"a", "b", "c"}
-    fast_iters = bench.FAST_MAG["iterations"]
+    fast = bench.FAST_MAG
     want = {"a": expected("null_text", False, 15, cache=False, truncate=False),
-            "b": expected("direct", True, fast_iters, cache=True, truncate=True),
+            "b": expected("direct", True, fast["iterations"], cache=True, truncate=True,
+                          n_opt=round(fast["opt_fraction"] * STEPS)),
             "c": expected("null_text", True, 15, cache=True, truncate=True)}
     for key, mode in res["modes"].items():
         (row,) = mode["per_example"]
