@@ -343,10 +343,16 @@ class MAGControlNode(ControlNode):
                                              "to push out of the mask (may be empty). "
                                              "Empty: the plan's source words that are also "
                                              "in the target prompt.", default="")),
-            "opt_fraction": ("FLOAT", inp("Fraction of steps optimised (25 of 50).",
-                                          default=0.5, min=0.0, max=1.0, step=0.02)),
-            "iterations": ("INT", inp("Updates per optimised step.", default=15, min=1,
-                                      max=100)),
+            "opt_fraction": ("FLOAT", inp(
+                "Fraction of steps optimised, from the first (0.5: 25 of 50, MAG-Edit). Fast "
+                "setting: 0.16 (the first 8 of 50 with 15 iterations: 120 updates instead "
+                "of 375), the closest to the full edit for its cost on the pack's "
+                "frontier, where the early steps' large updates carry most of the edit "
+                "(measured on random-weight models: closeness, not visual quality).",
+                default=0.5, min=0.0, max=1.0, step=0.02)),
+            "iterations": ("INT", inp("Updates per optimised step (15, MAG-Edit; the fast "
+                                      "setting keeps 15 and optimises fewer steps).",
+                                      default=15, min=1, max=100)),
             "scale": ("FLOAT", inp("Loss scale (2.5 in MAG-Edit).", default=2.5, min=0.0,
                                    max=100.0, step=0.1)),
             "spatial_ratio": ("BOOLEAN", inp("Add the spatial-ratio term.", default=False)),
