@@ -43,6 +43,20 @@ from .tokens import word_token_groups
 
 log = logging.getLogger(__name__)
 
+SCHEDULES = ("step", "linear")
+
+# The fast setting, chosen from the frontier of passes against distance from MAG-Edit's
+# edit (bench/RESULTS.md, "MAG frontier"; docs/algorithms.md section 6): MAG-Edit's 15
+# updates per step, in the first 8 of 50 steps only (120 forward+backward pairs instead of
+# 375). The update's size sigma_t falls 8x over the first 25 steps, so the early ones
+# carry most of the edit. The defaults of MAGControl stay MAG-Edit's (seed-faithful).
+FAST_SETTINGS = {"opt_fraction": 0.16, "iterations": 15}
+
+
+def _round(x: float) -> int:
+    """Half up (Python's round() rounds half to even: 2.5 -> 2)."""
+    return int(math.floor(x + 0.5))
+
 
 # --- losses on maps (heads, HW, 77) -----------------------------------------------------
 
@@ -325,21 +339,6 @@ class MAGControl(Control):
         z = run.latents[Branch.EDIT]
         m = self._blend
         run.latents[Branch.EDIT] = m * z + (1 - m) * run.latents[Branch.REC]
-
-
-SCHEDULES = ("step", "linear")
-
-# The fast setting, chosen from the frontier of passes against distance from MAG-Edit's
-# edit (bench/RESULTS.md, "MAG frontier"; docs/algorithms.md section 6): MAG-Edit's 15
-# updates per step, in the first 8 of 50 steps only (120 forward+backward pairs instead of
-# 375). The update's size sigma_t falls 8x over the first 25 steps, so the early ones
-# carry most of the edit. The defaults of MAGControl stay MAG-Edit's (seed-faithful).
-FAST_SETTINGS = {"opt_fraction": 0.16, "iterations": 15}
-
-
-def _round(x: float) -> int:
-    """Half up (Python's round() rounds half to even: 2.5 -> 2)."""
-    return int(math.floor(x + 0.5))
 
 
 def _read_history(records, names: Sequence[str]) -> list[dict]:
