@@ -126,6 +126,33 @@ def test_edit_bench_tiny(example_photos, tmp_path, capsys):
     assert "| 0 / 0 |" in printed                              # mode b's syncs column
 
 
+@pytest.mark.timeout(300)
+def test_mag_frontier_tiny(example_photos, tmp_path, capsys):
+    """bench/mag_frontier.py at 6 steps on one photo: each setting makes the passes it
+    states (3 optimised steps in ref), ref is at distance 0 from itself, and the table and
+    the JSON come out."""
+    frontier = _load_bench(BENCH_DIR / "mag_frontier.py")
+    out = tmp_path / "frontier.json"
+    res = frontier.main(["--steps", "6", "--limit", "1", "--examples", str(example_photos),
+                         "--settings", "none,it1,opt0.2,15>1@0.2", "--out", str(out)])
+    # MAG pairs: 3 x 15; none; 3 x 1; round(0.2 x 6) = 1 step x 15; 15 then 1, 1
+    pairs = {"ref": 45, "none": 0, "it1": 3, "opt0.2": 15, "15>1@0.2": 17}
+    steps_optimised = {"ref": 3, "none": 0, "it1": 3, "opt0.2": 1, "15>1@0.2": 3}
+    summary = res["summary"]
+    assert list(summary) == list(pairs)
+    for name, n in pairs.items():
+        (row,) = res["per_example"][name]
+        assert row["counts"]["bwd"] == row["mag_pairs"] == n, name
+        # the sampler's 6 forwards, one source forward per optimised step, one per pair
+        assert row["counts"]["fwd"] == 6 + steps_optimised[name] + n, name
+        assert row["cpu_s"] > 0 and 0 < row["probe"]["act"] < 1, name
+    ref = res["per_example"]["ref"][0]
+    assert ref["latent_diff"] == {"inside": 0.0, "outside": 0.0}
+    assert res["per_example"]["none"][0]["latent_diff"]["inside"] > 0
+    assert json.loads(out.read_text())["config"]["steps"] == 6
+    assert "| 15>1@0.2 |" in capsys.readouterr().out
+
+
 def test_gb_bench_reports_time_and_kornias_distance_error(example_photos, capsys):
     gb = _load_bench(BENCH_DIR / "gb_bench.py")
     rows = gb.main(["--repeat", "1", "--limit", "1", "--examples", str(example_photos)])

@@ -335,6 +335,39 @@ def test_defaults_and_neutral_options_reproduce_the_edit_exactly(sd, inv, mask):
         assert (f, b) == (fwd, bwd) and not ctl.stops, settings
 
 
+class _FixedLoop(mag.MAGControl):
+    """MAG-Edit's loop as it was before the schedule and the early exit: ``iterations``
+    updates in every optimised step, nothing read (the yardstick for the defaults)."""
+
+    def before_step(self, run, i):
+        if i >= self._n_opt:
+            return
+        from xmgie.mgie_core import grad_mode
+        from xmgie.mgie_core.attention import Branch
+
+        with grad_mode.autograd():
+            z = grad_mode.autograd_input(run.latents[Branch.EDIT]).float()
+            step = guidance.sigma(run, i)
+            for it in range(self.iterations):
+                zv = z.detach().requires_grad_(True)
+                maps = guidance.edit_maps(run, zv, i, self._layers)
+                loss, act = self.loss(maps, tuple(z.shape[-2:]))
+                grad = guidance.gradient(self.scale * loss, zv, self.name, i)
+                self._records.append((i, it, loss.detach(), act))
+                ok = guidance.count_update(run, self.name, grad, i)
+                z = guidance.masked_update(z, grad.float(), self._m64, step, ok)
+            run.latents[Branch.EDIT] = z.detach()
+
+
+def test_default_loop_is_the_fixed_loop(sd, inv, mask):
+    fixed = _FixedLoop(mask, ["yellow"], iterations=3)
+    want = sampler.edit(sd, inv, TGT, mask=mask, controls=[fixed])
+    ctl = mag.MAGControl(mask, ["yellow"], iterations=3)
+    got = sampler.edit(sd, inv, TGT, mask=mask, controls=[ctl])
+    assert torch.equal(got.edit, want.edit)
+    assert ctl.history == fixed.history and len(ctl.history) == 3 * round(0.5 * STEPS)
+
+
 def test_early_exit_stops_when_the_ratio_is_reached(sd, inv, mask):
     """The target set to the activation the full run measures at step 0, iteration 1: the
     exit run makes the same two updates there (the same latent), reads that activation,
