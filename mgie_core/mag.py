@@ -16,12 +16,19 @@ branch's five 16x16 cross-attention maps (after injection):
 and, in the last steps (default 15 of 50), blends the latent with the reconstruction
 through the mask dilated by a 3x3 max-pool. The reconstruction's maps are computed once
 per step and the loss's forward stops after the last 16x16 layer (see guidance.py).
+
+Fewer passes for a close edit (all off by default, which is MAG-Edit's schedule): fewer
+iterations in the later optimised steps (``late_iterations``, dropped at once or decayed
+linearly), fewer optimised steps (``opt_fraction``), and an early exit that ends a step's
+iterations once the token ratio reaches a target or the loss stops improving (one host
+read per optimised step, at ``check_iteration``; none without it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
@@ -35,6 +42,20 @@ from .plan import EditPlan, find_phrase
 from .tokens import word_token_groups
 
 log = logging.getLogger(__name__)
+
+SCHEDULES = ("step", "linear")
+
+# The fast setting, chosen from the frontier of passes against distance from MAG-Edit's
+# edit (bench/RESULTS.md, "MAG frontier"; docs/algorithms.md section 6): MAG-Edit's 15
+# updates per step, in the first 8 of 50 steps only (120 forward+backward pairs instead of
+# 375). The update's size sigma_t falls 8x over the first 25 steps, so the early ones
+# carry most of the edit. The defaults of MAGControl stay MAG-Edit's (seed-faithful).
+FAST_SETTINGS = {"opt_fraction": 0.16, "iterations": 15}
+
+
+def _round(x: float) -> int:
+    """Half up (Python's round() rounds half to even: 2.5 -> 2)."""
+    return int(math.floor(x + 0.5))
 
 
 # --- losses on maps (heads, HW, 77) -----------------------------------------------------
@@ -117,11 +138,60 @@ class MAGControl(Control):
     truncate: bool = True                    # stop the loss forward after the last map
     cache_source: bool = True                # reconstruction maps once per step (exact)
     plan: EditPlan | None = None          # own edit plan; None: the sampler's
+    # Fewer passes (off by default; see iterations_at and the early exit in before_step).
+    late_iterations: int | None = None       # iterations of the late optimised steps
+    late_start: float = 0.5                  # share of optimised steps at full iterations
+    schedule: str = "step"                   # step: drop at late_start; linear: decay
+    stop_activation: float = 0.0             # early exit at this token ratio; 0: off
+    stop_improvement: float = 0.0            # early exit below this relative loss drop
+    check_iteration: int = 1                 # the iteration whose result the exit reads
 
     def __post_init__(self):
+        if self.iterations < 1:
+            raise InputError("iterations", f"is {self.iterations}", "1 or more")
+        if self.late_iterations is not None and self.late_iterations < 1:
+            raise InputError("late_iterations", f"is {self.late_iterations}",
+                             "1 or more, or None for `iterations` in every optimised step",
+                             "To optimise fewer steps lower opt_fraction instead.")
+        if not 0.0 <= self.late_start <= 1.0:
+            raise InputError("late_start", f"is {self.late_start}", "a fraction in 0..1")
+        if self.schedule not in SCHEDULES:
+            raise InputError("schedule", f"is {self.schedule!r}", " or ".join(SCHEDULES))
+        if not 0.0 <= self.stop_activation <= 1.0:
+            raise InputError("stop_activation", f"is {self.stop_activation}",
+                             "a token ratio in 0..1 (0: no early exit on the ratio)")
+        if not 0.0 <= self.stop_improvement < 1.0:
+            raise InputError("stop_improvement", f"is {self.stop_improvement}",
+                             "a relative loss decrease in [0, 1) (0: no early exit on it)")
+        if self.check_iteration < 0 or (self.stop_improvement > 0
+                                        and self.check_iteration < 1):
+            raise InputError("check_iteration", f"is {self.check_iteration}",
+                             "1 or more with stop_improvement (it compares the loss with "
+                             "the iteration before), else 0 or more")
         self._pyramid: MaskPyramid | None = None   # set up per run
         self.history: list[dict] = []        # per update: step, loss, activation
         self._records: list[tuple] = []      # the run's device records (setup resets)
+        self.stops: dict[int, int] = {}      # early exits: step -> its last iteration
+
+    @property
+    def early_exit(self) -> bool:
+        return self.stop_activation > 0 or self.stop_improvement > 0
+
+    def iterations_at(self, k: int, n_opt: int) -> int:
+        """Iterations of the k-th of ``n_opt`` optimised steps: ``iterations`` in the
+        first ``late_start`` share of them; after that ``late_iterations`` ("step"), or a
+        straight line from ``iterations`` at the last full step (the first optimised step
+        when late_start is 0) down to ``late_iterations`` at the last one ("linear")."""
+        full, late = self.iterations, self.late_iterations
+        n_full = _round(self.late_start * n_opt)
+        if late is None or k < n_full:
+            return full
+        if self.schedule == "step":
+            return late
+        start = max(n_full - 1, 0)
+        span = n_opt - 1 - start
+        frac = (k - start) / span if span > 0 else 1.0
+        return _round(full + (late - full) * frac)
 
     def setup(self, run) -> None:
         prompt = run.target_prompt
@@ -153,6 +223,7 @@ class MAGControl(Control):
         self._n_blend = int(round(self.blend_fraction * n))
         self.history = []                    # per run (a cached node output is reused)
         self._records: list[tuple] = []      # (step, iteration, loss, activation) on device
+        self.stops = {}
         # Everything the loss reads besides the maps, on the device now: token positions
         # and the mask at the maps' size (checked here, once: it must not vanish there).
         z = run.latents[Branch.EDIT]
@@ -207,16 +278,27 @@ class MAGControl(Control):
         return total, act
 
     def before_step(self, run, i: int) -> None:
-        """MAG's inner loop: no value comes back to the host. A skipped update (a
-        non-finite or zero gradient) is a ``torch.where`` on the device, counted and
-        warned about at the end of the run (see report.py); the history is read then."""
+        """MAG's inner loop: without the early exit no value comes back to the host. A
+        skipped update (a non-finite or zero gradient) is a ``torch.where`` on the device,
+        counted and warned about at the end of the run (see report.py); the history is
+        read then.
+
+        The early exit is a data-dependent branch, so it reads the device once per
+        optimised step: after iteration ``check_iteration`` (its update applied), the
+        activation and loss that iteration measured. Reached (activation >=
+        ``stop_activation``, or a loss that fell by less than ``stop_improvement`` of the
+        previous iteration's): that update is the step's last. Not reached: the step runs
+        its remaining iterations without another read."""
         if i >= self._n_opt:
             return
+        n_it = self.iterations_at(i, self._n_opt)
+        check = self.check_iteration if self.early_exit else -1
         with grad_mode.autograd():
             z = grad_mode.autograd_input(run.latents[Branch.EDIT]).float()
             m64 = self._m64
             step = guidance.sigma(run, i)
-            for it in range(self.iterations):
+            prev = None
+            for it in range(n_it):
                 zv = z.detach().requires_grad_(True)
                 maps = guidance.edit_maps(run, zv, i, self._layers, truncate=self.truncate,
                                           cache_source=self.cache_source)
@@ -225,7 +307,23 @@ class MAGControl(Control):
                 self._records.append((i, it, loss.detach(), act))
                 ok = guidance.count_update(run, self.name, grad, i)
                 z = guidance.masked_update(z, grad.float(), m64, step, ok)
+                if it == check and it + 1 < n_it and self._reached(act, loss, prev):
+                    self.stops[i] = it
+                    break
+                prev = loss.detach()
             run.latents[Branch.EDIT] = z.detach()
+
+    def _reached(self, act: torch.Tensor, loss: torch.Tensor,
+                 prev: torch.Tensor | None) -> bool:
+        """The early exit's test: the step's one host read (activation, loss and the
+        previous loss in one transfer)."""
+        vals = torch.stack([act.detach().float(), loss.detach().float(),
+                            (prev if prev is not None else loss).detach().float()]).tolist()
+        a, cur, before = vals
+        if self.stop_activation > 0 and a >= self.stop_activation:
+            return True
+        return (self.stop_improvement > 0 and prev is not None
+                and before - cur < self.stop_improvement * abs(before))
 
     def teardown(self, run) -> None:
         # UNet passes spent: the reconstruction once per optimised step, the edit row

@@ -25,8 +25,9 @@ def _load_bench(path: Path = BENCH):
     return mod
 
 
-def expected(method: str, batched: bool, iters: int, cache: bool, truncate: bool) -> dict:
-    """One full edit at STEPS steps; MAG optimises round(STEPS / 2) = 2 steps.
+def expected(method: str, batched: bool, iters: int, cache: bool, truncate: bool,
+             n_opt: int = 2) -> dict:
+    """One full edit at STEPS steps; MAG optimises ``n_opt`` steps (MAG-Edit's half: 2).
 
     inversion  DDIM trajectory: N forwards. Null-text adds per step 1 conditional forward
                (no grad), INNER forward+backward pairs and 1 guided (batch-2) forward.
@@ -36,7 +37,7 @@ def expected(method: str, batched: bool, iters: int, cache: bool, truncate: bool
                pattern doubles MAG's forwards. Truncation stops those forwards early but
                does not change how many there are.
     """
-    n, n_opt = STEPS, 2
+    n = STEPS
     inv_fwd = n + (n * (1 + INNER + 1) if method == "null_text" else 0)
     inv_bwd = n * INNER if method == "null_text" else 0
     mag_edit = n_opt * iters
@@ -62,9 +63,10 @@ def test_edit_bench_tiny(example_photos, tmp_path, capsys):
 
     assert not res["interrupted"]
     assert set(res["modes"]) == {"a", "b", "c"}
-    fast_iters = bench.FAST_MAG["iterations"]
+    fast = bench.FAST_MAG
     want = {"a": expected("null_text", False, 15, cache=False, truncate=False),
-            "b": expected("direct", True, fast_iters, cache=True, truncate=True),
+            "b": expected("direct", True, fast["iterations"], cache=True, truncate=True,
+                          n_opt=round(fast["opt_fraction"] * STEPS)),
             "c": expected("null_text", True, 15, cache=True, truncate=True)}
     for key, mode in res["modes"].items():
         (row,) = mode["per_example"]
@@ -122,6 +124,33 @@ def test_edit_bench_tiny(example_photos, tmp_path, capsys):
         assert sc["editing"]["max_per_step"] == 0, key
         assert 1 <= sc["null-text inversion"]["max_per_step"] <= 2 * INNER + 1, key
     assert "| 0 / 0 |" in printed                              # mode b's syncs column
+
+
+@pytest.mark.timeout(300)
+def test_mag_frontier_tiny(example_photos, tmp_path, capsys):
+    """bench/mag_frontier.py at 6 steps on one photo: each setting makes the passes it
+    states (3 optimised steps in ref), ref is at distance 0 from itself, and the table and
+    the JSON come out."""
+    frontier = _load_bench(BENCH_DIR / "mag_frontier.py")
+    out = tmp_path / "frontier.json"
+    res = frontier.main(["--steps", "6", "--limit", "1", "--examples", str(example_photos),
+                         "--settings", "none,it1,opt0.2,15>1@0.2", "--out", str(out)])
+    # MAG pairs: 3 x 15; none; 3 x 1; round(0.2 x 6) = 1 step x 15; 15 then 1, 1
+    pairs = {"ref": 45, "none": 0, "it1": 3, "opt0.2": 15, "15>1@0.2": 17}
+    steps_optimised = {"ref": 3, "none": 0, "it1": 3, "opt0.2": 1, "15>1@0.2": 3}
+    summary = res["summary"]
+    assert list(summary) == list(pairs)
+    for name, n in pairs.items():
+        (row,) = res["per_example"][name]
+        assert row["counts"]["bwd"] == row["mag_pairs"] == n, name
+        # the sampler's 6 forwards, one source forward per optimised step, one per pair
+        assert row["counts"]["fwd"] == 6 + steps_optimised[name] + n, name
+        assert row["cpu_s"] > 0 and 0 < row["probe"]["act"] < 1, name
+    ref = res["per_example"]["ref"][0]
+    assert ref["latent_diff"] == {"inside": 0.0, "outside": 0.0}
+    assert res["per_example"]["none"][0]["latent_diff"]["inside"] > 0
+    assert json.loads(out.read_text())["config"]["steps"] == 6
+    assert "| 15>1@0.2 |" in capsys.readouterr().out
 
 
 def test_gb_bench_reports_time_and_kornias_distance_error(example_photos, capsys):

@@ -253,3 +253,202 @@ def test_controls_stopping_at_different_layers_share_the_step_cache(sd, inv, mas
     n_opt = round(0.5 * STEPS)
     # per optimised step: one truncated and one full reconstruction pass, no more
     assert ctl.passes["source"] == 2 * n_opt
+
+
+# --- fewer passes: schedule, fewer optimised steps, early exit ------------------------------
+
+def _counted_edit(sd, inv, mask, **settings):
+    """An edit with MAG (4 iterations unless set): (control, result, UNet forwards,
+    backwards) counted by the batch runner's pass counter."""
+    from xmgie.runner.model_cache import PassCounter
+
+    ctl = mag.MAGControl(mask, ["yellow"], **{"iterations": 4, **settings})
+    counter = PassCounter()
+    counter.watch(sd)
+    try:
+        res = sampler.edit(sd, inv, TGT, mask=mask, controls=[ctl])
+    finally:
+        counter.close()
+    return ctl, res, counter.forward, counter.backward
+
+
+def test_iteration_schedule_by_hand():
+    """iterations_at: full in the first late_start share, then a drop or a straight line
+    (rounded half up), over the k-th of n_opt optimised steps."""
+    def per_step(n_opt=25, **kw):
+        ctl = mag.MAGControl(None, ["w"], **kw)
+        return [ctl.iterations_at(k, n_opt) for k in range(n_opt)]
+
+    assert per_step() == [15] * 25                                   # MAG-Edit: off
+    assert per_step(late_iterations=5) == [15] * 13 + [5] * 12       # 0.5 x 25 = 12.5 -> 13
+    assert per_step(late_iterations=1, late_start=0.2) == [15] * 5 + [1] * 20
+    lin = per_step(iterations=5, late_iterations=1, late_start=0.0, schedule="linear",
+                   n_opt=5)
+    assert lin == [5, 4, 3, 2, 1]
+    lin = per_step(iterations=4, late_iterations=1, late_start=0.5, schedule="linear",
+                   n_opt=6)                                           # full 0..2, then down
+    assert lin == [4, 4, 4, 3, 2, 1]
+    assert sum(per_step(late_iterations=1, late_start=0.0, schedule="linear")) == 201
+
+
+def test_each_option_changes_the_passes_as_stated(sd, inv, mask):
+    """Per optimised step: one reconstruction forward (cached source) and the step's
+    iterations as edit-row forward+backward pairs; the sampler adds one forward per step."""
+    n_opt = round(0.5 * STEPS)                                       # 3 of 6
+    base = _counted_edit(sd, inv, mask)
+    assert base[2:] == (STEPS + n_opt + 4 * n_opt, 4 * n_opt)        # (21, 12)
+    cases = {
+        # late_start 0.34 of 3 -> 1 full step, then 1 iteration: 4 + 1 + 1
+        "step": (dict(late_iterations=1, late_start=0.34), [4, 1, 1], n_opt),
+        # linear from step 0: 4, 2.5 -> 3, 1
+        "linear": (dict(late_iterations=1, late_start=0.0, schedule="linear"), [4, 3, 1],
+                   n_opt),
+        # fewer optimised steps: 0.34 x 6 -> 2
+        "opt_fraction": (dict(opt_fraction=0.34), [4, 4], 2),
+        "fewer iterations": (dict(iterations=2), [2, 2, 2], n_opt),
+    }
+    for name, (settings, per_step, n) in cases.items():
+        ctl, res, fwd, bwd = _counted_edit(sd, inv, mask, **settings)
+        assert bwd == sum(per_step), name
+        assert fwd == STEPS + n + sum(per_step), name
+        assert ctl.passes == {"source": n, "edit": sum(per_step)}, name
+        assert [sum(1 for h in ctl.history if h["step"] == i) for i in range(n)] == \
+            per_step, name
+        assert res.report.get("MAG").applied == sum(per_step), name
+
+
+def test_defaults_and_neutral_options_reproduce_the_edit_exactly(sd, inv, mask):
+    """With the new options off (the defaults), or set so they change nothing (a late
+    count equal to the full one; an exit target never reached), the edit, the history and
+    the passes are those of MAG-Edit's schedule, bit for bit."""
+    ctl = mag.MAGControl(mask, ["yellow"])
+    assert (ctl.late_iterations, ctl.stop_activation, ctl.stop_improvement) == (None, 0, 0)
+    assert not ctl.early_exit
+    base_ctl, base, fwd, bwd = _counted_edit(sd, inv, mask)
+    top = max(h["activation"] for h in base_ctl.history)
+    for settings in (dict(late_iterations=4, late_start=0.0),
+                     dict(late_iterations=4, late_start=0.0, schedule="linear"),
+                     dict(stop_activation=min(1.0, top + 1e-3))):
+        ctl, res, f, b = _counted_edit(sd, inv, mask, **settings)
+        assert torch.equal(res.edit, base.edit), settings
+        assert ctl.history == base_ctl.history, settings
+        assert (f, b) == (fwd, bwd) and not ctl.stops, settings
+
+
+class _FixedLoop(mag.MAGControl):
+    """MAG-Edit's loop as it was before the schedule and the early exit: ``iterations``
+    updates in every optimised step, nothing read (the yardstick for the defaults)."""
+
+    def before_step(self, run, i):
+        if i >= self._n_opt:
+            return
+        from xmgie.mgie_core import grad_mode
+        from xmgie.mgie_core.attention import Branch
+
+        with grad_mode.autograd():
+            z = grad_mode.autograd_input(run.latents[Branch.EDIT]).float()
+            step = guidance.sigma(run, i)
+            for it in range(self.iterations):
+                zv = z.detach().requires_grad_(True)
+                maps = guidance.edit_maps(run, zv, i, self._layers)
+                loss, act = self.loss(maps, tuple(z.shape[-2:]))
+                grad = guidance.gradient(self.scale * loss, zv, self.name, i)
+                self._records.append((i, it, loss.detach(), act))
+                ok = guidance.count_update(run, self.name, grad, i)
+                z = guidance.masked_update(z, grad.float(), self._m64, step, ok)
+            run.latents[Branch.EDIT] = z.detach()
+
+
+def test_default_loop_is_the_fixed_loop(sd, inv, mask):
+    fixed = _FixedLoop(mask, ["yellow"], iterations=3)
+    want = sampler.edit(sd, inv, TGT, mask=mask, controls=[fixed])
+    ctl = mag.MAGControl(mask, ["yellow"], iterations=3)
+    got = sampler.edit(sd, inv, TGT, mask=mask, controls=[ctl])
+    assert torch.equal(got.edit, want.edit)
+    assert ctl.history == fixed.history and len(ctl.history) == 3 * round(0.5 * STEPS)
+
+
+def test_early_exit_stops_when_the_ratio_is_reached(sd, inv, mask):
+    """The target set to the activation the full run measures at step 0, iteration 1: the
+    exit run makes the same two updates there (the same latent), reads that activation,
+    finds it reached, and ends step 0 after iteration 1's update."""
+    base_ctl, base, _, base_bwd = _counted_edit(sd, inv, mask)
+    first = [h for h in base_ctl.history if h["step"] == 0]
+    target = first[1]["activation"]
+    assert first[1]["activation"] < first[-1]["activation"]    # the full run goes further
+    ctl, res, fwd, bwd = _counted_edit(sd, inv, mask, stop_activation=target,
+                                       check_iteration=1)
+    assert ctl.stops.get(0) == 1
+    assert [h for h in ctl.history if h["step"] == 0] == first[:2]
+    # every step that exits makes two pairs instead of four
+    n_opt = round(0.5 * STEPS)
+    assert bwd == 4 * n_opt - 2 * len(ctl.stops) < base_bwd
+    assert not torch.equal(res.edit, base.edit)
+    # an unreachable target reads every step and never stops
+    ctl, res, _, bwd = _counted_edit(sd, inv, mask, stop_activation=1.0)
+    assert not ctl.stops and bwd == base_bwd
+    torch.testing.assert_close(res.edit, base.edit, rtol=0, atol=0)
+
+
+def test_early_exit_on_a_loss_that_stops_improving(sd, inv, mask):
+    """A required 99% fall of the loss per iteration is never met: every optimised step
+    ends after its check iteration (2 here: three pairs instead of four)."""
+    n_opt = round(0.5 * STEPS)
+    ctl, _, _, bwd = _counted_edit(sd, inv, mask, stop_improvement=0.99, check_iteration=2)
+    assert ctl.stops == {i: 2 for i in range(n_opt)}
+    assert bwd == 3 * n_opt
+    # a check at the last iteration has nothing left to save: no read, no exit
+    ctl, _, _, bwd = _counted_edit(sd, inv, mask, stop_improvement=0.99, check_iteration=3)
+    assert not ctl.stops and bwd == 4 * n_opt
+
+
+def test_early_exit_reads_the_device_once_per_optimised_step(sd, inv, mask):
+    """The exit's data-dependent branch: exactly one host read in each optimised step
+    (activation and losses in one transfer), none in the other steps; without the exit,
+    none at all (tests/test_syncs.py checks the whole fast path)."""
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parent.parent / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import syncs
+
+    n_opt = round(0.5 * STEPS)
+    for settings, reads in ((dict(stop_activation=1.0), 1), ({}, 0)):
+        ctl = mag.MAGControl(mask, ["yellow"], iterations=3, **settings)
+        with syncs.SyncCounter(trace=True) as c:
+            sampler.edit(sd, inv, TGT, mask=mask, controls=[ctl])
+        per = [sum(s[k] for k in syncs.KINDS + ("placement",))
+               for s in c.stage("editing").steps]
+        assert per == [reads] * n_opt + [0] * (STEPS - n_opt), (settings, per, c.events)
+
+
+def test_bad_schedule_and_exit_settings_are_named():
+    bad = [(dict(late_iterations=0), "late_iterations"), (dict(schedule="cosine"), "schedule"),
+           (dict(late_start=1.5), "late_start"), (dict(stop_activation=2.0), "stop_activation"),
+           (dict(stop_improvement=1.0), "stop_improvement"), (dict(iterations=0), "iterations"),
+           (dict(stop_improvement=0.1, check_iteration=0), "check_iteration")]
+    for settings, name in bad:
+        with pytest.raises(InputError, match=f"^{name}:"):
+            mag.MAGControl(None, ["w"], **settings)
+
+
+def test_node_takes_the_new_inputs_and_loads_old_values():
+    """The node's new inputs are optional with tooltips; a workflow saved before them (the
+    eight widget values of the required inputs) makes MAG-Edit's schedule."""
+    from xmgie.nodes.editing import MAGControlNode
+
+    optional = MAGControlNode.INPUT_TYPES()["optional"]
+    new = ("late_iterations", "late_start", "schedule", "stop_activation", "stop_improvement",
+           "check_iteration")
+    assert all(optional[k][1]["tooltip"] for k in new)
+    required = list(MAGControlNode.INPUT_TYPES()["required"])
+    saved = ["yellow", "", 0.5, 15, 2.5, False, 5.5, 0.3]      # a v0.2 workflow's widgets
+    (ctls,) = MAGControlNode().make(**dict(zip(required, saved, strict=True)))
+    assert ctls[0].late_iterations is None and not ctls[0].early_exit
+    (ctls,) = MAGControlNode().make(words="yellow", late_iterations=2, schedule="linear",
+                                    stop_activation=0.3, check_iteration=2)
+    c = ctls[0]
+    assert (c.late_iterations, c.schedule, c.stop_activation, c.check_iteration) == \
+        (2, "linear", 0.3, 2)
