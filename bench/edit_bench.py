@@ -103,12 +103,11 @@ _import_xmgie()
 
 from xmgie.mgie_core import blur, vae  # noqa: E402
 from xmgie.mgie_core.inversion import invert  # noqa: E402
-from xmgie.mgie_core.mag import MAGControl  # noqa: E402
+from xmgie.mgie_core.mag import FAST_SETTINGS, MAGControl  # noqa: E402
 from xmgie.mgie_core.models.compile import COMPILE_MODES, compile_unet  # noqa: E402
 from xmgie.mgie_core.models.sd import CONFIG_DIR, SDModel, ddim_scheduler  # noqa: E402
 from xmgie.mgie_core.pfb import PFBControl  # noqa: E402
 from xmgie.mgie_core.sampler import CAMSettings, edit  # noqa: E402
-from xmgie.mgie_core.mag import FAST_SETTINGS  # noqa: E402  (the fast MAG setting)
 
 # The sync counter lives beside this file (a diagnostic, not part of the library). Run as
 # a script its folder is on the path already; loaded as a module (the tests), it is not.

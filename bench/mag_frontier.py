@@ -39,13 +39,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import edit_bench  # noqa: E402  (imports this checkout as ``xmgie``)
+import edit_bench
 
-from xmgie.mgie_core import vae  # noqa: E402
-from xmgie.mgie_core.inversion import invert  # noqa: E402
-from xmgie.mgie_core.mag import MAGControl  # noqa: E402
-from xmgie.mgie_core.pfb import PFBControl  # noqa: E402
-from xmgie.mgie_core.sampler import CAMSettings, edit  # noqa: E402
+from xmgie.mgie_core import vae
+from xmgie.mgie_core.inversion import invert
+from xmgie.mgie_core.mag import MAGControl
+from xmgie.mgie_core.pfb import PFBControl
+from xmgie.mgie_core.sampler import CAMSettings, edit
 
 REF = dict(iterations=15, opt_fraction=0.5)
 # name -> MAGControl settings (beyond the cached source and truncated forward, on in all).
@@ -231,8 +231,9 @@ def main(argv=None) -> dict:
 def summarise(per: dict[str, list[dict]]) -> dict:
     out = {}
     for n, rows in per.items():
-        k = len(rows)
-        mean = lambda f: sum(f(r) for r in rows) / k  # noqa: E731
+        def mean(f, rows=rows):
+            return sum(f(r) for r in rows) / len(rows)
+
         out[n] = {
             "fwd": mean(lambda r: r["counts"]["fwd"]), "bwd": mean(lambda r: r["counts"]["bwd"]),
             "cpu_s": mean(lambda r: r["cpu_s"]),
