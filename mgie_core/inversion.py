@@ -22,6 +22,7 @@ from . import grad_mode, host
 from .diffusion import Schedule, denoise_step, encode_prompt, invert_step, make_schedule, unet_eps
 from .errors import GradientError, InputError, why_no_gradient
 from .images import Fit
+from .models import graphs
 from .models.sd import SDModel
 from .report import UpdateReport
 
@@ -76,9 +77,14 @@ def ddim_trajectory(sd: SDModel, z0: torch.Tensor, cond: torch.Tensor, sch: Sche
     n = sch.num_steps
     z = z0.to(sd.device, torch.float32)
     states = [z]
+    # compile_unet="graphs": one captured call, replayed every step (models/graphs.py)
+    cache = graphs.for_run(sd)
+    ctl = getattr(sd.unet, "_xmgie_controller", None)
     with host.progress(n, "DDIM inversion") as bar:
         for i in reversed(range(n)):          # from t = 1 up to t = 981
-            eps = unet_eps(sd, z, sch.t(i), cond.expand(z.shape[0], -1, -1))
+            emb = cond.expand(z.shape[0], -1, -1)
+            eps = graphs.unet_eps(cache, "inversion", sd, z, sch.t(i), emb, ctl) \
+                if cache.active else unet_eps(sd, z, sch.t(i), emb)
             z = invert_step(sch, i, z, eps)
             states.append(z)
             bar.update()

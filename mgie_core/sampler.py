@@ -37,6 +37,7 @@ from .diffusion import (
 from .errors import InputError
 from .images import Fit, check_mask
 from .inversion import InversionResult
+from .models import graphs
 from .models.conditioning import Conditioning
 from .models.sd import SDModel
 from .plan import EditPlan, find_phrase, from_plan, split_words
@@ -126,11 +127,17 @@ def _run_unet(run: SamplingRun, groups: list[tuple[BatchLayout, torch.Tensor, to
     """Call the UNet once per group (one group when batched); return eps rows in the
     order of the concatenated layouts."""
     outs = []
+    cache = getattr(run, "graphs", None)
     for layout, z, emb in groups:
         run.controller.reset_call(AttnContext(i, run.schedule.num_steps, layout,
                                               _latent_hw(z)))
         run.layout = layout
-        outs.append(unet_eps(run.sd, z, t, emb))
+        if cache is not None and cache.active and len(groups) == 1:
+            # captured and replayed (models/graphs.py). Not unbatched guidance: its calls
+            # pass PFB's references from one to the next through Python state.
+            outs.append(graphs.unet_eps(cache, "sampler", run.sd, z, t, emb, run.controller))
+        else:
+            outs.append(unet_eps(run.sd, z, t, emb))
     run.controller.reset_call(None)
     return torch.cat(outs)
 
@@ -251,6 +258,8 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     run.cond_src, run.cond_tgt, run.guidance_scale = cond_src, cond_tgt, scale
     run.injection, run.sampler_hooks = injection, list(hooks)
     controller.hooks = _setup_controls(run, controls, hooks)
+    # compile_unet="graphs": the run's UNet calls captured as CUDA graphs where they can be
+    run.graphs = graphs.for_run(sd, controls)
 
     rows = ((REC, UNCOND), (EDIT, UNCOND), (REC, COND), (EDIT, COND))
     try:

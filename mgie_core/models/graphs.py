@@ -1,0 +1,462 @@
+"""Whole UNet calls captured as CUDA graphs and replayed: one launch per pass instead
+of the hundreds of kernel launches an eager SD 1.5 pass makes (the passes of an edit
+are launch-bound: ~30 ms eager at batch 1, 2 and 4 alike on an H200).
+
+Why hand-captured ``torch.cuda.CUDAGraph`` and not ``torch.compile(mode="reduce-
+overhead")``. The pack's attention processors run Python hooks whose choices change
+with the step (injection windows, PFB's active steps, MAG's truncation), and they pass
+tensors between calls through Python objects (the reconstruction's recorded maps and
+Q/K, PFB's reference features). Dynamo would guard on all of that and recompile per
+step, or, compiling only the leaf modules (models/compile.py), leave the attention
+layers and the hooks eager between dozens of small graphs. A captured call instead
+records the kernels the hooks launch for one *regime* (the hooks' step-dependent
+choices) and replays them; what it needs is that the hooks are pure tensor code once
+their choices are fixed, which the pack's hooks are (they never read a value back to
+the host inside a step: tests/test_syncs.py). So:
+
+* a graph is keyed by the call site, the inputs' shapes and dtypes, the batch layout
+  and the regime every hook and control reports (:func:`regime`); a hook or a control
+  this module does not know cannot say its regime, and the call runs eagerly (logged
+  with its name);
+* inputs (latent, timestep, embedding) are copied into static buffers before a replay;
+  tensors the hooks hold (masks, biases, the reconstruction's recordings, PFB's
+  references) are *state*: found by walking the hooks (:func:`state_tensors`) before
+  the capture, and before each replay the current ones are copied into the captured
+  ones where they are other tensors (a new step's recordings), so a replay reads this
+  call's data;
+* outputs are cloned on return: the next replay overwrites the graph's own (the
+  "tensor output of CUDAGraphs that has been overwritten" error of cudagraph trees is
+  the same hazard);
+* the first call of a key warms up eagerly on a side stream (lazy initialisation,
+  cuDNN's algorithm choice, the hooks' per-size caches), captures, replays, and checks
+  the replay against the warm-up's result; a mismatch or any failure of the capture
+  (an operation not allowed while capturing, a host read, no CUDA graphs) is warned
+  about once and that key runs eagerly from then on: the edit never fails because a
+  capture did;
+* a site that keeps seeing new keys (shapes that change) stops capturing after
+  :data:`MAX_KEYS_PER_SITE`.
+
+MAG's truncated forward and its ``autograd.grad`` to the latent are captured together,
+in the same way, as one call (``mag.truncated_gradient``): the backward's kernels are
+launched by the autograd engine on the capturing stream, and the static latent is a leaf
+that requires grad. Cudagraph trees (reduce-overhead) were not chosen for it: they
+capture forward and backward as separate graphs tied to AOT autograd's compiled
+backward, which the pack's Python hooks would break into pieces.
+
+Selection (:func:`select`): ``compile_unet="graphs"`` and a CUDA device with CUDA
+graphs; anything else (a CPU, MPS, torch without CUDA) runs eagerly, with the reason
+logged once. Graphs live for one run (:class:`GraphCache` on the sampling run, or one
+inversion): the hooks' tensors belong to the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+GRAPH_MODE = "graphs"
+MAX_KEYS_PER_SITE = 6          # distinct regimes/shapes per call site before giving up
+WARMUP = 1                     # eager runs on a side stream before a capture
+# Largest relative difference between the warm-up's result and the first replay's.
+# Replays run the very kernels the eager call chose, so they agree to rounding; a stale
+# input or state would differ by far more.
+CHECK_TOLERANCE = 1e-2
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    captured: bool
+    reason: str
+
+
+# Tests set this to attempt captures on any device: off CUDA, torch itself refuses them,
+# which exercises the fallback of a failed capture.
+ATTEMPT_ANYWHERE = False
+
+
+def select(mode: str, device, *, anywhere: bool | None = None,
+           cuda: bool | None = None) -> Decision:
+    """Whether the UNet calls run as captured CUDA graphs, and why (not). ``cuda``:
+    whether torch can use a CUDA device (None: ask torch)."""
+    if mode != GRAPH_MODE:
+        return Decision(False, f"compile_unet is {mode!r}, not {GRAPH_MODE!r}")
+    if ATTEMPT_ANYWHERE if anywhere is None else anywhere:               # tests: attempt the capture wherever (it fails off CUDA)
+        return Decision(True, "capture attempted on any device (test setting)")
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return Decision(False, f"the model runs on {dev.type}: CUDA graphs need a CUDA GPU")
+    if not (torch.cuda.is_available() if cuda is None else cuda):
+        return Decision(False, "this torch has no usable CUDA")
+    if not hasattr(torch.cuda, "CUDAGraph"):
+        return Decision(False, "this torch has no CUDA graphs")
+    return Decision(True, "CUDA device")
+
+
+def unet_mode(unet) -> str:
+    from .compile import compiled_mode
+
+    return compiled_mode(unet)
+
+
+_said: set[str] = set()
+
+
+def _once(level: int, msg: str) -> None:
+    """Log a message once per process (a fallback reason, not once per step)."""
+    if msg not in _said:
+        _said.add(msg)
+        log.log(level, msg)
+
+
+# --- regimes: the hooks' step-dependent choices ----------------------------------------
+
+def _hook_regime(hook, ctx):
+    """A hashable summary of the choices ``hook`` makes in a call with context ``ctx``
+    (what decides which kernels it launches), or None when the hook is unknown."""
+    from .. import attention_hooks as ah
+    from .. import guidance
+
+    step = ctx.step
+    if isinstance(hook, ah.InjectionHook):
+        return ("inj", step < hook.cross_steps, step < hook.self_steps)
+    if isinstance(hook, ah.CAMHook):
+        return ("cam", hook.mode, None if hook.steps is None else step in hook.steps)
+    if isinstance(hook, ah.CaptureHook):
+        return ("cap", hook.layers, hook.rows, hook.cross,
+                None if hook.steps is None else step in hook.steps)
+    if isinstance(hook, ah.StopAfter):
+        return ("stop", hook.layer_name)
+    if isinstance(hook, guidance.CachedInjection):
+        return ("cinj", step < hook.inj.cross_steps, step < hook.inj.self_steps,
+                tuple(sorted(hook.rec.probs)), tuple(sorted(hook.rec.qk)))
+    return None
+
+
+def _control_regime(control, ctx):
+    from .. import mag, pfb
+    from ..attention import Branch
+
+    if type(control) is mag.MAGControl:     # acts between calls, nothing inside one
+        return ("mag",)
+    if type(control) is pfb.PFBControl:
+        active = control._run is not None and control._active_steps[ctx.step]
+        # a call without the reference branch reads the references an earlier call of
+        # the step cached (MAG's edit row): which ones decides what it blends
+        own = any(b in (Branch.REC, Branch.REF) for b, _ in ctx.layout.rows)
+        return ("pfb", active, control.reference,
+                None if own else tuple(sorted(control._cache)))
+    return None
+
+
+def control_state(controls: Iterable, layout) -> list:
+    """The controls' tensors a call with ``layout`` reads from earlier calls: PFB's cached
+    references, for a call without the reference branch (MAG's edit row)."""
+    from .. import pfb
+    from ..attention import Branch
+
+    if any(b in (Branch.REC, Branch.REF) for b, _ in layout.rows):
+        return []
+    return [c._cache for c in controls if isinstance(c, pfb.PFBControl)]
+
+
+def regime(hooks: Iterable, controls: Iterable, ctx, patches: int) -> tuple[tuple | None, str]:
+    """(key, "") for a call whose hooks and controls are all known, else (None, why)."""
+    from .. import pfb
+
+    parts = []
+    for h in hooks:
+        r = _hook_regime(h, ctx)
+        if r is None:
+            return None, (f"the attention hook {type(h).__name__} is not known to be pure "
+                          "tensor code: its call runs eagerly")
+        parts.append(r)
+    has_pfb = False
+    for c in controls:
+        r = _control_regime(c, ctx)
+        if r is None:
+            return None, (f"the control {type(c).__name__} is not known to be pure tensor "
+                          "code inside the UNet: its run's calls run eagerly")
+        has_pfb = has_pfb or isinstance(c, pfb.PFBControl)
+        parts.append(r)
+    if patches and not has_pfb:
+        return None, "the UNet carries module patches of an unknown owner"
+    return (ctx.layout.rows, ctx.latent_hw, tuple(parts)), ""
+
+
+# --- the hooks' tensors (state) --------------------------------------------------------
+
+def _walkable(obj) -> bool:
+    from ..attention import AttnHook, MaskPyramid
+
+    return isinstance(obj, (AttnHook, MaskPyramid))
+
+
+def state_tensors(roots: Iterable, device=None) -> dict[tuple, torch.Tensor]:
+    """Every tensor reachable from ``roots`` through dicts, lists, tuples, attention hooks
+    and mask pyramids (not through models or runs), by path; only those on ``device``
+    when given (host copies such as a mapper's are never read by a captured call)."""
+    out: dict[tuple, torch.Tensor] = {}
+
+    def walk(obj, path, depth):
+        if depth > 6:
+            return
+        if isinstance(obj, torch.Tensor):
+            if device is None or obj.device == device:
+                out[path] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, (*path, repr(k)), depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for k, v in enumerate(obj):
+                walk(v, (*path, k), depth + 1)
+        elif _walkable(obj):
+            walk(vars(obj), (*path, type(obj).__name__), depth + 1)
+
+    for k, root in enumerate(roots):
+        walk(root, (k,), 0)
+    return out
+
+
+# --- captured calls ----------------------------------------------------------------------
+
+def _flat(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flat(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flat(v)]
+    return []
+
+
+def _clone(out):
+    if isinstance(out, torch.Tensor):
+        return out.detach().clone()
+    if isinstance(out, dict):
+        return {k: _clone(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return type(out)(_clone(v) for v in out)
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+class _Graph:
+    def __init__(self, graph, inputs, outputs, state):
+        self.graph, self.inputs, self.outputs, self.state = graph, inputs, outputs, state
+
+
+class GraphCache:
+    """Captured calls of one run (see the module docstring). ``call`` runs ``fn`` on
+    ``inputs`` either eagerly or as the replay of a graph captured for ``(site, key)``;
+    ``stats`` counts replays, captures and eager calls per site, ``reasons`` holds why a
+    site or key ran eagerly."""
+
+    def __init__(self, decision: Decision, device=None):
+        self.decision = decision
+        self.device = torch.device(device) if device is not None else None
+        self._graphs: dict[tuple, _Graph] = {}
+        self._failed: dict[tuple, str] = {}
+        self._keys: dict[str, set] = {}
+        self.stats: Counter = Counter()
+        self.reasons: dict[str, str] = {}
+        if not decision.captured:
+            _once(logging.INFO, f"CUDA graphs off: {decision.reason}")
+
+    @property
+    def active(self) -> bool:
+        return self.decision.captured
+
+    def eager(self, site: str, why: str, fn: Callable, inputs: dict):
+        self.stats[f"{site}.eager"] += 1
+        self.reasons.setdefault(site, why)
+        _once(logging.INFO, f"CUDA graphs: {site} runs eagerly: {why}")
+        return fn(**inputs)
+
+    def call(self, site: str, key, fn: Callable, inputs: dict[str, torch.Tensor],
+             state: Iterable = ()):
+        """``fn(**inputs)``, replayed from a graph when possible. ``key`` None: the call
+        cannot be captured (its reason is in ``state`` then: pass a string)."""
+        if not self.active:
+            return self.eager(site, self.decision.reason, fn, inputs)
+        if key is None:
+            return self.eager(site, state if isinstance(state, str) else "no key", fn, inputs)
+        full = (site, key, tuple((k, tuple(v.shape), v.dtype, v.requires_grad)
+                                 for k, v in inputs.items()))
+        if full in self._failed:
+            return self.eager(site, self._failed[full], fn, inputs)
+        g = self._graphs.get(full)
+        if g is not None:
+            out = self._replay(g, inputs, state)
+            if out is not None:
+                self.stats[f"{site}.replay"] += 1
+                return out
+            del self._graphs[full]          # the hooks' tensors changed form: capture again
+        seen = self._keys.setdefault(site, set())
+        seen.add(full)
+        if len(seen) > MAX_KEYS_PER_SITE:
+            why = (f"more than {MAX_KEYS_PER_SITE} different shapes or hook regimes at this "
+                   "call site (shapes that change): not captured any more")
+            self._failed[full] = why
+            return self.eager(site, why, fn, inputs)
+        try:
+            out = self._capture(full, fn, inputs, state)
+        except Exception as exc:           # the edit must never fail because a capture did
+            why = f"the capture failed ({type(exc).__name__}: {exc})"
+            self._failed[full] = why
+            _once(logging.WARNING, f"CUDA graphs: {site}: {why}; running eagerly")
+            self.reasons[site] = why
+            return self.eager(site, why, fn, inputs)
+        self.stats[f"{site}.capture"] += 1
+        return out
+
+    def _replay(self, g: _Graph, inputs, state):
+        cur = state_tensors(state, self.device)
+        with torch.no_grad():
+            for path, t in g.state.items():
+                c = cur.get(path)
+                if c is None or c.shape != t.shape or c.dtype != t.dtype:
+                    return None
+                if c is not t and (c.data_ptr() != t.data_ptr() or c.stride() != t.stride()):
+                    t.copy_(c)
+            for k, v in inputs.items():
+                g.inputs[k].copy_(v)
+        g.graph.replay()
+        return _clone(g.outputs)
+
+    def _capture(self, full, fn, inputs, state):
+        side = torch.cuda.Stream()         # off CUDA, torch raises here
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP):
+                reference = _clone(fn(**inputs))
+        torch.cuda.current_stream().wait_stream(side)
+        static = {}
+        with torch.no_grad():
+            for k, v in inputs.items():
+                static[k] = v.detach().clone().requires_grad_(v.requires_grad)
+        snapshot = state_tensors(state, self.device)      # after the warm-up's caches
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = fn(**static)
+        g = _Graph(graph, static, outputs, snapshot)
+        graph.replay()
+        got = _clone(outputs)
+        for a, b in zip(_flat(got), _flat(reference)):
+            same_finite = bool(torch.isfinite(a).all()) == bool(torch.isfinite(b).all())
+            if a.shape != b.shape or not same_finite or _rel(a, b) > CHECK_TOLERANCE:
+                raise RuntimeError("the first replay differs from the eager warm-up "
+                                   f"(relative {_rel(a, b):.2e})")
+        self._graphs[full] = g
+        return got
+
+
+# --- the call sites' helpers -------------------------------------------------------------
+
+def for_run(sd, controls: Iterable = ()) -> GraphCache:
+    """The graph cache of one sampling run (or one inversion) on ``sd``'s UNet."""
+    cache = GraphCache(select(unet_mode(sd.unet), sd.device), sd.device)
+    cache.controls = list(controls)
+    return cache
+
+
+def _timestep_tensor(sd, z: torch.Tensor, t) -> torch.Tensor:
+    """The timestep as a device tensor, as ``diffusion.unet_eps`` makes it."""
+    frac = isinstance(t, float) and not t.is_integer()
+    return torch.full((z.shape[0],), t if frac else int(t), device=sd.device,
+                      dtype=torch.float32 if frac else torch.long)
+
+
+def unet_eps(cache: GraphCache, site: str, sd, z: torch.Tensor, t, emb: torch.Tensor,
+             controller=None) -> torch.Tensor:
+    """``diffusion.unet_eps`` through the graph cache: the call's hooks are the
+    controller's (none: a plain UNet), its context the controller's current one."""
+    from .. import host
+
+    inputs = {"z": host.place(z, sd.device, sd.dtype), "t": _timestep_tensor(sd, z, t),
+              "emb": host.place(emb, sd.device, sd.dtype)}
+
+    def fn(z, t, emb):
+        return sd.unet(z, t, encoder_hidden_states=emb, return_dict=False)[0].float()
+
+    ctl = controller
+    if ctl is None or (ctl.context is None and not ctl.patches):
+        return cache.call(site, ("plain",), fn, inputs)
+    if ctl.context is None:
+        return cache.call(site, None, fn, inputs, "module patches outside a sampler call")
+    key, why = regime(ctl.hooks, getattr(cache, "controls", ()), ctl.context, ctl.patches)
+    if key is None:
+        return cache.call(site, None, fn, inputs, why)
+    state = [list(ctl.hooks), *control_state(cache.controls, ctl.context.layout)]
+    return cache.call(site, key, fn, inputs, state)
+
+
+class timestep_input:
+    """Within the block, every call of ``unet`` takes its timestep from the tensor ``t``
+    (broadcast to the batch) instead of the one its caller made: a captured call then
+    reads the timestep from a static buffer, where a number made into a tensor inside the
+    call would be frozen into the graph."""
+
+    def __init__(self, unet, t: torch.Tensor):
+        self.unet, self.t = unet, t
+
+    def __enter__(self):
+        def pre(module, args, kwargs):
+            if len(args) >= 2:
+                return (args[0], self.t.expand(args[0].shape[0]), *args[2:]), kwargs
+            return args, {**kwargs, "timestep": self.t.expand(args[0].shape[0])}
+        self.handle = self.unet.register_forward_pre_hook(pre, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        return False
+
+
+def mag_gradient(cache: GraphCache, control, run, z: torch.Tensor, i: int, fn: Callable):
+    """``fn(control, run, z, i)`` (``mag.truncated_gradient``: the truncated forward,
+    the loss and ``autograd.grad`` to ``z``) as one captured call. The reconstruction's
+    recording for the step is made first, eagerly (once per step); the captured call
+    reads it, and PFB's references, as state."""
+    from .. import guidance
+    from ..architecture import architecture_of
+    from ..attention import AttnContext
+
+    passes = run.edit_passes
+    inputs = {"z": z, "t": _timestep_tensor(run.sd, z, run.schedule.t(i))}
+
+    def call(z, t):
+        with timestep_input(run.sd.unet, t):
+            return fn(control, run, z, i)
+
+    try:
+        if not control.cache_source:
+            return cache.call("MAG", None, call, inputs, "cache_source=False records the "
+                              "reconstruction inside every call")
+        unet = run.sd.unet
+        stop = architecture_of(unet).last_in_execution(control._layers) \
+            if control.truncate else None
+        rec = guidance.source_cache(run, i, stop) if run.injection is not None else None
+        hooks = guidance.sampler_hooks_for_edit(run)
+        if run.injection is not None:
+            hooks = [*hooks, run.injection]
+        ctx = AttnContext(i, run.schedule.num_steps, guidance.EDIT_COND, tuple(z.shape[-2:]))
+        key, why = regime(hooks, cache.controls, ctx, run.controller.patches)
+        if key is None:
+            return cache.call("MAG", None, call, inputs, why)
+        key = (key, stop, tuple(control._layers),
+               None if rec is None else (tuple(sorted(rec.probs)), tuple(sorted(rec.qk))))
+        state = [hooks, rec, control_state(cache.controls, guidance.EDIT_COND),
+                 [control._groups_on, control._neg_on, list(control._insides.values())]]
+        return cache.call("MAG", key, call, inputs, state)
+    finally:
+        run.edit_passes = passes + 1       # the warm-up and the capture ran it too
