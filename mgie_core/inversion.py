@@ -91,10 +91,11 @@ def ddim_trajectory(sd: SDModel, z0: torch.Tensor, cond: torch.Tensor, sch: Sche
     return torch.stack(states[::-1])
 
 
-def _guided_eps(sd, z, t, cond, uncond, scale):
+def _guided_eps(sd, z, t, cond, uncond, scale, cache=None):
     b = z.shape[0]
-    eps = unet_eps(sd, torch.cat([z, z]), t, torch.cat([uncond.expand(b, -1, -1),
-                                                        cond.expand(b, -1, -1)]))
+    zz, emb = torch.cat([z, z]), torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])
+    eps = graphs.unet_eps(cache, "null-text guided", sd, zz, t, emb) \
+        if cache is not None and cache.active else unet_eps(sd, zz, t, emb)
     eu, ec = eps.chunk(2)
     return eu + scale * (ec - eu)
 
@@ -124,6 +125,9 @@ def null_text_optimisation(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor,
     n = sch.num_steps
     nulls = []
     grad_mode.differentiable(sd.unet, stage="null-text inversion")
+    # compile_unet="graphs": the UNet passes captured and replayed (models/graphs.py)
+    cache = graphs.for_run(sd)
+    coefs = graphs.ddim_coefficients(sch, sd.device) if cache.active else None
     with grad_mode.autograd():
         traj, cond, uncond = grad_mode.autograd_input((traj, cond, uncond))
         traj = traj.to(sd.device, torch.float32)
@@ -136,15 +140,24 @@ def null_text_optimisation(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor,
                 u = u.detach().clone().requires_grad_(True)
                 opt = torch.optim.Adam([u], lr=lr * (1.0 - i / 100.0))
                 with torch.no_grad():
-                    eps_c = unet_eps(sd, z, t, cond.expand(z.shape[0], -1, -1))
+                    c = cond.expand(z.shape[0], -1, -1)
+                    eps_c = graphs.unet_eps(cache, "null-text cond", sd, z, t, c) \
+                        if cache.active else unet_eps(sd, z, t, c)
                 for _ in range(inner_steps):
-                    eps_u = unet_eps(sd, z, t, u.expand(z.shape[0], -1, -1))
-                    eps = eps_u + scale * (eps_c - eps_u)
-                    loss = torch.nn.functional.mse_loss(denoise_step(sch, i, z, eps), target)
-                    if not loss.requires_grad:
-                        raise GradientError(NULL_TEXT, i, *why_no_gradient(loss, u))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if cache.active:        # the same loss and gradient, one replay
+                        loss, grad = graphs.null_text_gradient(cache, sd, u, z, t, eps_c,
+                                                               target, coefs[i], scale, i)
+                        opt.zero_grad(set_to_none=True)
+                        u.grad = grad
+                    else:
+                        eps_u = unet_eps(sd, z, t, u.expand(z.shape[0], -1, -1))
+                        eps = eps_u + scale * (eps_c - eps_u)
+                        loss = torch.nn.functional.mse_loss(denoise_step(sch, i, z, eps),
+                                                            target)
+                        if not loss.requires_grad:
+                            raise GradientError(NULL_TEXT, i, *why_no_gradient(loss, u))
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
                     if u.grad is None:
                         raise GradientError(NULL_TEXT, i, *why_no_gradient(loss, u))
                     # the one host read of the iteration: loss and finiteness together
@@ -164,7 +177,7 @@ def null_text_optimisation(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor,
                 u = u.detach()
                 nulls.append(u)
                 with torch.no_grad():
-                    z = denoise_step(sch, i, z, _guided_eps(sd, z, t, cond, u, scale))
+                    z = denoise_step(sch, i, z, _guided_eps(sd, z, t, cond, u, scale, cache))
                 bar.update()
     report.log(log, "inversion")
     return torch.stack(nulls)

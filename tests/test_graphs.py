@@ -167,6 +167,27 @@ def test_a_capture_torch_refuses_falls_back_with_a_warning(tiny_sd, z0, mask, ca
     assert all("capture failed" in why for c in seen for why in c.reasons.values())
 
 
+def test_null_text_through_the_graph_path_equals_the_eager_inversion(tiny_sd, z0, mask,
+                                                                     monkeypatch, fresh_log):
+    """Null-text's captured function (the loss with the DDIM step's numbers as tensor
+    inputs, its gradient by ``autograd.grad``) run where the capture is refused: the
+    embeddings and the trajectory equal the eager loop's (loss.backward(), Python
+    numbers) exactly, and so does the report of updates."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine where torch refuses CUDA graphs")
+    model = _eager_copy(tiny_sd, z0, mask)
+    eager = inversion.invert(model, z0, SRC, method="null_text", steps=3, inner_steps=2)
+    compiling.compile_unet(model.unet, "graphs")
+    monkeypatch.setattr(graphs, "ATTEMPT_ANYWHERE", True)
+    before = dict(graphs.TOTALS)
+    got = inversion.invert(model, z0, SRC, method="null_text", steps=3, inner_steps=2)
+    used = {k: v - before.get(k, 0) for k, v in graphs.TOTALS.items()}
+    assert used["null-text.eager"] == eager.updates.get("null-text inversion").applied > 0
+    assert used["null-text cond.eager"] == used["null-text guided.eager"] == 3
+    assert torch.equal(got.null_embeddings, eager.null_embeddings)
+    assert torch.equal(got.latents, eager.latents)
+
+
 def test_a_site_whose_shapes_keep_changing_stops_capturing(monkeypatch, fresh_log):
     monkeypatch.setattr(graphs, "ATTEMPT_ANYWHERE", True)
     cache = graphs.GraphCache(graphs.select("graphs", "cpu"))
@@ -244,3 +265,22 @@ def test_graphed_edit_is_repeatable_on_cuda(tiny_sd, z0, mask):
     compiling.compile_unet(model.unet, "off")
     _, c_eager = fast_edit(model, z, m2)
     assert rel(c.edit, c_eager.edit) <= 0.06
+
+
+@CUDA
+def test_graphed_null_text_matches_eager_on_cuda(tiny_sd, z0):
+    """The seed-faithful inversion graphed (the DDIM trajectory, null-text's
+    forward+backward, its conditional and guided passes) against eager, fp16 on the
+    GPU: the trajectory's tolerance (1%) on the null embeddings and the latents."""
+    model = _cuda_model(tiny_sd)
+    z = z0.to("cuda")
+    eager = inversion.invert(model, z, SRC, method="null_text", steps=STEPS, inner_steps=3)
+    compiling.compile_unet(model.unet, "graphs")
+    before = dict(graphs.TOTALS)
+    got = inversion.invert(model, z, SRC, method="null_text", steps=STEPS, inner_steps=3)
+    used = {k: v - before.get(k, 0) for k, v in graphs.TOTALS.items()}
+    compiling.compile_unet(model.unet, "off")
+    assert used.get("null-text.replay", 0) >= 1 and not any(
+        k.endswith(".eager") for k in used), used
+    assert rel(got.latents, eager.latents) <= 0.01
+    assert rel(got.null_embeddings, eager.null_embeddings) <= 0.01

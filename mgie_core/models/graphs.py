@@ -58,6 +58,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ..errors import XMGIEError
+
 log = logging.getLogger(__name__)
 
 GRAPH_MODE = "graphs"
@@ -67,6 +69,19 @@ WARMUP = 1                     # eager runs on a side stream before a capture
 # Replays run the very kernels the eager call chose, so they agree to rounding; a stale
 # input or state would differ by far more.
 CHECK_TOLERANCE = 1e-2
+
+
+# Every cache's counts together (benchmarks read the difference around an edit), the
+# observers told of each replay (a pass no module hook sees: ``fn(site, batch, backward,
+# completed)``), and whether a warm-up or capture is under way (its passes are not the
+# edit's: a pass counter skips them).
+TOTALS: Counter = Counter()
+OBSERVERS: list[Callable] = []
+_capturing = [0]
+
+
+def capturing() -> bool:
+    return _capturing[0] > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,16 +291,22 @@ class GraphCache:
     def active(self) -> bool:
         return self.decision.captured
 
+    def _count(self, what: str) -> None:
+        self.stats[what] += 1
+        TOTALS[what] += 1
+
     def eager(self, site: str, why: str, fn: Callable, inputs: dict):
-        self.stats[f"{site}.eager"] += 1
+        self._count(f"{site}.eager")
         self.reasons.setdefault(site, why)
         _once(logging.INFO, f"CUDA graphs: {site} runs eagerly: {why}")
         return fn(**inputs)
 
     def call(self, site: str, key, fn: Callable, inputs: dict[str, torch.Tensor],
-             state: Iterable = ()):
+             state: Iterable = (), passes: tuple = (1, False, True)):
         """``fn(**inputs)``, replayed from a graph when possible. ``key`` None: the call
-        cannot be captured (its reason is in ``state`` then: pass a string)."""
+        cannot be captured (its reason is in ``state`` then: pass a string). ``passes``:
+        (batch, whether it runs a backward, whether its forward completes), for
+        :data:`OBSERVERS`."""
         if not self.active:
             return self.eager(site, self.decision.reason, fn, inputs)
         if key is None:
@@ -298,7 +319,7 @@ class GraphCache:
         if g is not None:
             out = self._replay(g, inputs, state)
             if out is not None:
-                self.stats[f"{site}.replay"] += 1
+                self._replayed(site, passes)
                 return out
             del self._graphs[full]          # the hooks' tensors changed form: capture again
         seen = self._keys.setdefault(site, set())
@@ -310,14 +331,22 @@ class GraphCache:
             return self.eager(site, why, fn, inputs)
         try:
             out = self._capture(full, fn, inputs, state)
+        except XMGIEError:                 # the call's own error (bad input, no gradient)
+            raise
         except Exception as exc:           # the edit must never fail because a capture did
             why = f"the capture failed ({type(exc).__name__}: {exc})"
             self._failed[full] = why
             _once(logging.WARNING, f"CUDA graphs: {site}: {why}; running eagerly")
             self.reasons[site] = why
             return self.eager(site, why, fn, inputs)
-        self.stats[f"{site}.capture"] += 1
+        self._count(f"{site}.capture")
+        self._replayed(site, passes)        # the first result is a replay's
         return out
+
+    def _replayed(self, site: str, passes: tuple) -> None:
+        self._count(f"{site}.replay")
+        for fn in OBSERVERS:
+            fn(site, *passes)
 
     def _replay(self, g: _Graph, inputs, state):
         cur = state_tensors(state, self.device)
@@ -334,20 +363,24 @@ class GraphCache:
         return _clone(g.outputs)
 
     def _capture(self, full, fn, inputs, state):
-        side = torch.cuda.Stream()         # off CUDA, torch raises here
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP):
-                reference = _clone(fn(**inputs))
-        torch.cuda.current_stream().wait_stream(side)
-        static = {}
-        with torch.no_grad():
-            for k, v in inputs.items():
-                static[k] = v.detach().clone().requires_grad_(v.requires_grad)
-        snapshot = state_tensors(state, self.device)      # after the warm-up's caches
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = fn(**static)
+        _capturing[0] += 1
+        try:
+            side = torch.cuda.Stream()         # off CUDA, torch raises here
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP):
+                    reference = _clone(fn(**inputs))
+            torch.cuda.current_stream().wait_stream(side)
+            static = {}
+            with torch.no_grad():
+                for k, v in inputs.items():
+                    static[k] = v.detach().clone().requires_grad_(v.requires_grad)
+            snapshot = state_tensors(state, self.device)      # after the warm-up's caches
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = fn(**static)
+        finally:
+            _capturing[0] -= 1
         g = _Graph(graph, static, outputs, snapshot)
         graph.replay()
         got = _clone(outputs)
@@ -388,16 +421,16 @@ def unet_eps(cache: GraphCache, site: str, sd, z: torch.Tensor, t, emb: torch.Te
     def fn(z, t, emb):
         return sd.unet(z, t, encoder_hidden_states=emb, return_dict=False)[0].float()
 
-    ctl = controller
+    ctl, passes = controller, (int(z.shape[0]), False, True)
     if ctl is None or (ctl.context is None and not ctl.patches):
-        return cache.call(site, ("plain",), fn, inputs)
+        return cache.call(site, ("plain",), fn, inputs, passes=passes)
     if ctl.context is None:
         return cache.call(site, None, fn, inputs, "module patches outside a sampler call")
     key, why = regime(ctl.hooks, getattr(cache, "controls", ()), ctl.context, ctl.patches)
     if key is None:
         return cache.call(site, None, fn, inputs, why)
     state = [list(ctl.hooks), *control_state(cache.controls, ctl.context.layout)]
-    return cache.call(site, key, fn, inputs, state)
+    return cache.call(site, key, fn, inputs, state, passes)
 
 
 class timestep_input:
@@ -457,6 +490,49 @@ def mag_gradient(cache: GraphCache, control, run, z: torch.Tensor, i: int, fn: C
                None if rec is None else (tuple(sorted(rec.probs)), tuple(sorted(rec.qk))))
         state = [hooks, rec, control_state(cache.controls, guidance.EDIT_COND),
                  [control._groups_on, control._neg_on, list(control._insides.values())]]
-        return cache.call("MAG", key, call, inputs, state)
+        return cache.call("MAG", key, call, inputs, state,
+                          (int(z.shape[0]), True, not control.truncate))
     finally:
         run.edit_passes = passes + 1       # the warm-up and the capture ran it too
+
+
+def ddim_coefficients(sch, device) -> torch.Tensor:
+    """(N, 4) float32 on ``device``: per step i, sqrt(1 - abar_t), sqrt(abar_t),
+    sqrt(abar_prev), sqrt(1 - abar_prev) (``diffusion.ddim_step``'s numbers, computed the
+    same way in double and rounded once): a captured DDIM step reads them from a buffer,
+    where Python numbers would be frozen into the graph. One copy, before the loop."""
+    rows = []
+    for i in range(sch.num_steps):
+        a, ap = sch.abar(sch.t(i)), sch.abar(sch.prev_t(i))
+        rows.append([(1 - a) ** 0.5, a ** 0.5, ap ** 0.5, (1 - ap) ** 0.5])
+    return torch.tensor(rows, dtype=torch.float32, device=device)
+
+
+def null_text_gradient(cache: GraphCache, sd, u: torch.Tensor, z: torch.Tensor, t,
+                       eps_c: torch.Tensor, target: torch.Tensor, coef: torch.Tensor,
+                       scale: float, step: int):
+    """(loss, d loss / d u) of one null-text iteration (``inversion.
+    null_text_optimisation``'s guided DDIM step against the trajectory), as one captured
+    call: the unconditional forward with the embedding ``u`` and its backward to ``u``.
+    The step's numbers come in as inputs (``coef``: a row of :func:`ddim_coefficients`,
+    ``t``), so one graph serves every step."""
+    from ..errors import GradientError, why_no_gradient
+    from ..inversion import NULL_TEXT
+
+    def fn(u, z, t, eps_c, target, coef):
+        b = z.shape[0]
+        eps_u = sd.unet(z.to(sd.dtype), t.expand(b),
+                        encoder_hidden_states=u.expand(b, -1, -1).to(sd.dtype),
+                        return_dict=False)[0].float()
+        eps = eps_u + scale * (eps_c - eps_u)
+        x0 = (z - coef[0] * eps) / coef[1]
+        loss = torch.nn.functional.mse_loss(coef[2] * x0 + coef[3] * eps, target)
+        if not loss.requires_grad:
+            raise GradientError(NULL_TEXT, step, *why_no_gradient(loss, u))
+        (grad,) = torch.autograd.grad(loss, u)
+        return loss.detach(), grad
+
+    inputs = {"u": u, "z": z, "t": _timestep_tensor(sd, z, t)[:1], "eps_c": eps_c,
+              "target": target, "coef": coef}
+    return cache.call("null-text", ("scale", scale), fn, inputs,
+                      passes=(int(z.shape[0]), True, True))
