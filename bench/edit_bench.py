@@ -547,8 +547,9 @@ def markdown_table(results: dict) -> str:
         tol = cc.get("tolerance")
         verdict = "" if tol is None else (
             f" ({'within' if cc['within_tolerance'] else 'OUTSIDE'} {tol:g})")
+        steps = f" of {cc['steps']} steps" if "steps" in cc else ""
         lines.append(f"compiled ({results['config']['compile']}) against eager, mode {key} "
-                     f"edit{' of %d steps' % cc['steps'] if 'steps' in cc else ''}: "
+                     f"edit{steps}: "
                      f"max |latent diff| {cc['max_abs_latent']:.2e}, relative "
                      f"{cc['relative']:.2e}{verdict}")
     for key, m in results["modes"].items():

@@ -107,6 +107,8 @@ def test_state_tensors_are_found_in_the_hooks_by_path():
     assert any("MaskPyramid" in map(str, p) for p in found)       # CAM's masks
     assert found == graphs.state_tensors([[inj, cam]])            # stable paths
     assert not graphs.state_tensors([[inj, cam]], torch.device("meta"))
+    # a model's device named without an index ("cuda") holds the tensors of "cuda:0"
+    assert graphs.state_tensors([[inj, cam]], torch.device("cpu:0")) == found
 
 
 # --- fallback: the edit is the eager one --------------------------------------------------

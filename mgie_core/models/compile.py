@@ -13,9 +13,10 @@ Hooks registered on those modules keep working: ``nn.Module`` runs them around
 ``forward``, outside the compiled code. The attention processors stay eager.
 
 Modes: "default" (inductor, fused kernels), "reduce-overhead" (inductor with CUDA
-graphs) and "graphs" (below); "max-autotune" is refused (its autotuning takes many minutes per shape and
-the gain on launch-bound passes is small). ``dynamic=False``: each shape (batch 1, 2, 4,
-with and without gradients) compiles once and runs specialised code after. Dynamo keeps
+graphs) and "graphs" (below); "max-autotune" is refused (its autotuning takes many
+minutes per shape and the gain on launch-bound passes is small). ``dynamic=False``: each
+shape (batch 1, 2, 4, with and without gradients) compiles once and runs specialised
+code after. Dynamo keeps
 one cache per code object, and every instance of a class shares its ``forward``'s code:
 SD 1.5's 22 resnet blocks, each in several shapes, share one cache. Its size is set from
 the number of compiled instances (``VARIANTS_PER_MODULE`` entries each); a fixed limit of

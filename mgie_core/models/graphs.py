@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 GRAPH_MODE = "graphs"
 MAX_KEYS_PER_SITE = 6          # distinct regimes/shapes per call site before giving up
 WARMUP = 1                     # eager runs on a side stream before a capture
+MAX_RECAPTURES = 2             # captures again of one key whose hooks' tensors changed
 # Largest relative difference between the warm-up's result and the first replay's.
 # Replays run the very kernels the eager call chose, so they agree to rounding; a stale
 # input or state would differ by far more.
@@ -101,7 +102,7 @@ def select(mode: str, device, *, anywhere: bool | None = None,
     whether torch can use a CUDA device (None: ask torch)."""
     if mode != GRAPH_MODE:
         return Decision(False, f"compile_unet is {mode!r}, not {GRAPH_MODE!r}")
-    if ATTEMPT_ANYWHERE if anywhere is None else anywhere:               # tests: attempt the capture wherever (it fails off CUDA)
+    if ATTEMPT_ANYWHERE if anywhere is None else anywhere:   # tests (fails off CUDA)
         return Decision(True, "capture attempted on any device (test setting)")
     dev = torch.device(device)
     if dev.type != "cuda":
@@ -216,13 +217,16 @@ def state_tensors(roots: Iterable, device=None) -> dict[tuple, torch.Tensor]:
     """Every tensor reachable from ``roots`` through dicts, lists, tuples, attention hooks
     and mask pyramids (not through models or runs), by path; only those on ``device``
     when given (host copies such as a mapper's are never read by a captured call)."""
+    from .. import host
+
     out: dict[tuple, torch.Tensor] = {}
 
     def walk(obj, path, depth):
         if depth > 6:
             return
         if isinstance(obj, torch.Tensor):
-            if device is None or obj.device == device:
+            # "cuda" (the model's device) and "cuda:0" (a tensor's) are one device
+            if device is None or host.same_device(obj.device, device):
                 out[path] = obj
         elif isinstance(obj, dict):
             for k, v in obj.items():
@@ -282,6 +286,7 @@ class GraphCache:
         self._graphs: dict[tuple, _Graph] = {}
         self._failed: dict[tuple, str] = {}
         self._keys: dict[str, set] = {}
+        self._recaptures: dict[tuple, int] = {}
         self.stats: Counter = Counter()
         self.reasons: dict[str, str] = {}
         if not decision.captured:
@@ -322,6 +327,12 @@ class GraphCache:
                 self._replayed(site, passes)
                 return out
             del self._graphs[full]          # the hooks' tensors changed form: capture again
+            self._recaptures[full] = self._recaptures.get(full, 0) + 1
+            if self._recaptures[full] > MAX_RECAPTURES:
+                why = ("the hooks' tensors change form from call to call (shapes, or "
+                       "entries that come and go): not captured any more")
+                self._failed[full] = why
+                return self.eager(site, why, fn, inputs)
         seen = self._keys.setdefault(site, set())
         seen.add(full)
         if len(seen) > MAX_KEYS_PER_SITE:
