@@ -133,9 +133,13 @@ def _run_unet(run: SamplingRun, groups: list[tuple[BatchLayout, torch.Tensor, to
                                               _latent_hw(z)))
         run.layout = layout
         if cache is not None and cache.active and len(groups) == 1:
-            # captured and replayed (models/graphs.py). Not unbatched guidance: its calls
-            # pass PFB's references from one to the next through Python state.
+            # captured and replayed (models/graphs.py)
             outs.append(graphs.unet_eps(cache, "sampler", run.sd, z, t, emb, run.controller))
+        elif cache is not None and cache.active:
+            # unbatched guidance passes PFB's references from one call to the next
+            # through Python state: eager
+            outs.append(cache.eager("sampler", "unbatched guidance (batched=False)",
+                                    lambda z=z, emb=emb: unet_eps(run.sd, z, t, emb), {}))
         else:
             outs.append(unet_eps(run.sd, z, t, emb))
     run.controller.reset_call(None)

@@ -91,6 +91,10 @@ class Decision:
     reason: str
 
 
+# Set by a capture that raised: no capture is attempted again in this process (a failed
+# stream capture can leave the device's allocator mid-capture; eager calls are safe).
+_broken = ""
+
 # Tests set this to attempt captures on any device: off CUDA, torch itself refuses them,
 # which exercises the fallback of a failed capture.
 ATTEMPT_ANYWHERE = False
@@ -102,6 +106,8 @@ def select(mode: str, device, *, anywhere: bool | None = None,
     whether torch can use a CUDA device (None: ask torch)."""
     if mode != GRAPH_MODE:
         return Decision(False, f"compile_unet is {mode!r}, not {GRAPH_MODE!r}")
+    if _broken:
+        return Decision(False, _broken)
     if ATTEMPT_ANYWHERE if anywhere is None else anywhere:   # tests (fails off CUDA)
         return Decision(True, "capture attempted on any device (test setting)")
     dev = torch.device(device)
@@ -269,6 +275,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+class _Mismatch(Exception):
+    """A captured call's first replay disagrees with its eager warm-up."""
+
+
 class _Graph:
     def __init__(self, graph, inputs, outputs, state):
         self.graph, self.inputs, self.outputs, self.state = graph, inputs, outputs, state
@@ -333,26 +343,44 @@ class GraphCache:
                        "entries that come and go): not captured any more")
                 self._failed[full] = why
                 return self.eager(site, why, fn, inputs)
-        seen = self._keys.setdefault(site, set())
-        seen.add(full)
-        if len(seen) > MAX_KEYS_PER_SITE:
-            why = (f"more than {MAX_KEYS_PER_SITE} different shapes or hook regimes at this "
-                   "call site (shapes that change): not captured any more")
-            self._failed[full] = why
+        why = self.admit(site, full)
+        if why:
             return self.eager(site, why, fn, inputs)
         try:
             out = self._capture(full, fn, inputs, state)
         except XMGIEError:                 # the call's own error (bad input, no gradient)
             raise
-        except Exception as exc:           # the edit must never fail because a capture did
-            why = f"the capture failed ({type(exc).__name__}: {exc})"
+        except _Mismatch as exc:          # this key only: the others may be fine
+            why = f"the capture's first replay differs from the eager call ({exc})"
             self._failed[full] = why
-            _once(logging.WARNING, f"CUDA graphs: {site}: {why}; running eagerly")
+            _once(logging.WARNING, f"CUDA graphs: {site}: {why}; running it eagerly")
+            self.reasons[site] = why
+            return self.eager(site, why, fn, inputs)
+        except Exception as exc:           # the edit must never fail because a capture did
+            global _broken
+            why = f"the capture failed ({type(exc).__name__}: {exc})"
+            _broken = (f"a capture failed earlier in this process, at {site} "
+                       f"({type(exc).__name__}: {exc})")
+            self.decision = Decision(False, _broken)
+            _once(logging.WARNING, f"CUDA graphs: {site}: {why}; every UNet call runs "
+                  "eagerly from now on")
             self.reasons[site] = why
             return self.eager(site, why, fn, inputs)
         self._count(f"{site}.capture")
         self._replayed(site, passes)        # the first result is a replay's
         return out
+
+    def admit(self, site: str, full: tuple) -> str:
+        """Whether a new key may be captured at ``site``: "" when it may, else why not
+        (the key then runs eagerly for the rest of the run)."""
+        seen = self._keys.setdefault(site, set())
+        if full in seen or len(seen) < MAX_KEYS_PER_SITE:
+            seen.add(full)
+            return ""
+        why = (f"more than {MAX_KEYS_PER_SITE} different shapes or hook regimes at this "
+               "call site (shapes that change): not captured any more")
+        self._failed[full] = why
+        return why
 
     def _replayed(self, site: str, passes: tuple) -> None:
         self._count(f"{site}.replay")
@@ -398,8 +426,7 @@ class GraphCache:
         for a, b in zip(_flat(got), _flat(reference)):
             same_finite = bool(torch.isfinite(a).all()) == bool(torch.isfinite(b).all())
             if a.shape != b.shape or not same_finite or _rel(a, b) > CHECK_TOLERANCE:
-                raise RuntimeError("the first replay differs from the eager warm-up "
-                                   f"(relative {_rel(a, b):.2e})")
+                raise _Mismatch(f"relative difference {_rel(a, b):.2e}")
         self._graphs[full] = g
         return got
 
