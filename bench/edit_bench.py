@@ -367,6 +367,41 @@ def unet_pass_times(sd: SDModel, latent_hw: int, warmup: int, repeat: int) -> di
     return out
 
 
+def graphed_pass_times(sd: SDModel, latent_hw: int, warmup: int, repeat: int) -> dict | None:
+    """The same passes as :func:`unet_pass_times`, each captured once as a CUDA graph
+    and replayed (``--compile graphs``; None where nothing can be captured): what a
+    replayed call costs, input copies and output clones included."""
+    cache = graphs.for_run(sd)
+    if not cache.active:
+        return None
+    dev, d = sd.device, sd.text_encoder.config.hidden_size
+    g = torch.Generator("cpu").manual_seed(1)
+    out = {}
+
+    def fwd(z, t, e):
+        return sd.unet(z, t, encoder_hidden_states=e, return_dict=False)[0]
+
+    def fwd_bwd(z, t, e):
+        y = sd.unet(z, t, encoder_hidden_states=e, return_dict=False)[0]
+        return torch.autograd.grad(y.float().square().mean(), z)[0]
+
+    for b in (1, 2, 4):
+        inputs = {"z": torch.randn(b, 4, latent_hw, latent_hw, generator=g).to(dev, sd.dtype),
+                  "t": torch.full((b,), 501, device=dev, dtype=torch.long),
+                  "e": torch.randn(b, 77, d, generator=g).to(dev, sd.dtype)}
+        with torch.no_grad():
+            out[f"fwd_b{b}_ms"] = 1e3 * _median_time(
+                lambda inputs=inputs: cache.call("pass", ("fwd",), fwd, inputs), dev,
+                warmup, repeat)
+    inputs = {"z": torch.randn(1, 4, latent_hw, latent_hw, generator=g).to(dev, sd.dtype)
+              .requires_grad_(True), "t": torch.full((1,), 501, device=dev, dtype=torch.long),
+              "e": torch.randn(1, 77, d, generator=g).to(dev, sd.dtype)}
+    out["fwd_bwd_b1_ms"] = 1e3 * _median_time(
+        lambda: cache.call("pass", ("fwd_bwd",), fwd_bwd, inputs), dev, warmup, repeat)
+    out["eager_calls"] = cache.stats.get("pass.eager", 0)    # a capture that fell back
+    return out
+
+
 def cost_model_s(counts: dict, passes: dict) -> float:
     """Seconds the counted passes cost at the measured warm pass times (backward = the
     batch-1 forward+backward minus the forward; truncated forwards counted as full)."""
@@ -529,6 +564,13 @@ def markdown_table(results: dict) -> str:
         lines.append(f"UNet pass (warm, median): batch 4 {p['fwd_b4_ms']:.2f} ms; batch 2 "
                      f"{p['fwd_b2_ms']:.2f} ms; batch 1 {p['fwd_b1_ms']:.2f} ms; batch 1 "
                      f"forward+backward {p['fwd_bwd_b1_ms']:.2f} ms")
+    gp = results.get("graphed_pass")
+    if gp:
+        lines.append(f"UNet pass replayed as a CUDA graph (median): batch 4 "
+                     f"{gp['fwd_b4_ms']:.2f} ms; batch 2 {gp['fwd_b2_ms']:.2f} ms; batch 1 "
+                     f"{gp['fwd_b1_ms']:.2f} ms; batch 1 forward+backward "
+                     f"{gp['fwd_bwd_b1_ms']:.2f} ms"
+                     + (f" (eager calls: {gp['eager_calls']})" if gp["eager_calls"] else ""))
     r = results.get("ratios", {})
     if r.get("a_over_c") is not None:
         same = results.get("same_output_a_c") or {}
@@ -732,6 +774,9 @@ def main(argv=None) -> dict:
                                                              args.sync_steps)
         repeat = args.pass_repeat or (10 if device.type == "cuda" else 3)
         results["unet_pass"] = unet_pass_times(sd, size // 8, warmup=3, repeat=repeat)
+        if args.compile == "graphs":
+            results["graphed_pass"] = graphed_pass_times(sd, size // 8, warmup=3,
+                                                         repeat=repeat)
         counter = PassCounter(sd.unet)
         for ex in examples:
             shared: dict[str, tuple] = {}    # method -> ((latents, inversion, stages), counts)
