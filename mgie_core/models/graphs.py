@@ -29,12 +29,20 @@ the host inside a step: tests/test_syncs.py). So:
   the same hazard);
 * the first call of a key warms up eagerly on a side stream (lazy initialisation,
   cuDNN's algorithm choice, the hooks' per-size caches), captures, replays, and checks
-  the replay against the warm-up's result; a mismatch or any failure of the capture
-  (an operation not allowed while capturing, a host read, no CUDA graphs) is warned
-  about once and that key runs eagerly from then on: the edit never fails because a
-  capture did;
+  the replay against the warm-up's result. A mismatch is warned about once and that key
+  runs eagerly from then on; a capture that raises (an operation not allowed while
+  capturing, a host read, no usable CUDA) is warned about once and turns captures off
+  for the process, since a failed stream capture may leave the allocator in an odd
+  state. Either way the call's result comes from an eager call: the edit never fails
+  because a capture did (the pack's own errors, a missing gradient say, still raise);
 * a site that keeps seeing new keys (shapes that change) stops capturing after
-  :data:`MAX_KEYS_PER_SITE`.
+  :data:`MAX_KEYS_PER_SITE`; a key whose hooks' tensors change form from call to call
+  after :data:`MAX_RECAPTURES`.
+
+A 50-step edit captures few graphs: the fast edit 5 (the inversion's forward, three
+sampler regimes, one MAG call serving all 25 optimised steps), the seed-faithful one 8
+(null-text's three calls besides). Each costs a warm-up pass, the capture and a
+checked replay, once per run.
 
 MAG's truncated forward and its ``autograd.grad`` to the latent are captured together,
 in the same way, as one call (``mag.truncated_gradient``): the backward's kernels are
@@ -46,7 +54,10 @@ backward, which the pack's Python hooks would break into pieces.
 Selection (:func:`select`): ``compile_unet="graphs"`` and a CUDA device with CUDA
 graphs; anything else (a CPU, MPS, torch without CUDA) runs eagerly, with the reason
 logged once. Graphs live for one run (:class:`GraphCache` on the sampling run, or one
-inversion): the hooks' tensors belong to the run.
+inversion): the hooks' tensors belong to the run, and run-level numbers (MAG's scale,
+PFB's alpha, the guidance scale) are frozen into the kernels, so a graph kept for the
+next edit would need every one of them in its key; a cache held between runs would also
+keep GPU memory a host such as ComfyUI does not know about.
 """
 
 from __future__ import annotations
