@@ -113,6 +113,42 @@ def test_state_tensors_are_found_in_the_hooks_by_path():
     assert graphs.state_tensors([[inj, cam]], torch.device("cpu:0")) == found
 
 
+def test_a_replay_reads_this_steps_recording_through_the_captured_tensors():
+    """MAG's graph is captured once and replayed at every optimised step, each with a
+    new reconstruction recording (new tensors in a new recorder). Before a replay the
+    current recording is copied into the tensors the graph was captured reading; the
+    shared ones (the injection's mapper) are left alone; a recording of another form
+    asks for a new capture."""
+    from xmgie.mgie_core import guidance
+
+    inj = attention_hooks.InjectionHook(torch.arange(77), 3, 2)
+    inj.prepare("cpu", (16, 16))
+
+    def recording(value):
+        rec = guidance.SourceRecorder()
+        rec.probs["attn2"] = torch.full((2, 16, 77), value)
+        rec.qk["attn1"] = (torch.full((2, 64, 4), value), torch.full((2, 64, 4), -value))
+        return rec
+
+    step0 = recording(0.0)
+    captured = graphs.state_tensors([[inj], step0])
+    read_by_graph = dict(captured)              # what the graph's kernels point at
+    mapper = [t for p, t in captured.items() if "InjectionHook" in map(str, p)]
+    step1 = recording(1.0)
+    assert graphs.refresh_state(captured, graphs.state_tensors([[inj], step1]))
+    assert all(captured[p] is read_by_graph[p] for p in captured)    # same tensors
+    assert torch.equal(step0.probs["attn2"], step1.probs["attn2"])   # ... step 1's data
+    assert torch.equal(step0.qk["attn1"][1], torch.full((2, 64, 4), -1.0))
+    assert all(t is u for t, u in zip(mapper, [t for p, t in graphs.state_tensors(
+        [[inj]]).items()]))
+    other = recording(2.0)
+    other.probs["attn2"] = torch.zeros(2, 4, 77)                     # another size
+    assert not graphs.refresh_state(captured, graphs.state_tensors([[inj], other]))
+    del other.probs["attn2"]
+    assert not graphs.refresh_state(captured, graphs.state_tensors([[inj], other]))
+    assert torch.equal(step0.probs["attn2"], torch.ones(2, 16, 77))  # left as it was
+
+
 # --- fallback: the edit is the eager one --------------------------------------------------
 
 def _eager_copy(tiny_sd, z0, mask):
@@ -245,8 +281,7 @@ def test_graphed_edit_matches_eager_on_cuda(tiny_sd, z0, mask, monkeypatch):
     test_fp16_edit_matches_fp32_with_float32_optimisation (trajectory 1%, edit 6%,
     image 0.01), and every call site replayed its graphs."""
     model = _cuda_model(tiny_sd)
-    z = z0.to("cuda")
-    m = mask.to("cuda")
+    z, m = z0.to("cuda"), mask          # masks come from the host, as the nodes pass them
     eager_inv, eager = fast_edit(model, z, m)
     compiling.compile_unet(model.unet, "graphs")
     seen = []
@@ -277,7 +312,7 @@ def test_graphed_edit_is_repeatable_on_cuda(tiny_sd, z0, mask):
     the way the eager edits do."""
     model = _cuda_model(tiny_sd)
     compiling.compile_unet(model.unet, "graphs")
-    z, m = z0.to("cuda"), mask.to("cuda")
+    z, m = z0.to("cuda"), mask
     _, a = fast_edit(model, z, m)
     _, b = fast_edit(model, z, m)
     assert rel(a.edit, b.edit) <= 1e-3

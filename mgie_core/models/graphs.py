@@ -259,6 +259,22 @@ def state_tensors(roots: Iterable, device=None) -> dict[tuple, torch.Tensor]:
     return out
 
 
+def refresh_state(captured: dict[tuple, torch.Tensor],
+                  current: dict[tuple, torch.Tensor]) -> bool:
+    """Copy the hooks' current tensors into those a graph was captured with, path by
+    path (a tensor that is the captured one is left alone); False, copying nothing
+    more, where a captured path is gone or changed shape or dtype (capture again)."""
+    if any(path not in current or current[path].shape != t.shape
+           or current[path].dtype != t.dtype for path, t in captured.items()):
+        return False
+    with torch.no_grad():
+        for path, t in captured.items():
+            c = current[path]
+            if c is not t and (c.data_ptr() != t.data_ptr() or c.stride() != t.stride()):
+                t.copy_(c)
+    return True
+
+
 # --- captured calls ----------------------------------------------------------------------
 
 def _flat(out) -> list[torch.Tensor]:
@@ -399,14 +415,9 @@ class GraphCache:
             fn(site, *passes)
 
     def _replay(self, g: _Graph, inputs, state):
-        cur = state_tensors(state, self.device)
+        if not refresh_state(g.state, state_tensors(state, self.device)):
+            return None
         with torch.no_grad():
-            for path, t in g.state.items():
-                c = cur.get(path)
-                if c is None or c.shape != t.shape or c.dtype != t.dtype:
-                    return None
-                if c is not t and (c.data_ptr() != t.data_ptr() or c.stride() != t.stride()):
-                    t.copy_(c)
             for k, v in inputs.items():
                 g.inputs[k].copy_(v)
         g.graph.replay()
