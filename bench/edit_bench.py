@@ -37,7 +37,7 @@ blur's mask is put there once per example, before timing.
 (mgie_core/models/compile.py); the warm-up edits compile every shape, and one mode-b edit
 is compared against the same edit made eagerly before compiling (``compile_check``).
 ``--compile graphs`` captures whole UNet calls as CUDA graphs instead
-(mgie_core/models/graphs.py): every edit captures its graphs in its first calls (their
+(mgie_core/graphs.py): every edit captures its graphs in its first calls (their
 warm-up passes are not counted as the edit's passes; ``graphs`` in the JSON counts
 replays, captures and eager calls per call site), replayed passes are counted through
 the graphs' observer, and ``compile_check`` compares a graphed mode-b edit with the
@@ -106,10 +106,13 @@ def _import_xmgie():
 
 _import_xmgie()
 
-from xmgie.mgie_core import blur, vae  # noqa: E402
+from xmgie.mgie_core import (  # noqa: E402
+    blur,
+    graphs,
+    vae,
+)
 from xmgie.mgie_core.inversion import invert  # noqa: E402
 from xmgie.mgie_core.mag import MAGControl  # noqa: E402
-from xmgie.mgie_core.models import graphs  # noqa: E402
 from xmgie.mgie_core.models.compile import COMPILE_MODES, compile_unet  # noqa: E402
 from xmgie.mgie_core.models.sd import CONFIG_DIR, SDModel, ddim_scheduler  # noqa: E402
 from xmgie.mgie_core.pfb import PFBControl  # noqa: E402

@@ -18,11 +18,10 @@ import logging
 
 import torch
 
-from . import grad_mode, host
+from . import grad_mode, graphs, host
 from .diffusion import Schedule, denoise_step, encode_prompt, invert_step, make_schedule, unet_eps
 from .errors import GradientError, InputError, why_no_gradient
 from .images import Fit
-from .models import graphs
 from .models.sd import SDModel
 from .report import UpdateReport
 
@@ -77,7 +76,7 @@ def ddim_trajectory(sd: SDModel, z0: torch.Tensor, cond: torch.Tensor, sch: Sche
     n = sch.num_steps
     z = z0.to(sd.device, torch.float32)
     states = [z]
-    # compile_unet="graphs": one captured call, replayed every step (models/graphs.py)
+    # compile_unet="graphs": one captured call, replayed every step (graphs.py)
     cache = graphs.for_run(sd)
     ctl = getattr(sd.unet, "_xmgie_controller", None)
     with host.progress(n, "DDIM inversion") as bar:
@@ -125,7 +124,7 @@ def null_text_optimisation(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor,
     n = sch.num_steps
     nulls = []
     grad_mode.differentiable(sd.unet, stage="null-text inversion")
-    # compile_unet="graphs": the UNet passes captured and replayed (models/graphs.py)
+    # compile_unet="graphs": the UNet passes captured and replayed (graphs.py)
     cache = graphs.for_run(sd)
     coefs = graphs.ddim_coefficients(sch, sd.device) if cache.active else None
     with grad_mode.autograd():
@@ -146,7 +145,8 @@ def null_text_optimisation(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor,
                 for _ in range(inner_steps):
                     if cache.active:        # the same loss and gradient, one replay
                         loss, grad = graphs.null_text_gradient(cache, sd, u, z, t, eps_c,
-                                                               target, coefs[i], scale, i)
+                                                               target, coefs[i], scale, i,
+                                                               NULL_TEXT)
                         opt.zero_grad(set_to_none=True)
                         u.grad = grad
                     else:

@@ -244,7 +244,7 @@ def truncated_gradient(control: MAGControl, run, zv: torch.Tensor, i: int):
     """(gradient to ``zv``, loss, activation) of one MAG update: the edit row's truncated
     forward, the loss on its maps and the backward to the latent. With
     ``compile_unet="graphs"`` the whole function is one captured CUDA graph, replayed
-    every iteration (``models/graphs.mag_gradient``)."""
+    every iteration (``graph_calls.mag_gradient``)."""
     maps = guidance.edit_maps(run, zv, i, control._layers, truncate=control.truncate,
                               cache_source=control.cache_source)
     loss, act = control.loss(maps, tuple(zv.shape[-2:]))
@@ -256,9 +256,9 @@ def _gradient(control: MAGControl, run, zv: torch.Tensor, i: int):
     cache = getattr(run, "graphs", None)
     if cache is None or not cache.active:
         return truncated_gradient(control, run, zv, i)
-    from .models import graphs
+    from . import graph_calls
 
-    return graphs.mag_gradient(cache, control, run, zv, i, truncated_gradient)
+    return graph_calls.mag_gradient(cache, control, run, zv, i, truncated_gradient)
 
 
 def _read_history(records, names: Sequence[str]) -> list[dict]:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import attention, attention_hooks, host, vae
+from . import attention, attention_hooks, graph_calls, graphs, host, vae
 from .architecture import architecture_of
 from .attention import COND, UNCOND, AttnContext, BatchLayout, Branch, Half
 from .control import Control, SamplingRun, check_controls
@@ -37,7 +37,6 @@ from .diffusion import (
 from .errors import InputError
 from .images import Fit, check_mask
 from .inversion import InversionResult
-from .models import graphs
 from .models.conditioning import Conditioning
 from .models.sd import SDModel
 from .plan import EditPlan, find_phrase, from_plan, split_words
@@ -133,7 +132,7 @@ def _run_unet(run: SamplingRun, groups: list[tuple[BatchLayout, torch.Tensor, to
                                               _latent_hw(z)))
         run.layout = layout
         if cache is not None and cache.active and len(groups) == 1:
-            # captured and replayed (models/graphs.py)
+            # captured and replayed (graphs.py)
             outs.append(graphs.unet_eps(cache, "sampler", run.sd, z, t, emb, run.controller))
         elif cache is not None and cache.active:
             # unbatched guidance passes PFB's references from one call to the next
@@ -263,7 +262,7 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     run.injection, run.sampler_hooks = injection, list(hooks)
     controller.hooks = _setup_controls(run, controls, hooks)
     # compile_unet="graphs": the run's UNet calls captured as CUDA graphs where they can be
-    run.graphs = graphs.for_run(sd, controls)
+    run.graphs = graph_calls.for_run(sd, controls)
 
     rows = ((REC, UNCOND), (EDIT, UNCOND), (REC, COND), (EDIT, COND))
     try:

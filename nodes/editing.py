@@ -39,7 +39,7 @@ _COMPILE_INPUT = (["off", "default"], inp(
 
 
 # The two-branch sampler also offers whole UNet calls captured as CUDA graphs
-# (mgie_core/models/graphs.py); the instruction sampler does not capture its calls.
+# (mgie_core/graphs.py); the instruction sampler does not capture its calls.
 _COMPILE_GRAPHS_INPUT = (["off", "default", "graphs"], inp(
     "off: run uncompiled. default: torch.compile the UNet's resnet, sampler and "
     "feed-forward layers (attention and the controls stay as they are); the first run "

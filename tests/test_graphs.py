@@ -1,4 +1,4 @@
-"""Captured CUDA graphs (models/graphs.py): which path runs, and that it keeps the edit.
+"""Captured CUDA graphs (mgie_core/graphs.py): which path runs, and that it keeps the edit.
 
 On the CPU: the selection (captured on a CUDA device, eager with its reason elsewhere),
 the hooks' regimes, the call sites' fallback (an edit with compile_unet="graphs" equals
@@ -16,10 +16,9 @@ import logging
 import pytest
 import torch
 
-from xmgie.mgie_core import attention, attention_hooks, inversion, mag, pfb, sampler, vae
+from xmgie.mgie_core import attention, attention_hooks, graphs, inversion, mag, pfb, sampler, vae
 from xmgie.mgie_core.attention import COND, AttnContext, BatchLayout, Branch
 from xmgie.mgie_core.models import compile as compiling
-from xmgie.mgie_core.models import graphs
 
 SRC = "a photo of a red carpet in a room"
 TGT = "a photo of a yellow carpet in a room"
@@ -97,6 +96,25 @@ def test_regime_follows_the_hooks_step_windows_and_refuses_unknown_hooks():
     assert k is None and "HostState" in why and "eagerly" in why
     k, why = graphs.regime([], [], AttnContext(0, 4, layout, (16, 16)), patches=2)
     assert k is None and "module patches" in why
+
+
+def test_regime_knows_controls_by_their_exact_class(mask):
+    from xmgie.mgie_core import graph_calls  # noqa: F401  (registers MAG and PFB)
+
+    ctx = AttnContext(0, 4, BatchLayout(((Branch.EDIT, COND),)), (16, 16))
+    known = mag.MAGControl(mask, ["yellow"])
+    assert graphs.regime([], [known], ctx, 0)[0] is not None
+
+    class Probe(mag.MAGControl):              # a subclass may keep state of its own
+        def loss(self, maps, hw):
+            self.seen = maps
+            return super().loss(maps, hw)
+
+    k, why = graphs.regime([], [known, Probe(mask, ["yellow"])], ctx, 0)
+    assert k is None and "Probe" in why
+    # patches with no known owner among the controls (MAG patches nothing)
+    k, why = graphs.regime([], [known], ctx, patches=1)
+    assert k is None and "unknown owner" in why
 
 
 def test_state_tensors_are_found_in_the_hooks_by_path():

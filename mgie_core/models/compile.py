@@ -26,9 +26,10 @@ compiling is slow (every shape compiles; minutes on a GPU for SD 1.5); later one
 the code.
 
 "graphs" compiles nothing: it leaves every module eager and asks the samplers and the
-inversion to capture whole UNet calls as CUDA graphs and replay them (models/graphs.py:
-why whole calls, with the attention hooks inside, rather than "reduce-overhead"); on a
-device without CUDA graphs they run eagerly, with the reason logged.
+inversion to capture whole UNet calls as CUDA graphs and replay them (mgie_core/
+graphs.py says why whole calls, with the attention hooks inside, rather than
+"reduce-overhead"); on a device without CUDA graphs they run eagerly, with the reason
+logged.
 
 "reduce-overhead" on the CPU is "default" (CUDA graphs need a GPU); on a GPU it has not
 been measured yet: the GPU run of ``bench/edit_bench.py --compile reduce-overhead``

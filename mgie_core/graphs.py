@@ -69,7 +69,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ..errors import XMGIEError
+from . import attention_hooks as ah
+from .errors import XMGIEError
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def select(mode: str, device, *, anywhere: bool | None = None,
 
 
 def unet_mode(unet) -> str:
-    from .compile import compiled_mode
+    from .models.compile import compiled_mode
 
     return compiled_mode(unet)
 
@@ -148,84 +149,69 @@ def _once(level: int, msg: str) -> None:
 
 
 # --- regimes: the hooks' step-dependent choices ----------------------------------------
+#
+# A hook or control class is known when a function that says its regime is registered
+# for it (exactly that class: a subclass may keep state of its own). The pack's
+# attention hooks are registered here; the guidance's cached injection, PFB and MAG by
+# graph_calls.py, a layer above (the sampler imports it).
 
-def _hook_regime(hook, ctx):
-    """A hashable summary of the choices ``hook`` makes in a call with context ``ctx``
-    (what decides which kernels it launches), or None when the hook is unknown."""
-    from .. import attention_hooks as ah
-    from .. import guidance
-
-    step = ctx.step
-    if isinstance(hook, ah.InjectionHook):
-        return ("inj", step < hook.cross_steps, step < hook.self_steps)
-    if isinstance(hook, ah.CAMHook):
-        return ("cam", hook.mode, None if hook.steps is None else step in hook.steps)
-    if isinstance(hook, ah.CaptureHook):
-        return ("cap", hook.layers, hook.rows, hook.cross,
-                None if hook.steps is None else step in hook.steps)
-    if isinstance(hook, ah.StopAfter):
-        return ("stop", hook.layer_name)
-    if isinstance(hook, guidance.CachedInjection):
-        return ("cinj", step < hook.inj.cross_steps, step < hook.inj.self_steps,
-                tuple(sorted(hook.rec.probs)), tuple(sorted(hook.rec.qk)))
-    return None
+HOOK_REGIMES: dict[type, Callable] = {}      # class -> fn(hook, ctx) -> hashable
+CONTROL_REGIMES: dict[type, Callable] = {}   # class -> fn(control, ctx) -> hashable
+CONTROL_STATE: dict[type, Callable] = {}     # class -> fn(control, layout) -> roots
+PATCH_OWNERS: set[type] = set()              # controls whose module patches are known
 
 
-def _control_regime(control, ctx):
-    from .. import mag, pfb
-    from ..attention import Branch
-
-    if type(control) is mag.MAGControl:     # acts between calls, nothing inside one
-        return ("mag",)
-    if type(control) is pfb.PFBControl:
-        active = control._run is not None and control._active_steps[ctx.step]
-        # a call without the reference branch reads the references an earlier call of
-        # the step cached (MAG's edit row): which ones decides what it blends
-        own = any(b in (Branch.REC, Branch.REF) for b, _ in ctx.layout.rows)
-        return ("pfb", active, control.reference,
-                None if own else tuple(sorted(control._cache)))
-    return None
+def _window(steps, step):
+    return None if steps is None else step in steps
 
 
-def control_state(controls: Iterable, layout) -> list:
-    """The controls' tensors a call with ``layout`` reads from earlier calls: PFB's cached
-    references, for a call without the reference branch (MAG's edit row)."""
-    from .. import pfb
-    from ..attention import Branch
-
-    if any(b in (Branch.REC, Branch.REF) for b, _ in layout.rows):
-        return []
-    return [c._cache for c in controls if isinstance(c, pfb.PFBControl)]
+HOOK_REGIMES.update({
+    ah.InjectionHook: lambda h, ctx: ("inj", h.mode, ctx.step < h.cross_steps,
+                                      ctx.step < h.self_steps),
+    ah.CAMHook: lambda h, ctx: ("cam", h.mode, _window(h.steps, ctx.step)),
+    ah.CaptureHook: lambda h, ctx: ("cap", h.layers, h.rows, h.cross,
+                                    _window(h.steps, ctx.step)),
+    ah.StopAfter: lambda h, ctx: ("stop", h.layer_name),
+})
 
 
 def regime(hooks: Iterable, controls: Iterable, ctx, patches: int) -> tuple[tuple | None, str]:
     """(key, "") for a call whose hooks and controls are all known, else (None, why)."""
-    from .. import pfb
-
     parts = []
     for h in hooks:
-        r = _hook_regime(h, ctx)
-        if r is None:
+        fn = HOOK_REGIMES.get(type(h))
+        if fn is None:
             return None, (f"the attention hook {type(h).__name__} is not known to be pure "
                           "tensor code: its call runs eagerly")
-        parts.append(r)
-    has_pfb = False
+        parts.append(fn(h, ctx))
+    owners = False
     for c in controls:
-        r = _control_regime(c, ctx)
-        if r is None:
+        fn = CONTROL_REGIMES.get(type(c))
+        if fn is None:
             return None, (f"the control {type(c).__name__} is not known to be pure tensor "
                           "code inside the UNet: its run's calls run eagerly")
-        has_pfb = has_pfb or isinstance(c, pfb.PFBControl)
-        parts.append(r)
-    if patches and not has_pfb:
+        owners = owners or type(c) in PATCH_OWNERS
+        parts.append(fn(c, ctx))
+    if patches and not owners:
         return None, "the UNet carries module patches of an unknown owner"
     return (ctx.layout.rows, ctx.latent_hw, tuple(parts)), ""
+
+
+def control_state(controls: Iterable, layout) -> list:
+    """The controls' tensors a call with ``layout`` reads from earlier calls (PFB's cached
+    references, for MAG's edit row), as roots for :func:`state_tensors`."""
+    roots = []
+    for c in controls:
+        fn = CONTROL_STATE.get(type(c))
+        if fn is not None:
+            roots += fn(c, layout)
+    return roots
 
 
 # --- the hooks' tensors (state) --------------------------------------------------------
 
 def _walkable(obj) -> bool:
-    from ..attention import AttnHook, MaskPyramid
+    from .attention import AttnHook, MaskPyramid
 
     return isinstance(obj, (AttnHook, MaskPyramid))
 
@@ -234,7 +220,7 @@ def state_tensors(roots: Iterable, device=None) -> dict[tuple, torch.Tensor]:
     """Every tensor reachable from ``roots`` through dicts, lists, tuples, attention hooks
     and mask pyramids (not through models or runs), by path; only those on ``device``
     when given (host copies such as a mapper's are never read by a captured call)."""
-    from .. import host
+    from . import host
 
     out: dict[tuple, torch.Tensor] = {}
 
@@ -473,7 +459,7 @@ def unet_eps(cache: GraphCache, site: str, sd, z: torch.Tensor, t, emb: torch.Te
              controller=None) -> torch.Tensor:
     """``diffusion.unet_eps`` through the graph cache: the call's hooks are the
     controller's (none: a plain UNet), its context the controller's current one."""
-    from .. import host
+    from . import host
 
     inputs = {"z": host.place(z, sd.device, sd.dtype), "t": _timestep_tensor(sd, z, t),
               "emb": host.place(emb, sd.device, sd.dtype)}
@@ -515,47 +501,6 @@ class timestep_input:
         return False
 
 
-def mag_gradient(cache: GraphCache, control, run, z: torch.Tensor, i: int, fn: Callable):
-    """``fn(control, run, z, i)`` (``mag.truncated_gradient``: the truncated forward,
-    the loss and ``autograd.grad`` to ``z``) as one captured call. The reconstruction's
-    recording for the step is made first, eagerly (once per step); the captured call
-    reads it, and PFB's references, as state."""
-    from .. import guidance
-    from ..architecture import architecture_of
-    from ..attention import AttnContext
-
-    passes = run.edit_passes
-    inputs = {"z": z, "t": _timestep_tensor(run.sd, z, run.schedule.t(i))}
-
-    def call(z, t):
-        with timestep_input(run.sd.unet, t):
-            return fn(control, run, z, i)
-
-    try:
-        if not control.cache_source:
-            return cache.call("MAG", None, call, inputs, "cache_source=False records the "
-                              "reconstruction inside every call")
-        unet = run.sd.unet
-        stop = architecture_of(unet).last_in_execution(control._layers) \
-            if control.truncate else None
-        rec = guidance.source_cache(run, i, stop) if run.injection is not None else None
-        hooks = guidance.sampler_hooks_for_edit(run)
-        if run.injection is not None:
-            hooks = [*hooks, run.injection]
-        ctx = AttnContext(i, run.schedule.num_steps, guidance.EDIT_COND, tuple(z.shape[-2:]))
-        key, why = regime(hooks, cache.controls, ctx, run.controller.patches)
-        if key is None:
-            return cache.call("MAG", None, call, inputs, why)
-        key = (key, stop, tuple(control._layers),
-               None if rec is None else (tuple(sorted(rec.probs)), tuple(sorted(rec.qk))))
-        state = [hooks, rec, control_state(cache.controls, guidance.EDIT_COND),
-                 [control._groups_on, control._neg_on, list(control._insides.values())]]
-        return cache.call("MAG", key, call, inputs, state,
-                          (int(z.shape[0]), True, not control.truncate))
-    finally:
-        run.edit_passes = passes + 1       # the warm-up and the capture ran it too
-
-
 def ddim_coefficients(sch, device) -> torch.Tensor:
     """(N, 4) float32 on ``device``: per step i, sqrt(1 - abar_t), sqrt(abar_t),
     sqrt(abar_prev), sqrt(1 - abar_prev) (``diffusion.ddim_step``'s numbers, computed the
@@ -570,14 +515,13 @@ def ddim_coefficients(sch, device) -> torch.Tensor:
 
 def null_text_gradient(cache: GraphCache, sd, u: torch.Tensor, z: torch.Tensor, t,
                        eps_c: torch.Tensor, target: torch.Tensor, coef: torch.Tensor,
-                       scale: float, step: int):
+                       scale: float, step: int, stage: str = "null-text inversion"):
     """(loss, d loss / d u) of one null-text iteration (``inversion.
     null_text_optimisation``'s guided DDIM step against the trajectory), as one captured
     call: the unconditional forward with the embedding ``u`` and its backward to ``u``.
     The step's numbers come in as inputs (``coef``: a row of :func:`ddim_coefficients`,
     ``t``), so one graph serves every step."""
-    from ..errors import GradientError, why_no_gradient
-    from ..inversion import NULL_TEXT
+    from .errors import GradientError, why_no_gradient
 
     def fn(u, z, t, eps_c, target, coef):
         b = z.shape[0]
@@ -588,7 +532,7 @@ def null_text_gradient(cache: GraphCache, sd, u: torch.Tensor, z: torch.Tensor, 
         x0 = (z - coef[0] * eps) / coef[1]
         loss = torch.nn.functional.mse_loss(coef[2] * x0 + coef[3] * eps, target)
         if not loss.requires_grad:
-            raise GradientError(NULL_TEXT, step, *why_no_gradient(loss, u))
+            raise GradientError(stage, step, *why_no_gradient(loss, u))
         (grad,) = torch.autograd.grad(loss, u)
         return loss.detach(), grad
 
