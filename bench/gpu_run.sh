@@ -2,7 +2,8 @@
 # The pack's GPU measurements in one script. bench/RESULTS.md says what each step
 # measures, the targets, how to read the results, and records a run on an H200.
 #
-#   bash bench/gpu_run.sh                           # a machine with a CUDA GPU
+#   bash bench/gpu_run.sh                           # a machine with a CUDA GPU: step 6
+#   XMGIE_GPU_RUN_STEPS="1 2 3 4 5" XMGIE_GPU_RUN_BUDGET=1200 bash bench/gpu_run.sh
 #   XMGIE_GPU_RUN_SIZE=tiny XMGIE_GPU_RUN_DEVICE=cpu XMGIE_GPU_RUN_ARGS="--steps 4" \
 #       bash bench/gpu_run.sh                       # dry run on a CPU (a few minutes)
 #
@@ -11,12 +12,12 @@
 # package index, put wheels of what is missing (diffusers, kornia, segment-anything, ...)
 # in .whl/ first: the script installs them into /tmp/site, without an index or
 # dependencies, and puts that first on the path. The benchmark imports this checkout as
-# the package `xmgie` itself; the tests of step 2 run from a copy named xmgie.
+# the package `xmgie` itself; the tests of steps 2 and 6 run from a copy named xmgie.
 #
-# Steps (XMGIE_GPU_RUN_STEPS, default "1 2 3 4 5"). Each has its own time limit and its
-# own files under $OUT (default /tmp/xmgie-out), so a step that runs out of time leaves
-# the others' results; the benchmark prints and writes what it measured when it is
-# stopped (SIGINT at the limit):
+# Steps (XMGIE_GPU_RUN_STEPS, default "6": the CUDA-graph run, within 10 minutes). Each
+# has its own time limit and its own files under $OUT (default /tmp/xmgie-out), so a
+# step that runs out of time leaves the others' results; the benchmark prints and writes
+# what it measured when it is stopped (SIGINT at the limit):
 #   1  results.json, results.txt   modes a, b, c eagerly (SD 1.5-size random models,
 #                                  512 px, 50 steps, fp16): times, pass counts, overhead,
 #                                  peak memory, syncs (about 4 minutes on an H200)
@@ -27,18 +28,26 @@
 #                                  shape takes minutes)
 #   4  fp32_a_c.json, fp32_a_c.txt modes a and c in float32 with TF32 off and
 #                                  deterministic cuDNN, 10 steps: same edit on a GPU?
-#   5  graphs.json, graphs.txt     mode b with "reduce-overhead" (CUDA graphs)
+#   5  graphs.json, graphs.txt     mode b with "reduce-overhead" (inductor's CUDA graphs)
+#   6  cudagraphs_tests.txt        tests/test_graphs.py on the GPU: graphed against eager
+#                                  edits and inversions within the fp16 tolerances
+#      cudagraphs.json, .txt       modes b (fast) and c (seed-faithful) with whole UNet
+#                                  calls captured as CUDA graphs (--compile graphs),
+#                                  after 10-step equality checks against eager edits
+#      eager_b_c.json, .txt        the same two modes eagerly on the same GPU (baseline)
 # plus gpu.txt (the GPU and library versions). The steps share XMGIE_GPU_RUN_BUDGET
-# seconds (default 1200); each is also capped (below), and one with under a minute
-# left is skipped. XMGIE_GPU_RUN_ARGS is appended to every benchmark call (later
-# options win, so "--steps 4" shortens every step for a dry run).
+# seconds (default 570: the default run fits in 10 minutes with the setup); each is
+# also capped (below), and one with under a minute left is skipped.
+# XMGIE_GPU_RUN_ARGS is appended to every benchmark call (later options win, so
+# "--steps 4" shortens every step for a dry run).
 set -u
 OUT=${OUT:-/tmp/xmgie-out}
 SIZE=${XMGIE_GPU_RUN_SIZE:-sd15}
 DEV=${XMGIE_GPU_RUN_DEVICE:-cuda}
-BUDGET=${XMGIE_GPU_RUN_BUDGET:-1200}
-STEPS=${XMGIE_GPU_RUN_STEPS:-1 2 3 4 5}
+BUDGET=${XMGIE_GPU_RUN_BUDGET:-570}
+STEPS=${XMGIE_GPU_RUN_STEPS:-6}
 EXTRA=${XMGIE_GPU_RUN_ARGS:-}
+PKG=${XMGIE_GPU_RUN_PKG:-/tmp/pkg}    # where the tests' copy named xmgie goes
 START=$SECONDS
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XMGIE_NO_PROGRESS=1
@@ -63,19 +72,24 @@ bench() {   # bench LIMIT_S NAME ARGS...: one benchmark run, SIGINT at its limit
         --limit 1 --out "$OUT/$name.json" "$@" $EXTRA 2>&1 | tee "$OUT/$name.txt"
 }
 
+tests() {   # tests LIMIT_S FILE PYTEST_ARGS...: the tests from a copy named xmgie
+    # the tests import the checkout as the package "xmgie": a copy under that name
+    local limit=$1 file=$2; shift 2
+    [ "$limit" -lt 60 ] && { echo "too little time left for $file: skipped"; return 0; }
+    mkdir -p "$PKG" && rm -rf "$PKG/xmgie" && cp -r "$PWD" "$PKG/xmgie" \
+        && rm -rf "$PKG/xmgie/.whl"
+    (cd "$PKG/xmgie" && PYTHONPATH=$PKG${PYTHONPATH:+:$PYTHONPATH} \
+        timeout "$limit" python3 -m pytest -q -p no:cacheprovider "$@") 2>&1 | tail -40 \
+        | tee "$OUT/$file"
+}
+
 for step in $STEPS; do
     case $step in
     1)  echo "== 1. benchmark, modes a b c, eager ($(left) s left)"
         bench "$(cap 330)" results ;;
     2)  echo "== 2. host synchronisations on $DEV, tiny models ($(left) s left)"
-        # the tests import the checkout as the package "xmgie": a copy under that name.
         # Not the identity test: its encoder stays on the CPU, where nothing waits.
-        limit=$(cap 150)
-        mkdir -p /tmp/pkg && rm -rf /tmp/pkg/xmgie && cp -r "$PWD" /tmp/pkg/xmgie \
-            && rm -rf /tmp/pkg/xmgie/.whl
-        (cd /tmp/pkg/xmgie && PYTHONPATH=/tmp/pkg${PYTHONPATH:+:$PYTHONPATH} \
-            timeout "$limit" python3 -m pytest -q -p no:cacheprovider tests/test_syncs.py \
-            -k "not identity") 2>&1 | tail -40 | tee "$OUT/syncs_cuda.txt" ;;
+        tests "$(cap 150)" syncs_cuda.txt tests/test_syncs.py -k "not identity" ;;
     3)  echo "== 3. compiled UNet, mode b ($(left) s left)"
         bench "$(cap 300)" compiled --modes b --compile default --sync-steps 0 ;;
     4)  echo "== 4. a and c in float32, deterministic, 10 steps ($(left) s left)"
@@ -83,7 +97,13 @@ for step in $STEPS; do
             --sync-steps 0 --warmup-steps 1 ;;
     5)  echo "== 5. CUDA graphs, mode b, reduce-overhead ($(left) s left)"
         bench "$(cap 300)" graphs --modes b --compile reduce-overhead --sync-steps 0 ;;
-    *)  echo "unknown step $step (steps are 1 to 5)" ;;
+    6)  echo "== 6. CUDA graphs: tests, modes b and c graphed, eager baseline ($(left) s left)"
+        tests "$(cap 120)" cudagraphs_tests.txt tests/test_graphs.py
+        # graphed first (the step's result), with 10-step checks against eager edits
+        bench "$(cap 300)" cudagraphs --modes b,c --compile graphs --check-steps 10 \
+            --sync-steps 0 --warmup-steps 2
+        bench "$(cap 200)" eager_b_c --modes b,c --sync-steps 0 --warmup-steps 1 ;;
+    *)  echo "unknown step $step (steps are 1 to 6)" ;;
     esac
 done
 echo "== done in $(( SECONDS - START )) s; files in $OUT"

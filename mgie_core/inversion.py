@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from . import grad_mode, host
+from . import grad_mode, graphs, host
 from .diffusion import Schedule, denoise_step, encode_prompt, invert_step, make_schedule, unet_eps
 from .errors import GradientError, InputError, why_no_gradient
 from .images import Fit
@@ -76,19 +76,25 @@ def ddim_trajectory(sd: SDModel, z0: torch.Tensor, cond: torch.Tensor, sch: Sche
     n = sch.num_steps
     z = z0.to(sd.device, torch.float32)
     states = [z]
+    # compile_unet="graphs": one captured call, replayed every step (graphs.py)
+    cache = graphs.for_run(sd)
+    ctl = getattr(sd.unet, "_xmgie_controller", None)
     with host.progress(n, "DDIM inversion") as bar:
         for i in reversed(range(n)):          # from t = 1 up to t = 981
-            eps = unet_eps(sd, z, sch.t(i), cond.expand(z.shape[0], -1, -1))
+            emb = cond.expand(z.shape[0], -1, -1)
+            eps = graphs.unet_eps(cache, "inversion", sd, z, sch.t(i), emb, ctl) \
+                if cache.active else unet_eps(sd, z, sch.t(i), emb)
             z = invert_step(sch, i, z, eps)
             states.append(z)
             bar.update()
     return torch.stack(states[::-1])
 
 
-def _guided_eps(sd, z, t, cond, uncond, scale):
+def _guided_eps(sd, z, t, cond, uncond, scale, cache=None):
     b = z.shape[0]
-    eps = unet_eps(sd, torch.cat([z, z]), t, torch.cat([uncond.expand(b, -1, -1),
-                                                        cond.expand(b, -1, -1)]))
+    zz, emb = torch.cat([z, z]), torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])
+    eps = graphs.unet_eps(cache, "null-text guided", sd, zz, t, emb) \
+        if cache is not None and cache.active else unet_eps(sd, zz, t, emb)
     eu, ec = eps.chunk(2)
     return eu + scale * (ec - eu)
 
@@ -118,6 +124,9 @@ def null_text_optimisation(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor,
     n = sch.num_steps
     nulls = []
     grad_mode.differentiable(sd.unet, stage="null-text inversion")
+    # compile_unet="graphs": the UNet passes captured and replayed (graphs.py)
+    cache = graphs.for_run(sd)
+    coefs = graphs.ddim_coefficients(sch, sd.device) if cache.active else None
     with grad_mode.autograd():
         traj, cond, uncond = grad_mode.autograd_input((traj, cond, uncond))
         traj = traj.to(sd.device, torch.float32)
@@ -130,15 +139,25 @@ def null_text_optimisation(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor,
                 u = u.detach().clone().requires_grad_(True)
                 opt = torch.optim.Adam([u], lr=lr * (1.0 - i / 100.0))
                 with torch.no_grad():
-                    eps_c = unet_eps(sd, z, t, cond.expand(z.shape[0], -1, -1))
+                    c = cond.expand(z.shape[0], -1, -1)
+                    eps_c = graphs.unet_eps(cache, "null-text cond", sd, z, t, c) \
+                        if cache.active else unet_eps(sd, z, t, c)
                 for _ in range(inner_steps):
-                    eps_u = unet_eps(sd, z, t, u.expand(z.shape[0], -1, -1))
-                    eps = eps_u + scale * (eps_c - eps_u)
-                    loss = torch.nn.functional.mse_loss(denoise_step(sch, i, z, eps), target)
-                    if not loss.requires_grad:
-                        raise GradientError(NULL_TEXT, i, *why_no_gradient(loss, u))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if cache.active:        # the same loss and gradient, one replay
+                        loss, grad = graphs.null_text_gradient(cache, sd, u, z, t, eps_c,
+                                                               target, coefs[i], scale, i,
+                                                               NULL_TEXT)
+                        opt.zero_grad(set_to_none=True)
+                        u.grad = grad
+                    else:
+                        eps_u = unet_eps(sd, z, t, u.expand(z.shape[0], -1, -1))
+                        eps = eps_u + scale * (eps_c - eps_u)
+                        loss = torch.nn.functional.mse_loss(denoise_step(sch, i, z, eps),
+                                                            target)
+                        if not loss.requires_grad:
+                            raise GradientError(NULL_TEXT, i, *why_no_gradient(loss, u))
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
                     if u.grad is None:
                         raise GradientError(NULL_TEXT, i, *why_no_gradient(loss, u))
                     # the one host read of the iteration: loss and finiteness together
@@ -158,7 +177,7 @@ def null_text_optimisation(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor,
                 u = u.detach()
                 nulls.append(u)
                 with torch.no_grad():
-                    z = denoise_step(sch, i, z, _guided_eps(sd, z, t, cond, u, scale))
+                    z = denoise_step(sch, i, z, _guided_eps(sd, z, t, cond, u, scale, cache))
                 bar.update()
     report.log(log, "inversion")
     return torch.stack(nulls)

@@ -300,10 +300,7 @@ class MAGControl(Control):
             prev = None
             for it in range(n_it):
                 zv = z.detach().requires_grad_(True)
-                maps = guidance.edit_maps(run, zv, i, self._layers, truncate=self.truncate,
-                                          cache_source=self.cache_source)
-                loss, act = self.loss(maps, tuple(z.shape[-2:]))
-                grad = guidance.gradient(self.scale * loss, zv, self.name, i)
+                grad, loss, act = _gradient(self, run, zv, i)
                 self._records.append((i, it, loss.detach(), act))
                 ok = guidance.count_update(run, self.name, grad, i)
                 z = guidance.masked_update(z, grad.float(), m64, step, ok)
@@ -339,6 +336,27 @@ class MAGControl(Control):
         z = run.latents[Branch.EDIT]
         m = self._blend
         run.latents[Branch.EDIT] = m * z + (1 - m) * run.latents[Branch.REC]
+
+
+def truncated_gradient(control: MAGControl, run, zv: torch.Tensor, i: int):
+    """(gradient to ``zv``, loss, activation) of one MAG update: the edit row's truncated
+    forward, the loss on its maps and the backward to the latent. With
+    ``compile_unet="graphs"`` the whole function is one captured CUDA graph, replayed
+    every iteration (``graph_calls.mag_gradient``)."""
+    maps = guidance.edit_maps(run, zv, i, control._layers, truncate=control.truncate,
+                              cache_source=control.cache_source)
+    loss, act = control.loss(maps, tuple(zv.shape[-2:]))
+    grad = guidance.gradient(control.scale * loss, zv, control.name, i)
+    return grad, loss.detach(), act
+
+
+def _gradient(control: MAGControl, run, zv: torch.Tensor, i: int):
+    cache = getattr(run, "graphs", None)
+    if cache is None or not cache.active:
+        return truncated_gradient(control, run, zv, i)
+    from . import graph_calls
+
+    return graph_calls.mag_gradient(cache, control, run, zv, i, truncated_gradient)
 
 
 def _read_history(records, names: Sequence[str]) -> list[dict]:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import attention, attention_hooks, host, vae
+from . import attention, attention_hooks, graph_calls, graphs, host, vae
 from .architecture import architecture_of
 from .attention import COND, UNCOND, AttnContext, BatchLayout, Branch, Half
 from .control import Control, SamplingRun, check_controls
@@ -126,11 +126,21 @@ def _run_unet(run: SamplingRun, groups: list[tuple[BatchLayout, torch.Tensor, to
     """Call the UNet once per group (one group when batched); return eps rows in the
     order of the concatenated layouts."""
     outs = []
+    cache = getattr(run, "graphs", None)
     for layout, z, emb in groups:
         run.controller.reset_call(AttnContext(i, run.schedule.num_steps, layout,
                                               _latent_hw(z)))
         run.layout = layout
-        outs.append(unet_eps(run.sd, z, t, emb))
+        if cache is not None and cache.active and len(groups) == 1:
+            # captured and replayed (graphs.py)
+            outs.append(graphs.unet_eps(cache, "sampler", run.sd, z, t, emb, run.controller))
+        elif cache is not None and cache.active:
+            # unbatched guidance passes PFB's references from one call to the next
+            # through Python state: eager
+            outs.append(cache.eager("sampler", "unbatched guidance (batched=False)",
+                                    lambda z=z, emb=emb: unet_eps(run.sd, z, t, emb), {}))
+        else:
+            outs.append(unet_eps(run.sd, z, t, emb))
     run.controller.reset_call(None)
     return torch.cat(outs)
 
@@ -251,6 +261,8 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     run.cond_src, run.cond_tgt, run.guidance_scale = cond_src, cond_tgt, scale
     run.injection, run.sampler_hooks = injection, list(hooks)
     controller.hooks = _setup_controls(run, controls, hooks)
+    # compile_unet="graphs": the run's UNet calls captured as CUDA graphs where they can be
+    run.graphs = graph_calls.for_run(sd, controls)
 
     rows = ((REC, UNCOND), (EDIT, UNCOND), (REC, COND), (EDIT, COND))
     try:

@@ -38,6 +38,18 @@ _COMPILE_INPUT = (["off", "default"], inp(
     "shape (minutes); later runs reuse it. off: run uncompiled.", default="off"))
 
 
+# The two-branch sampler also offers whole UNet calls captured as CUDA graphs
+# (mgie_core/graphs.py); the instruction sampler does not capture its calls.
+_COMPILE_GRAPHS_INPUT = (["off", "default", "graphs"], inp(
+    "off: run uncompiled. default: torch.compile the UNet's resnet, sampler and "
+    "feed-forward layers (attention and the controls stay as they are); the first run "
+    "compiles every shape (minutes), later runs reuse it. graphs: capture whole UNet "
+    "calls (with the attention hooks, MAG's gradient and null-text's) as CUDA graphs and "
+    "replay them; on a CUDA GPU only (elsewhere it runs uncompiled, and says why in the "
+    "log). The model stays marked: the next inversion on it is captured too.",
+    default="off"))
+
+
 def _compile(sd_model, mode: str) -> None:
     compile_unet(sd_model.unet, mode)
 
@@ -199,7 +211,7 @@ class CAMSampler:
             "plan": plan_input("target_prompt and cam_in_words (its edit words), and is "
                                "the run's plan for every chained control that has none of "
                                "its own"),
-            "compile_unet": _COMPILE_INPUT,
+            "compile_unet": _COMPILE_GRAPHS_INPUT,
         }}
 
     def sample(self, sd_model, inversion, target_prompt, cam_in_words, cam_out_words, cam_mode,

@@ -159,7 +159,7 @@ def test_compile_cache_holds_every_shape_of_sd15s_layout():
 def test_compile_modes_are_checked():
     with pytest.raises(InputError, match="max-autotune"):
         compiling.check_mode("max-autotune")
-    assert compiling.COMPILE_MODES == ("off", "default", "reduce-overhead")
+    assert compiling.COMPILE_MODES == ("off", "default", "reduce-overhead", "graphs")
 
 
 @SLOW

@@ -19,10 +19,10 @@ CORE = ROOT / "mgie_core"
 LAYERS = [
     {"errors", "paths", "host", "grad_mode", "memory", "report"},
     {"models", "configs", "images", "tokens", "tolerant_json", "architecture"},
-    {"diffusion", "vae", "attention", "attention_hooks", "blur"},
+    {"diffusion", "vae", "attention", "attention_hooks", "blur", "graphs"},
     {"inversion", "masks", "plan", "plan_rules", "plan_answer"},
     {"control", "guidance", "pfb"},
-    {"sampler", "mag", "astar", "identity_guidance"},
+    {"sampler", "mag", "astar", "identity_guidance", "graph_calls"},
     {"tiny"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -12,10 +12,11 @@ the convolutions, group norms, activations and MLPs, most of a UNet pass's kerne
 Hooks registered on those modules keep working: ``nn.Module`` runs them around
 ``forward``, outside the compiled code. The attention processors stay eager.
 
-Modes: "default" (inductor, fused kernels) and "reduce-overhead" (inductor with CUDA
-graphs) only; "max-autotune" is refused (its autotuning takes many minutes per shape and
-the gain on launch-bound passes is small). ``dynamic=False``: each shape (batch 1, 2, 4,
-with and without gradients) compiles once and runs specialised code after. Dynamo keeps
+Modes: "default" (inductor, fused kernels), "reduce-overhead" (inductor with CUDA
+graphs) and "graphs" (below); "max-autotune" is refused (its autotuning takes many
+minutes per shape and the gain on launch-bound passes is small). ``dynamic=False``: each
+shape (batch 1, 2, 4, with and without gradients) compiles once and runs specialised
+code after. Dynamo keeps
 one cache per code object, and every instance of a class shares its ``forward``'s code:
 SD 1.5's 22 resnet blocks, each in several shapes, share one cache. Its size is set from
 the number of compiled instances (``VARIANTS_PER_MODULE`` entries each); a fixed limit of
@@ -23,6 +24,12 @@ the number of compiled instances (``VARIANTS_PER_MODULE`` entries each); a fixed
 compiled edit was slower than the eager one, bench/RESULTS.md). The first edit after
 compiling is slow (every shape compiles; minutes on a GPU for SD 1.5); later ones reuse
 the code.
+
+"graphs" compiles nothing: it leaves every module eager and asks the samplers and the
+inversion to capture whole UNet calls as CUDA graphs and replay them (mgie_core/
+graphs.py says why whole calls, with the attention hooks inside, rather than
+"reduce-overhead"); on a device without CUDA graphs they run eagerly, with the reason
+logged.
 
 "reduce-overhead" on the CPU is "default" (CUDA graphs need a GPU); on a GPU it has not
 been measured yet: the GPU run of ``bench/edit_bench.py --compile reduce-overhead``
@@ -35,7 +42,7 @@ import torch
 
 from ..errors import InputError
 
-COMPILE_MODES = ("off", "default", "reduce-overhead")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "graphs")
 # compiled variants per module instance: batch 1, 2 and 4 (MAG's truncated forward, the
 # unbatched and batched guidance), each with and without gradients, and some spare
 VARIANTS_PER_MODULE = 8
@@ -59,7 +66,8 @@ def check_mode(mode: str) -> str:
 def compile_unet(unet: torch.nn.Module, mode: str = "default",
                  backend: str | None = None) -> int:
     """Compile the UNet's hook-free compute modules in place (see the module docstring);
-    returns how many modules run compiled. ``mode="off"`` restores the eager forwards.
+    returns how many modules run compiled. ``mode="off"`` restores the eager forwards;
+    ``mode="graphs"`` restores them too and marks the UNet for captured calls.
     Calling it again with the same mode does nothing (the compiled code is kept);
     ``backend`` (tests: "aot_eager") overrides inductor, without a mode."""
     check_mode(mode)
@@ -73,6 +81,9 @@ def compile_unet(unet: torch.nn.Module, mode: str = "default",
             m._xmgie_compiled = False
     unet.__dict__["_xmgie_compile"] = None
     if mode == "off":
+        return 0
+    if mode == "graphs":           # nothing compiled: the call sites capture whole calls
+        unet.__dict__["_xmgie_compile"] = key
         return 0
     targets = [m for m in unet.modules()
                if isinstance(m, _compiled_types()) and "forward" not in m.__dict__]
