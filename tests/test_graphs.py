@@ -49,6 +49,20 @@ def fresh_log(monkeypatch):
 
 # --- selection ----------------------------------------------------------------------------
 
+def _record_graph_caches(monkeypatch) -> list:
+    """The GraphCache instances the run creates, in creation order (their stats say
+    what each call site captured, replayed or ran eagerly)."""
+    seen = []
+    real = graphs.GraphCache.__init__
+
+    def keep(self, *a, **k):
+        real(self, *a, **k)
+        seen.append(self)
+
+    monkeypatch.setattr(graphs.GraphCache, "__init__", keep)
+    return seen
+
+
 def test_selection_captures_on_cuda_and_says_why_not_elsewhere():
     on_cuda = graphs.select("graphs", "cuda", cuda=True)
     assert on_cuda.captured and "CUDA" in on_cuda.reason
@@ -202,14 +216,7 @@ def test_a_capture_torch_refuses_falls_back_with_a_warning(tiny_sd, z0, mask, ca
     eager_inv, eager = fast_edit(model, z0, mask)
     compiling.compile_unet(model.unet, "graphs")
     monkeypatch.setattr(graphs, "ATTEMPT_ANYWHERE", True)
-    seen = []
-    real = graphs.GraphCache.__init__
-
-    def keep(self, *a, **k):
-        real(self, *a, **k)
-        seen.append(self)
-
-    monkeypatch.setattr(graphs.GraphCache, "__init__", keep)
+    seen = _record_graph_caches(monkeypatch)
     with caplog.at_level(logging.WARNING, logger=graphs.__name__):
         inv, res = fast_edit(model, z0, mask)
     warnings = [r for r in caplog.records if "the capture failed" in r.getMessage()]
@@ -302,14 +309,7 @@ def test_graphed_edit_matches_eager_on_cuda(tiny_sd, z0, mask, monkeypatch):
     z, m = z0.to("cuda"), mask          # masks come from the host, as the nodes pass them
     eager_inv, eager = fast_edit(model, z, m)
     compiling.compile_unet(model.unet, "graphs")
-    seen = []
-    real = graphs.GraphCache.__init__
-
-    def keep(self, *a, **k):
-        real(self, *a, **k)
-        seen.append(self)
-
-    monkeypatch.setattr(graphs.GraphCache, "__init__", keep)
+    seen = _record_graph_caches(monkeypatch)
     inv, res = fast_edit(model, z, m)
     stats = sum((c.stats for c in seen), start=type(seen[0].stats)())
     assert stats["inversion.replay"] >= STEPS - 1, stats
