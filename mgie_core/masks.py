@@ -37,7 +37,7 @@ from . import attention, attention_hooks, host, vae
 from .architecture import architecture_of
 from .diffusion import encode_prompt
 from .errors import InputError
-from .images import check_image, check_mask
+from .images import check_image, check_mask, fit_image
 from .models.sd import SDModel
 from .plan import CONNECT_PLAN, from_plan
 from .tokens import word_token_groups
@@ -159,9 +159,13 @@ def attention_map(sd: SDModel, image: torch.Tensor, prompt: str, word: str,
                   timesteps: Sequence[int] = DEFAULT_TIMESTEPS, seed: int = 0
                   ) -> torch.Tensor:
     """Soft map [H,W] in 0..1 of where ``word`` of ``prompt`` attends in ``image``
-    ([1,H,W,3] or [H,W,3]); see the module docstring for the method."""
+    ([1,H,W,3] or [H,W,3]) of any size; see the module docstring for the method. A photo
+    whose sides are not multiples of the VAE's factor (8 px) is reflect-padded to them
+    and its map cut back to the photo (never cropped: the map must cover the whole
+    photo). Reading maps needs no more: the UNet pass only records them, so the exact
+    halves the injecting controls need (:func:`vae.size_multiple`) do not apply."""
     _check_text_to_image(sd)
-    image = check_image("image", image, multiple_of=sd.vae_scale)
+    image = check_image("image", image, multiple_of=1)
     if image.shape[0] != 1:
         raise InputError("image", f"is a batch of {image.shape[0]} images", "one image "
                          "[1,H,W,3]", "Call it once per image.")
@@ -169,13 +173,14 @@ def attention_map(sd: SDModel, image: torch.Tensor, prompt: str, word: str,
     ts = _check_timesteps(sd, timesteps)
     host.check_interrupt()
 
-    z0 = vae.encode(sd, image).samples                       # [1,4,h,w]
+    fitted, fit = fit_image("image", image, sd.vae_scale, "pad")
+    z0 = vae.encode(sd, fitted).samples                      # [1,4,h,w]
     z_t = noised_latents(sd, z0, ts, seed)
     layers = map_layers(sd.unet)
     maps = capture_maps(sd, z_t, ts, encode_prompt(sd, prompt), layers)
     m = aggregate_maps(maps, tokens, architecture_of(sd.unet).size_at_factor(
         tuple(z0.shape[-2:]), MAP_FACTOR))
-    return upsample_map(m, tuple(image.shape[1:3]))
+    return fit.undo_mask(upsample_map(m, tuple(fitted.shape[1:3]))[None])[0]
 
 
 def attention_mask(sd: SDModel, image: torch.Tensor, prompt: str, word: str,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..mgie_core import masks, vae
-from ..mgie_core.images import fit_image
+from ..mgie_core import masks
 from ._common import PREFIX, SAM_MODEL, SD_MODEL, category, inp, plan_input
 
 
@@ -63,15 +62,11 @@ class AttentionMask:
     def run(self, sd_model, image, prompt, word, threshold, seed, sam=None, plan=None):
         prompt, word = masks.prompt_and_word(prompt, word, plan)
         out_masks, previews = [], []
-        step = vae.size_multiple(sd_model)
-        for img in image:
+        for img in image:   # photos of any size: the library pads for the UNet
             img = img.clone()[None]
-            # Padded (never cropped: the mask must cover the whole photo), then cut back.
-            fitted, fit = fit_image("image", img, step, "pad")
-            mask, amap, _ = masks.object_mask(sd_model, fitted, prompt, word, threshold, seed,
-                                              sam)
-            out_masks.append(fit.undo_mask(mask.cpu()[None])[0])
-            previews.append(masks.heat_map(fit.undo_mask(amap.cpu()[None])[0], img))
+            mask, amap, _ = masks.object_mask(sd_model, img, prompt, word, threshold, seed, sam)
+            out_masks.append(mask.cpu())
+            previews.append(masks.heat_map(amap.cpu(), img))
         return torch.stack(out_masks), torch.stack(previews)
 
 

@@ -195,6 +195,23 @@ def test_attention_mask_of_a_451x300_photo_is_451x300(tiny_sd, photo):
     assert tuple(mask.shape) == (1, H, W) and tuple(heat.shape) == (1, H, W, 3)
 
 
+def test_sam_segment_finds_the_plans_object_in_a_451x300_photo(tiny_sd, tiny_models, photo):
+    """SAM Segment's attention path (no points, a plan: the object's attention box prompts
+    SAM) pads for the UNet in the library, like Attention Mask, and segments the photo
+    at its own size."""
+    from xmgie.mgie_core import masks as masks_lib
+    from xmgie.mgie_core.models import sam as sam_lib
+    from xmgie.mgie_core.plan_rules import plan_from_prompts
+    from xmgie.nodes.sam import SAMSegment
+
+    amap = masks_lib.attention_map(tiny_sd, photo, SRC, "carpet")
+    assert tuple(amap.shape) == (H, W)
+    sam = sam_lib.load_sam(str(tiny_models("sam")), device="cpu")
+    plan = plan_from_prompts("make the carpet yellow", SRC, TGT)
+    (mask,) = SAMSegment().segment(photo, sam, "", "", "", False, plan=plan, sd_model=tiny_sd)
+    assert tuple(mask.shape) == (1, H, W)
+
+
 def test_mag_own_mask_of_the_photo_is_accepted(tiny_sd, photo, photo_mask):
     inv, _ = _invert(tiny_sd, photo)
     (controls,) = MAGControlNode().make(mask=photo_mask, words="yellow", iterations=1,
