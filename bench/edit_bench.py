@@ -126,7 +126,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 import syncs  # noqa: E402
 
 ENV_EXAMPLES = "XMGIE_BENCH_EXAMPLES"
-DEFAULT_EXAMPLES = REPO / "examples"
+DEFAULT_EXAMPLES = REPO / "example_data"
 
 GUIDANCE = 7.5
 NULL_TEXT_INNER = 10                                   # official null-text default
@@ -663,7 +663,7 @@ def parse_args(argv):
     ap.add_argument("--examples", type=Path,
                     default=Path(os.environ.get(ENV_EXAMPLES, DEFAULT_EXAMPLES)),
                     help=f"folder with manifest.json (default ${ENV_EXAMPLES} or "
-                         "the repository's examples/)")
+                         "the repository's example_data/)")
     ap.add_argument("--modes", default="a,b,c")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--limit", type=int, default=None, help="first N examples only")

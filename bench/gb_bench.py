@@ -30,7 +30,7 @@ from PIL import Image
 
 from xmgie.mgie_core import blur
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "example_data"
 SIGMA_THRESHOLD = 0.3       # where the distance must be right to 1 px
 
 

@@ -2,7 +2,7 @@
 
     python bench/mag_frontier.py --out bench/runs/<date>-cpu-frontier/frontier.json
 
-Each example of ``examples/`` (resized to 128 px) is inverted once (direct inversion)
+Each example of ``example_data/`` (resized to 128 px) is inverted once (direct inversion)
 and edited like edit_bench.py's fast mode (batched two-branch sampler, CAM on the
 example's ``edit_words``, PFB ``object`` preset, MAG with the cached source and the
 truncated loss forward) once per MAG setting of ``SETTINGS``. The first setting, ``ref``,

@@ -33,7 +33,7 @@ from xmgie.mgie_core import tiny
 from xmgie.mgie_core.masks import mask_bbox
 from xmgie.mgie_core.models import sam as sam_lib
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "example_data"
 
 
 def load(folder: Path, limit: int | None = None):

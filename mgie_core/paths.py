@@ -290,6 +290,21 @@ def _cached_defaults(fam: Family) -> list[str]:
     return out
 
 
+def _part_of_folder_model(fam: Family, root: Path, file: Path) -> bool:
+    """True when ``file`` (found under ``root``) belongs to a folder model of another
+    family kept in the same folder: in models/mgie, the MGIE folder (mgie_7b/: mllm.pt,
+    the LLaVA and CLIP weights) sits beside unet.pt, and its files are no MGIE UNets. A
+    file at that folder's top level other than its marker stays listed (Apple's mgie_7b
+    holds unet.pt beside mllm.pt)."""
+    others = [o for o in FAMILIES.values() if o.kind == "folder" and o is not fam
+              and set(o.comfy_names) & set(fam.comfy_names)]
+    for sub in list(file.relative_to(root).parents)[:-1]:
+        for other in others:
+            if _valid(other, root / sub):
+                return not (file.parent == root / sub and file.name != other.folder_marker)
+    return False
+
+
 def list_models(family: Family | str) -> list[str]:
     """Names to offer in a node's dropdown.
 
@@ -309,7 +324,8 @@ def list_models(family: Family | str) -> list[str]:
             continue
         for p in sorted(d.rglob("*") if fam.kind == "file" else d.iterdir()):
             if fam.kind == "file" and p.is_file() and p.suffix.lower() in fam.extensions:
-                found.append(p.relative_to(d).as_posix())
+                if not _part_of_folder_model(fam, d, p):
+                    found.append(p.relative_to(d).as_posix())
             elif fam.kind == "folder" and _valid(fam, p):
                 found.append(p.name)
     more = _cached_defaults(fam) if in_comfyui() else list(fam.default_names)

@@ -19,7 +19,7 @@ Accepted layouts (``load_dataset`` takes the folder or the file itself):
 
 * ``manifest.jsonl`` -- JSON lines, one object per item;
 * ``manifest.json`` -- a JSON list of items, an object with an ``examples`` or ``items``
-  list (the layout of the shipped ``examples/``), or JSON lines;
+  list (the layout of the shipped ``example_data/``), or JSON lines;
 * ``mapping_file.json`` -- PIE-Bench: ``{id: {image_path, original_prompt, editing_prompt,
   editing_instruction, blended_word, mask (run-length), editing_type_id}}`` with the
   photos under ``annotation_images/``. Brackets that mark the edited words in PIE-Bench

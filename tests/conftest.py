@@ -57,12 +57,12 @@ def clean_paths():
     paths.configure(reset=True)
 
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "example_data"
 
 
 @pytest.fixture
 def example_photos():
-    """The example dataset shipped in the repository (examples/: four photos with masks,
+    """The example dataset shipped in the repository (example_data/: four photos with masks,
     instructions and prompts, listed in manifest.json)."""
     assert (EXAMPLES / "manifest.json").exists(), f"the example dataset is missing: {EXAMPLES}"
     return EXAMPLES

@@ -19,7 +19,7 @@ from xmgie.mgie_core import blur
 from xmgie.mgie_core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "examples"   # the example dataset shipped in the repository
+EXAMPLES = REPO / "example_data"   # the example dataset shipped in the repository
 NAMES = ["carpet", "butterfly", "corgi", "cat_shirt"]
 needs_examples = pytest.mark.usefixtures("example_photos")
 

@@ -149,6 +149,28 @@ def test_inside_comfyui_loaders_list_only_models_that_exist(tmp_path, clean_path
         clean_paths.set_comfy_provider(None)
 
 
+def test_the_mgie_unet_list_leaves_out_the_mgie_folders_weights(tmp_path, clean_paths):
+    # models/mgie holds unet.pt and the MGIE folder (mllm.pt, the LLaVA and CLIP weights);
+    # only UNets belong in Load MGIE UNet's list (Apple's folder keeps unet.pt beside
+    # mllm.pt, and that one is listed).
+    comfy = tmp_path / "comfy"
+    mgie = comfy / "mgie"
+    for rel in ("unet.pt", "mgie_7b/mllm.pt", "mgie_7b/unet.pt",
+                "mgie_7b/LLaVA-7B-v1/model-00001-of-00002.safetensors",
+                "mgie_7b/clip-vit-large-patch14/model.safetensors", "other/unet_v2.pt"):
+        (mgie / rel).parent.mkdir(parents=True, exist_ok=True)
+        (mgie / rel).write_bytes(b"")
+    clean_paths.set_comfy_provider(lambda name: [str(comfy / name)])
+    try:
+        assert paths.list_models(paths.MGIE_UNET) == ["mgie_7b/unet.pt", "other/unet_v2.pt",
+                                                      "unet.pt"]
+        assert paths.list_models(paths.MGIE) == ["mgie_7b"]
+        names = loaders.LoadMGIEUNet.INPUT_TYPES()["required"]["unet_name"][0]
+        assert "mgie_7b/mllm.pt" not in names and "unet.pt" in names
+    finally:
+        clean_paths.set_comfy_provider(None)
+
+
 def test_standalone_lists_the_defaults_and_hints_the_models_dir(tmp_path, clean_paths):
     clean_paths.configure(models_dir=[tmp_path])
     assert paths.list_models(paths.SD_CHECKPOINT) == ["v1-5-pruned-emaonly.safetensors"]

@@ -153,6 +153,25 @@ def test_workflows_are_valid_json():
         json.loads(p.read_text())
 
 
+# The folder names ComfyUI (app/custom_node_manager.py) looks in for a pack's workflow
+# templates, in its order: it lists the *.json of every one of them that exists, and
+# serves /api/workflow_templates/<pack>/ from each, the first one answering every file
+# request under that prefix (a later folder's templates and thumbnails then 404).
+COMFY_TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
+
+
+def test_comfyui_finds_the_templates_in_workflows_only():
+    present = [n for n in COMFY_TEMPLATE_FOLDERS if (ROOT / n).is_dir()]
+    assert present == ["workflows"], (
+        f"top-level folders {present}: ComfyUI takes each of {COMFY_TEMPLATE_FOLDERS} for "
+        "workflow templates; only workflows/ may exist, or the browser lists stray JSON "
+        "as templates and cannot open the real ones")
+    for p in sorted((ROOT / "workflows").glob("*.json")):
+        data = json.loads(p.read_text())
+        assert "nodes" in data and "links" in data, f"{p.name} is not a UI workflow"
+        assert p.with_suffix(".jpg").is_file(), f"{p.name} has no thumbnail"
+
+
 def test_readme_lists_every_node_and_workflow():
     import xmgie
 
