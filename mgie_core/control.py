@@ -50,6 +50,7 @@ from . import attention, attention_hooks, host
 from .attention import AttnHook, BatchLayout, Branch
 from .diffusion import Schedule
 from .errors import InputError
+from .graphs import GraphCache
 from .guidance import SourceCache
 from .images import Fit
 from .inversion import InversionResult
@@ -193,6 +194,8 @@ class SamplingRun:
     edit_passes: int = 0                          # edit-row passes for losses
     # Updates each optimising control applied and skipped in this run (see report.py).
     report: UpdateReport = dataclasses.field(default_factory=UpdateReport)
+    # compile_unet="graphs": the run's captured UNet calls (graphs.py); None: eager.
+    graphs: GraphCache | None = None
 
     @property
     def two_branch(self) -> bool:

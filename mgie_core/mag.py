@@ -351,7 +351,7 @@ def truncated_gradient(control: MAGControl, run, zv: torch.Tensor, i: int):
 
 
 def _gradient(control: MAGControl, run, zv: torch.Tensor, i: int):
-    cache = getattr(run, "graphs", None)
+    cache = run.graphs
     if cache is None or not cache.active:
         return truncated_gradient(control, run, zv, i)
     from . import graph_calls

@@ -126,7 +126,7 @@ def _run_unet(run: SamplingRun, groups: list[tuple[BatchLayout, torch.Tensor, to
     """Call the UNet once per group (one group when batched); return eps rows in the
     order of the concatenated layouts."""
     outs = []
-    cache = getattr(run, "graphs", None)
+    cache = run.graphs
     for layout, z, emb in groups:
         run.controller.reset_call(AttnContext(i, run.schedule.num_steps, layout,
                                               _latent_hw(z)))
@@ -216,7 +216,7 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     nulls = host.place(inversion.null_embeddings, sd.device, torch.float32) \
         if inversion.null_embeddings is not None else None
     z_T = traj[0]
-    fit = getattr(inversion, "fit", None)
+    fit = inversion.fit
     mask = _validate_mask(mask, sd, z_T, fit)
     cam = _cam_from_plan(cam, plan, mask)
 
