@@ -37,7 +37,7 @@ from . import attention, attention_hooks, host, vae
 from .architecture import architecture_of
 from .diffusion import encode_prompt
 from .errors import InputError
-from .images import check_image, check_mask, fit_image
+from .images import check_image, check_mask
 from .models.sd import SDModel
 from .plan import CONNECT_PLAN, from_plan
 from .tokens import word_token_groups
@@ -173,14 +173,14 @@ def attention_map(sd: SDModel, image: torch.Tensor, prompt: str, word: str,
     ts = _check_timesteps(sd, timesteps)
     host.check_interrupt()
 
-    fitted, fit = fit_image("image", image, sd.vae_scale, "pad")
-    z0 = vae.encode(sd, fitted).samples                      # [1,4,h,w]
+    lat = vae.encode_photo(sd, image, "pad", multiple=sd.vae_scale)
+    z0, fit = lat.samples, lat.fit                           # [1,4,h,w]
     z_t = noised_latents(sd, z0, ts, seed)
     layers = map_layers(sd.unet)
     maps = capture_maps(sd, z_t, ts, encode_prompt(sd, prompt), layers)
     m = aggregate_maps(maps, tokens, architecture_of(sd.unet).size_at_factor(
         tuple(z0.shape[-2:]), MAP_FACTOR))
-    return fit.undo_mask(upsample_map(m, tuple(fitted.shape[1:3]))[None])[0]
+    return fit.undo_mask(upsample_map(m, fit.fitted)[None])[0]
 
 
 def attention_mask(sd: SDModel, image: torch.Tensor, prompt: str, word: str,
