@@ -18,11 +18,11 @@ CORE = ROOT / "mgie_core"
 # Lower layers first; a module may import its own layer or any layer below.
 LAYERS = [
     {"errors", "paths", "host", "grad_mode", "memory", "report"},
-    {"models", "configs", "images", "tokens", "tolerant_json", "architecture"},
+    {"models", "configs", "images", "tokens", "tolerant_json", "architecture", "losses"},
     {"diffusion", "vae", "attention", "attention_hooks", "blur", "graphs"},
     {"inversion", "masks", "plan", "plan_rules", "plan_answer"},
     {"control", "guidance", "pfb"},
-    {"sampler", "mag", "astar", "identity_guidance", "graph_calls"},
+    {"sampler", "mag", "astar", "identity_guidance", "graph_calls", "trainable", "trained"},
     {"tiny"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
