@@ -209,6 +209,12 @@ def test_split_validation_is_seeded_and_disjoint(tmp_path):
     one = ds.subset([0])
     with pytest.raises(TrainDataError, match="leaves none to train on"):
         split_validation(one, 0.5, seed=0)
+    # Any map-style dataset (the engine accepts one in place of a path) splits the same way.
+    plain = torch.utils.data.TensorDataset(torch.arange(10))
+    p_train, p_val = split_validation(plain, 0.2, seed=7)
+    assert isinstance(p_val, torch.utils.data.Subset)
+    assert [ds.pairs[i].id for i in p_val.indices] == ids(val)
+    assert len(p_train) == 8
 
 
 # --- InstructPix2Pix ------------------------------------------------------------------
@@ -399,7 +405,9 @@ def test_hf_parquet_magicbrush_columns_and_splits(tmp_path, hf_cache):
 
     data = tmp_path / "MagicBrush" / "data"
     data.mkdir(parents=True)
-    datasets.Dataset.from_dict(rows(["1", "2"]), features=features).to_parquet(
+    train_rows = rows(["1", "2"])
+    train_rows["mask_img"][1] = None
+    datasets.Dataset.from_dict(train_rows, features=features).to_parquet(
         str(data / "train-00000-of-00001.parquet"))
     datasets.Dataset.from_dict(rows(["9"]), features=features).to_parquet(
         str(data / "dev-00000-of-00001.parquet"))
@@ -408,6 +416,8 @@ def test_hf_parquet_magicbrush_columns_and_splits(tmp_path, hf_cache):
     item = ds[0]
     assert item["instruction"] == "edit 1" and item["has_mask"] is True
     assert float(item["mask"][0, :, :8].min()) == 1.0 and float(item["mask"][0, :, 8:].max()) == 0
+    # A pair whose mask cell is empty has no mask (the column stays).
+    assert ds[1]["has_mask"] is False and float(ds[1]["mask"].min()) == 1.0
     dev = load_pairs(tmp_path / "MagicBrush", resolution=16, split="dev")
     assert [p.id for p in dev.pairs] == ["9_1"]
     one_file = load_pairs(data / "dev-00000-of-00001.parquet", resolution=16)
@@ -443,7 +453,8 @@ def test_hf_column_mapping_and_path_cells(tmp_path, hf_cache):
 
 def test_hf_hub_ids_are_refused_and_nothing_is_fetched(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for hub in ("osunlp/MagicBrush", "hf://datasets/timbrooks/instructpix2pix-clip-filtered"):
+    for hub in ("osunlp/MagicBrush", "hf://datasets/timbrooks/instructpix2pix-clip-filtered",
+                Path("hf://datasets/osunlp/MagicBrush"), "https://example.org/pairs.parquet"):
         with pytest.raises(TrainDataError, match="not a local path.*never downloads"):
             load_pairs(hub, format="hf")
 

@@ -88,6 +88,8 @@ HF_REQUIRED = ("source", "target", "instruction")
 HF_SPLITS = ("train", "validation", "val", "dev", "test")
 IP2P_SPLITS = {"train": (0.0, 0.9), "val": (0.9, 0.95), "test": (0.95, 1.0)}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A URL or hf:// address, also after Path() has folded its "//" into "/".
+_REMOTE = re.compile(r"^(hf|https?|s3|gs):/", re.IGNORECASE)
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -152,6 +154,13 @@ def _cell_bytes(value: Any, base: Path) -> bytes:
         return buffer.getvalue()
     raise TrainDataError(f"an image cell holds {type(value).__name__}; expected an image, "
                          "its bytes or its path")
+
+
+def _empty_cell(value: Any) -> bool:
+    """A cell that holds no image (a pair without a mask in a column that has some)."""
+    if isinstance(value, dict):
+        return not value.get("bytes") and not value.get("path")
+    return value is None or value == ""
 
 
 def _resolve(base: Path, name: str) -> Path:
@@ -241,11 +250,12 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def split_validation(dataset: PairDataset, fraction: float, seed: int = 0
-                     ) -> tuple[PairDataset, PairDataset]:
+def split_validation(dataset: torch.utils.data.Dataset, fraction: float, seed: int = 0
+                     ) -> tuple[Any, Any]:
     """(train, val): a seeded random ``fraction`` of the pairs held out for validation
     (at least one pair when ``fraction`` > 0; none when it is 0). The same seed gives the
-    same split in every process. Both keep the dataset's order."""
+    same split in every process. Both keep the dataset's order. A :class:`PairDataset`
+    gives two PairDatasets; any other map-style dataset two ``torch.utils.data.Subset``."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
             or not 0.0 <= fraction < 1.0 or math.isnan(fraction):
         raise TrainDataError(f"validation fraction {fraction!r}; expected a number in [0, 1), "
@@ -253,7 +263,8 @@ def split_validation(dataset: PairDataset, fraction: float, seed: int = 0
     n = len(dataset)
     n_val = 0 if fraction == 0 else max(1, int(round(n * fraction)))
     if n - n_val < 1:
-        raise TrainDataError(f"dataset {dataset.origin or ''} has {n} pair(s): holding out "
+        origin = getattr(dataset, "origin", "") or ""
+        raise TrainDataError(f"dataset {origin} has {n} pair(s): holding out "
                              f"{n_val} for validation (fraction {fraction}) leaves none to "
                              "train on; add pairs, lower data.val_fraction, or give a "
                              "separate data.val_path")
@@ -261,7 +272,9 @@ def split_validation(dataset: PairDataset, fraction: float, seed: int = 0
     val = sorted(int(i) for i in order[:n_val])
     held = set(val)
     train = [i for i in range(n) if i not in held]
-    return dataset.subset(train), dataset.subset(val)
+    if isinstance(dataset, PairDataset):
+        return dataset.subset(train), dataset.subset(val)
+    return torch.utils.data.Subset(dataset, train), torch.utils.data.Subset(dataset, val)
 
 
 # --- decoding -------------------------------------------------------------------------
@@ -407,7 +420,7 @@ def load_pairs(path: Path | str, *, resolution: int = 64, format: str = "auto",
     text = str(path)
     p = Path(text).expanduser()
     if not p.exists():
-        if text.startswith(("hf://", "http://", "https://")) or _HUB_ID.match(text):
+        if _REMOTE.match(text) or _HUB_ID.match(text):
             raise TrainDataError(
                 f"dataset {text!r} is not a local path (it looks like a Hugging Face Hub id "
                 "or a URL); training reads local folders only and never downloads. Download "
@@ -742,24 +755,24 @@ def _hf_pairs(path: Path, columns: dict[str, str] | None, split: str | None) -> 
         if isinstance(feature, datasets.Image) and feature.decode:
             # Keep the encoded bytes: decoding happens once, when a pair is used.
             data = data.cast_column(chosen[role], datasets.Image(decode=False))
-    texts = data.select_columns([chosen[r] for r in chosen if r not in image_roles])
+    # Texts as whole columns (one read each), not row by row.
+    texts = data.select_columns([chosen[r] for r in chosen if r not in image_roles]).to_dict()
     by_role = {role: data.select_columns([chosen[role]]) for role in image_roles}
     has_mb_id = "img_id" in data.column_names and "turn_index" in data.column_names
-    extra_ids = data.select_columns(["img_id", "turn_index"]) if has_mb_id else None
+    extra_ids = data.select_columns(["img_id", "turn_index"]).to_dict() if has_mb_id else None
     pairs = []
     for row in range(len(data)):
-        record = texts[row] if texts.column_names else {}
+        record = {name: values[row] for name, values in texts.items()}
         if "id" in chosen:
             pair_id = safe_id(record[chosen["id"]])
         elif extra_ids is not None:
-            ids = extra_ids[row]
-            pair_id = safe_id(f"{ids['img_id']}_{ids['turn_index']}")
+            pair_id = safe_id(f"{extra_ids['img_id'][row]}_{extra_ids['turn_index'][row]}")
         else:
             pair_id = f"row{row:06d}"
         refs = {role: ImageRef(label=f"column '{chosen[role]}' of row {row} in {path}",
                                fetch=_Cell(by_role[role], chosen[role], row, folder))
                 for role in image_roles}
-        if "mask" in refs and by_role["mask"][row][chosen["mask"]] is None:
+        if "mask" in refs and _empty_cell(by_role["mask"][row][chosen["mask"]]):
             refs.pop("mask")
         pairs.append(Pair(
             id=pair_id, source=refs["source"], target=refs["target"], mask=refs.get("mask"),
