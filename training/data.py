@@ -119,6 +119,8 @@ class ImageRef:
             return Image.open(io.BytesIO(self.fetch()))
         except FileNotFoundError:
             raise TrainDataError(f"{self.label} does not exist") from None
+        except Image.DecompressionBombError as exc:
+            raise TrainDataError(f"{self.label} is too large to open safely ({exc})") from None
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise TrainDataError(f"{self.label} is not an image PIL can read ({exc})") from None
 
@@ -466,7 +468,7 @@ def detect_format(path: Path) -> str:
             return "manifest"
         raise TrainDataError(f"cannot tell the format of {path}; expected a manifest "
                              "(.jsonl/.json), seeds.json, edit_sessions.json or a .parquet "
-                             "file, or pass format=")
+                             "file, or name the format (data.format in a training config)")
     if any((path / n).is_file() for n in ("manifest.jsonl", "manifest.json")):
         return "manifest"
     if (path / "edit_sessions.json").is_file():
@@ -488,7 +490,8 @@ def detect_format(path: Path) -> str:
         f"cannot tell the format of dataset folder {path} (it holds: {found}); expected "
         "manifest.jsonl (a batch manifest with 'target'), seeds.json or folders with "
         "prompt.json (InstructPix2Pix), edit_sessions.json (MagicBrush), or a Hugging Face "
-        "datasets folder (save_to_disk or parquet); or pass format=")
+        "datasets folder (save_to_disk or parquet); or name the format (data.format in a "
+        "training config)")
 
 
 def _text(value: Any) -> str:
@@ -560,7 +563,8 @@ def _split_folder(path: Path, split: str | None, marker: str) -> Path:
     raise TrainDataError(
         f"dataset folder {path} has no {marker}"
         + (f" (nor {path / split / marker})" if split else "")
-        + (f"; its splits: {', '.join(found)}; pass split=" if found else ""))
+        + (f"; its splits: {', '.join(found)}; choose one with data.split (split=)"
+           if found else ""))
 
 
 def _ip2p_pairs(path: Path, split: str | None) -> list[Pair]:
@@ -678,7 +682,7 @@ def _open_hf(path: Path, split: str | None) -> Any:
                                                      names[0] if len(names) == 1 else None)
             if chosen not in data:
                 raise TrainDataError(f"Hugging Face dataset {path} has splits "
-                                     f"{', '.join(names)}; pass split= one of them"
+                                     f"{', '.join(names)}; choose one with data.split (split=)"
                                      + (f" (not {split!r})" if split else ""))
             data = data[chosen]
         elif split is not None:
@@ -705,7 +709,8 @@ def _open_hf(path: Path, split: str | None) -> Any:
         chosen = by_split["train"]
     else:
         raise TrainDataError(f"{path} holds parquet files of several splits "
-                             f"({', '.join(sorted(str(s) for s in by_split))}); pass split=")
+                             f"({', '.join(sorted(str(s) for s in by_split))}); choose one "
+                             "with data.split (split=)")
     try:
         data = datasets.load_dataset("parquet", data_files=[str(f) for f in chosen],
                                      split="train")
