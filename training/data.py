@@ -343,9 +343,13 @@ def _mask_gray(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def _mask_array(ref: ImageRef, res: int, pair_id: str) -> np.ndarray:
-    gray = _square(_mask_gray(_decode(ref, pair_id, "mask")), res, Image.Resampling.NEAREST)
-    return (np.asarray(gray) >= 128).astype(np.float32)
+def _mask_array(ref: ImageRef, res: int, pair_id: str,
+                gray: Image.Image | None = None) -> np.ndarray:
+    """float32 [R, R] in {0, 1}: nearest-neighbour resize, then the 0.5 threshold."""
+    if gray is None:
+        gray = _mask_gray(_decode(ref, pair_id, "mask"))
+    small = _square(gray, res, Image.Resampling.NEAREST)
+    return (np.asarray(small) >= 128).astype(np.float32)
 
 
 # --- checks ---------------------------------------------------------------------------
@@ -392,7 +396,7 @@ def _check_pairs(pairs: list[Pair], resolution: int, origin: str, fmt: str) -> N
                     f"dataset {origin}: pair '{pair.id}': the mask {pair.mask.label} is all "
                     "black (it marks no edited region); white marks the edited region; fix "
                     "the mask or leave it out (no mask: the whole image may change)")
-            if not _mask_array(pair.mask, resolution, pair.id).any():
+            if not _mask_array(pair.mask, resolution, pair.id, gray).any():
                 raise TrainDataError(
                     f"dataset {origin}: pair '{pair.id}': the edited region of mask "
                     f"{pair.mask.label} vanishes at resolution {resolution}; train at a "
