@@ -5,7 +5,9 @@ blended with the reference branch's, in the same batched call:
 
     h = m * (a_l * h_edit + (1 - a_l) * h_ref) + (1 - m) * h_ref
 
-with m the (binary) mask resized to the features; a_l = 1 is the official code. The
+with m the (binary) mask resized to the features; a_l = 1 is the official code
+(:func:`blend_features`, the one formula sampling and training use; a trained a_l per
+site comes from :class:`.trainable.PFBWeights`, docs/algorithms.md §14). The
 reference is the reconstruction branch pinned to the stored inverted latent z*_t
 (text-to-image path) or the noised source latent (instruction path), so no extra UNet
 pass is needed. Latent blending z = m z + (1 - m) z_ref follows each early step.
@@ -140,6 +142,30 @@ def dilate(mask: torch.Tensor, px_at_512: float) -> torch.Tensor:
     return out[:, 0].to(mask.dtype)
 
 
+def blend_features(h_edit: torch.Tensor, h_ref: torch.Tensor, m: torch.Tensor,
+                   a: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """PFB's blend h = m (a h_edit + (1 - a) h_ref) + (1 - m) h_ref: the one formula of
+    the sampler (:class:`PFBControl`) and of training.
+
+    ``m`` broadcasts to the features ([B,1,h,w] in {0,1}); ``a`` is a number or a 0-dim
+    tensor (a trained a_l, which then receives the gradient). A number 1 skips the inner
+    mix (the official code); a tensor always mixes, in float32 so that a_l's gradient
+    is summed in float32 under a half-precision UNet, and the result is cast back to the
+    features' dtype. At a = 1 that is exactly h_edit (1 * x = x and x + 0 * y = x in
+    floating point, and m is 0 or 1), so an untrained weight reproduces the fixed blend
+    bit for bit."""
+    if isinstance(a, torch.Tensor):
+        dtype = h_edit.dtype
+        he, hr, mf = h_edit.float(), h_ref.float(), m.float()
+        a = a.float()
+        return (mf * (a * he + (1 - a) * hr) + (1 - mf) * hr).to(dtype)
+    if a == 1.0:
+        inner = h_edit
+    else:
+        inner = a * h_edit + (1 - a) * h_ref
+    return m * inner + (1 - m) * h_ref
+
+
 @dataclasses.dataclass
 class PFBControl(Control):
     """PFB feature and latent blending.
@@ -157,8 +183,11 @@ class PFBControl(Control):
 
     ``placement``: "pfb_diff" (default, the authors' sites, see the module docstring) or
     "block_outputs" (whole-block outputs including skips; ``blocks`` overrides the
-    preset's blocks there). ``alpha`` is one a_l for all sites, or a dict keyed by module
-    name or prefix ("mid_block", "up_blocks.1"); the longest matching key wins.
+    preset's blocks there). ``alpha`` is one a_l for all sites, a dict keyed by module
+    name or prefix ("mid_block", "up_blocks.1"; the longest matching key wins), or a
+    module with one learnable a_l per site (:class:`.trainable.PFBWeights`, made for the
+    same preset and placement): its values are read once per run when no gradient is
+    recorded (sampling), and at every call when one is (training through the sampler).
 
     ``mask``: the edited object (white); None (default) uses the sampler's mask, a mask
     given here overrides it for this control only (``Control.resolve_mask``). PFB needs
@@ -168,7 +197,7 @@ class PFBControl(Control):
 
     mask: torch.Tensor | None = None      # own [B,H,W] object mask; None: the sampler's
     preset: str = "object"
-    alpha: float | dict = 1.0                # per-site a_l, or one value for all
+    alpha: float | dict | torch.nn.Module = 1.0   # per-site a_l, one value, or PFBWeights
     blocks: Sequence[str] | None = None   # block_outputs placement: override the blocks
     latent_blend: bool = True
     follow_inversion: bool = True            # pin the reconstruction branch to z*_t
@@ -192,6 +221,7 @@ class PFBControl(Control):
         self._cache: dict[str, torch.Tensor] = {}   # site -> conditional reference rows
         self._cache_step: int | None = None
         self._in_reference_pass = False
+        self._site_alpha: dict[str, torch.Tensor] = {}   # learned a_l, read once per run
 
     # -- sampler protocol ---------------------------------------------------------
     def blend_region(self, object_mask: torch.Tensor) -> torch.Tensor:
@@ -227,6 +257,7 @@ class PFBControl(Control):
                 raise InputError("blocks", f"names {missing} that this UNet does not have",
                                  "SD 1.x block names like down_blocks.2, mid_block, up_blocks.1")
             self.sites = block_output_sites(unet, blocks)
+        self._site_alpha = self._learned_alphas(z.device)
         if run.reference is None:
             raise InputError("controls", "include PFB but the sampler has no reference",
                              "a source image (instruction path) or an inversion")
@@ -241,6 +272,7 @@ class PFBControl(Control):
         self._cache.clear()
         self._cache_step = None
         self._run = None
+        self._site_alpha = {}
 
     def before_step(self, run, i: int) -> None:
         if self.follow_inversion and Branch.REC in run.latents:
@@ -254,7 +286,31 @@ class PFBControl(Control):
         run.latents[Branch.EDIT] = m * z + (1 - m) * run.reference_at(i + 1)
 
     # -- feature blending ----------------------------------------------------------
-    def _alpha(self, name: str) -> float:
+    def _learned_alphas(self, device) -> dict[str, torch.Tensor]:
+        """A learned a_l per site: checked to cover every site of this run; read once,
+        detached and on the device, when no gradient is recorded (the sampler's steps
+        then copy nothing from the host), else ({}) read at every call by :meth:`_alpha`."""
+        weights = self.alpha
+        if not isinstance(weights, torch.nn.Module):
+            return {}
+        missing = [s.module for s in self.sites if s.module not in weights.sites]
+        if missing:
+            raise InputError("alpha", f"holds learned weights for the sites "
+                             f"{list(weights.sites)}, not for {missing}",
+                             f"PFB weights made for preset {self.preset!r} and placement "
+                             f"{self.placement!r} on this UNet",
+                             "Use the PFB control's preset and placement the weights were "
+                             "trained with (trained.json says which).")
+        if torch.is_grad_enabled() and any(p.requires_grad for p in weights.parameters()):
+            return {}
+        with torch.no_grad():
+            return {s.module: weights.alpha(s.module).detach().to(device) for s in self.sites}
+
+    def _alpha(self, name: str) -> float | torch.Tensor:
+        """a_l of the site ``name``: a number, or a 0-dim tensor for learned weights."""
+        if isinstance(self.alpha, torch.nn.Module):
+            got = self._site_alpha.get(name)
+            return got if got is not None else self.alpha.alpha(name)
         if not isinstance(self.alpha, dict):
             return float(self.alpha)
         keys = [k for k in self.alpha if name == k or name.startswith(k + ".")]
@@ -298,10 +354,10 @@ class PFBControl(Control):
         a = self._alpha(site.module)
         out = h.clone()
         bsz = h.shape[0] // len(layout)
+        if isinstance(a, torch.Tensor):
+            a = a.to(h.device)        # a no-op for weights on the UNet's device
         for e, hr in plan:
-            he = h[e * bsz:(e + 1) * bsz]
-            inner = he if a == 1.0 else a * he + (1 - a) * hr
-            out[e * bsz:(e + 1) * bsz] = m * inner + (1 - m) * hr
+            out[e * bsz:(e + 1) * bsz] = blend_features(h[e * bsz:(e + 1) * bsz], hr, m, a)
         return out
 
     def _references(self, h: torch.Tensor, layout, site: Site, compute=None
