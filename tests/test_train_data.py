@@ -486,6 +486,37 @@ def test_unreadable_image_is_named(tmp_path):
         load_pairs(tmp_path / "m")
 
 
+def _header_only_png(path: Path, width: int, height: int) -> None:
+    """A PNG whose header says width x height and which holds no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def test_a_photo_above_the_pixel_limit_is_refused_from_its_header(tmp_path, monkeypatch):
+    _simple_manifest(tmp_path / "m")
+    _header_only_png(tmp_path / "m" / "a.png", 9000, 9000)
+    _header_only_png(tmp_path / "m" / "a_edit.png", 9000, 9000)
+    with pytest.raises(TrainDataError, match="9000x9000, above the pack's limit.*"
+                                             "XMGIE_MAX_IMAGE_PIXELS"):
+        load_pairs(tmp_path / "m")
+
+
+def test_a_truncated_image_fails_when_used_with_its_name(tmp_path):
+    _simple_manifest(tmp_path / "m")
+    _header_only_png(tmp_path / "m" / "a.png", 40, 40)  # the header passes the checks
+    ds = load_pairs(tmp_path / "m", resolution=8)
+    with pytest.raises(TrainDataError, match="pair 'a': the source image .*a.png cannot be "
+                                             "decoded"):
+        ds[0]
+
+
 def test_target_of_another_size_names_both_sizes(tmp_path):
     _simple_manifest(tmp_path / "m", target=_rgb(40, 30))
     with pytest.raises(TrainDataError) as err:

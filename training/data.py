@@ -45,10 +45,12 @@ style change); an empty one is an error, since it would say the edit changed not
 
 Checks in :func:`load_pairs` (each a :class:`TrainDataError` naming the pair and the file):
 missing or unreadable image files, a target or mask whose size differs from the photo's
-(both sizes named), an all-black mask, a pair without text, an empty dataset, an unknown
-format, and missing or unknown columns. Pixels are decoded when a pair is first used
-(sizes are read from the file headers); a file that is truncated past its header fails
-there, with the same kind of error.
+(both sizes named), a photo above the pack's pixel limit (``XMGIE_MAX_IMAGE_PIXELS``, as
+for every image the pack reads), an all-black mask, a pair without text, repeated ids, an
+empty dataset, an unknown format, and missing or unknown columns. Sizes come from the file
+headers and only masks are decoded there, so checking stays fast on large datasets; the
+photos' pixels are decoded when a pair is first used, and a file truncated past its header
+fails then, with the same kind of error naming the pair and the file.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..mgie_core.images import ENV_MAX_PIXELS, max_pixels
 from ..runner.dataset import DatasetError, load_dataset, safe_id
 
 FORMATS = ("auto", "manifest", "ip2p", "magicbrush", "hf")
@@ -380,6 +383,12 @@ def _check_pairs(pairs: list[Pair], resolution: int, origin: str, fmt: str) -> N
             except TrainDataError as exc:
                 raise TrainDataError(f"dataset {origin}: pair '{pair.id}': the {role} image "
                                      f"{exc}") from None
+        w, h = sizes["source"]
+        if w * h > max_pixels():
+            raise TrainDataError(
+                f"dataset {origin}: pair '{pair.id}': the source {pair.source.label} is "
+                f"{w}x{h}, above the pack's limit of {max_pixels()} pixels; shrink it (it is "
+                f"resized to {resolution}x{resolution} anyway) or raise {ENV_MAX_PIXELS}")
         for role in ("target", "mask"):
             if role in sizes and sizes[role] != sizes["source"]:
                 (sw, sh), (ow, oh) = sizes["source"], sizes[role]
