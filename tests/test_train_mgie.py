@@ -42,7 +42,7 @@ def _config(**overrides):
 def models(env, task_mod):
     """The tiny MGIE and its SD with the 8-channel UNet, loaded once (given to tasks,
     which must leave them as they are)."""
-    mgie, sd = task_mod._load_models(task_mod.settings(_config()), True, torch.float32)
+    mgie, sd = task_mod._load_models(task_mod.settings(_config()), True)
     return {"mgie": mgie, "sd": sd}
 
 
@@ -205,6 +205,31 @@ def test_lora_trains_adapters_embeddings_head_edit_head_and_unet(env, models, ba
     assert not torch.equal(merged, dict(models["mgie"].llm.model.named_parameters())[q])
     assert not any("lora" in n for n, _ in new_mgie.llm.named_modules())
     assert _same(given, _given_state(models))
+
+
+def test_mixed_precision_keeps_trained_tensors_float32(env, batch, task_mod):
+    """bf16 with gradient checkpointing and LoRA (models loaded for the run): the frozen
+    parts compute in bf16, everything that trains is float32 with finite gradients."""
+    cfg = _config(**{"precision": "bf16", "gradient_checkpointing": True,
+                     "model.lora": {"r": 2, "alpha": 4}})
+    acc = types.SimpleNamespace(device=torch.device("cpu"), mixed_precision="bf16")
+    task = task_mod.build_task(cfg, acc, True)
+    m = task.model
+    trained = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 for p in trained.values())
+    frozen = {n: p.dtype for n, p in m.named_parameters() if not p.requires_grad}
+    assert {frozen[n] for n in frozen if n.startswith(("body.", "vision.", "projector.",
+                                                       "vae."))} == {torch.bfloat16}
+    assert m.body_trains and m.unet.is_gradient_checkpointing
+    assert any(getattr(x, "gradient_checkpointing", False) for x in m.body.modules())
+    m.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(batch)
+    out["loss"].backward()
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    grads = [p.grad for p in trained.values() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(n for n in trained if "lora_A" in n and trained[n].grad is not None)
 
 
 # --- a tiny run, its export, and the export applied -----------------------------------------

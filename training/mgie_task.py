@@ -231,14 +231,15 @@ class MGIETrainModel(nn.Module):
             if not isinstance(instruction, str) or not instruction.strip():
                 raise InputError(name, "is empty", "an editing instruction")
             self.mgie.check_instruction(instruction)
-            prompt = tok(self.mgie.prompt(instruction.strip()))["input_ids"]
+            prompt_text = self.mgie.prompt(instruction.strip())
+            prompt = tok(prompt_text)["input_ids"]
             n_patch = sum(1 for t in prompt if t == self.patch_id)
             if n_patch != self.num_patches:
                 raise InputError(name, f"splits into {n_patch} {IM_PATCH} tokens",
                                  f"{self.num_patches}", "Use MGIE's own tokenizer.")
             text = (expr or "").strip() or instruction.strip()
             self.mgie.check_instruction(text)
-            answer = tok(" " + text, add_special_tokens=False)["input_ids"]
+            answer = self.answer_ids(prompt_text, prompt, text)
             tail = list(self.img_ids) + ([eos] if eos is not None else [])
             room = (self.context or 10**9) - len(prompt) - len(tail)
             if room < 0:
@@ -258,6 +259,18 @@ class MGIETrainModel(nn.Module):
             lab[i, :len(y)] = torch.tensor(y)
             mask[i, :len(r)] = 1
         return ids, mask, lab, torch.tensor(starts)
+
+    def answer_ids(self, prompt_text: str, prompt: list[int], text: str) -> list[int]:
+        """The answer's ids as they follow the prompt: the whole conversation tokenized
+        at once (as LLaVA v1 builds its training labels) and the prompt's ids cut off, so
+        the first word gets the ids generation would give it after "ASSISTANT:" (a
+        SentencePiece tokenizer does not split " word" alone the way it splits it in
+        context). Should the prompt's ids not be a prefix of the whole (a tokenizer that
+        merges across the boundary), the answer is tokenized on its own."""
+        whole = self.tokenizer(prompt_text + " " + text)["input_ids"]
+        if whole[:len(prompt)] == prompt and len(whole) > len(prompt):
+            return whole[len(prompt):]
+        return self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
 
     # -- parts -------------------------------------------------------------------------
     def image_features(self, source: torch.Tensor) -> torch.Tensor:
@@ -379,12 +392,15 @@ def _compute_dtype(accelerator) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
 
 
-def _load_models(s: MGIESettings, tiny: bool, dtype: torch.dtype):
+def _load_models(s: MGIESettings, tiny: bool):
     from ..mgie_core import tiny as tiny_models
     from ..mgie_core.models import sd as sdm
     from ..mgie_core.models.mgie import load_mgie
 
-    name = "fp32" if dtype == torch.float32 else dtype
+    # Loaded in float32 whatever the compute precision: the trained parts start from the
+    # released values exactly (a bf16 load would round them); :func:`assemble` casts the
+    # frozen parts afterwards.
+    name = "fp32"
     if tiny:
         root = tiny_models.ensure_tiny_models(None, TINY_FAMILIES)
         mgie = load_mgie(str(tiny_models.tiny_path(root, "mgie")), dtype=name, device="cpu")
@@ -435,16 +451,24 @@ def assemble(mgie: MGIEModel, sd, s: MGIESettings, *, dtype: torch.dtype,
     if next(unet.parameters()).dtype != torch.float32:
         unet = unet.float()
     if not copy_given:   # loaded for this run: the frozen parts in the compute precision
-        for m in (body, mgie.vision, mgie.projector, sd.vae):
-            if next(m.parameters()).dtype != dtype:   # diffusers warns on same-dtype casts
-                m.to(dtype=dtype)
+        # (the VAE stays float32 under fp16, whose range SD's VAE can overflow)
+        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+        for m, want in ((body, dtype), (mgie.vision, dtype), (mgie.projector, dtype),
+                        (sd.vae, vae_dtype)):
+            if next(m.parameters()).dtype != want:   # diffusers warns on same-dtype casts
+                m.to(dtype=want)
     # The body without its embedding table (the trained copy replaces it). Its layers are
     # shared with the given model unless the run changes them: LoRA injects adapters and
     # gradient checkpointing sets flags, so then given layers are deep-copied first.
     body = _without_embeddings(body, copy_given and (s.lora is not None
                                                      or gradient_checkpointing))
     if gradient_checkpointing:
-        body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant: the frozen layers' inputs carry the gradient to the embeddings
+        kwargs = {"use_reentrant": False}
+        if hasattr(body, "activation_checkpointing_enable"):    # transformers >= 5.x
+            body.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            body.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         unet.enable_gradient_checkpointing()
     for m in (body, mgie.vision, mgie.projector, sd.vae):
         m.requires_grad_(False)
@@ -600,7 +624,7 @@ def build_task(config, accelerator, tiny: bool, models: dict[str, Any] | None = 
         mgie, sd = given["mgie"], given["sd"]
         copy_given = True
     else:
-        mgie, sd = _load_models(s, tiny, dtype)
+        mgie, sd = _load_models(s, tiny)
         copy_given = False
     if mgie.edit_head.hid2feat.out_features != sd.unet.config.cross_attention_dim:
         raise InputError("model", f"MGIE's edit head writes width "
