@@ -276,6 +276,13 @@ def test_instructpix2pix_missing_image_is_named(tmp_path):
     assert "does not exist" in msg
 
 
+def test_repeated_pairs_are_refused(tmp_path):
+    root = _ip2p(tmp_path / "ip2p", {"0000001": [11]})
+    (root / "seeds.json").write_text(json.dumps([["0000001", [11]], ["0000001", [11]]]))
+    with pytest.raises(TrainDataError, match="pairs 1 and 2 have the same id '0000001_11'"):
+        load_pairs(root, resolution=16)
+
+
 # --- MagicBrush -----------------------------------------------------------------------
 
 
