@@ -15,6 +15,7 @@ The batch (built by :mod:`.data`'s collate) is a dict:
     source_prompt          list[str] ("" where unknown)
     target_prompt          list[str] ("" where unknown)
     expressive_instruction list[str] ("" where unknown)
+    edit_words             list[list[str]] (the words that carry the edit; [] where unknown)
     id                     list[str]
 """
 
