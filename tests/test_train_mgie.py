@@ -278,6 +278,25 @@ def test_tiny_run_loss_falls_and_its_export_changes_mgie_and_the_unet(env, model
     assert torch.equal(again.cond, old.cond)
 
 
+def test_resume_with_lora_gives_the_same_later_losses(env, tmp_path):
+    """Checkpoints hold the adapters with the rest of what trains: a run stopped after
+    step 2 and resumed logs exactly the losses of the uninterrupted run."""
+    from xmgie.training import engine
+
+    cfg = _config(**{"model.lora": {"r": 2, "alpha": 4}, "steps.val_every": 0,
+                     "early_stopping.metric": None})
+    whole = engine.train(cfg, tmp_path / "whole", max_steps=4)
+    polls = iter(range(1, 100))
+    first = engine.train(cfg, tmp_path / "cut", max_steps=4,
+                         should_stop=lambda: next(polls) == 2)
+    assert first.interrupted and first.steps == 2
+    engine.train(cfg, tmp_path / "cut", max_steps=4, resume=True)
+    rows = [json.loads(line) for line in
+            (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in whole.metrics]
+
+
 # --- errors ---------------------------------------------------------------------------------
 
 def _export(tmp_path, env, models, task_mod):
