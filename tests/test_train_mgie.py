@@ -146,6 +146,29 @@ def test_conditioning_dropout_rule(task_mod):
     assert not text.any() and not image.any()
 
 
+def test_a_text_to_image_unet_starts_as_instruct_pix2pix_does(env, batch, task_mod):
+    """model.unet null over a 4-channel base: the UNet gets 4 zero-initialised input
+    channels for the source latent, so the untrained 8-channel copy predicts exactly what
+    the text-to-image UNet does, whatever the source latent."""
+    task = task_mod.build_task(_config(**{"model.unet": None}), ACC, True)
+    unet8 = task.model.unet
+    assert unet8.config.in_channels == 8
+    from xmgie.mgie_core import tiny
+    from xmgie.mgie_core.models import sd as sdm
+
+    base = sdm.load_sd_diffusers(str(tiny.tiny_path(env, "sd_diffusers")), dtype="fp32",
+                                 device="cpu")
+    g = torch.Generator().manual_seed(0)
+    x, src = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    c = torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        torch.testing.assert_close(unet8(torch.cat([x, src], 1), t, c).sample,
+                                   base.unet(x, t, c).sample, atol=1e-5, rtol=1e-4)
+    out = _steps(task, batch, n=1)
+    assert torch.isfinite(out["loss"])
+
+
 # --- what trains ---------------------------------------------------------------------------
 
 TRAINED = ("embed.", "lm_head.", "edit_head.", "unet.")

@@ -68,7 +68,7 @@ BASE_LOADERS = ("checkpoint", "diffusers", "ip2p")
 LORA_DEFAULT = {"r": 16, "alpha": 32, "dropout": 0.0,
                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                    "up_proj", "down_proj"]}
-TINY_FAMILIES = ("sd_diffusers", "mgie_unet", "mgie")
+TINY_FAMILIES = ("sd_diffusers", "mgie_unet", "mgie")   # what --tiny loads by default
 
 
 # -- config ------------------------------------------------------------------------------
@@ -401,11 +401,16 @@ def _load_models(s: MGIESettings, tiny: bool):
     # released values exactly (a bf16 load would round them); :func:`assemble` casts the
     # frozen parts afterwards.
     name = "fp32"
-    if tiny:
-        root = tiny_models.ensure_tiny_models(None, TINY_FAMILIES)
+    if tiny:   # the tiny model of each family; the names in the config are not used
+        base_family = "ip2p_diffusers" if s.base_loader == "ip2p" else "sd_diffusers"
+        root = tiny_models.ensure_tiny_models(None, ("mgie", base_family)
+                                              + (("mgie_unet",) if s.unet else ()))
         mgie = load_mgie(str(tiny_models.tiny_path(root, "mgie")), dtype=name, device="cpu")
-        base = sdm.load_sd_diffusers(str(tiny_models.tiny_path(root, "sd_diffusers")),
-                                     dtype=name, device="cpu")
+        loader = sdm.load_instruct_diffusers if s.base_loader == "ip2p" else \
+            sdm.load_sd_diffusers
+        base = loader(str(tiny_models.tiny_path(root, base_family)), dtype=name, device="cpu")
+        if not s.unet:
+            return mgie, base
         return mgie, sdm.load_mgie_unet(str(tiny_models.tiny_path(root, "mgie_unet")), base)
     mgie = load_mgie(s.mgie, dtype=name, device="cpu")
     loader = {"checkpoint": sdm.load_sd_checkpoint, "diffusers": sdm.load_sd_diffusers,
