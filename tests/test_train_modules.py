@@ -346,3 +346,33 @@ def test_trained_keys_that_do_not_fit_the_unet(tmp_path, tiny_sd):
     save_file(state, folder / trained.WEIGHTS)
     with pytest.raises(XMGIEError, match="missing"):
         trained.load_xmgie(folder)
+
+
+# --- the memory bench's counter ------------------------------------------------------------
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "train_memory.py"
+    spec = importlib.util.spec_from_file_location("train_memory", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_memory_bench_counts_saved_bytes_by_hand():
+    bench = _bench()
+    lin = torch.nn.Linear(8, 16)
+    x = torch.randn(4, 8, requires_grad=True)
+    with bench.SavedBytes(exclude=[lin]) as saved:
+        saved.keep.append(lin(x).relu())
+    # the linear keeps its input (4 x 8 floats; its weight is a parameter, not counted),
+    # the ReLU its output (4 x 16 floats)
+    assert saved.total == (4 * 8 + 4 * 16) * 4
+    rows = {r["critic"]: r for r in bench.measure(192, "meta")}
+    assert rows["latent"]["gen_saved"] < rows["pixel"]["gen_critic_own"] \
+        < rows["pixel"]["gen_saved"]
+    assert rows["pixel+ckpt"]["gen_saved"] < rows["pixel"]["gen_saved"]
+    assert 0 < rows["pixel+ckpt"]["recompute"] < rows["pixel"]["gen_saved"]
+    assert rows["latent"]["critic_trained"] == 4 * rows["latent"]["critic_weights"]
