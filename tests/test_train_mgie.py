@@ -388,6 +388,20 @@ def test_trained_folder_errors(env, models, task_mod, tmp_path):
         trained.apply_mgie_trained(mgie, sd, variant("unet4", unet_in))
 
 
+def test_shipped_config_holds_the_release_settings(task_mod):
+    from xmgie.training.config import load_config
+
+    cfg = load_config("mgie")
+    s = task_mod.settings(cfg)
+    assert (cfg.task, cfg.precision, cfg.batch.global_, cfg.data.resolution) == \
+        ("mgie", "bf16", 32, 256)
+    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio) == (5e-4, "cosine", 0.03)
+    assert (s.p_text, s.p_image, s.edit_weight, s.lora) == (0.1, 0.1, 0.5, None)
+    assert (cfg.early_stopping.metric, cfg.early_stopping.mode) == ("val_loss", "min")
+    tiny = load_config("mgie", tiny=True)
+    assert tiny.precision == "no" and tiny.data.resolution <= 64 and tiny.steps.max <= 50
+
+
 def test_config_errors_name_the_key(env, models, task_mod):
     from xmgie.training.config import TrainConfigError
 
