@@ -613,7 +613,10 @@ def build_task(config, accelerator, tiny: bool, models: dict[str, Any] | None = 
                ) -> MGIETask:
     """The MGIE task of a config: its models loaded by name (``tiny``: the tiny MGIE,
     tiny SD and tiny MGIE UNet), or taken from ``models`` ({"mgie": MGIEModel, "sd":
-    SDModel}), which are left unchanged (the trained parts are copied)."""
+    SDModel}). Given models keep their weights, modes and modules: the trained parts are
+    copies, the LLaMA layers are copied when LoRA or checkpointing would change them, and
+    only the frozen parts they share with the run get requires_grad False and are moved
+    to the accelerator's device."""
     s = settings(config)
     dtype = _compute_dtype(accelerator)
     device = getattr(accelerator, "device", torch.device("cpu"))
