@@ -90,20 +90,26 @@ def _mix(seed: int, *parts: int | str) -> int:
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
-    """Every index once per epoch, in an order that depends only on (seed, epoch)."""
+    """An epoch of whole optimiser steps, in an order that depends only on (seed, epoch).
 
-    def __init__(self, n: int, seed: int):
+    Each epoch is a fresh permutation of all ``n`` indices, cut to a multiple of the
+    global batch (the few left over wait for a later epoch's order). An epoch then holds
+    the same pairs in the same steps however the global batch is split into processes and
+    micro-batches: accelerate hands process ``p`` the micro-batches ``p, p + P, ...``."""
+
+    def __init__(self, n: int, seed: int, multiple: int = 1):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.size = n - n % multiple
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return self.size
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(_mix(self.seed, "epoch", self.epoch))
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(torch.randperm(self.n, generator=g)[:self.size].tolist())
 
 
 class _Stream:
@@ -227,6 +233,19 @@ def _scalar_terms(out: Mapping[str, Any]) -> dict[str, torch.Tensor]:
             if k not in _NOT_TERMS and isinstance(v, torch.Tensor) and v.dim() == 0}
 
 
+def _cpu_only() -> bool:
+    """Processes on CPUs only: ``accelerate launch --cpu`` says so (ACCELERATE_USE_CPU);
+    so does a multi-process launch (``accelerate launch --multi_gpu``, ``torchrun``) on a
+    machine with no GPU, which accelerate would otherwise run as N unrelated copies."""
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return True
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return launched and not gpu
+
+
 def _reset_accelerate_state() -> None:
     # One process may train several times (tests, the in-graph training node) with other
     # precisions or accumulation: accelerate keeps both in process-wide singletons.
@@ -265,7 +284,8 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
     resume_from = _check_out_dir(out, resume)
 
     _reset_accelerate_state()
-    accum = config.batch.accumulation(PartialState().num_processes, config.source)
+    cpu = _cpu_only()
+    accum = config.batch.accumulation(PartialState(cpu=cpu).num_processes, config.source)
     log_with = None
     try:
         from accelerate.utils import is_tensorboard_available
@@ -275,6 +295,7 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
     except ImportError:
         pass
     accelerator = Accelerator(
+        cpu=cpu,
         mixed_precision=config.precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=accum, sync_with_dataloader=False),
@@ -291,11 +312,10 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
     train_set, val_set = _load_data(config, dataset, accelerator, out)
     from .data import collate
 
-    per_step = config.batch.per_device * nproc
-    if len(train_set) < per_step:
+    if len(train_set) < config.batch.global_:
         raise TrainError(f"the training set has {len(train_set)} pair(s), fewer than one "
-                         f"micro-batch per process ({config.batch.per_device} x {nproc}); "
-                         "add pairs or lower batch.per_device")
+                         f"optimiser step's batch.global = {config.batch.global_}; add pairs "
+                         "or lower batch.global in the config")
 
     with accelerator.main_process_first():  # the first process builds tiny models alone
         task = build_task(config, accelerator, config.tiny, models)
@@ -317,7 +337,7 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
         schedulers.append(torch.optim.lr_scheduler.LambdaLR(
             critic_opt, _lr_lambda(o.schedule, warmup, total)))
 
-    sampler = EpochSampler(len(train_set), config.seed)
+    sampler = EpochSampler(len(train_set), config.seed, config.batch.global_)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=config.batch.per_device, sampler=sampler, drop_last=True,
         collate_fn=collate, num_workers=config.data.num_workers)
@@ -471,12 +491,14 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
         if nproc == 1 and not in_update and step > 0 and (
                 last_ckpt is None or last_ckpt.name != f"{ckpt.PREFIX}{step}"):
             save(step)
+        _finish_trackers(accelerator)
+        raise
+    except BaseException:
+        _finish_trackers(accelerator)
         raise
     finally:
         if bar is not None:
             bar.close()
-        if log_with:
-            accelerator.end_training()
 
     final = None
     if not interrupted:
@@ -488,8 +510,16 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
             else:
                 _export(task, raw_model, ema, final)
         accelerator.wait_for_everyone()
+    accelerator.end_training()  # last: it also ends the process group of a launched run
     return TrainResult(final_dir=final, metrics=rows, stopped_early=stopped_early, steps=step,
                        interrupted=interrupted, out_dir=out, checkpoint=last_ckpt)
+
+
+def _finish_trackers(accelerator) -> None:
+    # Flush what was logged when the loop ends by an exception (end_training would also
+    # tear down the process group the other processes may still be using).
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def _micro_step(accelerator, task, model, critic, raw_critic, batch, optimizer, critic_opt,

@@ -1,0 +1,231 @@
+"""The training engine on the shipped xMGIE config (tiny models, synthetic pairs): exact
+resume, two processes against one, what a checkpoint holds, metrics.jsonl, and the
+failures that must leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "configs" / "train" / "xmgie.yaml"
+STEPS = 4
+
+# Four steps of two micro-batches of 2 (global batch 4) with a checkpoint every 2 steps.
+# The critic uses instance norm here: spectral norm advances its power-iteration vector
+# on every critic forward, so it legitimately depends on how many micro-batches one
+# process ran (two in one process against one in each of two), which is not what the
+# two-process check is about.
+TEST_TINY = {
+    "steps": {"max": STEPS, "log_every": 1, "val_every": 0, "checkpoint_every": 2},
+    "early_stopping": {"metric": None},
+    "model": {"critic": {"norm": "instance"}},
+    "batch": {"global": 4, "per_device": 2},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rows(run: Path) -> list[dict]:
+    # Throughput is wall-clock: everything else of a row must be reproducible.
+    return [{k: v for k, v in json.loads(line).items() if k != "samples_per_s"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def env(tiny_root):
+    """Tiny models in the session's folder, for this process and the launched ones
+    (built first: building them reseeds torch, which would make the first run differ)."""
+    from xmgie.mgie_core import tiny
+
+    tiny.ensure_tiny_models(tiny_root, ["sd_diffusers", "clip_vision"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XMGIE_TINY_DIR", str(tiny_root))
+        yield mp
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    """The shipped xMGIE config with the test's tiny settings merged into its tiny:."""
+    from xmgie.training.config import deep_merge
+
+    data = yaml.safe_load(SHIPPED.read_text())
+    data["tiny"] = deep_merge(data["tiny"], TEST_TINY)
+    path = tmp_path_factory.mktemp("cfg") / "xmgie-test.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_run(env, config_file, tmp_path_factory):
+    """One uninterrupted run (one process), the reference of the other tests."""
+    from xmgie.training.config import load_config
+    from xmgie.training.engine import train
+
+    out = tmp_path_factory.mktemp("full") / "run"
+    result = train(load_config(config_file, tiny=True), out)
+    assert result.steps == STEPS and not result.interrupted
+    return out, result
+
+
+def test_metrics_log_every_term(full_run):
+    out, result = full_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for row in rows:
+        for key in ("loss", "l_recon", "l_id", "l_adv", "critic_loss", "lr", "samples_per_s"):
+            assert key in row and math.isfinite(row[key]), (key, row)
+        # the logged total is the task's weighted sum plus 0.1 x the adversarial term
+        assert row["loss"] == pytest.approx(row["l_recon"] + 0.5 * row["l_id"]
+                                            + 0.1 * row["l_adv"], rel=1e-5, abs=1e-6)
+    assert result.metrics[-1]["loss"] == rows[-1]["loss"]
+    assert (out / "final" / "trained.json").is_file()
+    assert (out / "logs").is_dir()    # TensorBoard, through accelerate's tracker
+
+
+def test_checkpoints_hold_only_what_trains(env, full_run, config_file):
+    import torch
+    from safetensors.torch import load_file
+
+    from xmgie.training import checkpoint as ckpt
+    from xmgie.training.config import load_config
+    from xmgie.training.engine import build_task
+
+    out, _ = full_run
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [2, 4]
+    assert not list(out.glob(".checkpoint-*"))          # no temporary folder left
+    folder = out / "checkpoint-4"
+    saved = load_file(str(folder / "trainable.safetensors"))
+
+    task = build_task(load_config(config_file, tiny=True), None, True)
+    trainable = {n: p for n, p in task.model.named_parameters() if p.requires_grad}
+    frozen = sum(p.numel() for p in task.model.parameters() if not p.requires_grad)
+    assert set(saved) == set(task.trainable_state(task.model))
+    assert sum(t.numel() for t in saved.values()) == sum(p.numel() for p in trainable.values())
+    assert frozen > 10 * sum(t.numel() for t in saved.values())   # the frozen SD is not there
+    assert set(load_file(str(folder / "critic.safetensors"))) == set(task.critic.state_dict())
+    # every .pt loads without unpickling code
+    for name in ("optimizer.pt", "critic_optimizer.pt", "scheduler.pt", "rng-0.pt"):
+        torch.load(folder / name, weights_only=True)
+    state = json.loads((folder / "state.json").read_text())
+    assert state["step"] == 4 and state["processes"] == 1
+
+
+def test_resume_gives_the_same_later_losses(env, full_run, config_file, tmp_path):
+    from xmgie.training.config import load_config
+    from xmgie.training.engine import train
+
+    ref, _ = full_run
+    out = tmp_path / "run"
+    cfg = load_config(config_file, tiny=True)
+    seen = []
+    first = train(cfg, out, progress=lambda step, total, logs: seen.append(step),
+                  should_stop=lambda: len(seen) >= 3)
+    assert first.interrupted and first.steps == 3 and first.final_dir is None
+    assert (out / "checkpoint-3").is_dir() and not (out / "final").exists()
+    second = train(cfg, out, resume=True)
+    assert second.steps == STEPS and [r["step"] for r in second.metrics] == [4]
+    # exactly: the same data order, the same draws, the same optimiser state
+    assert _rows(out) == _rows(ref)
+
+
+def test_two_processes_match_one(env, full_run, config_file, tmp_path):
+    """``accelerate launch`` with two CPU processes (gloo), each a micro-batch of 2, against
+    the one-process run accumulating two micro-batches of 2: the same global batch.
+
+    Tolerance 1e-5 (relative, 1e-6 absolute): both runs see the same pairs in the same
+    steps (an epoch's order depends only on the seed) and the same draws for each pair
+    (the generators are seeded per micro-batch from its index in the global stream), so
+    the losses differ only by float32 summation order (gradients all-reduced by gloo
+    rather than accumulated in one process, one thread rather than two): measured at most
+    1.2e-7 absolute over four steps. A pair seen twice, a pair's other noise or timestep
+    moves a loss by 1e-3 or more."""
+    ref, _ = full_run
+    out = tmp_path / "run"
+    env_vars = {**os.environ,
+                "PYTHONPATH": os.pathsep.join([str(ROOT.parent)] + [
+                    p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+                "XMGIE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    # accelerate's --cpu launcher starts one process (several only through mpirun); its
+    # --multi_gpu launcher (torchrun) starts two, on CPUs with ACCELERATE_USE_CPU.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "xmgie", "train", str(config_file), "--tiny", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env_vars, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((out / "checkpoint-4" / "state.json").read_text())
+    assert state["processes"] == 2 and (out / "checkpoint-4" / "rng-1.pt").is_file()
+    one, two = _rows(ref), _rows(out)
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for a, b in zip(one, two, strict=True):
+        assert set(a) == set(b)
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+def test_bad_data_fails_and_writes_nothing(env, config_file, tmp_path, capsys):
+    from xmgie import cli
+    from xmgie.training.synthetic import make_synthetic
+
+    data = tmp_path / "pairs"
+    make_synthetic(data, n=4, size=32)
+    missing = sorted((data / "images").glob("*_target.png"))[1]
+    missing.unlink()
+    out = tmp_path / "run"
+    code = cli.main(["train", str(config_file), "--tiny", "--dataset", str(data),
+                     "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err.startswith("error:") and missing.name in err and "Traceback" not in err
+    assert not out.exists()   # no checkpoint, no metrics, no folder at all
+
+
+def test_bad_config_and_options_exit_2(env, config_file, tmp_path, capsys):
+    from xmgie import cli
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SHIPPED.read_text().replace("  schedule: constant", "  shedule: constant"))
+    assert cli.main(["train", str(bad), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "optim.shedule" in err and str(bad) in err and "Traceback" not in err
+    assert cli.main(["train", "no-such-config", "--out", str(tmp_path / "b")]) == 2
+    assert "no-such-config" in capsys.readouterr().err
+    assert cli.main(["train", str(config_file), "--tiny", "--resume",
+                     "--out", str(tmp_path / "c")]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_config_checks():
+    from xmgie.mgie_core.errors import InputError
+    from xmgie.training.config import load_config, resolve_config_path
+
+    assert resolve_config_path("xmgie") == SHIPPED
+    base = {"task": "xmgie", "batch": {"global": 8, "per_device": 2},
+            "tiny": {"batch": {"global": 4}, "precision": "no"}}
+    cfg = load_config(base)
+    assert cfg.batch.accumulation(1) == 4 and cfg.batch.accumulation(2) == 2
+    with pytest.raises(InputError, match="batch.global"):
+        cfg.batch.accumulation(3)
+    tiny = load_config(base, tiny=True, overrides={"steps.max": 7})
+    assert tiny.batch.global_ == 4 and tiny.batch.per_device == 2 and tiny.steps.max == 7
+    for bad, key in [({"task": "sdxl"}, "task"), ({"task": "mgie", "steps": {"max": 0}},
+                     "steps.max"), ({"task": "mgie", "data": {"resolution": 60}},
+                     "data.resolution"), ({"task": "mgie", "extra": 1}, "extra"),
+                     ({"task": "mgie", "early_stopping": {"metric": "psnr"}},
+                      "early_stopping.metric")]:
+        with pytest.raises(InputError, match=key.replace(".", r"\.")):
+            load_config(bad)
