@@ -119,6 +119,15 @@ def test_blend_features_by_hand():
     y = torch.randn(2, 3, 4, 4)
     mm = (torch.rand(2, 1, 4, 4) > 0.5).float()
     assert torch.equal(blend_features(x, y, mm, torch.tensor(1.0)), blend_features(x, y, mm))
+    # half-precision features: the result keeps their dtype, a's gradient is float32
+    a = torch.tensor(1.0, requires_grad=True)
+    xb, yb = x.bfloat16(), y.bfloat16()
+    out = blend_features(xb, yb, mm.bfloat16(), a)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, blend_features(xb, yb, mm))
+    out.float().sum().backward()
+    assert a.grad.dtype == torch.float32
+    want = ((xb.float() - yb.float()) * mm).sum()
+    torch.testing.assert_close(a.grad, want)
 
 
 def test_clamp_keeps_a_in_unit_interval_and_gradient_recovers():
