@@ -146,6 +146,16 @@ FACE_RECOGNITION = register_family(Family(
               "recognition/arcface_torch: an IResNet backbone.pth); rename it as you like",
     tiny_name="arcface_tiny.pth"))
 
+TRAINED = register_family(Family(
+    key="xmgie_trained", what="trained xMGIE or MGIE modules (a folder with trained.json)",
+    folder="xmgie_trained", kind="folder", folder_marker="trained.json",
+    default_names=("xmgie-trained",),
+    published="the final/ folder of a training run (xmgie train configs/train/xmgie.yaml "
+              "--out RUN writes RUN/final/), or the trained output of the xMGIE Train "
+              "Edit Modules node; copy or link it into the xmgie_trained models folder "
+              "under a name of your choice",
+    tiny_name="tiny-xmgie-trained"))
+
 
 # --- configuration ------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ _MODULES = [
     "blur",
     "astar",
     "identity_guidance",
+    "training",
 ]
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -27,6 +27,7 @@ from ._common import (
     plan_input,
     report_output,
 )
+from .training import pfb_alpha, trained_input
 
 _DIVERGED = ("The sampler produced them from finite inputs: the model's weights may be "
              "damaged, or half precision overflowed (load the model with dtype fp32).")
@@ -148,12 +149,16 @@ class PFBControlNode(ControlNode):
                 "blocks, skip connections left unblended. block_outputs: the outputs of "
                 "whole blocks and their skips (earlier xMGIE placement, not PFB-Diff's).",
                 default="pfb_diff")),
+            "trained": trained_input(
+                "the trained per-layer weights a_l replace alpha (preset and placement "
+                "as trained)."),
         }}
 
     def control(self, mask=None, preset="object", alpha=1.0, latent_blend=True,
-                reference="cond", placement="pfb_diff"):
-        return pfb.PFBControl(mask, preset=preset, alpha=alpha, latent_blend=latent_blend,
-                              reference=reference, placement=placement)
+                reference="cond", placement="pfb_diff", trained=None):
+        return pfb.PFBControl(mask, preset=preset, alpha=pfb_alpha(trained, alpha),
+                              latent_blend=latent_blend, reference=reference,
+                              placement=placement)
 
 
 class CAMSampler:

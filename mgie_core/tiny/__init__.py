@@ -34,6 +34,7 @@ MAKERS: dict[str, str] = {
     "blip2": "blip2:make_blip2",
     "vlm": "vlm:make_vlm",
     "mgie": "mgie:make_mgie",
+    "xmgie_trained": "trained:make_xmgie_trained",
 }
 
 
