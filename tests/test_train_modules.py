@@ -197,6 +197,32 @@ def test_ie_control_errors(tiny_sd, inv, mask):
                                                              embedding=torch.ones(1, ID_DIM))])
 
 
+def test_ie_control_embeds_the_source_with_the_encoder(tiny_sd, tiny_models, inv, mask,
+                                                       image):
+    from xmgie.mgie_core.models import identity as id_lib
+    from xmgie.mgie_core.trainable import embed_sources
+
+    encoder = id_lib.load_clip_vision(str(tiny_models("clip_vision")), device="cpu")
+    dim = int(encoder.embed(image).shape[-1])
+    ie = IdentityInjection.for_unet(tiny_sd.unet, dim, encoder_kind=encoder.kind)
+    with torch.no_grad():
+        for p in ie.proj:
+            p.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(7))
+    plain = _edit(tiny_sd, inv, mask, []).detach()
+    # the photo given: its whole-photo embedding (embed_sources, as training makes e_id);
+    # the same edit as with that embedding precomputed
+    a = _edit(tiny_sd, inv, mask, [IdentityEmbeddingControl(ie, encoder, source=image)])
+    c = _edit(tiny_sd, inv, mask, [IdentityEmbeddingControl(
+        ie, embedding=embed_sources(encoder, image))])
+    assert torch.equal(a, c) and not torch.equal(a.detach(), plain)
+    # no photo given: the run's clean source latent, decoded, is embedded
+    b = _edit(tiny_sd, inv, mask, [IdentityEmbeddingControl(ie, encoder)]).detach()
+    assert torch.isfinite(b).all() and not torch.equal(b, plain)
+    other = IdentityInjection.for_unet(tiny_sd.unet, dim, encoder_kind="face_recognition")
+    with pytest.raises(InputError, match="face_recognition"):
+        _edit(tiny_sd, inv, mask, [IdentityEmbeddingControl(other, encoder)])
+
+
 def test_ie_attach_rows_and_removal(tiny_sd, e_id):
     unet = tiny_sd.unet
     ie = IdentityInjection.for_unet(unet, ID_DIM)
