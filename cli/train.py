@@ -1,6 +1,7 @@
 """The ``xmgie train`` command: a training config run by :mod:`xmgie.training.engine`.
 
     xmgie train CONFIG.yaml [--out DIR] [--max-steps N] [--resume] [--tiny] [--dataset D]
+                [--models-dir DIR ...]
 
 CONFIG is a YAML file or a shipped config's short name (``xmgie``, ``mgie``). The same
 command runs as one process, or under ``accelerate launch [--num_processes N] -m xmgie
@@ -55,6 +56,10 @@ def add_parser(commands) -> None:
                         "DIR: tries the whole pipeline in a minute on a CPU")
     p.add_argument("--dataset", type=Path, default=None, metavar="D",
                    help="dataset folder or file (replaces the config's data.path)")
+    p.add_argument("--models-dir", action="append", type=Path, default=None, metavar="DIR",
+                   help="models folder holding diffusers/, checkpoints/, mgie/, clip_vision/, "
+                        "... (repeatable; also $XMGIE_MODELS_DIR), where the config's model "
+                        "names are looked up")
 
 
 def main(args) -> int:
@@ -68,6 +73,10 @@ def main(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     out = args.out if args.out is not None else Path("output") / "train" / config.name
+    if args.models_dir:
+        from ..mgie_core import paths
+
+        paths.configure(models_dir=args.models_dir)
     from ..training.engine import train
 
     try:

@@ -430,6 +430,7 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0) + v / accum
             # accelerate has stepped the optimisers on the last micro-batch.
+            lr = schedulers[0].get_last_lr()[0]   # the rate this step used
             in_update = True
             for s in schedulers:
                 s.step()
@@ -449,7 +450,7 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
                 now = time.perf_counter()
                 logs = {"step": step, "epoch": stream.position()[0],
                         **{k: float(v) for k, v in zip(keys, vec.tolist(), strict=True)},
-                        "lr": schedulers[0].get_last_lr()[0],
+                        "lr": lr,
                         "samples_per_s": config.batch.global_ * steps_since
                         / max(now - t_last, 1e-9)}
                 t_last, steps_since = now, 0
