@@ -1,0 +1,306 @@
+"""The training nodes: modules trained by a real (short) run of the engine, loaded by the
+loader node, change the edit the graph makes; untrained modules leave it exactly as it
+was; the in-graph training node trains inside ComfyUI's inference mode, reports progress,
+stops on cancel and returns a loss plot; folders that are not trained-modules folders
+get errors that say what is missing and how to make one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from xmgie.mgie_core import host, paths, tiny
+from xmgie.mgie_core.errors import InputError, ModelNotFoundError
+from xmgie.mgie_core.trainable import IdentityInjection, PFBWeights
+from xmgie.mgie_core.trained import save_xmgie
+from xmgie.nodes import editing
+from xmgie.nodes import training as tn
+from xmgie.runner import core_nodes
+
+SIZE = 64           # training pairs
+EDIT_SIZE = 128     # the edited photo: PFB's 16x16 and 8x8 sites (at 512 px) need a mask
+                    # that survives at 4x4 and 2x2
+SRC, TGT = "a red square on a grey wall", "a blue square on a grey wall"
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return torch.rand(1, EDIT_SIZE, EDIT_SIZE, 3, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def box():
+    m = torch.zeros(1, EDIT_SIZE, EDIT_SIZE)
+    m[:, 16:112, 24:104] = 1
+    return m
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_root, tiny_models):
+    from xmgie.mgie_core.models import identity as idm
+
+    tiny_models("clip_vision")
+    paths.configure(reset=True)
+    paths.configure(models_dir=[tiny_root])
+    try:
+        return idm.load_identity_encoder("clip_vision", "tiny-clip-vision")
+    finally:
+        paths.configure(reset=True)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_root, tiny_sd, encoder):
+    """The final/ folder of a real run of the engine: the shipped xMGIE config (tiny
+    section: LoRA on the UNet, a small critic), 4 steps on 4 synthetic pairs."""
+    from xmgie.training import config, engine, synthetic
+
+    folder = tmp_path_factory.mktemp("trained-run")
+    synthetic.make_synthetic(folder / "pairs", n=4, size=SIZE)
+    cfg = config.load_config("xmgie", tiny=True, overrides={
+        "batch": {"global": 2, "per_device": 2}, "data": {"val_fraction": 0.0},
+        "steps": {"max": 4, "val_every": 0, "checkpoint_every": 0},
+        "early_stopping": {"metric": None}})
+    result = engine.train(cfg, folder / "run", dataset=str(folder / "pairs"),
+                          models={"sd": tiny_sd, "identity": encoder})
+    assert result.final_dir is not None and result.steps == 4
+    return result.final_dir
+
+
+def _edit(sd, photo, box, controls):
+    """The two-branch edit through the nodes (invert, sample), as a template wires it."""
+    inv = editing.Invert().invert(sd, photo, SRC, "direct", 3, 7.5, 1)
+    inv = (inv["result"] if isinstance(inv, dict) else inv)[0]
+    out = editing.CAMSampler().sample(sd, inv, TGT, "", "", "logits", 0.8, 0.5, True,
+                                      mask=box, controls=controls)
+    return (out["result"] if isinstance(out, dict) else out)[0]["samples"]
+
+
+def _trained_graph(sd, photo, box, encoder, trained):
+    """Apply Trained UNet -> Trained Identity Injection -> PFB (trained) -> sampler."""
+    (sd_trained,) = tn.ApplyTrainedUNet().apply(sd, trained)
+    (chain,) = tn.IdentityInjectionNode().make(encoder, trained, image=photo)
+    (chain,) = editing.PFBControlNode().make(controls=chain, trained=trained)
+    return _edit(sd_trained, photo, box, chain)
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_sd, photo, box):
+    (chain,) = editing.PFBControlNode().make()
+    return _edit(tiny_sd, photo, box, chain)
+
+
+def test_a_trained_checkpoint_loaded_by_the_node_changes_the_edit(
+        trained_run, tiny_sd, photo, box, encoder, baseline):
+    meta = json.loads((trained_run / "trained.json").read_text())
+    assert meta["kind"] == "xmgie" and (trained_run / "unet_lora").is_dir()
+    (trained,) = tn.LoadTrained().load(str(trained_run))
+    assert trained.kind == "xmgie" and trained.pfb is not None and trained.ie is not None
+    # The run moved the modules away from their initial values.
+    assert (trained.pfb().detach() < 1).any()
+    assert any(p.detach().abs().max() > 0 for p in trained.ie.parameters())
+
+    unet_before = {k: v.clone() for k, v in tiny_sd.unet.state_dict().items()}
+    edited = _trained_graph(tiny_sd, photo, box, encoder, trained)
+    assert torch.isfinite(edited).all()
+    assert (edited - baseline).abs().max() > 1e-3
+    # Each part acts alone too: the trained a_l, and the merged UNet adapter.
+    (chain,) = editing.PFBControlNode().make(trained=trained)
+    assert not torch.equal(_edit(tiny_sd, photo, box, chain), baseline)
+    (sd_trained,) = tn.ApplyTrainedUNet().apply(tiny_sd, trained)
+    assert sd_trained.unet is not tiny_sd.unet and sd_trained.vae is tiny_sd.vae
+    assert not torch.equal(sd_trained.unet.state_dict()[TO_Q], unet_before[TO_Q])
+    # The model the graph (or a model cache) holds is never changed.
+    after = tiny_sd.unet.state_dict()
+    assert after.keys() == unet_before.keys()
+    assert all(torch.equal(after[k], v) for k, v in unet_before.items())
+
+
+def test_untrained_modules_leave_the_edit_exactly_as_it_was(tmp_path, tiny_sd, photo, box,
+                                                             encoder, baseline):
+    pfb = PFBWeights.for_unet(tiny_sd.unet)
+    ie = IdentityInjection.for_unet(tiny_sd.unet, encoder.model.config.projection_dim,
+                                    encoder_kind=encoder.kind)
+    save_xmgie(tmp_path / "init", pfb, ie)
+    (trained,) = tn.LoadTrained().load(str(tmp_path / "init"))
+    assert torch.equal(_trained_graph(tiny_sd, photo, box, encoder, trained), baseline)
+
+
+TO_Q = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+
+
+def test_the_tiny_trained_folder_is_what_tiny_mode_finds(tiny_root, clean_paths, tiny_sd):
+    tiny.ensure_tiny_models(tiny_root, ["xmgie_trained"])
+    paths.configure(tiny_root=tiny_root)
+    assert tn.LoadTrained.INPUT_TYPES()["required"]["trained_name"][0] == ["xmgie-trained"]
+    (trained,) = tn.LoadTrained().load("any name")
+    assert trained.folder == tiny.tiny_path(tiny_root, "xmgie_trained")
+    assert trained.pfb is not None and (trained.pfb().detach() < 1).all()
+    # Its UNet adapter fits the tiny SD model and changes its weights (in a copy).
+    (sd,) = tn.ApplyTrainedUNet().apply(tiny_sd, trained)
+    assert not torch.equal(sd.unet.state_dict()[TO_Q], tiny_sd.unet.state_dict()[TO_Q])
+
+
+def test_trained_mgie_parts_applied_by_the_node_change_the_instruction_edit(
+        tmp_path, tiny_root, clean_paths, monkeypatch):
+    from xmgie.nodes import loaders
+    from xmgie.nodes import mgie as mgie_nodes
+    from xmgie.training import config, engine
+    from xmgie.training.mgie_task import TINY_FAMILIES
+
+    tiny.ensure_tiny_models(tiny_root, TINY_FAMILIES)
+    monkeypatch.setenv(tiny.ENV_TINY_DIR, str(tiny_root))
+    paths.configure(tiny_root=tiny_root)
+    (mgie,) = mgie_nodes.LoadMGIE().load("mgie_7b", "auto")
+    (base,) = loaders.LoadDiffusers().load(model="stable-diffusion-v1-5")
+    (sd,) = loaders.LoadMGIEUNet().load(base, "unet.pt")
+    cfg = config.load_config("mgie", tiny=True, overrides={
+        "steps.val_every": 0, "early_stopping.metric": None})
+    final = engine.train(cfg, tmp_path / "run", max_steps=2,
+                         models={"mgie": mgie, "sd": sd}).final_dir
+    paths.configure(reset=True)
+    (trained,) = tn.LoadTrained().load(str(final))
+    assert trained.kind == "mgie"
+    photo = torch.rand(1, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(1))
+
+    def edit(m, s):
+        cond, _ = mgie_nodes.MGIEInstruction().instruct(m, photo, "make the square red", 4)
+        out = editing.InstructSampler().sample(s, photo, cond, 3, 7.5, 1.5, 0, "", True)
+        return (out["result"] if isinstance(out, dict) else out)[0]["samples"]
+
+    before = edit(mgie, sd)
+    unet_before = sd.unet.state_dict()["conv_in.weight"].clone()
+    new_mgie, new_sd = tn.ApplyTrainedMGIE().apply(mgie, sd, trained)
+    assert new_mgie is not mgie and new_sd.unet is not sd.unet
+    assert (edit(new_mgie, new_sd) - before).abs().max() > 1e-3
+    # The given models (a cache may share them) edit as before.
+    assert torch.equal(sd.unet.state_dict()["conv_in.weight"], unet_before)
+    assert torch.equal(edit(mgie, sd), before)
+
+
+# --- the in-graph training node -----------------------------------------------------------
+
+@pytest.fixture
+def pairs():
+    from xmgie.training import synthetic
+
+    made = [synthetic.make_pair(i, SIZE, 0) for i in range(2)]
+
+    def batch(key):
+        return torch.stack([torch.from_numpy(p[key]).float() / 255 for p in made])
+
+    return batch("source"), batch("target"), batch("mask")
+
+
+def _train_node(tmp_path, tiny_sd, encoder, pairs, steps=3):
+    source, target, mask = pairs
+    with core_nodes.using_context(core_nodes.RunContext(output_dir=tmp_path)), \
+            torch.inference_mode():     # as ComfyUI runs every node
+        return tn.TrainEditModules().train(
+            tiny_sd, source, target, "make the square blue\nmake the circle red", steps,
+            1e-3, 0, "xmgie", mask=mask, source_prompt="a shape on a wall",
+            identity_encoder=encoder, resolution=SIZE, batch_size=2, run_name="t")
+
+
+def test_the_training_node_trains_in_inference_mode_and_plots_the_loss(
+        tmp_path, tiny_root, clean_paths, tiny_sd, encoder, pairs):
+    paths.configure(tiny_root=tiny_root)       # as under xmgie run --tiny
+    seen = []
+    previous = host.set_hooks(progress=lambda total, desc: _Bar(total, seen))
+    try:
+        out = _train_node(tmp_path, tiny_sd, encoder, pairs)
+    finally:
+        host.set_hooks(**{"progress": previous.progress})
+    trained, plot, folder = out["result"]
+    assert trained.kind == "xmgie" and trained.pfb is not None
+    assert plot.shape == (1, tn.PLOT_SIZE[1], tn.PLOT_SIZE[0], 3)
+    assert plot.dtype == torch.float32 and 0 <= plot.min() and plot.max() <= 1
+    assert (plot < 0.9).any()                               # something is drawn
+    run = tmp_path / "t_00001"
+    assert folder.startswith(str(run)) and (run / "train" / "final" / "trained.json").is_file()
+    rows = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text()
+            .splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert (run / "pairs" / "manifest.jsonl").is_file()
+    assert seen == [(3, 1), (3, 1), (3, 1)]                  # one update per step
+
+
+class _Bar:
+    def __init__(self, total, seen):
+        self.total, self.seen = total, seen
+
+    def update(self, n=1):
+        self.seen.append((self.total, n))
+
+    def close(self):
+        pass
+
+
+def test_the_training_node_stops_on_cancel_and_keeps_a_checkpoint(
+        tmp_path, tiny_root, clean_paths, tiny_sd, encoder, pairs):
+    paths.configure(tiny_root=tiny_root)
+    calls = []
+
+    def cancel_after_first_step():
+        calls.append(1)
+        if len(calls) > 1:
+            raise host.Interrupted("cancelled")
+
+    previous = host.set_hooks(check_interrupt=cancel_after_first_step)
+    try:
+        with pytest.raises(host.Interrupted):
+            _train_node(tmp_path, tiny_sd, encoder, pairs, steps=50)
+    finally:
+        host.set_hooks(check_interrupt=previous.check_interrupt)
+    train = tmp_path / "t_00001" / "train"
+    assert list(train.glob("checkpoint-*")) and not (train / "final").exists()
+
+
+def test_the_training_node_checks_its_pairs(tmp_path, tiny_sd, pairs):
+    source, target, _ = pairs
+    with pytest.raises(InputError, match="target: has shape"):
+        tn.TrainEditModules().train(tiny_sd, source, target[:1], "x", 2, 1e-3, 0, "xmgie")
+    with pytest.raises(InputError, match="instruction: has 3 lines for 2 pairs"):
+        tn.TrainEditModules().train(tiny_sd, source, target, "a\nb\nc", 2, 1e-3, 0, "xmgie")
+
+
+def test_the_loss_plot_draws_each_term():
+    rows = [{"step": s, "loss": 2.0 / s, "l_recon": 1.0 / s, "lr": 1e-3} for s in (1, 2, 3)]
+    plot = tn.loss_plot(rows)
+    assert plot.shape == (1, 360, 640, 3)
+    blue = (plot[0, ..., 2] > 0.6) & (plot[0, ..., 0] < 0.3)          # the total's colour
+    assert blue.sum() > 100
+    empty = tn.loss_plot([])
+    assert empty.shape == plot.shape and not torch.equal(empty, plot)
+
+
+# --- errors -------------------------------------------------------------------------------
+
+def test_a_folder_that_is_not_a_trained_modules_folder_says_so(tmp_path, clean_paths):
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(InputError, match=r"has no trained\.json.*xmgie train"):
+        tn.LoadTrained().load(str(tmp_path / "plain"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "trained.json").write_text('{"kind": "lora"}')
+    with pytest.raises(InputError, match="kind 'lora'"):
+        tn.LoadTrained().load(str(tmp_path / "other"))
+    # Found by name in the xmgie_trained folder of a models dir, the same error.
+    (tmp_path / "models" / "xmgie_trained" / "empty").mkdir(parents=True)
+    paths.configure(models_dir=[tmp_path / "models"])
+    with pytest.raises(InputError, match="has no trained.json"):
+        tn.LoadTrained().load("empty")
+    with pytest.raises(ModelNotFoundError, match="xmgie_trained"):
+        tn.LoadTrained().load("missing")
+
+
+def test_modules_of_the_wrong_kind_are_named(tmp_path):
+    mgie = tn.TrainedModules("mgie", tmp_path)
+    with pytest.raises(InputError, match="trained: holds MGIE modules"):
+        editing.PFBControlNode().make(trained=mgie)
+    with pytest.raises(InputError, match="trained: holds MGIE modules"):
+        tn.IdentityInjectionNode().make(None, mgie)
+    xmgie = tn.TrainedModules("xmgie", tmp_path)
+    with pytest.raises(InputError, match="trained: holds xMGIE modules"):
+        tn.ApplyTrainedMGIE().apply(None, None, xmgie)
