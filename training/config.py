@@ -452,6 +452,10 @@ def load_config(path_or_dict: str | Path | Mapping[str, Any], *, tiny: bool = Fa
     if early.metric is not None and steps.val_every == 0:
         check.fail("early_stopping.metric", f"{metric!r} is set but steps.val_every is 0",
                    "steps.val_every >= 1 (validation feeds early stopping)")
+    if early.metric is not None and data.val_fraction == 0 and data.val_path is None:
+        check.fail("early_stopping.metric", f"{metric!r} is set but no pair is held out "
+                   "(data.val_fraction is 0 and data.val_path is null)",
+                   "data.val_fraction > 0 or a data.val_path to validate on")
 
     seed = check.integer("seed", raw.get("seed", DEFAULTS["seed"]), 0)
     return TrainConfig(task=task, model=model, loss=loss, data=data, optim=optim,

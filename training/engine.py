@@ -405,7 +405,7 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
     last_ckpt: Path | None = None
     stopped_early = interrupted = False
     bar = _progress_bar(main, total, step)
-    t_last, steps_since = time.perf_counter(), 0
+    busy, steps_since = 0.0, 0   # seconds in training steps since the last log
     in_update = False
 
     def save(at: int) -> Path:
@@ -419,6 +419,7 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
             critic.train()
         while step < total:
             sums: dict[str, torch.Tensor] = {}
+            t0 = time.perf_counter()
             for _ in range(accum):
                 batch = next(batches)
                 g = (micro_base + micro) * nproc + rank   # index in the global stream
@@ -438,22 +439,24 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
                 ema.update()
             step += 1
             steps_since += 1
+            busy += time.perf_counter() - t0   # validation and checkpoints not counted
             in_update = False
 
             logs: dict[str, Any] = {}
-            do_log = step % config.steps.log_every == 0 or step == total
+            every = config.steps.checkpoint_every
+            periodic = bool(every and step % every == 0) or step == total
+            # a checkpoint step is also logged: its loss is checked finite before saving
+            do_log = step % config.steps.log_every == 0 or periodic
             do_val = val_batches is not None and config.steps.val_every and (
                 step % config.steps.val_every == 0 or step == total)
             if do_log:
                 keys = sorted(sums)
                 vec = accelerator.reduce(torch.stack([sums[k] for k in keys]), "mean")
-                now = time.perf_counter()
                 logs = {"step": step, "epoch": stream.position()[0],
                         **{k: float(v) for k, v in zip(keys, vec.tolist(), strict=True)},
                         "lr": lr,
-                        "samples_per_s": config.batch.global_ * steps_since
-                        / max(now - t_last, 1e-9)}
-                t_last, steps_since = now, 0
+                        "samples_per_s": config.batch.global_ * steps_since / max(busy, 1e-9)}
+                busy, steps_since = 0.0, 0
                 if not math.isfinite(logs["loss"]):
                     raise TrainError(f"the loss became {logs['loss']} at step {step}; lower "
                                      "optim.lr or use precision bf16/no instead of fp16")
@@ -477,8 +480,7 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
             if progress is not None and main:
                 progress(step, total, logs)
             stop_now = _agree(accelerator, should_stop() if should_stop else False)
-            every = config.steps.checkpoint_every
-            if (every and step % every == 0) or step == total or stopped_early or stop_now:
+            if periodic or stopped_early or stop_now:
                 last_ckpt = save(step)
             if stop_now:
                 interrupted = True
