@@ -292,3 +292,29 @@ def test_bad_settings_name_their_key(model, key):
         Settings.from_config(cfg)
     with pytest.raises(InputError, match=r"loss\.style"):
         Settings.from_config(types.SimpleNamespace(model={}, loss={"style": 1.0}))
+
+
+def test_shipped_config_holds_the_papers_settings_and_tiny_shrinks_it():
+    from xmgie.training.config import load_config
+    from xmgie.training.xmgie_task import Settings
+
+    paper = load_config("xmgie")
+    assert paper.task == "xmgie"
+    assert (paper.optim.lr, paper.optim.betas, paper.optim.weight_decay) == \
+        (1e-4, (0.9, 0.999), 0.0)
+    assert paper.batch.global_ == 32
+    assert (paper.early_stopping.metric, paper.early_stopping.mode) == ("val_psnr", "max")
+    s = Settings.from_config(paper)
+    assert s.weights == {"recon": 1.0, "adv": 0.1, "id": 0.5}
+    assert s.lora is not None and s.model["image_max_t"] == 300
+    tiny = load_config("xmgie", tiny=True)
+    assert tiny.data.resolution == 64 and tiny.precision == "no"
+    assert tiny.batch.per_device == 2 and tiny.steps.max <= 100
+
+
+def test_critic_too_deep_for_the_resolution_is_refused_before_loading(env):
+    from xmgie.mgie_core.errors import InputError
+    from xmgie.training.xmgie_task import build_task
+
+    with pytest.raises(InputError, match=r"model\.critic\.n_layers.*data\.resolution is 64"):
+        build_task(_config(**{"model.critic.n_layers": 3}), ACC, True)

@@ -18,8 +18,10 @@ noise). Inside that call the pack's stages act on the edit rows as they do when 
   rows' mid output, as the sampler does; the background preset blends only rows with
   t > 200 and uses its dilated complement mask);
 * IE: :class:`~xmgie.mgie_core.trainable.IdentityInjection` adds the projected
-  [h ; e_id] at its sites to the edit rows, e_id = E_id(source photo) from the frozen
-  identity encoder (cropped to the mask's box when the pair has a mask);
+  [h ; e_id] at its sites to the edit rows (before PFB where a site is both, as the
+  sampler orders the two controls), e_id = E_id(whole source photo) from the frozen
+  identity encoder, as :class:`~xmgie.mgie_core.trainable.IdentityEmbeddingControl`
+  embeds it when sampling;
 * CAM (logits mode, PFB-Diff's default layers): the target prompt's tokens that the
   source prompt does not have (prompt-to-prompt's token alignment) attend only inside the
   data mask. Rows conditioned on the instruction (no target prompt) or with identical
@@ -42,6 +44,11 @@ The loss (float32 terms, every one logged):
   decoded (VAE decoder checkpointed block by block), pasted into the source photo by the
   data mask, its seam blurred by GB (mgie_core/blur.py, the pack's output stage; sigmas
   scaled from 512 px to the training size), against the ground-truth edit in 0..1.
+  Pixel space rather than latent space for the paper's term because the paper compares
+  images and GB acts on pixels; the paste keeps the photo outside the mask, as PFB's
+  latent blend does when sampling, so the term (and L_id) judges the edited region and
+  its blurred seam. The decode costs one checkpointed VAE decoder pass on the low-noise
+  rows only.
 * ``l_id = ||E_id(edit) - E_id(target)||^2`` on the same GB outputs of the low-noise
   rows (crops around the mask, as IPS crops).
 * ``l_adv``: the latent PatchGAN critic on the low-noise rows' predicted clean latent
@@ -57,15 +64,20 @@ identity and realism can be judged. A batch with no such row logs ``low_t_rows =
 
 Validation edits held-out pairs with the real sampler (direct inversion of the source,
 :func:`~xmgie.mgie_core.sampler.edit` with ``PFBControl(alpha=PFBWeights)``, the IE
-control and CAM on the new words, a few DDIM steps), pastes and blurs as the pipeline's
-output stage does, and scores the result against the target with ``evaluation.metrics``:
-``val_psnr`` (the early-stopping metric, higher is better), ``val_ssim``, ``val_l1`` and
-the background PSNR/SSIM against the source (``val_bg_psnr``, ``val_bg_ssim``).
+control and CAM on the new words, a few DDIM steps), decodes and blurs the seam with GB,
+and scores the result against the target with ``evaluation.metrics``: ``val_psnr`` (the
+early-stopping metric, higher is better), ``val_ssim``, ``val_l1``, and the background
+PSNR/SSIM against the source (``val_bg_psnr``, ``val_bg_ssim``; PIE-Bench's convention).
+The edit is not pasted into the photo there, so the background metrics measure what the
+edit itself kept.
 
 Frozen models are submodules of the task's model with requires_grad False, so
-accelerate moves them with it and DDP syncs only what trains. Given models (the in-graph
-training node) are used as they are, except the UNet, which is deep-copied: training puts
-feature hooks, LoRA adapters and gradient checkpointing on it.
+accelerate moves them with it and DDP syncs only what trains. The feature hooks stay on
+the UNet and read the current call's state, which is kept after the forward, so the
+UNet's gradient checkpointing recomputes exactly the blended, injected, masked call.
+Given models (the in-graph training node) are used as they are, except the UNet, which
+is deep-copied: training puts feature hooks, LoRA adapters and gradient checkpointing on
+it.
 """
 
 from __future__ import annotations
@@ -94,6 +106,7 @@ from ..mgie_core.trainable import (
     LatentPatchDiscriminator,
     PFBWeights,
     embed_sources,
+    min_latent_size,
 )
 
 log = logging.getLogger(__name__)
@@ -227,6 +240,10 @@ def _load_models(settings: Settings, config, device, tiny: bool, models: dict | 
             sd = sdm.load_sd_checkpoint(sd_name, dtype=dtype, device=device)
         else:
             sd = sdm.load_sd_diffusers(sd_name, dtype=dtype, device=device)
+        if dtype == torch.float16:
+            # the pixel terms backpropagate through the decoder: float32 keeps its
+            # activations and their gradients from overflowing half precision's range
+            sd.vae.to(torch.float32)
     if sd.instruct:
         raise InputError("model.sd", "is an 8-channel instruction model",
                          "a text-to-image SD 1.x model (xMGIE edits through inversion)")
@@ -763,6 +780,17 @@ def build_task(config, accelerator, tiny: bool, models: dict | None = None) -> X
     """The xMGIE task for ``config`` (``models``: already loaded "sd" / "identity" to use
     instead of loading by name)."""
     settings = Settings.from_config(config)
+    c = settings.model["critic"]
+    data = getattr(config, "data", None)
+    resolution = getattr(data, "resolution", None)
+    need = min_latent_size(int(c["n_layers"]))
+    if resolution is not None and resolution // 8 < need:
+        raise InputError("model.critic.n_layers", f"is {c['n_layers']}, whose PatchGAN needs "
+                         f"latents of at least {need}x{need} ({need * 8} px), but "
+                         f"data.resolution is {resolution}",
+                         f"data.resolution >= {need * 8}, or fewer critic layers",
+                         "Lower model.critic.n_layers (1 takes 48 px) or raise "
+                         "data.resolution.")
     device = torch.device(accelerator.device) if accelerator is not None else torch.device("cpu")
     sd, encoder = _load_models(settings, config, device, tiny, models)
     if models and "sd" in models:
@@ -782,7 +810,6 @@ def build_task(config, accelerator, tiny: bool, models: dict | None = None) -> X
     ie = IdentityInjection.for_unet(sd.unet, id_dim, sites=settings.model["ie"]["sites"],
                                     encoder_kind=encoder.kind)
     model = XMGIEModel(sd, encoder, pfb, ie, settings).to(device)
-    c = settings.model["critic"]
     critic = LatentPatchDiscriminator(in_channels=4, ndf=int(c["ndf"]),
                                       n_layers=int(c["n_layers"]), norm=c["norm"]).to(device)
     return XMGIETask(model, critic, settings, accelerator)
