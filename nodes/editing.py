@@ -156,7 +156,8 @@ class PFBControlNode(ControlNode):
 
     def control(self, mask=None, preset="object", alpha=1.0, latent_blend=True,
                 reference="cond", placement="pfb_diff", trained=None):
-        return pfb.PFBControl(mask, preset=preset, alpha=pfb_alpha(trained, alpha),
+        return pfb.PFBControl(mask, preset=preset,
+                              alpha=pfb_alpha(trained, alpha, preset, placement),
                               latent_blend=latent_blend, reference=reference,
                               placement=placement)
 

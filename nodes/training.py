@@ -6,8 +6,10 @@
   ``XMGIE_TRAINED``: xMGIE's PFB weights and identity injection, or MGIE's trained parts.
 * The samplers use them through their controls: xMGIE PFB Feature Blending takes the
   trained per-layer weights (its optional ``trained`` input), xMGIE Trained Identity
-  Injection adds the trained identity embeddings to the UNet's features, and xMGIE Apply
-  Trained MGIE gives new MGIE and SD models (the cached ones are never changed).
+  Injection adds the trained identity embeddings to the UNet's features, xMGIE Apply
+  Trained UNet merges the UNet adapter trained with them into a new SD model, and xMGIE
+  Apply Trained MGIE gives new MGIE and SD models (the given ones, which a model cache
+  may share, are never changed).
 * xMGIE Train Edit Modules runs a short training (a few hundred steps on a handful of
   pairs) with the same engine as ``xmgie train``, in the ComfyUI process, under its
   progress bar and cancel button, and returns the trained modules and a loss plot.
@@ -119,12 +121,20 @@ def _need(trained: TrainedModules, kind: str, part: str, node: str):
     return value
 
 
-def pfb_alpha(trained: TrainedModules | None, alpha: float):
+def pfb_alpha(trained: TrainedModules | None, alpha: float, preset: str, placement: str):
     """The PFB node's blend weight: the trained per-layer weights (``PFBWeights``) when
-    ``trained`` is connected, else the typed ``alpha``."""
+    ``trained`` is connected (made for the node's preset and placement), else the typed
+    ``alpha``."""
     if trained is None:
         return alpha
-    return _need(trained, "xmgie", "pfb", "PFB")
+    weights = _need(trained, "xmgie", "pfb", "PFB")
+    if (weights.preset, weights.placement) != (preset, placement):
+        raise InputError("trained", f"holds PFB weights trained with preset "
+                         f"{weights.preset!r} and placement {weights.placement!r} "
+                         f"({trained.folder})", f"weights for the node's preset {preset!r} "
+                         f"and placement {placement!r}", f"Set the PFB node's preset to "
+                         f"{weights.preset} and placement to {weights.placement}.")
+    return weights
 
 
 # --- loader -------------------------------------------------------------------------------
@@ -536,6 +546,12 @@ class TrainEditModules:
         texts = {"instruction": _lines("instruction", instruction, n),
                  "source_prompt": _lines("source_prompt", source_prompt, n),
                  "target_prompt": _lines("target_prompt", target_prompt, n)}
+        empty = [i for i in range(n)
+                 if not (texts["instruction"][i] or texts["target_prompt"][i])]
+        if empty:
+            raise InputError("instruction", f"is empty for pair(s) {empty} and so is "
+                             "target_prompt", "the edit of every pair, e.g. 'make the "
+                             "square red', or a target prompt")
         run = _run_folder(output_directory(), run_name)
         data = write_pairs(run / "pairs", source, target, mask, texts)
         batch = max(1, min(int(batch_size), n))

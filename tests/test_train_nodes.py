@@ -7,6 +7,7 @@ get errors that say what is missing and how to make one."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -258,12 +259,17 @@ def test_the_training_node_stops_on_cancel_and_keeps_a_checkpoint(
     assert list(train.glob("checkpoint-*")) and not (train / "final").exists()
 
 
-def test_the_training_node_checks_its_pairs(tmp_path, tiny_sd, pairs):
+def test_the_training_node_checks_its_pairs_before_writing_anything(tmp_path, tiny_sd, pairs):
     source, target, _ = pairs
-    with pytest.raises(InputError, match="target: has shape"):
-        tn.TrainEditModules().train(tiny_sd, source, target[:1], "x", 2, 1e-3, 0, "xmgie")
-    with pytest.raises(InputError, match="instruction: has 3 lines for 2 pairs"):
-        tn.TrainEditModules().train(tiny_sd, source, target, "a\nb\nc", 2, 1e-3, 0, "xmgie")
+    node = tn.TrainEditModules()
+    with core_nodes.using_context(core_nodes.RunContext(output_dir=tmp_path)):
+        with pytest.raises(InputError, match="target: has shape"):
+            node.train(tiny_sd, source, target[:1], "x", 2, 1e-3, 0, "xmgie")
+        with pytest.raises(InputError, match="instruction: has 3 lines for 2 pairs"):
+            node.train(tiny_sd, source, target, "a\nb\nc", 2, 1e-3, 0, "xmgie")
+        with pytest.raises(InputError, match=r"instruction: is empty for pair\(s\) \[0, 1\]"):
+            node.train(tiny_sd, source, target, " ", 2, 1e-3, 0, "xmgie")
+    assert not list(tmp_path.iterdir())
 
 
 def test_the_loss_plot_draws_each_term():
@@ -301,6 +307,12 @@ def test_modules_of_the_wrong_kind_are_named(tmp_path):
         editing.PFBControlNode().make(trained=mgie)
     with pytest.raises(InputError, match="trained: holds MGIE modules"):
         tn.IdentityInjectionNode().make(None, mgie)
+    weights = PFBWeights(["mid_block"], preset="background")
+    background = tn.TrainedModules("xmgie", tmp_path, types.SimpleNamespace(pfb=weights))
+    with pytest.raises(InputError, match="Set the PFB node's preset to background"):
+        editing.PFBControlNode().make(trained=background)
+    (chain,) = editing.PFBControlNode().make(trained=background, preset="background")
+    assert chain[0].alpha is weights
     xmgie = tn.TrainedModules("xmgie", tmp_path)
     with pytest.raises(InputError, match="trained: holds xMGIE modules"):
         tn.ApplyTrainedMGIE().apply(None, None, xmgie)
