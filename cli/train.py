@@ -4,8 +4,10 @@
                 [--models-dir DIR ...]
 
 CONFIG is a YAML file or a shipped config's short name (``xmgie``, ``mgie``). The same
-command runs as one process, or under ``accelerate launch [--num_processes N] -m xmgie
-train ...`` on several processes, GPUs or machines.
+command runs as one process, or under ``accelerate launch --multi_gpu --num_processes N
+-m xmgie train ...`` (or an FSDP / DeepSpeed ``accelerate config``) on several GPUs or
+machines. On a machine without a GPU that launch starts N CPU processes (gloo);
+accelerate's ``--cpu`` launcher itself starts one process unless it runs ``mpirun``.
 
 Exit status: 0 trained (or stopped early); 1 the training failed (bad dataset, a model
 that could not load, a non-finite loss); 2 bad usage or a bad config; 130 interrupted

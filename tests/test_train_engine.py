@@ -124,15 +124,24 @@ def test_checkpoints_hold_only_what_trains(env, full_run, config_file):
 
 
 def test_resume_gives_the_same_later_losses(env, full_run, config_file, tmp_path):
+    """Ctrl-C after step 1, resumed; stopped by should_stop after step 3, resumed: the
+    four logged steps equal the uninterrupted run's."""
     from xmgie.training.config import load_config
     from xmgie.training.engine import train
 
     ref, _ = full_run
     out = tmp_path / "run"
     cfg = load_config(config_file, tiny=True)
+
+    def ctrl_c(step, total, logs):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, progress=ctrl_c)
+    assert (out / "checkpoint-1").is_dir() and not (out / "final").exists()
     seen = []
-    first = train(cfg, out, progress=lambda step, total, logs: seen.append(step),
-                  should_stop=lambda: len(seen) >= 3)
+    first = train(cfg, out, resume=True, progress=lambda step, total, logs: seen.append(step),
+                  should_stop=lambda: len(seen) >= 2)
     assert first.interrupted and first.steps == 3 and first.final_dir is None
     assert (out / "checkpoint-3").is_dir() and not (out / "final").exists()
     second = train(cfg, out, resume=True)
