@@ -318,3 +318,65 @@ def test_critic_too_deep_for_the_resolution_is_refused_before_loading(env):
 
     with pytest.raises(InputError, match=r"model\.critic\.n_layers.*data\.resolution is 64"):
         build_task(_config(**{"model.critic.n_layers": 3}), ACC, True)
+
+
+def test_training_call_blends_and_injects_as_the_sampler_controls_do(task, batch):
+    """The training hooks against the sampler's own PFB and IE controls on the same
+    batched call ([edit rows; reference rows]), with a_l and IE away from their starts:
+    the controls change the edit rows (and not the reference rows), and the training
+    call computes what they compute."""
+    from xmgie.mgie_core.attention import AttnContext, Branch, MaskPyramid
+    from xmgie.mgie_core.control import SamplingRun
+    from xmgie.mgie_core.diffusion import make_schedule
+    from xmgie.mgie_core.models.sd import SDModel
+    from xmgie.mgie_core.pfb import PFBControl
+    from xmgie.mgie_core.trainable import IdentityEmbeddingControl
+    from xmgie.training.xmgie_task import LAYOUT, _Call
+
+    m = task.model
+    saved = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        m.pfb.raw.copy_(torch.rand(m.pfb.raw.shape, generator=g))
+        for p in m.ie.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    b = 2
+    mask = (batch["mask"][:b, 0] > 0.5).float()
+    z = torch.randn(2 * b, 4, 8, 8, generator=g)
+    t = torch.tensor([600] * (2 * b))
+    emb = torch.randn(2 * b, 77, 32, generator=g)
+    e_id = torch.nn.functional.normalize(torch.randn(b, m.ie.id_dim, generator=g), dim=-1)
+    info = m.sd_info
+    sd = SDModel(m.unet, m.vae, m.text_encoder, info.tokenizer, info.scheduler,
+                 torch.device("cpu"), torch.float32, "tiny")
+    ctl = m.controller
+    try:
+        m._call = None
+        run = SamplingRun(sd, make_schedule(sd, 5), LAYOUT, {Branch.EDIT: z[:b]}, ctl,
+                          mask=mask, reference=torch.zeros(6, b, 4, 8, 8))
+        controls = [IdentityEmbeddingControl(m.ie, embedding=e_id),
+                    PFBControl(alpha=m.pfb, preset="object")]
+        for c in controls:
+            c.setup(run)
+        ctl.hooks = []
+        ctl.reset_call(AttnContext(0, 5, LAYOUT, (8, 8)))
+        sampled = m.unet(z, t, encoder_hidden_states=emb).sample
+        ctl.clear()
+        for c in controls:
+            c.teardown(run)
+        plain = m.unet(z, t, encoder_hidden_states=emb).sample
+        m._call = _Call(b, MaskPyramid(mask), torch.ones(b, dtype=torch.bool), e_id, None,
+                        None)
+        ctl.reset_call(AttnContext(0, 1, LAYOUT, (8, 8)))
+        trained = m.unet(z, t, encoder_hidden_states=emb).sample
+    finally:
+        m._call = None
+        ctl.clear()
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+    assert not torch.allclose(sampled[:b], plain[:b], atol=1e-4)   # the controls act
+    assert torch.equal(sampled[b:], plain[b:])                     # not on the reference
+    # equal up to float32 summation order (measured: 6.6e-7 at most)
+    assert torch.allclose(trained, sampled, rtol=0, atol=1e-5)

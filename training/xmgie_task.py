@@ -634,8 +634,11 @@ def _unwrap(model: nn.Module) -> XMGIEModel:
 def _new_words(source_prompt: str, target_prompt: str) -> list[str]:
     """Words of the target prompt that the source prompt does not have (CAM's IN words
     in validation; training aligns the tokens the same way)."""
-    have = {w.lower() for w in source_prompt.split()}
-    return [w for w in target_prompt.split() if w.lower() not in have]
+    def words(text: str) -> list[str]:
+        return [w for w in (w.strip(".,;:!?\"'()[]") for w in text.split()) if w]
+
+    have = {w.lower() for w in words(source_prompt)}
+    return [w for w in words(target_prompt) if w.lower() not in have]
 
 
 class XMGIETask:
@@ -747,8 +750,17 @@ class XMGIETask:
         controls = [IdentityEmbeddingControl(copy.deepcopy(m.ie), m.identity_encoder(),
                                              source=src.permute(0, 2, 3, 1)),
                     PFBControl(alpha=m.pfb, preset=m.preset)]
-        res = sampler.edit(sd, inv, target_prompt, mask=mask[:, 0], cam=cam,
-                           controls=controls, keep_reconstruction=False)
+        try:
+            res = sampler.edit(sd, inv, target_prompt, mask=mask[:, 0], cam=cam,
+                               controls=controls, keep_reconstruction=False)
+        except InputError:
+            if cam is None:
+                raise
+            # a new word the tokenizer does not find as a whole word: edit without CAM
+            log.info("validation: CAM words %s not found in %r; edited without CAM", words,
+                     target_prompt)
+            res = sampler.edit(sd, inv, target_prompt, mask=mask[:, 0], cam=None,
+                               controls=controls, keep_reconstruction=False)
         # not pasted into the photo (training pastes): the background metrics then
         # measure what the edit itself kept of it
         return m.seam_blur(m.decode_latents(res.edit), mask).float().cpu()
