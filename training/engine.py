@@ -200,6 +200,10 @@ def _load_data(config: TrainConfig, dataset, accelerator, out: Path):
 
     d = config.data
     source = dataset if dataset is not None else d.path
+    # --tiny without --dataset: the synthetic pairs, unless the tiny: section names data
+    tiny_path = ((config.raw.get("tiny") or {}).get("data") or {}).get("path")
+    if config.tiny and dataset is None and tiny_path is None:
+        source = None
     if isinstance(source, torch.utils.data.Dataset):
         full = source
     else:
