@@ -238,3 +238,30 @@ def test_config_checks():
                       "early_stopping.metric")]:
         with pytest.raises(InputError, match=key.replace(".", r"\.")):
             load_config(bad)
+
+
+def test_early_stopping_ema_and_best_on_mgie(env, tmp_path):
+    """The MGIE config (validation is its held-out L_all), with EMA: early stopping on a
+    metric that must rise (val_loss, mode max, patience 1) stops at the first validation
+    that does not beat the best, and final/ is best/, the export at the best step."""
+    from xmgie.training.config import load_config
+    from xmgie.training.engine import train
+
+    cfg = load_config("mgie", tiny=True, overrides={
+        "steps": {"max": 6, "log_every": 1, "val_every": 1, "checkpoint_every": 0},
+        "early_stopping": {"metric": "val_loss", "mode": "max", "patience": 1},
+        "ema": {"enabled": True, "decay": 0.5}})
+    out = tmp_path / "run"
+    result = train(cfg, out)
+    vals = [r["val_loss"] for r in result.metrics]
+    assert len(vals) == result.steps and result.stopped_early and result.steps < 6
+    assert vals[-1] <= max(vals[:-1]) and all(b > a for a, b in zip(vals, vals[1:-1]))
+    state = json.loads((out / f"checkpoint-{result.steps}" / "state.json").read_text())
+    assert state["early_stopping"]["best"] == max(vals)
+    assert (out / f"checkpoint-{result.steps}" / "ema.safetensors").is_file()
+    best_files = sorted(p.relative_to(out / "best") for p in (out / "best").rglob("*")
+                        if p.is_file())
+    assert best_files == sorted(p.relative_to(out / "final") for p in
+                                (out / "final").rglob("*") if p.is_file())
+    for rel in best_files:
+        assert (out / "best" / rel).read_bytes() == (out / "final" / rel).read_bytes()
