@@ -320,7 +320,34 @@ def test_critic_too_deep_for_the_resolution_is_refused_before_loading(env):
         build_task(_config(**{"model.critic.n_layers": 3}), ACC, True)
 
 
-def test_training_call_blends_and_injects_as_the_sampler_controls_do(task, batch):
+@pytest.fixture(scope="module", params=["tiny", "sd15-blocks"])
+def unet_model(request, task):
+    """The task's model, and one over a UNet with SD 1.5's block layout (two resnets and
+    attentions per level, so every one of PFB-Diff's ten sites exists) at the tiny
+    widths, random weights."""
+    import dataclasses
+
+    from diffusers import UNet2DConditionModel
+
+    from xmgie.mgie_core.tiny.sd import unet_config
+    from xmgie.mgie_core.trainable import IdentityInjection, PFBWeights
+    from xmgie.training.xmgie_task import XMGIEModel, _add_lora
+
+    m = task.model
+    if request.param == "tiny":
+        return m
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(**{**unet_config(), "layers_per_block": 2})
+    unet.requires_grad_(False)
+    _add_lora(unet, m.settings.lora)
+    sd = dataclasses.replace(m.sd_info, unet=unet)
+    pfb = PFBWeights.for_unet(unet)
+    ie = IdentityInjection.for_unet(unet, m.ie.id_dim, encoder_kind="clip_vision")
+    assert len(pfb.sites) == 10 and "down_blocks.2.resnets.1" in pfb.sites
+    return XMGIEModel(sd, m.encoder_info, pfb, ie, m.settings)
+
+
+def test_training_call_blends_and_injects_as_the_sampler_controls_do(unet_model, batch):
     """The training hooks against the sampler's own PFB and IE controls on the same
     batched call ([edit rows; reference rows]), with a_l and IE away from their starts:
     the controls change the edit rows (and not the reference rows), and the training
@@ -333,7 +360,7 @@ def test_training_call_blends_and_injects_as_the_sampler_controls_do(task, batch
     from xmgie.mgie_core.trainable import IdentityEmbeddingControl
     from xmgie.training.xmgie_task import LAYOUT, _Call
 
-    m = task.model
+    m = unet_model
     saved = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -378,5 +405,31 @@ def test_training_call_blends_and_injects_as_the_sampler_controls_do(task, batch
                     p.copy_(saved[n])
     assert not torch.allclose(sampled[:b], plain[:b], atol=1e-4)   # the controls act
     assert torch.equal(sampled[b:], plain[b:])                     # not on the reference
-    # equal up to float32 summation order (measured: 6.6e-7 at most)
+    # equal up to float32 summation order (measured: 6.6e-7 at most on the tiny UNet,
+    # 0 on the other)
     assert torch.allclose(trained, sampled, rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(unet_model, batch):
+    """The UNet's checkpointed blocks are recomputed in the backward pass, after the
+    forward returned: the blend, injection and CAM of that call must hold then too."""
+    m = unet_model
+    assert m._cam_tokens(list(batch["target_prompt"]), list(batch["source_prompt"]),
+                         [True] * 4) is not None          # CAM is on in this batch
+    grads = []
+    try:
+        for on in (False, True):
+            if on:
+                m.unet.enable_gradient_checkpointing()
+            m.zero_grad()
+            torch.manual_seed(3)
+            out = m(batch)
+            out["loss"].backward()
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters()
+                          if p.requires_grad})
+    finally:
+        m.unet.disable_gradient_checkpointing()
+        m.zero_grad()
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7), n
