@@ -280,7 +280,10 @@ def test_given_models_are_left_untouched(env, tiny_sd, batch):
     ({"identity": {"kind": "dino", "name": "x"}}, "model.identity.kind"),
     ({"pfb": {"preset": "middle"}}, "model.pfb.preset"),
     ({"image_fraction": 2}, "model.image_fraction"),
-    ({"critic": {"kind": "wgan"}}, "kind"),
+    ({"critic": {"kind": "wgan"}}, "model.critic.kind"),
+    ({"critic": {"n_layers": 0}}, "model.critic.n_layers"),
+    ({"validation": {"inversion": "exact"}}, "model.validation.inversion"),
+    ({"ie": {"sites": "mid_block"}}, "model.ie.sites"),
     ({"unet_lora": {"r": 0}}, "model.unet_lora.r"),
 ])
 def test_bad_settings_name_their_key(model, key):

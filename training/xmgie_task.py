@@ -188,7 +188,30 @@ class Settings:
         if m["frozen_dtype"] not in ("auto", "fp32", "fp16", "bf16"):
             raise InputError("model.frozen_dtype", f"is {m['frozen_dtype']!r}",
                              "auto, fp32, fp16 or bf16")
-        losses._check_kind(m["critic"]["kind"])
+        c = m["critic"]
+        if c["kind"] not in losses.GAN_KINDS:
+            raise InputError("model.critic.kind", f"is {c['kind']!r}",
+                             " or ".join(losses.GAN_KINDS))
+        for key, low in (("ndf", 1), ("n_layers", 1)):
+            if isinstance(c[key], bool) or not isinstance(c[key], int) or c[key] < low:
+                raise InputError(f"model.critic.{key}", f"is {c[key]!r}",
+                                 f"a whole number >= {low}")
+        if c["norm"] not in ("spectral", "instance", "none"):
+            raise InputError("model.critic.norm", f"is {c['norm']!r}",
+                             "spectral, instance or none")
+        v = m["validation"]
+        for key, low in (("pairs", 0), ("steps", 1)):
+            if isinstance(v[key], bool) or not isinstance(v[key], int) or v[key] < low:
+                raise InputError(f"model.validation.{key}", f"is {v[key]!r}",
+                                 f"a whole number >= {low}")
+        if v["inversion"] not in ("ddim", "null_text", "negative_prompt", "direct"):
+            raise InputError("model.validation.inversion", f"is {v['inversion']!r}",
+                             "direct, ddim, null_text or negative_prompt")
+        sites = m["ie"]["sites"]
+        if sites is not None and (not isinstance(sites, list) or not sites
+                                  or not all(isinstance(x, str) for x in sites)):
+            raise InputError("model.ie.sites", f"is {sites!r}",
+                             "null (the default sites) or a list of UNet module names")
         weights = _merge(LOSS_DEFAULTS, getattr(config, "loss", None), "loss")
         for k, v in weights.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
@@ -819,8 +842,12 @@ def build_task(config, accelerator, tiny: bool, models: dict | None = None) -> X
         id_dim = int(encoder.embed(torch.zeros(1, *encoder.size, 3)).shape[-1])
     pfb = PFBWeights.for_unet(sd.unet, preset=settings.model["pfb"]["preset"],
                               placement=settings.model["pfb"]["placement"])
-    ie = IdentityInjection.for_unet(sd.unet, id_dim, sites=settings.model["ie"]["sites"],
-                                    encoder_kind=encoder.kind)
+    try:
+        ie = IdentityInjection.for_unet(sd.unet, id_dim, sites=settings.model["ie"]["sites"],
+                                        encoder_kind=encoder.kind)
+    except InputError as exc:
+        raise InputError("model.ie.sites", str(exc), "module names of this UNet, e.g. "
+                         "mid_block, up_blocks.1.attentions.0") from exc
     model = XMGIEModel(sd, encoder, pfb, ie, settings).to(device)
     critic = LatentPatchDiscriminator(in_channels=4, ndf=int(c["ndf"]),
                                       n_layers=int(c["n_layers"]), norm=c["norm"]).to(device)
