@@ -371,10 +371,9 @@ def _to_image(img: Image.Image) -> torch.Tensor:
 
 
 def output_directory() -> Path:
-    """ComfyUI's output folder inside ComfyUI; the run's ``--output-dir`` standalone."""
-    from . import _comfy
-
-    if _comfy.comfy_available():
+    """ComfyUI's output folder inside ComfyUI (its adapter installed); the run's
+    ``--output-dir`` standalone, even where ComfyUI could be imported."""
+    if paths.in_comfyui():
         import folder_paths
 
         return Path(folder_paths.get_output_directory())

@@ -316,3 +316,89 @@ def test_modules_of_the_wrong_kind_are_named(tmp_path):
     xmgie = tn.TrainedModules("xmgie", tmp_path)
     with pytest.raises(InputError, match="trained: holds xMGIE modules"):
         tn.ApplyTrainedMGIE().apply(None, None, xmgie)
+
+
+# --- inside a real ComfyUI (skipped unless XMGIE_COMFYUI_DIR names a checkout) ------------
+
+COMFY_DIR = __import__("os").environ.get("XMGIE_COMFYUI_DIR")
+
+
+@pytest.fixture
+def comfyui(tiny_root, tiny_models, tmp_path):
+    """ComfyUI (CPU mode) with the adapter installed, its output folder in ``tmp_path``;
+    the library's standalone hooks, registry and folders are restored afterwards (as
+    tests/test_comfy_adapter.py does)."""
+    import sys
+
+    from xmgie.mgie_core import memory
+
+    if not COMFY_DIR:
+        pytest.skip("set XMGIE_COMFYUI_DIR to a ComfyUI checkout to run the node inside it")
+    sys.path.insert(0, COMFY_DIR)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management as mm
+    import comfy.model_patcher  # ComfyUI has it loaded when it loads packs
+    import folder_paths
+
+    from xmgie.nodes import _comfy
+
+    tiny_models("sd_diffusers")
+    tiny_models("clip_vision")
+    previous, previous_registry = host.hooks(), memory._registry
+    previous_output = folder_paths.get_output_directory()
+    memory._registry = memory.ModelRegistry()
+    _comfy._installed = False
+    assert _comfy.install()
+    folder_paths.set_output_directory(str(tmp_path))
+    paths.configure(tiny_root=tiny_root)
+    try:
+        yield mm
+    finally:
+        mm.unload_all_models()
+        folder_paths.set_output_directory(previous_output)
+        host.set_hooks(**vars(previous))
+        memory._registry = previous_registry
+        _comfy._installed = False
+        paths.set_comfy_provider(None)
+        paths.configure(reset=True)
+
+
+def test_inside_comfyui_the_node_trains_under_its_progress_bar_and_stops_on_cancel(
+        comfyui, tmp_path, pairs):
+    import comfy.utils
+    import folder_paths
+
+    from xmgie.nodes import NODE_CLASS_MAPPINGS as nodes
+
+    mm = comfyui
+    assert "xmgie_trained" in folder_paths.folder_names_and_paths   # the models folder
+    with torch.inference_mode():                 # as ComfyUI runs every node
+        (sd,) = nodes["XMGIELoadDiffusers"]().load(model="stable-diffusion-v1-5",
+                                                   dtype="fp32")
+        (enc,) = nodes["XMGIELoadIdentityEncoder"]().load("clip_vision",
+                                                          "clip-vit-large-patch14")
+    source, target, mask = pairs
+    args = (sd, source, target, "make the shape blue", 3, 1e-3, 0, "xmgie")
+    kwargs = dict(mask=mask, identity_encoder=enc, resolution=SIZE, batch_size=2)
+    steps = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None:
+                                             steps.append((value, total)))
+    try:
+        with torch.inference_mode():
+            out = nodes["XMGIETrainEditModules"]().train(*args, **kwargs)
+        assert steps == [(1, 3), (2, 3), (3, 3)]          # ComfyUI's ProgressBar
+        assert out["result"][0].kind == "xmgie"
+        assert (tmp_path / "xmgie_train_00001" / "train" / "final").is_dir()
+        # ComfyUI's cancel button during the first step: a checkpoint, then its exception.
+        comfy.utils.set_progress_bar_global_hook(
+            lambda value, total, preview, node_id=None: mm.interrupt_current_processing(True))
+        with pytest.raises(mm.InterruptProcessingException), torch.inference_mode():
+            nodes["XMGIETrainEditModules"]().train(*args[:4], 50, *args[5:], **kwargs)
+        run = tmp_path / "xmgie_train_00002" / "train"
+        assert list(run.glob("checkpoint-*")) and not (run / "final").exists()
+        assert not mm.processing_interrupted()             # ComfyUI's flag is cleared
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
