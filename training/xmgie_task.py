@@ -811,9 +811,9 @@ class XMGIETask:
         save_xmgie(folder, m.pfb, m.ie, extra=extra)
 
 
-def build_task(config, accelerator, tiny: bool, models: dict | None = None) -> XMGIETask:
-    """The xMGIE task for ``config`` (``models``: already loaded "sd" / "identity" to use
-    instead of loading by name)."""
+def check_config(config) -> Settings:
+    """The task's settings of ``config``, checked without loading anything (a caller may
+    run this before it touches the data or the run folder)."""
     settings = Settings.from_config(config)
     c = settings.model["critic"]
     data = getattr(config, "data", None)
@@ -826,6 +826,13 @@ def build_task(config, accelerator, tiny: bool, models: dict | None = None) -> X
                          f"data.resolution >= {need * 8}, or fewer critic layers",
                          "Lower model.critic.n_layers (1 takes 48 px) or raise "
                          "data.resolution.")
+    return settings
+
+
+def build_task(config, accelerator, tiny: bool, models: dict | None = None) -> XMGIETask:
+    """The xMGIE task for ``config`` (``models``: already loaded "sd" / "identity" to use
+    instead of loading by name)."""
+    settings = check_config(config)
     device = torch.device(accelerator.device) if accelerator is not None else torch.device("cpu")
     sd, encoder = _load_models(settings, config, device, tiny, models)
     if models and "sd" in models:
@@ -849,6 +856,7 @@ def build_task(config, accelerator, tiny: bool, models: dict | None = None) -> X
         raise InputError("model.ie.sites", str(exc), "module names of this UNet, e.g. "
                          "mid_block, up_blocks.1.attentions.0") from exc
     model = XMGIEModel(sd, encoder, pfb, ie, settings).to(device)
+    c = settings.model["critic"]
     critic = LatentPatchDiscriminator(in_channels=4, ndf=int(c["ndf"]),
                                       n_layers=int(c["n_layers"]), norm=c["norm"]).to(device)
     return XMGIETask(model, critic, settings, accelerator)
