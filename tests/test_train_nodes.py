@@ -205,7 +205,7 @@ def _train_node(tmp_path, tiny_sd, encoder, pairs, steps=3):
 
 
 def test_the_training_node_trains_in_inference_mode_and_plots_the_loss(
-        tmp_path, tiny_root, clean_paths, tiny_sd, encoder, pairs):
+        tmp_path, tiny_root, clean_paths, tiny_sd, encoder, pairs, photo, box, baseline):
     paths.configure(tiny_root=tiny_root)       # as under xmgie run --tiny
     seen = []
     previous = host.set_hooks(progress=lambda total, desc: _Bar(total, seen))
@@ -226,6 +226,9 @@ def test_the_training_node_trains_in_inference_mode_and_plots_the_loss(
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert (run / "pairs" / "manifest.jsonl").is_file()
     assert seen == [(3, 1), (3, 1), (3, 1)]                  # one update per step
+    # What it outputs edits as the loaded folder does.
+    edited = _trained_graph(tiny_sd, photo, box, encoder, trained)
+    assert (edited - baseline).abs().max() > 1e-3
 
 
 class _Bar:
