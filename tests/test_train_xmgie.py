@@ -18,7 +18,7 @@ ACC = types.SimpleNamespace(device=torch.device("cpu"), mixed_precision="no")
 
 @pytest.fixture(scope="module")
 def env(tiny_root):
-    """--tiny finds the tiny SD and CLIP vision encoder in the session's tiny folder."""
+    """--tiny finds the tiny SD and CLIP vision encoder in the test run's tiny folder."""
     from xmgie.mgie_core import tiny
     from xmgie.training.xmgie_task import TINY_FAMILIES
 
