@@ -200,7 +200,7 @@ class Settings:
             raise InputError("model.critic.norm", f"is {c['norm']!r}",
                              "spectral, instance or none")
         v = m["validation"]
-        for key, low in (("pairs", 0), ("steps", 1)):
+        for key, low in (("pairs", 1), ("steps", 1)):
             if isinstance(v[key], bool) or not isinstance(v[key], int) or v[key] < low:
                 raise InputError(f"model.validation.{key}", f"is {v[key]!r}",
                                  f"a whole number >= {low}")
