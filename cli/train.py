@@ -68,9 +68,11 @@ def main(args) -> int:
     """Run ``xmgie train``; errors become one-line messages and exit statuses."""
     from ..mgie_core.errors import InputError, XMGIEError
     from ..training.config import TrainConfigError, load_config
+    from ..training.engine import check_task_config
 
     try:
         config = load_config(args.config, tiny=args.tiny)
+        check_task_config(config)   # the task's model: and loss: keys
     except XMGIEError as exc:  # missing file, bad YAML, bad key
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

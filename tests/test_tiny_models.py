@@ -37,3 +37,26 @@ def test_clip_vocabulary_is_a_real_bpe_with_the_editing_words_as_single_tokens(t
     # any text is representable: an unseen word falls back to byte-level pieces
     ids = tok("zebra", add_special_tokens=False)["input_ids"]
     assert ids and tok.unk_token_id not in ids
+
+
+def test_building_a_tiny_model_leaves_the_callers_random_state(tmp_path):
+    # A seeded run must draw the same numbers whether or not a tiny model had to be built
+    # first (the makers seed their own weights).
+    import random
+
+    import numpy as np
+    import torch
+
+    from xmgie.mgie_core.tiny import ensure_tiny_models, tiny_path
+
+    def draws():
+        return torch.rand(4), random.random(), np.random.rand()
+
+    for seed_all in (lambda: (torch.manual_seed(123), random.seed(123), np.random.seed(123)),):
+        seed_all()
+        expected = draws()
+        seed_all()
+        ensure_tiny_models(tmp_path, ["clip_vision"])
+        assert tiny_path(tmp_path, "clip_vision").exists()
+        got = draws()
+        assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]

@@ -47,7 +47,7 @@ def _rows(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def env(tiny_root):
     """Tiny models in the session's folder, for this process and the launched ones
-    (built first: building them reseeds torch, which would make the first run differ)."""
+    (built once here rather than inside the first run)."""
     from xmgie.mgie_core import tiny
 
     tiny.ensure_tiny_models(tiny_root, ["sd_diffusers", "clip_vision"])
@@ -216,6 +216,13 @@ def test_bad_config_and_options_exit_2(env, config_file, tmp_path, capsys):
                      "--out", str(tmp_path / "c")]) == 2
     assert "--resume" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+    # A bad task setting fails before the synthetic data of --tiny is written.
+    task_bad = tmp_path / "task-bad.yaml"
+    task_bad.write_text(SHIPPED.read_text().replace("critic: {kind: hinge",
+                                                    "critic: {kind: wasserstein"))
+    assert cli.main(["train", str(task_bad), "--tiny", "--out", str(tmp_path / "d")]) == 2
+    assert "model.critic.kind" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_config_checks():

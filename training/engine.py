@@ -70,6 +70,16 @@ class TrainResult:
     checkpoint: Path | None = None  # the last checkpoint written
 
 
+def check_task_config(config: TrainConfig) -> None:
+    """The task's own settings (``model:``, ``loss:``) checked without loading anything,
+    so a bad key fails before the data is read or the run folder is touched."""
+    if config.task == "xmgie":
+        from .xmgie_task import check_config
+    else:
+        from .mgie_task import settings as check_config
+    check_config(config)
+
+
 def build_task(config: TrainConfig, accelerator, tiny: bool, models: dict | None = None):
     """The task named by ``config.task``; both tasks take the same arguments."""
     if config.task == "xmgie":
@@ -285,6 +295,7 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
     total = int(max_steps) if max_steps is not None else config.steps.max
     if total < 1:
         raise InputError("--max-steps", f"found {total}", "a whole number >= 1")
+    check_task_config(config)
     resume_from = _check_out_dir(out, resume)
 
     _reset_accelerate_state()

@@ -8,11 +8,12 @@ are meaningless.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .. import paths
@@ -56,12 +57,30 @@ def tiny_path(root: Path, family: str) -> Path:
     return root / fam.folder / fam.tiny_name
 
 
+@contextlib.contextmanager
+def _caller_random_state() -> Iterator[None]:
+    import random
+
+    import numpy as np
+    import torch
+
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
 def ensure_tiny_models(root: Path | str | None = None,
                        families: Iterable[str] | None = None) -> Path:
     """Write any missing tiny models under ``root`` and return it.
 
     Each model is written to a temporary sibling and renamed into place, so an
-    interrupted build never leaves a half-written model behind."""
+    interrupted build never leaves a half-written model behind. The makers seed their
+    own weights; the caller's random state (Python, NumPy, torch) is put back afterwards,
+    so a seeded run draws the same numbers whether or not a model had to be built."""
     root = Path(root) if root is not None else default_root()
     for family in (families or MAKERS):
         target = tiny_path(root, family)
@@ -70,7 +89,8 @@ def ensure_tiny_models(root: Path | str | None = None,
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
         try:
-            maker(family)(tmp_dir / target.name)
+            with _caller_random_state():
+                maker(family)(tmp_dir / target.name)
             # A maker may write side files (a config folder beside a checkpoint): move
             # them first, the model itself last, so its presence means "complete".
             for entry in sorted(tmp_dir.iterdir(), key=lambda p: p.name == target.name):
