@@ -769,8 +769,7 @@ class XMGIETask:
             else []
         cam = sampler.CAMSettings(in_words=words) if (self.settings.model["cam"] and words) \
             else None
-        # a copy: the control may switch its module's gradients off for sampling
-        controls = [IdentityEmbeddingControl(copy.deepcopy(m.ie), m.identity_encoder(),
+        controls = [IdentityEmbeddingControl(m.ie, m.identity_encoder(),
                                              source=src.permute(0, 2, 3, 1)),
                     PFBControl(alpha=m.pfb, preset=m.preset)]
         try:
