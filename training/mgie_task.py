@@ -69,6 +69,8 @@ LORA_DEFAULT = {"r": 16, "alpha": 32, "dropout": 0.0,
                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                    "up_proj", "down_proj"]}
 TINY_FAMILIES = ("sd_diffusers", "mgie_unet", "mgie")   # what --tiny loads by default
+# What validate() returns (the engine checks early_stopping.metric against it up front).
+VAL_METRICS = ("val_loss", "val_l_ins", "val_l_edit")
 
 
 # -- config ------------------------------------------------------------------------------

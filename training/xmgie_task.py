@@ -134,6 +134,8 @@ LORA_FOLDER = "unet_lora"          # in final/: the UNet's adapter, diffusers' L
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"   # its file (the config in its metadata)
 EDIT, REF = Branch.EDIT, Branch.REF
 LAYOUT = BatchLayout(((EDIT, COND), (REF, COND)))
+# What validate() returns (the engine checks early_stopping.metric against it up front).
+VAL_METRICS = ("val_psnr", "val_ssim", "val_l1", "val_bg_psnr", "val_bg_ssim")
 
 
 # --- settings ---------------------------------------------------------------------------
