@@ -12,19 +12,20 @@ from there.
 * :class:`IdentityInjection`: IE. At chosen UNet sites the identity embedding e_id of a
   frozen encoder is concatenated to the features and projected back to their width by a
   zero-initialised 1x1 convolution, added residually: h' = h + P_l([h ; e_id]). With
-  P_l = 0 the features are unchanged. :meth:`IdentityInjection.attach` hooks it onto a
-  UNet for a batched training call; :class:`IdentityEmbeddingControl` does the same
-  inside the sampler, for the edit rows only.
+  P_l = 0 the features are unchanged. :meth:`IdentityInjection.hook` is the one way it
+  enters a UNet call: a forward hook that asks a selector which rows of the call get
+  which e_id. :class:`IdentityEmbeddingControl`'s selector picks the sampler's edit rows;
+  training's (training/xmgie_task.py) picks the edit rows of its batched
+  [edit; reference] call.
 * :class:`LatentPatchDiscriminator`: the critic of L_adv, pix2pix's PatchGAN shape on
   4-channel latents (why latents: its docstring and docs/algorithms.md §14).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -270,51 +271,36 @@ class IdentityInjection(nn.Module):
         return h + proj(x).to(h.dtype)
 
     def _rows_injected(self, k: int, h: torch.Tensor, e_id: torch.Tensor,
-                       rows: slice | Sequence[slice] | None) -> torch.Tensor:
-        if rows is None:
-            return self.inject(k, h, e_id)
+                       rows: slice | Sequence[slice]) -> torch.Tensor:
         out = h.clone()
         for sl in [rows] if isinstance(rows, slice) else rows:
             out[sl] = self.inject(k, h[sl], e_id)
         return out
 
-    def hook(self, k: int, e_id: torch.Tensor | None = None,
-             rows: slice | Sequence[slice] | None = None, select=None):
-        """A forward hook for site ``k``'s module: injects ``e_id`` into ``rows`` (a slice
-        or slices of the batch; None: all rows) or, with ``select(h)`` (returning
-        ``(rows, e_id)``, or None to leave the call alone), where it says."""
-        def fn(module, inputs, output):
-            h, put = _features(output)
-            if select is not None:
-                got = select(h)
-                if got is None:
-                    return None
-                where, emb = got
-                return put(self._rows_injected(k, h, emb, where))
-            return put(self._rows_injected(k, h, e_id, rows))
-        return fn
-
-    @contextlib.contextmanager
-    def attach(self, unet, e_id: torch.Tensor, rows: slice | None = None) -> Iterator[None]:
-        """Inject ``e_id`` ([B,D] or [1,D]) at every site of ``unet`` while the block runs:
-        into every row of each call (``rows`` None; a training batch of edits), or into
-        ``rows`` only (a slice of the batch, e.g. the edit rows of an [edit; reference]
-        batch). The hooks are removed on exit, also after an error."""
-        problems = self.check_unet(unet)
-        if problems:
-            raise InputError("identity injection", f"does not fit this UNet: {problems}",
-                             "the UNet it was made for")
-        modules = dict(unet.named_modules())
-        handles = [modules[s].register_forward_hook(self.hook(k, e_id, rows))
-                   for k, s in enumerate(self.sites)]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+    def hook(self, k: int, select: Callable[[torch.Tensor], tuple | None]) -> _SiteHook:
+        """A forward hook for site ``k``'s module: ``select(h)``, given the module's
+        output features, returns ``(rows, e_id)`` (a slice or slices of the batch, and the
+        embeddings their rows get, [1,D] or one per row of a slice) or None to leave the
+        call alone. A callable object, not a closure, so a model deep-copies with it."""
+        return _SiteHook(self, k, select)
 
     def extra_repr(self) -> str:
         return f"sites={list(self.sites)}, id_dim={self.id_dim}"
+
+
+class _SiteHook:
+    """:meth:`IdentityInjection.hook`'s forward hook (its docstring)."""
+
+    def __init__(self, ie: IdentityInjection, k: int, select):
+        self.ie, self.k, self.select = ie, k, select
+
+    def __call__(self, module, inputs, output):
+        h, put = _features(output)
+        got = self.select(h)
+        if got is None:
+            return None
+        rows, e_id = got
+        return put(self.ie._rows_injected(self.k, h, e_id, rows))
 
 
 def embed_sources(encoder: IdentityEncoder, images: torch.Tensor) -> torch.Tensor:

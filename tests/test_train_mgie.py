@@ -268,18 +268,24 @@ def test_tiny_run_loss_falls_and_its_export_changes_mgie_and_the_unet(env, model
     from xmgie.mgie_core.models.mgie import trained
     from xmgie.training import engine
 
-    result = engine.train(_config(), tmp_path / "run", max_steps=20)
+    steps = 20
+    result = engine.train(_config(), tmp_path / "run", max_steps=steps)
     ok, first, last = _falls(result.metrics)
     assert ok, f"the loss did not fall: first 10 % {first:.4f}, last 10 % {last:.4f}"
-    assert any("val_loss" in r and "val_l_ins" in r and "val_l_edit" in r
-               for r in result.metrics)
+    from xmgie.training.mgie_task import VAL_METRICS
+
+    vals = [r for r in result.metrics if "val_loss" in r]
+    assert vals and all({k for k in r if k.startswith("val_")} == set(VAL_METRICS)
+                        for r in vals)
     rows = [json.loads(line) for line in
             (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all({"step", "loss", "l_ins", "l_edit"} <= set(r) for r in rows)
-    # the criterion can fail: the same run without learning does not pass it
+    # the criterion can fail: the same run (same steps, same draws) without learning
+    # does not pass it
     still = engine.train(_config(**{"optim.lr": 1e-9, "steps.val_every": 0,
                                     "early_stopping.metric": None}),
-                         tmp_path / "still", max_steps=10)
+                         tmp_path / "still", max_steps=steps)
+    assert still.steps == result.steps == steps
     assert not _falls(still.metrics)[0]
 
     final = result.final_dir

@@ -223,8 +223,11 @@ def test_ie_control_embeds_the_source_with_the_encoder(tiny_sd, tiny_models, inv
         _edit(tiny_sd, inv, mask, [IdentityEmbeddingControl(other, encoder)])
 
 
-def test_ie_attach_rows_and_removal(tiny_sd, e_id):
-    unet = tiny_sd.unet
+def test_ie_hook_injects_the_rows_its_selector_names_and_deep_copies(tiny_sd, e_id):
+    """IE's one hook (the sampler's control and training both use it): only the rows the
+    selector returns change, None leaves the call alone, and a deep-copied module's hooks
+    use the copy's IE."""
+    unet = copy.deepcopy(tiny_sd.unet)
     ie = IdentityInjection.for_unet(unet, ID_DIM)
     with torch.no_grad():
         for p in ie.proj:
@@ -233,16 +236,37 @@ def test_ie_attach_rows_and_removal(tiny_sd, e_id):
     emb = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(5))
     t = torch.tensor([500, 500])
 
-    def call():
+    def call(u):
         with torch.no_grad():
-            return unet(z, t, encoder_hidden_states=emb).sample
+            return u(z, t, encoder_hidden_states=emb).sample
 
-    before = call()
-    with ie.attach(unet, e_id, rows=slice(0, 1)):
-        edited = call()
-    assert not torch.equal(edited[0], before[0])
-    assert torch.equal(edited[1], before[1])           # only the given rows
-    assert torch.equal(call(), before)                   # hooks removed
+    before = call(unet)
+    state = {"rows": None}
+
+    def select(h):
+        return None if state["rows"] is None else (state["rows"], e_id)
+
+    modules = dict(unet.named_modules())
+    handles = [modules[s].register_forward_hook(ie.hook(k, select))
+               for k, s in enumerate(ie.sites)]
+    holder = torch.nn.ModuleDict({"unet": unet, "ie": ie})
+    try:
+        assert torch.equal(call(unet), before)             # the selector said no
+        state["rows"] = slice(0, 1)
+        edited = call(unet)
+        assert not torch.equal(edited[0], before[0])
+        assert torch.equal(edited[1], before[1])            # only the given rows
+        twin = copy.deepcopy(holder)
+        with torch.no_grad():
+            for p in twin["ie"].proj:
+                p.bias.zero_()
+        assert torch.equal(call(twin["unet"]), before)      # the copy's (zero) IE acts
+        assert torch.equal(call(unet), edited)              # the original's is untouched
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(call(unet), before)                  # hooks removed
+    assert not hasattr(ie, "attach")
 
 
 def _half_sd(sd, dtype=torch.bfloat16):

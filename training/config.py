@@ -232,6 +232,31 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
     return out
 
 
+def merge_section(defaults: Mapping[str, Any], given: Any, where: str,
+                  source: str = "config") -> dict[str, Any]:
+    """A task's section (``model``, ``loss``, or a mapping inside one) over its defaults,
+    checked: every given key must be one of ``defaults``' (else a
+    :class:`TrainConfigError` naming ``where.key`` and the file ``source``); a key whose
+    default is a mapping is merged the same way, one level down; None or a missing key
+    keeps the default. ``where`` is the section's dotted name (``model.critic``)."""
+    if given is None:
+        given = {}
+    if not isinstance(given, Mapping):
+        raise TrainConfigError(source, where, f"found {given!r}", "a mapping")
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise TrainConfigError(source, f"{where}.{unknown[0]}", "unknown key",
+                               f"one of {', '.join(defaults)}", "Check the spelling.")
+    out = {}
+    for key, default in defaults.items():
+        value = given.get(key, default)
+        if isinstance(default, Mapping):
+            out[key] = merge_section(default, value, f"{where}.{key}", source)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def _expand_dotted(overrides: Mapping[str, Any]) -> dict[str, Any]:
     # {"steps.max": 5} -> {"steps": {"max": 5}}; nested mappings pass through.
     out: dict[str, Any] = {}

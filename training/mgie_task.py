@@ -39,6 +39,7 @@ require gradients).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Mapping
@@ -53,7 +54,8 @@ from ..mgie_core import losses
 from ..mgie_core.errors import InputError
 from ..mgie_core.models.mgie import IM_PATCH, IMG_TOKENS, MGIEModel
 from ..mgie_core.models.mgie import trained as mgie_trained
-from .config import TrainConfigError
+from .config import TrainConfigError, merge_section
+from .task import load_trainable_state, unwrap
 
 IGNORE = -100
 DEFAULT_MODEL: dict[str, Any] = {
@@ -92,15 +94,7 @@ def _fail(config, key: str, problem: str, expected: str, fix: str = ""):
 
 
 def _keys(config, section: str, value: Any, allowed: Mapping[str, Any]) -> dict:
-    if value is None:
-        return dict(allowed)
-    if not isinstance(value, Mapping):
-        _fail(config, section, f"found {value!r}", "a mapping")
-    unknown = sorted(set(value) - set(allowed))
-    if unknown:
-        _fail(config, f"{section}.{unknown[0]}", "unknown key",
-              f"one of {', '.join(allowed)}", "Check the spelling.")
-    return {**allowed, **value}
+    return merge_section(allowed, value, section, getattr(config, "source", "config"))
 
 
 def _prob(config, key: str, value: Any) -> float:
@@ -112,7 +106,7 @@ def _prob(config, key: str, value: Any) -> float:
 def settings(config) -> MGIESettings:
     """``model`` and ``loss`` of an MGIE config, checked (errors name the key)."""
     model = _keys(config, "model", config.model, DEFAULT_MODEL)
-    base = _keys(config, "model.base", model["base"], DEFAULT_MODEL["base"])
+    base = model["base"]
     if base["loader"] not in BASE_LOADERS:
         _fail(config, "model.base.loader", f"found {base['loader']!r}",
               f"one of {', '.join(BASE_LOADERS)}")
@@ -136,8 +130,7 @@ def settings(config) -> MGIESettings:
                   "a list of LLaMA linear-layer names, e.g. [q_proj, v_proj]")
         lora = {"r": int(lora["r"]), "alpha": float(lora["alpha"]), "target_modules": list(tm),
                 "dropout": _prob(config, "model.lora.dropout", lora["dropout"])}
-    drop = _keys(config, "model.conditioning_dropout", model["conditioning_dropout"],
-                 DEFAULT_MODEL["conditioning_dropout"])
+    drop = model["conditioning_dropout"]
     p_text = _prob(config, "model.conditioning_dropout.text", drop["text"])
     p_image = _prob(config, "model.conditioning_dropout.image", drop["image"])
     if p_text / 2 + p_image > 1:
@@ -536,13 +529,6 @@ class MGIETask:
         self.source = source
         self.weights = {"ins": 1.0, "edit": settings.edit_weight}
 
-    def _unwrap(self, model: nn.Module) -> MGIETrainModel:
-        if self.accelerator is not None and hasattr(self.accelerator, "unwrap_model"):
-            model = self.accelerator.unwrap_model(model)
-        while not isinstance(model, MGIETrainModel) and hasattr(model, "module"):
-            model = model.module
-        return model
-
     def generator_adversarial(self, critic, fake):  # no critic in MGIE's objective
         raise NotImplementedError("MGIE's objective has no adversarial term")
 
@@ -550,35 +536,23 @@ class MGIETask:
         raise NotImplementedError("MGIE's objective has no adversarial term")
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        m = self._unwrap(model)
+        m = unwrap(model, MGIETrainModel)
         return {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        m = self._unwrap(model)
-        own = {n: p for n, p in m.named_parameters() if p.requires_grad}
-        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        bad = [n for n in own if n in state and tuple(state[n].shape) != tuple(own[n].shape)]
-        if missing or extra or bad:
-            raise InputError("checkpoint", f"does not fit this MGIE run ({len(missing)} "
-                             f"trained tensors missing, {len(extra)} unexpected, {len(bad)} "
-                             f"of another shape; e.g. {(missing + extra + bad)[:3]})",
-                             "a checkpoint of a run with the same config",
-                             "Resume with the config that wrote it, or start a new run.")
-        with torch.no_grad():
-            for n, p in own.items():
-                p.copy_(state[n].to(p.device, p.dtype))
+        load_trainable_state(unwrap(model, MGIETrainModel), state, "this MGIE run")
 
     def validate(self, model: nn.Module, batches: list[dict[str, Any]]) -> dict[str, float]:
         """L_all, L_ins and L_edit on held-out pairs: no conditioning dropout, and the
         noise, timesteps and posterior samples drawn from a generator seeded per batch,
         so every validation of a run sees the same draws."""
-        m = self._unwrap(model)
+        m = unwrap(model, MGIETrainModel)
         was = m.training
         m.eval()
         totals = {"loss": 0.0, "l_ins": 0.0, "l_edit": 0.0}
         n = 0
         autocast = (self.accelerator.autocast() if self.accelerator is not None
-                    and hasattr(self.accelerator, "autocast") else _null())
+                    and hasattr(self.accelerator, "autocast") else contextlib.nullcontext())
         try:
             with torch.no_grad(), autocast:
                 for i, batch in enumerate(batches):
@@ -596,19 +570,11 @@ class MGIETask:
                 "val_l_edit": totals["l_edit"] / n}
 
     def export(self, model: nn.Module, folder: Path) -> None:
-        m = self._unwrap(model)
+        m = unwrap(model, MGIETrainModel)
         mgie_trained.save_mgie_trained(
             folder, embed=m.embed.weight, lm_head=m.lm_head.weight, img_token_ids=m.img_ids,
             edit_head=m.edit_head, unet=m.unet, adapter=m.body if m.peft else None,
             lora=self.settings.lora, nhead=m.edit_head.mapper.nhead, source=self.source)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def build_task(config, accelerator, tiny: bool, models: dict[str, Any] | None = None

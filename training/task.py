@@ -22,10 +22,14 @@ The batch (built by :mod:`.data`'s collate) is a dict:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
+
+from ..mgie_core.errors import InputError
+
+M = TypeVar("M", bound=nn.Module)
 
 
 class TrainTask(Protocol):
@@ -65,3 +69,37 @@ class TrainTask(Protocol):
 
     def export(self, model: nn.Module, folder: Path) -> None:
         """Write ``folder`` (the run's ``final/``): what the nodes load."""
+
+
+# --- what both tasks share -----------------------------------------------------------------
+
+def unwrap(model: nn.Module, cls: type[M]) -> M:
+    """The task's own module ``cls`` inside what the engine hands back (DDP's and
+    accelerate's ``.module``, torch.compile's ``._orig_mod`` wrappers peeled off)."""
+    seen = model
+    while not isinstance(model, cls):
+        inner = getattr(model, "module", None)
+        if inner is None:
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            raise TypeError(f"expected the task's {cls.__name__}, got {type(seen).__name__}")
+        model = inner
+    return model
+
+
+def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Copy ``state`` (a checkpoint's trained tensors, by parameter name) into the
+    parameters of ``module`` that require gradients; every one must be there with its
+    shape, and nothing else (``what`` names the model in the error: "this xMGIE run")."""
+    own = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [n for n in own if n in state and tuple(state[n].shape) != tuple(own[n].shape)]
+    if missing or extra or bad:
+        raise InputError("checkpoint", f"does not fit {what} ({len(missing)} trained tensors "
+                         f"missing, {len(extra)} unexpected, {len(bad)} of another shape; "
+                         f"e.g. {(missing + extra + bad)[:3]})",
+                         "a checkpoint of a run with the same model settings",
+                         "Resume with the config that wrote it, or start a new run.")
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(state[n].to(p.device, p.dtype))

@@ -18,10 +18,11 @@ noise). Inside that call the pack's stages act on the edit rows as they do when 
   rows' mid output, as the sampler does; the background preset blends only rows with
   t > 200 and uses its dilated complement mask);
 * IE: :class:`~xmgie.mgie_core.trainable.IdentityInjection` adds the projected
-  [h ; e_id] at its sites to the edit rows (before PFB where a site is both, as the
-  sampler orders the two controls), e_id = E_id(whole source photo) from the frozen
-  identity encoder, as :class:`~xmgie.mgie_core.trainable.IdentityEmbeddingControl`
-  embeds it when sampling;
+  [h ; e_id] at its sites to the edit rows through its own hook (the one the sampler's
+  control uses; here its selector picks the call's edit rows), before PFB where a site
+  is both (as the sampler orders the two controls); e_id = E_id(whole source photo) from
+  the frozen identity encoder, as :class:`~xmgie.mgie_core.trainable.
+  IdentityEmbeddingControl` embeds it when sampling;
 * CAM (logits mode, PFB-Diff's default layers): the target prompt's tokens that the
   source prompt does not have (prompt-to-prompt's token alignment) attend only inside the
   data mask. Rows conditioned on the instruction (no target prompt) or with identical
@@ -34,33 +35,35 @@ weights, the VAE, the text encoder and the identity encoder.
 
 The loss (float32 terms, every one logged):
 
-* ``l_recon = l_recon_latent + l_recon_pixel``, the paper's L1 reconstruction, in two
-  places. ``l_recon_latent`` = mean |eps_hat - eps| over every edit row: the L1 between
-  the predicted and true clean latents, (x0_hat - z(target)), measured in noise units
-  (multiplied by sqrt(abar_t / (1 - abar_t))), i.e. the L1 form of the diffusion loss.
-  It trains at every timestep, which sampling visits, while an unweighted x0 error would
-  be dominated by the noisiest rows (14x the noise error at t = 999). ``l_recon_pixel``
-  is the image L1 the paper names, on the low-noise rows only: the predicted clean latent
-  decoded (VAE decoder checkpointed block by block), pasted into the source photo by the
-  data mask, its seam blurred by GB (mgie_core/blur.py, the pack's output stage; sigmas
-  scaled from 512 px to the training size), against the ground-truth edit in 0..1.
-  Pixel space rather than latent space for the paper's term because the paper compares
-  images and GB acts on pixels; the paste keeps the photo outside the mask, as PFB's
-  latent blend does when sampling, so the term (and L_id) judges the edited region and
-  its blurred seam. The decode costs one checkpointed VAE decoder pass on the low-noise
-  rows only.
+* ``l_recon``, the paper's L1 reconstruction, on the image: on the low-noise rows only,
+  the predicted clean latent decoded (VAE decoder checkpointed block by block), pasted
+  into the source photo by the data mask, its seam blurred by GB (mgie_core/blur.py, the
+  pack's output stage; sigmas scaled from 512 px to the training size), against the
+  ground-truth edit in 0..1. Pixel space because the paper compares images and GB acts
+  on pixels; the paste keeps the photo outside the mask, as PFB's latent blend does when
+  sampling, so the term (and L_id) judges the edited region and its blurred seam. The
+  decode costs one checkpointed VAE decoder pass on the low-noise rows only.
+* ``l_diffusion`` (weight ``loss.diffusion``), an addition to the paper's loss: mean
+  |eps_hat - eps| over every edit row, the L1 between the predicted and true clean
+  latents measured in noise units (x0 error times sqrt(abar_t / (1 - abar_t))), i.e. the
+  L1 form of the diffusion loss. The image terms see only the low-noise rows, so without
+  it the rows at high noise, which sampling visits first, would get no signal at all
+  (an unweighted x0 error would instead be dominated by the noisiest rows: 14x the noise
+  error at t = 999).
 * ``l_id = ||E_id(edit) - E_id(target)||^2`` on the same GB outputs of the low-noise
   rows (crops around the mask, as IPS crops).
 * ``l_adv``: the latent PatchGAN critic on the low-noise rows' predicted clean latent
-  (pasted into the source latent by the mask) against the target latent; the engine adds
-  ``weights["adv"]`` times it and steps the critic.
+  against the target latent, both pasted into the source latent by the mask (the
+  critic compares only what the edit made); the engine adds ``weights["adv"]`` times it
+  and steps the critic.
 
 Low-noise rows: a fraction ``model.image_fraction`` of the rows (stochastic rounding
 per batch) draws t uniformly from [0, ``image_max_t``) = [0, 300) by default, the others
 from [0, 1000). Below t = 300, sqrt(1 - abar_t) / sqrt(abar_t) < 0.83, so the clean-latent
 prediction is off by less than the noise prediction is: a decodable image whose pixels,
 identity and realism can be judged. A batch with no such row logs ``low_t_rows = 0`` and
-0 for the image terms.
+0 for the image terms. The total is ``recon l_recon + id l_id + diffusion l_diffusion``
+(+ ``adv l_adv``, added by the engine).
 
 Validation edits held-out pairs with the real sampler (direct inversion of the source,
 :func:`~xmgie.mgie_core.sampler.edit` with ``PFBControl(alpha=PFBWeights)``, the IE
@@ -108,6 +111,8 @@ from ..mgie_core.trainable import (
     embed_sources,
     min_latent_size,
 )
+from .config import TrainConfigError, merge_section
+from .task import load_trainable_state, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +132,9 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "gb": {"sigma_max": 5.0, "sigma_s": 10.0},
     "validation": {"pairs": 4, "steps": 20, "guidance": 7.5, "inversion": "direct"},
 }
-LOSS_DEFAULTS = dict(losses.XMGIE_WEIGHTS)
+# The paper's three weights, and the diffusion term's (an addition: docs/algorithms.md
+# §14 and the module docstring say why).
+LOSS_DEFAULTS = {**losses.XMGIE_WEIGHTS, "diffusion": 1.0}
 LORA_DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TINY_FAMILIES = ("sd_diffusers", "clip_vision")   # --tiny with the default identity kind
 LORA_FOLDER = "unet_lora"          # in final/: the UNet's adapter, diffusers' LoRA layout
@@ -140,25 +147,10 @@ VAL_METRICS = ("val_psnr", "val_ssim", "val_l1", "val_bg_psnr", "val_bg_ssim")
 
 # --- settings ---------------------------------------------------------------------------
 
-def _merge(defaults: dict, given: dict | None, where: str) -> dict:
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise InputError(f"{where}.{unknown[0]}", "is not a known key",
-                         f"one of {', '.join(defaults)}", "Check the spelling.")
-    out = {}
-    for k, v in defaults.items():
-        g = given.get(k, v)
-        if isinstance(v, dict) and isinstance(g, dict):
-            out[k] = _merge(v, g, f"{where}.{k}")
-        else:
-            out[k] = g
-    return out
-
-
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The task's part of the config (``model:`` and ``loss:``), checked."""
+    """The task's part of the config (``model:`` and ``loss:``), checked: a bad value is a
+    :class:`~xmgie.training.config.TrainConfigError` naming the file and the key."""
 
     model: dict
     weights: dict[str, float]
@@ -166,70 +158,65 @@ class Settings:
 
     @classmethod
     def from_config(cls, config) -> Settings:
-        model = dict(getattr(config, "model", None) or {})
-        if "identity" in model and not isinstance(model["identity"], dict):
-            raise InputError("model.identity", f"is {model['identity']!r}",
-                             "a mapping {kind: clip_vision | face_recognition, name: ...}")
-        m = _merge(MODEL_DEFAULTS, model, "model")
+        source = getattr(config, "source", "config")
+
+        def fail(key: str, problem: str, expected: str, fix: str = ""):
+            raise TrainConfigError(source, key, problem, expected, fix)
+
+        def whole(key: str, value, low: int) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                fail(key, f"is {value!r}", f"a whole number >= {low}")
+
+        m = merge_section(MODEL_DEFAULTS, getattr(config, "model", None), "model", source)
         kind = m["identity"]["kind"]
         if kind not in ("clip_vision", "face_recognition"):
-            raise InputError("model.identity.kind", f"is {kind!r}",
-                             "clip_vision (objects) or face_recognition (people)")
+            fail("model.identity.kind", f"is {kind!r}",
+                 "clip_vision (objects) or face_recognition (people)")
         if m["pfb"]["preset"] not in PRESETS:
-            raise InputError("model.pfb.preset", f"is {m['pfb']['preset']!r}",
-                             " or ".join(PRESETS))
+            fail("model.pfb.preset", f"is {m['pfb']['preset']!r}", " or ".join(PRESETS))
         if m["pfb"]["placement"] != "pfb_diff":
-            raise InputError("model.pfb.placement", f"is {m['pfb']['placement']!r}",
-                             "pfb_diff (the placement training blends at)")
+            fail("model.pfb.placement", f"is {m['pfb']['placement']!r}",
+                 "pfb_diff (the placement training blends at)")
         if not (isinstance(m["image_max_t"], int) and 1 <= m["image_max_t"] <= 1000):
-            raise InputError("model.image_max_t", f"is {m['image_max_t']!r}",
-                             "a whole timestep in 1..1000")
+            fail("model.image_max_t", f"is {m['image_max_t']!r}", "a whole timestep in 1..1000")
         frac = m["image_fraction"]
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
-            raise InputError("model.image_fraction", f"is {frac!r}", "a number in [0, 1]")
+            fail("model.image_fraction", f"is {frac!r}", "a number in [0, 1]")
         if m["frozen_dtype"] not in ("auto", "fp32", "fp16", "bf16"):
-            raise InputError("model.frozen_dtype", f"is {m['frozen_dtype']!r}",
-                             "auto, fp32, fp16 or bf16")
+            fail("model.frozen_dtype", f"is {m['frozen_dtype']!r}", "auto, fp32, fp16 or bf16")
         c = m["critic"]
         if c["kind"] not in losses.GAN_KINDS:
-            raise InputError("model.critic.kind", f"is {c['kind']!r}",
-                             " or ".join(losses.GAN_KINDS))
-        for key, low in (("ndf", 1), ("n_layers", 1)):
-            if isinstance(c[key], bool) or not isinstance(c[key], int) or c[key] < low:
-                raise InputError(f"model.critic.{key}", f"is {c[key]!r}",
-                                 f"a whole number >= {low}")
+            fail("model.critic.kind", f"is {c['kind']!r}", " or ".join(losses.GAN_KINDS))
+        whole("model.critic.ndf", c["ndf"], 1)
+        whole("model.critic.n_layers", c["n_layers"], 1)
         if c["norm"] not in ("spectral", "instance", "none"):
-            raise InputError("model.critic.norm", f"is {c['norm']!r}",
-                             "spectral, instance or none")
+            fail("model.critic.norm", f"is {c['norm']!r}", "spectral, instance or none")
         v = m["validation"]
-        for key, low in (("pairs", 1), ("steps", 1)):
-            if isinstance(v[key], bool) or not isinstance(v[key], int) or v[key] < low:
-                raise InputError(f"model.validation.{key}", f"is {v[key]!r}",
-                                 f"a whole number >= {low}")
+        whole("model.validation.pairs", v["pairs"], 1)
+        whole("model.validation.steps", v["steps"], 1)
         if v["inversion"] not in ("ddim", "null_text", "negative_prompt", "direct"):
-            raise InputError("model.validation.inversion", f"is {v['inversion']!r}",
-                             "direct, ddim, null_text or negative_prompt")
+            fail("model.validation.inversion", f"is {v['inversion']!r}",
+                 "direct, ddim, null_text or negative_prompt")
         sites = m["ie"]["sites"]
         if sites is not None and (not isinstance(sites, list) or not sites
                                   or not all(isinstance(x, str) for x in sites)):
-            raise InputError("model.ie.sites", f"is {sites!r}",
-                             "null (the default sites) or a list of UNet module names")
-        weights = _merge(LOSS_DEFAULTS, getattr(config, "loss", None), "loss")
-        for k, v in weights.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise InputError(f"loss.{k}", f"is {v!r}", "a weight >= 0")
+            fail("model.ie.sites", f"is {sites!r}",
+                 "null (the default sites) or a list of UNet module names")
+        weights = merge_section(LOSS_DEFAULTS, getattr(config, "loss", None), "loss", source)
+        for k, w in weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+                fail(f"loss.{k}", f"is {w!r}", "a weight >= 0")
         lora = m["unet_lora"]
         if lora is not None and lora is not False:
-            if not isinstance(lora, dict):
-                raise InputError("model.unet_lora", f"is {lora!r}",
-                                 "null (no LoRA) or {r, alpha, target_modules}")
-            lora = _merge({"r": 8, "alpha": 8, "target_modules": list(LORA_DEFAULT_TARGETS),
-                           "dropout": 0.0}, lora, "model.unet_lora")
-            if not (isinstance(lora["r"], int) and lora["r"] >= 1):
-                raise InputError("model.unet_lora.r", f"is {lora['r']!r}", "a rank >= 1")
+            lora = merge_section({"r": 8, "alpha": 8, "target_modules":
+                                  list(LORA_DEFAULT_TARGETS), "dropout": 0.0}, lora,
+                                 "model.unet_lora", source)
+            if isinstance(lora["r"], bool) or not (isinstance(lora["r"], int)
+                                                   and lora["r"] >= 1):
+                fail("model.unet_lora.r", f"is {lora['r']!r}", "a rank >= 1")
         else:
             lora = None
-        return cls(m, {k: float(v) for k, v in weights.items()}, lora)
+        return cls(m, {k: float(w) for k, w in weights.items()}, lora)
 
 
 # --- loading ----------------------------------------------------------------------------
@@ -270,8 +257,9 @@ def _load_models(settings: Settings, config, device, tiny: bool, models: dict | 
             # activations and their gradients from overflowing half precision's range
             sd.vae.to(torch.float32)
     if sd.instruct:
-        raise InputError("model.sd", "is an 8-channel instruction model",
-                         "a text-to-image SD 1.x model (xMGIE edits through inversion)")
+        raise TrainConfigError(getattr(config, "source", "config"), "model.sd",
+                               "is an 8-channel instruction model",
+                               "a text-to-image SD 1.x model (xMGIE edits through inversion)")
     encoder = models.get("identity")
     if encoder is None:
         encoder = idm.load_identity_encoder(kind, id_name, device=device, dtype=dtype)
@@ -374,23 +362,19 @@ class _PFBSiteHook:
             call.in_reference_pass = False
 
 
-class _IEHook:
-    """IE at one site: the edit rows get h + P([h ; e_id]); the reference rows pass."""
+class _EditRows:
+    """IE's row selector in the training call (:meth:`~xmgie.mgie_core.trainable.
+    IdentityInjection.hook`): the edit rows [0, bsz) get the call's e_id; the reference
+    rows, PFB's reference pass and calls outside training get nothing."""
 
-    def __init__(self, model: XMGIEModel, k: int):
-        self.model, self.k = model, k
+    def __init__(self, model: XMGIEModel):
+        self.model = model
 
-    def __call__(self, module, args, output):
+    def __call__(self, h: torch.Tensor):
         call = self.model._call
-        if call is None or call.in_reference_pass:
+        if call is None or call.in_reference_pass or h.shape[0] != 2 * call.bsz:
             return None
-        h = output[0] if isinstance(output, tuple) else output
-        b = call.bsz
-        if h.shape[0] != 2 * b:
-            return None
-        edit = self.model.ie.inject(self.k, h[:b], call.e_id)
-        new = torch.cat([edit.to(h.dtype), h[b:]])
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        return slice(0, call.bsz), call.e_id
 
 
 class _RowCAM(AttnHook):
@@ -447,8 +431,9 @@ class XMGIEModel(nn.Module):
         self.sites = pfb_diff_sites(self.unet, self.preset)
         # IE first: where a site is both, PFB's mask then confines the injected change to
         # the edited region, as in the sampler (the IE control listed before PFB's)
+        select = _EditRows(self)
         for k, name in enumerate(self.ie.sites):
-            self._hooks.append(modules[name].register_forward_hook(_IEHook(self, k)))
+            self._hooks.append(modules[name].register_forward_hook(self.ie.hook(k, select)))
         for site in self.sites:
             hook = _PFBSiteHook(self, site)
             if site.hook == "input":
@@ -595,7 +580,7 @@ class XMGIEModel(nn.Module):
         eps_edit = eps[:b].float()
         x0 = (zt_edit - (1 - abar).sqrt() * eps_edit) / abar.sqrt()
 
-        l_latent = losses.recon_l1(eps_edit, noise)
+        l_latent = losses.recon_l1(eps_edit, noise)      # the diffusion term
         zero = eps_edit.sum() * 0.0
         n_low = int(low.sum())
         if n_low:
@@ -609,17 +594,17 @@ class XMGIEModel(nn.Module):
                 e_gt = self.embed_identity(tgt[idx], ms, has_mask[idx.cpu()])
             l_id = losses.identity_l2(self.embed_identity(out, ms, has_mask[idx.cpu()]), e_gt)
             ml = MaskPyramid((ms[:, 0] > 0.5).float()).at(tuple(x0.shape[-2:]), dev)[:, None]
+            # both of the critic's samples pasted into the source latent the same way, so
+            # it judges the edited region and its seam, never the background's difference
             fake = ml * x0[idx] + (1 - ml) * z_src[idx]
-            real = z_tgt[idx]
+            real = ml * z_tgt[idx] + (1 - ml) * z_src[idx]
         else:
             l_pixel, l_id = zero, zero
             fake = x0[:0]
             real = z_tgt[:0]
-        l_recon = l_latent + l_pixel
-        w = self.settings.weights
-        loss = losses.xmgie_total({"recon": l_recon, "id": l_id}, w)
-        return {"loss": loss, "l_recon": l_recon, "l_recon_latent": l_latent,
-                "l_recon_pixel": l_pixel, "l_id": l_id,
+        loss = losses.xmgie_total({"recon": l_pixel, "id": l_id, "diffusion": l_latent},
+                                  self.settings.weights)
+        return {"loss": loss, "l_recon": l_pixel, "l_diffusion": l_latent, "l_id": l_id,
                 "low_t_rows": torch.tensor(float(n_low), device=dev),
                 "real": real, "fake": fake}
 
@@ -647,14 +632,6 @@ class XMGIEModel(nn.Module):
 
 
 # --- the task ---------------------------------------------------------------------------
-
-def _unwrap(model: nn.Module) -> XMGIEModel:
-    while not isinstance(model, XMGIEModel) and hasattr(model, "module"):
-        model = model.module
-    if not isinstance(model, XMGIEModel):
-        raise TypeError(f"expected the xMGIE task's model, got {type(model).__name__}")
-    return model
-
 
 def _new_words(source_prompt: str, target_prompt: str) -> list[str]:
     """Words of the target prompt that the source prompt does not have (CAM's IN words
@@ -698,28 +675,17 @@ class XMGIETask:
 
     # -- state ---------------------------------------------------------------------------
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        m = _unwrap(model)
+        m = unwrap(model, XMGIEModel)
         return {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        m = _unwrap(model)
-        params = {n: p for n, p in m.named_parameters() if p.requires_grad}
-        missing = sorted(set(params) - set(state))
-        extra = sorted(set(state) - set(params))
-        if missing or extra:
-            raise InputError("checkpoint", f"does not match this xMGIE model (missing "
-                             f"{missing[:3]}, unexpected {extra[:3]})",
-                             "a checkpoint of a run with the same model settings",
-                             "Resume with the config the run was started with.")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(state[n].to(p.device, p.dtype))
+        load_trainable_state(unwrap(model, XMGIEModel), state, "this xMGIE run")
 
     # -- validation ----------------------------------------------------------------------
     def validate(self, model: nn.Module, batches: list[dict[str, Any]]) -> dict[str, float]:
         from ..evaluation import metrics
 
-        m = _unwrap(model)
+        m = unwrap(model, XMGIEModel)
         v = self.settings.model["validation"]
         limit = int(v["pairs"])
         edits, targets, sources, masks = [], [], [], []
@@ -800,7 +766,7 @@ class XMGIETask:
         settings, null without LoRA)."""
         from ..mgie_core.trained import save_xmgie
 
-        m = _unwrap(model)
+        m = unwrap(model, XMGIEModel)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         extra = {"task": NAME, "base_model": Path(str(m.sd_info.source)).name,
@@ -821,12 +787,13 @@ def check_config(config) -> Settings:
     resolution = getattr(data, "resolution", None)
     need = min_latent_size(int(c["n_layers"]))
     if resolution is not None and resolution // 8 < need:
-        raise InputError("model.critic.n_layers", f"is {c['n_layers']}, whose PatchGAN needs "
-                         f"latents of at least {need}x{need} ({need * 8} px), but "
-                         f"data.resolution is {resolution}",
-                         f"data.resolution >= {need * 8}, or fewer critic layers",
-                         "Lower model.critic.n_layers (1 takes 48 px) or raise "
-                         "data.resolution.")
+        raise TrainConfigError(getattr(config, "source", "config"), "model.critic.n_layers",
+                               f"is {c['n_layers']}, whose PatchGAN needs latents of at "
+                               f"least {need}x{need} ({need * 8} px), but data.resolution "
+                               f"is {resolution}",
+                               f"data.resolution >= {need * 8}, or fewer critic layers",
+                               "Lower model.critic.n_layers (1 takes 48 px) or raise "
+                               "data.resolution.")
     return settings
 
 
@@ -854,8 +821,9 @@ def build_task(config, accelerator, tiny: bool, models: dict | None = None) -> X
         ie = IdentityInjection.for_unet(sd.unet, id_dim, sites=settings.model["ie"]["sites"],
                                         encoder_kind=encoder.kind)
     except InputError as exc:
-        raise InputError("model.ie.sites", str(exc), "module names of this UNet, e.g. "
-                         "mid_block, up_blocks.1.attentions.0") from exc
+        raise TrainConfigError(getattr(config, "source", "config"), "model.ie.sites",
+                               str(exc), "module names of this UNet, e.g. mid_block, "
+                               "up_blocks.1.attentions.0") from exc
     model = XMGIEModel(sd, encoder, pfb, ie, settings).to(device)
     c = settings.model["critic"]
     critic = LatentPatchDiscriminator(in_channels=4, ndf=int(c["ndf"]),
