@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from .atomic import write_atomic, write_json
 from .errors import InputError
 from .trainable import IdentityInjection, PFBWeights
 
@@ -81,16 +81,6 @@ def read_kind(folder: Path | str) -> str:
     return _read_manifest(folder)["kind"]
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_xmgie(folder: Path | str, pfb: PFBWeights | None, ie: IdentityInjection | None,
                extra: dict | None = None) -> Path:
     """Write ``folder`` (created if needed) with the given modules; the weights first,
@@ -119,10 +109,9 @@ def save_xmgie(folder: Path | str, pfb: PFBWeights | None, ie: IdentityInjection
         meta["ie"] = {"sites": list(ie.sites), "channels": list(ie.channels),
                       "id_dim": ie.id_dim, "encoder_kind": ie.encoder_kind}
     meta.update({k: v for k, v in (extra or {}).items() if k not in meta})
-    _write_atomic(folder / WEIGHTS, lambda p: save_file(tensors, str(p),
-                                                        metadata={"kind": "xmgie"}))
-    _write_atomic(folder / MANIFEST,
-                  lambda p: p.write_text(json.dumps(meta, indent=2), encoding="utf-8"))
+    write_atomic(folder / WEIGHTS, lambda p: save_file(tensors, str(p),
+                                                       metadata={"kind": "xmgie"}))
+    write_json(folder / MANIFEST, meta)
     return folder
 
 

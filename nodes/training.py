@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -217,8 +218,8 @@ def unet_with_lora(sd_model, trained: TrainedModules):
     it). Without an adapter in the folder: ``sd_model`` as it is."""
     import copy
 
-    from ..mgie_core import memory
     from ..mgie_core.errors import ModelLoadError
+    from ..mgie_core.models.sd import with_unet
 
     folder = _need(trained, "xmgie", "folder", "Apply Trained UNet")
     lora_dir = folder / UNET_LORA
@@ -237,12 +238,7 @@ def unet_with_lora(sd_model, trained: TrainedModules):
                                  f"this UNet ({type(exc).__name__}: {exc})",
                                  "Use the base model the modules were trained with.") from exc
     unet.requires_grad_(False).eval()
-    model = dataclasses.replace(sd_model, unet=unet, source=f"{sd_model.source} + {lora_dir}")
-    names = {e.module: e.name for e in memory.registry().entries_of(sd_model)}
-    return memory.manage(model, {f"{folder.name} unet": unet,
-                                 names.get(sd_model.vae, "vae"): sd_model.vae,
-                                 names.get(sd_model.text_encoder, "text_encoder"):
-                                     sd_model.text_encoder}, sd_model.device)
+    return with_unet(sd_model, unet, folder)
 
 
 class ApplyTrainedUNet:
@@ -438,6 +434,24 @@ def write_pairs(folder: Path, source: torch.Tensor, target: torch.Tensor,
 TRAIN_CONFIGS = ("xmgie",)
 
 
+@contextlib.contextmanager
+def _host_random_state():
+    """Runs a block that seeds the process-wide generators (Python's, NumPy's, torch's on
+    the CPU and every CUDA device) and puts the host's states back afterwards, also when
+    the block raises: a seeded training must not change what the host draws next (e.g.
+    ComfyUI's samplers)."""
+    import random
+
+    py, npy = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
 class _Stop:
     """``should_stop`` for the engine: polls the host's interruption (ComfyUI's cancel
     button, Ctrl-C standalone) and keeps the exception to raise once the engine has
@@ -554,7 +568,7 @@ class TrainEditModules:
         run = _run_folder(output_directory(), run_name)
         data = write_pairs(run / "pairs", source, target, mask, texts)
         batch = max(1, min(int(batch_size), n))
-        overrides = _overrides(data, steps=int(steps), lr=float(lr), seed=int(seed),
+        overrides = _overrides(steps=int(steps), lr=float(lr), seed=int(seed),
                                batch=batch, resolution=int(resolution))
         if host.device().type == "cpu":     # mixed precision is for accelerators
             overrides["precision"] = "no"
@@ -580,30 +594,36 @@ class TrainEditModules:
                 bar.update(step - done[0])
                 done[0] = step
 
-        try:
-            with grad_mode.autograd():
-                result = engine.train(cfg, run / "train", max_steps=int(steps),
-                                      models=models, progress=progress, should_stop=stop)
-        finally:
-            bar.close()
-        if stop.raised is not None:
-            raise stop.raised
-        trained = load_trained(result.final_dir)
+        # The engine seeds the process's generators (accelerate's set_seed) and building
+        # the loaded modules draws their initial weights: the host's (ComfyUI's) random
+        # state is put back afterwards, so its later draws are as if nothing had trained.
+        with _host_random_state():
+            try:
+                # The pairs go in as the dataset: under --tiny the engine would otherwise
+                # train on its synthetic set.
+                with grad_mode.autograd():
+                    result = engine.train(cfg, run / "train", max_steps=int(steps),
+                                          dataset=data, models=models, progress=progress,
+                                          should_stop=stop)
+            finally:
+                bar.close()
+            if stop.raised is not None:
+                raise stop.raised
+            trained = load_trained(result.final_dir)
         plot = loss_plot(list(result.metrics))
         text = f"{run} ({result.steps} steps)"
         return {"ui": {"text": [f"trained {result.steps} steps; run written to {run}"]},
                 "result": (trained, plot, text)}
 
 
-def _overrides(data: Path, *, steps: int, lr: float, seed: int, batch: int,
-               resolution: int) -> dict:
+def _overrides(*, steps: int, lr: float, seed: int, batch: int, resolution: int) -> dict:
     """The short in-graph run over the shipped config: every pair is trained on (no
     validation split, hence no early stopping), checkpoints only at the end or on cancel,
     and every step logged for the plot."""
     return {
         "seed": seed,
-        "data": {"path": str(data), "format": "manifest", "resolution": resolution,
-                 "val_fraction": 0.0, "val_path": None},
+        "data": {"format": "manifest", "resolution": resolution, "val_fraction": 0.0,
+                 "val_path": None},
         "optim": {"lr": lr},
         "batch": {"global": batch, "per_device": batch},
         "steps": {"max": steps, "log_every": 1, "val_every": 0, "checkpoint_every": 0},

@@ -1,8 +1,9 @@
 """The training nodes: modules trained by a real (short) run of the engine, loaded by the
 loader node, change the edit the graph makes; untrained modules leave it exactly as it
-was; the in-graph training node trains inside ComfyUI's inference mode, reports progress,
-stops on cancel and returns a loss plot; folders that are not trained-modules folders
-get errors that say what is missing and how to make one."""
+was; the in-graph training node trains on the graph's pairs inside ComfyUI's inference
+mode, leaves the host's random state as it was, reports progress, stops on cancel and
+returns a loss plot; folders that are not trained-modules folders get errors that say what
+is missing and how to make one."""
 
 from __future__ import annotations
 
@@ -204,15 +205,47 @@ def _train_node(tmp_path, tiny_sd, encoder, pairs, steps=3):
             identity_encoder=encoder, resolution=SIZE, batch_size=2, run_name="t")
 
 
-def test_the_training_node_trains_in_inference_mode_and_plots_the_loss(
+def _random_state():
+    """The process-wide generators a host draws from (Python, NumPy, torch)."""
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _same_random_state(a, b) -> bool:
+    import numpy as np
+
+    return (a["python"] == b["python"] and a.keys() == b.keys()
+            and all(np.array_equal(x, y) for x, y in zip(a["numpy"], b["numpy"]))
+            and torch.equal(a["torch"], b["torch"])
+            and all(torch.equal(x, y) for x, y in zip(a.get("cuda", []), b.get("cuda", []))))
+
+
+def test_the_training_node_trains_on_the_graphs_pairs_in_inference_mode(
         tmp_path, tiny_root, clean_paths, tiny_sd, encoder, pairs, photo, box, baseline):
+    import random
+
+    import numpy as np
+
     paths.configure(tiny_root=tiny_root)       # as under xmgie run --tiny
     seen = []
     previous = host.set_hooks(progress=lambda total, desc: _Bar(total, seen))
+    random.seed(1234)                          # the host's own draws (ComfyUI's samplers)
+    np.random.seed(1234)
+    torch.manual_seed(1234)
+    before = _random_state()
     try:
         out = _train_node(tmp_path, tiny_sd, encoder, pairs)
     finally:
         host.set_hooks(**{"progress": previous.progress})
+    # The run seeded the generators (seed 0); the host's states are as they were.
+    assert _same_random_state(_random_state(), before)
     trained, plot, folder = out["result"]
     assert trained.kind == "xmgie" and trained.pfb is not None
     assert plot.shape == (1, tn.PLOT_SIZE[1], tn.PLOT_SIZE[0], 3)
@@ -223,6 +256,10 @@ def test_the_training_node_trains_in_inference_mode_and_plots_the_loss(
     rows = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text()
             .splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+    # It trained on the graph's 2 pairs (one batch of 2 is a whole epoch), also under
+    # tiny mode, whose runs otherwise train on a synthetic set of 16 written into the run.
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert not (run / "train" / "synthetic").exists()
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert (run / "pairs" / "manifest.jsonl").is_file()
     assert seen == [(3, 1), (3, 1), (3, 1)]                  # one update per step
@@ -283,6 +320,31 @@ def test_the_loss_plot_draws_each_term():
     assert blue.sum() > 100
     empty = tn.loss_plot([])
     assert empty.shape == plot.shape and not torch.equal(empty, plot)
+
+
+def test_a_trained_folder_rewritten_halfway_keeps_its_complete_files(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from xmgie.mgie_core import trained as trained_lib
+
+    pfb = PFBWeights(["mid_block"])
+    save_xmgie(tmp_path, pfb, None)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(files) == {trained_lib.MANIFEST, trained_lib.WEIGHTS}
+
+    def fail_halfway(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail_halfway)
+    with torch.no_grad():
+        pfb.raw.fill_(-1.0)
+    with pytest.raises(OSError, match="disk full"):
+        save_xmgie(tmp_path, pfb, None, extra={"steps": 7})
+    # The old folder, whole: no partial weights, no temporary file left behind.
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+    assert trained_lib.load_xmgie(tmp_path).pfb is not None
 
 
 # --- errors -------------------------------------------------------------------------------

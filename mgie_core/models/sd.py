@@ -357,9 +357,17 @@ def load_mgie_unet(name: str, base: SDModel) -> SDModel:
     unet.requires_grad_(False).eval()
     if base.dtype != torch.float32:
         unet.to(dtype=base.dtype)
-    model = dataclasses.replace(base, unet=unet, source=f"{base.source} + {path}")
-    base_modules = {e.module: e.name for e in memory.registry().entries_of(base)}
-    return memory.manage(model, {f"{path.name} unet": unet,
-                                 base_modules.get(base.vae, "vae"): base.vae,
-                                 base_modules.get(base.text_encoder, "text_encoder"):
-                                     base.text_encoder}, base.device)
+    return with_unet(base, unet, path)
+
+
+def with_unet(sd: SDModel, unet: torch.nn.Module, label: Path | str) -> SDModel:
+    """A new SD model with ``unet`` and ``sd``'s VAE, text encoder, tokenizer and scheduler
+    (shared, not copied), its source ``"<sd's source> + <label>"``, registered with the
+    memory registry as a loader registers a model: the new UNet as ``"<label's name>
+    unet"``, the shared modules under the names they already have. ``sd`` is unchanged."""
+    model = dataclasses.replace(sd, unet=unet, source=f"{sd.source} + {label}")
+    names = {e.module: e.name for e in memory.registry().entries_of(sd)}
+    return memory.manage(model, {f"{Path(label).name} unet": unet,
+                                 names.get(sd.vae, "vae"): sd.vae,
+                                 names.get(sd.text_encoder, "text_encoder"): sd.text_encoder},
+                         sd.device)

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,9 @@ import torch
 from torch import nn
 
 from ... import grad_mode, memory
+from ...atomic import write_json
 from ...errors import ModelLoadError
+from .. import sd as sd_lib
 from ..validate import describe_load_error, first_line, read_json
 from .layout import IMG_TOKENS
 from .model import EditHead, MGIEModel
@@ -69,12 +69,6 @@ class TrainedMGIE:
     edit_head: EditHead
     unet_dir: Path
     adapter_dir: Path | None
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def save_mgie_trained(folder: Path | str, *, embed: torch.Tensor, lm_head: torch.Tensor,
@@ -110,7 +104,7 @@ def save_mgie_trained(folder: Path | str, *, embed: torch.Tensor, lm_head: torch
             "edit_head": {"nhead": int(nhead)}, "lora": lora if adapter is not None else None,
             "cross_attention_dim": int(edit_head.hid2feat.out_features),
             "source": source or {}}
-    _atomic_json(folder / TRAINED_JSON, meta)
+    write_json(folder / TRAINED_JSON, meta)
     return folder
 
 
@@ -294,17 +288,11 @@ def apply_mgie_trained(mgie: MGIEModel, sd, folder: Path | str):
                                    emb=trained.emb.to(mgie.emb.device, mgie.emb.dtype),
                                    path=mgie.path)
     unet = _load_unet(trained.unet_dir, sd.dtype).to(next(sd.unet.parameters()).device)
-    new_sd = dataclasses.replace(sd, unet=unet, source=f"{sd.source} + {trained.folder}")
     # Register the new modules like a loader does (the shared ones keep their entries).
-    reg = memory.registry()
-    names = {e.module: e.name for e in reg.entries_of(mgie)}
-    names.update({e.module: e.name for e in reg.entries_of(sd)})
+    names = {e.module: e.name for e in memory.registry().entries_of(mgie)}
     name = trained.folder.name
     new_mgie = memory.manage(new_mgie, {
         f"MGIE {name} LLM": llm, names.get(mgie.vision, "MGIE vision tower"): mgie.vision,
         names.get(mgie.projector, "MGIE projector"): mgie.projector,
         f"MGIE {name} edit head": edit_head}, device)
-    new_sd = memory.manage(new_sd, {
-        f"{name} unet": unet, names.get(sd.vae, "vae"): sd.vae,
-        names.get(sd.text_encoder, "text_encoder"): sd.text_encoder}, sd.device)
-    return new_mgie, new_sd
+    return new_mgie, sd_lib.with_unet(sd, unet, trained.folder)
