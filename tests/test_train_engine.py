@@ -1,6 +1,7 @@
 """The training engine on the shipped xMGIE config (tiny models, synthetic pairs): exact
-resume, two processes against one, what a checkpoint holds, metrics.jsonl, and the
-failures that must leave nothing behind."""
+resume (also after a Ctrl-C inside a step), two processes against one, what a checkpoint
+holds, metrics.jsonl, and the failures that must leave nothing behind or name what is
+wrong (a bad config, bad data, a damaged checkpoint)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,31 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _train_until_ctrl_c_in_forward(cfg, out: Path, n: int) -> None:
+    """Train until KeyboardInterrupt is raised inside the ``n``-th forward of the task's
+    model (a micro-batch half done), through a real forward hook on every module."""
+    import torch
+
+    from xmgie.training.engine import train
+    from xmgie.training.xmgie_task import XMGIEModel
+
+    forwards = []
+
+    def ctrl_c(module, args):
+        if isinstance(module, XMGIEModel):
+            forwards.append(1)
+            if len(forwards) == n:
+                raise KeyboardInterrupt
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, out)
+    finally:
+        hook.remove()
+    assert len(forwards) == n and not (out / "final").exists()
 
 
 def _rows(run: Path) -> list[dict]:
@@ -85,11 +111,13 @@ def test_metrics_log_every_term(full_run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for row in rows:
-        for key in ("loss", "l_recon", "l_id", "l_adv", "critic_loss", "lr", "samples_per_s"):
+        for key in ("loss", "l_recon", "l_id", "l_adv", "l_diffusion", "critic_loss", "lr",
+                    "samples_per_s"):
             assert key in row and math.isfinite(row[key]), (key, row)
         # the logged total is the task's weighted sum plus 0.1 x the adversarial term
         assert row["loss"] == pytest.approx(row["l_recon"] + 0.5 * row["l_id"]
-                                            + 0.1 * row["l_adv"], rel=1e-5, abs=1e-6)
+                                            + row["l_diffusion"] + 0.1 * row["l_adv"],
+                                            rel=1e-5, abs=1e-6)
     assert result.metrics[-1]["loss"] == rows[-1]["loss"]
     assert (out / "final" / "trained.json").is_file()
     assert (out / "logs").is_dir()    # TensorBoard, through accelerate's tracker
@@ -124,21 +152,20 @@ def test_checkpoints_hold_only_what_trains(env, full_run, config_file):
 
 
 def test_resume_gives_the_same_later_losses(env, full_run, config_file, tmp_path):
-    """Ctrl-C after step 1, resumed; stopped by should_stop after step 3, resumed: the
-    four logged steps equal the uninterrupted run's."""
+    """Ctrl-C inside step 2's second micro-batch (its forward), resumed; stopped by
+    should_stop after step 3, resumed: the four logged steps equal the uninterrupted
+    run's. The interrupted step left nothing behind: the checkpoint is step 1's, at the
+    data position after step 1's two micro-batches."""
     from xmgie.training.config import load_config
     from xmgie.training.engine import train
 
     ref, _ = full_run
     out = tmp_path / "run"
     cfg = load_config(config_file, tiny=True)
-
-    def ctrl_c(step, total, logs):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, out, progress=ctrl_c)
-    assert (out / "checkpoint-1").is_dir() and not (out / "final").exists()
+    _train_until_ctrl_c_in_forward(cfg, out, 4)
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]
+    state = json.loads((out / "checkpoint-1" / "state.json").read_text())
+    assert (state["step"], state["epoch"], state["index"]) == (1, 0, 2)
     seen = []
     first = train(cfg, out, resume=True, progress=lambda step, total, logs: seen.append(step),
                   should_stop=lambda: len(seen) >= 2)
@@ -148,6 +175,23 @@ def test_resume_gives_the_same_later_losses(env, full_run, config_file, tmp_path
     assert second.steps == STEPS and [r["step"] for r in second.metrics] == [4]
     # exactly: the same data order, the same draws, the same optimiser state
     assert _rows(out) == _rows(ref)
+
+
+def test_resume_after_ctrl_c_keeps_the_spectral_critic_exact(env, config_file, tmp_path):
+    """The shipped critic (spectral norm: every critic forward advances its power
+    iteration's vectors, buffers saved with the critic): Ctrl-C inside step 2's second
+    micro-batch, after the first micro-batch's critic forwards, then resumed, logs step 2
+    as the uninterrupted run does."""
+    from xmgie.training.config import load_config
+    from xmgie.training.engine import train
+
+    cfg = load_config(config_file, tiny=True, overrides={
+        "model.critic.norm": "spectral", "steps.max": 2, "steps.checkpoint_every": 0})
+    assert cfg.raw["model"]["critic"]["norm"] == "spectral"
+    train(cfg, tmp_path / "ref")
+    _train_until_ctrl_c_in_forward(cfg, tmp_path / "run", 4)
+    train(cfg, tmp_path / "run", resume=True)
+    assert _rows(tmp_path / "run") == _rows(tmp_path / "ref")
 
 
 def test_two_processes_match_one(env, full_run, config_file, tmp_path):
@@ -223,6 +267,59 @@ def test_bad_config_and_options_exit_2(env, config_file, tmp_path, capsys):
     assert cli.main(["train", str(task_bad), "--tiny", "--out", str(tmp_path / "d")]) == 2
     assert "model.critic.kind" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+    # So does an early-stopping metric the task's validation does not return.
+    metric_bad = tmp_path / "metric-bad.yaml"
+    metric_bad.write_text(SHIPPED.read_text().replace("metric: val_psnr", "metric: val_pnsr"))
+    assert cli.main(["train", str(metric_bad), "--tiny", "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "early_stopping.metric" in err and "'val_pnsr'" in err and "val_psnr" in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_damaged_checkpoint_fails_in_one_line(env, full_run, config_file, tmp_path,
+                                                capsys):
+    """--resume from a checkpoint with a damaged file: exit 1, one line naming the
+    checkpoint folder and the file, no traceback, the run folder's metrics untouched."""
+    import shutil
+
+    from xmgie import cli
+
+    ref, _ = full_run
+    out = tmp_path / "run"
+    shutil.copytree(ref / "checkpoint-4", out / "checkpoint-4")
+    (out / "metrics.jsonl").write_text((ref / "metrics.jsonl").read_text())
+    folder = out / "checkpoint-4"
+    good = {name: (folder / name).read_bytes()
+            for name in ("state.json", "trainable.safetensors", "optimizer.pt")}
+    state = json.loads(good["state.json"])
+    del state["index"]
+    damages = [("state.json", good["state.json"][:-9]),          # cut short
+               ("state.json", json.dumps(state).encode()),        # a key missing
+               ("trainable.safetensors", good["trainable.safetensors"][:200]),
+               ("optimizer.pt", good["optimizer.pt"][:-100])]
+    for name, damaged in damages:
+        (folder / name).write_bytes(damaged)
+        code = cli.main(["train", str(config_file), "--tiny", "--resume", "--out", str(out)])
+        err = capsys.readouterr().err
+        line = err.strip().splitlines()[-1]
+        assert code == 1 and "Traceback" not in err, (name, err[-2000:])
+        assert line.startswith("error: cannot resume from ") and str(folder) in line \
+            and name in line, (name, line)
+        (folder / name).write_bytes(good[name])
+    assert (out / "metrics.jsonl").read_text() == (ref / "metrics.jsonl").read_text()
+
+
+def test_a_step_saved_twice_replaces_its_checkpoint_whole(tmp_path):
+    """The same step committed again: the new folder is in place, the old one gone, and
+    no hidden folder is left (the old one is moved aside, not deleted, before the rename)."""
+    from xmgie.training import checkpoint as ckpt
+
+    for content in ("old", "new"):
+        tmp = ckpt.begin(tmp_path, 3)
+        (tmp / "state.json").write_text(content)
+        assert ckpt.commit(tmp_path, 3) == tmp_path / "checkpoint-3"
+    assert (tmp_path / "checkpoint-3" / "state.json").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-3"]
 
 
 def test_config_checks():

@@ -13,9 +13,12 @@
 
 A checkpoint is written into a hidden temporary folder beside it and renamed into place,
 so a folder named ``checkpoint-<step>`` is always complete: a crash mid-write leaves only
-the temporary folder, which the next write of that step replaces. Everything ``.pt`` is
-read back with ``torch.load(weights_only=True)``: only tensors and plain containers, never
-pickled code.
+the temporary folder, which the next write of that step replaces. A step written again
+(Ctrl-C right after its periodic save) moves the old folder aside before the new one is
+renamed in, so that a complete checkpoint of the step exists at every moment. Everything
+``.pt`` is read back with ``torch.load(weights_only=True)``: only tensors and plain
+containers, never pickled code. A damaged file met on resume is a :class:`CheckpointError`
+naming the folder and the file.
 """
 
 from __future__ import annotations
@@ -26,11 +29,14 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..mgie_core.errors import XMGIEError
 
 PREFIX = "checkpoint-"
 FORMAT = 1
@@ -39,6 +45,17 @@ CRITIC = "critic.safetensors"
 EMA = "ema.safetensors"
 STATE = "state.json"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
+_STATE_KEYS = ("step", "epoch", "index")
+
+
+class CheckpointError(XMGIEError, ValueError):
+    """A checkpoint folder cannot be resumed from (a damaged or foreign file)."""
+
+    def __init__(self, path: Path, problem: str):
+        self.path = Path(path)
+        super().__init__(f"cannot resume from {self.path.parent}: {self.path.name} {problem}; "
+                         f"delete {self.path.parent.name}/ to resume from the checkpoint "
+                         "before it, or start a new run without --resume")
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -82,25 +99,30 @@ def begin(run_dir: Path, step: int) -> Path:
 
 def commit(run_dir: Path, step: int) -> Path:
     """(Main process) rename the finished temporary folder into place."""
-    tmp, final = tmp_dir(run_dir, step), final_dir(run_dir, step)
-    if final.exists():  # the same step written twice (e.g. interrupted right after a save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    final = final_dir(run_dir, step)
+    _swap_in(tmp_dir(run_dir, step), final)
     return final
 
 
-def replace_folder(build: Callable[[Path], None], target: Path) -> None:
-    """Write a folder through ``build(tmp)`` then swap it in for ``target``."""
-    tmp = target.with_name(f".{target.name}.tmp")
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Rename the complete folder ``tmp`` onto ``target``. An existing ``target`` is first
+    renamed aside, and deleted only once the new one is in place: a crash in between leaves
+    the old one (hidden as ``.<name>.old``), never no copy at all."""
     old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    build(tmp)
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_folder(build: Callable[[Path], None], target: Path) -> None:
+    """Write a folder through ``build(tmp)`` then swap it in for ``target``."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    _swap_in(tmp, target)
 
 
 def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
@@ -155,8 +177,43 @@ def write_state(folder: Path, state: dict[str, Any]) -> None:
 
 
 def read_state(folder: Path) -> dict[str, Any]:
-    state = json.loads((folder / STATE).read_text(encoding="utf-8"))
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{folder / STATE}: checkpoint format {state.get('format')!r} is not "
-                         f"{FORMAT}; it was written by another version of xmgie")
+    path = folder / STATE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(path, f"cannot be read ({_first_line(exc)})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(path, f"has checkpoint format {found!r}, not {FORMAT} (another "
+                                    "version of xmgie wrote it)")
+    for key in _STATE_KEYS:
+        if not isinstance(state.get(key), int) or isinstance(state[key], bool) \
+                or state[key] < 0:
+            raise CheckpointError(path, f"has no whole number {key!r} (found "
+                                        f"{state.get(key)!r})")
     return state
+
+
+@contextmanager
+def reading(path: Path):
+    """Loading ``path`` (a checkpoint file) into the run: any failure becomes a
+    :class:`CheckpointError` naming the folder and the file."""
+    try:
+        yield path
+    except CheckpointError:
+        raise
+    except FileNotFoundError:
+        raise CheckpointError(path, "is missing") from None
+    except Exception as exc:  # truncated, damaged or foreign files fail in many ways
+        raise CheckpointError(path, f"cannot be loaded ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The error in one line (an unpickling error's advice runs to many): our own messages
+    whole, others' first line up to its first sentence."""
+    lines = [t.strip() for t in str(exc).strip().splitlines() if t.strip()]
+    if isinstance(exc, XMGIEError):
+        return " ".join(lines)
+    if not lines:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {lines[0].split('. ')[0].rstrip('.')}"

@@ -18,7 +18,10 @@ Exactness, on which resume and the multi-process check rest:
   batch is the 2nd micro-batch of one process or the 1st of a second process, and the
   same after a resume. The generator states are still saved in every checkpoint.
 * the learning-rate schedules step once per optimiser step, outside accelerate's
-  scheduler wrapper (which would step once per process).
+  scheduler wrapper (which would step once per process);
+* a checkpoint is of a completed step: a Ctrl-C inside a step saves the weights, the data
+  position and the critic's buffers as they were at the end of the step before (none is
+  written between the optimiser's step and the step's logged row).
 
 Adversarial tasks (``task.critic`` not None): each micro-batch takes the generator's
 step (task loss + ``weights["adv"]`` x the generator's adversarial term through the
@@ -34,7 +37,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,10 +77,19 @@ def check_task_config(config: TrainConfig) -> None:
     """The task's own settings (``model:``, ``loss:``) checked without loading anything,
     so a bad key fails before the data is read or the run folder is touched."""
     if config.task == "xmgie":
+        from . import xmgie_task as module
         from .xmgie_task import check_config
     else:
+        from . import mgie_task as module
         from .mgie_task import settings as check_config
     check_config(config)
+    # the early-stopping metric among the names the task's validation returns
+    names = getattr(module, "VAL_METRICS", None)
+    metric = config.early_stopping.metric
+    if names is not None and metric is not None and metric not in names:
+        raise TrainConfigError(config.source, "early_stopping.metric",
+                               f"{metric!r} is not a validation metric of the {config.task} "
+                               "task", f"one of {', '.join(names)}")
 
 
 def build_task(config: TrainConfig, accelerator, tiny: bool, models: dict | None = None):
@@ -297,6 +309,8 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
         raise InputError("--max-steps", f"found {total}", "a whole number >= 1")
     check_task_config(config)
     resume_from = _check_out_dir(out, resume)
+    # a damaged state.json fails before the data and the models load
+    state = ckpt.read_state(resume_from) if resume_from is not None else None
 
     _reset_accelerate_state()
     cpu = _cpu_only()
@@ -374,23 +388,33 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
     step, epoch, index = 0, 0, 0
     early = {"best": None, "best_step": None, "bad": 0}
     if resume_from is not None:
-        state = ckpt.read_state(resume_from)
-        task.load_trainable_state(raw_model, ckpt.load_tensors(resume_from / ckpt.TRAINABLE))
-        optimizer.load_state_dict(ckpt.load_pt(resume_from / "optimizer.pt"))
-        sched_states = ckpt.load_pt(resume_from / "scheduler.pt")
-        for s, st in zip(schedulers, sched_states, strict=True):
-            s.load_state_dict(st)
+        # Each file read inside ckpt.reading: a damaged or foreign one is a one-line
+        # CheckpointError naming the folder and the file.
+        with ckpt.reading(resume_from / ckpt.TRAINABLE) as f:
+            task.load_trainable_state(raw_model, ckpt.load_tensors(f))
+        with ckpt.reading(resume_from / "optimizer.pt") as f:
+            optimizer.load_state_dict(ckpt.load_pt(f))
+        with ckpt.reading(resume_from / "scheduler.pt") as f:
+            for s, st in zip(schedulers, ckpt.load_pt(f), strict=True):
+                s.load_state_dict(st)
         if critic is not None:
-            raw_critic.load_state_dict(ckpt.load_tensors(resume_from / ckpt.CRITIC))
-            critic_opt.load_state_dict(ckpt.load_pt(resume_from / "critic_optimizer.pt"))
+            with ckpt.reading(resume_from / ckpt.CRITIC) as f:
+                raw_critic.load_state_dict(ckpt.load_tensors(f))
+            with ckpt.reading(resume_from / "critic_optimizer.pt") as f:
+                critic_opt.load_state_dict(ckpt.load_pt(f))
         if ema is not None and (resume_from / ckpt.EMA).is_file():
-            ema.shadow = {k: v.to(accelerator.device)
-                          for k, v in ckpt.load_tensors(resume_from / ckpt.EMA).items()}
+            with ckpt.reading(resume_from / ckpt.EMA) as f:
+                shadow = ckpt.load_tensors(f)
+                if set(shadow) != set(ema.shadow):
+                    raise ValueError("holds other parameters than this run trains")
+                ema.shadow = {k: v.to(accelerator.device) for k, v in shadow.items()}
         if accelerator.scaler is not None and (resume_from / "scaler.pt").is_file():
-            accelerator.scaler.load_state_dict(ckpt.load_pt(resume_from / "scaler.pt"))
+            with ckpt.reading(resume_from / "scaler.pt") as f:
+                accelerator.scaler.load_state_dict(ckpt.load_pt(f))
         rng_file = resume_from / f"rng-{rank}.pt"
         if rng_file.is_file():
-            ckpt.set_rng_state(ckpt.load_pt(rng_file))
+            with ckpt.reading(rng_file) as f:
+                ckpt.set_rng_state(ckpt.load_pt(f))
         step, epoch, index = state["step"], state["epoch"], state["index"]
         early = state.get("early_stopping", early)
         if state.get("processes", nproc) != nproc or state.get("per_device") != \
@@ -421,12 +445,21 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
     stopped_early = interrupted = False
     bar = _progress_bar(main, total, step)
     busy, steps_since = 0.0, 0   # seconds in training steps since the last log
-    in_update = False
+    # What a checkpoint of the last completed step records, kept at the step's end: a
+    # Ctrl-C inside the next step finds the stream further on and, with accumulation, the
+    # critic's buffers (spectral norm's power iteration) advanced by its micro-batches.
+    pos_done = stream.position()
+    critic_buffers = _buffers(raw_critic)
+    # From the optimiser's step until the step's row is logged the weights are no longer
+    # those of the last completed step and not yet a logged one: no checkpoint then.
+    busy_update = [False]
 
     def save(at: int) -> Path:
-        pos = stream.position()
         return _save_checkpoint(out, at, accelerator, task, raw_model, raw_critic, optimizer,
-                                critic_opt, schedulers, ema, early, pos, config)
+                                critic_opt, schedulers, ema, early, pos_done, config)
+
+    def updating() -> None:
+        busy_update[0] = True
 
     try:
         model.train()
@@ -442,12 +475,12 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
                 set_seed(_mix(config.seed, "batch", g))
                 with accelerator.accumulate(model, *([critic] if critic is not None else [])):
                     terms = _micro_step(accelerator, task, model, critic, raw_critic, batch,
-                                        optimizer, critic_opt, adv_weight, config, step)
+                                        optimizer, critic_opt, adv_weight, config, updating)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0) + v / accum
             # accelerate has stepped the optimisers on the last micro-batch.
             lr = schedulers[0].get_last_lr()[0]   # the rate this step used
-            in_update = True
+            busy_update[0] = True   # (already, unless no micro-batch synchronised)
             for s in schedulers:
                 s.step()
             if ema is not None:
@@ -455,7 +488,6 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
             step += 1
             steps_since += 1
             busy += time.perf_counter() - t0   # validation and checkpoints not counted
-            in_update = False
 
             logs: dict[str, Any] = {}
             every = config.steps.checkpoint_every
@@ -487,6 +519,10 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
                         f.write(json.dumps(logs) + "\n")
                 if log_with:
                     accelerator.log({k: v for k, v in logs.items() if k != "step"}, step=step)
+            # The step is complete (trained, logged, validated): the resume point.
+            pos_done = stream.position()
+            critic_buffers = _buffers(raw_critic)
+            busy_update[0] = False
             if bar is not None:
                 bar.update(1)
                 if logs and "loss" in logs:
@@ -506,8 +542,9 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
         # One process: the state after the last whole step is consistent, save it. Many
         # processes: each got the signal at another point, so the last periodic checkpoint
         # is the resume point.
-        if nproc == 1 and not in_update and step > 0 and (
+        if nproc == 1 and not busy_update[0] and step > 0 and (
                 last_ckpt is None or last_ckpt.name != f"{ckpt.PREFIX}{step}"):
+            _restore_buffers(raw_critic, critic_buffers)
             save(step)
         _finish_trackers(accelerator)
         raise
@@ -540,10 +577,23 @@ def _finish_trackers(accelerator) -> None:
         tracker.finish()
 
 
+def _buffers(module: nn.Module | None) -> dict[str, torch.Tensor]:
+    return {} if module is None else {k: b.detach().clone()
+                                      for k, b in module.named_buffers()}
+
+
+@torch.no_grad()
+def _restore_buffers(module: nn.Module | None, saved: dict[str, torch.Tensor]) -> None:
+    if module is not None:
+        for k, b in module.named_buffers():
+            b.copy_(saved[k])
+
+
 def _micro_step(accelerator, task, model, critic, raw_critic, batch, optimizer, critic_opt,
-                adv_weight: float, config: TrainConfig, step: int) -> dict[str, torch.Tensor]:
+                adv_weight: float, config: TrainConfig,
+                updating: Callable[[], None]) -> dict[str, torch.Tensor]:
     """Forward and backward of one micro-batch; the optimisers step when accelerate says
-    the accumulation is complete (they are no-ops otherwise)."""
+    the accumulation is complete (they are no-ops otherwise), after ``updating()``."""
     out = model(batch)
     loss = out["loss"]
     terms = _scalar_terms(out)
@@ -560,6 +610,8 @@ def _micro_step(accelerator, task, model, critic, raw_critic, batch, optimizer, 
     if accelerator.sync_gradients and config.optim.max_grad_norm:
         accelerator.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad], config.optim.max_grad_norm)
+    if accelerator.sync_gradients:
+        updating()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if critic is not None:
@@ -586,16 +638,11 @@ def _validate(task, raw_model, batches, ema, config: TrainConfig) -> dict[str, f
     was_training = raw_model.training
     raw_model.eval()
     try:
-        with torch.no_grad(), (ema.swapped() if ema is not None else _nothing()):
+        with torch.no_grad(), (ema.swapped() if ema is not None else nullcontext()):
             metrics = task.validate(raw_model, batches)
     finally:
         raw_model.train(was_training)
     return {k: float(v) for k, v in metrics.items()}
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def _early_stop(config: TrainConfig, val: dict[str, float], early: dict, step: int, out: Path,
@@ -623,7 +670,7 @@ def _early_stop(config: TrainConfig, val: dict[str, float], early: dict, step: i
 
 def _export(task, raw_model, ema, target: Path) -> None:
     def build(tmp: Path) -> None:
-        with torch.no_grad(), (ema.swapped() if ema is not None else _nothing()):
+        with torch.no_grad(), (ema.swapped() if ema is not None else nullcontext()):
             task.export(raw_model, tmp)
 
     ckpt.replace_folder(build, target)
