@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from . import random_state
 from .atomic import write_atomic, write_json
 from .errors import InputError
 from .trainable import IdentityInjection, PFBWeights
@@ -167,8 +168,9 @@ def load_xmgie(folder: Path | str, unet=None, device=None) -> TrainedXMGIE:
                                   for s in pfb.sites})
         if meta.get("ie"):
             m = meta["ie"]
-            ie = IdentityInjection(m["sites"], m["channels"], m["id_dim"],
-                                   m.get("encoder_kind", ""))
+            with random_state.preserved():   # its init draws are overwritten below
+                ie = IdentityInjection(m["sites"], m["channels"], m["id_dim"],
+                                       m.get("encoder_kind", ""))
             with torch.no_grad():
                 for site, c, proj in zip(ie.sites, ie.channels, ie.proj):
                     proj.weight.copy_(_take(state, f"ie.{site}.weight",

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..mgie_core import grad_mode, host, paths
+from ..mgie_core import grad_mode, host, paths, random_state
 from ..mgie_core.errors import InputError
 from ..mgie_core.images import check_image, check_mask
 from ._common import (
@@ -434,24 +433,6 @@ def write_pairs(folder: Path, source: torch.Tensor, target: torch.Tensor,
 TRAIN_CONFIGS = ("xmgie",)
 
 
-@contextlib.contextmanager
-def _host_random_state():
-    """Runs a block that seeds the process-wide generators (Python's, NumPy's, torch's on
-    the CPU and every CUDA device) and puts the host's states back afterwards, also when
-    the block raises: a seeded training must not change what the host draws next (e.g.
-    ComfyUI's samplers)."""
-    import random
-
-    py, npy = random.getstate(), np.random.get_state()
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=cuda):
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
-
-
 class _Stop:
     """``should_stop`` for the engine: polls the host's interruption (ComfyUI's cancel
     button, Ctrl-C standalone) and keeps the exception to raise once the engine has
@@ -597,7 +578,7 @@ class TrainEditModules:
         # The engine seeds the process's generators (accelerate's set_seed) and building
         # the loaded modules draws their initial weights: the host's (ComfyUI's) random
         # state is put back afterwards, so its later draws are as if nothing had trained.
-        with _host_random_state():
+        with random_state.preserved():
             try:
                 # The pairs go in as the dataset: under --tiny the engine would otherwise
                 # train on its synthetic set.

@@ -17,7 +17,7 @@ CORE = ROOT / "mgie_core"
 
 # Lower layers first; a module may import its own layer or any layer below.
 LAYERS = [
-    {"errors", "paths", "host", "grad_mode", "memory", "report", "atomic"},
+    {"errors", "random_state", "paths", "host", "grad_mode", "memory", "report", "atomic"},
     {"models", "configs", "images", "tokens", "tolerant_json", "architecture", "losses"},
     {"diffusion", "vae", "attention", "attention_hooks", "blur", "graphs"},
     {"inversion", "masks", "plan", "plan_rules", "plan_answer"},

@@ -435,3 +435,20 @@ def test_memory_bench_counts_saved_bytes_by_hand():
     assert rows["pixel+ckpt"]["gen_saved"] < rows["pixel"]["gen_saved"]
     assert 0 < rows["pixel+ckpt"]["recompute"] < rows["pixel"]["gen_saved"]
     assert rows["latent"]["critic_trained"] == 4 * rows["latent"]["critic_weights"]
+
+
+def test_loading_trained_modules_leaves_the_callers_random_state(tmp_path):
+    # A host (ComfyUI) loading trained modules must draw the same numbers afterwards as
+    # if it had not: the modules' initial weights are overwritten by the file anyway.
+    import torch
+
+    from xmgie.mgie_core.trainable import IdentityInjection
+    from xmgie.mgie_core.trained import load_xmgie, save_xmgie
+
+    ie = IdentityInjection(["mid_block"], [8], 4, "clip_vision")
+    save_xmgie(tmp_path / "t", None, ie)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    load_xmgie(tmp_path / "t")
+    assert torch.equal(torch.rand(3), expected)

@@ -8,12 +8,11 @@ are meaningless.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .. import paths
@@ -57,22 +56,6 @@ def tiny_path(root: Path, family: str) -> Path:
     return root / fam.folder / fam.tiny_name
 
 
-@contextlib.contextmanager
-def _caller_random_state() -> Iterator[None]:
-    import random
-
-    import numpy as np
-    import torch
-
-    py, npy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
-
-
 def ensure_tiny_models(root: Path | str | None = None,
                        families: Iterable[str] | None = None) -> Path:
     """Write any missing tiny models under ``root`` and return it.
@@ -81,6 +64,8 @@ def ensure_tiny_models(root: Path | str | None = None,
     interrupted build never leaves a half-written model behind. The makers seed their
     own weights; the caller's random state (Python, NumPy, torch) is put back afterwards,
     so a seeded run draws the same numbers whether or not a model had to be built."""
+    from ..random_state import preserved  # torch: imported when a model is built
+
     root = Path(root) if root is not None else default_root()
     for family in (families or MAKERS):
         target = tiny_path(root, family)
@@ -89,7 +74,7 @@ def ensure_tiny_models(root: Path | str | None = None,
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
         try:
-            with _caller_random_state():
+            with preserved():
                 maker(family)(tmp_dir / target.name)
             # A maker may write side files (a config folder beside a checkpoint): move
             # them first, the model itself last, so its presence means "complete".
