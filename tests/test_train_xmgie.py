@@ -178,6 +178,36 @@ def test_gradients_finite_float32_on_trained_parts_frozen_weights_unchanged(task
                if "lora_A" not in n)   # B, a_l and IE move from their zero-effect starts
 
 
+def test_trainable_state_round_trips_through_a_wrapper_and_refuses_another_run(task):
+    """The shared helpers of training/task.py: the task's model is found inside a
+    DDP-like wrapper (``.module``); a state loads back exactly; one with a tensor missing
+    or of another shape is refused, naming the checkpoint."""
+    from xmgie.mgie_core.errors import InputError
+    from xmgie.training.task import unwrap
+    from xmgie.training.xmgie_task import XMGIEModel
+
+    wrapper = torch.nn.Module()
+    wrapper.module = task.model
+    assert unwrap(wrapper, XMGIEModel) is task.model
+    with pytest.raises(TypeError, match="XMGIEModel"):
+        unwrap(torch.nn.Linear(1, 1), XMGIEModel)
+    state = task.trainable_state(wrapper)
+    assert "pfb.raw" in state and all(not v.requires_grad for v in state.values())
+    moved = {k: v + 1 for k, v in state.items()}
+    try:
+        task.load_trainable_state(wrapper, moved)
+        now = task.trainable_state(task.model)
+        assert all(torch.equal(now[k], moved[k]) for k in state)
+        short = {k: v for k, v in state.items() if k != "pfb.raw"}
+        with pytest.raises(InputError, match=r"checkpoint.*1 trained tensors missing"):
+            task.load_trainable_state(wrapper, short)
+        with pytest.raises(InputError, match=r"checkpoint.*1 of another shape"):
+            task.load_trainable_state(wrapper, {**state, "pfb.raw": torch.zeros(1)})
+    finally:
+        task.load_trainable_state(task.model, state)
+    assert all(torch.equal(v, state[k]) for k, v in task.trainable_state(task.model).items())
+
+
 def test_no_low_noise_row_gives_zero_image_terms_and_finite_adversarial(task, batch):
     m = task.model
     settings = m.settings

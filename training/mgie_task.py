@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +92,6 @@ def _fail(config, key: str, problem: str, expected: str, fix: str = ""):
     raise TrainConfigError(getattr(config, "source", "config"), key, problem, expected, fix)
 
 
-def _keys(config, section: str, value: Any, allowed: Mapping[str, Any]) -> dict:
-    return merge_section(allowed, value, section, getattr(config, "source", "config"))
-
-
 def _prob(config, key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
         _fail(config, key, f"found {value!r}", "a probability in [0, 1]")
@@ -105,7 +100,8 @@ def _prob(config, key: str, value: Any) -> float:
 
 def settings(config) -> MGIESettings:
     """``model`` and ``loss`` of an MGIE config, checked (errors name the key)."""
-    model = _keys(config, "model", config.model, DEFAULT_MODEL)
+    source = getattr(config, "source", "config")
+    model = merge_section(DEFAULT_MODEL, config.model, "model", source)
     base = model["base"]
     if base["loader"] not in BASE_LOADERS:
         _fail(config, "model.base.loader", f"found {base['loader']!r}",
@@ -119,7 +115,7 @@ def settings(config) -> MGIESettings:
               "UNet")
     lora = None
     if model["lora"] is not None and model["lora"] is not False:
-        lora = _keys(config, "model.lora", model["lora"], LORA_DEFAULT)
+        lora = merge_section(LORA_DEFAULT, model["lora"], "model.lora", source)
         for key in ("r", "alpha"):
             v = lora[key]
             if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
@@ -136,7 +132,7 @@ def settings(config) -> MGIESettings:
     if p_text / 2 + p_image > 1:
         _fail(config, "model.conditioning_dropout.image", f"found {p_image} with text "
               f"{p_text}", "text/2 + image <= 1 (the image window starts at text/2)")
-    loss = _keys(config, "loss", config.loss, DEFAULT_LOSS)
+    loss = merge_section(DEFAULT_LOSS, config.loss, "loss", source)
     w = loss["edit"]
     if isinstance(w, bool) or not isinstance(w, int | float) or w < 0:
         _fail(config, "loss.edit", f"found {w!r}", "a weight >= 0 (MGIE: 0.5)")
