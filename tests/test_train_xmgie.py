@@ -14,7 +14,16 @@ import types
 import pytest
 import torch
 
-ACC = types.SimpleNamespace(device=torch.device("cpu"), mixed_precision="no")
+
+def _accelerator():
+    """A real one-process CPU accelerator (the engine resets accelerate's process-wide
+    state before each run, so one made here does not leak into the engine's)."""
+    from accelerate import Accelerator
+
+    from xmgie.training.engine import _reset_accelerate_state
+
+    _reset_accelerate_state()
+    return Accelerator(cpu=True)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +64,7 @@ def batch(pairs):
 def task(env):
     from xmgie.training.xmgie_task import build_task
 
-    return build_task(_config(), ACC, True)
+    return build_task(_config(), _accelerator(), True)
 
 
 def _run(tmp_path, name, steps, **overrides):
@@ -303,7 +312,7 @@ def test_given_models_are_left_untouched(env, tiny_sd, batch):
     enc = load_identity_encoder("clip_vision", str(tiny.tiny_path(env, "clip_vision")))
     state = {k: v.clone() for k, v in tiny_sd.unet.state_dict().items()}
     hooks = len(tiny_sd.unet._forward_hooks) + len(tiny_sd.unet._forward_pre_hooks)
-    t = build_task(_config(), ACC, True, models={"sd": tiny_sd, "identity": enc})
+    t = build_task(_config(), _accelerator(), True, models={"sd": tiny_sd, "identity": enc})
     assert t.model.unet is not tiny_sd.unet and t.model.vae is tiny_sd.vae
     out = t.model(batch)
     out["loss"].backward()
@@ -363,7 +372,7 @@ def test_critic_too_deep_for_the_resolution_is_refused_before_loading(env):
 
     with pytest.raises(InputError, match=r"xmgie\.yaml: model\.critic\.n_layers.*"
                                          r"data\.resolution is 64"):
-        build_task(_config(**{"model.critic.n_layers": 3}), ACC, True)
+        build_task(_config(**{"model.critic.n_layers": 3}), _accelerator(), True)
 
 
 def _with(m, weights=None, **model):
