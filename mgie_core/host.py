@@ -10,9 +10,10 @@ by the model registry (:mod:`.memory`); autograd inside a host's inference mode 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -39,6 +40,29 @@ class _TqdmProgress:
 
     def close(self) -> None:
         self._bar.close()
+
+
+class _NoProgress:
+    def __init__(self, total: int, desc: str):
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def no_progress() -> Iterator[None]:
+    """Inner loops show no progress bar inside the block (a training run's validation
+    edits: the training bar is the one that tells the user where the run is); the host's
+    interruption is still checked at every update."""
+    previous = set_hooks(progress=_NoProgress)
+    try:
+        yield
+    finally:
+        set_hooks(progress=previous.progress)
 
 
 def _default_device() -> torch.device:

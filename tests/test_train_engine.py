@@ -369,3 +369,36 @@ def test_early_stopping_ema_and_best_on_mgie(env, tmp_path):
                                 (out / "final").rglob("*") if p.is_file())
     for rel in best_files:
         assert (out / "best" / rel).read_bytes() == (out / "final" / rel).read_bytes()
+
+
+
+def test_validation_edits_show_no_progress_bar_of_their_own(env, tmp_path):
+    # The training bar is the run's one bar: the validation edits' inner bars (inversion,
+    # editing) stay quiet, and the host's progress hook is back afterwards.
+    from xmgie.mgie_core import host
+    from xmgie.training.config import load_config
+    from xmgie.training.engine import train
+
+    opened = []
+
+    class Recording:
+        def __init__(self, total, desc):
+            opened.append(desc)
+
+        def update(self, n=1):
+            pass
+
+        def close(self):
+            pass
+
+    cfg = load_config(SHIPPED, tiny=True, overrides={
+        "steps": {"max": 1, "log_every": 1, "val_every": 1, "checkpoint_every": 0},
+        "early_stopping": {"metric": None}})
+    previous = host.set_hooks(progress=Recording)
+    try:
+        result = train(cfg, tmp_path / "run")
+        assert host.hooks().progress is Recording
+    finally:
+        host.set_hooks(progress=previous.progress)
+    assert any("val_psnr" in row for row in result.metrics)   # validation did run
+    assert opened == []

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..mgie_core import host
 from ..mgie_core.errors import InputError, XMGIEError
 from . import checkpoint as ckpt
 from .config import TrainConfig, TrainConfigError, load_config
@@ -638,7 +639,8 @@ def _validate(task, raw_model, batches, ema, config: TrainConfig) -> dict[str, f
     was_training = raw_model.training
     raw_model.eval()
     try:
-        with torch.no_grad(), (ema.swapped() if ema is not None else nullcontext()):
+        with torch.no_grad(), host.no_progress(), \
+                (ema.swapped() if ema is not None else nullcontext()):
             metrics = task.validate(raw_model, batches)
     finally:
         raw_model.train(was_training)
