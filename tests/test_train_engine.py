@@ -402,3 +402,21 @@ def test_validation_edits_show_no_progress_bar_of_their_own(env, tmp_path):
         host.set_hooks(progress=previous.progress)
     assert any("val_psnr" in row for row in result.metrics)   # validation did run
     assert opened == []
+
+
+def test_a_cpu_launch_that_started_one_process_says_so(monkeypatch):
+    # accelerate's --cpu launcher without mpirun runs the script once, with MASTER_ADDR
+    # set for a rendezvous that never comes: the run says how to get N processes.
+    from xmgie.training.engine import single_cpu_launch_note
+
+    for var in ("ACCELERATE_USE_CPU", "MASTER_ADDR", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE",
+                "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert single_cpu_launch_note() is None                 # a plain `xmgie train`
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    assert single_cpu_launch_note() is None                 # accelerate launch --cpu
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")          # ... --num_processes 2
+    note = single_cpu_launch_note()
+    assert note and "ONE process" in note and "--multi_gpu --num_processes N" in note
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")         # through mpirun: N processes
+    assert single_cpu_launch_note() is None

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -273,6 +274,28 @@ def _cpu_only() -> bool:
     return launched and not gpu
 
 
+_MPI_RANKS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE")
+
+
+def single_cpu_launch_note() -> str | None:
+    """What to tell a user whose ``accelerate launch --cpu --num_processes N`` started one
+    process: accelerate's CPU launcher starts several only through ``mpirun`` (with
+    ``--mpirun_hostfile``); otherwise it runs the script once, with the rendezvous
+    address of a multi-process launch (MASTER_ADDR) set but no rank or world size. The
+    run is still correct (one process, the same global batch); only not parallel."""
+    from accelerate.utils import parse_flag_from_env
+
+    if not parse_flag_from_env("ACCELERATE_USE_CPU") or "MASTER_ADDR" not in os.environ:
+        return None
+    if any(os.environ.get(k) for k in _MPI_RANKS):
+        return None
+    return ("note: accelerate launch --cpu started ONE process (its CPU launcher starts "
+            "several only through mpirun, with --mpirun_hostfile); for N gloo processes "
+            "on CPUs run `accelerate launch --multi_gpu --num_processes N -m xmgie train "
+            "...` on a machine without a GPU. Training goes on in this one process, "
+            "with the same global batch.")
+
+
 def _reset_accelerate_state() -> None:
     # One process may train several times (tests, the in-graph training node) with other
     # precisions or accumulation: accelerate keeps both in process-wide singletons.
@@ -315,6 +338,9 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
 
     _reset_accelerate_state()
     cpu = _cpu_only()
+    note = single_cpu_launch_note()
+    if note:
+        print(note, file=sys.stderr)
     accum = config.batch.accumulation(PartialState(cpu=cpu).num_processes, config.source)
     log_with = None
     try:
