@@ -197,6 +197,50 @@ def test_trained_parts_change_frozen_parts_and_given_models_do_not(env, models, 
     assert _same(given, _given_state(models))
 
 
+def test_validation_scores_edits_of_the_trained_condition_and_unet(env, models, batch,
+                                                                   task_mod):
+    """validate() returns the held-out L_all terms and the sampled edits' PSNR, SSIM and
+    L1 (finite, the same on a second call); the edit metrics move when only the
+    teacher-forced condition moves (embeddings but the [IMG] rows: the null condition
+    stays) and when only the UNet moves; the process's random state and the UNet's
+    attention processors are as before."""
+    import math
+    import random
+
+    task = task_mod.build_task(_config(), ACC, True, models=models)
+    m = task.model
+    assert task.settings.validation["steps"] == 4 and task.settings.validation["pairs"] == 2
+    processors = {k: type(v) for k, v in m.unet.attn_processors.items()}
+    torch.manual_seed(5)
+    random.seed(5)
+    rng, py = torch.get_rng_state(), random.getstate()
+    first = task.validate(m, [batch])
+    assert set(first) == set(task_mod.VAL_METRICS)
+    assert all(math.isfinite(v) for v in first.values()), first
+    assert 0 < first["val_l1"] < 1 and -1 <= first["val_ssim"] <= 1
+    assert torch.equal(torch.get_rng_state(), rng) and random.getstate() == py
+    assert {k: type(v) for k, v in m.unet.attn_processors.items()} == processors
+    assert not hasattr(m.unet, "_xmgie_controller")
+    assert task.validate(m, [batch]) == first
+    edit_keys = ("val_psnr", "val_ssim", "val_l1")
+
+    g = torch.Generator().manual_seed(0)
+    null = m.null(1).detach().clone()
+    with torch.no_grad():
+        keep = m.embed.weight[m.img_ids].clone()
+        m.embed.weight.add_(torch.randn(m.embed.weight.shape, generator=g))
+        m.embed.weight[m.img_ids] = keep
+    assert torch.equal(m.null(1), null)
+    cond_moved = task.validate(m, [batch])
+    assert all(cond_moved[k] != first[k] for k in edit_keys), (first, cond_moved)
+
+    with torch.no_grad():
+        w = m.unet.conv_out.weight
+        w.add_(0.5 * w.abs().mean() * torch.randn(w.shape, generator=g))
+    unet_moved = task.validate(m, [batch])
+    assert all(unet_moved[k] != cond_moved[k] for k in edit_keys), (cond_moved, unet_moved)
+
+
 def test_lora_trains_adapters_embeddings_head_edit_head_and_unet(env, models, batch, task_mod,
                                                                tmp_path):
     given = _given_state(models)
@@ -309,12 +353,20 @@ def test_tiny_run_loss_falls_and_its_export_changes_mgie_and_the_unet(env, model
 
 def test_resume_with_lora_gives_the_same_later_losses(env, tmp_path):
     """Checkpoints hold the adapters with the rest of what trains: a run stopped after
-    step 2 and resumed logs exactly the losses of the uninterrupted run."""
+    step 2 and resumed logs exactly the losses of the uninterrupted run. That run also
+    validates at every step and stops early on val_psnr (max): validation's edits leave
+    the training stream as it was."""
     from xmgie.training import engine
 
-    cfg = _config(**{"model.lora": {"r": 2, "alpha": 4}, "steps.val_every": 0,
-                     "early_stopping.metric": None})
-    whole = engine.train(cfg, tmp_path / "whole", max_steps=4)
+    lora = {"model.lora": {"r": 2, "alpha": 4}}
+    # the same held-out split, no validation within the 4 steps
+    cfg = _config(**lora, **{"steps.val_every": 100, "early_stopping.metric": None})
+    whole = engine.train(_config(**lora, **{
+        "steps.val_every": 1, "early_stopping": {"metric": "val_psnr", "mode": "max",
+                                                 "patience": 10}}),
+        tmp_path / "whole", max_steps=4)
+    assert [r["step"] for r in whole.metrics if "val_psnr" in r] == [1, 2, 3, 4]
+    assert (tmp_path / "whole" / "best" / "trained.json").is_file()
     polls = iter(range(1, 100))
     first = engine.train(cfg, tmp_path / "cut", max_steps=4,
                          should_stop=lambda: next(polls) == 2)
@@ -323,7 +375,7 @@ def test_resume_with_lora_gives_the_same_later_losses(env, tmp_path):
     rows = [json.loads(line) for line in
             (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert [r["loss"] for r in rows] == [r["loss"] for r in whole.metrics]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in whole.metrics if "loss" in r]
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -404,6 +456,8 @@ def test_shipped_config_holds_the_release_settings(task_mod):
     assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio) == (5e-4, "cosine", 0.03)
     assert (s.p_text, s.p_image, s.edit_weight, s.lora) == (0.1, 0.1, 0.5, None)
     assert (cfg.early_stopping.metric, cfg.early_stopping.mode) == ("val_loss", "min")
+    assert s.validation == {"pairs": 8, "steps": 20, "guidance": 7.5, "image_guidance": 1.5,
+                            "scheduler": "euler_ancestral"}
     tiny = load_config("mgie", tiny=True)
     assert tiny.precision == "no" and tiny.data.resolution <= 64 and tiny.steps.max <= 50
 
@@ -417,6 +471,11 @@ def test_config_errors_name_the_key(env, models, task_mod):
                            ({"model.base": {"loader": "hub"}}, "model.base.loader"),
                            ({"model.lora": {"r": 0}}, "model.lora.r"),
                            ({"loss.edit": -1}, "loss.edit"),
+                           ({"model.validation": {"steps": 0}}, "model.validation.steps"),
+                           ({"model.validation": {"scheduler": "pndm"}},
+                            "model.validation.scheduler"),
+                           ({"model.validation": {"guidance": -1}},
+                            "model.validation.guidance"),
                            ({"loss.recon": 1.0}, "loss.recon")):
         with pytest.raises(TrainConfigError, match=key.replace(".", r"\.")):
             task_mod.build_task(_config(**overrides), ACC, True, models=models)

@@ -28,6 +28,9 @@ One teacher-forced pass of the LLaVA prompt gives both terms:
   text only 5 %, both 5 %, image only 5 % -- each dropped 10 % of the time, both 5 %,
   so the sampler's three rows ([cond, img], [null, img], [null, 0]) are all trained.
   Validation turns it off.
+* **Validation** (:meth:`MGIETask.validate`): the held-out L_all and its terms, and
+  held-out edits by the pack's instruction sampler with the teacher-forced condition,
+  scored by ``xmgie eval``'s PSNR, SSIM and L1.
 
 What trains (float32 even under mixed precision): the whole input-embedding matrix (with
 the 8 [IMG] rows), the LM head, the edit head and the whole UNet; with ``model.lora``,
@@ -50,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..mgie_core import losses
+from ..mgie_core.diffusion import INSTRUCT_SCHEDULERS
 from ..mgie_core.errors import InputError
 from ..mgie_core.models.mgie import IM_PATCH, IMG_TOKENS, MGIEModel
 from ..mgie_core.models.mgie import trained as mgie_trained
@@ -63,6 +67,9 @@ DEFAULT_MODEL: dict[str, Any] = {
     "unet": "unet.pt",
     "lora": None,
     "conditioning_dropout": {"text": 0.1, "image": 0.1},
+    # Held-out edits scored as ``xmgie eval`` scores them (MGIETask.validate).
+    "validation": {"pairs": 8, "steps": 20, "guidance": 7.5, "image_guidance": 1.5,
+                   "scheduler": "euler_ancestral"},
 }
 DEFAULT_LOSS = {"edit": losses.MGIE_EDIT_WEIGHT}
 BASE_LOADERS = ("checkpoint", "diffusers", "ip2p")
@@ -71,7 +78,8 @@ LORA_DEFAULT = {"r": 16, "alpha": 32, "dropout": 0.0,
                                    "up_proj", "down_proj"]}
 TINY_FAMILIES = ("sd_diffusers", "mgie_unet", "mgie")   # what --tiny loads by default
 # What validate() returns (the engine checks early_stopping.metric against it up front).
-VAL_METRICS = ("val_loss", "val_l_ins", "val_l_edit")
+VAL_METRICS = ("val_loss", "val_l_ins", "val_l_edit", "val_psnr", "val_ssim", "val_l1")
+VAL_SEED = 10_007   # + the batch's index: the held-out draws of every validation
 
 
 # -- config ------------------------------------------------------------------------------
@@ -86,6 +94,8 @@ class MGIESettings:
     p_text: float
     p_image: float
     edit_weight: float
+    validation: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: dict(DEFAULT_MODEL["validation"]))
 
 
 def _fail(config, key: str, problem: str, expected: str, fix: str = ""):
@@ -132,13 +142,27 @@ def settings(config) -> MGIESettings:
     if p_text / 2 + p_image > 1:
         _fail(config, "model.conditioning_dropout.image", f"found {p_image} with text "
               f"{p_text}", "text/2 + image <= 1 (the image window starts at text/2)")
+    v = model["validation"]
+    for key in ("pairs", "steps"):
+        if isinstance(v[key], bool) or not isinstance(v[key], int) or v[key] < 1:
+            _fail(config, f"model.validation.{key}", f"found {v[key]!r}", "a whole number >= 1")
+    for key in ("guidance", "image_guidance"):
+        if isinstance(v[key], bool) or not isinstance(v[key], int | float) or v[key] < 0:
+            _fail(config, f"model.validation.{key}", f"found {v[key]!r}",
+                  "a guidance scale >= 0 (MGIE's demo: 7.5 text, 1.5 image)")
+    if v["scheduler"] not in INSTRUCT_SCHEDULERS:
+        _fail(config, "model.validation.scheduler", f"found {v['scheduler']!r}",
+              f"one of {', '.join(INSTRUCT_SCHEDULERS)}")
+    validation = {"pairs": int(v["pairs"]), "steps": int(v["steps"]),
+                  "guidance": float(v["guidance"]),
+                  "image_guidance": float(v["image_guidance"]), "scheduler": v["scheduler"]}
     loss = merge_section(DEFAULT_LOSS, config.loss, "loss", source)
     w = loss["edit"]
     if isinstance(w, bool) or not isinstance(w, int | float) or w < 0:
         _fail(config, "loss.edit", f"found {w!r}", "a weight >= 0 (MGIE: 0.5)")
     return MGIESettings(mgie=model["mgie"], base_loader=base["loader"], base_name=base["name"],
                         unet=model["unet"], lora=lora, p_text=p_text, p_image=p_image,
-                        edit_weight=float(w))
+                        edit_weight=float(w), validation=validation)
 
 
 # -- the module --------------------------------------------------------------------------
@@ -191,6 +215,9 @@ class MGIETrainModel(nn.Module):
         self.scaling = float(sd.vae.config.scaling_factor)
         self.p_text, self.p_image, self.edit_weight = s.p_text, s.p_image, s.edit_weight
         sched = sd.scheduler
+        # Plain attributes too: what validation's sampler needs of the SD model (the
+        # scheduler's config and the tokenizer; the sampler never mutates them).
+        self.sd_scheduler, self.sd_tokenizer, self.sd_source = sched, sd.tokenizer, sd.source
         self.num_timesteps = int(sched.config.num_train_timesteps)
         self.register_buffer("alphas_cumprod", sched.alphas_cumprod.clone().float(),
                              persistent=False)
@@ -313,6 +340,15 @@ class MGIETrainModel(nn.Module):
         vis = hidden[torch.arange(b, device=device).unsqueeze(1), pos]
         emb = self.embed.weight[self.img_ids].unsqueeze(0).float().expand(b, -1, -1)
         return self.edit_head(vis, emb)
+
+    def teacher_condition(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The condition [B,77,d] the step trains, teacher-forced on each pair's expressive
+        instruction (no dropout): what validation hands the sampler."""
+        device = self.embed.weight.device
+        ids, mask, _, starts = self.sequences(batch)
+        source = batch["source"].to(device, torch.float32)
+        hidden = self.hidden_states(ids.to(device), mask.to(device), self.image_features(source))
+        return self.condition(hidden, starts)
 
     # -- the step ----------------------------------------------------------------------
     def forward(self, batch: dict[str, Any], *, dropout: bool = True,
@@ -539,31 +575,95 @@ class MGIETask:
         load_trainable_state(unwrap(model, MGIETrainModel), state, "this MGIE run")
 
     def validate(self, model: nn.Module, batches: list[dict[str, Any]]) -> dict[str, float]:
-        """L_all, L_ins and L_edit on held-out pairs: no conditioning dropout, and the
-        noise, timesteps and posterior samples drawn from a generator seeded per batch,
-        so every validation of a run sees the same draws."""
+        """Held-out pairs, two ways (docs/algorithms.md section 14):
+
+        * ``val_loss``, ``val_l_ins``, ``val_l_edit``: L_all and its terms with no
+          conditioning dropout, the noise, timesteps and posterior samples drawn from a
+          generator seeded per batch, so every validation of a run sees the same draws.
+        * ``val_psnr``, ``val_ssim``, ``val_l1``: the first ``model.validation.pairs``
+          pairs edited by the pack's instruction sampler (:meth:`edit_pairs`) and scored
+          against their targets with ``xmgie eval``'s metrics, as the xMGIE task scores.
+
+        The random draws all come from local seeded generators, and the process's random
+        state is put back afterwards, so validation never moves the training stream (a
+        resumed run repeats the uninterrupted one exactly)."""
+        from ..evaluation import metrics
+        from ..mgie_core.random_state import preserved
+
         m = unwrap(model, MGIETrainModel)
         was = m.training
         m.eval()
         totals = {"loss": 0.0, "l_ins": 0.0, "l_edit": 0.0}
         n = 0
+        limit = self.settings.validation["pairs"]
+        edits: list[torch.Tensor] = []
+        targets: list[torch.Tensor] = []
         autocast = (self.accelerator.autocast() if self.accelerator is not None
                     and hasattr(self.accelerator, "autocast") else contextlib.nullcontext())
         try:
-            with torch.no_grad(), autocast:
+            with preserved(), torch.no_grad(), autocast:
                 for i, batch in enumerate(batches):
-                    gen = torch.Generator("cpu").manual_seed(10_007 + i)
+                    gen = torch.Generator("cpu").manual_seed(VAL_SEED + i)
                     out = m(batch, dropout=False, generator=gen)
                     k = int(batch["source"].shape[0])
                     for key in totals:
                         totals[key] += float(out[key]) * k
                     n += k
+                    take = min(k, limit - sum(int(e.shape[0]) for e in edits))
+                    if take > 0:
+                        head = {key: val[:take] for key, val in batch.items()}
+                        edits.append(self.edit_pairs(m, head, seed=VAL_SEED + i))
+                        targets.append(head["target"].float().cpu())
         finally:
             m.train(was)
         if n == 0:
             return {}
+        pred, tgt = torch.cat(edits), torch.cat(targets)
         return {"val_loss": totals["loss"] / n, "val_l_ins": totals["l_ins"] / n,
-                "val_l_edit": totals["l_edit"] / n}
+                "val_l_edit": totals["l_edit"] / n,
+                "val_psnr": metrics.finite_mean(metrics.psnr(pred, tgt).tolist()),
+                "val_ssim": float(metrics.ssim(pred, tgt).mean()),
+                "val_l1": float((pred - tgt).abs().mean())}
+
+    def edit_pairs(self, m: MGIETrainModel, batch: dict[str, Any], seed: int) -> torch.Tensor:
+        """The pairs of ``batch`` edited as MGIE's nodes edit: the teacher-forced
+        condition (:meth:`MGIETrainModel.teacher_condition`) and MGIE's null condition
+        drive :func:`mgie_core.sampler.edit_instruct` from the source's unscaled latent
+        (``model.validation``: steps, text guidance s_T, image guidance s_I, scheduler;
+        noise from ``seed``), then the VAE decodes. Returns [B,3,H,W] in 0..1 on the CPU.
+
+        Teacher-forced rather than MGIE's own generated instruction: generation decodes
+        the LLM token by token (hundreds of 7B steps per pair, the cost of the whole
+        validation), and its text is arbitrary until L_ins has trained; the condition the
+        step trains scores exactly what L_edit and the edit head learn, and L_ins has its
+        own number (``val_l_ins``)."""
+        from ..mgie_core import sampler, vae
+        from ..mgie_core.models.conditioning import Conditioning
+        from ..mgie_core.models.sd import SDModel
+
+        v = self.settings.validation
+        device = m.embed.weight.device
+        sd = SDModel(unet=m.unet, vae=m.vae, text_encoder=None, tokenizer=m.sd_tokenizer,
+                     scheduler=m.sd_scheduler, device=device,
+                     dtype=next(m.unet.parameters()).dtype, source=m.sd_source)
+        conditioning = Conditioning(cond=m.teacher_condition(batch).float(),
+                                    null=m.null(1).float(), source="mgie")
+        latent = m.encode(batch["source"].to(device, torch.float32), sample=False)
+        # The sampler puts its attention processors on the UNet; the trained UNet gets
+        # its own back, so training after a validation runs the same kernels as before.
+        processors = None if hasattr(m.unet, "_xmgie_controller") else m.unet.attn_processors
+        try:
+            res = sampler.edit_instruct(sd, latent, conditioning, steps=v["steps"],
+                                        text_scale=v["guidance"],
+                                        image_scale=v["image_guidance"], seed=seed,
+                                        scheduler=v["scheduler"])
+        finally:
+            if processors is not None and hasattr(m.unet, "_xmgie_controller"):
+                m.unet.set_attn_processor(processors)
+                del m.unet._xmgie_controller
+        image = vae.decode_with(m.vae, res.edit, device, _param_dtype(m.vae),
+                                "validation edit")
+        return image.permute(0, 3, 1, 2).float().cpu()
 
     def export(self, model: nn.Module, folder: Path) -> None:
         m = unwrap(model, MGIETrainModel)
