@@ -6,6 +6,8 @@
 #   XMGIE_GPU_RUN_STEPS="1 2 3 4 5" XMGIE_GPU_RUN_BUDGET=1200 bash bench/gpu_run.sh
 #   XMGIE_GPU_RUN_SIZE=tiny XMGIE_GPU_RUN_DEVICE=cpu XMGIE_GPU_RUN_ARGS="--steps 4" \
 #       bash bench/gpu_run.sh                       # dry run on a CPU (a few minutes)
+#   XMGIE_GPU_RUN_SIZE=tiny XMGIE_GPU_RUN_DEVICE=cpu XMGIE_GPU_RUN_STEPS=7 \
+#       bash bench/gpu_run.sh                       # step 7's dry run on a CPU (seconds)
 #
 # Run it from the repository root. It needs torch (with CUDA for a real run) and the
 # pack's dependencies, e.g. `pip install -e ".[test]"`. On a machine that cannot reach a
@@ -35,11 +37,18 @@
 #                                  calls captured as CUDA graphs (--compile graphs),
 #                                  after 10-step equality checks against eager edits
 #      eager_b_c.json, .txt        the same two modes eagerly on the same GPU (baseline)
+#   7  train_gpu.json, .txt        `xmgie train`'s xMGIE config through the real engine
+#                                  (SD 1.5-size random models, 512 px, bf16, per_device
+#                                  4, global 32): peak allocated and reserved GiB, steps/s
+#                                  and samples/s, gradient checkpointing on and off, 3
+#                                  steps after 1 warm-up each (bench/train_gpu_memory.py;
+#                                  not in the default run; its own options in
+#                                  XMGIE_GPU_RUN_TRAIN_ARGS, e.g. "--checkpointing on")
 # plus gpu.txt (the GPU and library versions). The steps share XMGIE_GPU_RUN_BUDGET
 # seconds (default 570: the default run fits in 10 minutes with the setup); each is
 # also capped (below), and one with under a minute left is skipped.
-# XMGIE_GPU_RUN_ARGS is appended to every benchmark call (later options win, so
-# "--steps 4" shortens every step for a dry run).
+# XMGIE_GPU_RUN_ARGS is appended to every benchmark call of steps 1 and 3-6 (later
+# options win, so "--steps 4" shortens every step for a dry run).
 set -u
 OUT=${OUT:-/tmp/xmgie-out}
 SIZE=${XMGIE_GPU_RUN_SIZE:-sd15}
@@ -47,6 +56,7 @@ DEV=${XMGIE_GPU_RUN_DEVICE:-cuda}
 BUDGET=${XMGIE_GPU_RUN_BUDGET:-570}
 STEPS=${XMGIE_GPU_RUN_STEPS:-6}
 EXTRA=${XMGIE_GPU_RUN_ARGS:-}
+TRAIN_EXTRA=${XMGIE_GPU_RUN_TRAIN_ARGS:-}   # step 7's own options
 PKG=${XMGIE_GPU_RUN_PKG:-/tmp/pkg}    # where the tests' copy named xmgie goes
 START=$SECONDS
 mkdir -p "$OUT"
@@ -103,7 +113,17 @@ for step in $STEPS; do
         bench "$(cap 300)" cudagraphs --modes b,c --compile graphs --check-steps 10 \
             --sync-steps 0 --warmup-steps 2
         bench "$(cap 200)" eager_b_c --modes b,c --sync-steps 0 --warmup-steps 1 ;;
-    *)  echo "unknown step $step (steps are 1 to 6)" ;;
+    7)  echo "== 7. training memory and speed, xMGIE config, checkpointing on/off ($(left) s left)"
+        limit=$(cap 240)
+        if [ "$limit" -lt 60 ]; then
+            echo "too little time left for train_gpu: skipped"
+        else
+            # shellcheck disable=SC2086  # TRAIN_EXTRA is a list of options
+            timeout -s INT "$limit" python3 bench/train_gpu_memory.py --size "$SIZE" \
+                --device "$DEV" --out "$OUT/train_gpu.json" $TRAIN_EXTRA 2>&1 \
+                | tee "$OUT/train_gpu.txt"
+        fi ;;
+    *)  echo "unknown step $step (steps are 1 to 7)" ;;
     esac
 done
 echo "== done in $(( SECONDS - START )) s; files in $OUT"

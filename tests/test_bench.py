@@ -174,3 +174,33 @@ def test_sam_bench_times_the_tiny_sam(example_photos, tiny_models, capsys):
     assert len(rows) == 1 and rows[0]["median_ms"] > 0
     assert math.isfinite(rows[0]["iou"])     # a random SAM's predicted IoU: any number
     assert "loaded in" in printed and rows[0]["example"] in printed
+
+
+def test_train_gpu_memory_dry_run_on_cpu(tmp_path, capsys):
+    """bench/train_gpu_memory.py's CPU dry run: one timed step of the xMGIE config through
+    the real engine with checkpointing on and off; memory n/a, said to be a dry run."""
+    bench = _load_bench(BENCH_DIR / "train_gpu_memory.py")
+    out = tmp_path / "train_gpu.json"
+    res = bench.main(["--size", "tiny", "--device", "cpu", "--steps", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res, default=str))
+
+    assert res["dry_run"] and not res["interrupted"]
+    c = res["config"]
+    assert c["device"] == "cpu" and c["gpu"] is None
+    assert (c["resolution"], c["per_device"], c["steps"], c["warmup_steps"]) == (64, 4, 1, 1)
+    assert c["accumulation"] * c["per_device"] == c["global_batch"]
+    assert "readme_estimate_gib" not in res          # only for SD 1.5 size at 512 px
+    assert [r["checkpointing"] for r in res["settings"]] == ["on", "off"]
+    for r in res["settings"]:
+        assert not r["oom"] and not r["interrupted"]
+        assert r["max_allocated_gib"] is None and r["max_reserved_gib"] is None
+        assert r["warmup"]["max_allocated_gib"] is None and r["warmup"]["seconds"] > 0
+        assert r["steps"] == 1 and r["seconds"] > 0
+        assert r["samples_per_s"] == pytest.approx(r["steps_per_s"] * c["global_batch"])
+        assert len(r["losses"]) == 2 and all(math.isfinite(v) for v in r["losses"])
+    # checkpointing recomputes the same call: the same losses, also after a step whose
+    # gradients went through the recomputation
+    on, off = (r["losses"] for r in res["settings"])
+    assert on == pytest.approx(off, rel=1e-4, abs=1e-6)
+    assert "DRY RUN on a CPU" in printed and res["table"] in printed
