@@ -345,9 +345,10 @@ def test_config_checks():
 
 
 def test_early_stopping_ema_and_best_on_mgie(env, tmp_path):
-    """The MGIE config (validation is its held-out L_all), with EMA: early stopping on a
-    metric that must rise (val_loss, mode max, patience 1) stops at the first validation
-    that does not beat the best, and final/ is best/, the export at the best step."""
+    """The MGIE config (validation: its held-out L_all and edit metrics), with EMA: early
+    stopping on a metric that must rise (val_loss, mode max, patience 1) stops at the
+    first validation that does not beat the best, and final/ is best/, the export at the
+    best step."""
     from xmgie.training.config import load_config
     from xmgie.training.engine import train
 

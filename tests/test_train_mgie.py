@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import types
 
 import pytest
 import torch
@@ -46,7 +45,16 @@ def models(env, task_mod):
     return {"mgie": mgie, "sd": sd}
 
 
-ACC = types.SimpleNamespace(device=torch.device("cpu"), mixed_precision="no")
+
+def _accelerator(mixed_precision: str = "no"):
+    """A real one-process CPU accelerator (the engine resets accelerate's process-wide
+    state before each run, so one made here does not leak into the engine's)."""
+    from accelerate import Accelerator
+
+    from xmgie.training.engine import _reset_accelerate_state
+
+    _reset_accelerate_state()
+    return Accelerator(cpu=True, mixed_precision=mixed_precision)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +104,7 @@ def _steps(task, batch, n=3, lr=1e-2):
 # --- the sequence and the condition --------------------------------------------------------
 
 def test_sequence_labels_and_img_positions(env, models, batch, task_mod):
-    task = task_mod.build_task(_config(), ACC, True, models=models)
+    task = task_mod.build_task(_config(), _accelerator(), True, models=models)
     m, mgie = task.model, models["mgie"]
     ids, mask, labels, starts = m.sequences(batch)
     tok = mgie.tokenizer
@@ -119,7 +127,7 @@ def test_trained_condition_is_the_one_inference_computes(env, models, batch, tas
     """Untrained, the training module's condition for MGIE's own answer equals
     MGIEModel.run's (same hidden-state positions, edit head and emb); the batched CLIP
     preprocessing matches the PIL path up to 8-bit rounding."""
-    task = task_mod.build_task(_config(), ACC, True, models=models)
+    task = task_mod.build_task(_config(), _accelerator(), True, models=models)
     m, mgie = task.model, models["mgie"]
     image = batch["source"][:1].permute(0, 2, 3, 1).contiguous()
     out = mgie.run(image, batch["instruction"][0], max_new_tokens=6)
@@ -150,7 +158,7 @@ def test_a_text_to_image_unet_starts_as_instruct_pix2pix_does(env, batch, task_m
     """model.unet null over a 4-channel base: the UNet gets 4 zero-initialised input
     channels for the source latent, so the untrained 8-channel copy predicts exactly what
     the text-to-image UNet does, whatever the source latent."""
-    task = task_mod.build_task(_config(**{"model.unet": None}), ACC, True)
+    task = task_mod.build_task(_config(**{"model.unet": None}), _accelerator(), True)
     unet8 = task.model.unet
     assert unet8.config.in_channels == 8
     from xmgie.mgie_core import tiny
@@ -177,7 +185,7 @@ TRAINED = ("embed.", "lm_head.", "edit_head.", "unet.")
 def test_trained_parts_change_frozen_parts_and_given_models_do_not(env, models, batch,
                                                                   task_mod):
     given = _given_state(models)
-    task = task_mod.build_task(_config(), ACC, True, models=models)
+    task = task_mod.build_task(_config(), _accelerator(), True, models=models)
     m = task.model
     names = {n for n, p in m.named_parameters() if p.requires_grad}
     assert names and all(n.startswith(TRAINED) for n in names)
@@ -207,7 +215,7 @@ def test_validation_scores_edits_of_the_trained_condition_and_unet(env, models, 
     import math
     import random
 
-    task = task_mod.build_task(_config(), ACC, True, models=models)
+    task = task_mod.build_task(_config(), _accelerator(), True, models=models)
     m = task.model
     assert task.settings.validation["steps"] == 4 and task.settings.validation["pairs"] == 2
     processors = {k: type(v) for k, v in m.unet.attn_processors.items()}
@@ -245,7 +253,7 @@ def test_lora_trains_adapters_embeddings_head_edit_head_and_unet(env, models, ba
                                                                tmp_path):
     given = _given_state(models)
     cfg = _config(**{"model.lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}})
-    task = task_mod.build_task(cfg, ACC, True, models=models)
+    task = task_mod.build_task(cfg, _accelerator(), True, models=models)
     m = task.model
     names = {n for n, p in m.named_parameters() if p.requires_grad}
     lora = {n for n in names if "lora_" in n}
@@ -279,8 +287,7 @@ def test_mixed_precision_keeps_trained_tensors_float32(env, batch, task_mod):
     parts compute in bf16, everything that trains is float32 with finite gradients."""
     cfg = _config(**{"precision": "bf16", "gradient_checkpointing": True,
                      "model.lora": {"r": 2, "alpha": 4}})
-    acc = types.SimpleNamespace(device=torch.device("cpu"), mixed_precision="bf16")
-    task = task_mod.build_task(cfg, acc, True)
+    task = task_mod.build_task(cfg, _accelerator("bf16"), True)
     m = task.model
     trained = {n: p for n, p in m.named_parameters() if p.requires_grad}
     assert all(p.dtype == torch.float32 for p in trained.values())
@@ -381,7 +388,7 @@ def test_resume_with_lora_gives_the_same_later_losses(env, tmp_path):
 # --- errors ---------------------------------------------------------------------------------
 
 def _export(tmp_path, env, models, task_mod):
-    task = task_mod.build_task(_config(), ACC, True, models=models)
+    task = task_mod.build_task(_config(), _accelerator(), True, models=models)
     folder = tmp_path / "final"
     task.export(task.model, folder)
     return folder
@@ -478,4 +485,4 @@ def test_config_errors_name_the_key(env, models, task_mod):
                             "model.validation.guidance"),
                            ({"loss.recon": 1.0}, "loss.recon")):
         with pytest.raises(TrainConfigError, match=key.replace(".", r"\.")):
-            task_mod.build_task(_config(**overrides), ACC, True, models=models)
+            task_mod.build_task(_config(**overrides), _accelerator(), True, models=models)
