@@ -31,8 +31,9 @@ allocates Adam's states and the critic's): ``torch.cuda.max_memory_allocated`` a
 second and pairs (samples) per second of the timed steps, each step synchronised; the
 logged losses. The task deep-copies a given UNet (it puts hooks, LoRA and checkpointing
 on the copy), so the bench drops its own UNet after the warm-up: the timed peaks hold one
-UNet, as a run that loads its models by name does. ``max_memory_allocated`` leaves out
-the CUDA context (about 0.5-1 GiB) and the allocator's slack (reserved - allocated).
+UNet, as a run that loads its models by name does (``given_unet_released`` says the
+bench's UNet was freed). ``max_memory_allocated`` leaves out the CUDA context (about
+0.5-1 GiB) and the allocator's slack (reserved - allocated).
 
 On a CPU (``--device cpu``: the dry run) the same steps run and are timed; memory is
 n/a and the report says it is a dry run. A setting that runs out of GPU memory is
@@ -51,6 +52,7 @@ import platform
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -209,6 +211,7 @@ def run_setting(args, checkpointing: bool, device: torch.device, pairs: Path,
             # timed steps hold one UNet as a run that loads by name does
             models.pop("sd", None)
             _release(device)
+            row["given_unet_released"] = state["unet"]() is None
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             state["t0"] = time.perf_counter()
@@ -225,6 +228,7 @@ def run_setting(args, checkpointing: bool, device: torch.device, pairs: Path,
     t = time.perf_counter()
     try:
         models = build_models(args.size, device, dtype)
+        state["unet"] = weakref.ref(models["sd"].unet)
         row["build_s"] = time.perf_counter() - t
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

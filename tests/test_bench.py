@@ -194,6 +194,8 @@ def test_train_gpu_memory_dry_run_on_cpu(tmp_path, capsys):
     assert [r["checkpointing"] for r in res["settings"]] == ["on", "off"]
     for r in res["settings"]:
         assert not r["oom"] and not r["interrupted"]
+        # the timed steps hold one UNet: the task's copy, the bench's own freed
+        assert r["given_unet_released"] is True
         assert r["max_allocated_gib"] is None and r["max_reserved_gib"] is None
         assert r["warmup"]["max_allocated_gib"] is None and r["warmup"]["seconds"] > 0
         assert r["steps"] == 1 and r["seconds"] > 0
