@@ -326,7 +326,10 @@ def test_config_checks():
     from xmgie.mgie_core.errors import InputError
     from xmgie.training.config import load_config, resolve_config_path
 
-    assert resolve_config_path("xmgie") == SHIPPED
+    # the installed package's copy (a wheel install ships configs/train/ as package data)
+    shipped = resolve_config_path("xmgie")
+    assert shipped.parts[-3:] == ("configs", "train", "xmgie.yaml")
+    assert shipped.read_bytes() == SHIPPED.read_bytes()
     base = {"task": "xmgie", "batch": {"global": 8, "per_device": 2},
             "tiny": {"batch": {"global": 4}, "precision": "no"}}
     cfg = load_config(base)
