@@ -565,14 +565,20 @@ class TrainEditModules:
                                  getattr(identity_encoder, "model", None),
                                  stage="xMGIE Train Edit Modules")
         stop = _Stop()
-        # The host's bar (ComfyUI's ProgressBar): its updates do not raise on cancel, the
-        # engine polls should_stop and stops cleanly at a step's end.
+        # The host's bar (ComfyUI's ProgressBar). Its update raises on cancel inside
+        # ComfyUI (the server's progress hook checks the interruption): the exception is
+        # kept for should_stop, polled right after, so the engine stops cleanly at the
+        # step's end and writes its checkpoint before the exception is raised here.
         bar = host.hooks().progress(int(steps), "training")
         done = [0]
 
         def progress(step, total, logs):
             if step > done[0]:
-                bar.update(step - done[0])
+                try:
+                    bar.update(step - done[0])
+                except BaseException as exc:     # as _Stop: the host's cancel, Ctrl-C
+                    if stop.raised is None:
+                        stop.raised = exc
                 done[0] = step
 
         # The engine seeds the process's generators (accelerate's set_seed) and building

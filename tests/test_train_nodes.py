@@ -299,6 +299,32 @@ def test_the_training_node_stops_on_cancel_and_keeps_a_checkpoint(
     assert list(train.glob("checkpoint-*")) and not (train / "final").exists()
 
 
+class _CancellingBar(_Bar):
+    """A bar whose update raises on cancel, as ComfyUI's ProgressBar does (its server's
+    progress hook calls throw_exception_if_processing_interrupted)."""
+
+    def update(self, n=1):
+        super().update(n)
+        if len(self.seen) > 1:
+            raise host.Interrupted("cancelled")
+
+
+def test_a_cancel_raised_by_the_progress_bar_still_keeps_a_checkpoint(
+        tmp_path, tiny_root, clean_paths, tiny_sd, encoder, pairs):
+    paths.configure(tiny_root=tiny_root)
+    seen = []
+    previous = host.set_hooks(progress=lambda total, desc: _CancellingBar(total, seen))
+    try:
+        with pytest.raises(host.Interrupted):
+            _train_node(tmp_path, tiny_sd, encoder, pairs, steps=50)
+    finally:
+        host.set_hooks(progress=previous.progress)
+    assert len(seen) == 2
+    train = tmp_path / "t_00001" / "train"
+    assert [p.name for p in train.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert not (train / "final").exists()
+
+
 def test_the_training_node_checks_its_pairs_before_writing_anything(tmp_path, tiny_sd, pairs):
     source, target, _ = pairs
     node = tn.TrainEditModules()
@@ -457,8 +483,12 @@ def test_inside_comfyui_the_node_trains_under_its_progress_bar_and_stops_on_canc
         assert out["result"][0].kind == "xmgie"
         assert (tmp_path / "xmgie_train_00001" / "train" / "final").is_dir()
         # ComfyUI's cancel button during the first step: a checkpoint, then its exception.
-        comfy.utils.set_progress_bar_global_hook(
-            lambda value, total, preview, node_id=None: mm.interrupt_current_processing(True))
+        # The server's progress hook raises it from the bar's update (main.py's hook).
+        def cancel(value, total, preview, node_id=None):
+            mm.interrupt_current_processing(True)
+            mm.throw_exception_if_processing_interrupted()
+
+        comfy.utils.set_progress_bar_global_hook(cancel)
         with pytest.raises(mm.InterruptProcessingException), torch.inference_mode():
             nodes["XMGIETrainEditModules"]().train(*args[:4], 50, *args[5:], **kwargs)
         run = tmp_path / "xmgie_train_00002" / "train"
