@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -546,8 +547,6 @@ class TrainEditModules:
             raise InputError("instruction", f"is empty for pair(s) {empty} and so is "
                              "target_prompt", "the edit of every pair, e.g. 'make the "
                              "square red', or a target prompt")
-        run = _run_folder(output_directory(), run_name)
-        data = write_pairs(run / "pairs", source, target, mask, texts)
         batch = max(1, min(int(batch_size), n))
         overrides = _overrides(steps=int(steps), lr=float(lr), seed=int(seed),
                                batch=batch, resolution=int(resolution))
@@ -556,6 +555,9 @@ class TrainEditModules:
         # Tiny mode (xmgie run --tiny): the config's tiny section (small critic, LoRA).
         cfg = config_lib.load_config(config, tiny=paths.tiny_root() is not None,
                                      overrides=overrides)
+        engine.check_task_config(cfg)       # e.g. the critic's smallest resolution
+        run = _run_folder(output_directory(), run_name)
+        data = write_pairs(run / "pairs", source, target, mask, texts)
         models = {"sd": sd_model}
         if identity_encoder is not None:
             models["identity"] = identity_encoder
@@ -592,6 +594,12 @@ class TrainEditModules:
                     result = engine.train(cfg, run / "train", max_steps=int(steps),
                                           dataset=data, models=models, progress=progress,
                                           should_stop=stop)
+            except BaseException:
+                # A run that failed before its first checkpoint (a model not found, a
+                # setting refused) leaves no folder behind: it holds only the pairs.
+                if not any((run / "train").glob("checkpoint-*")):
+                    shutil.rmtree(run, ignore_errors=True)
+                raise
             finally:
                 bar.close()
             if stop.raised is not None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from xmgie.mgie_core import host, paths, tiny
-from xmgie.mgie_core.errors import InputError, ModelNotFoundError
+from xmgie.mgie_core.errors import InputError, ModelNotFoundError, XMGIEError
 from xmgie.mgie_core.trainable import IdentityInjection, PFBWeights
 from xmgie.mgie_core.trained import save_xmgie
 from xmgie.nodes import editing
@@ -335,6 +335,25 @@ def test_the_training_node_checks_its_pairs_before_writing_anything(tmp_path, ti
             node.train(tiny_sd, source, target, "a\nb\nc", 2, 1e-3, 0, "xmgie")
         with pytest.raises(InputError, match=r"instruction: is empty for pair\(s\) \[0, 1\]"):
             node.train(tiny_sd, source, target, " ", 2, 1e-3, 0, "xmgie")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(
+        tmp_path, clean_paths, tiny_sd, pairs):
+    source, target, mask = pairs
+    node = tn.TrainEditModules()
+    with core_nodes.using_context(core_nodes.RunContext(output_dir=tmp_path)), \
+            torch.inference_mode():
+        # A setting the task refuses (the full config's critic needs 192 px) is found
+        # before anything is written.
+        with pytest.raises(InputError, match="model.critic.n_layers"):
+            node.train(tiny_sd, source, target, "make it red", 2, 1e-3, 0, "xmgie",
+                       resolution=64)
+        # No identity encoder connected and none on disk (not tiny mode): the config's
+        # encoder is not found after the pairs were written; the run folder goes too.
+        with pytest.raises(XMGIEError, match="clip-vit-large-patch14"):
+            node.train(tiny_sd, source, target, "make it red", 2, 1e-3, 0, "xmgie",
+                       mask=mask, resolution=192, batch_size=2)
     assert not list(tmp_path.iterdir())
 
 
