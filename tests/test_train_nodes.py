@@ -262,6 +262,8 @@ def test_the_training_node_trains_on_the_graphs_pairs_in_inference_mode(
     assert not (run / "train" / "synthetic").exists()
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert (run / "pairs" / "manifest.jsonl").is_file()
+    given = json.loads((run / "train" / "config.json").read_text())["models_given"]
+    assert given["sd"] == str(tiny_sd.source)                # what it trained with
     assert seen == [(3, 1), (3, 1), (3, 1)]                  # one update per step
     # What it outputs edits as the loaded folder does.
     edited = _trained_graph(tiny_sd, photo, box, encoder, trained)

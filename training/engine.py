@@ -453,7 +453,12 @@ def train(config: TrainConfig | str | Path | Mapping, out_dir: str | Path, *,
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_CONFIG).write_text(json.dumps(config.to_dict(), indent=1, default=str)
+        resolved = config.to_dict()
+        if models:   # models handed in (the in-graph node) replace the config's names
+            resolved["models_given"] = {
+                k: str(getattr(v, "source", None) or getattr(v, "path", None) or
+                       type(v).__name__) for k, v in models.items()}
+        (out / RUN_CONFIG).write_text(json.dumps(resolved, indent=1, default=str)
                                       + "\n", encoding="utf-8")
         _truncate_metrics(out / METRICS, step)
     if log_with:
