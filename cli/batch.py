@@ -2,7 +2,8 @@
 start with the runner's batch machinery (:mod:`xmgie.runner.batch`) and the evaluation.
 
     xmgie batch WORKFLOW --dataset D [--out RUN] [--map FIELD=NODE.INPUT ...] [--seed N]
-                [--variants V.json] [--set ...] [--tiny] [--ray [ADDRESS]] [--workers N]
+                [--split S] [--limit N] [--variants V.json] [--set ...] [--tiny]
+                [--ray [ADDRESS]] [--workers N]
     xmgie eval RUN [--reference DATASET] [--variants V.json] [--metrics a,b,...] [--tiny]
 
 Exit status of ``batch``: 0 every item done; 1-100 the number of items that failed (100:
@@ -82,11 +83,16 @@ def add_parsers(commands) -> None:
                             "rule (NODE: id, class type or title); FIELD= keeps the "
                             "workflow's value (repeatable)")
     batch.add_argument("--seed", type=int, default=0,
-                       help="base seed; each item's seed is derived from it and the item id")
+                       help="base seed; each item's seed is derived from it and the item id "
+                            "(with --limit on a published dataset, it also draws the sample)")
+    batch.add_argument("--split", default=None, metavar="S",
+                       help="for a dataset in its published layout (CUB-200-2011, "
+                            "Oxford-102 ...): the split to run, e.g. train, test (default all)")
     batch.add_argument("--variants", type=Path, default=None, metavar="V.json",
                        help="run these named variants of the workflow (see README, Ablations)")
     batch.add_argument("--limit", type=int, default=None, metavar="N",
-                       help="run at most N items not done yet (per variant)")
+                       help="run at most N items not done yet (per variant); a dataset in "
+                            "its published layout first draws N items from --seed")
     _model_options(batch)
     _scale_options(batch)
 
@@ -202,7 +208,7 @@ def cmd_batch(args, registry_factory: Callable[[], dict]) -> int:
     from ..runner.variants import load_variants
 
     data = engine.load_file(args.workflow)
-    dataset = load_dataset(args.dataset)
+    dataset = load_dataset(args.dataset, split=args.split, limit=args.limit, seed=args.seed)
     variants = load_variants(args.variants) if args.variants else None
     _configure(args)
     run_dir = args.out or Path("output") / "batch" / args.workflow.stem

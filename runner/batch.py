@@ -9,7 +9,8 @@ Run folder (``--out RUN``)::
     RUN/batch.json              what ran: workflow prompt, mapping, seed, variant, dataset
     RUN/items/<id>/record.json  inputs, settings, seed, times, UNet passes, outputs, error
     RUN/items/<id>/*.png        what the workflow's SaveImage/PreviewImage nodes wrote
-    RUN/masks/<id>.png          PIE-Bench run-length masks, written out once
+    RUN/masks/<id>.png          PIE-Bench run-length masks and adapters' mask descriptions
+                                (box, points, segmentation), written out once
     RUN/variants.json           with --variants: the variants and their run folders
     RUN/variants/<name>/...     one run folder per variant (the base variant is RUN)
 
@@ -155,7 +156,7 @@ def prepare_settings(workflow: Path, data: dict, registry: engine.Registry, data
                    for field, targets in mapping.items()}
     else:
         fields = {f for item in dataset for f in item.fields} | \
-            ({"mask"} if any(item.mask_rle for item in dataset) else set())
+            ({"mask"} if any(item.mask_rle or item.mask_spec for item in dataset) else set())
         mapping = resolve_mapping(prompt, registry, fields, parse_map_options(map_options))
     _check_workflow(prompt, mapping, dataset.items[0], fixed, registry, workflow, input_dirs)
     return BatchSettings(
@@ -425,18 +426,29 @@ def _alive(pid: Any) -> bool:
 
 
 def _write_masks(run_dir: Path, dataset: Dataset) -> None:
-    """Write PIE-Bench run-length masks as PNGs (once) and point the items at them."""
+    """Write PIE-Bench run-length masks and adapters' mask descriptions as PNGs (once,
+    into the run folder, never the dataset's) and point the items at them."""
     from PIL import Image
 
     folder = Path(run_dir) / MASKS_DIR
     for item in dataset:
-        if not item.mask_rle:
+        if not item.mask_rle and not item.mask_spec:
             continue
         path = folder / f"{item.id}.png"
         if not path.exists():
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / f".{item.id}.png.tmp-{os.getpid()}"
-            mask = pie_bench_mask(item.mask_rle)
+            if item.mask_rle:
+                mask = pie_bench_mask(item.mask_rle)
+            else:
+                from .datasets import render_mask
+
+                try:
+                    with Image.open(item.fields["image"]) as im:
+                        size = im.size
+                except OSError:
+                    continue  # the item fails on its own photo, with its own record
+                mask = render_mask(item.mask_spec, size)
             Image.fromarray((mask * 255).astype(np.uint8), "L").save(tmp, format="PNG")
             os.replace(tmp, path)
         item.fields["mask"] = str(path.resolve())

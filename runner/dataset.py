@@ -27,6 +27,10 @@ Accepted layouts (``load_dataset`` takes the folder or the file itself):
   become ``edit_words``.
 
 Relative paths are relative to the manifest's folder.
+
+A folder with none of these files is read by a dataset adapter when one recognises its
+published layout (CUB-200-2011, Oxford-102 ...; see :mod:`.datasets`, which also says how
+``split``, ``limit`` and ``seed`` select items and how annotation masks reach the batch).
 """
 
 from __future__ import annotations
@@ -62,24 +66,28 @@ class DatasetError(XMGIEError, ValueError):
 class Item:
     """One dataset entry. ``fields`` holds the canonical fields (absolute paths for
     ``image`` and ``mask``) and any extra ones; ``mask_rle`` a PIE-Bench run-length mask
-    that the batch writes out as a PNG before the item runs."""
+    and ``mask_spec`` an adapter's mask description (a box, points, a segmentation file;
+    see :mod:`.datasets`), which the batch writes out as a PNG before the item runs."""
 
     id: str
     fields: dict[str, Any]
     mask_rle: list[int] | None = None
+    mask_spec: dict | None = None
 
     def to_json(self) -> dict:
-        return {"id": self.id, "fields": self.fields, "mask_rle": self.mask_rle}
+        return {"id": self.id, "fields": self.fields, "mask_rle": self.mask_rle,
+                "mask_spec": self.mask_spec}
 
     @classmethod
     def from_json(cls, data: dict) -> Item:
-        return cls(id=data["id"], fields=dict(data["fields"]), mask_rle=data.get("mask_rle"))
+        return cls(id=data["id"], fields=dict(data["fields"]), mask_rle=data.get("mask_rle"),
+                   mask_spec=data.get("mask_spec"))
 
 
 @dataclasses.dataclass
 class Dataset:
-    path: Path          # the manifest or mapping file
-    kind: str           # "manifest" or "pie-bench"
+    path: Path          # the manifest or mapping file (an adapter's: the folder)
+    kind: str           # "manifest", "pie-bench" or an adapter's NAME
     items: list[Item]
 
     def __iter__(self) -> Iterator[Item]:
@@ -111,8 +119,25 @@ def find_dataset_file(path: Path | str) -> Path:
                        '"target_prompt": ..., "edit_words": ["red"]}')
 
 
-def load_dataset(path: Path | str) -> Dataset:
-    """Read a dataset (see the module docstring); raises :class:`DatasetError`."""
+def load_dataset(path: Path | str, *, split: str | None = None, limit: int | None = None,
+                 seed: int = 0) -> Dataset:
+    """Read a dataset (see the module docstring); raises :class:`DatasetError`.
+
+    ``split``, ``limit`` and ``seed`` select items of an adapter's dataset (see
+    :mod:`.datasets`); a manifest or PIE-Bench file has no splits (``limit`` is then
+    applied by the batch, to the items not done yet)."""
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not any((folder / n).is_file()
+                                   for n in MANIFEST_NAMES + (PIE_BENCH_NAME,)):
+        from .datasets import load_adapter_dataset
+
+        adapted = load_adapter_dataset(folder, split=split, limit=limit, seed=seed)
+        if adapted is not None:
+            return adapted
+    if split is not None and split != "all":
+        raise DatasetError(f"--split {split}: {path} is a manifest or PIE-Bench dataset, "
+                           "which has no splits; write the split's items in their own "
+                           "manifest, or leave --split out")
     file = find_dataset_file(path)
     try:
         text = file.read_text(encoding="utf-8")
