@@ -376,3 +376,89 @@ def evaluate_attributes(items: Sequence[AAItem], edited: Mapping[str, torch.Tens
         return preds
 
     return attribute_accuracy(items, run(edited), run(source), specs)
+
+
+# --- batch runs -----------------------------------------------------------------------------
+
+def _value(value) -> str:
+    """An annotation as a value name: 1 / True -> "yes", -1 / 0 / False -> "no" (the
+    datasets' present/absent conventions), anything else as its text."""
+    if isinstance(value, bool):
+        return YES if value else NO
+    if isinstance(value, (int, float)) and value in (1, -1, 0):
+        return YES if value == 1 else NO
+    return str(value)
+
+
+def item_from_fields(item_id: str, fields: Mapping) -> AAItem | None:
+    """The AA item of a dataset item's fields (a batch record's ``inputs``), or None when
+    it is not an attribute edit (no ``target_attribute``).
+
+    Fields read: ``target_attribute`` (the instructed attribute's name), ``target_value``
+    (default "yes": the edit makes the attribute present), ``attributes`` (name -> value;
+    1 / -1 read as "yes" / "no") and ``object``."""
+    name = fields.get("target_attribute")
+    if not name:
+        return None
+    annotations = fields.get("attributes")
+    if not isinstance(annotations, Mapping) or not annotations:
+        raise InputError(f"item {item_id!r}", "has no attribute annotations",
+                         "an 'attributes' field (name -> value) beside 'target_attribute'",
+                         "Use a dataset adapter that keeps the annotations.")
+    return AAItem(str(item_id), str(name), _value(fields.get("target_value", YES)),
+                  {str(k): _value(v) for k, v in annotations.items()},
+                  str(fields.get("object") or "object"))
+
+
+def binary_specs(items: Sequence[AAItem]) -> dict[str, AttributeSpec]:
+    """Generic present/absent templates for the yes/no attributes of ``items``:
+    "a photo of a {object} that is <attribute>" and "... that is not <attribute>"
+    (underscores read as spaces). Opt-in: a dataset with better wording passes its own
+    specs. An attribute with other values still needs a spec of its own."""
+    names: dict[str, set[str]] = {}
+    for item in items:
+        names.setdefault(item.attribute, set()).add(item.target)
+        for k, v in item.annotations.items():
+            names.setdefault(k, set()).add(v)
+    specs = {}
+    for name, values in names.items():
+        if values <= {YES, NO}:
+            words = name.replace("_", " ").strip()
+            specs[name] = AttributeSpec.binary(name, f"a photo of a {{object}} that is {words}",
+                                               f"a photo of a {{object}} that is not {words}")
+    return specs
+
+
+def run_attribute_accuracy(run_dir: Path | str, classifier=None,
+                           specs: Mapping[str, AttributeSpec] | None = None,
+                           clip_model: str | None = None, image_node: str | None = None,
+                           device=None) -> AAResult:
+    """AA of an ``xmgie batch`` run folder: its successful attribute-edit items (see
+    :func:`item_from_fields`), each result image against its source photo. ``specs``
+    default to :func:`binary_specs`; ``classifier`` to :class:`ClipZeroShot` on
+    ``clip_model`` (the CLIP folder CLIP score uses)."""
+    from ..runner.batch import BATCH_FILE
+    from .evaluate import EvalError, _load_rgb, _records, _result_file, _u8
+
+    run_dir = Path(run_dir)
+    try:
+        prompt = json.loads((run_dir / BATCH_FILE).read_text(encoding="utf-8"))["prompt"]
+    except (OSError, ValueError, KeyError):
+        raise EvalError(f"{run_dir} has no readable {BATCH_FILE}; is it an xmgie batch "
+                        "run folder?") from None
+    items, edited, source = [], {}, {}
+    for item_id, record in _records(run_dir).items():
+        item = item_from_fields(item_id, record.get("inputs") or {})
+        result = _result_file(run_dir, record, prompt, image_node)
+        if item is None or result is None or not result.is_file():
+            continue
+        items.append(item)
+        edited[item.id] = _u8(_load_rgb(result))[0]
+        source[item.id] = _u8(_load_rgb(Path(record["inputs"]["image"])))[0]
+    if not items:
+        raise EvalError(f"{run_dir}: no successful item is an attribute edit (items need "
+                        "'target_attribute' and 'attributes' fields); nothing to score")
+    specs = dict(specs) if specs is not None else binary_specs(items)
+    check_items(items, specs)
+    classifier = classifier or ClipZeroShot.load(specs, clip_model, device=device)
+    return evaluate_attributes(items, edited, source, classifier, specs)

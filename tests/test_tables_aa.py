@@ -180,3 +180,41 @@ def test_image_classifier_folder(tmp_path):
         FolderClassifier.load(folder, {**SPECS, "beak": AttributeSpec("beak", ("long", "short"))})
     with pytest.raises(ModelNotFoundError, match="image classifier"):
         FolderClassifier.load(tmp_path / "nowhere", SPECS)
+
+
+def test_fields_to_items_and_generic_templates():
+    from xmgie.evaluation.attributes import binary_specs, item_from_fields
+
+    assert item_from_fields("a", {"instruction": "make it yellow"}) is None
+    item = item_from_fields("a", {"target_attribute": "floral", "object": "dress",
+                                  "attributes": {"floral": -1, "long_sleeve": 1}})
+    assert item == AAItem("a", "floral", "yes", {"floral": "no", "long_sleeve": "yes"}, "dress")
+    specs = binary_specs([item])
+    assert specs["long_sleeve"].prompt("no", "dress") == \
+        "a photo of a dress that is not long sleeve"
+    with pytest.raises(InputError, match="'b'.*no attribute annotations"):
+        item_from_fields("b", {"target_attribute": "floral"})
+    # A many-valued attribute gets no generic template: the clear error names it.
+    colour = item_from_fields("c", {"target_attribute": "crown", "target_value": "red",
+                                    "attributes": {"crown": "blue"}})
+    with pytest.raises(InputError, match="'crown'.*no prompt template"):
+        check_items([colour], binary_specs([colour]))
+
+
+def test_aa_of_a_batch_run(tmp_path, tiny_env, tiny_clip):
+    """xmgie batch --tiny on a manifest whose items carry attribute annotations, then AA
+    of the run folder with the tiny CLIP."""
+    from test_batch import WF, make_dataset
+
+    from xmgie import cli
+    from xmgie.evaluation.attributes import run_attribute_accuracy
+
+    data = make_dataset(tmp_path / "ds", sizes=(48, 48, 48), extra={
+        "target_attribute": "floral", "attributes": {"floral": -1, "long_sleeve": 1}})
+    run = tmp_path / "run"
+    assert cli.main(["batch", str(WF / "api" / "vae_roundtrip_api.json"), "--dataset",
+                     str(data), "--tiny", "--out", str(run)]) == 0
+    r = run_attribute_accuracy(run, clip_model=str(tiny_clip), device="cpu")
+    assert r.aa.total == 3 and r.others_unchanged.total == 3
+    assert r.ceiling.total == 6 and r.ceiling_instructed.total == 3
+    assert set(r.per_item) == {"carpet", "corgi", "butterfly"}
