@@ -311,6 +311,8 @@ class FolderClassifier:
              ) -> FolderClassifier:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+        from .networks import _device
+
         folder = Path(folder)
         what = "image classifier for attribute accuracy"
         if not (folder / "config.json").is_file():
@@ -329,10 +331,7 @@ class FolderClassifier:
                                  f"({type(exc).__name__}: {exc})",
                                  "The folder needs config.json, the weights and "
                                  "preprocessor_config.json.") from exc
-        device = torch.device(device) if device is not None else None
-        model = model.eval().requires_grad_(False)
-        if device is not None:
-            model = model.to(device)
+        model = model.eval().requires_grad_(False).to(_device(device))
         return cls(model, processor, specs, folder)
 
     def predict(self, images: Sequence[torch.Tensor], objects: Sequence[str],

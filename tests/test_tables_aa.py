@@ -137,6 +137,8 @@ def test_clip_zero_shot_end_to_end(tiny_clip, clean_paths):
         with torch.no_grad():
             logits = model(**inputs).logits_per_image[0]
         assert preds[name] == spec.values[int(logits.argmax())]
+        torch.testing.assert_close(classifier.scores([edited["i3"]], name, "bird")[0],
+                                   logits / model.logit_scale.exp(), rtol=1e-4, atol=1e-5)
     assert r.per_item["i3"]["present"] == (
         classifier.predict([edited["i3"]], ["bird"], [["crown"]])[0]["crown"] == "blue")
 
