@@ -24,12 +24,14 @@ Write ``runner/datasets/<name>.py`` with::
 ``items`` reads the annotations, builds one :class:`~runner.dataset.Item` per photo of
 the split (``split=None``: every photo) and returns ``select(items, limit, seed)``. Each
 item's ``fields`` hold the canonical fields (``image`` as an absolute path,
-``instruction``, ``source_prompt``, ``target_prompt``, ``edit_words``, ``object``) and the
-annotations as extra fields (``class``, ``attributes``, ``split`` ...). Build them with
-:func:`make_item`. Read files with :func:`need_file`, :func:`read_table` and
-:func:`load_mat`: they raise :class:`AnnotationError` naming the file (and line), so a
-missing or malformed annotation file always gets a clear message. Check ``split`` with
-:func:`check_split`.
+``instruction``, ``source_prompt``, ``target_prompt``, ``edit_words``, ``object``) and
+the annotations as extra fields (``class``, ``attributes``, ``split`` ...). Build them
+with :func:`make_item` (and :func:`with_article` for "a"/"an" in templates). Read files
+with :func:`need_file`, :func:`read_table` and :func:`load_mat`: they raise
+:class:`AnnotationError` naming the file (and line), so a missing or malformed
+annotation file always gets a clear message. Check ``split`` with :func:`check_split`.
+:func:`select` takes any list: select ids first when a large file need only be read for
+the chosen photos.
 
 Masks: an adapter never writes a file. It puts a small mask description in
 ``Item.mask_spec`` (JSON), which the batch renders to ``RUN/masks/<id>.png`` at the size
@@ -203,6 +205,11 @@ def select(items: list[Item], limit: int | None, seed: int) -> list[Item]:
         return list(items)
     order = np.random.default_rng(int(seed)).permutation(len(items))[:limit]
     return [items[i] for i in sorted(order)]
+
+
+def with_article(name: str) -> str:
+    """'a rose', 'an american crow' (for prompt templates)."""
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
 def make_item(item_id: Any, image: Path, *, instruction: str, source_prompt: str,
