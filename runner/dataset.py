@@ -112,8 +112,12 @@ def find_dataset_file(path: Path | str) -> Path:
         if (path / name).is_file():
             return path / name
     found = sorted(p.name for p in path.glob("*.json*"))[:10]
+    from .datasets import describe_adapters
+
     raise DatasetError(f"dataset folder {path} has no {', '.join(MANIFEST_NAMES)} or "
-                       f"{PIE_BENCH_NAME} (JSON files there: {', '.join(found) or 'none'}); "
+                       f"{PIE_BENCH_NAME} (JSON files there: {', '.join(found) or 'none'}), "
+                       f"and is not a dataset in a published layout that the pack reads "
+                       f"({describe_adapters()}); "
                        "write a manifest.jsonl with one object per image, e.g. "
                        '{"image": "cat.png", "mask": "cat_mask.png", "source_prompt": ..., '
                        '"target_prompt": ..., "edit_words": ["red"]}')
