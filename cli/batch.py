@@ -243,7 +243,7 @@ def cmd_eval(args, registry_factory: Callable[[], dict]) -> int:
                   "variants use the same models", file=sys.stderr)
             return EXIT_USAGE
         variants = load_variants(args.variants)
-        dataset = load_dataset(base.dataset)
+        dataset = load_dataset(base.dataset, **(base.dataset_selection or {}))
         if not args.input_dir and base.input_dirs:
             args.input_dir = [Path(p) for p in base.input_dirs]
         summary = run_variant_batches(Path(base.workflow), base.prompt, variants, run_dir,

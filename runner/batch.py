@@ -120,6 +120,7 @@ class BatchSettings:
     models_dirs: list[str] = dataclasses.field(default_factory=list)
     input_dirs: list[str] = dataclasses.field(default_factory=list)
     device: str | None = None
+    dataset_selection: dict = dataclasses.field(default_factory=dict)  # adapter split/limit/seed
 
     def fingerprint(self) -> str:
         """What must match for a rerun to resume this folder."""
@@ -167,7 +168,8 @@ def prepare_settings(workflow: Path, data: dict, registry: engine.Registry, data
         extra_pnginfo=(extra_pnginfo if extra_pnginfo is not None else
                        {"workflow": data} if workflow_ui.is_ui_format(data) else {}),
         tiny=bool(tiny), models_dirs=[str(p) for p in models_dirs],
-        input_dirs=[str(p) for p in input_dirs], device=device)
+        input_dirs=[str(p) for p in input_dirs], device=device,
+        dataset_selection=dict(dataset.selection))
 
 
 def _check_workflow(prompt: engine.Prompt, mapping: Mapping[str, list[str]], first: Item,

@@ -89,6 +89,8 @@ class Dataset:
     path: Path          # the manifest or mapping file (an adapter's: the folder)
     kind: str           # "manifest", "pie-bench" or an adapter's NAME
     items: list[Item]
+    # An adapter's split/limit/seed, so a later run (eval --variants) reads the same items.
+    selection: dict = dataclasses.field(default_factory=dict)
 
     def __iter__(self) -> Iterator[Item]:
         return iter(self.items)

@@ -180,6 +180,10 @@ def test_batch_writes_part_and_box_masks_into_the_run_folder(tmp_path, tiny_env,
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # untouched
     settings = json.loads((run / "batch.json").read_text())
     assert settings["dataset"] == str(folder.resolve())
+    # The selection is recorded, so eval --variants reruns exactly these items.
+    assert settings["dataset_selection"] == {"split": "train", "limit": 2, "seed": 1}
+    again = load_dataset(settings["dataset"], **settings["dataset_selection"])
+    assert sorted(i.id for i in again) == sorted(records)
     # Through the command, a broken annotation file is a message naming it, exit 101.
     capsys.readouterr()
     (folder / "CUB_200_2011" / "bounding_boxes.txt").unlink()

@@ -115,7 +115,8 @@ def load_adapter_dataset(folder: Path | str, *, split: str | None = None,
     ids = [item.id for item in items]
     if len(set(ids)) != len(ids):
         raise DatasetError(f"{folder} ({module.NAME}): the adapter made repeated item ids")
-    return Dataset(Path(folder).resolve(), module.NAME, items)
+    return Dataset(Path(folder).resolve(), module.NAME, items,
+                   selection={"split": split, "limit": limit, "seed": int(seed)})
 
 
 # --- helpers for adapters ------------------------------------------------------------------
