@@ -87,19 +87,24 @@ def test_devkit_items_instructions_and_box_masks(tmp_path):
         assert f["image"] == str((root / "cars_test" / fname).resolve())
         assert f["class"] == CLASSES[cls - 1] and f["label"] == cls and f["split"] == "test"
         assert f["bbox"] == [x1, y1, x2, y2]
-        assert f["source_prompt"] == f"a photo of a {CLASSES[cls - 1]}"
+        article = "an" if CLASSES[cls - 1][0] in "AEIOU" else "a"
+        assert f["source_prompt"] == f"a photo of {article} {CLASSES[cls - 1]}"
+        assert f["attributes"] == {"class": CLASSES[cls - 1]}
         assert f["object"] == "car"
         kinds.add(f["edit_kind"])
         if f["edit_kind"] == "colour":
-            colour = f["target_attribute"]
+            assert f["target_attribute"] == "colour"
+            colour = f["target_value"]
             assert colour in cars.COLOURS
             assert f["instruction"] == f"make the car {colour}"
             assert f["edit_words"] == [colour]
         else:
-            other = f["target_attribute"]
+            assert f["target_attribute"] == "class"
+            other = f["target_value"]
             assert other in CLASSES and other != CLASSES[cls - 1]
-            assert f["instruction"] == f"turn the car into a {other}"
-            assert f["target_prompt"] == f"a photo of a {other}"
+            article = "an" if other[0] in "AEIOU" else "a"
+            assert f["instruction"] == f"turn the car into {article} {other}"
+            assert f["target_prompt"] == f"a photo of {article} {other}"
         # The 1-based inclusive box covers exactly its pixels in the rendered mask.
         mask = render_mask(it.mask_spec, (48, 32))
         assert mask.sum() == (x2 - x1 + 1) * (y2 - y1 + 1)
@@ -107,6 +112,8 @@ def test_devkit_items_instructions_and_box_masks(tmp_path):
         if x1 > 1:
             assert mask[y1 - 1, x1 - 2] == 0
     assert kinds == {"colour", "model"}
+    specs = cars.attribute_specs(root)
+    assert specs["class"]["values"] == CLASSES and specs["colour"]["values"] == list(cars.COLOURS)
 
 
 def test_csv_release_gives_the_same_items_as_the_devkit(tmp_path):

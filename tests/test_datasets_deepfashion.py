@@ -71,9 +71,10 @@ def test_items_attribute_flips_boxes_and_annotations(tmp_path):
         garment = CATEGORIES[cat - 1][0].lower()
         assert f["image"] == str((root / name).resolve())
         assert f["category"] == CATEGORIES[cat - 1][0] and f["split"] == part
-        assert f["attributes"] == {a: v for a, v in zip(names, vals) if v}
         target = f["target_attribute"]
         assert dict(zip(names, vals))[target] == -1      # an absent attribute, never unknown
+        assert f["attributes"] == {**{a: 1 for a, v in zip(names, vals) if v == 1},
+                                   target: -1}
         assert f["instruction"] == f"make the {garment} {target}"
         assert f["target_prompt"] == f"a photo of a {target} {garment}"
         assert f["edit_words"] == target.split() and f["object"] == garment
@@ -83,7 +84,8 @@ def test_items_attribute_flips_boxes_and_annotations(tmp_path):
         assert mask.sum() == (min(x2, 48) - x1) * (min(y2, 32) - y1)
     # The space in a name survives the parse.
     records = deepfashion.records(root, "test")
-    assert "abstract chevron" in records[-1].attributes
+    assert records[-1].annotations() == dict(zip([a for a, _ in ATTRS], IMAGES[-1][2]))
+    assert "abstract chevron" in records[-1].annotations()
 
 
 def test_split_limit_seed_selection(tmp_path):
@@ -137,10 +139,14 @@ def test_missing_and_malformed_files_are_named(tmp_path):
     root = make_deepfashion(tmp_path / "c")
     f = root / "Anno" / "list_attr_img.txt"
     lines = f.read_text().splitlines()
-    lines[4] = lines[4].rsplit(" ", 1)[0]
+    lines[5] = lines[5].rsplit(" ", 1)[0]      # img_00000004, a test photo
     f.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DatasetError, match=r"list_attr_img\.txt, line 5: 4 values after the "
+    with pytest.raises(DatasetError, match=r"list_attr_img\.txt, line 6: 4 values after the "
                                            r"image name; expected 5"):
+        items(root)
+    lines[5] = lines[5] + " x"
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=r"list_attr_img\.txt, line 6: the values are not"):
         items(root)
     bad = [list(r) for r in IMAGES]
     bad[3][2] = [-1, 0, -1, 1, 2]

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..dataset import Item
-from . import AnnotationError, check_split, make_item, select
+from . import AnnotationError, check_split, make_item, select, with_article
 
 NAME = "stanford-cars"
 DESCRIPTION = "Stanford Cars (devkit .mat files or the CSV re-release)"
@@ -262,21 +262,31 @@ def instruction(rec: CarRecord, names: list[str], rng: random.Random) -> dict[st
     """The edit of one photo: a colour change or a model change, drawn by ``rng``.
 
     Templates: "make the car <colour>" (target prompt "a photo of a <colour> <class>") and
-    "turn the car into a <other class>" (target prompt "a photo of a <other class>")."""
+    "turn the car into a(n) <other class>" (target prompt "a photo of a(n) <other class>").
+    For attribute accuracy the edit is named as a multi-valued attribute:
+    ``target_attribute`` "colour" or "class" and ``target_value`` the colour or class
+    asked for (see :func:`attribute_specs`)."""
     others = [n for n in dict.fromkeys(names) if n != rec.class_name]
+    source = f"a photo of {with_article(rec.class_name)}"
     if others and rng.random() < 0.5:
         target = rng.choice(others)
-        return {"instruction": f"turn the car into a {target}",
-                "source_prompt": f"a photo of a {rec.class_name}",
-                "target_prompt": f"a photo of a {target}",
+        return {"instruction": f"turn the car into {with_article(target)}",
+                "source_prompt": source, "target_prompt": f"a photo of {with_article(target)}",
                 "edit_words": target.split(), "object": "car",
-                "edit_kind": "model", "target_attribute": target}
+                "edit_kind": "model", "target_attribute": "class", "target_value": target}
     colour = rng.choice(COLOURS)
-    return {"instruction": f"make the car {colour}",
-            "source_prompt": f"a photo of a {rec.class_name}",
+    return {"instruction": f"make the car {colour}", "source_prompt": source,
             "target_prompt": f"a photo of a {colour} {rec.class_name}",
             "edit_words": [colour], "object": "car",
-            "edit_kind": "colour", "target_attribute": colour}
+            "edit_kind": "colour", "target_attribute": "colour", "target_value": colour}
+
+
+def attribute_specs(folder: Path) -> dict[str, dict[str, Any]]:
+    """What an attribute classifier reads for these edits, as plain data: each attribute's
+    values and a prompt template with ``{object}`` and ``{value}``."""
+    return {"colour": {"values": list(COLOURS), "template": "a photo of a {value} {object}"},
+            "class": {"values": list(dict.fromkeys(class_names(folder))),
+                      "template": "a photo of a {value}"}}
 
 
 def class_names(folder: Path) -> list[str]:

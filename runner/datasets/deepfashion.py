@@ -1,6 +1,7 @@
 """DeepFashion's Category and Attribute Prediction benchmark as edit items: each photo's
 garment gains one attribute it is annotated without ("make the dress floral"), its box is
-the edit mask, and its annotated attributes travel with it for attribute accuracy.
+the edit mask, and the attributes it is annotated with (and the instructed one, absent)
+travel with it for attribute accuracy.
 
 The benchmark's list files are read as published; each starts with a line holding the
 number of entries and a header line::
@@ -26,6 +27,8 @@ import dataclasses
 import random
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..dataset import Item
 from . import AnnotationError, check_split, make_item, select
@@ -59,8 +62,13 @@ class FashionRecord:
     image: Path
     category: str
     bbox: tuple[int, int, int, int]
-    attributes: dict[str, int]      # the nonzero annotations, name -> 1 or -1
+    attr_names: tuple[str, ...]     # the benchmark's attribute list (shared by all records)
+    values: np.ndarray              # int8, one of 1 / -1 / 0 per attribute
     split: str
+
+    def annotations(self) -> dict[str, int]:
+        """The nonzero annotations, name -> 1 or -1."""
+        return {self.attr_names[i]: int(self.values[i]) for i in np.flatnonzero(self.values)}
 
 
 def _rows(file: Path, what: str) -> list[tuple[int, list[str]]]:
@@ -115,6 +123,48 @@ def read_image_ints(file: Path, what: str, width: int | None) -> dict[str, list[
     return out
 
 
+def read_attr_values(file: Path, width: int,
+                     wanted: set[str] | None = None) -> dict[str, np.ndarray]:
+    """image name -> int8 values of list_attr_img.txt, for the ``wanted`` images only (all
+    when None). The full file holds 289,222 x 1000 values, so lines are streamed and only
+    the wanted ones are converted (in numpy, not one Python int per value)."""
+    if not file.is_file():
+        raise DeepFashionError(f"{file} is missing; the DeepFashion Category and Attribute "
+                               "Prediction layout needs it (<image name> <1/-1/0 per "
+                               "attribute>)")
+    out: dict[str, np.ndarray] = {}
+    entries = 0
+    with file.open(encoding="utf-8", errors="replace") as fh:
+        first = fh.readline()
+        try:
+            count = int(first.strip())
+        except ValueError:
+            raise DeepFashionError(f"{file}, line 1: {first.strip()[:40]!r} is not the "
+                                   "number of entries the list files start with") from None
+        fh.readline()  # the header
+        for n, line in enumerate(fh, start=3):
+            parts = line.split(None, 1)
+            if not parts:
+                continue
+            entries += 1
+            if wanted is not None and parts[0] not in wanted:
+                continue
+            tokens = parts[1].split() if len(parts) > 1 else []
+            if len(tokens) != width:
+                raise DeepFashionError(f"{file}, line {n}: {len(tokens)} values after the "
+                                       f"image name; expected {width} (one of 1 / -1 / 0 "
+                                       "per attribute of list_attr_cloth.txt)")
+            try:
+                out[parts[0]] = np.array(tokens, dtype=np.int8)
+            except (ValueError, OverflowError):
+                raise DeepFashionError(f"{file}, line {n}: the values are not all integers"
+                                       ) from None
+    if entries != count:
+        raise DeepFashionError(f"{file}: line 1 announces {count} entries but {entries} "
+                               "follow the header; the file is truncated or edited")
+    return out
+
+
 def read_partition(file: Path) -> dict[str, str]:
     out = {}
     for n, toks in _rows(file, "<image name> <train|val|test>"):
@@ -140,15 +190,15 @@ def records(folder: Path, split: str | None) -> list[FashionRecord]:
     path = {k: folder / v for k, v in FILES.items()}
     categories = read_named_types(path["category_cloth"], "<category name> <type>")
     attrs = read_named_types(path["attr_cloth"], "<attribute name> <type>")
-    cat_img = read_image_ints(path["category_img"], "<image name> <category>", 1)
-    attr_img = read_image_ints(path["attr_img"], "<image name> <1/-1/0 per attribute>",
-                               len(attrs))
-    boxes = read_image_ints(path["bbox"], "<image name> <x_1> <y_1> <x_2> <y_2>", 4)
     partition = read_partition(path["partition"])
-    attr_names = [name for name, _ in attrs]
+    wanted = {n for n, part in partition.items() if split is None or part == split}
+    cat_img = read_image_ints(path["category_img"], "<image name> <category>", 1)
+    attr_img = read_attr_values(path["attr_img"], len(attrs), wanted)
+    boxes = read_image_ints(path["bbox"], "<image name> <x_1> <y_1> <x_2> <y_2>", 4)
+    attr_names = tuple(name for name, _ in attrs)
     out = []
     for name, part in partition.items():
-        if split is not None and part != split:
+        if name not in wanted:
             continue
         for table, key in ((cat_img, "category_img"), (attr_img, "attr_img"),
                            (boxes, "bbox")):
@@ -161,7 +211,7 @@ def records(folder: Path, split: str | None) -> list[FashionRecord]:
                                    f"{path['category_cloth']} lists {len(categories)} "
                                    "(1-based)")
         values = attr_img[name]
-        bad = sorted({v for v in values} - {1, -1, 0})
+        bad = sorted(set(np.unique(values).tolist()) - {1, -1, 0})
         if bad:
             raise DeepFashionError(f"{path['attr_img']}: {name} has attribute values "
                                    f"{bad}; expected 1 (present), -1 (absent) or 0 (unknown)")
@@ -175,25 +225,32 @@ def records(folder: Path, split: str | None) -> list[FashionRecord]:
                                    "expected x_1 <= x_2 and y_1 <= y_2")
         out.append(FashionRecord(
             name=name, image=image, category=categories[label - 1][0],
-            bbox=(x1, y1, x2, y2),
-            attributes={a: v for a, v in zip(attr_names, values) if v},
-            split=part))
+            bbox=(x1, y1, x2, y2), attr_names=attr_names, values=values, split=part))
     return out
 
 
 def instruction(rec: FashionRecord, rng: random.Random) -> dict[str, Any] | None:
     """"make the <category> <attribute>" for one absent attribute drawn by ``rng``; None
     when the photo has no attribute annotated absent."""
-    absent = [a for a, v in rec.attributes.items() if v == -1]
-    if not absent:
+    absent = np.flatnonzero(rec.values == -1)
+    if not absent.size:
         return None
-    target = rng.choice(absent)
+    target = rec.attr_names[int(absent[rng.randrange(absent.size)])]
     garment = rec.category.lower()
     return {"instruction": f"make the {garment} {target}",
             "source_prompt": f"a photo of a {garment}",
             "target_prompt": f"a photo of a {target} {garment}",
             "edit_words": target.split(), "object": garment,
             "edit_kind": "attribute", "target_attribute": target}
+
+
+def _kept_annotations(rec: FashionRecord, target: str) -> dict[str, int]:
+    # The attributes present (1) and the instructed one (-1): "others unchanged" then asks
+    # whether what the garment had survives the edit. The hundreds of absent attributes of
+    # each photo are left out of the item, which the batch copies into every record.
+    kept = {a: v for a, v in rec.annotations().items() if v == 1}
+    kept[target] = -1
+    return kept
 
 
 def item_id(name: str) -> str:
@@ -205,9 +262,10 @@ def item_id(name: str) -> str:
 def items(folder: Path, *, split: str | None = "test", limit: int | None = None,
           seed: int = 0) -> list[Item]:
     """The photos of ``split`` (None: all) as edit items, ``limit`` of them drawn with
-    ``seed``; the mask is the garment's box; the category and the nonzero attribute
-    annotations travel as extra fields. Photos with no attribute annotated absent cannot
-    be given an edit and are left out before the selection."""
+    ``seed``; the mask is the garment's box; the category, and as ``attributes`` the
+    attributes annotated present (1) with the instructed one (-1), travel as extra fields.
+    Photos with no attribute annotated absent cannot be given an edit and are left out
+    before the selection."""
     split = check_split(NAME, split, SPLITS)
     out = []
     for rec in records(Path(folder), split):
@@ -217,5 +275,6 @@ def items(folder: Path, *, split: str | None = "test", limit: int | None = None,
         out.append(make_item(item_id(rec.name), rec.image,
                              mask_spec={"box": list(rec.bbox)}, bbox=list(rec.bbox),
                              category=rec.category, split=rec.split,
-                             attributes=dict(rec.attributes), **edit))
+                             attributes=_kept_annotations(rec, edit["target_attribute"]),
+                             **edit))
     return select(out, limit, seed)
