@@ -194,7 +194,7 @@ def test_missing_and_malformed_files_are_named(tmp_path):
         cars.items(csv_root, split="test", limit=None, seed=0)
 
 
-def test_batch_tiny_runs_two_items_with_box_masks(tmp_path, tiny_env):
+def test_batch_tiny_runs_two_items_with_box_masks(tmp_path, tiny_env, capsys):
     from xmgie import cli
     from xmgie.runner.datasets import cars, render_mask
 
@@ -213,3 +213,10 @@ def test_batch_tiny_runs_two_items_with_box_masks(tmp_path, tiny_env):
         mask = np.asarray(Image.open(run / "masks" / f"{it.id}.png"), np.float64) / 255
         np.testing.assert_array_equal(mask, render_mask(it.mask_spec, (48, 32)))
         assert rec["inputs"]["mask"] == str((run / "masks" / f"{it.id}.png").resolve())
+    # A missing annotation file reaches the command's user as one line naming it.
+    (root / "cars_test_annos_withlabels.mat").unlink()
+    capsys.readouterr()
+    assert cli.main(["batch", str(WF / "api" / "vae_roundtrip_api.json"), "--dataset",
+                     str(root), "--split", "test", "--tiny", "--out", str(tmp_path / "r2")]) != 0
+    err = capsys.readouterr().err
+    assert "cars_test_annos_withlabels.mat is missing" in err and "Traceback" not in err
