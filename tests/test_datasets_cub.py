@@ -122,6 +122,12 @@ def test_split_limit_and_seed_select(tmp_path):
         load_dataset(folder).by_id()["1"].fields
     with pytest.raises(DatasetError, match="has the splits train, test"):
         load_dataset(folder, split="val")
+    # A manifest has no splits: --split is refused rather than ignored.
+    (tmp_path / "manifest").mkdir()
+    (tmp_path / "manifest" / "manifest.jsonl").write_text('{"image": "a.png"}\n')
+    assert len(load_dataset(tmp_path / "manifest", split="all")) == 1
+    with pytest.raises(DatasetError, match="which has no splits"):
+        load_dataset(tmp_path / "manifest", split="test")
 
 
 @pytest.mark.parametrize("name, damage, expected", [
