@@ -146,6 +146,22 @@ def test_pyproject_is_ready_for_the_registry():
     assert not [l for l in lines if re.match(r"^(torch|torchvision)\b", l)]
 
 
+def test_every_package_folder_is_installed():
+    # A wheel install (CI, pip install .) holds only the packages pyproject lists: a new
+    # folder with an __init__.py that is missing there imports in a checkout and fails
+    # everywhere else.
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(meta["tool"]["setuptools"]["packages"])
+    skip = {"tests", "bench", "workflows", "docs", "example_data", "assets"}
+    found = {".".join(("xmgie", *p.parent.relative_to(ROOT).parts))
+             for p in ROOT.rglob("__init__.py")
+             if not ({*p.relative_to(ROOT).parts[:1]} & skip)
+             and not any(part.startswith(".") or part.endswith(".egg-info")
+                         for part in p.relative_to(ROOT).parts)}
+    assert "xmgie.runner" in found and "xmgie.training" in found
+    assert sorted(found - listed) == []
+
+
 def test_workflows_are_valid_json():
     files = sorted((ROOT / "workflows").glob("*.json"))
     assert files
