@@ -87,14 +87,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _import_xmgie():
-    """The repo root is the package ``xmgie``. Run as a script, the bench imports THIS
-    checkout under that name: on a bare checkout (e.g. a GPU machine where it is not
-    pip-installed), or where another copy is installed (an editable install of another
-    worktree), through a symlink in a temporary folder placed first on the path. Loaded
-    as a module (tests/test_bench.py), it uses the ``xmgie`` its caller already has."""
+    """The repo root is the package ``xmgie``. When the program is a bench script (this
+    one, or another script of bench/ that imports it, e.g. train_gpu_memory.py), the
+    bench imports THIS checkout under that name: on a bare checkout (e.g. a GPU machine
+    where it is not pip-installed), or where another copy is installed (an editable
+    install of another worktree), through a symlink in a temporary folder placed first on
+    the path. Loaded as a module by another program (tests/test_bench.py), it uses the
+    ``xmgie`` its caller already has."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    here = Path(__file__).resolve().parent
+    bench_script = main is not None and Path(main).resolve().parent == here
     try:
         import xmgie
-        if __name__ != "__main__" or Path(xmgie.__file__).resolve().parent == REPO:
+        if not bench_script or Path(xmgie.__file__).resolve().parent == REPO:
             return
     except ImportError:
         pass

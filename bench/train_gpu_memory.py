@@ -57,7 +57,6 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 GIB = 2 ** 30
 
 # The README's memory table (Training, "Memory per GPU (estimate)"), xMGIE on SD 1.5,
@@ -71,25 +70,8 @@ CLIP_VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=
                     hidden_act="quick_gelu")
 
 
-def _import_xmgie():
-    """Import THIS checkout as the package ``xmgie`` when run as a script (a bare
-    checkout, or another copy installed), as bench/edit_bench.py does; loaded as a module
-    (tests/test_bench.py), use the ``xmgie`` the caller already has."""
-    try:
-        import xmgie
-        if __name__ != "__main__" or Path(xmgie.__file__).resolve().parent == REPO:
-            return
-    except ImportError:
-        pass
-    for name in [m for m in sys.modules if m == "xmgie" or m.startswith("xmgie.")]:
-        del sys.modules[name]
-    tmp = Path(tempfile.mkdtemp(prefix="xmgie-path-"))
-    (tmp / "xmgie").symlink_to(REPO, target_is_directory=True)
-    sys.path.insert(0, str(tmp))
-
-
-_import_xmgie()
-# edit_bench (beside this file) builds the models: one builder for every bench
+# edit_bench (beside this file) builds the models, and imports THIS checkout as the
+# package xmgie when the program is a bench script: one builder and one import rule
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import edit_bench  # noqa: E402
