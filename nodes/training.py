@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import shutil
@@ -408,26 +407,16 @@ def write_pairs(folder: Path, source: torch.Tensor, target: torch.Tensor,
                 mask: torch.Tensor | None, texts: dict[str, list[str]]) -> Path:
     """The graph's pairs as a manifest dataset (``training.data`` reads it): PNGs under
     ``folder/images`` and ``folder/manifest.jsonl``; returns the folder."""
-    images = folder / "images"
-    images.mkdir(parents=True, exist_ok=True)
+    from ..runner.dataset import write_pair_manifest
 
-    def png(t: torch.Tensor, path: Path) -> None:
-        a = (t.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(a).save(path)
+    def u8(t: torch.Tensor) -> np.ndarray:
+        return (t.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
-    records = []
-    for i in range(source.shape[0]):
-        stem = f"{i:04d}"
-        png(source[i], images / f"{stem}_source.png")
-        png(target[i], images / f"{stem}_target.png")
-        record = {"id": f"pair_{stem}", "image": f"images/{stem}_source.png",
-                  "target": f"images/{stem}_target.png"}
-        if mask is not None:
-            png(mask[i if mask.shape[0] > 1 else 0], images / f"{stem}_mask.png")
-            record["mask"] = f"images/{stem}_mask.png"
-        record.update({k: v[i] for k, v in texts.items() if v[i]})
-        records.append(json.dumps(record))
-    (folder / "manifest.jsonl").write_text("\n".join(records) + "\n", encoding="utf-8")
+    write_pair_manifest(folder, (
+        (u8(source[i]), u8(target[i]),
+         u8(mask[i if mask.shape[0] > 1 else 0]) if mask is not None else None,
+         {k: v[i] for k, v in texts.items() if v[i]})
+        for i in range(source.shape[0])), "pair")
     return folder
 
 

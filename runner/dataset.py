@@ -102,6 +102,32 @@ class Dataset:
         return {item.id: item for item in self.items}
 
 
+def write_pair_manifest(folder: Path | str, pairs, id_prefix: str) -> Path:
+    """Paired edits written as a manifest dataset with a ``target`` (what training reads):
+    for the k-th of ``pairs`` -- (source, target, mask or None, fields), images as uint8
+    arrays -- PNGs ``images/<kkkk>_source.png``, ``_target.png`` (and ``_mask.png``) and
+    one ``manifest.jsonl`` line: ``id`` ``<id_prefix>_<kkkk>``, the image paths relative
+    to ``folder``, then ``fields``. Returns the manifest's path."""
+    from PIL import Image
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for k, (source, target, mask, fields) in enumerate(pairs):
+        stem = f"{k:04d}"
+        record = {"id": f"{id_prefix}_{stem}"}
+        for role, array in (("image", source), ("target", target), ("mask", mask)):
+            if array is None:
+                continue
+            name = f"images/{stem}_{'source' if role == 'image' else role}.png"
+            Image.fromarray(array).save(folder / name)
+            record[role] = name
+        lines.append(json.dumps({**record, **fields}))
+    manifest = folder / MANIFEST_NAMES[0]
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return manifest
+
+
 def find_dataset_file(path: Path | str) -> Path:
     """The manifest or mapping file of a dataset folder (or the file itself)."""
     path = Path(path).expanduser()

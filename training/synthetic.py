@@ -22,16 +22,14 @@ The folder is a batch manifest dataset (``runner.dataset``) whose items also hav
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-MANIFEST = "manifest.jsonl"
-IMAGES = "images"
+from ..runner.dataset import write_pair_manifest
+from ..runner.datasets import with_article
 
 # Saturated, well separated colours, so a recolouring is obvious at any size.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -92,10 +90,6 @@ def _paint(wall: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> 
     return out
 
 
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
 def make_pair(index: int, size: int = 64, seed: int = 0) -> dict:
     """One synthetic pair as arrays and texts: ``source``/``target`` uint8 [H,W,3],
     ``mask`` uint8 [H,W] (255 inside), and the manifest fields. Pair ``index`` depends only
@@ -116,8 +110,8 @@ def make_pair(index: int, size: int = 64, seed: int = 0) -> dict:
         "mask": (mask * 255).astype(np.uint8),
         "fields": {
             "instruction": f"make the {shape} {after}",
-            "source_prompt": f"{_article(before)} {before} {shape} on a {wall_name}",
-            "target_prompt": f"{_article(after)} {after} {shape} on a {wall_name}",
+            "source_prompt": f"{with_article(f'{before} {shape}')} on a {wall_name}",
+            "target_prompt": f"{with_article(f'{after} {shape}')} on a {wall_name}",
             "expressive_instruction": (
                 f"Repaint the {before} {shape} {after}, keeping its size, position and "
                 f"shading, and leave the {wall_name} around it unchanged."),
@@ -137,25 +131,10 @@ def make_synthetic(folder: Path | str, n: int = 16, size: int = 64, seed: int = 
     if isinstance(size, bool) or not isinstance(size, int) or size < 8:
         raise ValueError(f"synthetic dataset: size={size!r}; expected a whole number of "
                          "pixels >= 8")
-    folder = Path(folder).expanduser()
-    images = folder / IMAGES
-    images.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(n):
-        pair = make_pair(i, size, seed)
-        stem = f"{i:04d}"
-        Image.fromarray(pair["source"]).save(images / f"{stem}_source.png")
-        Image.fromarray(pair["target"]).save(images / f"{stem}_target.png")
-        Image.fromarray(pair["mask"]).save(images / f"{stem}_mask.png")
-        record = {"id": f"synthetic_{stem}",
-                  "image": f"{IMAGES}/{stem}_source.png",
-                  "target": f"{IMAGES}/{stem}_target.png",
-                  "mask": f"{IMAGES}/{stem}_mask.png",
-                  **pair["fields"]}
-        lines.append(json.dumps(record))
-    manifest = folder / MANIFEST
-    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return manifest
+    return write_pair_manifest(
+        Path(folder).expanduser(),
+        ((p["source"], p["target"], p["mask"], p["fields"])
+         for p in (make_pair(i, size, seed) for i in range(n))), "synthetic")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
