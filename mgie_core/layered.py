@@ -9,12 +9,32 @@ a foreground loss inside the object and a background loss outside it (eqs. 17-18
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import re
+import time
+
 import torch
 
-from .errors import InputError
-from .plan import EDGE_STOP, EditPlan, lower_words, replace_phrase
+from . import grad_mode, host
+from .diffusion import unet_eps
+from .errors import GradientError, InputError, why_no_gradient
+from .images import Fit, check_mask
+from .models.sd import SDModel, with_unet
+from .plan import EDGE_STOP, WORD_RE, EditPlan, lower_words
+from .report import UpdateReport
+
+log = logging.getLogger(__name__)
 
 BACKGROUND_FALLBACK = "the background"
+_PREPOSITIONS = ("in", "on", "at", "by", "under", "near", "behind", "beside", "inside",
+                 "against", "over", "with")
+
+
+def _phrase_pattern(phrase: str) -> str:
+    """Whole words of ``phrase``, any separators between them."""
+    body = r"[^A-Za-z0-9]+".join(re.escape(w) for w in WORD_RE.findall(phrase))
+    return rf"(?<![A-Za-z0-9]){body}(?![A-Za-z0-9])"
 
 
 def _clean(text: str) -> str:
@@ -22,13 +42,40 @@ def _clean(text: str) -> str:
     return text.strip(" ,;.")
 
 
+def _object_span(target: str, words: list[str], obj: str) -> tuple[int, int] | None:
+    """Where the object phrase sits in ``target``, widened leftwards over the edit words
+    just before it ("a yellow carpet": the span of "yellow carpet"); None when the
+    target does not name the object."""
+    m = re.search(_phrase_pattern(obj), target, flags=re.IGNORECASE) if obj else None
+    if m is None:
+        return None
+    start, end = m.start(), m.end()
+    for w in words:                  # an edit word that holds the object ("yellow carpet")
+        for c in re.finditer(_phrase_pattern(w), target, flags=re.IGNORECASE):
+            if c.start() <= start and c.end() >= end:
+                start, end = c.start(), c.end()
+    widened = True
+    while widened:
+        widened = False
+        for w in words:
+            left = re.search(rf"{_phrase_pattern(w)}[^A-Za-z0-9]+$", target[:start],
+                             flags=re.IGNORECASE)
+            if left:
+                start, widened = left.start(), True
+    return start, end
+
+
 def split_descriptions(plan: EditPlan) -> tuple[str, str]:
     """(object-attribute description, background description) of the plan's target.
 
-    Object: "a photo of a <edit words> <object>" (the object left out when the edit words
-    already name it). Background: the target prompt with the edit words and the object
-    removed; when nothing but articles and prepositions is left, "the background"."""
-    target = (plan.target_prompt or "").strip()
+    The object-attribute phrase is the object as the target prompt names it with the
+    edit words just before it ("yellow carpet"); without the object in the target, the
+    edit words followed by the object. Object description: "a photo of a <phrase>".
+    Background description: the target prompt without that phrase (and its article), so
+    edit words elsewhere ("on the beach") stay with the background; a preposition left
+    without its object gets "the scene"; when only articles and prepositions are left,
+    "the background"."""
+    target = " ".join((plan.target_prompt or "").split())
     if not target:
         raise InputError("plan.target_prompt", "is empty", "a caption of the edited image",
                          "Connect an edit plan that has a target prompt.")
@@ -38,17 +85,27 @@ def split_descriptions(plan: EditPlan) -> tuple[str, str]:
         raise InputError("plan", "has neither edit words nor an object",
                          "the words of the target prompt that carry the edit, or the "
                          "edited object", "Fill the plan's edit_words or object.")
-    said = " ".join(words)
-    if obj and not set(lower_words(obj)) <= set(lower_words(said)):
-        said = f"{said} {obj}".strip()
-    object_text = f"a photo of a {said}"
-    background = target
-    for phrase in sorted(words + ([obj] if obj else []), key=len, reverse=True):
-        background, _ = replace_phrase(background, phrase, "")
+    span = _object_span(target, words, obj)
+    if span is not None:
+        phrase = target[span[0]:span[1]]
+        background = re.sub(r"(?:\b(?:a|an|the)\s+)?$", "", target[:span[0]],
+                            flags=re.IGNORECASE) + " " + target[span[1]:]
+    else:
+        said = " ".join(words)
+        phrase = f"{said} {obj}".strip() if obj and not set(lower_words(obj)) <= set(
+            lower_words(said)) else said
+        background = target
+        for w in sorted(words, key=len, reverse=True):
+            background = re.sub(rf"(?:\b(?:a|an|the)\s+)?{_phrase_pattern(w)}", " ",
+                                background, flags=re.IGNORECASE)
+    background = " ".join(background.split())
+    # a preposition left without its object ("a photo of in a room")
+    background = re.sub(rf"\b(of)(?=\s+(?:{'|'.join(_PREPOSITIONS)})\b|\s*$)",
+                        r"\1 the scene", background, flags=re.IGNORECASE)
     background = _clean(background)
     kept = [w for w in lower_words(background) if w not in EDGE_STOP
-            and w not in ("photo", "picture", "image")]
-    return object_text, (background if kept else BACKGROUND_FALLBACK)
+            and w not in ("photo", "picture", "image", "scene")]
+    return f"a photo of a {phrase}", (background if kept else BACKGROUND_FALLBACK)
 
 
 def _latent_mask(mask: torch.Tensor, like: torch.Tensor, name: str = "mask") -> torch.Tensor:
@@ -107,3 +164,266 @@ def mix_embeddings(e_a: torch.Tensor, e_b: torch.Tensor, alpha: float = 0.7) -> 
     if not 0.0 <= alpha <= 1.0:
         raise InputError("alpha", f"is {alpha}", "a weight between 0 and 1")
     return alpha * e_a.float() + (1.0 - alpha) * e_b.float()
+
+
+# --- masks at the latent's resolution --------------------------------------------------------
+
+def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int], name: str = "mask", *,
+                fit: Fit | None = None) -> torch.Tensor:
+    """A MASK [B,H,W] (the photo's size, or the latent's) as a {0,1} float32 [B,1,h,w]
+    mask of the latent: area-averaged to the latent's cells, then a cell belongs to the
+    region when at least half of its pixels do. An empty result, or one that covers
+    every cell, is an error naming ``name`` (eq. 18 needs an outside)."""
+    m = check_mask(name, mask, allow_empty=False)
+    if fit is not None:
+        m = fit.mask(m)
+    h, w = int(latent_hw[0]), int(latent_hw[1])
+    H, W = m.shape[-2:]
+    if (H, W) != (h, w):
+        if H % h or W % w or H // h != W // w:
+            raise InputError(name, f"is {W}x{H} pixels", f"a mask of the photo ({w}x{h} "
+                             "latent cells times the VAE's factor) or of the latent",
+                             "Make the mask from this photo, or resize it to the photo.")
+        m = torch.nn.functional.adaptive_avg_pool2d(m[:, None], (h, w))[:, 0]
+    m = (m >= 0.5).float()[:, None]
+    cells = m.flatten(1).sum(1)
+    if bool((cells == 0).any()):
+        raise InputError(name, "covers less than half of every latent cell (8x8 pixels): "
+                         "nothing of it is left at the latent's resolution",
+                         "an object region of at least one 8x8 block",
+                         "Grow the mask (or use a larger photo).")
+    if bool((cells == h * w).all()):
+        raise InputError(name, "covers the whole image", "an object region that leaves "
+                         "some background (the background loss works outside it)",
+                         "Use the object's mask, not a full one.")
+    return m
+
+
+# --- noising the photo's latent ---------------------------------------------------------------
+
+def _alphas(sd: SDModel) -> torch.Tensor:
+    return torch.as_tensor(sd.scheduler.alphas_cumprod, dtype=torch.float32)
+
+
+def _draw(sd: SDModel, z0: torch.Tensor, gen: torch.Generator
+          ) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(t, eps, z_t): t uniform over the training timesteps, eps ~ N(0, I), z_t the
+    photo's latent noised to t (DDPM's forward process), on the latent's device."""
+    abar = _alphas(sd)
+    t = int(torch.randint(0, len(abar), (1,), generator=gen))
+    eps = torch.randn(z0.shape, generator=gen).to(z0.device)
+    a = float(abar[t])
+    return t, eps, a ** 0.5 * z0 + (1 - a) ** 0.5 * eps
+
+
+def _check_latents(z0: torch.Tensor, name: str = "image_latents") -> torch.Tensor:
+    if not isinstance(z0, torch.Tensor) or z0.ndim != 4 or z0.shape[1] != 4:
+        raise InputError(name, f"has shape {tuple(getattr(z0, 'shape', ()))}",
+                         "SD latents [B,4,h,w] (scaled, as vae.encode_photo gives)")
+    return z0
+
+
+def _check_embedding(e: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(e, torch.Tensor) or e.ndim != 3:
+        raise InputError(name, f"has shape {tuple(getattr(e, 'shape', ()))}",
+                         "a text embedding [1, tokens, width]")
+    return e
+
+
+def _finite_grad(params: list[torch.Tensor], loss: torch.Tensor, stage: str, step: int
+                 ) -> bool:
+    for p in params:
+        if p.grad is None:
+            raise GradientError(stage, step, *why_no_gradient(loss, p))
+    return bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all())
+
+
+# --- eq. 15: the two embeddings --------------------------------------------------------------
+
+EMBEDDINGS = "LayerDiffusion embeddings"     # the stage's name in reports and errors
+FINETUNE = "LayerDiffusion LoRA"
+EVAL_DRAWS = 4     # fixed (t, eps) draws on which a stage's loss is reported before/after
+
+
+def embedding_loss(sd: SDModel, z0: torch.Tensor, mask: torch.Tensor, e_a: torch.Tensor,
+                   e_b: torch.Tensor, *, draws: int = EVAL_DRAWS, seed: int = 1234
+                   ) -> float:
+    """Eq. 15's loss with the condition ``[e_a, e_b]``, averaged over ``draws`` fixed
+    (t, eps) draws (the same for every call with one ``seed``): how a stage's report
+    compares before and after."""
+    gen = torch.Generator("cpu").manual_seed(seed)
+    cond = torch.cat([e_a, e_b], 1)
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(draws):
+            t, eps, zt = _draw(sd, z0, gen)
+            total += float(masked_noise_loss(eps, unet_eps(sd, zt, t, cond), mask))
+    return total / draws
+
+
+def optimise_embeddings(sd: SDModel, image_latents: torch.Tensor, mask: torch.Tensor,
+                        e_a: torch.Tensor, e_b: torch.Tensor, *, steps: int = 500,
+                        lr: float = 1e-3, seed: int = 0,
+                        report: UpdateReport | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, UpdateReport]:
+    """Eq. 15: Adam on the object-attribute and background embeddings together, the
+    UNet frozen, with the condition their concatenation along the token axis
+    ``[e_a, e_b]`` (1, 2 x 77, D) and the masked noise loss inside the object's latent
+    mask ``mask`` ([B,1,h,w] from :func:`latent_mask`), one (t, eps) draw per step.
+
+    The embeddings and the loss are float32 whatever the model's precision; a step
+    whose gradient is not finite is skipped and counted. Returns (ê_a, ê_b, report):
+    the report counts the steps applied and notes the loss before and after on fixed
+    draws (:func:`embedding_loss`)."""
+    report = report if report is not None else UpdateReport()
+    z0 = _check_latents(image_latents)
+    _check_embedding(e_a, "e_a"), _check_embedding(e_b, "e_b")
+    if e_a.shape != e_b.shape:
+        raise InputError("embeddings", f"have shapes {tuple(e_a.shape)} and "
+                         f"{tuple(e_b.shape)}", "two prompt encodings of one shape")
+    _positive("steps", steps), _positive("lr", lr)
+    grad_mode.differentiable(sd.unet, stage=EMBEDDINGS)
+    with grad_mode.autograd():
+        z0, mask, e_a, e_b = grad_mode.autograd_input((z0, mask, e_a, e_b))
+        z0 = z0.to(sd.device, torch.float32)
+        m = _latent_mask(mask, z0)
+        ea = e_a.detach().to(sd.device, torch.float32).clone().requires_grad_(True)
+        eb = e_b.detach().to(sd.device, torch.float32).clone().requires_grad_(True)
+        before = embedding_loss(sd, z0, m, ea.detach(), eb.detach())
+        opt = torch.optim.Adam([ea, eb], lr=lr)
+        gen = torch.Generator("cpu").manual_seed(int(seed))
+        with host.progress(steps, EMBEDDINGS) as bar:
+            for k in range(steps):
+                t, eps, zt = _draw(sd, z0, gen)
+                loss = masked_noise_loss(eps, unet_eps(sd, zt, t, torch.cat([ea, eb], 1)), m)
+                if not loss.requires_grad:
+                    raise GradientError(EMBEDDINGS, k, *why_no_gradient(loss, ea))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if _finite_grad([ea, eb], loss, EMBEDDINGS, k):
+                    opt.step()
+                    report.applied(EMBEDDINGS)
+                else:
+                    log.warning("%s: non-finite gradient at step %d; skipped", EMBEDDINGS, k)
+                    report.skipped(EMBEDDINGS, "non-finite gradient")
+                bar.update()
+                host.check_interrupt()
+        ea, eb = ea.detach(), eb.detach()
+        after = embedding_loss(sd, z0, m, ea, eb)
+    report.note(f"{EMBEDDINGS}: eq. 15 loss {before:.4f} -> {after:.4f} "
+                f"(mean of {EVAL_DRAWS} fixed draws)")
+    report.log(log, "layered")
+    return ea, eb, report
+
+
+def _positive(name: str, value) -> None:
+    if not value > 0:
+        raise InputError(name, f"is {value}", "a positive number")
+
+
+# --- eqs. 17-18: per-image LoRA fine-tuning ----------------------------------------------
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")   # the attention projections
+
+
+def layered_eval(sd: SDModel, z0: torch.Tensor, mask_target: torch.Tensor,
+                 mask_reference: torch.Tensor, e_opt: torch.Tensor, *,
+                 draws: int = EVAL_DRAWS, seed: int = 1234) -> tuple[float, float]:
+    """(L_fg, L_bg) of eqs. 17-18 under ``e_opt``, averaged over ``draws`` fixed (t, eps)
+    draws: how the fine-tuning's report compares the model before and after."""
+    gen = torch.Generator("cpu").manual_seed(seed)
+    fg = bg = 0.0
+    z0 = z0.to(sd.device, torch.float32)
+    with torch.no_grad():
+        for _ in range(draws):
+            t, eps, zt = _draw(sd, z0, gen)
+            a, b = layered_losses(eps, unet_eps(sd, zt, t, e_opt), mask_target, mask_reference)
+            fg, bg = fg + float(a), bg + float(b)
+    return fg / draws, bg / draws
+
+
+def finetune_lora(sd: SDModel, image_latents: torch.Tensor, mask: torch.Tensor,
+                  e_opt: torch.Tensor, *, mask_target: torch.Tensor | None = None,
+                  steps: int = 300, lr: float = 1e-4, rank: int = 4,
+                  time_budget_s: float = 0.0, seed: int = 0,
+                  report: UpdateReport | None = None) -> tuple[SDModel, UpdateReport]:
+    """Eqs. 17-18 on one photo: peft LoRA adapters (rank ``rank``, on the UNet's
+    attention projections) trained with Adam on ``L_fg + L_bg`` under the mixed
+    condition ``e_opt``, one (t, eps) draw per step. ``mask`` is the reference's object
+    (M_r: L_bg works outside it); ``mask_target`` the object's region in the target
+    (M_t: L_fg works inside it; default ``mask``). Both are latent masks
+    ([B,1,h,w], :func:`latent_mask`).
+
+    The UNet trained is a copy of ``sd``'s: the adapters are merged into the copy's
+    weights at the end and a new SD model is returned (:func:`models.sd.with_unet`,
+    sharing the VAE and text encoder); ``sd`` is unchanged. The adapters, their
+    gradients and the losses are float32 whatever the model's precision. Stops early
+    once ``time_budget_s`` seconds have passed (0: no limit) and says so in the report,
+    which counts the steps applied and notes both losses before and after on fixed
+    draws (:func:`layered_eval`)."""
+    import copy
+
+    from peft import LoraConfig
+
+    report = report if report is not None else UpdateReport()
+    z0 = _check_latents(image_latents)
+    _check_embedding(e_opt, "e_opt")
+    _positive("steps", steps), _positive("lr", lr), _positive("rank", rank)
+    if time_budget_s < 0:
+        raise InputError("time_budget_s", f"is {time_budget_s}", "0 (no limit) or more")
+    with grad_mode.loading():
+        unet = copy.deepcopy(sd.unet)
+    grad_mode.differentiable(unet, stage=FINETUNE)
+    unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=int(rank),
+                                target_modules=list(LORA_TARGETS), init_lora_weights=True))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:              # the adapters train in float32 on a half-precision UNet
+        p.data = p.data.float()
+    tuned = dataclasses.replace(sd, unet=unet)
+    stopped = None
+    with grad_mode.autograd():
+        z0, mask, e_opt = grad_mode.autograd_input((z0, mask, e_opt))
+        mask_target = grad_mode.autograd_input(mask_target)
+        z0 = z0.to(sd.device, torch.float32)
+        m_r = _latent_mask(mask, z0, "mask")
+        m_t = m_r if mask_target is None else _latent_mask(mask_target, z0, "mask_target")
+        cond = e_opt.detach().to(sd.device, torch.float32)
+        before = layered_eval(sd, z0, m_t, m_r, cond)
+        opt = torch.optim.Adam(params, lr=lr)
+        gen = torch.Generator("cpu").manual_seed(int(seed))
+        start = time.monotonic()
+        with host.progress(steps, FINETUNE) as bar:
+            for k in range(steps):
+                if time_budget_s and time.monotonic() - start > time_budget_s:
+                    stopped = k
+                    break
+                t, eps, zt = _draw(sd, z0, gen)
+                l_fg, l_bg = layered_losses(eps, unet_eps(tuned, zt, t, cond), m_t, m_r)
+                loss = l_fg + l_bg
+                if not loss.requires_grad:
+                    raise GradientError(FINETUNE, k, *why_no_gradient(loss, params[0]))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if _finite_grad(params, loss, FINETUNE, k):
+                    opt.step()
+                    report.applied(FINETUNE)
+                else:
+                    log.warning("%s: non-finite gradient at step %d; skipped", FINETUNE, k)
+                    report.skipped(FINETUNE, "non-finite gradient")
+                bar.update()
+                host.check_interrupt()
+    with grad_mode.loading():
+        unet.fuse_lora()
+        unet.unload_lora()
+        unet.requires_grad_(False).eval()
+        if sd.dtype != torch.float32:
+            unet.to(dtype=sd.dtype)
+    out = with_unet(sd, unet, "layered LoRA")
+    after = layered_eval(out, z0, m_t, m_r, cond)
+    if stopped is not None:
+        report.note(f"{FINETUNE}: the time budget ({time_budget_s:g} s) ended the "
+                    f"fine-tuning after {stopped} of {steps} steps")
+    report.note(f"{FINETUNE}: L_fg {before[0]:.4f} -> {after[0]:.4f}, L_bg {before[1]:.4f} "
+                f"-> {after[1]:.4f} (mean of {EVAL_DRAWS} fixed draws)")
+    report.log(log, "layered")
+    return out, report

@@ -184,7 +184,8 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
          controls: Sequence[Control] = (), cross_replace: float = 0.8, self_replace: float = 0.5,
          self_max_res: int = 32, guidance_scale: float | None = None,
          batched: bool = True, keep_reconstruction: bool = True,
-         p2p_mode: str = "refine", plan: EditPlan | None = None) -> EditResult:
+         p2p_mode: str = "refine", plan: EditPlan | None = None,
+         target_embedding: torch.Tensor | None = None) -> EditResult:
     """Two-branch prompt-to-prompt editing from an inversion (text-to-image UNet).
 
     ``mask`` and ``plan`` are the run's edit context (``SamplingRun.mask``/``.plan``):
@@ -197,7 +198,11 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     ``p2p_mode``: "refine" (default; words may be added or removed: aligned tokens take
     the reconstruction's cross-attention maps, new tokens keep theirs) or "replace" (word
     swaps, the same number of words: every map of the edit comes from the source maps
-    through P2P's replacement matrix, see :func:`attention_hooks.replace_mapper`)."""
+    through P2P's replacement matrix, see :func:`attention_hooks.replace_mapper`).
+
+    ``target_embedding`` (1, 77, D): the edit branch's condition instead of the target
+    prompt's encoding (LayerDiffusion's mixed condition, :mod:`.layered`); the prompt
+    still gives the tokens that injection, CAM and the controls' words address."""
     if sd.instruct:
         raise InputError("sd_model", "is an 8-channel instruction model",
                          "the text-to-image model the image was inverted with",
@@ -223,6 +228,11 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     report = UpdateReport()
     cond_src = encode_prompt(sd, inversion.source_prompt)   # its Invert node said so
     cond_tgt = encode_prompt(sd, target_prompt, "target_prompt", report)
+    if target_embedding is not None:
+        if tuple(target_embedding.shape) != tuple(cond_tgt.shape):
+            raise InputError("target_embedding", f"has shape {tuple(target_embedding.shape)}",
+                             f"the shape of a prompt's encoding {tuple(cond_tgt.shape)}")
+        cond_tgt = host.place(target_embedding, sd.device, torch.float32)
     empty = encode_prompt(sd, "") if inversion.null_embeddings is None else None
     b = z_T.shape[0]
     controls = check_controls(controls)
