@@ -16,13 +16,17 @@ import time
 
 import torch
 
-from . import grad_mode, host
-from .diffusion import unet_eps
+from . import grad_mode, host, sampler
+from .attention import Branch, MaskPyramid
+from .control import Control, SamplingRun, check_controls
+from .diffusion import encode_prompt, unet_eps
 from .errors import GradientError, InputError, why_no_gradient
 from .images import Fit, check_mask
+from .inversion import invert
 from .models.sd import SDModel, with_unet
 from .plan import EDGE_STOP, WORD_RE, EditPlan, lower_words
 from .report import UpdateReport
+from .sampler import EditResult
 
 log = logging.getLogger(__name__)
 
@@ -427,3 +431,114 @@ def finetune_lora(sd: SDModel, image_latents: torch.Tensor, mask: torch.Tensor,
                 f"-> {after[1]:.4f} (mean of {EVAL_DRAWS} fixed draws)")
     report.log(log, "layered")
     return out, report
+
+
+# --- the edit: sampling with the fine-tuned model ----------------------------------------
+
+class LayeredGuidance(Control):
+    """The iterative guidance of the layered edit, as a sampler control: after each of
+    the first ``fraction`` of the steps, the edit latent is recomposed from its two
+    layers, the object layer (the edit branch inside the object's mask) over the
+    background layer (the reconstruction branch, which follows the photo's trajectory,
+    outside it): ``z_edit <- M z_edit + (1 - M) z_rec``, the mask resized to the
+    latent by the pack's one rule (bicubic, threshold 0.5; :class:`attention.MaskPyramid`).
+    It optimises nothing, so it counts no updates."""
+
+    name = "layered guidance"
+
+    def __init__(self, fraction: float = 1.0, mask: torch.Tensor | None = None):
+        if not 0.0 <= float(fraction) <= 1.0:
+            raise InputError("guided_fraction", f"is {fraction}", "a share between 0 and 1")
+        self.fraction, self.mask = float(fraction), mask
+        self._m: torch.Tensor | None = None
+        self._n = 0
+
+    def setup(self, run: SamplingRun) -> None:
+        m = self.resolve_mask(run, self.mask, required=True,
+                              use="the object (its layer is composed over the photo's)")
+        z = run.latents[Branch.EDIT]
+        self._m = MaskPyramid(m).at(tuple(z.shape[-2:]), z.device)[:, None]
+        self._n = int(round(self.fraction * run.schedule.num_steps))
+
+    def after_step(self, run: SamplingRun, i: int) -> None:
+        if i >= self._n or Branch.REC not in run.latents:
+            return
+        m = self._m
+        run.latents[Branch.EDIT] = m * run.latents[Branch.EDIT] + (1 - m) * run.latents[
+            Branch.REC]
+
+    def teardown(self, run: SamplingRun) -> None:
+        self._m = None
+
+
+def target_condition(sd: SDModel, target_prompt: str, e_opt: torch.Tensor,
+                     target_weight: float = 0.7) -> torch.Tensor:
+    """The edit branch's condition: ``w e_tgt + (1 - w) e_opt``, Imagic's interpolation
+    between the target prompt's encoding and the optimised condition (the fine-tuned
+    model reproduces the photo under ``e_opt``; ``w`` moves it toward the target)."""
+    w = float(target_weight)
+    if not 0.0 <= w <= 1.0:
+        raise InputError("target_weight", f"is {w}", "a weight between 0 and 1")
+    e_tgt = encode_prompt(sd, target_prompt, "target_prompt")
+    if tuple(e_opt.shape) != tuple(e_tgt.shape):
+        raise InputError("e_opt", f"has shape {tuple(e_opt.shape)}",
+                         f"a prompt's encoding {tuple(e_tgt.shape)} (the mix of eq. 16)")
+    return w * e_tgt + (1 - w) * e_opt.to(e_tgt.device, torch.float32)
+
+
+def layered_edit(sd: SDModel, image_latents: torch.Tensor, e_opt: torch.Tensor, *,
+                 source_prompt: str, target_prompt: str, mask: torch.Tensor,
+                 steps: int = 50, guidance_scale: float = 7.5, target_weight: float = 0.7,
+                 guided_fraction: float = 1.0, cross_replace: float = 0.0,
+                 self_replace: float = 0.0, controls=(), plan: EditPlan | None = None,
+                 fit: Fit | None = None) -> EditResult:
+    """The layered edit with the fine-tuned model ``sd`` (:func:`finetune_lora`): direct
+    inversion of the photo's latent under ``source_prompt`` (exact reconstruction
+    branch), then the pack's two-branch sampler with the edit branch conditioned on
+    :func:`target_condition`, :class:`LayeredGuidance` composing the layers, and the
+    chained ``controls`` (A-STAR's losses) acting on the edit branch inside ``mask``.
+
+    No prompt-to-prompt injection by default (``cross_replace = self_replace = 0``): the
+    edit branch's condition is not the target prompt's words alone, and LayerDiffusion's
+    edits may change the object's pose."""
+    z0 = _check_latents(image_latents)
+    result = invert(sd, z0, source_prompt, method="direct", steps=steps,
+                    guidance_scale=guidance_scale, image_size=tuple(z0.shape[-2:]), fit=fit)
+    cond = target_condition(sd, target_prompt, e_opt, target_weight)
+    chained = check_controls(controls) + [LayeredGuidance(guided_fraction)]
+    out = sampler.edit(sd, result, target_prompt, mask=mask, controls=chained,
+                       cross_replace=cross_replace, self_replace=self_replace,
+                       guidance_scale=guidance_scale, plan=plan, target_embedding=cond)
+    out.settings.update({"target_weight": target_weight, "guided_fraction": guided_fraction,
+                         "method": "LayerDiffusion"})
+    return out
+
+
+@dataclasses.dataclass
+class LayeredEmbeddings:
+    """What the embedding optimisation hands on (custom socket type XMGIE_LAYERED): the
+    optimised object-attribute and background embeddings (1, 77, D) with their texts,
+    and, once mixed (eq. 16), ``e_opt`` and the ``alpha`` it was mixed with."""
+
+    e_a: torch.Tensor
+    e_b: torch.Tensor
+    object_text: str
+    background_text: str
+    e_opt: torch.Tensor | None = None
+    alpha: float | None = None
+
+    def mixed(self, alpha: float = 0.7) -> LayeredEmbeddings:
+        return dataclasses.replace(self, e_opt=mix_embeddings(self.e_a, self.e_b, alpha),
+                                   alpha=float(alpha))
+
+    def need_mix(self, name: str = "embeddings") -> torch.Tensor:
+        if self.e_opt is None:
+            raise InputError(name, "are not mixed", "the output of xMGIE Layered Mix "
+                             "(e_opt of eq. 16)", "Put xMGIE Layered Mix between the "
+                             "embedding optimisation and this node.")
+        return self.e_opt
+
+    def __repr__(self) -> str:
+        mix = f", mixed at alpha {self.alpha:g}" if self.alpha is not None else ""
+        return (f"LayeredEmbeddings('{self.object_text[:30]}' | "
+                f"'{self.background_text[:30]}'{mix})")

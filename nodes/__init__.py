@@ -22,6 +22,7 @@ _MODULES = [
     "astar",
     "identity_guidance",
     "training",
+    "mmig",
 ]
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -22,7 +22,8 @@ LAYERS = [
     {"diffusion", "vae", "attention", "attention_hooks", "blur", "graphs"},
     {"inversion", "masks", "plan", "plan_rules", "plan_answer"},
     {"control", "guidance", "pfb"},
-    {"sampler", "mag", "astar", "identity_guidance", "graph_calls", "trainable", "trained"},
+    {"sampler", "mag", "astar", "identity_guidance", "graph_calls", "trainable", "trained",
+     "layered"},
     {"tiny"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
