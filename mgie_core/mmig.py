@@ -133,8 +133,12 @@ class MMAdapters(nn.Module):
         finally:
             self._rows = old
 
-    def modality_vectors(self, batch: int) -> torch.Tensor:
-        """[batch, dim] modality embeddings of the rows (one set row is broadcast)."""
+    def modality_vectors(self, batch: int, device: torch.device | None = None) -> torch.Tensor:
+        """[batch, dim] modality embeddings of the rows (one set row is broadcast), on
+        ``device``: the embedding follows the layers when a host moves the LLM (it is
+        not one of the LLM's modules, so the move leaves it behind)."""
+        if device is not None and self.modality_embedding.weight.device != device:
+            self.modality_embedding.to(device)
         emb = self.modality_embedding.weight
         rows = self._rows
         if rows is None:
@@ -172,7 +176,7 @@ class _AdaptedNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(x)
-        return self.adapter(y, self._owner[0].modality_vectors(y.shape[0]))
+        return self.adapter(y, self._owner[0].modality_vectors(y.shape[0], y.device))
 
 
 def _decoder_layers(llm) -> nn.ModuleList:
@@ -207,7 +211,7 @@ def inject_mm_adapters(llm, hidden: int = 8, temperature: float = 10.0, scale: f
                          f"LLM's width {dim} and {len(layers)} layers",
                          "Use the MM-Adapter trained with this LLM.")
     llm.requires_grad_(False)
-    adapters.requires_grad_(True)
+    adapters.requires_grad_(True).train(llm.training)   # dropout only when the LLM trains
     for layer, adapter in zip(layers, adapters.adapters, strict=True):
         layer.input_layernorm = _AdaptedNorm(layer.input_layernorm, adapter, adapters)
     return adapters
@@ -539,7 +543,63 @@ def unet_with_mmsm(unet, mmsm: MMSM, e0: torch.Tensor, text_mask: torch.Tensor |
     return new, hook
 
 
+def mgie_with_mm_adapters(mgie, adapters: MMAdapters, label: str = "MM-Adapter"):
+    """A new MGIE model (``MGIEModel``) whose LLM has a copy of ``adapters`` injected
+    (float32, on MGIE's device, frozen); ``mgie`` and ``adapters`` are unchanged. The
+    adapted LLM is :func:`llm_with_mm_adapters`'s: its decoder layers are new module
+    objects, every weight is shared, and the model is registered with the memory
+    registry as a loader registers one (the shared parts keep their entries)."""
+    from . import grad_mode, memory
+
+    with grad_mode.loading():
+        adapters = copy.deepcopy(adapters).to(mgie.device)
+        adapters.default_has_image = True     # MGIE's prompt always holds the image
+        llm = llm_with_mm_adapters(mgie.llm, adapters)
+    new = dataclasses.replace(mgie, llm=llm)
+    names = {e.module: e.name for e in memory.registry().entries_of(mgie)}
+    return memory.manage(new, {
+        f"MGIE {label} LLM": llm, names.get(mgie.vision, "MGIE vision tower"): mgie.vision,
+        names.get(mgie.projector, "MGIE projector"): mgie.projector,
+        names.get(mgie.edit_head, "MGIE edit head"): mgie.edit_head}, mgie.device)
+
+
+def sd_with_mmsm(sd, mmsm: MMSM, e0: torch.Tensor, text_mask: torch.Tensor | None = None,
+                 label: str = "MMSM", what: str = "e0"):
+    """A new SD model (``SDModel``) whose UNet runs a copy of ``mmsm`` (float32, frozen)
+    on the block it was trained at (its ``site``, else :func:`default_site`), with the
+    text embedding ``e0`` [B, L, text_dim] for every forward; ``sd`` and ``mmsm`` are
+    unchanged (:func:`unet_with_mmsm`: the UNet's path to the block is shallow-copied,
+    the weights shared). ``what`` names ``e0`` in errors (a node's input)."""
+    from . import grad_mode
+    from .models.sd import with_unet
+
+    unet = sd.unet
+    site = mmsm.site or default_site(unet)
+    try:
+        channels = site_channels(unet, site)
+    except ValueError as e:
+        raise InputError("mmig", f"its MMSM was made for the UNet block {site!r}, which "
+                         "this UNet does not have", "an MMSM made for this UNet") from e
+    want = mmsm.config
+    if channels != want["feature_channels"]:
+        raise InputError("mmig", f"its MMSM reads {want['feature_channels']} channels at "
+                         f"{site}, where this UNet has {channels}",
+                         "an MMSM trained with this SD model", "Use the base model the "
+                         "MMSM was trained on.")
+    if e0.ndim != 3 or e0.shape[-1] != want["text_dim"]:
+        raise InputError(what, f"has shape {tuple(e0.shape)}", f"[B, L, "
+                         f"{want['text_dim']}] (the MMSM's text width)", "Connect the "
+                         "conditioning of the model the MMSM was trained with.")
+    device = next(unet.parameters()).device
+    with grad_mode.loading():
+        mmsm = copy.deepcopy(mmsm).to(device).requires_grad_(False).eval()
+        e0 = e0.detach().to(device).clone()
+        new_unet, _ = unet_with_mmsm(unet, mmsm, e0, text_mask, site)
+    return with_unet(sd, new_unet, label)
+
+
 __all__ = ["RepAdapterRouter", "MMAdapters", "inject_mm_adapters", "remove_mm_adapters",
            "adapter_parameter_count", "MMSM", "MMSMOut", "mmsm_loss", "attach_mmsm",
            "MMSMHook", "default_site", "site_channels", "save_mmig", "load_mmig",
-           "clone_path", "llm_with_mm_adapters", "unet_with_mmsm"]
+           "clone_path", "llm_with_mm_adapters", "unet_with_mmsm",
+           "mgie_with_mm_adapters", "sd_with_mmsm"]

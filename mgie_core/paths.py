@@ -156,6 +156,15 @@ TRAINED = register_family(Family(
               "under a name of your choice",
     tiny_name="tiny-xmgie-trained"))
 
+MMIG = register_family(Family(
+    key="mmig", what="MMIG modules (MM-Adapter and/or MMSM, one .safetensors file)",
+    folder="xmgie_mmig", kind="file", extensions=(".safetensors",),
+    default_names=("mmig.safetensors",),
+    published="the mmig.safetensors an MMIG training run writes to its final/ folder "
+              "(xmgie train configs/train/mmig_stage1.yaml ... mmig_stage5.yaml --out RUN); "
+              "copy or link it into the xmgie_mmig models folder under a name of your choice",
+    tiny_name="tiny-mmig.safetensors"))
+
 
 # --- configuration ------------------------------------------------------------------
 

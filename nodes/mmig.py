@@ -3,14 +3,22 @@ edit; docs/algorithms.md section 15), then the MM-Adapter and MMSM nodes."""
 
 from __future__ import annotations
 
-from ..mgie_core import layered, vae
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..mgie_core import grad_mode, layered, paths, vae
 from ..mgie_core.diffusion import encode_prompt
+from ..mgie_core.errors import InputError
 from ..mgie_core.images import check_finite
 from ..mgie_core.report import UpdateReport
 from ._common import (
+    CONDITIONING,
     CONTROLS,
     FIT_INPUT,
     LATENT,
+    MGIE_MODEL,
     PLAN,
     PREFIX,
     SD_MODEL,
@@ -250,3 +258,135 @@ class LayeredEdit:
 
 
 NODES = [LayeredSplit, LayeredEmbeddingsNode, LayeredMix, LayeredFineTune, LayeredEdit]
+
+
+# --- MM-Adapter and MMSM -------------------------------------------------------------------
+
+MMIG_MODULES = "XMGIE_MMIG"      # MMIGModules below
+
+
+@dataclasses.dataclass(frozen=True)
+class MMIGModules:
+    """What xMGIE Load MMIG Modules gives: the file and its modules
+    (``mgie_core.mmig.MMAdapters`` / ``MMSM``; either may be None)."""
+
+    path: Path
+    adapters: object | None
+    mmsm: object | None
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+def _mmig_part(modules, part: str, node: str):
+    if not isinstance(modules, MMIGModules):
+        raise InputError("mmig", f"got a {type(modules).__name__}",
+                         "modules from xMGIE Load MMIG Modules")
+    value = getattr(modules, part)
+    if value is None:
+        name = {"adapters": "MM-Adapter", "mmsm": "MMSM"}[part]
+        raise InputError("mmig", f"({modules.path}) holds no {name}", f"a file with an "
+                         f"{name} for {node}", "Load the file of a run that trained it.")
+    return value
+
+
+class LoadMMIG:
+    NODE_ID = f"{PREFIX}LoadMMIG"
+    DISPLAY_NAME = "xMGIE Load MMIG Modules"
+    CATEGORY = category("loaders")
+    DESCRIPTION = ("Loads MMIG's trained MM-Adapter (LaVIN's mixture-of-modality adapters "
+                   "for the MGIE LLM) and MMSM (the text-feature support module in the UNet) "
+                   "from one .safetensors file in models/xmgie_mmig (what an MMIG training "
+                   "run writes). Connect it to xMGIE Apply MM-Adapter and xMGIE Apply MMSM.")
+    RETURN_TYPES = (MMIG_MODULES,)
+    RETURN_NAMES = ("mmig",)
+    OUTPUT_TOOLTIPS = ("The MM-Adapter and/or MMSM the file holds.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "mmig_name": (paths.list_models(paths.MMIG), inp(
+                "A .safetensors file in models/xmgie_mmig (e.g. a run's "
+                "final/mmig.safetensors).")),
+        }}
+
+    def load(self, mmig_name):
+        from ..mgie_core import mmig
+
+        path = paths.resolve(paths.MMIG, mmig_name)
+        with grad_mode.loading():
+            found = mmig.load_mmig(path)
+        for m in (found["adapters"], found["mmsm"]):   # used for inference: no autograd graph
+            if m is not None:
+                m.requires_grad_(False)
+        return (MMIGModules(path, found["adapters"], found["mmsm"], found["meta"]),)
+
+
+class ApplyMMAdapter:
+    NODE_ID = f"{PREFIX}ApplyMMAdapter"
+    DISPLAY_NAME = "xMGIE Apply MM-Adapter"
+    CATEGORY = _CATEGORY
+    DESCRIPTION = ("Gives a new MGIE model whose LLM runs MMIG's MM-Adapter before every "
+                   "layer's attention (image + text routing, as MGIE's prompt holds the "
+                   "image). The connected model is left as it is: the new one has its own "
+                   "layer objects around the same weights. Use it in xMGIE MGIE "
+                   "Instruction.")
+    LOADS_MODELS = True     # builds a new model around the given one's weights, runs nothing
+    RETURN_TYPES = (MGIE_MODEL,)
+    RETURN_NAMES = ("mgie",)
+    OUTPUT_TOOLTIPS = ("MGIE with the MM-Adapter in its LLM.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "mgie": (MGIE_MODEL, inp("A model from xMGIE Load MGIE (the one the adapter "
+                                     "was trained with).")),
+            "mmig": (MMIG_MODULES, inp("Modules from xMGIE Load MMIG Modules holding an "
+                                       "MM-Adapter.")),
+        }}
+
+    def apply(self, mgie, mmig):
+        from ..mgie_core import mmig as mmig_lib
+
+        adapters = _mmig_part(mmig, "adapters", "Apply MM-Adapter")
+        return (mmig_lib.mgie_with_mm_adapters(mgie, adapters, label=mmig.path.stem),)
+
+
+class ApplyMMSM:
+    NODE_ID = f"{PREFIX}ApplyMMSM"
+    DISPLAY_NAME = "xMGIE Apply MMSM"
+    CATEGORY = _CATEGORY
+    DESCRIPTION = ("Gives a new SD model whose UNet runs MMIG's MMSM on the block it was "
+                   "trained at (the first up block at 16x16 for 512 px): the UNet's features "
+                   "there attend to the MGIE conditioning's text embedding (e0) and get the "
+                   "result added back, in every step and both guidance branches. The "
+                   "connected model is left as it is. Sample with the new model.")
+    LOADS_MODELS = True     # builds a new model around the given one's weights, runs nothing
+    RETURN_TYPES = (SD_MODEL,)
+    RETURN_NAMES = ("sd_model",)
+    OUTPUT_TOOLTIPS = ("The SD model with MMSM in its UNet.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "sd_model": (SD_MODEL, inp("The SD model the MMSM was trained with.")),
+            "mmig": (MMIG_MODULES, inp("Modules from xMGIE Load MMIG Modules holding an "
+                                       "MMSM.")),
+            "conditioning": (CONDITIONING, inp(
+                "The text embedding e0: the conditioning of xMGIE MGIE Instruction (MGIE's "
+                "LLM tokens through its edit head, 77 tokens at the UNet's text width).")),
+        }}
+
+    def apply(self, sd_model, mmig, conditioning):
+        from ..mgie_core import mmig as mmig_lib
+
+        mmsm = _mmig_part(mmig, "mmsm", "Apply MMSM")
+        if not isinstance(getattr(conditioning, "cond", None), torch.Tensor):
+            raise InputError("conditioning", f"got a {type(conditioning).__name__}",
+                             "a conditioning from xMGIE MGIE Instruction")
+        return (mmig_lib.sd_with_mmsm(sd_model, mmsm, conditioning.cond,
+                                      label=mmig.path.stem, what="conditioning"),)
+
+
+NODES += [LoadMMIG, ApplyMMAdapter, ApplyMMSM]

@@ -35,6 +35,7 @@ MAKERS: dict[str, str] = {
     "vlm": "vlm:make_vlm",
     "mgie": "mgie:make_mgie",
     "xmgie_trained": "trained:make_xmgie_trained",
+    "mmig": "mmig:make_mmig",
 }
 
 
