@@ -138,7 +138,10 @@ class MMAdapters(nn.Module):
         ``device``: the embedding follows the layers when a host moves the LLM (it is
         not one of the LLM's modules, so the move leaves it behind)."""
         if device is not None and self.modality_embedding.weight.device != device:
-            self.modality_embedding.to(device)
+            from .grad_mode import normal_tensors
+
+            with normal_tensors():        # normal weights even inside a host's inference mode
+                self.modality_embedding.to(device)
         emb = self.modality_embedding.weight
         rows = self._rows
         if rows is None:
@@ -372,7 +375,10 @@ class MMSMHook:
             mask = None if mask is None else mask.repeat(b // mask.shape[0], 1)
         p = self.mmsm.domain_decoder[-1].weight
         if p.device != e1.device:              # the host may have moved the UNet
-            self.mmsm.to(e1.device)
+            from .grad_mode import normal_tensors
+
+            with normal_tensors():
+                self.mmsm.to(e1.device)
         self.last = self.mmsm(e0, e1, mask)
         e6 = self.last.e6
         return (e6, *output[1:]) if isinstance(output, tuple) else e6
@@ -487,11 +493,11 @@ def load_mmig(path: Path | str) -> dict[str, Any]:
 
 def _shallow(module: nn.Module) -> nn.Module:
     """A new module object sharing ``module``'s children, parameters and buffers, with
-    its own registries (and hooks), so changing the copy leaves the original as it was."""
-    new = copy.copy(module)
-    new._modules = dict(module._modules)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
+    its own registries and hook tables, so replacing a child of the copy or hooking it
+    leaves the original as it was."""
+    from .models.mgie.trained import _shallow as shallow_registries
+
+    new = shallow_registries(module)
     for hooks in ("_forward_hooks", "_forward_hooks_with_kwargs",
                   "_forward_hooks_always_called", "_forward_pre_hooks",
                   "_forward_pre_hooks_with_kwargs"):

@@ -68,6 +68,19 @@ def test_router_adapter_shapes_and_hand_computation():
     assert torch.allclose(out, expected, atol=1e-6)
 
 
+def test_low_precision_inputs_keep_their_dtype_and_the_identity():
+    a = mmig.RepAdapterRouter(8, hidden=4)
+    x = torch.randn(2, 3, 8).bfloat16()
+    out = a(x, torch.randn(2, 8))
+    assert out.dtype == torch.bfloat16 and torch.equal(out, x)
+    assert a.down.weight.dtype == torch.float32         # θ_a stays float32
+    m = mmig.MMSM(8, 16, hidden=8, heads=2)
+    e1 = torch.randn(1, 16, 3, 3).bfloat16()
+    res = m(torch.randn(1, 4, 8).bfloat16(), e1)
+    assert res.e6.dtype == torch.bfloat16 and torch.equal(res.e6, e1)
+    assert res.e2.dtype == res.e3.dtype == torch.float32
+
+
 def test_adapters_change_nothing_at_initialisation_in_both_modalities(mgie, llm):
     ref = logits(mgie.llm)
     adapters = mmig.inject_mm_adapters(llm)
@@ -167,6 +180,14 @@ def test_mmsm_shapes_and_no_effect_at_initialisation(tiny_sd):
     assert last.e2.shape == (2, 16, 32) and last.e4.shape == (2, 16, 32)   # 16 / 4 = 4x4
     assert last.e3.shape == (2, 6, 32) and last.e6.shape == (2, channels, 4, 4)
     assert torch.equal(unet(x, t, encoder_hidden_states=c).sample, ref)    # removed
+    with pytest.raises(InputError, match="site: 'up_blocks.9'"):
+        mmig.attach_mmsm(unet, m, "up_blocks.9")
+    hook = mmig.attach_mmsm(unet, m)
+    try:
+        with pytest.raises(InputError, match="set_text"):
+            unet(x, t, encoder_hidden_states=c)
+    finally:
+        hook.remove()
 
 
 def test_one_step_on_mmsm_changes_the_unet_and_only_mmsm_trains(tiny_sd):
