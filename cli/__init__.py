@@ -7,15 +7,16 @@ files.
                             [--models-dir DIR ...] [--device cpu|cuda|...] [--offload]
     xmgie batch WORKFLOW.json --dataset D [--out RUN] [--map ...] [--ray [ADDRESS]] ...
     xmgie eval RUN [--reference DATASET] [--variants V.json] ...
+    xmgie table1 RUN ... [--out DIR]        xmgie table2 RUN ... [--out DIR]
     xmgie workflow ui API.json -o UI.json [--layout LAYOUT.json]
     xmgie workflow api UI.json -o API.json
     xmgie workflow sync [FOLDER] [--check]
     xmgie train CONFIG.yaml [--out DIR] [--max-steps N] [--resume] [--tiny] [--dataset D]
 
 One module per command family: :mod:`.run` (check, run), :mod:`.batch` (batch, eval),
-:mod:`.workflow` (workflow), :mod:`.train` (train); :mod:`.host` builds the node
-registry (the pack's nodes plus the runner's stand-ins for the ComfyUI core nodes) and
-applies the model options.
+:mod:`.workflow` (workflow), :mod:`.train` (train), :mod:`.tables` (table1, table2);
+:mod:`.host` builds the node registry (the pack's nodes plus the runner's stand-ins for
+the ComfyUI core nodes) and applies the model options.
 This package is the only place that imports both the runner and the node pack: the
 runner and the evaluation get the registry handed to them.
 
@@ -27,7 +28,8 @@ images in ``workflows/inputs/``).
 Exit status of check, run and workflow: 0 success; 1 invalid workflow or a node failed;
 2 the workflow file is missing or not JSON, or bad command-line usage (including a bad
 --set); 130 interrupted (Ctrl-C; the run stops between two steps and writes no partial
-file). batch, eval and train have their own (see :mod:`.batch`, :mod:`.train`).
+file). batch, eval, train and the tables have their own (see :mod:`.batch`, :mod:`.train`,
+:mod:`.tables`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import batch, train, workflow
+from . import batch, tables, train, workflow
 from .host import build_registry, configure_models
 
 # Nothing above imports torch, the runner or the nodes: main() imports them inside its
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_parsers(commands)   # xmgie batch / xmgie eval
     workflow.add_parser(commands)
     train.add_parser(commands)
+    tables.add_parsers(commands)
     return parser
 
 
@@ -173,6 +176,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return batch.main(args, build_registry)
     if args.command in train.COMMANDS:
         return train.main(args)
+    if args.command in tables.COMMANDS:
+        return tables.main(args)
     from ..mgie_core import host
     from ..mgie_core.errors import XMGIEError
     from ..runner import core_nodes, engine

@@ -99,9 +99,12 @@ def add_parsers(commands) -> None:
     ev = commands.add_parser(
         "eval", help="metrics, ablation table and pictures of a batch run",
         description="Compute PSNR, SSIM, LPIPS, MSE, FID, IS, CLIP score, background "
-                    "preservation and IPS for a run folder (and its variants); write a "
-                    "table (CSV, JSON, Markdown) and pictures.",
-        epilog="Exit status: 0 every metric computed; 1 some metric could not be computed "
+                    "preservation, IPS and, for items with attribute annotations, attribute "
+                    "accuracy for a run folder (and its variants); write a table (CSV, "
+                    "JSON, Markdown) and pictures.",
+        epilog="Exit status: 0 every metric computed (or skipped for want of what it "
+               "needs, e.g. AA without attribute annotations); 1 some metric could not be "
+               "computed "
                "(the others are still written) or the evaluation failed; 2 bad usage.")
     ev.add_argument("run_dir", type=Path, metavar="RUN", help="run folder of xmgie batch")
     ev.add_argument("--reference", type=Path, default=None, metavar="DATASET",
@@ -123,6 +126,11 @@ def add_parsers(commands) -> None:
     ev.add_argument("--ips-encoder", default=None, metavar="KIND:NAME",
                     help="identity encoder for IPS: clip_vision:NAME or "
                          "face_recognition:NAME (default clip_vision:clip-vit-large-patch14)")
+    ev.add_argument("--attribute-classifier", default="clip", metavar="clip|FOLDER",
+                    help="classifier for attribute accuracy: clip (default: CLIP zero-shot "
+                         "on the --clip-model folder, one prompt template per attribute) or "
+                         "a Hugging Face image-classification folder whose labels are the "
+                         "attribute values")
     ev.add_argument("--image-node", default=None, metavar="NODE_ID",
                     help="the node whose saved image is the result (default: the first "
                          "SaveImage node's first file)")
@@ -274,7 +282,8 @@ def _tiny_metric_networks(options) -> None:
             keys.add(networks.LPIPS_FAMILIES[options.lpips_net].key)
         elif needs == "inception":
             keys.add(networks.FID_INCEPTION.key)
-        elif needs == "clip":
+        elif needs == "clip" or (needs == "attributes"
+                                 and options.attribute_classifier == evaluate.CLIP):
             keys.add(networks.CLIP_SCORE.key)
     if keys and paths.tiny_root() is not None:
         tiny.ensure(paths.tiny_root(), sorted(keys))

@@ -30,6 +30,22 @@ Classifiers:
 * :class:`FolderClassifier`: a Hugging Face image-classification folder the user names
   (``AutoModelForImageClassification``, offline) whose label names are attribute values;
   the prediction is the best-scoring label among the attribute's values.
+
+Dataset hooks (how a dataset adapter of ``runner/datasets/`` describes its attributes).
+An item is an attribute edit when its fields carry ``target_attribute`` (see
+:func:`item_from_fields`). An adapter module may define two optional functions, both
+plain data (the runner never imports this package); :func:`dataset_attributes` finds
+them from a run's ``batch.json``:
+
+* ``attribute_edit(fields) -> dict | None``: the fields :func:`item_from_fields` reads
+  (``target_attribute``, ``target_value``, ``attributes``, ``object``) for an item whose
+  own fields say it differently (a list of present attributes, a species change), or
+  None when the item is no attribute edit. Without it the item's fields are read as
+  they are.
+* ``attribute_specs(folder) -> {name: {"values": [...], "template": str,
+  "prompts": {value: prompt}}}``: one prompt template per attribute (``{object}`` and
+  ``{value}``; a present/absent attribute has values ``["yes", "no"]`` and a prompt for
+  each). Attributes it does not describe get :func:`binary_specs`' generic wording.
 """
 
 from __future__ import annotations
@@ -47,6 +63,7 @@ import torch.nn.functional as F
 from ..mgie_core.errors import InputError, ModelLoadError, ModelNotFoundError
 
 YES, NO = "yes", "no"
+DEFAULT_TEMPLATE = "a photo of a {object} with {value}"
 
 
 # --- attributes and items -------------------------------------------------------------------
@@ -60,7 +77,7 @@ class AttributeSpec:
 
     name: str
     values: tuple[str, ...]
-    template: str = "a photo of a {object} with {value}"
+    template: str = DEFAULT_TEMPLATE
     prompts: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -359,22 +376,32 @@ def evaluate_attributes(items: Sequence[AAItem], edited: Mapping[str, torch.Tens
     """Classify each item's edited and source image (uint8 [3, H, W] by item id) on the
     instructed attribute and the annotated ones, then :func:`attribute_accuracy`."""
     check_items(items, specs)
-    for which, images in (("edited", edited), ("source", source)):
-        missing = [i.id for i in items if i.id not in images]
-        if missing:
-            raise InputError(f"{which} images", f"lack items {missing[:5]}",
-                             "one image per item id")
+    return attribute_accuracy(items, predict_items(items, edited, classifier, batch_size,
+                                                   "edited"),
+                              predict_items(items, source, classifier, batch_size, "source"),
+                              specs)
 
-    def run(images: Mapping[str, torch.Tensor]) -> dict[str, dict[str, str]]:
-        preds = {}
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            rows = classifier.predict([images[i.id] for i in chunk], [i.object for i in chunk],
-                                      [[i.attribute, *i.others()] for i in chunk])
-            preds.update({i.id: row for i, row in zip(chunk, rows)})
-        return preds
 
-    return attribute_accuracy(items, run(edited), run(source), specs)
+def predict_items(items: Sequence[AAItem], images: Mapping, classifier, batch_size: int = 16,
+                  which: str = "edited") -> dict[str, dict[str, str]]:
+    """The classifier's reading of every item's instructed and annotated attributes on its
+    image in ``images`` (item id -> uint8 [3, H, W], or a callable loading it), in chunks
+    of ``batch_size``; interruptible between chunks."""
+    from ..mgie_core import host
+
+    missing = [i.id for i in items if i.id not in images]
+    if missing:
+        raise InputError(f"{which} images", f"lack items {missing[:5]}", "one image per item id")
+    preds = {}
+    for start in range(0, len(items), batch_size):
+        host.check_interrupt()
+        chunk = items[start:start + batch_size]
+        pictures = [images[i.id] for i in chunk]
+        pictures = [p() if callable(p) else p for p in pictures]
+        rows = classifier.predict(pictures, [i.object for i in chunk],
+                                  [[i.attribute, *i.others()] for i in chunk])
+        preds.update({i.id: row for i, row in zip(chunk, rows)})
+    return preds
 
 
 # --- batch runs -----------------------------------------------------------------------------
@@ -428,26 +455,90 @@ def binary_specs(items: Sequence[AAItem]) -> dict[str, AttributeSpec]:
     return specs
 
 
+def specs_from_data(data: Mapping[str, Mapping], where: str = "attribute specs"
+                    ) -> dict[str, AttributeSpec]:
+    """AttributeSpecs from an adapter's plain-data ``attribute_specs`` (see the module
+    docstring)."""
+    specs = {}
+    for name, entry in data.items():
+        values = tuple(str(v) for v in entry.get("values") or ())
+        prompts = {str(k): str(v) for k, v in (entry.get("prompts") or {}).items()}
+        template = entry.get("template") or prompts.get(YES) or DEFAULT_TEMPLATE
+        try:
+            specs[str(name)] = AttributeSpec(str(name), values, str(template), prompts)
+        except InputError as exc:
+            raise InputError(where, f"describe attribute {name!r} badly ({exc})",
+                             "values and a template with {object} and {value}") from None
+    return specs
+
+
+@dataclasses.dataclass
+class DatasetAttributes:
+    """What a run's dataset says about attributes: its adapter module (None for a
+    manifest) and folder."""
+
+    adapter: object | None
+    folder: Path | None
+
+    @property
+    def kind(self) -> str | None:
+        return getattr(self.adapter, "NAME", None)
+
+    def item(self, item_id: str, fields: Mapping) -> AAItem | None:
+        """The AA item of one record's fields (through the adapter's ``attribute_edit``)."""
+        hook = getattr(self.adapter, "attribute_edit", None)
+        if hook is not None:
+            fields = hook(dict(fields))
+            if fields is None:
+                return None
+        return item_from_fields(item_id, fields)
+
+    def specs(self, items: Sequence[AAItem]) -> dict[str, AttributeSpec]:
+        """Generic present/absent wording for the items' yes/no attributes, replaced by
+        the adapter's own templates where it has them."""
+        specs = binary_specs(items)
+        hook = getattr(self.adapter, "attribute_specs", None)
+        if hook is not None and self.folder is not None:
+            specs.update(specs_from_data(hook(self.folder),
+                                         f"{self.kind} attribute_specs({self.folder})"))
+        return specs
+
+
+def dataset_attributes(dataset: str | Path | None) -> DatasetAttributes:
+    """The adapter that reads ``dataset`` (a run's ``batch.json`` ``dataset``), if any; a
+    dataset no longer on disk, or a manifest, has none (items are read as they are)."""
+    if not dataset:
+        return DatasetAttributes(None, None)
+    from ..runner.datasets import detect_adapter
+
+    folder = Path(dataset)
+    adapter = detect_adapter(folder) if folder.is_dir() else None
+    return DatasetAttributes(adapter, folder if adapter is not None else None)
+
+
 def run_attribute_accuracy(run_dir: Path | str, classifier=None,
                            specs: Mapping[str, AttributeSpec] | None = None,
                            clip_model: str | None = None, image_node: str | None = None,
                            device=None) -> AAResult:
     """AA of an ``xmgie batch`` run folder: its successful attribute-edit items (see
-    :func:`item_from_fields`), each result image against its source photo. ``specs``
-    default to :func:`binary_specs`; ``classifier`` to :class:`ClipZeroShot` on
-    ``clip_model`` (the CLIP folder CLIP score uses)."""
+    :func:`item_from_fields` and the dataset hooks), each result image against its source
+    photo. ``specs`` default to the dataset's (:meth:`DatasetAttributes.specs`);
+    ``classifier`` to :class:`ClipZeroShot` on ``clip_model`` (the CLIP folder CLIP score
+    uses)."""
     from ..runner.batch import BATCH_FILE
     from .evaluate import EvalError, _load_rgb, _records, _result_file, _u8
 
     run_dir = Path(run_dir)
     try:
-        prompt = json.loads((run_dir / BATCH_FILE).read_text(encoding="utf-8"))["prompt"]
+        settings = json.loads((run_dir / BATCH_FILE).read_text(encoding="utf-8"))
+        prompt = settings["prompt"]
     except (OSError, ValueError, KeyError):
         raise EvalError(f"{run_dir} has no readable {BATCH_FILE}; is it an xmgie batch "
                         "run folder?") from None
+    dataset = dataset_attributes(settings.get("dataset"))
     items, edited, source = [], {}, {}
     for item_id, record in _records(run_dir).items():
-        item = item_from_fields(item_id, record.get("inputs") or {})
+        item = dataset.item(item_id, record.get("inputs") or {})
         result = _result_file(run_dir, record, prompt, image_node)
         if item is None or result is None or not result.is_file():
             continue
@@ -457,7 +548,7 @@ def run_attribute_accuracy(run_dir: Path | str, classifier=None,
     if not items:
         raise EvalError(f"{run_dir}: no successful item is an attribute edit (items need "
                         "'target_attribute' and 'attributes' fields); nothing to score")
-    specs = dict(specs) if specs is not None else binary_specs(items)
+    specs = dict(specs) if specs is not None else dataset.specs(items)
     check_items(items, specs)
     classifier = classifier or ClipZeroShot.load(specs, clip_model, device=device)
     return evaluate_attributes(items, edited, source, classifier, specs)

@@ -11,8 +11,16 @@ over all its results, FID against the reference set (the sources, or every image
 ``--reference``). A result whose size differs from its reference is resized to it
 (bicubic, antialiased) for the paired metrics; the report says how many were.
 
+Attribute accuracy (``aa``, with ``aa_others`` and ``aa_ceiling`` reported apart; see
+:mod:`.attributes`) is computed on the items that carry attribute annotations (the dataset
+adapters write them; the adapter's hooks give the prompt templates), with CLIP zero-shot
+(the ``--clip-model`` folder) or ``--attribute-classifier FOLDER``. The classifier reads
+each source photo once; its accuracy there, the ceiling, is the same in every row. A run
+without such items skips these metrics with the reason (a skip is not an error).
+
 A metric whose network cannot be loaded is reported with the loader's error, and the
-others are still computed.
+others are still computed. Every value comes with the number of items behind it
+(``Row.counts``; image pairs for ``aa_ceiling``).
 """
 
 from __future__ import annotations
@@ -33,11 +41,15 @@ from ..mgie_core.errors import XMGIEError
 from ..runner.batch import BATCH_FILE, ITEMS_DIR, RECORD_FILE
 from . import metrics as M
 
+AA_METRICS = ("aa", "aa_others", "aa_ceiling")
 ALL_METRICS = ("psnr", "ssim", "lpips", "mse", "fid", "is", "clip_score", "clip_score_edited",
-               "bg_psnr", "bg_ssim", "bg_lpips", "bg_mse", "ips")
-# Which loaded network a metric needs (None: pure math).
+               "bg_psnr", "bg_ssim", "bg_lpips", "bg_mse", "ips", *AA_METRICS)
+# Which loaded network a metric needs (None: pure math). "attributes": the AA classifier
+# (CLIP zero-shot on the CLIP-score folder, or --attribute-classifier FOLDER).
 NETWORK_OF = {"lpips": "lpips", "bg_lpips": "lpips", "fid": "inception", "is": "inception",
-              "clip_score": "clip", "clip_score_edited": "clip", "ips": "ips"}
+              "clip_score": "clip", "clip_score_edited": "clip", "ips": "ips",
+              **{m: "attributes" for m in AA_METRICS}}
+CLIP = "clip"  # --attribute-classifier's default: CLIP zero-shot
 
 
 class EvalError(XMGIEError, ValueError):
@@ -56,6 +68,7 @@ class EvalOptions:
     out: Path | None = None
     pictures: bool = True
     device: str | None = None
+    attribute_classifier: str = CLIP
 
     @classmethod
     def from_args(cls, args) -> EvalOptions:
@@ -69,7 +82,8 @@ class EvalOptions:
         return cls(metrics=chosen, reference=args.reference, lpips_net=args.lpips_net,
                    fid_feature=args.fid_feature, clip_model=args.clip_model,
                    ips_encoder=args.ips_encoder, image_node=args.image_node, out=args.out,
-                   pictures=not args.no_pictures, device=args.device)
+                   pictures=not args.no_pictures, device=args.device,
+                   attribute_classifier=getattr(args, "attribute_classifier", None) or CLIP)
 
 
 @dataclasses.dataclass
@@ -80,6 +94,8 @@ class Row:
     values: dict[str, float] = dataclasses.field(default_factory=dict)
     per_item: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     results: dict[str, Path] = dataclasses.field(default_factory=dict)  # item -> image
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)  # metric -> items behind
+    attributes: dict | None = None  # the full attribute-accuracy result (AAResult.as_dict)
 
 
 @dataclasses.dataclass
@@ -94,6 +110,8 @@ class EvalResult:
     masks: dict[str, Path | None]
     notes: list[str]
     files: list[Path] = dataclasses.field(default_factory=list)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # metric -> why
+    dataset: dict = dataclasses.field(default_factory=dict)  # path and kind of the run's data
 
 
 # --- reading runs ------------------------------------------------------------------------
@@ -333,7 +351,9 @@ def evaluate_runs(run_dir: Path, runs=None, options: EvalOptions | None = None,
             vals = [v[metric] for v in row.per_item.values() if metric in v]
             if vals:
                 row.values[metric] = M.finite_mean(vals)
+                row.counts[metric] = len(vals)
         if feats:
+            row.counts.update({m: len(feats) for m in ("fid", "is")})
             if need("fid") and ref_feats is not None:
                 try:
                     row.values["fid"] = M.fid(ref_feats, torch.cat(feats))
@@ -342,29 +362,126 @@ def evaluate_runs(run_dir: Path, runs=None, options: EvalOptions | None = None,
             if need("is"):
                 row.values["is"] = M.inception_score(torch.cat(logits))[0]
     bar.close()
+    skipped: dict[str, str] = {}
+    dataset, dataset_info = _dataset_of(rows[0].run_dir)
+    if any(need(m) for m in AA_METRICS):
+        _attribute_accuracy(rows, first, common, options, nets, dataset, errors, skipped, notes,
+                            [m for m in AA_METRICS if need(m)], progress)
     if resized:
         notes.append(f"{resized} result(s) were resized to their reference's size for the "
                      "paired metrics")
     computed = [m for m in wanted if any(m in row.values for row in rows)]
     for m in wanted:
-        if m not in computed and m not in errors:
+        if m not in computed and m not in errors and m not in skipped:
             errors[m] = {"clip_score": "no item has a target_prompt",
                          "clip_score_edited": "no item has a mask and a target_prompt",
                          "ips": "no item could be scored (see the notes)"}.get(
                 m, "no item has what it needs (a mask for background metrics)")
     result = EvalResult(run_dir=run_dir, out_dir=Path(options.out or run_dir / "eval"),
                         rows=rows, metrics=computed, errors=errors, items=common,
-                        sources=sources, masks=masks, notes=notes)
+                        sources=sources, masks=masks, notes=notes, skipped=skipped,
+                        dataset=dataset_info)
     report.write_all(result, pictures=options.pictures)
     return result
 
 
-def _bar(total: int, enabled: bool):
+def _dataset_of(run_dir: Path):
+    """The run's dataset from batch.json: its adapter (for the attribute hooks) and the
+    kind to report (the adapter's NAME, "pie-bench" or "manifest")."""
+    from .attributes import dataset_attributes
+
+    try:
+        path = json.loads((Path(run_dir) / BATCH_FILE).read_text(encoding="utf-8"))["dataset"]
+    except (OSError, ValueError, KeyError):
+        path = None
+    found = dataset_attributes(path)
+    kind = found.kind
+    if kind is None and path:
+        kind = "pie-bench" if Path(path).name == "mapping_file.json" or \
+            (Path(path) / "mapping_file.json").is_file() else "manifest"
+    return found, {"path": path, "kind": kind}
+
+
+def _attribute_accuracy(rows: list[Row], first: dict[str, dict], common: list[str],
+                        options: EvalOptions, nets: _Networks, dataset, errors: dict[str, str],
+                        skipped: dict[str, str], notes: list[str], wanted: list[str],
+                        progress: bool) -> None:
+    """AA of every row on the common items that are attribute edits (see
+    :mod:`.attributes`): each row's results and, once, the sources are classified."""
+    from . import attributes as A
+
+    try:
+        items = [item for i in common
+                 if (item := dataset.item(i, first[i].get("inputs") or {})) is not None]
+    except XMGIEError as exc:
+        errors.update({m: str(exc) for m in wanted})
+        return
+    if not items:
+        why = ("no evaluated item is an attribute edit: items need 'target_attribute' and "
+               "'attributes' fields, which the dataset adapters write (CUB-200-2011, "
+               "DeepFashion, Stanford Cars, Oxford-102 ...)")
+        skipped.update({m: why for m in wanted})
+        return
+    if len(items) < len(common):
+        notes.append(f"attribute accuracy: {len(items)} of {len(common)} item(s) are "
+                     "attribute edits; the others are not counted in it")
+    try:
+        specs = dataset.specs(items)
+        A.check_items(items, specs)
+        if options.attribute_classifier in (None, CLIP):
+            clip = nets.get("clip")
+            if clip is None:
+                errors.update({m: nets.errors["clip"] for m in wanted})
+                return
+            classifier = A.ClipZeroShot(*clip, specs)
+        else:
+            classifier = A.FolderClassifier.load(options.attribute_classifier, specs,
+                                                 device=options.device)
+    except XMGIEError as exc:
+        errors.update({m: str(exc) for m in wanted})
+        return
+    bar = _bar(len(rows) + 1, progress, "attribute accuracy", "image set")
+    source = A.predict_items(items, {i.id: _image_loader(Path(first[i.id]["inputs"]["image"]))
+                                     for i in items}, classifier, which="source")
+    bar.update(1)
+    for row in rows:
+        scored = [i for i in items if i.id in row.results]
+        if not scored:
+            continue
+        edited = A.predict_items(scored, {i.id: _image_loader(row.results[i.id])
+                                          for i in scored}, classifier)
+        result = A.attribute_accuracy(scored, edited, source, specs)
+        bar.update(1)
+        shares = {"aa": result.aa, "aa_others": result.others_unchanged,
+                  "aa_ceiling": result.ceiling}
+        for metric in wanted:
+            if shares[metric].total:
+                row.values[metric] = shares[metric].value
+                row.counts[metric] = shares[metric].total
+        for item_id, info in result.per_item.items():
+            values = row.per_item.setdefault(item_id, {})
+            if "aa" in wanted:
+                values["aa"] = float(info["present"])
+            if "aa_others" in wanted and info["others_unchanged"] is not None:
+                values["aa_others"] = float(info["others_unchanged"])
+        row.attributes = {k: v for k, v in result.as_dict().items() if k != "per_item"}
+    bar.close()
+    for metric in wanted:
+        if not any(metric in row.values for row in rows) and metric not in errors:
+            skipped[metric] = "no attribute edit has other annotated attributes" \
+                if metric == "aa_others" else "no attribute edit could be scored"
+
+
+def _image_loader(path: Path):
+    return lambda: _u8(_load_rgb(path))[0]
+
+
+def _bar(total: int, enabled: bool, desc: str = "eval", unit: str = "image"):
     import os
 
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="eval", unit="image",
+    return tqdm(total=total, desc=desc, unit=unit,
                 disable=not enabled or os.environ.get("XMGIE_NO_PROGRESS") == "1")
 
 
@@ -387,6 +504,8 @@ def print_result(result: EvalResult, file=None) -> None:
             if why not in shown and "\n" in why:
                 shown.add(why)
                 print(why, file=sys.stderr)
+    for metric, why in result.skipped.items():
+        print(f"note: {M.LABELS.get(metric, metric)} skipped: {why}", file=file)
     for note in result.notes[:20]:
         print(f"note: {note}", file=file)
     print(f"Wrote {len(result.files)} file(s) under {result.out_dir} "

@@ -27,12 +27,15 @@ HIGHER_IS_BETTER = {
     "psnr": True, "ssim": True, "lpips": False, "mse": False,
     "fid": False, "is": True, "clip_score": True, "clip_score_edited": True,
     "bg_psnr": True, "bg_ssim": True, "bg_lpips": False, "bg_mse": False, "ips": True,
+    "aa": True, "aa_others": True, "aa_ceiling": True,
 }
 LABELS = {
     "psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "mse": "MSE", "fid": "FID", "is": "IS",
     "clip_score": "CLIP score", "clip_score_edited": "CLIP score (edited region)",
     "bg_psnr": "Background PSNR", "bg_ssim": "Background SSIM",
     "bg_lpips": "Background LPIPS", "bg_mse": "Background MSE", "ips": "IPS",
+    "aa": "AA", "aa_others": "AA: other attributes kept",
+    "aa_ceiling": "AA ceiling (classifier on the unedited images)",
 }
 
 

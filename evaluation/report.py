@@ -47,15 +47,19 @@ def _write_text(path: Path, text: str) -> Path:
 def table_json(result) -> dict:
     return {
         "run": str(result.run_dir),
+        "dataset": result.dataset,
         "items": result.items,
         "metrics": result.metrics,
         "labels": {m: M.LABELS.get(m, m) for m in result.metrics},
         "higher_is_better": {m: M.HIGHER_IS_BETTER.get(m, True) for m in result.metrics},
         "rows": [{"variant": row.name, "description": row.description,
                   "run_dir": str(row.run_dir), "n_items": len(row.per_item),
-                  "values": {m: _json_value(row.values.get(m)) for m in result.metrics}}
+                  "values": {m: _json_value(row.values.get(m)) for m in result.metrics},
+                  "n": {m: row.counts[m] for m in result.metrics if m in row.counts},
+                  **({"attribute_accuracy": row.attributes} if row.attributes else {})}
                  for row in result.rows],
         "errors": {m: why for m, why in result.errors.items()},
+        "skipped": dict(result.skipped),
         "notes": result.notes,
     }
 
@@ -104,6 +108,11 @@ def table_markdown(result, pictures: list[tuple[str, Path]], grids: list[tuple[s
         for metric, why in result.errors.items():
             text = " ".join(why.split())
             lines.append(f"- **{M.LABELS.get(metric, metric)}**: {text}")
+        lines.append("")
+    if result.skipped:
+        lines += ["## Skipped", ""]
+        for metric, why in result.skipped.items():
+            lines.append(f"- **{M.LABELS.get(metric, metric)}**: {why}")
         lines.append("")
     if result.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]

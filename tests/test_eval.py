@@ -298,6 +298,9 @@ def test_missing_metric_network_is_reported_and_the_rest_still_computed(
                      f"clip_vision:{tiny_env / 'clip_vision' / 'tiny-clip-vision'}"]) == 0
     table = json.loads((run / "eval" / "table.json").read_text())
     assert table["errors"] == {} and len(table["metrics"]) == 13
+    # The manifest's items carry no attribute annotations: AA is skipped, not failed.
+    assert set(table["skipped"]) == {"aa", "aa_others", "aa_ceiling"}
+    assert "no evaluated item is an attribute edit" in table["skipped"]["aa"]
 
 
 def test_batch_then_eval_variants_on_the_example_photos(tmp_path, tiny_env, example_photos,

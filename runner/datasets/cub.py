@@ -252,3 +252,59 @@ def _colour_flip(attrs: list[tuple[str, int]], colours: dict[str, list[str]],
         if options:
             return part, old, options[int(rng.integers(len(options)))]
     return None
+
+
+# --- attribute accuracy (the hooks evaluation/attributes.py reads) ---------------------------
+
+def attribute_edit(fields: dict) -> dict | None:
+    """An item as attribute accuracy reads it: a colour flip asks for the present/absent
+    attribute ``target_attribute`` (e.g. ``has_crown_color::blue``), annotated absent on the
+    source; the other present attributes are the ones to keep (the flipped-away colour is
+    left out: the edit is meant to remove it). A species change asks for ``class``."""
+    if fields.get("edit") == "species" and fields.get("target_class"):
+        return {"target_attribute": "class", "target_value": fields["target_class"],
+                "attributes": {"class": fields["class"]}, "object": "bird"}
+    target = fields.get("target_attribute")
+    if not target:
+        return None
+    kept = {a: 1 for a in fields.get("attributes") or [] if a != fields.get("source_attribute")}
+    kept[target] = -1
+    return {"target_attribute": target, "target_value": "yes", "attributes": kept,
+            "object": "bird"}
+
+
+def _attribute_prompts(name: str) -> tuple[str, str]:
+    """Present / absent prompts of one attributes.txt name: 'a photo of a {object} with a
+    blue crown' / 'without a blue crown'; 'a photo of a blue {object}' for the primary
+    colour; 'whose bill shape is cone' for the other attributes."""
+    head, _, value = name.partition("::")
+    value = value.replace("_", " ").replace("{", "(").replace("}", ")").strip()
+    part = head[4:] if head.startswith("has_") else head
+    if part == "primary_color":
+        return (f"a photo of {with_article(value)} {{object}}",
+                f"a photo of a {{object}} that is not {value}")
+    if part.endswith("_color"):
+        thing = with_article(f"{value} {part[:-6].replace('_', ' ')}")
+        return f"a photo of a {{object}} with {thing}", f"a photo of a {{object}} without {thing}"
+    what = part.replace("_", " ")
+    return (f"a photo of a {{object}} whose {what} is {value}",
+            f"a photo of a {{object}} whose {what} is not {value}")
+
+
+def attribute_specs(folder: Path) -> dict[str, dict]:
+    """Prompt templates for attribute accuracy: every attribute of attributes.txt as a
+    present/absent pair (see :func:`_attribute_prompts`), and the species (``class``)
+    among every class of classes.txt ('a photo of a <species>, a type of bird')."""
+    root = _root(Path(folder))
+    names_file = need_file(root, "attributes.txt", "attributes/attributes.txt",
+                           "../attributes.txt", what="attribute names")
+    specs = {}
+    for _, name in read_table(names_file, (int,), rest=True, what="<attribute_id> <name>"):
+        present, absent = _attribute_prompts(name)
+        specs[name] = {"values": ["yes", "no"], "prompts": {"yes": present, "no": absent}}
+    species = [species_name(n) for _, n in read_table(
+        need_file(root, "classes.txt"), (int,), rest=True, what="<class_id> <name>")]
+    species = list(dict.fromkeys(species))
+    specs["class"] = {"values": species, "prompts": {
+        s: f"a photo of {with_article(s)}, a type of bird" for s in species}}
+    return specs

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..dataset import Item
-from . import AnnotationError, check_split, make_item, select
+from . import AnnotationError, check_split, make_item, select, with_article
 
 NAME = "deepfashion"
 DESCRIPTION = "DeepFashion Category and Attribute Prediction (Anno/ and Eval/ list files)"
@@ -278,3 +278,16 @@ def items(folder: Path, *, split: str | None = "test", limit: int | None = None,
                              attributes=_kept_annotations(rec, edit["target_attribute"]),
                              **edit))
     return select(out, limit, seed)
+
+
+# --- attribute accuracy (the hooks evaluation/attributes.py reads) ---------------------------
+
+def attribute_specs(folder: Path) -> dict[str, dict]:
+    """Every attribute of list_attr_cloth.txt as a present/absent pair for attribute
+    accuracy: 'a photo of a floral {object}' / 'a photo of a {object} that is not floral'
+    ({object} is the garment's category). The items' own fields already say which
+    attribute was asked for (``target_attribute``, ``attributes``)."""
+    names = read_named_types(Path(folder) / FILES["attr_cloth"], "<attribute name> <type>")
+    return {name: {"values": ["yes", "no"], "prompts": {
+        "yes": f"a photo of {with_article(name)} {{object}}",
+        "no": f"a photo of a {{object}} that is not {name}"}} for name, _ in names}

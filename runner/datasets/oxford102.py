@@ -127,3 +127,21 @@ def items(folder: Path, *, split: str | None = None, limit: int | None = None,
             target_prompt=f"a photo of {with_article(other)}",
             edit_words=other.split(), object="flower", mask_spec=spec, **extra))
     return out
+
+
+# --- attribute accuracy (the hooks evaluation/attributes.py reads) ---------------------------
+
+def attribute_edit(fields: dict) -> dict | None:
+    """A species change as attribute accuracy reads it: the attribute ``class``, the
+    target class asked for, the photo's class annotated."""
+    if not fields.get("target_class"):
+        return None
+    return {"target_attribute": "class", "target_value": fields["target_class"],
+            "attributes": {"class": fields["class"]}, "object": "flower"}
+
+
+def attribute_specs(folder: Path) -> dict[str, dict]:
+    """The 102 classes, each read as 'a photo of a <class>, a type of flower'."""
+    names = list(dict.fromkeys(CLASS_NAMES))
+    return {"class": {"values": names, "prompts": {
+        n: f"a photo of {with_article(n)}, a type of flower" for n in names}}}
