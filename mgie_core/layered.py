@@ -17,7 +17,7 @@ import time
 import torch
 
 from . import grad_mode, host, sampler
-from .attention import Branch, MaskPyramid
+from .attention import Branch
 from .control import Control, SamplingRun, check_controls
 from .diffusion import encode_prompt, unet_eps
 from .errors import GradientError, InputError, why_no_gradient
@@ -172,31 +172,35 @@ def mix_embeddings(e_a: torch.Tensor, e_b: torch.Tensor, alpha: float = 0.7) -> 
 
 # --- masks at the latent's resolution --------------------------------------------------------
 
+def cells(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """A mask [B,H,W] (pixels, or already cells) as {0,1} float32 [B,1,h,w] latent cells:
+    a cell is inside when any of its pixels is above 0.5 (max-pooled), so the object's
+    region covers the whole object at every resolution (L_fg sees all of it, and L_bg
+    none of it)."""
+    m = (mask.float() > 0.5).float()
+    h, w = int(hw[0]), int(hw[1])
+    if tuple(m.shape[-2:]) != (h, w):
+        m = torch.nn.functional.adaptive_max_pool2d(m[:, None], (h, w))[:, 0]
+    return m[:, None]
+
+
 def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int], name: str = "mask", *,
                 fit: Fit | None = None) -> torch.Tensor:
-    """A MASK [B,H,W] (the photo's size, or the latent's) as a {0,1} float32 [B,1,h,w]
-    mask of the latent: area-averaged to the latent's cells, then a cell belongs to the
-    region when at least half of its pixels do. An empty result, or one that covers
-    every cell, is an error naming ``name`` (eq. 18 needs an outside)."""
+    """A MASK [B,H,W] (the photo's size, or the latent's) as the {0,1} float32
+    [B,1,h,w] mask of the latent (:func:`cells`), fitted as the photo was (``fit``). An
+    empty mask, or one that covers every latent cell, is an error naming ``name`` (eq. 18
+    needs an outside)."""
     m = check_mask(name, mask, allow_empty=False)
     if fit is not None:
         m = fit.mask(m)
     h, w = int(latent_hw[0]), int(latent_hw[1])
     H, W = m.shape[-2:]
-    if (H, W) != (h, w):
-        if H % h or W % w or H // h != W // w:
-            raise InputError(name, f"is {W}x{H} pixels", f"a mask of the photo ({w}x{h} "
-                             "latent cells times the VAE's factor) or of the latent",
-                             "Make the mask from this photo, or resize it to the photo.")
-        m = torch.nn.functional.adaptive_avg_pool2d(m[:, None], (h, w))[:, 0]
-    m = (m >= 0.5).float()[:, None]
-    cells = m.flatten(1).sum(1)
-    if bool((cells == 0).any()):
-        raise InputError(name, "covers less than half of every latent cell (8x8 pixels): "
-                         "nothing of it is left at the latent's resolution",
-                         "an object region of at least one 8x8 block",
-                         "Grow the mask (or use a larger photo).")
-    if bool((cells == h * w).all()):
+    if (H, W) != (h, w) and (H % h or W % w or H // h != W // w):
+        raise InputError(name, f"is {W}x{H} pixels", f"a mask of the photo ({w}x{h} "
+                         "latent cells times the VAE's factor) or of the latent",
+                         "Make the mask from this photo, or resize it to the photo.")
+    m = cells(m, (h, w))
+    if bool((m.flatten(1).sum(1) == h * w).all()):
         raise InputError(name, "covers the whole image", "an object region that leaves "
                          "some background (the background loss works outside it)",
                          "Use the object's mask, not a full one.")
@@ -375,14 +379,14 @@ def finetune_lora(sd: SDModel, image_latents: torch.Tensor, mask: torch.Tensor,
     _positive("steps", steps), _positive("lr", lr), _positive("rank", rank)
     if time_budget_s < 0:
         raise InputError("time_budget_s", f"is {time_budget_s}", "0 (no limit) or more")
-    with grad_mode.loading():
+    with grad_mode.loading():     # normal tensors even inside a host's inference mode
         unet = copy.deepcopy(sd.unet)
-    grad_mode.differentiable(unet, stage=FINETUNE)
-    unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=int(rank),
-                                target_modules=list(LORA_TARGETS), init_lora_weights=True))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:              # the adapters train in float32 on a half-precision UNet
-        p.data = p.data.float()
+        grad_mode.differentiable(unet, stage=FINETUNE)
+        unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=int(rank),
+                                    target_modules=list(LORA_TARGETS), init_lora_weights=True))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:          # the adapters train in float32 on a half-precision UNet
+            p.data = p.data.float()
     tuned = dataclasses.replace(sd, unet=unet)
     stopped = None
     with grad_mode.autograd():
@@ -441,8 +445,8 @@ class LayeredGuidance(Control):
     layers, the object layer (the edit branch inside the object's mask) over the
     background layer (the reconstruction branch, which follows the photo's trajectory,
     outside it): ``z_edit <- M z_edit + (1 - M) z_rec``, the mask resized to the
-    latent by the pack's one rule (bicubic, threshold 0.5; :class:`attention.MaskPyramid`).
-    It optimises nothing, so it counts no updates."""
+    latent as for the fine-tuning (:func:`cells`: the object layer holds all of the
+    object). It optimises nothing, so it counts no updates."""
 
     name = "layered guidance"
 
@@ -457,7 +461,7 @@ class LayeredGuidance(Control):
         m = self.resolve_mask(run, self.mask, required=True,
                               use="the object (its layer is composed over the photo's)")
         z = run.latents[Branch.EDIT]
-        self._m = MaskPyramid(m).at(tuple(z.shape[-2:]), z.device)[:, None]
+        self._m = cells(m, tuple(z.shape[-2:])).to(z.device)
         self._n = int(round(self.fraction * run.schedule.num_steps))
 
     def after_step(self, run: SamplingRun, i: int) -> None:
