@@ -42,7 +42,13 @@ run-length masks. Descriptions (coordinates in pixels of the photo, origin top-l
 * ``{"points": [[x, y], ...], "radius": r}``: filled discs of radius ``r`` around the points;
 * ``{"segmentation": PATH, "background": [r, g, b], "tolerance": t}``: the pixels of the
   image at PATH farther than ``t`` (max over channels) from the background colour
-  (Oxford-102's ``segmim`` files paint the background pure blue);
+  (Oxford-102's ``segmim`` files paint the background pure blue; CelebAMask-HQ's
+  black-and-white part masks are read with a black background);
+* ``{"coco": {"segmentation": SEG, "height": h, "width": w}}``: a COCO annotation's
+  segmentation in its image's ``h`` x ``w`` frame, decoded by pycocotools and scaled to
+  the photo: polygons ``[[x0, y0, x1, y1, ...], ...]`` or a run-length encoding
+  ``{"size": [h, w], "counts": ...}`` with uncompressed (a list, as crowd annotations
+  have) or compressed (a string) counts (:func:`.coco.segmentation_mask`);
 * several of them in ``{"union": [spec, ...]}``.
 
 An item without a mask has ``mask_spec=None`` (the whole photo may be edited).
@@ -253,4 +259,8 @@ def render_mask(spec: dict, size: tuple[int, int]) -> np.ndarray:
         bg = np.asarray(spec.get("background", (0, 0, 254)), np.int16)
         far = np.abs(seg - bg).max(axis=-1) > int(spec.get("tolerance", 60))
         mask[far] = 1.0
+    if "coco" in spec:
+        from .coco import segmentation_mask
+
+        mask = np.maximum(mask, segmentation_mask(spec["coco"], size))
     return mask
