@@ -1,6 +1,6 @@
 """Training configs: one YAML file, checked whole before anything runs.
 
-A config names the task (``xmgie`` or ``mgie``), what the task reads (``model``, ``loss``,
+A config names the task (``xmgie``, ``mgie``, ``mmig``), what the task reads (``model``, ``loss``,
 free-form mappings the task validates) and what the engine reads (``data``, ``optim``,
 ``batch``, ``precision``, ``ema``, ``steps``, ``early_stopping``, ``seed``). A ``tiny:``
 mapping is deep-merged over the rest under ``--tiny`` (tiny models, synthetic data, a few
@@ -26,7 +26,7 @@ from typing import Any
 from ..mgie_core.errors import InputError
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "configs" / "train"
-TASKS = ("xmgie", "mgie")
+TASKS = ("xmgie", "mgie", "mmig")
 PRECISIONS = ("no", "fp16", "bf16")
 SCHEDULES = ("constant", "cosine")
 MODES = ("min", "max")

@@ -81,6 +81,9 @@ def check_task_config(config: TrainConfig) -> None:
     if config.task == "xmgie":
         from . import xmgie_task as module
         from .xmgie_task import check_config
+    elif config.task == "mmig":
+        from . import mmig_task as module
+        from .mmig_task import check_config
     else:
         from . import mgie_task as module
         from .mgie_task import settings as check_config
@@ -100,8 +103,11 @@ def build_task(config: TrainConfig, accelerator, tiny: bool, models: dict | None
         from .xmgie_task import build_task as build
     elif config.task == "mgie":
         from .mgie_task import build_task as build
+    elif config.task == "mmig":
+        from .mmig_task import build_task as build
     else:  # load_config already refuses other names
-        raise TrainConfigError(config.source, "task", f"found {config.task!r}", "xmgie or mgie")
+        raise TrainConfigError(config.source, "task", f"found {config.task!r}",
+                               "xmgie, mgie or mmig")
     if models:
         return build(config, accelerator, tiny, models=models)
     return build(config, accelerator, tiny)
