@@ -5,13 +5,15 @@ start with the runner's batch machinery (:mod:`xmgie.runner.batch`) and the eval
                 [--split S] [--limit N] [--variants V.json] [--set ...] [--tiny]
                 [--ray [ADDRESS]] [--workers N]
     xmgie eval RUN [--reference DATASET] [--variants V.json] [--metrics a,b,...] [--tiny]
+               [--attribute-classifier clip|FOLDER]
 
 Exit status of ``batch``: 0 every item done; 1-100 the number of items that failed (100:
 100 or more); 101 the batch could not start (bad workflow, dataset, options or run
 folder); 130 interrupted (rerun the same command to resume).
-Exit status of ``eval``: 0 every metric computed; 1 some metric could not be computed
-(the table is still written with the others), a variant batch could not start, or the
-evaluation failed; 2 bad usage; 130 interrupted.
+Exit status of ``eval``: 0 every metric computed (or skipped for want of what it needs,
+such as attribute accuracy without attribute annotations); 1 some metric could not be
+computed (the table is still written with the others), a variant batch could not start,
+or the evaluation failed; 2 bad usage; 130 interrupted.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..mgie_core.errors import InputError, ModelLoadError, ModelNotFoundError
+from ..mgie_core.errors import InputError, ModelLoadError, ModelNotFoundError, XMGIEError
 
 YES, NO = "yes", "no"
 DEFAULT_TEMPLATE = "a photo of a {object} with {value}"
@@ -488,7 +488,15 @@ class DatasetAttributes:
         """The AA item of one record's fields (through the adapter's ``attribute_edit``)."""
         hook = getattr(self.adapter, "attribute_edit", None)
         if hook is not None:
-            fields = hook(dict(fields))
+            try:
+                fields = hook(dict(fields))
+            except (KeyError, TypeError, ValueError) as exc:
+                if isinstance(exc, XMGIEError):
+                    raise
+                raise InputError(f"item {item_id!r}", f"cannot be read by {self.kind}'s "
+                                 f"attribute_edit ({type(exc).__name__}: {exc})",
+                                 "the fields that dataset's adapter writes",
+                                 "Rerun the batch with the current adapter.") from None
             if fields is None:
                 return None
         return item_from_fields(item_id, fields)
