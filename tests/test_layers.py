@@ -23,7 +23,7 @@ LAYERS = [
     {"inversion", "masks", "plan", "plan_rules", "plan_answer"},
     {"control", "guidance", "pfb"},
     {"sampler", "mag", "astar", "identity_guidance", "graph_calls", "trainable", "trained",
-     "layered"},
+     "layered", "mmig"},
     {"tiny"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
