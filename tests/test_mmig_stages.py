@@ -51,44 +51,55 @@ def _config(n: int, **overrides):
     return load_config(f"mmig_stage{n}", tiny=True, overrides=overrides or None)
 
 
-@pytest.fixture(scope="module")
-def stages(env, batch, tmp_path_factory):
-    """``stages(n)``: stage n run through the engine for STEPS steps, from stage n-1's
-    final/ (run first when needed). The engine's build_task is wrapped to keep the task
-    and to score the fixed batch before the first step (validate() seeds its own draws
-    and puts the random state back, so the run is unchanged by it)."""
+def _run(config, out, batch) -> dict:
+    """``config`` trained through the engine into ``out``; the engine's build_task is
+    wrapped to keep the task and to score the fixed batch before the first step
+    (validate() seeds its own draws and puts the random state back, so the run is the
+    same with or without it), and the batch is scored again after the last step."""
     from xmgie.training import engine
     from xmgie.training.mmig_task import trainable_counts
 
+    original = engine.build_task
+    rec: dict = {}
+
+    def build(config, accelerator, tiny, models=None):
+        task = original(config, accelerator, tiny, models)
+        m = task.model
+        rec.update(task=task, counts=trainable_counts(m),
+                   before={k: p.detach().clone() for k, p in m.named_parameters()},
+                   val_before=task.validate(m, [batch]))
+        return task
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "build_task", build)
+        result = engine.train(config, out, max_steps=STEPS)
+    task = rec["task"]
+    rec.update(result=result, final=result.final_dir,
+               val_after=task.validate(task.model, [batch]),
+               rows=[json.loads(line) for line in
+                     (out / "metrics.jsonl").read_text().splitlines()])
+    return rec
+
+
+def _fell(rec) -> bool:
+    """The fixed batch's total loss (same draws before and after) fell by more than
+    0.1 %: more than float noise, less than the smallest stage's fall on the tiny models
+    (stage 2's and 5's, where the tiny LLM's L_MMT of about 7 dominates the total)."""
+    return rec["val_after"]["val_loss"] < (1 - 1e-3) * rec["val_before"]["val_loss"]
+
+
+@pytest.fixture(scope="module")
+def stages(env, batch, tmp_path_factory):
+    """``stages(n)``: stage n trained for STEPS steps from stage n-1's final/ (run first
+    when needed), as :func:`_run` records it."""
     root = tmp_path_factory.mktemp("mmig-stages")
     done: dict[int, dict] = {}
-    original = engine.build_task
 
     def run(n: int) -> dict:
-        if n in done:
-            return done[n]
-        init = str(run(n - 1)["final"]) if n > 1 else None
-        rec: dict = {}
-
-        def build(config, accelerator, tiny, models=None):
-            task = original(config, accelerator, tiny, models)
-            m = task.model
-            rec.update(task=task, counts=trainable_counts(m),
-                       before={k: p.detach().clone() for k, p in m.named_parameters()},
-                       val_before=task.validate(m, [batch]))
-            return task
-
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(engine, "build_task", build)
-            result = engine.train(_config(n, **{"model.init": init}), root / f"stage{n}",
-                                  max_steps=STEPS)
-        task = rec["task"]
-        rec.update(result=result, final=result.final_dir,
-                   val_after=task.validate(task.model, [batch]),
-                   rows=[json.loads(line) for line in
-                         (root / f"stage{n}" / "metrics.jsonl").read_text().splitlines()])
-        done[n] = rec
-        return rec
+        if n not in done:
+            init = str(run(n - 1)["final"]) if n > 1 else None
+            done[n] = _run(_config(n, **{"model.init": init}), root / f"stage{n}", batch)
+        return done[n]
 
     return run
 
@@ -162,8 +173,7 @@ def test_stage_trains_what_it_names_and_its_loss_falls(stages, env, n):
         assert names and any(not torch.equal(rec["before"][k], after[k]) for k in names)
 
     # the total loss on the fixed batch (same draws) fell
-    before, now = rec["val_before"], rec["val_after"]
-    assert now["val_loss"] < before["val_loss"], (before, now)
+    assert _fell(rec), (rec["val_before"], rec["val_after"])
 
     # every term logged each step, unweighted; the unweighted-zero ones are skipped (0)
     rows = rec["rows"]
@@ -186,6 +196,13 @@ def test_stage_trains_what_it_names_and_its_loss_falls(stages, env, n):
         if n >= 4:     # stage 3 and 4 wrote a LoRA: it is where stage 4 and 5 start
             lora_b = [k for k in start if "lora_B" in k]
             assert lora_b and all(start[k].abs().sum() > 0 for k in lora_b)
+
+
+def test_the_criterion_can_fail(env, batch, tmp_path):
+    """Stage 1's run with a learning rate of 1e-9 (same steps, same draws) does not pass
+    the loss criterion."""
+    rec = _run(_config(1, **{"optim.lr": 1e-9}), tmp_path / "still", batch)
+    assert len(rec["rows"]) == STEPS and not _fell(rec)
 
 
 def test_blip2_and_astar_terms_reach_what_trains(stages, batch):
