@@ -383,10 +383,11 @@ def evaluate_attributes(items: Sequence[AAItem], edited: Mapping[str, torch.Tens
 
 
 def predict_items(items: Sequence[AAItem], images: Mapping, classifier, batch_size: int = 16,
-                  which: str = "edited") -> dict[str, dict[str, str]]:
+                  which: str = "edited", bar=None) -> dict[str, dict[str, str]]:
     """The classifier's reading of every item's instructed and annotated attributes on its
     image in ``images`` (item id -> uint8 [3, H, W], or a callable loading it), in chunks
-    of ``batch_size``; interruptible between chunks."""
+    of ``batch_size``; interruptible between chunks, a progress ``bar`` (tqdm-like)
+    advanced by each chunk's images."""
     from ..mgie_core import host
 
     missing = [i.id for i in items if i.id not in images]
@@ -401,6 +402,8 @@ def predict_items(items: Sequence[AAItem], images: Mapping, classifier, batch_si
         rows = classifier.predict(pictures, [i.object for i in chunk],
                                   [[i.attribute, *i.others()] for i in chunk])
         preds.update({i.id: row for i, row in zip(chunk, rows)})
+        if bar is not None:
+            bar.update(len(chunk))
     return preds
 
 

@@ -440,18 +440,16 @@ def _attribute_accuracy(rows: list[Row], first: dict[str, dict], common: list[st
     except XMGIEError as exc:
         errors.update({m: str(exc) for m in wanted})
         return
-    bar = _bar(len(rows) + 1, progress, "attribute accuracy", "image set")
+    bar = _bar(len(items) * (len(rows) + 1), progress, "attribute accuracy")
     source = A.predict_items(items, {i.id: _image_loader(Path(first[i.id]["inputs"]["image"]))
-                                     for i in items}, classifier, which="source")
-    bar.update(1)
+                                     for i in items}, classifier, which="source", bar=bar)
     for row in rows:
         scored = [i for i in items if i.id in row.results]
         if not scored:
             continue
         edited = A.predict_items(scored, {i.id: _image_loader(row.results[i.id])
-                                          for i in scored}, classifier)
+                                          for i in scored}, classifier, bar=bar)
         result = A.attribute_accuracy(scored, edited, source, specs)
-        bar.update(1)
         shares = {"aa": result.aa, "aa_others": result.others_unchanged,
                   "aa_ceiling": result.ceiling}
         for metric in wanted:
