@@ -121,7 +121,7 @@ class Cell:
             value = "$\\infty$" if self.value > 0 else "$-\\infty$"
         else:
             value = format_value(self.value)
-        return value + (f" \\scriptsize{{(n={self.n})}}" if self.n is not None else "")
+        return value + (f" {{\\scriptsize (n={self.n})}}" if self.n is not None else "")
 
 
 def header(metric: str) -> str:
@@ -240,8 +240,10 @@ def _ceilings(evaluations: Sequence[Evaluation], variant: str | None) -> list[st
         cell = Cell.of(ev.row(variant), "aa_ceiling")
         others = Cell.of(ev.row(variant), "aa_others")
         if cell.value is not None:
-            lines.append(f"- {ev.label}: classifier on the unedited images {cell.text()} "
-                         f"(annotated attributes); other attributes kept {others.text()}")
+            kept = f"; other attributes kept {others.text()}" if others.value is not None else ""
+            lines.append(f"- {ev.label}: classifier on the unedited photos "
+                         f"{format_value(cell.value)} (n={cell.n} annotated photo-attribute "
+                         f"pairs){kept}")
     if lines:
         lines = ["AA's ceiling and the share of other attributes kept:", ""] + lines + [""]
     return lines

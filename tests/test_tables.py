@@ -162,10 +162,13 @@ def test_tables_from_two_datasets_with_variants(tmp_path, tiny_env, capsys):
             value, n = jrow["values"][m], jrow["n"][m]
             assert line[1 + 2 * i:3 + 2 * i] == [format_value(value), str(n)]
             assert f"{format_value(value)} (n={n})" in md
-            assert f"{format_value(value)} \\scriptsize{{(n={n})}}" in tex
+            assert f"{format_value(value)} {{\\scriptsize (n={n})}}" in tex
         # FID and IS count result images, the paired metrics items: all of them here.
         assert jrow["n"]["fid"] == jrow["n"]["psnr"] == (5 if key == "cub" else 6)
-    assert "classifier on the unedited images" in md   # AA read against its ceiling
+    # AA is read against its ceiling (CUB: 8 annotated photo-attribute pairs).
+    ceiling = evals["cub"]["rows"][0]["values"]["aa_ceiling"]
+    assert f"- CUB-200-2011: classifier on the unedited photos {format_value(ceiling)} " \
+           "(n=8 annotated photo-attribute pairs); other attributes kept" in md
 
     # --- Table 2: one row per variant, a column group per dataset -------------------------
     capsys.readouterr()
@@ -193,7 +196,7 @@ def test_tables_from_two_datasets_with_variants(tmp_path, tiny_env, capsys):
                 assert f"{text} (n={jrow['n'][m]})" in md2
     # The rows are the variants' own: the photo saved unchanged has an infinite PSNR.
     assert rows[2][2] == rows[2][8] == "inf" and rows[1][2] != "inf"
-    assert r"$\infty$ \scriptsize{(n=5)}" in tex2
+    assert r"$\infty$ {\scriptsize (n=5)}" in tex2
 
     # A metric an evaluation lacks is n/a, with the reason under the table; a table.json
     # (or the folder eval --out wrote) is read as well as a run folder.
