@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import write_atomic
 from .errors import InputError, ModelLoadError
 
 KIND = "xmgie-mmig"
@@ -421,7 +422,8 @@ def save_mmig(path: Path | str, adapters: MMAdapters | None = None, mmsm: MMSM |
             config["site"] = mmsm.site
         info[key] = json.dumps(config)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=info)
+    # Whole or not at all: a run stopped while saving leaves the previous file.
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=info))
     return path
 
 
@@ -429,6 +431,8 @@ def _build(path: Path, cls, key: str, raw: str, tensors: dict[str, torch.Tensor]
     prefix = ADAPTER_PREFIX if cls is MMAdapters else MMSM_PREFIX
     try:
         config = json.loads(raw)
+        if not isinstance(config, dict):
+            raise TypeError("not a JSON object")
         site = config.pop("site", None) if cls is MMSM else None
         module = cls(**config)
     except (ValueError, TypeError) as e:
@@ -441,8 +445,8 @@ def _build(path: Path, cls, key: str, raw: str, tensors: dict[str, torch.Tensor]
     bad = [f"{k} {tuple(sd[k].shape)} (expected {tuple(own[k].shape)})"
            for k in set(own) & set(sd) if sd[k].shape != own[k].shape]
     if missing or extra or bad:
-        problems = [f"missing {prefix}{', '.join(missing[:4])}" if missing else "",
-                    f"unexpected {prefix}{', '.join(extra[:4])}" if extra else "",
+        problems = [f"missing {', '.join(prefix + k for k in missing[:4])}" if missing else "",
+                    f"unexpected {', '.join(prefix + k for k in extra[:4])}" if extra else "",
                     f"wrong shape {', '.join(bad[:4])}" if bad else ""]
         raise ModelLoadError(WHAT, path, f"its {key} weights do not fit its settings: "
                              + "; ".join(p for p in problems if p), MAKE)
@@ -477,9 +481,16 @@ def load_mmig(path: Path | str) -> dict[str, Any]:
                              f"version reads format {FORMAT}", "Save it again with this "
                              "version of xmgie.")
     out: dict[str, Any] = {"adapters": None, "mmsm": None}
-    for key, cls, name in (("mm_adapter", MMAdapters, "adapters"), ("mmsm", MMSM, "mmsm")):
+    prefixes = []
+    for key, cls, name, prefix in (("mm_adapter", MMAdapters, "adapters", ADAPTER_PREFIX),
+                                   ("mmsm", MMSM, "mmsm", MMSM_PREFIX)):
         if key in info:
             out[name] = _build(path, cls, key, info[key], tensors)
+            prefixes.append(prefix)
+    stray = sorted(k for k in tensors if not k.startswith(tuple(prefixes)))
+    if stray:
+        raise ModelLoadError(WHAT, path, f"it holds tensors of no module its metadata "
+                             f"describes: {', '.join(stray[:4])}", MAKE)
     if out["adapters"] is None and out["mmsm"] is None:
         raise ModelLoadError(WHAT, path, "it holds neither an MM-Adapter nor an MMSM", MAKE)
     try:

@@ -272,6 +272,10 @@ def test_a_bad_file_is_named_in_the_error(tmp_path):
     save_file(tensors, str(bad), metadata=_meta(bad))
     with pytest.raises(ModelLoadError, match="bad.safetensors.*missing mm_adapter.adapters.1"):
         mmig.load_mmig(bad)
+    good = mmig.save_mmig(tmp_path / "stray.safetensors", mmig.MMAdapters(32, 2))
+    save_file({**_read(good), "mmsm.x": torch.zeros(1)}, str(good), metadata=_meta(good))
+    with pytest.raises(ModelLoadError, match="stray.safetensors.*no module .*mmsm.x"):
+        mmig.load_mmig(good)
     with pytest.raises(InputError, match="no module"):
         mmig.save_mmig(tmp_path / "empty.safetensors")
 
