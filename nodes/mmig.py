@@ -359,7 +359,7 @@ class ApplyMMSM:
     DESCRIPTION = ("Gives a new SD model whose UNet runs MMIG's MMSM on the block it was "
                    "trained at (the first up block at 16x16 for 512 px): the UNet's features "
                    "there attend to the MGIE conditioning's text embedding (e0) and get the "
-                   "result added back, in every step and both guidance branches. The "
+                   "result added back, in every step and every guidance branch. The "
                    "connected model is left as it is. Sample with the new model.")
     LOADS_MODELS = True     # builds a new model around the given one's weights, runs nothing
     RETURN_TYPES = (SD_MODEL,)
