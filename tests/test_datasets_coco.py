@@ -162,6 +162,22 @@ def test_items_caption_edits_and_segmentation_masks(tmp_path):
     assert big.shape == (2 * H, 2 * W) and big.sum() == 4 * 400
 
 
+def test_items_are_what_attribute_accuracy_reads(tmp_path):
+    from xmgie.evaluation.attributes import AttributeSpec, check_items, item_from_fields
+    from xmgie.runner.dataset import load_dataset
+    from xmgie.runner.datasets import coco
+
+    folder = make_coco(tmp_path / "coco")
+    (data,) = coco.attribute_specs(folder).values()
+    spec = AttributeSpec("class", tuple(data["values"]), data["template"])
+    assert {"person", "dog", "hot dog", "robot", "statue"} <= set(spec.values)
+    items = [item_from_fields(i.id, i.fields) for i in load_dataset(folder)]
+    check_items(items, {"class": spec})
+    dog = next(i for i in items if i.id == "000000000139")
+    assert (dog.attribute, dog.target, dict(dog.annotations)) == \
+        ("class", "elephant", {"class": "dog"})
+
+
 def test_mentions_and_plurals():
     from xmgie.runner.datasets import coco
 
