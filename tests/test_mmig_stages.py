@@ -275,3 +275,35 @@ def test_init_that_is_no_stage_output_is_refused(env, tmp_path):
     with pytest.raises(TrainConfigError, match=r"model\.init.*holds no mmig\.safetensors"):
         engine.train(_config(2, **{"model.init": str(tmp_path)}), tmp_path / "run",
                      max_steps=1)
+
+
+def test_mixed_precision_with_checkpointing_keeps_trained_tensors_float32(env, batch):
+    """Stage 5 under bf16 with gradient checkpointing (UNet and LLaMA layers): the frozen
+    models compute in bf16, everything that trains is float32 with finite gradients, and
+    the loss is float32."""
+    from accelerate import Accelerator
+
+    from xmgie.training.engine import _reset_accelerate_state
+    from xmgie.training.mmig_task import build_task
+
+    _reset_accelerate_state()
+    cfg = _config(5, **{"model.init": None, "precision": "bf16",
+                        "gradient_checkpointing": True})
+    task = build_task(cfg, Accelerator(cpu=True, mixed_precision="bf16"), True)
+    m = task.model
+    trained = {k: p for k, p in m.named_parameters() if p.requires_grad}
+    assert trained and all(p.dtype == torch.float32 for p in trained.values())
+    frozen = {k.split(".")[0]: p.dtype for k, p in m.named_parameters() if not p.requires_grad}
+    assert {frozen[k] for k in ("llm", "vision", "unet", "text_encoder", "blip2")} == \
+        {torch.bfloat16}
+    assert m.unet.is_gradient_checkpointing and m.llm_checkpointing
+    m.train()
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(batch)
+    out["loss"].backward()
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    grads = {k: p.grad for k, p in trained.items() if p.grad is not None}
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    # llm.: the adapters inside the layers; adapters.: the modality embedding
+    assert {k.split(".")[0] for k in grads} == {"llm", "adapters", "mmsm", "unet"}
