@@ -149,8 +149,13 @@ def _result_file(run_dir: Path, record: dict, prompt: dict, image_node: str | No
 
 
 def _load_rgb(path: Path) -> torch.Tensor:
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except OSError as exc:  # a source photo moved away with its dataset, say
+        raise EvalError(f"cannot read the image {path} ({type(exc).__name__}); the run's "
+                        "source photos and results must stay where xmgie batch found and "
+                        "wrote them") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0)
 
 

@@ -109,6 +109,15 @@ def test_aa_inside_eval_matches_a_hand_computation(tmp_path, tiny_env, capsys):
     assert str(tmp_path / "nowhere" / "config.json") in err and "Traceback" not in err
     assert json.loads((tmp_path / "ev2" / "table.json").read_text())["metrics"] == ["psnr"]
 
+    # The dataset moved away: the photo the run read is named, no traceback.
+    data.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert cli.main(["eval", str(run), "--metrics", "psnr", "--no-pictures", "--out",
+                     str(tmp_path / "ev3")]) == 1
+    err = capsys.readouterr().err
+    assert "error: cannot read the image " + str(data.resolve() / "CUB_200_2011") in err
+    assert "Traceback" not in err
+
 
 def _read_csv(path: Path) -> list[list[str]]:
     with open(path, newline="") as f:
