@@ -3,11 +3,12 @@
     xmgie train CONFIG.yaml [--out DIR] [--max-steps N] [--resume] [--tiny] [--dataset D]
                 [--models-dir DIR ...]
 
-CONFIG is a YAML file or a shipped config's short name (``xmgie``, ``mgie``). The same
-command runs as one process, or under ``accelerate launch --multi_gpu --num_processes N
--m xmgie train ...`` (or an FSDP / DeepSpeed ``accelerate config``) on several GPUs or
-machines. On a machine without a GPU that launch starts N CPU processes (gloo);
-accelerate's ``--cpu`` launcher itself starts one process unless it runs ``mpirun``.
+CONFIG is a YAML file or a shipped config's short name (``xmgie``, ``mgie``,
+``mmig_stage1`` ... ``mmig_stage5``). The same command runs as one process, or under
+``accelerate launch --multi_gpu --num_processes N -m xmgie train ...`` (or an FSDP /
+DeepSpeed ``accelerate config``) on several GPUs or machines. On a machine without a GPU
+that launch starts N CPU processes (gloo); accelerate's ``--cpu`` launcher itself starts
+one process unless it runs ``mpirun``.
 
 Exit status: 0 trained (or stopped early); 1 the training failed (bad dataset, a model
 that could not load, a non-finite loss); 2 bad usage or a bad config; 130 interrupted
@@ -36,15 +37,17 @@ def _positive(text: str) -> int:
 
 def add_parser(commands) -> None:
     p = commands.add_parser(
-        "train", help="train xMGIE's modules or MGIE's parts on paired edits",
+        "train", help="train xMGIE's modules, MGIE's parts or MMIG's stages on paired edits",
         description="Train what a config names (xMGIE: PFB weights, identity injection and "
-                    "a latent discriminator; MGIE: embeddings, LM head, edit head, UNet) on "
+                    "a latent discriminator; MGIE: embeddings, LM head, edit head, UNet; "
+                    "MMIG: MM-Adapters, MMSM, the UNet's LoRA, stage by stage) on "
                     "paired edits. Runs as one process, or under `accelerate launch` on "
                     "many.",
         epilog="Exit status: 0 trained; 1 training failed (bad data, models); 2 bad usage or "
                "config; 130 interrupted (rerun with --resume).")
     p.add_argument("config", metavar="CONFIG",
-                   help="training config (YAML) or a shipped config's name: xmgie, mgie")
+                   help="training config (YAML) or a shipped config's name: xmgie, mgie, "
+                        "mmig_stage1 ... mmig_stage5")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="run folder: metrics.jsonl, checkpoint-<step>/, final/, logs/ "
                         "(default output/train/<config name>)")

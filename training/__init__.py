@@ -12,7 +12,8 @@ The trainable modules and the losses live in the library (``mgie_core.trainable`
 * :mod:`.config` -- the YAML configs (``configs/train/``);
 * :mod:`.engine` -- the accelerate loop: accumulation, mixed precision, checkpoints,
   exact resume, validation and early stopping;
-* :mod:`.xmgie_task`, :mod:`.mgie_task` -- the two tasks.
+* :mod:`.xmgie_task`, :mod:`.mgie_task`, :mod:`.mmig_task` -- the tasks (MMIG's five
+  stages are configs of one task).
 
 Layering: this package may import ``mgie_core``, ``runner`` (the dataset reader) and
 ``evaluation`` (validation metrics); only ``cli`` and ``nodes`` import it.
