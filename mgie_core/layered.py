@@ -113,13 +113,17 @@ def split_descriptions(plan: EditPlan) -> tuple[str, str]:
 
 
 def _latent_mask(mask: torch.Tensor, like: torch.Tensor, name: str = "mask") -> torch.Tensor:
-    """``mask`` as a float32 [B|1, 1, h, w] tensor broadcastable to ``like`` [B, C, h, w]."""
+    """``mask`` ([h,w], [B,h,w] or [B,1|C,h,w]) as a float32 [B|1, 1|C, h, w] tensor
+    broadcastable to ``like`` [B, C, h, w]."""
     if not isinstance(mask, torch.Tensor):
         raise InputError(name, f"is a {type(mask).__name__}", "a mask tensor")
     m = mask.float()
-    while m.ndim < 4:
-        m = m[None]
-    if m.shape[-2:] != like.shape[-2:] or m.shape[1] not in (1, like.shape[1]):
+    if m.ndim == 2:
+        m = m[None, None]
+    elif m.ndim == 3:
+        m = m[:, None]
+    if (m.ndim != 4 or m.shape[-2:] != like.shape[-2:] or m.shape[1] not in (1, like.shape[1])
+            or m.shape[0] not in (1, like.shape[0])):
         raise InputError(name, f"has shape {tuple(mask.shape)}",
                          f"a mask of the latent's size {tuple(like.shape[-2:])}",
                          "Resize the mask to the latent (latent_masks does it).")

@@ -76,6 +76,14 @@ def test_losses_by_hand():
     assert l_fg.dtype == l_bg.dtype == torch.float32
     with pytest.raises(InputError, match="selects no latent position"):
         layered.masked_noise_loss(eps, pred, torch.zeros(2, 2))
+    # a batch of 4 masks [B,h,w] is one mask per row (not one per channel)
+    e4 = torch.zeros(4, 4, 2, 2)
+    p4 = torch.arange(4.0).reshape(4, 1, 1, 1).expand(4, 4, 2, 2)     # row r predicts r
+    m4 = torch.zeros(4, 2, 2)
+    m4[3, 0, 0] = 1                                                   # only row 3's cell
+    assert layered.masked_noise_loss(e4, p4, m4).item() == pytest.approx(9.0)
+    with pytest.raises(InputError, match="mask"):
+        layered.masked_noise_loss(e4, p4, torch.ones(3, 2, 2))
 
 
 def test_mix_is_exact():
