@@ -342,3 +342,18 @@ def test_the_nodes_load_and_apply_under_inference_mode(tiny_root, tiny_models, c
             nodes["XMGIELoadMMIG"]().load("corrupt.safetensors")
     finally:
         corrupt.unlink()
+
+
+def test_tiny_mode_finds_the_tiny_file(tiny_root, tiny_models, clean_paths, tiny_sd):
+    from xmgie.mgie_core import tiny
+    from xmgie.nodes import mmig as mmig_nodes
+
+    tiny_models("mmig")
+    paths.configure(tiny_root=tiny_root)
+    listed = mmig_nodes.LoadMMIG.INPUT_TYPES()["required"]["mmig_name"][0]
+    assert listed == ["mmig.safetensors"]
+    (modules,) = mmig_nodes.LoadMMIG().load("any name")
+    assert modules.path == tiny.tiny_path(tiny_root, "mmig")
+    assert modules.mmsm.site == mmig.default_site(tiny_sd.unet)
+    assert modules.adapters.config["num_layers"] == 2 and modules.meta == {"tiny": True}
+    assert not any(p.requires_grad for p in modules.mmsm.parameters())
