@@ -1,5 +1,5 @@
 """The table commands and attribute accuracy inside ``xmgie eval``: datasets in their
-published layouts (CUB-200-2011, Oxford-102) through ``xmgie batch --tiny``, ``xmgie
+published layouts (CUB-200-2011, Oxford-102, CelebA-HQ) through ``xmgie batch --tiny``, ``xmgie
 eval`` (AA with a classifier whose every answer is known, against a hand computation)
 and ``xmgie table1`` / ``xmgie table2`` (layout, directions and counts in the CSV,
 Markdown and LaTeX files)."""
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _datasets_fixtures import batch
+from test_datasets_celebahq import make_celebahq
 from test_datasets_cub import make_cub
 from test_datasets_oxford import make_oxford
 
-ROOT = Path(__file__).resolve().parent.parent
-VAE = ROOT / "workflows" / "api" / "vae_roundtrip_api.json"
 # Two variants of the VAE round trip that ``eval --variants`` runs over the same items:
 # the workflow, and the photo saved as it was loaded (the round trip left out).
 VARIANTS = {"variants": {"full": {"description": "as it is"},
@@ -25,10 +25,7 @@ VARIANTS = {"variants": {"full": {"description": "as it is"},
 
 
 def _batch(dataset: Path, run: Path) -> Path:
-    from xmgie import cli
-
-    assert cli.main(["batch", str(VAE), "--dataset", str(dataset), "--tiny", "--out",
-                     str(run)]) == 0
+    assert batch(dataset, run) == 0
     return run
 
 
@@ -124,14 +121,17 @@ def _read_csv(path: Path) -> list[list[str]]:
         return list(csv.reader(f))
 
 
-def test_tables_from_two_datasets_with_variants(tmp_path, tiny_env, capsys):
+def test_tables_from_three_datasets_with_variants(tmp_path, tiny_env, capsys):
     from xmgie import cli
     from xmgie.evaluation.report import format_value
 
     variants = tmp_path / "variants.json"
     variants.write_text(json.dumps(VARIANTS))
     runs = {"cub": _batch(make_cub(tmp_path / "cub"), tmp_path / "run-cub"),
-            "oxford": _batch(make_oxford(tmp_path / "oxford"), tmp_path / "run-oxford")}
+            "oxford": _batch(make_oxford(tmp_path / "oxford"), tmp_path / "run-oxford"),
+            "celeba": _batch(make_celebahq(tmp_path / "celeba" / "CelebAMask-HQ"),
+                             tmp_path / "run-celeba")}
+    sizes = {"cub": 5, "oxford": 6, "celeba": 7}
     out = tmp_path / "tables"
     capsys.readouterr()
     # Without an evaluation the table command says which command to run first.
@@ -140,32 +140,34 @@ def test_tables_from_two_datasets_with_variants(tmp_path, tiny_env, capsys):
     assert f"run `xmgie eval {runs['cub']}` first" in err and "Traceback" not in err
     assert not out.exists()
 
-    for run in runs.values():
-        code = cli.main(["eval", str(run), "--variants", str(variants), "--tiny",
-                         "--fid-feature", "64", "--no-pictures"])
+    # Table 2's datasets with the variants, the others as they are.
+    for key, run in runs.items():
+        code = cli.main(["eval", str(run), "--tiny", "--fid-feature", "64", "--no-pictures"]
+                        + (["--variants", str(variants)] if key != "oxford" else []))
         assert code == 0, capsys.readouterr()
     evals = {k: json.loads((r / "eval" / "table.json").read_text()) for k, r in runs.items()}
-    for table in evals.values():
-        assert [r["variant"] for r in table["rows"]] == ["full", "no_vae"]
+    for key, table in evals.items():
+        assert [r["variant"] for r in table["rows"]][:1] == ["full" if key != "oxford"
+                                                             else "vae_roundtrip_api"]
         assert {"is", "fid", "lpips", "ssim", "psnr", "aa", "ips"} <= set(table["metrics"])
-    assert evals["oxford"]["rows"][0]["n"]["aa"] == 6   # six species changes
-    assert evals["cub"]["rows"][0]["n"]["aa"] == 5
+        assert table["rows"][0]["n"]["aa"] == sizes[key]   # every item is an attribute edit
+    assert evals["celeba"]["rows"][0]["n"]["aa_others"] == 7  # 39 other attributes each
 
     # --- Table 1: one row per dataset (each evaluation's first row, "full") ---------------
-    assert cli.main(["table1", str(runs["cub"]), f"Flowers={runs['oxford']}", "--out",
-                     str(out)]) == 0
+    assert cli.main(["table1", str(runs["cub"]), f"Flowers={runs['oxford']}",
+                     str(runs["celeba"]), "--out", str(out)]) == 0
     metrics = ["is", "fid", "lpips", "ssim", "psnr", "aa", "ips"]
     heads = ["IS ↑", "FID ↓", "LPIPS ↓", "SSIM ↑", "PSNR ↑", "AA ↑", "IPS ↑"]
     rows = _read_csv(out / "table1.csv")
     assert rows[0] == ["dataset"] + [h for head, m in zip(heads, metrics)
                                      for h in (head, f"n ({head[:-2]})")]
-    assert [r[0] for r in rows[1:]] == ["CUB-200-2011", "Flowers"]
+    assert [r[0] for r in rows[1:]] == ["CUB-200-2011", "Flowers", "CelebA-HQ"]
     md = (out / "table1.md").read_text()
     assert "| Dataset | " + " | ".join(heads) + " |" in md
     tex = (out / "table1.tex").read_text()
     assert r"\begin{tabular}{lrrrrrrr}" in tex
     assert r"Dataset & IS $\uparrow$ & FID $\downarrow$ & LPIPS $\downarrow$" in tex
-    for line, key in zip(rows[1:], ("cub", "oxford")):
+    for line, key in zip(rows[1:], ("cub", "oxford", "celeba")):
         jrow = evals[key]["rows"][0]
         for i, m in enumerate(metrics):
             value, n = jrow["values"][m], jrow["n"][m]
@@ -173,7 +175,7 @@ def test_tables_from_two_datasets_with_variants(tmp_path, tiny_env, capsys):
             assert f"{format_value(value)} (n={n})" in md
             assert f"{format_value(value)} {{\\scriptsize (n={n})}}" in tex
         # FID and IS count result images, the paired metrics items: all of them here.
-        assert jrow["n"]["fid"] == jrow["n"]["psnr"] == (5 if key == "cub" else 6)
+        assert jrow["n"]["fid"] == jrow["n"]["psnr"] == sizes[key]
     # AA is read against its ceiling (CUB: 8 annotated photo-attribute pairs).
     ceiling = evals["cub"]["rows"][0]["values"]["aa_ceiling"]
     assert f"- CUB-200-2011: classifier on the unedited photos {format_value(ceiling)} " \
@@ -181,22 +183,22 @@ def test_tables_from_two_datasets_with_variants(tmp_path, tiny_env, capsys):
 
     # --- Table 2: one row per variant, a column group per dataset -------------------------
     capsys.readouterr()
-    assert cli.main(["table2", f"CUB={runs['cub']}", f"Flowers={runs['oxford']}", "--out",
+    assert cli.main(["table2", f"CUB={runs['cub']}", str(runs["celeba"]), "--out",
                      str(out), "--metrics", "psnr,aa,fid"]) == 0
     assert "| full (as it is) |" in capsys.readouterr().out
     rows = _read_csv(out / "table2.csv")
     assert rows[0] == ["variant", "description"] + [
-        h for ds in ("CUB", "Flowers") for head in ("PSNR ↑", "AA ↑", "FID ↓")
+        h for ds in ("CUB", "CelebA-HQ") for head in ("PSNR ↑", "AA ↑", "FID ↓")
         for h in (f"{ds} {head}", f"{ds} n ({head[:-2]})")]
     assert [r[:2] for r in rows[1:]] == [["full", "as it is"], ["no_vae", "without the VAE"]]
     md2 = (out / "table2.md").read_text()
-    assert "## CUB\n" in md2 and "## Flowers\n" in md2
+    assert "## CUB\n" in md2 and "## CelebA-HQ\n" in md2
     assert md2.count("| Variant | PSNR ↑ | AA ↑ | FID ↓ |") == 2
     tex2 = (out / "table2.tex").read_text()
-    assert r"\multicolumn{3}{c}{CUB} & \multicolumn{3}{c}{Flowers}" in tex2
+    assert r"\multicolumn{3}{c}{CUB} & \multicolumn{3}{c}{CelebA-HQ}" in tex2
     assert r"\cmidrule(lr){2-4} \cmidrule(lr){5-7}" in tex2
     for r, line in enumerate(rows[1:]):
-        for d, key in enumerate(("cub", "oxford")):
+        for d, key in enumerate(("cub", "celeba")):
             jrow = evals[key]["rows"][r]
             for i, m in enumerate(("psnr", "aa", "fid")):
                 cells = line[2 + 6 * d + 2 * i:4 + 6 * d + 2 * i]
