@@ -423,8 +423,9 @@ def _attribute_accuracy(rows: list[Row], first: dict[str, dict], common: list[st
         return
     if not items:
         why = ("no evaluated item is an attribute edit: items need 'target_attribute' and "
-               "'attributes' fields, which the dataset adapters write (CUB-200-2011, "
-               "DeepFashion, Stanford Cars, Oxford-102 ...)")
+               "'attributes' fields, which the adapters of datasets in their published "
+               "layouts write (CUB-200-2011, Oxford-102, MS-COCO, CelebA-HQ, Stanford Cars, "
+               "DeepFashion)")
         skipped.update({m: why for m in wanted})
         return
     if len(items) < len(common):
