@@ -33,6 +33,13 @@ annotation file always gets a clear message. Check ``split`` with :func:`check_s
 :func:`select` takes any list: select ids first when a large file need only be read for
 the chosen photos.
 
+Attribute accuracy (optional, plain data: ``evaluation`` imports the adapter, never the
+reverse): ``attribute_specs(folder)`` gives each attribute's values and prompt template
+(``{name: {"values": [...], "template": ..., "prompts": {value: prompt}}}``), and
+``attribute_edit(fields)`` rewrites an item's fields into the ones
+``evaluation.attributes.item_from_fields`` reads, for items whose own fields say it
+differently (see ``evaluation/attributes.py``, "Dataset hooks").
+
 Masks: an adapter never writes a file. It puts a small mask description in
 ``Item.mask_spec`` (JSON), which the batch renders to ``RUN/masks/<id>.png`` at the size
 of the item's photo before the item runs (:func:`render_mask`), like PIE-Bench's
