@@ -192,10 +192,6 @@ def settings(config) -> MMIGSettings:
         number(f"loss.{k}", w, 0)
     if not any(weights.values()):
         fail("loss", "gives every term the weight 0", "at least one positive weight")
-    if "llm" in train and not (weights["mmt"] or weights["mmsm"] or weights["sdm"]
-                               or weights["fg"] or weights["bg"] or weights["blip2"]
-                               or weights["as"] or weights["ar"]):
-        fail("loss", "has no term that reaches the LLM", "a positive weight")
     return MMIGSettings(model=m, weights={k: float(v) for k, v in weights.items()},
                         train=tuple(train), lora=lora)
 
@@ -709,6 +705,11 @@ def _init_from(folder: Path, adapters: nn.Module, mmsm: nn.Module, unet: nn.Modu
                                "the final/ folder of an MMIG stage's run",
                                "Point it at the previous stage's <run>/final, or null.")
     loaded = load_mmig(file)
+    theirs = loaded.get("mmsm")
+    if theirs is not None and theirs.site and mmsm.site and theirs.site != mmsm.site:
+        raise TrainConfigError(source, "model.init", f"{file}'s MMSM was trained at "
+                               f"{theirs.site}, this stage's is at {mmsm.site}",
+                               "the same model.mmsm.site in every stage")
     for key, module in (("adapters", adapters), ("mmsm", mmsm)):
         other = loaded.get(key)
         if other is None:
