@@ -74,7 +74,8 @@ def split_descriptions(plan: EditPlan) -> tuple[str, str]:
 
     The object-attribute phrase is the object as the target prompt names it with the
     edit words just before it ("yellow carpet"); without the object in the target, the
-    edit words followed by the object. Object description: "a photo of a <phrase>".
+    edit words followed by the object. Object description: "a photo of a <phrase>"
+    ("an" before a vowel).
     Background description: the target prompt without that phrase (and its article), so
     edit words elsewhere ("on the beach") stay with the background; a preposition left
     without its object gets "the scene"; when only articles and prepositions are left,
@@ -109,7 +110,8 @@ def split_descriptions(plan: EditPlan) -> tuple[str, str]:
     background = _clean(background)
     kept = [w for w in lower_words(background) if w not in EDGE_STOP
             and w not in ("photo", "picture", "image", "scene")]
-    return f"a photo of a {phrase}", (background if kept else BACKGROUND_FALLBACK)
+    article = "an" if phrase[:1].lower() in "aeiou" else "a"
+    return f"a photo of {article} {phrase}", (background if kept else BACKGROUND_FALLBACK)
 
 
 def _latent_mask(mask: torch.Tensor, like: torch.Tensor, name: str = "mask") -> torch.Tensor:
@@ -318,8 +320,7 @@ def optimise_embeddings(sd: SDModel, image_latents: torch.Tensor, mask: torch.Te
                 else:
                     log.warning("%s: non-finite gradient at step %d; skipped", EMBEDDINGS, k)
                     report.skipped(EMBEDDINGS, "non-finite gradient")
-                bar.update()
-                host.check_interrupt()
+                bar.update()              # checks the host's interruption
         ea, eb = ea.detach(), eb.detach()
         after = embedding_loss(sd, z0, m, ea, eb)
     report.note(f"{EMBEDDINGS}: eq. 15 loss {before:.4f} -> {after:.4f} "
@@ -422,8 +423,7 @@ def finetune_lora(sd: SDModel, image_latents: torch.Tensor, mask: torch.Tensor,
                 else:
                     log.warning("%s: non-finite gradient at step %d; skipped", FINETUNE, k)
                     report.skipped(FINETUNE, "non-finite gradient")
-                bar.update()
-                host.check_interrupt()
+                bar.update()              # checks the host's interruption
     with grad_mode.loading():
         unet.fuse_lora()
         unet.unload_lora()

@@ -168,6 +168,44 @@ def test_time_budget_stops_the_finetuning(tiny_sd, prepared):
     assert counts is None or counts.applied < 50
 
 
+def test_progress_and_interruption(tiny_sd, prepared):
+    """Both loops show one progress bar of their steps and stop at the host's
+    interruption; the user's UNet is unchanged by an interrupted fine-tuning."""
+    from xmgie.mgie_core import host
+
+    p = prepared
+    bars, checks = [], []
+
+    class Bar:
+        def __init__(self, total, desc):
+            self.row = [desc, total, 0]
+            bars.append(self.row)
+
+        def update(self, n=1):
+            self.row[2] += n
+
+        def close(self):
+            pass
+
+    def interrupt():
+        checks.append(1)
+        if len(checks) > 8:
+            raise host.Interrupted()
+
+    weights = {k: v.clone() for k, v in tiny_sd.unet.state_dict().items()}
+    previous = host.set_hooks(progress=Bar, check_interrupt=interrupt)
+    try:
+        layered.optimise_embeddings(tiny_sd, p["z0"], p["lm"], p["e_a"], p["e_b"], steps=3)
+        with pytest.raises(host.Interrupted):
+            layered.finetune_lora(tiny_sd, p["z0"], p["lm"],
+                                  layered.mix_embeddings(p["ea"], p["eb"]), steps=40)
+    finally:
+        host.set_hooks(**vars(previous))
+    assert bars[0] == [layered.EMBEDDINGS, 3, 3]
+    assert bars[1][:2] == [layered.FINETUNE, 40] and 1 <= bars[1][2] < 40
+    assert all(torch.equal(weights[k], v) for k, v in tiny_sd.unet.state_dict().items())
+
+
 def test_half_precision_keeps_float32_adapters_and_losses(tiny_sd, prepared):
     """A bfloat16 model (CPU-friendly half precision): the embeddings, the adapters and
     the losses stay float32, and the merged UNet is the model's dtype again."""
