@@ -3,16 +3,13 @@ published layouts, become edit items with the car's box as mask."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from _datasets_fixtures import batch_error, check_run_masks, photo, run_records
 
 scipy_io = pytest.importorskip("scipy.io")
-
-WF = Path(__file__).resolve().parents[1] / "workflows"
 
 CLASSES = ["AM General Hummer SUV 2000", "Ram C/V Cargo Van Minivan 2012",
            "Tesla Model S Sedan 2012"]
@@ -22,12 +19,6 @@ TRAIN = [("00001.jpg", 3, 4, 20, 15, 1), ("00002.jpg", 1, 1, 48, 32, 2),
 TEST = [("00001.jpg", 2, 2, 40, 30, 3), ("00002.jpg", 8, 3, 16, 12, 1),
         ("00003.jpg", 4, 4, 44, 28, 2), ("00004.jpg", 1, 9, 33, 31, 1),
         ("00005.jpg", 6, 1, 12, 20, 3), ("00006.jpg", 20, 10, 47, 31, 2)]
-
-
-def _photo(path: Path, shade: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(shade)
-    Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(path)
 
 
 def _annos_mat(path: Path, rows, with_class: bool = True) -> None:
@@ -52,7 +43,7 @@ def make_devkit(root: Path) -> Path:
     _annos_mat(root / "cars_test_annos_withlabels.mat", TEST)
     for split, rows in (("train", TRAIN), ("test", TEST)):
         for i, row in enumerate(rows):
-            _photo(root / f"cars_{split}" / row[0], i)
+            photo(root / f"cars_{split}" / row[0], (48, 32), seed=i)
     return root
 
 
@@ -65,7 +56,7 @@ def make_csv(root: Path) -> Path:
         for i, row in enumerate(rows):
             # Class folders of the re-release replace '/' in names.
             folder = CLASSES[row[5] - 1].replace("/", "-")
-            _photo(root / "car_data" / "car_data" / split / folder / row[0], i)
+            photo(root / "car_data" / "car_data" / split / folder / row[0], (48, 32), seed=i)
     return root
 
 
@@ -195,28 +186,15 @@ def test_missing_and_malformed_files_are_named(tmp_path):
 
 
 def test_batch_tiny_runs_two_items_with_box_masks(tmp_path, tiny_env, capsys):
-    from xmgie import cli
-    from xmgie.runner.datasets import cars, render_mask
+    from xmgie.runner.datasets import cars
 
     root = make_devkit(tmp_path / "cars")
     run = tmp_path / "run"
-    assert cli.main(["batch", str(WF / "api" / "vae_roundtrip_api.json"), "--dataset",
-                     str(root), "--split", "test", "--limit", "2", "--seed", "4", "--tiny",
-                     "--out", str(run)]) == 0
+    records = run_records(root, run, "--split", "test", "--limit", "2", "--seed", "4")
     expected = cars.items(root, split="test", limit=2, seed=4)
-    done = sorted(p.name for p in (run / "items").iterdir() if not p.name.startswith("."))
-    assert done == sorted(it.id for it in expected)
-    for it in expected:
-        rec = json.loads((run / "items" / it.id / "record.json").read_text())
-        assert not rec.get("error")
-        assert rec["outputs"]
-        mask = np.asarray(Image.open(run / "masks" / f"{it.id}.png"), np.float64) / 255
-        np.testing.assert_array_equal(mask, render_mask(it.mask_spec, (48, 32)))
-        assert rec["inputs"]["mask"] == str((run / "masks" / f"{it.id}.png").resolve())
+    assert sorted(records) == sorted(it.id for it in expected)
+    check_run_masks(run, expected, (48, 32))
     # A missing annotation file reaches the command's user as one line naming it.
     (root / "cars_test_annos_withlabels.mat").unlink()
-    capsys.readouterr()
-    assert cli.main(["batch", str(WF / "api" / "vae_roundtrip_api.json"), "--dataset",
-                     str(root), "--split", "test", "--tiny", "--out", str(tmp_path / "r2")]) != 0
-    err = capsys.readouterr().err
-    assert "cars_test_annos_withlabels.mat is missing" in err and "Traceback" not in err
+    err = batch_error(root, tmp_path / "r2", capsys, "--split", "test")
+    assert "cars_test_annos_withlabels.mat is missing" in err

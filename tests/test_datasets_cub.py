@@ -7,12 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
+from _datasets_fixtures import batch_error, check_run_masks, run_records
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parent.parent
-VAE = ROOT / "workflows" / "api" / "vae_roundtrip_api.json"
 
 ATTRIBUTES = ["has_crown_color::red", "has_crown_color::blue", "has_crown_color::iridescent",
               "has_wing_color::brown", "has_wing_color::white", "has_bill_shape::cone",
@@ -157,32 +154,21 @@ def test_broken_annotation_files_are_named(tmp_path, name, damage, expected):
 
 
 def test_batch_writes_part_and_box_masks_into_the_run_folder(tmp_path, tiny_env, capsys):
-    from xmgie import cli
     from xmgie.runner.dataset import load_dataset
-    from xmgie.runner.datasets import render_mask
 
     folder = make_cub(tmp_path / "cub")
     run = tmp_path / "run"
     before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
-    code = cli.main(["batch", str(VAE), "--dataset", str(folder), "--tiny", "--split",
-                     "train", "--limit", "2", "--seed", "1", "--out", str(run)])
-    assert code == 0, capsys.readouterr()
-    records = {p.parent.name: json.loads(p.read_text()) for p in run.glob("items/*/record.json")}
+    records = run_records(folder, run, "--split", "train", "--limit", "2", "--seed", "1")
     assert sorted(records) == ["1", "4"]
-    specs = {i.id: i.mask_spec for i in load_dataset(folder, split="train")}
-    assert "points" in specs["1"] and "box" in specs["4"]
-    for item_id, rec in records.items():
-        assert rec["status"] == "ok" and rec["outputs"]
+    chosen = load_dataset(folder, split="train").items
+    assert "points" in chosen[0].mask_spec and "box" in chosen[1].mask_spec
+    # The annotations became mask files in the run folder, at the photo's size.
+    for mask in check_run_masks(run, chosen, (64, 48)):
+        assert 0 < mask.sum() < mask.size
+    for rec in records.values():
         inputs = rec["inputs"]
         assert inputs["split"] == "train" and inputs["instruction"].startswith("make the bird")
-        # The annotation became a mask file in the run folder, at the photo's size.
-        mask_file = Path(inputs["mask"])
-        assert mask_file == (run / "masks" / f"{item_id}.png").resolve()
-        with Image.open(mask_file) as im:
-            mask = np.asarray(im) > 127
-        expected = render_mask(specs[item_id], (64, 48)) > 0
-        assert mask.shape == (48, 64) and 0 < mask.sum() < mask.size
-        np.testing.assert_array_equal(mask, expected)
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # untouched
     settings = json.loads((run / "batch.json").read_text())
     assert settings["dataset"] == str(folder.resolve())
@@ -191,10 +177,6 @@ def test_batch_writes_part_and_box_masks_into_the_run_folder(tmp_path, tiny_env,
     again = load_dataset(settings["dataset"], **settings["dataset_selection"])
     assert sorted(i.id for i in again) == sorted(records)
     # Through the command, a broken annotation file is a message naming it, exit 101.
-    capsys.readouterr()
     (folder / "CUB_200_2011" / "bounding_boxes.txt").unlink()
-    assert cli.main(["batch", str(VAE), "--dataset", str(folder), "--tiny",
-                     "--out", str(tmp_path / "run2")]) == 101
-    err = capsys.readouterr().err
-    assert "error: " in err and "bounding_boxes.txt is missing" in err
-    assert "Traceback" not in err
+    err = batch_error(folder, tmp_path / "run2", capsys)
+    assert "bounding_boxes.txt is missing" in err

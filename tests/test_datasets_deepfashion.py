@@ -4,14 +4,10 @@ edit items with the garment's box as mask and the attribute annotations kept."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
-
-WF = Path(__file__).resolve().parents[1] / "workflows"
+from _datasets_fixtures import check_run_masks, photo, run_records
 
 CATEGORIES = [("Blouse", 1), ("Shorts", 2), ("Dress", 3)]
 # One name with a space, as the benchmark's attribute list has.
@@ -50,9 +46,7 @@ def make_deepfashion(root: Path, images=IMAGES) -> Path:
     _list(root / "Eval" / "list_eval_partition.txt", "image_name  evaluation_status",
           [f"{name:<50}{part}" for name, *_, part in images])
     for i, (name, *_) in enumerate(images):
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(i)
-        Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(root / name)
+        photo(root / name, (48, 32), seed=i)
     return root
 
 
@@ -177,20 +171,11 @@ def test_missing_and_malformed_files_are_named(tmp_path):
 
 
 def test_batch_tiny_runs_two_items_with_box_masks(tmp_path, tiny_env):
-    from xmgie import cli
-    from xmgie.runner.datasets import deepfashion, render_mask
+    from xmgie.runner.datasets import deepfashion
 
     root = make_deepfashion(tmp_path / "df")
     run = tmp_path / "run"
-    assert cli.main(["batch", str(WF / "api" / "vae_roundtrip_api.json"), "--dataset",
-                     str(root), "--split", "test", "--limit", "2", "--seed", "1", "--tiny",
-                     "--out", str(run)]) == 0
+    records = run_records(root, run, "--split", "test", "--limit", "2", "--seed", "1")
     expected = deepfashion.items(root, split="test", limit=2, seed=1)
-    done = sorted(p.name for p in (run / "items").iterdir() if not p.name.startswith("."))
-    assert done == sorted(it.id for it in expected)
-    for it in expected:
-        rec = json.loads((run / "items" / it.id / "record.json").read_text())
-        assert not rec.get("error") and rec["outputs"]
-        assert rec["inputs"]["mask"] == str((run / "masks" / f"{it.id}.png").resolve())
-        mask = np.asarray(Image.open(run / "masks" / f"{it.id}.png"), np.float64) / 255
-        np.testing.assert_array_equal(mask, render_mask(it.mask_spec, (48, 32)))
+    assert sorted(records) == sorted(it.id for it in expected)
+    check_run_masks(run, expected, (48, 32))

@@ -5,16 +5,14 @@ annotation files are named."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.io
+from _datasets_fixtures import batch_error, check_run_masks, run_records
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-VAE = ROOT / "workflows" / "api" / "vae_roundtrip_api.json"
 LABELS = [77, 73, 1, 102, 42, 73]          # classes of photos 1..6
 SETID = {"trnid": [2, 5], "valid": [1], "tstid": [3, 4, 6]}
 BLUE = (0, 0, 254)
@@ -135,39 +133,23 @@ def test_broken_annotation_files_are_named(tmp_path, name, damage, expected):
 
 
 def test_batch_runs_a_split_with_segmentation_masks(tmp_path, tiny_env, capsys):
-    from xmgie import cli
     from xmgie.runner.dataset import load_dataset
-    from xmgie.runner.datasets import render_mask
 
     folder = make_oxford(tmp_path / "flowers")
     run = tmp_path / "run"
     before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
-    code = cli.main(["batch", str(VAE), "--dataset", str(folder), "--tiny", "--split", "test",
-                     "--limit", "2", "--seed", "2", "--out", str(run)])
-    assert code == 0, capsys.readouterr()
+    records = run_records(folder, run, "--split", "test", "--limit", "2", "--seed", "2")
     chosen = load_dataset(folder, split="test", limit=2, seed=2)
-    records = {p.parent.name: json.loads(p.read_text()) for p in run.glob("items/*/record.json")}
     assert sorted(records) == [i.id for i in chosen] and len(records) == 2
     assert any(i.mask_spec for i in chosen)  # two of 3, 4, 6: one is segmented
+    # A segmented photo's mask is written at its size; without one, no mask (whole photo).
+    check_run_masks(run, chosen, (48, 40))
     for item in chosen:
         rec = records[item.id]
-        assert rec["status"] == "ok" and rec["outputs"]
         assert rec["inputs"]["split"] == "test"
         assert rec["inputs"]["instruction"] == item.fields["instruction"]
-        if item.mask_spec is None:  # no segmentation: no mask, the whole photo
-            assert "mask" not in rec["inputs"]
-            continue
-        mask_file = Path(rec["inputs"]["mask"])
-        assert mask_file == (run / "masks" / f"{item.id}.png").resolve()
-        with Image.open(mask_file) as im:
-            np.testing.assert_array_equal(np.asarray(im) > 127,
-                                          render_mask(item.mask_spec, (48, 40)) > 0)
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # untouched
     # Through the command, a malformed annotation file is a message naming it, exit 101.
-    capsys.readouterr()
     (folder / "imagelabels.mat").write_bytes(b"MATLAB 5.0 but cut short")
-    assert cli.main(["batch", str(VAE), "--dataset", str(folder), "--tiny",
-                     "--out", str(tmp_path / "run2")]) == 101
-    err = capsys.readouterr().err
+    err = batch_error(folder, tmp_path / "run2", capsys)
     assert "imagelabels.mat is not a readable MATLAB .mat file" in err
-    assert "Traceback" not in err
