@@ -191,20 +191,23 @@ def cells(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 
 
 def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int], name: str = "mask", *,
-                fit: Fit | None = None) -> torch.Tensor:
-    """A MASK [B,H,W] (the photo's size, or the latent's) as the {0,1} float32
-    [B,1,h,w] mask of the latent (:func:`cells`), fitted as the photo was (``fit``). An
+                fit: Fit | None = None, vae_scale: int = 8) -> torch.Tensor:
+    """A MASK [B,H,W] (the photo's size, the fitted photo's, or the latent's) as the {0,1}
+    float32 [B,1,h,w] mask of the latent (:func:`cells`), fitted as the photo was
+    (``fit``; ``vae_scale``: pixels per latent cell). Any other size is an error. An
     empty mask, or one that covers every latent cell, is an error naming ``name`` (eq. 18
     needs an outside)."""
     m = check_mask(name, mask, allow_empty=False)
+    h, w = int(latent_hw[0]), int(latent_hw[1])
+    sizes = {(h, w), (h * vae_scale, w * vae_scale)} | ({fit.size} if fit else set())
+    H, W = m.shape[-2:]
+    if (H, W) not in sizes:
+        photo = fit.size if fit is not None else (h * vae_scale, w * vae_scale)
+        raise InputError(name, f"is {W}x{H} pixels but the photo is {photo[1]}x{photo[0]}",
+                         "a mask of the photo's size",
+                         "Make the mask from this photo, or resize it to the photo.")
     if fit is not None:
         m = fit.mask(m)
-    h, w = int(latent_hw[0]), int(latent_hw[1])
-    H, W = m.shape[-2:]
-    if (H, W) != (h, w) and (H % h or W % w or H // h != W // w):
-        raise InputError(name, f"is {W}x{H} pixels", f"a mask of the photo ({w}x{h} "
-                         "latent cells times the VAE's factor) or of the latent",
-                         "Make the mask from this photo, or resize it to the photo.")
     m = cells(m, (h, w))
     if bool((m.flatten(1).sum(1) == h * w).all()):
         raise InputError(name, "covers the whole image", "an object region that leaves "

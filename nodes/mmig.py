@@ -40,7 +40,8 @@ _MASK = ("MASK", inp("The object's region (white), of the photo's size: eq. 15 a
 def _encode(sd_model, image, mask, fit, name: str = "mask"):
     """The photo's latent and the object's latent mask, fitted alike."""
     lat = vae.encode_photo(sd_model, image, fit)
-    return lat, layered.latent_mask(mask, tuple(lat.samples.shape[-2:]), name, fit=lat.fit)
+    return lat, layered.latent_mask(mask, tuple(lat.samples.shape[-2:]), name, fit=lat.fit,
+                                    vae_scale=sd_model.vae_scale)
 
 
 class LayeredSplit:
@@ -180,7 +181,8 @@ class LayeredFineTune:
                  seed, mask_target=None, fit="pad"):
         lat, m = _encode(sd_model, image, mask, fit)
         mt = None if mask_target is None else layered.latent_mask(
-            mask_target, tuple(lat.samples.shape[-2:]), "mask_target", fit=lat.fit)
+            mask_target, tuple(lat.samples.shape[-2:]), "mask_target", fit=lat.fit,
+            vae_scale=sd_model.vae_scale)
         tuned, report = layered.finetune_lora(
             sd_model, lat.samples, m, embeddings.need_mix(), mask_target=mt, steps=steps,
             lr=lr, rank=rank, time_budget_s=time_budget_s, seed=seed)

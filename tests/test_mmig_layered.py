@@ -104,14 +104,32 @@ def test_bad_masks_get_clear_errors(photo):
         layered.latent_mask(torch.zeros(1, 64, 64), (8, 8))
     with pytest.raises(InputError, match="covers the whole image"):
         layered.latent_mask(torch.ones(1, 64, 64), (8, 8))
-    with pytest.raises(InputError, match="is 48x64 pixels"):
+    with pytest.raises(InputError, match="is 48x64 pixels but the photo is 64x64"):
         layered.latent_mask(torch.ones(1, 64, 48), (8, 8))
+    with pytest.raises(InputError, match="is 32x32 pixels"):      # divisible, still wrong
+        layered.latent_mask(m[:, :32, :32], (8, 8))
     with pytest.raises(InputError, match="image_latents"):
         layered.optimise_embeddings(None, torch.zeros(1, 3, 8, 8), m, torch.zeros(1, 77, 8),
                                     torch.zeros(1, 77, 8))
 
 
 # --- eq. 15 and the fine-tuning on the tiny model ---------------------------------------------
+
+def test_nodes_check_their_inputs(tiny_sd, photo, prepared):
+    from xmgie.nodes import mmig
+
+    img, m = photo
+    unmixed = layered.LayeredEmbeddings(prepared["ea"], prepared["eb"], "o", "b")
+    with pytest.raises(InputError, match="are not mixed"):
+        mmig.LayeredFineTune().finetune(tiny_sd, img, m, unmixed, 2, 1e-4, 4, 0.0, 0)
+    with pytest.raises(InputError, match="mask: is 32x64 pixels but the photo is 64x64"):
+        mmig.LayeredEmbeddingsNode().optimise(tiny_sd, img, m[:, :, :32], "o", "b", 2,
+                                              1e-3, 0)
+    plan = EditPlan(source_prompt=SRC, target_prompt=TGT, edit_words=["yellow"],
+                    object="carpet")
+    assert mmig.LayeredSplit().split(plan, "", "a sunny beach") == (
+        "a photo of a yellow carpet", "a sunny beach")
+
 
 def test_embedding_optimisation_lowers_eq15(tiny_sd, prepared):
     p = prepared
