@@ -268,13 +268,27 @@ def test_config_errors_name_the_key(env):
             settings(_config(1, **overrides))
 
 
-def test_init_that_is_no_stage_output_is_refused(env, tmp_path):
-    from xmgie.training import engine
-    from xmgie.training.config import TrainConfigError
+def test_command_line_runs_a_stage_and_refuses_a_bad_init(env, tmp_path, capsys):
+    """`xmgie train mmig_stage1 --tiny` trains and writes final/mmig.safetensors; a
+    stage whose model.init is no stage's output is one line naming the key, exit status
+    2, before anything is written."""
+    from xmgie import cli
+    from xmgie.training.config import SHIPPED_DIR
 
-    with pytest.raises(TrainConfigError, match=r"model\.init.*holds no mmig\.safetensors"):
-        engine.train(_config(2, **{"model.init": str(tmp_path)}), tmp_path / "run",
-                     max_steps=1)
+    out = tmp_path / "run"
+    assert cli.main(["train", "mmig_stage1", "--tiny", "--max-steps", "2",
+                     "--out", str(out)]) == 0
+    assert (out / "final" / "mmig.safetensors").is_file()
+    assert not (out / "final" / "unet_lora").exists()      # stage 1 has no LoRA
+    capsys.readouterr()
+    bad = tmp_path / "stage2.yaml"
+    bad.write_text((SHIPPED_DIR / "mmig_stage2.yaml").read_text().replace(
+        "model: {init: null,", f"model: {{init: {tmp_path}/nowhere,"))
+    assert cli.main(["train", str(bad), "--tiny", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "model.init" in err and "holds no mmig.safetensors" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
 
 
 def test_mixed_precision_with_checkpointing_keeps_trained_tensors_float32(env, batch):

@@ -144,9 +144,15 @@ def settings(config) -> MMIGSettings:
             or len(set(train)) != len(train):
         fail("model.train", f"is {train!r}", f"a list of distinct names among "
              f"{', '.join(MODULES)} (what this stage trains)")
-    if m["init"] is not None and (not isinstance(m["init"], str) or not m["init"]):
-        fail("model.init", f"is {m['init']!r}", "null, or the final/ folder of the run of "
-             "the previous stage")
+    if m["init"] is not None:
+        if not isinstance(m["init"], str) or not m["init"]:
+            fail("model.init", f"is {m['init']!r}", "null, or the final/ folder of the run "
+                 "of the previous stage")
+        if not (Path(m["init"]).expanduser() / MMIG_FILE).is_file():
+            fail("model.init", f"{m['init']} holds no {MMIG_FILE}",
+                 "the final/ folder of an MMIG stage's run (read from the working "
+                 "directory when relative)",
+                 "Point it at the previous stage's <run>/final, or null to start afresh.")
     a = m["adapter"]
     whole("model.adapter.hidden", a["hidden"], 1)
     number("model.adapter.temperature", a["temperature"], 0, open_low=True)
@@ -699,11 +705,7 @@ def _init_from(folder: Path, adapters: nn.Module, mmsm: nn.Module, unet: nn.Modu
     from ..mgie_core.mmig import load_mmig
 
     folder = Path(folder).expanduser()
-    file = folder / MMIG_FILE
-    if not file.is_file():
-        raise TrainConfigError(source, "model.init", f"{folder} holds no {MMIG_FILE}",
-                               "the final/ folder of an MMIG stage's run",
-                               "Point it at the previous stage's <run>/final, or null.")
+    file = folder / MMIG_FILE          # there: settings() checked it
     loaded = load_mmig(file)
     theirs = loaded.get("mmsm")
     if theirs is not None and theirs.site and mmsm.site and theirs.site != mmsm.site:
