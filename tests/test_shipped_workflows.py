@@ -30,6 +30,8 @@ OPTIMISING = {
     "XMGIEMAGControl": ("MAG", None),
     "XMGIEAStarControl": ("A-STAR", None),
     "XMGIEIdentityGuidance": ("identity guidance", None),
+    "XMGIELayeredEmbeddings": ("LayerDiffusion embeddings", None),
+    "XMGIELayeredFineTune": ("LayerDiffusion LoRA", None),
 }
 UPDATES = re.compile(r"^(?:\[\d+\] )?([^:\n]+): (\d+) update\(s\) applied, (\d+) skipped",
                      re.M)
