@@ -72,6 +72,7 @@ from torch import nn
 
 from ..mgie_core import losses
 from ..mgie_core.errors import InputError
+from ..mgie_core.models.mgie import IM_PATCH
 from .config import TrainConfigError, merge_section
 from .mgie_task import IGNORE, MGIETrainModel, _compute_dtype
 from .task import load_trainable_state, unwrap
@@ -240,7 +241,7 @@ class MMIGModel(nn.Module):
         self.select_layer = mgie.select_layer
         self.num_patches = mgie.num_patches
         self.img_ids = mgie.img_ids
-        self.patch_id = mgie.token_id("<im_patch>")
+        self.patch_id = mgie.token_id(IM_PATCH)
         self.context = mgie.context_length()
         self.sd_tokenizer = sd.tokenizer
         self.sd_source = sd.source
@@ -802,6 +803,13 @@ def build_task(config, accelerator, tiny: bool, models: dict | None = None) -> M
         p.requires_grad_("dem" in s.train and "lora_" in n)
     model = MMIGModel(mgie, sd, blip2, adapters, mmsm, hook, s,
                       llm_checkpointing=checkpointing and "llm" in s.train)
+    if (s.weights["as"] or s.weights["ar"]) and not model.astar_layers:
+        raise TrainConfigError(source, "model.astar.factor",
+                               f"is {s.model['astar']['factor']}: this UNet has no "
+                               "cross-attention layer at latent/"
+                               f"{s.model['astar']['factor']}",
+                               "a factor of the UNet's cross-attention levels (4: the "
+                               "16x16 maps at 512 px)")
     model.to(device)
     info = {"mgie": str(mgie.path), "sd": str(sd.source),
             "blip2": str(blip2.path) if blip2 is not None else None, "tiny": bool(tiny)}
