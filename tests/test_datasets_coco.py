@@ -186,6 +186,8 @@ def test_mentions_and_plurals():
     found = coco.mentions("Hot dogs and a dog near two men", forms)
     assert [(c, w, p) for c, w, p, _, _ in found] == \
         [(58, "hot dog", True), (18, "dog", False), (1, "man", True)]
+    assert coco._replace("Dogs and a dog.", 11, 14, "elephant") == "Dogs and an elephant."
+    assert coco._replace("Dogs and a dog.", 0, 4, "cats") == "Cats and a dog."
     assert coco.plural("bus") == "buses" and coco.plural("hot dog") == "hot dogs"
     assert coco.plural("wine glass") == "wine glasses" and coco.plural("person") == "people"
 

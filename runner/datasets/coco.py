@@ -37,7 +37,8 @@ mention, the union of all its annotations for a plural one. Extra fields: ``spli
 ``image_id``, ``category`` (COCO's name), ``class`` / ``target_class`` (the caption
 words of the old and new category), ``annotation_ids``, ``edit`` ("category"); for
 attribute accuracy ``target_attribute`` "class", ``target_value`` the new class and
-``attributes`` ``{"class": <old class>}`` (see :func:`attribute_specs`).
+``attributes`` ``{"class": <old class>}`` (see :func:`attribute_specs`). Item ids are the
+photos' file names without the extension.
 """
 
 from __future__ import annotations
@@ -174,8 +175,10 @@ def mentions(caption: str, forms: dict) -> list[tuple[int, str, bool, int, int]]
 
 
 def _replace(caption: str, start: int, end: int, new: str) -> str:
-    """The caption with [start, end) replaced by ``new``; an 'a'/'an' right before it
-    follows the new word."""
+    """The caption with [start, end) replaced by ``new`` (capitalised when the mention
+    was); an 'a'/'an' right before it follows the new word."""
+    if caption[start:start + 1].isupper():
+        new = new[:1].upper() + new[1:]
     before = caption[:start]
     article = re.search(r"\b(an?)(\s+)$", before, flags=re.IGNORECASE)
     if article:
