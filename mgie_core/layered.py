@@ -514,7 +514,9 @@ def layered_edit(sd: SDModel, image_latents: torch.Tensor, e_opt: torch.Tensor, 
     edits may change the object's pose."""
     z0 = _check_latents(image_latents)
     result = invert(sd, z0, source_prompt, method="direct", steps=steps,
-                    guidance_scale=guidance_scale, image_size=tuple(z0.shape[-2:]), fit=fit)
+                    guidance_scale=guidance_scale, fit=fit,
+                    image_size=tuple(fit.fitted) if fit is not None else
+                    (z0.shape[-2] * sd.vae_scale, z0.shape[-1] * sd.vae_scale))
     cond = target_condition(sd, target_prompt, e_opt, target_weight)
     chained = check_controls(controls) + [LayeredGuidance(guided_fraction)]
     out = sampler.edit(sd, result, target_prompt, mask=mask, controls=chained,
