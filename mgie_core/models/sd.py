@@ -42,7 +42,11 @@ DDIM_SETTINGS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_l
 
 @dataclasses.dataclass
 class SDModel:
-    """The components of an SD 1.x model (transparent custom socket type)."""
+    """The components of a Stable Diffusion model, SD 1.x, SD 2.x or SDXL (transparent
+    custom socket type). SDXL's second text encoder (OpenCLIP-bigG, with its projection)
+    and its tokenizer are ``text_encoder_2`` / ``tokenizer_2``; None for SD 1.x and 2.x.
+    How the conditioning of each family is packed into one tensor: ``diffusion.
+    encode_prompt`` and ``diffusion.split_condition``."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module
@@ -52,11 +56,27 @@ class SDModel:
     device: torch.device
     dtype: torch.dtype
     source: str
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object | None = None
 
     @property
     def instruct(self) -> bool:
         """True for an 8-channel instruction UNet (InstructPix2Pix / MGIE)."""
         return self.unet.config.in_channels == 8
+
+    @property
+    def family(self) -> str:
+        """The UNet architecture's name ("SD 1.x", "SD 2.x", "SDXL"; see
+        :mod:`mgie_core.architecture`)."""
+        from ..architecture import architecture_of
+
+        return architecture_of(self.unet).name
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts, from the scheduler config: "epsilon" or "v_prediction"
+        (SD 2.x 768-v). ``diffusion.unet_eps`` returns epsilon either way."""
+        return str(getattr(self.scheduler.config, "prediction_type", "epsilon"))
 
     @property
     def vae_scale(self) -> int:
@@ -88,6 +108,9 @@ def ddim_scheduler(config: dict | None = None):
 
     base = dict(config or {})
     base.update(DDIM_SETTINGS)
+    # What the UNet was trained to predict is the model's, not the sampler's choice:
+    # SD 2.x 768-v predicts v (diffusion.unet_eps converts it to epsilon).
+    base["prediction_type"] = (config or {}).get("prediction_type") or "epsilon"
     base.setdefault("num_train_timesteps", 1000)
     return DDIMScheduler.from_config(base)
 
