@@ -59,6 +59,25 @@ SD_CHECKPOINT = register_family(Family(
               "(v1-5-pruned-emaonly.safetensors), or any SD 1.x fine-tune",
     tiny_name="tiny-sd15.safetensors"))
 
+# SDXL and SD 2.x single files sit in the same checkpoints folder and load through the
+# same loaders (the file's keys tell the family); these two entries name their tiny
+# models, which tiny mode gives for a checkpoint name that says SDXL or SD 2.x.
+SDXL_CHECKPOINT = register_family(Family(
+    key="sdxl_checkpoint", what="Stable Diffusion XL checkpoint", folder="checkpoints",
+    kind="file", extensions=(".safetensors", ".ckpt"),
+    default_names=("sd_xl_base_1.0.safetensors",),
+    published="https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0 "
+              "(sd_xl_base_1.0.safetensors), or any SDXL fine-tune",
+    tiny_name="tiny-sdxl.safetensors"))
+
+SD2_CHECKPOINT = register_family(Family(
+    key="sd2_checkpoint", what="Stable Diffusion 2.x checkpoint", folder="checkpoints",
+    kind="file", extensions=(".safetensors", ".ckpt"),
+    default_names=("v2-1_768-ema-pruned.safetensors",),
+    published="https://huggingface.co/stabilityai/stable-diffusion-2-1 "
+              "(v2-1_768-ema-pruned.safetensors), or any SD 2.x fine-tune",
+    tiny_name="tiny-sd2.safetensors"))
+
 SD_DIFFUSERS = register_family(Family(
     key="sd_diffusers", what="Stable Diffusion 1.x diffusers folder", folder="diffusers",
     kind="folder", folder_marker="model_index.json",
