@@ -1,5 +1,19 @@
-"""Shared diffusion arithmetic for SD 1.x (docs/algorithms.md section 0): prompt encoding,
-the DDIM schedule and deterministic DDIM steps in both directions.
+"""Shared diffusion arithmetic (docs/algorithms.md section 0): prompt encoding, the one
+UNet call, the DDIM schedule and deterministic DDIM steps in both directions.
+
+The conditioning is ONE tensor for every family, so that everything that batches,
+expands, concatenates or optimises it (CFG, null-text) works unchanged:
+
+* SD 1.x and 2.x: the text encoder's last hidden states, ``[B, 77, D]``;
+* SDXL: ``[B, 78, D]`` with D = 768 + 1280: rows 0..76 the penultimate hidden states of
+  the two text encoders side by side, row 77 the pooled embedding of the second
+  (1280) followed by zeros. :func:`split_condition` is the one place that unpacks it
+  into the UNet's ``encoder_hidden_states`` and ``added_cond_kwargs`` (the pooled
+  embedding and the size / crop time ids of the latent being denoised).
+
+Token positions (the words CAM, prompt-to-prompt, MAG and A-STAR act on) are 0..76 in
+every family. :func:`unet_eps` returns the noise prediction epsilon whatever the model
+predicts (SD 2.x 768-v predicts v), so every stage works in epsilon.
 
 The step functions are plain tensor maths (differentiable), evaluated in float32
 whatever precision the UNet runs in."""
@@ -103,16 +117,143 @@ def invert_step(sch: Schedule, i: int, z: torch.Tensor, eps: torch.Tensor) -> to
     return ddim_step(z, eps, sch.abar(sch.prev_t(i)), sch.abar(t))
 
 
+TOKENS = 77   # rows of the token conditioning (CLIP's window), in every family
+
+
 @torch.no_grad()
 def encode_prompt(sd: SDModel, prompt: str, name: str = "prompt", report=None) -> torch.Tensor:
-    """CLIP text embedding (1, 77, D) of the last hidden layer, float32 on the device.
-    Words past the 77-token window are dropped, logged, and noted in ``report`` when
-    given (:func:`tokens.warn_if_truncated`; ``name`` is the prompt's input)."""
+    """The prompt's conditioning, float32 on the device: SD 1.x / 2.x the CLIP text
+    embedding (1, 77, D) of the last hidden layer; SDXL the packed (1, 78, D) tensor
+    (module docstring). Words past the 77-token window are dropped, logged, and noted
+    in ``report`` when given (:func:`tokens.warn_if_truncated`; ``name`` is the prompt's
+    input).
+
+    The empty prompt is encoded like any other, as ComfyUI does (diffusers' SDXL pipeline
+    instead uses zeros for the unconditional half when no negative prompt is given)."""
     warn_if_truncated(sd.tokenizer, prompt, name, report)
-    tok = sd.tokenizer(prompt, padding="max_length", max_length=sd.tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt")
-    out = sd.text_encoder(tok.input_ids.to(sd.device))
-    return out[0].float()
+    if sd.text_encoder_2 is None:
+        return sd.text_encoder(_ids(sd.tokenizer, prompt, sd.device))[0].float()
+    # SDXL: the penultimate hidden states of both encoders, the pooled one of the second.
+    first = sd.text_encoder(_ids(sd.tokenizer, prompt, sd.device), output_hidden_states=True)
+    second = sd.text_encoder_2(_ids(sd.tokenizer_2, prompt, sd.device),
+                               output_hidden_states=True)
+    tokens = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1).float()
+    return pack_condition(tokens, second.text_embeds.float())
+
+
+def _ids(tokenizer, prompt: str, device) -> torch.Tensor:
+    tok = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt")
+    if tok.input_ids.shape[-1] != TOKENS:
+        raise InputError("tokenizer", f"makes {tok.input_ids.shape[-1]} tokens",
+                         f"{TOKENS} tokens (model_max_length {TOKENS}), as CLIP's")
+    return tok.input_ids.to(device)
+
+
+def pack_condition(tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """SDXL's packed conditioning: ``tokens`` [B, 77, D] with ``pooled`` [B, P] (P <= D)
+    zero-padded to D as row 77."""
+    b, _, d = tokens.shape
+    if pooled.shape[-1] > d:
+        raise ValueError(f"a pooled embedding of width {pooled.shape[-1]} does not fit the "
+                         f"{d}-wide token conditioning")
+    row = tokens.new_zeros(b, 1, d)
+    row[:, 0, : pooled.shape[-1]] = pooled.to(tokens.dtype)
+    return torch.cat([tokens, row], dim=1)
+
+
+def pooled_width(unet) -> int:
+    """The width of the pooled text embedding an SDXL UNet takes: its added-condition
+    projection's input less the six time ids' sinusoidal embeddings."""
+    cfg = unet.config
+    return int(cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim)
+
+
+def takes_added_condition(unet) -> bool:
+    """True for an SDXL-style UNet (pooled embedding and time ids added to the time
+    embedding)."""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
+def time_ids(sd: SDModel, latent_hw: tuple[int, int], dtype: torch.dtype | None = None
+             ) -> torch.Tensor:
+    """SDXL's micro-conditioning for a latent of ``latent_hw``: (1, 6) = original size
+    (h, w), crop top-left (0, 0), target size (h, w), in pixels (the latent's size times
+    the VAE's factor), as diffusers' SDXL pipelines make it for an uncropped image.
+    Built on the device without a host copy (fills), in ``dtype`` (default the model's)."""
+    h, w = int(latent_hw[0]) * sd.vae_scale, int(latent_hw[1]) * sd.vae_scale
+    ids = torch.zeros(1, 6, device=sd.device, dtype=dtype or sd.dtype)
+    ids[:, 0], ids[:, 1], ids[:, 4], ids[:, 5] = h, w, h, w
+    return ids
+
+
+def split_condition(sd: SDModel, emb: torch.Tensor, latent_hw: tuple[int, int] | None = None,
+                    ids: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """(encoder_hidden_states, added_cond_kwargs) of a conditioning tensor for the UNet.
+    SD 1.x / 2.x: ``(emb, None)``. SDXL: ``(emb[:, :77], {"text_embeds": the pooled
+    row, "time_ids": ...})`` with the time ids ``ids`` when given (a call that must not
+    make tensors, a captured one) else those of ``latent_hw`` (default: the UNet's
+    training size). Differentiable in ``emb``; keeps its dtype and device."""
+    if not takes_added_condition(sd.unet):
+        return emb, None
+    if emb.dim() != 3 or emb.shape[1] != TOKENS + 1:
+        raise InputError("conditioning", f"has shape {tuple(emb.shape)}",
+                         f"SDXL's packed [batch, {TOKENS + 1}, width] conditioning (77 token "
+                         "rows and the pooled embedding)",
+                         "Encode the prompt with this SDXL model (diffusion.encode_prompt).")
+    pooled = emb[:, TOKENS, : pooled_width(sd.unet)]
+    if ids is None:
+        side = int(getattr(sd.unet.config, "sample_size", 128) or 128)
+        ids = time_ids(sd, latent_hw or (side, side), emb.dtype)
+    ids = ids.to(emb.dtype).expand(emb.shape[0], -1)
+    return emb[:, :TOKENS], {"text_embeds": pooled, "time_ids": ids}
+
+
+def v_to_eps(v: torch.Tensor, z: torch.Tensor, abar) -> torch.Tensor:
+    """Epsilon from a v-prediction: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t (v is
+    sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t)
+    eps). ``abar`` a number or a tensor (a captured call's input)."""
+    if isinstance(abar, torch.Tensor):
+        return abar.sqrt() * v + (1 - abar).sqrt() * z
+    return abar ** 0.5 * v + (1 - abar) ** 0.5 * z
+
+
+def eps_from_output(sd: SDModel, out: torch.Tensor, z: torch.Tensor, abar) -> torch.Tensor:
+    """The UNet's float32 output as epsilon: as it is for epsilon models, converted from
+    v for v-prediction models (``abar``: abar_t of the call)."""
+    kind = sd.prediction_type
+    if kind == "epsilon":
+        return out
+    if kind == "v_prediction":
+        return v_to_eps(out, z.float(), abar)
+    raise InputError("sd_model", f"predicts {kind!r}", "an epsilon- or v-prediction model")
+
+
+def call_unet(sd: SDModel, z: torch.Tensor, tt: torch.Tensor, emb: torch.Tensor,
+              ids: torch.Tensor | None = None, abar=None, x: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """The UNet on device tensors already in the model's dtype (``tt`` the timestep
+    tensor), epsilon in float32: the body of :func:`unet_eps` and of the captured calls
+    (graphs.py), which pass the time ids and abar_t they made outside the capture. ``x``:
+    the latent x_t in float32 for a v-prediction model's conversion (default ``z``)."""
+    tokens, added = split_condition(sd, emb, tuple(z.shape[-2:]), ids)
+    out = sd.unet(z, tt, encoder_hidden_states=tokens, added_cond_kwargs=added,
+                  return_dict=False)[0].float()
+    return eps_from_output(sd, out, z if x is None else x, abar)
+
+
+def abar_of(sd: SDModel, t) -> float | None:
+    """abar_t for a v-prediction model's conversion (None for epsilon models, which do not
+    need it). Integer timesteps only: the fractional ones are Euler's, which the
+    instruction path runs with epsilon models only."""
+    if sd.prediction_type == "epsilon":
+        return None
+    if isinstance(t, float) and not t.is_integer():
+        raise InputError("sd_model", f"predicts {sd.prediction_type} and is sampled at the "
+                         f"fractional timestep {t}", "an epsilon-prediction model for "
+                         "the Euler sampler, or the DDIM sampler")
+    return float(sd.scheduler.alphas_cumprod[int(t)])
 
 
 def token_ids(sd: SDModel, prompt: str) -> list[int]:
@@ -121,16 +262,19 @@ def token_ids(sd: SDModel, prompt: str) -> list[int]:
 
 
 def unet_eps(sd: SDModel, z: torch.Tensor, t, emb: torch.Tensor) -> torch.Tensor:
-    """One UNet call; inputs cast to the model's dtype, output back to float32.
+    """One UNet call; inputs cast to the model's dtype, output epsilon in float32 (for a
+    v-prediction model, converted from v), conditioning unpacked by
+    :func:`split_condition`.
 
     ``t`` is an integer timestep (DDIM) or a fractional one (Euler's linspace timesteps,
     passed as the scheduler gives them, as diffusers' pipelines do)."""
     frac = isinstance(t, float) and not t.is_integer()
     tt = torch.full((z.shape[0],), t if frac else int(t), device=sd.device,
                     dtype=torch.float32 if frac else torch.long)
-    return sd.unet(host.place(z, sd.device, sd.dtype), tt,
-                   encoder_hidden_states=host.place(emb, sd.device, sd.dtype),
-                   return_dict=False)[0].float()
+    abar = abar_of(sd, t)
+    x = None if abar is None else host.place(z, sd.device, torch.float32)
+    return call_unet(sd, host.place(z, sd.device, sd.dtype), tt,
+                     host.place(emb, sd.device, sd.dtype), abar=abar, x=x)
 
 
 # --- instruction-path solvers ---------------------------------------------------------

@@ -70,6 +70,8 @@ from collections.abc import Callable, Iterable
 import torch
 
 from . import attention_hooks as ah
+from . import host
+from .diffusion import abar_of, call_unet, takes_added_condition, time_ids
 from .errors import XMGIEError
 
 log = logging.getLogger(__name__)
@@ -459,13 +461,11 @@ def unet_eps(cache: GraphCache, site: str, sd, z: torch.Tensor, t, emb: torch.Te
              controller=None) -> torch.Tensor:
     """``diffusion.unet_eps`` through the graph cache: the call's hooks are the
     controller's (none: a plain UNet), its context the controller's current one."""
-    from . import host
-
     inputs = {"z": host.place(z, sd.device, sd.dtype), "t": _timestep_tensor(sd, z, t),
-              "emb": host.place(emb, sd.device, sd.dtype)}
+              "emb": host.place(emb, sd.device, sd.dtype), **_model_inputs(sd, z, t)}
 
-    def fn(z, t, emb):
-        return sd.unet(z, t, encoder_hidden_states=emb, return_dict=False)[0].float()
+    def fn(z, t, emb, ids=None, abar=None, x=None):
+        return call_unet(sd, z, t, emb, ids, abar, x)
 
     ctl, passes = controller, (int(z.shape[0]), False, True)
     if ctl is None or (ctl.context is None and not ctl.patches):
@@ -477,6 +477,21 @@ def unet_eps(cache: GraphCache, site: str, sd, z: torch.Tensor, t, emb: torch.Te
         return cache.call(site, None, fn, inputs, why)
     state = [list(ctl.hooks), *control_state(cache.controls, ctl.context.layout)]
     return cache.call(site, key, fn, inputs, state, passes)
+
+
+def _model_inputs(sd, z: torch.Tensor, t) -> dict[str, torch.Tensor]:
+    """What a captured UNet call needs besides (z, t, emb), made outside the capture as
+    device tensors: SDXL's time ids for the latent's size, and for a v-prediction model
+    abar_t and the float32 latent for the conversion to epsilon (``diffusion.call_unet``).
+    Nothing for an SD 1.x epsilon model."""
+    out = {}
+    if takes_added_condition(sd.unet):
+        out["ids"] = time_ids(sd, tuple(z.shape[-2:]))
+    abar = abar_of(sd, t)
+    if abar is not None:
+        out["abar"] = torch.full((1,), abar, device=sd.device, dtype=torch.float32)
+        out["x"] = host.place(z, sd.device, torch.float32)
+    return out
 
 
 class timestep_input:
@@ -523,11 +538,10 @@ def null_text_gradient(cache: GraphCache, sd, u: torch.Tensor, z: torch.Tensor, 
     ``t``), so one graph serves every step."""
     from .errors import GradientError, why_no_gradient
 
-    def fn(u, z, t, eps_c, target, coef):
+    def fn(u, z, t, eps_c, target, coef, ids=None, abar=None, x=None):
         b = z.shape[0]
-        eps_u = sd.unet(z.to(sd.dtype), t.expand(b),
-                        encoder_hidden_states=u.expand(b, -1, -1).to(sd.dtype),
-                        return_dict=False)[0].float()
+        eps_u = call_unet(sd, z.to(sd.dtype), t.expand(b), u.expand(b, -1, -1).to(sd.dtype),
+                          ids, abar, z if x is None else x)
         eps = eps_u + scale * (eps_c - eps_u)
         x0 = (z - coef[0] * eps) / coef[1]
         loss = torch.nn.functional.mse_loss(coef[2] * x0 + coef[3] * eps, target)
@@ -537,6 +551,7 @@ def null_text_gradient(cache: GraphCache, sd, u: torch.Tensor, z: torch.Tensor, 
         return loss.detach(), grad
 
     inputs = {"u": u, "z": z, "t": _timestep_tensor(sd, z, t)[:1], "eps_c": eps_c,
-              "target": target, "coef": coef}
+              "target": target, "coef": coef,
+              **{k: v for k, v in _model_inputs(sd, z, t).items() if k != "x"}}
     return cache.call("null-text", ("scale", scale), fn, inputs,
                       passes=(int(z.shape[0]), True, True))

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from . import attention, attention_hooks, host, vae
 from .architecture import architecture_of
-from .diffusion import encode_prompt
+from .diffusion import encode_prompt, split_condition
 from .errors import InputError
 from .images import check_image, check_mask
 from .models.sd import SDModel
@@ -123,10 +123,12 @@ def capture_maps(sd: SDModel, z_t: torch.Tensor, timesteps: Sequence[int],
     controller.reset_call(ctx)
     try:
         tt = torch.tensor([int(t) for t in timesteps], device=sd.device, dtype=torch.long)
-        with torch.no_grad():
-            sd.unet(z_t.to(sd.device, sd.dtype), tt,
-                    encoder_hidden_states=emb.expand(len(timesteps), -1, -1).to(
-                        sd.device, sd.dtype), return_dict=False)
+        with torch.no_grad():   # the maps only: no conversion of the output to epsilon
+            tokens, added = split_condition(
+                sd, emb.expand(len(timesteps), -1, -1).to(sd.device, sd.dtype),
+                tuple(z_t.shape[-2:]))
+            sd.unet(z_t.to(sd.device, sd.dtype), tt, encoder_hidden_states=tokens,
+                    added_cond_kwargs=added, return_dict=False)
     finally:
         controller.hooks = saved_hooks
         controller.reset_call(saved_ctx)

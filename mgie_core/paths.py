@@ -95,6 +95,32 @@ IP2P_DIFFUSERS = register_family(Family(
     published="https://huggingface.co/timbrooks/instruct-pix2pix (diffusers layout)",
     tiny_name="tiny-ip2p"))
 
+SDXL_DIFFUSERS = register_family(Family(
+    key="sdxl", what="SDXL diffusers folder", folder="diffusers",
+    kind="folder", folder_marker="model_index.json",
+    default_names=("stable-diffusion-xl-base-1.0",),
+    hf_repos=("stabilityai/stable-diffusion-xl-base-1.0",),
+    published="https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0 (diffusers "
+              "layout), or any SDXL fine-tune in that layout",
+    tiny_name="tiny-sdxl"))
+
+SDXL_IP2P_DIFFUSERS = register_family(Family(
+    key="sdxl_ip2p", what="SDXL InstructPix2Pix diffusers folder", folder="diffusers",
+    kind="folder", folder_marker="model_index.json",
+    default_names=("sdxl-instructpix2pix-768",),
+    hf_repos=("diffusers/sdxl-instructpix2pix-768",),
+    published="https://huggingface.co/diffusers/sdxl-instructpix2pix-768 (diffusers layout)",
+    tiny_name="tiny-sdxl-ip2p"))
+
+SD2_DIFFUSERS = register_family(Family(
+    key="sd2", what="Stable Diffusion 2.x diffusers folder", folder="diffusers",
+    kind="folder", folder_marker="model_index.json",
+    default_names=("stable-diffusion-2-1",),
+    hf_repos=("stabilityai/stable-diffusion-2-1",),
+    published="https://huggingface.co/stabilityai/stable-diffusion-2-1 (diffusers layout, "
+              "768 px v-prediction), or stable-diffusion-2-1-base",
+    tiny_name="tiny-sd2"))
+
 MGIE_UNET = register_family(Family(
     key="mgie_unet", what="MGIE instruction UNet (unet.pt)", folder="mgie",
     kind="file", extensions=(".pt", ".pth", ".safetensors"),
