@@ -78,6 +78,13 @@ SD2_CHECKPOINT = register_family(Family(
               "(v2-1_768-ema-pruned.safetensors), or any SD 2.x fine-tune",
     tiny_name="tiny-sd2.safetensors"))
 
+# How tiny mode tells an SD_CHECKPOINT name's family: by its wording, in this order
+# (a name saying neither is SD 1.x). The loaders also list these families' default names.
+CHECKPOINT_WORDING: tuple[tuple[Family, tuple[str, ...]], ...] = (
+    (SDXL_CHECKPOINT, ("xl",)),
+    (SD2_CHECKPOINT, ("v2", "sd2", "2-1", "2.1", "768-v")),
+)
+
 SD_DIFFUSERS = register_family(Family(
     key="sd_diffusers", what="Stable Diffusion 1.x diffusers folder", folder="diffusers",
     kind="folder", folder_marker="model_index.json",
@@ -284,10 +291,33 @@ def _hf_cache(repo_id: str) -> Path | None:
         return None
 
 
+def tiny_family(family: Family | str, name: str) -> Family:
+    """The family whose tiny model tiny mode gives for ``name``: a checkpoint name that
+    says SDXL or SD 2.x (:data:`CHECKPOINT_WORDING`) gets that family's, so a workflow
+    naming an SDXL file runs on the tiny SDXL; any other name its own family's."""
+    fam = FAMILIES[family] if isinstance(family, str) else family
+    if fam is SD_CHECKPOINT:
+        low = Path(name or "").name.lower()
+        for other, words in CHECKPOINT_WORDING:
+            if any(w in low for w in words):
+                return other
+    return fam
+
+
+def _default_names(fam: Family) -> list[str]:
+    """The names a loader of ``fam`` offers when nothing is found: its own defaults and,
+    for checkpoints, the SDXL and SD 2.x ones (the same loaders read them)."""
+    names = list(fam.default_names)
+    if fam is SD_CHECKPOINT:
+        names += [n for other, _ in CHECKPOINT_WORDING for n in other.default_names]
+    return names
+
+
 def resolve(family: Family | str, name: str) -> Path:
     """Find model ``name`` of ``family`` or raise :class:`ModelNotFoundError`."""
     fam = FAMILIES[family] if isinstance(family, str) else family
     if _tiny_root is not None:
+        fam = tiny_family(fam, name)
         p = _tiny_root / fam.folder / fam.tiny_name
         if not _valid(fam, p):
             raise ModelNotFoundError(f"tiny {fam.what}", fam.tiny_name, [p],
@@ -381,7 +411,7 @@ def list_models(family: Family | str) -> list[str]:
     the defaults, which it answers whatever the name."""
     fam = FAMILIES[family] if isinstance(family, str) else family
     if _tiny_root is not None:
-        return list(fam.default_names)
+        return _default_names(fam)
     found: list[str] = []
     for d in search_dirs(fam):
         if not d.is_dir():
@@ -392,7 +422,7 @@ def list_models(family: Family | str) -> list[str]:
                     found.append(p.relative_to(d).as_posix())
             elif fam.kind == "folder" and _valid(fam, p):
                 found.append(p.name)
-    more = _cached_defaults(fam) if in_comfyui() else list(fam.default_names)
+    more = _cached_defaults(fam) if in_comfyui() else _default_names(fam)
     out = []
     for n in found + more:
         if n not in out:

@@ -173,7 +173,9 @@ def test_the_mgie_unet_list_leaves_out_the_mgie_folders_weights(tmp_path, clean_
 
 def test_standalone_lists_the_defaults_and_hints_the_models_dir(tmp_path, clean_paths):
     clean_paths.configure(models_dir=[tmp_path])
-    assert paths.list_models(paths.SD_CHECKPOINT) == ["v1-5-pruned-emaonly.safetensors"]
+    assert paths.list_models(paths.SD_CHECKPOINT) == [
+        "v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors",
+        "v2-1_768-ema-pruned.safetensors"]
     with pytest.raises(ModelNotFoundError) as err:
         paths.resolve(paths.SD_CHECKPOINT, "v1-5-pruned-emaonly.safetensors")
     text = str(err.value)

@@ -69,7 +69,10 @@ def test_tiny_mode_answers_any_name(sd_root, clean_paths):
     clean_paths.configure(tiny_root=sd_root)
     model = sd.load_sd_checkpoint("v1-5-pruned-emaonly.safetensors")
     assert model.source.endswith("tiny-sd15.safetensors")
-    assert paths.list_models(paths.SD_CHECKPOINT) == list(paths.SD_CHECKPOINT.default_names)
+    # the SDXL and SD 2.x defaults too: the same loaders read them, tiny mode answers them
+    assert paths.list_models(paths.SD_CHECKPOINT) == [
+        *paths.SD_CHECKPOINT.default_names, *paths.SDXL_CHECKPOINT.default_names,
+        *paths.SD2_CHECKPOINT.default_names]
 
 
 def test_ldm_writer_matches_diffusers_reader_at_sd_structure():
