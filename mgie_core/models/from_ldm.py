@@ -1,11 +1,22 @@
-"""SD 1.x models from LDM-layout state dicts, sharing the weight tensors.
+"""SD 1.x, SD 2.x and SDXL models from LDM-layout state dicts, sharing the weight tensors.
 
 The LDM layout is the one single-file checkpoints use and the one ComfyUI's loaded models
 hold: the UNet as under ``model.diffusion_model.`` (``input_blocks.*``, ``middle_block.*``,
-``output_blocks.*``), the VAE as under ``first_stage_model.`` (``encoder.down.*``,
-``decoder.up.*``), the CLIP text encoder as under ``cond_stage_model.transformer.``
-(``text_model.*``). An :class:`LDMPart` is one of the three with its diffusers config;
-:func:`sd_from_ldm` turns three parts into the pack's :class:`~.sd.SDModel`.
+``output_blocks.*``; SDXL's ``label_emb.*``), the VAE as under ``first_stage_model.``
+(``encoder.down.*``, ``decoder.up.*``), the CLIP text encoder in transformers' names
+(``text_model.*``), as under ``cond_stage_model.transformer.`` in an SD 1.x file. An
+:class:`LDMPart` is one of these with its diffusers config; :func:`sd_from_ldm` turns
+them into the pack's :class:`~.sd.SDModel`.
+
+The text encoders are always held in transformers' names, as ComfyUI holds them once
+loaded: a file's OpenCLIP tensors (SD 2.x's OpenCLIP-H, SDXL's OpenCLIP-bigG; fused
+``in_proj`` attention, see :mod:`.ldm_convert`) are converted when the file is read, with
+diffusers' own ``convert_open_clip_checkpoint``. SDXL's CLIP part carries the second
+encoder (OpenCLIP-bigG with its projection) as :attr:`LDMPart.second`, so ComfyUI's one
+CLIP socket stays one value. Which family a file is comes from its keys
+(:func:`detect_layout`), as ComfyUI tells them; its configs are the pack's shipped ones
+(``configs/sd15``, ``sd2``, ``sdxl``, ``sdxl_ip2p``) unless ``<stem>.config/`` sits beside
+the file.
 
 Why a second path next to :func:`.sd.load_sd_checkpoint`: the bridge node takes the
 models a ComfyUI graph already loaded (after its LoRA loaders), so there is no file to
@@ -26,7 +37,8 @@ Configs: :func:`read_ldm_checkpoint` takes them from the checkpoint's config fol
 the single-file loader does); for tensors with no file (ComfyUI),
 :func:`unet_config_from_ldm`, :func:`vae_config_from_ldm` and :func:`text_config_from_ldm`
 read every size from the tensor shapes, and take the few numbers shapes cannot tell
-(attention heads, GroupNorm groups, the activation) from the caller.
+(attention heads or head width, GroupNorm groups, the activation, SDXL's time-embedding
+width, the VAE's scaling factor) from the caller.
 """
 
 from __future__ import annotations
@@ -44,12 +56,16 @@ from ..errors import InputError, ModelLoadError
 from .sd import (
     CONFIG_DIR,
     LDM_PREFIXES,
+    SIDE_CONFIG_SUFFIX,
     SINGLE_FILE_OPTIONAL,
     TEXT_ENCODER_OPTIONAL,
     SDModel,
+    _load_tokenizer,
     ddim_scheduler,
+    find_clip_tokenizer,
     fit_tokenizer,
-    read_single_file,
+    read_checkpoint,
+    resolve_checkpoint,
     resolve_dtype,
 )
 from .validate import (
@@ -59,11 +75,51 @@ from .validate import (
     read_sd_configs,
 )
 
-UNET, VAE, TEXT_ENCODER = "unet", "vae", "text_encoder"
-KINDS = (UNET, VAE, TEXT_ENCODER)
-WHAT = {UNET: "SD 1.x UNet", VAE: "SD 1.x VAE", TEXT_ENCODER: "SD 1.x CLIP text encoder"}
+UNET, VAE, TEXT_ENCODER, TEXT_ENCODER_2 = "unet", "vae", "text_encoder", "text_encoder_2"
+KINDS = (UNET, VAE, TEXT_ENCODER, TEXT_ENCODER_2)
+WHAT = {UNET: "SD UNet", VAE: "SD VAE", TEXT_ENCODER: "SD CLIP text encoder",
+        TEXT_ENCODER_2: "SDXL OpenCLIP-bigG text encoder"}
+SUPPORTED = "Only SD 1.x, SD 2.x and SDXL models are supported."
+# Where a part's tensors sit in a checkpoint (named so in key errors). The second text
+# encoder is held in transformers' names, as ComfyUI holds it ("clip_g.transformer.").
+PART_PREFIXES = {**LDM_PREFIXES, TEXT_ENCODER_2: "clip_g.transformer."}
 # Dtypes the diffusers/transformers modules run in; others (fp8) are converted.
 RUNNABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CONFIGS_ROOT = CONFIG_DIR.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one family's single file holds its text encoders, and its shipped configs."""
+
+    family: str               # "sd1", "sd2", "sdxl"
+    name: str                 # for messages
+    config: str               # the shipped config folder under mgie_core/configs
+    text_prefix: str          # the (first) text encoder
+    text_open_clip: bool = False   # the first text encoder in OpenCLIP's layout (SD 2.x)
+    text_2_prefix: str = ""        # SDXL's OpenCLIP-bigG
+
+    def prefixes(self) -> dict[str, str]:
+        out = {UNET: LDM_PREFIXES[UNET], VAE: LDM_PREFIXES[VAE], TEXT_ENCODER: self.text_prefix}
+        if self.text_2_prefix:
+            out[TEXT_ENCODER_2] = self.text_2_prefix
+        return out
+
+
+SD1_LAYOUT = Layout("sd1", "SD 1.x", "sd15", LDM_PREFIXES[TEXT_ENCODER])
+SD2_LAYOUT = Layout("sd2", "SD 2.x", "sd2", "cond_stage_model.model.", text_open_clip=True)
+SDXL_LAYOUT = Layout("sdxl", "SDXL", "sdxl", "conditioner.embedders.0.transformer.",
+                     text_2_prefix="conditioner.embedders.1.model.")
+# Keys some files carry to say how the model was trained (ComfyUI reads the same):
+# "v_pred" marks a v-prediction model; zero-terminal-SNR ("ztsnr") and EDM schedules
+# are not the DDIM schedule of docs/algorithms.md section 0 and are refused.
+V_PRED_KEY = "v_pred"
+UNSUPPORTED_MARKERS = {"ztsnr": "a zero-terminal-SNR schedule", "edm_mean": "an EDM model",
+                       "edm_vpred.sigma_max": "an EDM v-prediction model"}
+# ComfyUI tells an SD 2.x 768-v file from a 512-base one by the spread of this bias
+# (comfy/supported_models.py, SD20.model_type); the pack does the same.
+SD2_V_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+SD2_V_STD = 0.09
 
 
 @dataclasses.dataclass(eq=False)
@@ -79,9 +135,10 @@ class LDMPart:
     state: dict
     config: dict
     source: str
-    tokenizer: Any = None                  # text encoder only (a CLIPTokenizer)
+    tokenizer: Any = None                  # text encoders only (a CLIPTokenizer)
     scheduler_config: dict | None = None  # UNet only
     cache: dict = dataclasses.field(default_factory=dict, repr=False)
+    second: LDMPart | None = None  # text encoder only: SDXL's OpenCLIP-bigG part
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -93,55 +150,252 @@ class LDMPart:
 
 # --- reading a checkpoint ----------------------------------------------------------------
 
-def split_checkpoint(state: dict, what: str, path: Path | str) -> dict[str, dict]:
-    """A single-file SD 1.x state dict split into the three components' LDM tensors
-    (prefixes removed; older CLIP names get the ``text_model.`` level). Keys of no
-    component are refused unless :data:`.sd.SINGLE_FILE_OPTIONAL` allows them."""
-    parts: dict[str, dict] = {k: {} for k in KINDS}
+def detect_layout(state: dict, what: str, path: Path | str) -> Layout:
+    """The family of a single-file state dict, from its text encoders' keys (as ComfyUI
+    and diffusers tell them): OpenCLIP-bigG under ``conditioner.embedders.1.model.``
+    is SDXL, OpenCLIP under ``cond_stage_model.model.`` SD 2.x, anything else is read as
+    SD 1.x (whose key check then names what is missing)."""
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in state)
+
+    for key, kind in UNSUPPORTED_MARKERS.items():
+        if key in state:
+            raise ModelLoadError(what, path, f"it is {kind} (key '{key}')",
+                                 "The pack samples with DDIM on the scaled-linear schedule "
+                                 "(epsilon or v-prediction); " + SUPPORTED)
+    if has(SDXL_LAYOUT.text_2_prefix):
+        return SDXL_LAYOUT
+    if has("conditioner.embedders.0.model."):
+        raise ModelLoadError(what, path, "its only text encoder is OpenCLIP under "
+                             "conditioner.embedders.0 (the SDXL refiner, or SD 2.x in the "
+                             "sgm layout)", SUPPORTED)
+    if has(SD2_LAYOUT.text_prefix):
+        return SD2_LAYOUT
+    return SD1_LAYOUT
+
+
+def _shipped_config(layout: Layout, state: dict) -> Path:
+    cin = state.get(LDM_PREFIXES[UNET] + "input_blocks.0.0.weight")
+    if layout is SDXL_LAYOUT and cin is not None and cin.ndim == 4 and cin.shape[1] == 8:
+        return CONFIGS_ROOT / "sdxl_ip2p"    # SDXL InstructPix2Pix
+    return CONFIGS_ROOT / layout.config
+
+
+def file_prediction_type(layout: Layout, state: dict) -> str | None:
+    """What a file says its UNet predicts, where it says anything: the ``v_pred`` key,
+    or for SD 2.x ComfyUI's rule (a 768-v model's :data:`SD2_V_PROBE` bias has a
+    standard deviation above 0.09; a 512-base model's does not)."""
+    if V_PRED_KEY in state:
+        return "v_prediction"
+    if layout is SD2_LAYOUT:
+        probe = state.get(SD2_V_PROBE)
+        if probe is not None and float(probe.float().std(unbiased=False)) > SD2_V_STD:
+            return "v_prediction"
+        return "epsilon"
+    return None
+
+
+def _open_clip_tokenizer(tokenizer):
+    """OpenCLIP pads with "!" (id 0), not the end token (ComfyUI and diffusers alike)."""
+    tok = copy.deepcopy(tokenizer)
+    if "!" in tok.get_vocab():
+        tok.pad_token = "!"
+    return tok
+
+
+@dataclasses.dataclass
+class SingleFile:
+    """A single-file checkpoint read, nothing converted: its family, config folder,
+    configs (read as data), tokenizers and tensors."""
+
+    path: Path
+    layout: Layout
+    config_dir: Path
+    configs: dict
+    tokenizer: Any
+    tokenizer_2: Any
+    state: dict
+
+
+def read_any_single_file(name: str, config_dir: Path | None = None) -> SingleFile:
+    """A single-file checkpoint of any family, found as the single-file loader finds it
+    (models/checkpoints; tiny mode: by the name, see :func:`.sd.resolve_checkpoint`). The
+    configs: ``config_dir``, else ``<stem>.config/`` beside the file, else the family's
+    shipped ones, whose scheduler then takes the prediction type the file states
+    (:func:`file_prediction_type`). Tokenizers: the config folder's ``tokenizer/`` and
+    ``tokenizer_2/``, else the CLIP tokenizer (models/clip_tokenizer, ComfyUI's own),
+    padding with "!" for OpenCLIP as the originals do."""
+    what = paths.SD_CHECKPOINT.what
+    path = resolve_checkpoint(name)
+    if config_dir is None:
+        side = path.with_name(path.stem + SIDE_CONFIG_SUFFIX)
+        config_dir = side if (side / "model_index.json").exists() else None
+    state = read_checkpoint(path, what)
+    layout = detect_layout(state, what, path)
+    shipped = config_dir is None
+    config_dir = Path(config_dir) if config_dir is not None else _shipped_config(layout, state)
+    configs = read_sd_configs(config_dir, f"{what} config")
+    if shipped:
+        predicted = file_prediction_type(layout, state)
+        if predicted:
+            configs["scheduler"] = {**configs["scheduler"], "prediction_type": predicted}
+    tok_dir = find_clip_tokenizer(config_dir)
+    tokenizer = _load_tokenizer(tok_dir, "CLIP tokenizer")
+    own = tok_dir == config_dir / "tokenizer"
+    tokenizer_2 = None
+    if layout is SD2_LAYOUT and not own:
+        tokenizer = _open_clip_tokenizer(tokenizer)
+    if layout is SDXL_LAYOUT:
+        second = config_dir / "tokenizer_2"
+        tokenizer_2 = (_load_tokenizer(second, "CLIP tokenizer") if (second / "vocab.json")
+                       .exists() else _open_clip_tokenizer(tokenizer))
+    return SingleFile(path, layout, config_dir, configs, tokenizer, tokenizer_2, state)
+
+
+def _text_layers_optional(layout: Layout, state: dict, configs: dict) -> tuple[str, ...]:
+    """SD 2.x files hold all of OpenCLIP-H's layers, its projection and logit scale; the
+    model reads the penultimate layer's output (diffusers' config has one layer fewer),
+    so the layers past the config's count are not used."""
+    out: list[str] = []
+    for prefix, key in ((layout.text_prefix, TEXT_ENCODER), (layout.text_2_prefix,
+                                                               TEXT_ENCODER_2)):
+        if not prefix:
+            continue
+        out += [prefix + "logit_scale"]
+        if key == TEXT_ENCODER and layout.text_open_clip:
+            out += [prefix + "text_projection"]
+            n = int(configs[key]["num_hidden_layers"])
+            layers = _indices(state, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
+            out += [f"{prefix}transformer.resblocks.{i}.*" for i in layers if i >= n]
+        if key == TEXT_ENCODER and not layout.text_open_clip:
+            out += [prefix + "text_model.embeddings.position_ids",
+                    prefix + "text_projection.weight"]
+    return tuple(out)
+
+
+def check_file_keys(sf: SingleFile) -> None:
+    """Every weight the configs' models have, in the file with its shape, under the
+    family's names; nothing else than the documented optional keys (the SD 1.x ones:
+    schedule buffers, the EMA copy; the ``v_pred`` marker; the unused OpenCLIP tensors of
+    :func:`_text_layers_optional`). Errors name the keys as the file spells them. The
+    models are built on the meta device: no memory, whatever their size."""
+    from .ldm_convert import text_encoders_to_ldm, unet_to_ldm, vae_to_ldm
+
+    what = paths.SD_CHECKPOINT.what
+    modules = {kind: _meta_build(kind, sf.configs[kind], str(sf.config_dir))
+               for kind in sf.layout.prefixes()}
+    expected = {}
+    expected.update(unet_to_ldm(modules[UNET].state_dict(), modules[UNET].config))
+    expected.update(vae_to_ldm(modules[VAE].state_dict(), modules[VAE].config))
+    second = modules.get(TEXT_ENCODER_2)
+    expected.update(text_encoders_to_ldm(sf.layout.family, modules[TEXT_ENCODER].state_dict(),
+                                         None if second is None else second.state_dict()))
+    missing, unexpected, mismatched = compare_state_dicts(expected, sf.state, loose_1x1=True)
+    optional = (SINGLE_FILE_OPTIONAL + (V_PRED_KEY, "denoiser.*")
+                + _text_layers_optional(sf.layout, sf.state, sf.configs))
+    check_state_dict_keys(what, sf.path, missing, unexpected, mismatched, optional)
+
+
+def _hf_text_state(sub: dict, layout: Layout, kind: str, config: dict) -> dict:
+    """A text encoder's tensors (prefix removed) in transformers' names, with the
+    ``text_model.`` level; OpenCLIP tensors go through diffusers' converter, and keep
+    only what the config's model has (the layers it reads; the projection of the
+    encoder that has one)."""
+    open_clip = kind == TEXT_ENCODER_2 or layout.text_open_clip
+    if not open_clip:
+        # SDXL files may carry CLIP-L's position_ids and projection, which it does not use
+        drop = ("text_model.embeddings.position_ids", "text_projection.weight") \
+            if layout is not SD1_LAYOUT else ()
+        return {(k if k.startswith("text_model.") else "text_model." + k): v
+                for k, v in sub.items() if k not in drop}
+    from types import SimpleNamespace
+
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    width = sub["token_embedding.weight"].shape[1]
+    stub = SimpleNamespace(config=SimpleNamespace(hidden_size=width))
+    out = convert_open_clip_checkpoint(stub, {"m." + k: v for k, v in sub.items()}, prefix="m.")
+    n = int(config["num_hidden_layers"])
+    keep = {}
+    for k, v in out.items():
+        m = re.match(r"text_model\.encoder\.layers\.(\d+)\.", k)
+        if (m and int(m.group(1)) >= n) or (k == "text_projection.weight"
+                                             and kind == TEXT_ENCODER):
+            continue
+        keep[k] = v
+    return keep
+
+
+def split_checkpoint(state: dict, what: str, path: Path | str,
+                     layout: Layout = SD1_LAYOUT, configs: dict | None = None
+                     ) -> dict[str, dict]:
+    """A single-file state dict split into its components' tensors (prefixes removed;
+    text encoders in transformers' names, older CLIP names given the ``text_model.``
+    level). For SD 1.x, keys of no component are refused unless
+    :data:`.sd.SINGLE_FILE_OPTIONAL` allows them (SD 2.x and SDXL files are checked whole
+    by :func:`check_file_keys` first)."""
+    prefixes = layout.prefixes()
+    parts: dict[str, dict] = {k: {} for k in prefixes}
     stray = []
     for key, value in state.items():
-        for kind, prefix in LDM_PREFIXES.items():
+        for kind, prefix in prefixes.items():
             if key.startswith(prefix):
-                rest = key[len(prefix):]
-                if kind == TEXT_ENCODER and not rest.startswith("text_model."):
-                    rest = "text_model." + rest
-                parts[kind][rest] = value
+                parts[kind][key[len(prefix):]] = value
                 break
         else:
             stray.append(key)
-    check_state_dict_keys(what, path, (), stray, (), SINGLE_FILE_OPTIONAL)
+    if layout is SD1_LAYOUT:
+        check_state_dict_keys(what, path, (), stray, (), SINGLE_FILE_OPTIONAL)
+    for kind in (TEXT_ENCODER, TEXT_ENCODER_2):
+        if kind in parts:
+            parts[kind] = _hf_text_state(parts[kind], layout, kind,
+                                         (configs or {}).get(kind) or {"num_hidden_layers": 10**6})
     return parts
 
 
 def read_ldm_checkpoint(name: str, config_dir: Path | None = None
                         ) -> tuple[LDMPart, LDMPart, LDMPart]:
-    """(UNet, text encoder, VAE) parts of a single-file SD 1.x checkpoint, found as the
-    single-file loader finds it (models/checkpoints, tiny mode), with the same configs
-    (``<stem>.config/`` beside it, else the pack's SD 1.5). Nothing is converted yet."""
+    """(UNet, text encoder, VAE) parts of a single-file checkpoint of any family, found
+    as the single-file loader finds it (models/checkpoints, tiny mode), with the same
+    configs (see :func:`read_any_single_file`); SDXL's text-encoder part carries the
+    second encoder as ``second``. Every key is checked first; nothing is converted to a
+    module yet."""
+    return ldm_parts(read_any_single_file(name, config_dir))
+
+
+def ldm_parts(sf: SingleFile) -> tuple[LDMPart, LDMPart, LDMPart]:
+    """The parts of a single file read by :func:`read_any_single_file` (its tensors are
+    taken: ``sf.state`` is emptied)."""
     what = paths.SD_CHECKPOINT.what
-    path, _, configs, tokenizer, state = read_single_file(name, config_dir)
+    if sf.layout is not SD1_LAYOUT:
+        check_file_keys(sf)
+    state = sf.state
     # Tensors read from a file start at arbitrary byte offsets; CPU matrix kernels take
     # other code paths for unaligned memory and round differently (~1e-6 in a UNet
     # output). One fresh (aligned) tensor each, as a module's own parameters are, keeps
     # the results bit-identical to the single-file loader's, which copies into its
     # parameters. These are the run's own tensors: nothing is shared yet.
+    fresh = {}
     for key in list(state):
-        state[key] = state.pop(key).clone()
-    parts = split_checkpoint(state, what, path)
-    source = str(path)
-    return (LDMPart(UNET, parts[UNET], configs[UNET], source,
-                    scheduler_config=configs["scheduler"]),
-            LDMPart(TEXT_ENCODER, parts[TEXT_ENCODER], configs[TEXT_ENCODER], source,
-                    tokenizer=tokenizer),
-            LDMPart(VAE, parts[VAE], configs[VAE], source))
+        fresh[key] = state.pop(key).clone()
+    parts = split_checkpoint(fresh, what, sf.path, sf.layout, sf.configs)
+    del fresh
+    source = str(sf.path)
+    text = LDMPart(TEXT_ENCODER, parts[TEXT_ENCODER], sf.configs[TEXT_ENCODER], source,
+                   tokenizer=sf.tokenizer)
+    if TEXT_ENCODER_2 in parts:
+        text.second = LDMPart(TEXT_ENCODER_2, parts[TEXT_ENCODER_2], sf.configs[TEXT_ENCODER_2],
+                              source, tokenizer=sf.tokenizer_2)
+    return (LDMPart(UNET, parts[UNET], sf.configs[UNET], source,
+                    scheduler_config=sf.configs["scheduler"]),
+            text, LDMPart(VAE, parts[VAE], sf.configs[VAE], source))
 
 
 # --- configs from shapes -------------------------------------------------------------------
 
 def _shape(state: dict, key: str, what: str, source: str) -> tuple[int, ...]:
     if key not in state:
-        raise ModelLoadError(what, source, f"it has no weight '{key}'",
-                             "Only SD 1.x models are supported.")
+        raise ModelLoadError(what, source, f"it has no weight '{key}'", SUPPORTED)
     return tuple(state[key].shape)
 
 
@@ -151,63 +405,83 @@ def _indices(state: dict, pattern: str) -> list[int]:
 
 
 def unet_config_from_ldm(state: dict, num_heads: int = 8, norm_num_groups: int = 32,
-                         base: dict | None = None, source: str = "UNet") -> dict:
-    """The diffusers config of an SD 1.x LDM UNet, sizes read from its tensors.
+                         base: dict | None = None, source: str = "UNet", *,
+                         num_head_channels: int | None = None,
+                         addition_time_embed_dim: int = 256) -> dict:
+    """The diffusers config of an LDM UNet (SD 1.x, SD 2.x or SDXL), sizes read from its
+    tensors.
 
     Shapes give the channels per level, the res blocks per level, which levels have
-    cross-attention, the context width and the input/output channels. ``num_heads``
-    (SD 1.x: 8, ComfyUI's ``unet_config["num_heads"]``) and the GroupNorm groups (32)
-    are not in the shapes. SD 2.x (linear attention projections, head width instead of
-    head count) and SDXL (``label_emb``, several transformer layers) are refused."""
+    cross-attention and how many transformer layers each, whether the attention
+    projections are linear (SD 2.x, SDXL) or 1x1 convolutions (SD 1.x), the context width,
+    SDXL's added-conditioning input width (``label_emb``) and the input/output channels.
+    Not in the shapes: the heads, either a count (``num_heads``: SD 1.x's 8) or a width
+    (``num_head_channels``: SD 2.x's and SDXL's 64, ComfyUI's ``num_head_channels``); the
+    GroupNorm groups (32); SDXL's time-id embedding width (256, ComfyUI's fixed one)."""
     what = WHAT[UNET]
-    cfg = dict(base if base is not None else read_sd_configs(CONFIG_DIR, "SD 1.5 config")[UNET])
+    if base is None:
+        sdxl = any(k.startswith("label_emb.") for k in state)
+        base = read_sd_configs(CONFIGS_ROOT / ("sdxl" if sdxl else "sd15"),
+                               "shipped config")[UNET]
+    cfg = dict(base)
     cin = _shape(state, "input_blocks.0.0.weight", what, source)
-    if any(k.startswith("label_emb.") for k in state):
-        raise ModelLoadError(what, source, "it has a label embedding (label_emb: SDXL or "
-                             "another class-conditioned UNet)", "Only SD 1.x is supported.")
-    levels: list[list] = [[0, 0, False]]      # per level: [channels, resnets, attention]
+    levels: list[list] = [[0, 0, 0]]      # per level: [channels, resnets, transformer depth]
     for i in _indices(state, r"input_blocks\.(\d+)\.0\.")[1:]:
         if f"input_blocks.{i}.0.op.weight" in state:  # a downsampler ends the level
-            levels.append([0, 0, False])
+            levels.append([0, 0, 0])
             continue
         levels[-1][0] = _shape(state, f"input_blocks.{i}.0.out_layers.3.weight", what,
                                source)[0]
         levels[-1][1] += 1
-        levels[-1][2] = levels[-1][2] or f"input_blocks.{i}.1.proj_in.weight" in state
+        depth = len(_indices(state, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\."))
+        levels[-1][2] = max(levels[-1][2], depth)
     counts = {lv[1] for lv in levels}
     if len(counts) != 1:
         raise ModelLoadError(what, source, f"its levels have different numbers of res "
-                             f"blocks ({[lv[1] for lv in levels]})", "Only SD 1.x is supported.")
+                             f"blocks ({[lv[1] for lv in levels]})", SUPPORTED)
     proj = [k for k in state if k.endswith(".proj_in.weight")]
     if not proj:
-        raise ModelLoadError(what, source, "it has no cross-attention", "Only SD 1.x is "
-                             "supported.")
-    if len(state[proj[0]].shape) != 4:
-        raise ModelLoadError(what, source, "its attention projections are linear layers "
-                             "(the SD 2.x layout)", "Only SD 1.x (convolutional projections, "
-                             "768-wide CLIP-L context) is supported.")
-    depth = _indices(state, r"input_blocks\.\d+\.1\.transformer_blocks\.(\d+)\.")
-    if len(depth) != 1:
-        raise ModelLoadError(what, source, f"it has {len(depth)} transformer layers per "
-                             "attention block (SDXL layout)", "Only SD 1.x is supported.")
+        raise ModelLoadError(what, source, "it has no cross-attention", SUPPORTED)
+    linear = len(state[proj[0]].shape) == 2
     context = [k for k in state if k.endswith("attn2.to_k.weight")]
+    channels = [lv[0] for lv in levels]
+    if num_head_channels:
+        heads: int | list[int] = [max(1, c // int(num_head_channels)) for c in channels]
+    else:
+        heads = int(num_heads)
+    mid_depth = len(_indices(state, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    depths = [max(1, lv[2]) for lv in levels]
     cfg.update(
         in_channels=cin[1], out_channels=_shape(state, "out.2.weight", what, source)[0],
-        block_out_channels=[lv[0] for lv in levels], layers_per_block=counts.pop(),
+        block_out_channels=channels, layers_per_block=counts.pop(),
         down_block_types=["CrossAttnDownBlock2D" if lv[2] else "DownBlock2D" for lv in levels],
         up_block_types=["CrossAttnUpBlock2D" if lv[2] else "UpBlock2D" for lv in reversed(levels)],
-        cross_attention_dim=state[context[0]].shape[1], attention_head_dim=int(num_heads),
-        norm_num_groups=int(norm_num_groups))
-    for key in ("use_linear_projection", "transformer_layers_per_block", "addition_embed_type",
-                "class_embed_type", "num_attention_heads"):
+        cross_attention_dim=state[context[0]].shape[1], attention_head_dim=heads,
+        norm_num_groups=int(norm_num_groups), use_linear_projection=linear)
+    for key in ("transformer_layers_per_block", "addition_embed_type", "class_embed_type",
+                "num_attention_heads", "projection_class_embeddings_input_dim",
+                "addition_time_embed_dim", "addition_embed_type_num_heads"):
         cfg.pop(key, None)
+    if any(d != 1 for d in depths) or (mid_depth and mid_depth != 1):
+        if mid_depth and mid_depth != depths[-1]:
+            raise ModelLoadError(what, source, f"its middle block has {mid_depth} transformer "
+                                 f"layers and its last level {depths[-1]}", SUPPORTED)
+        cfg["transformer_layers_per_block"] = depths
+    if "label_emb.0.0.weight" in state:     # SDXL: pooled text embedding + time ids
+        cfg.update(addition_embed_type="text_time",
+                   addition_time_embed_dim=int(addition_time_embed_dim),
+                   projection_class_embeddings_input_dim=state["label_emb.0.0.weight"].shape[1])
+    elif any(k.startswith("label_emb.") for k in state):
+        raise ModelLoadError(what, source, "it has a class label embedding other than SDXL's",
+                             SUPPORTED)
     return cfg
 
 
 def vae_config_from_ldm(state: dict, norm_num_groups: int = 32, base: dict | None = None,
-                        source: str = "VAE") -> dict:
+                        source: str = "VAE", scaling_factor: float | None = None) -> dict:
     """The diffusers config of an LDM AutoencoderKL, sizes read from its tensors (the
-    GroupNorm groups, 32 in SD, are not in the shapes); the scaling factor is SD 1.x's."""
+    GroupNorm groups, 32 in SD, are not in the shapes); the scaling factor is the
+    caller's (SDXL's 0.13025; ComfyUI's latent format says it), else SD 1.x's."""
     what = WHAT[VAE]
     cfg = dict(base if base is not None else read_sd_configs(CONFIG_DIR, "SD 1.5 config")[VAE])
     levels = _indices(state, r"encoder\.down\.(\d+)\.")
@@ -224,6 +498,8 @@ def vae_config_from_ldm(state: dict, norm_num_groups: int = 32, base: dict | Non
         layers_per_block=len(blocks), norm_num_groups=int(norm_num_groups),
         down_block_types=["DownEncoderBlock2D"] * len(levels),
         up_block_types=["UpDecoderBlock2D"] * len(levels))
+    if scaling_factor is not None:
+        cfg["scaling_factor"] = float(scaling_factor)
     return cfg
 
 
@@ -231,7 +507,9 @@ def text_config_from_ldm(state: dict, num_attention_heads: int = 12,
                          hidden_act: str = "quick_gelu", base: dict | None = None,
                          source: str = "CLIP") -> dict:
     """The transformers config of a CLIP text encoder, sizes read from its tensors
-    (heads and activation are not in the shapes: CLIP-L has 12 and quick_gelu)."""
+    (heads and activation are not in the shapes: CLIP-L has 12 and quick_gelu,
+    OpenCLIP-H 16 and gelu, OpenCLIP-bigG 20 and gelu). With ``text_projection.weight``
+    (SDXL's OpenCLIP-bigG) it is the config of a CLIPTextModelWithProjection."""
     what = WHAT[TEXT_ENCODER]
     cfg = dict(base if base is not None else
                read_sd_configs(CONFIG_DIR, "SD 1.5 config")[TEXT_ENCODER])
@@ -244,6 +522,9 @@ def text_config_from_ldm(state: dict, num_attention_heads: int = 12,
         intermediate_size=_shape(state, "text_model.encoder.layers.0.mlp.fc1.weight", what,
                                  source)[0],
         num_attention_heads=int(num_attention_heads), hidden_act=hidden_act)
+    if "text_projection.weight" in state:
+        cfg.update(projection_dim=state["text_projection.weight"].shape[0],
+                   architectures=["CLIPTextModelWithProjection"])
     return cfg
 
 
@@ -251,35 +532,45 @@ def text_config_from_ldm(state: dict, num_attention_heads: int = 12,
 
 def _meta_build(kind: str, config: dict, source: str):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     build = {UNET: lambda: UNet2DConditionModel.from_config(config),
              VAE: lambda: AutoencoderKL.from_config(config),
-             TEXT_ENCODER: lambda: CLIPTextModel(CLIPTextConfig.from_dict(config))}[kind]
+             TEXT_ENCODER: lambda: CLIPTextModel(CLIPTextConfig.from_dict(config)),
+             TEXT_ENCODER_2: lambda: CLIPTextModelWithProjection(
+                 CLIPTextConfig.from_dict(config))}[kind]
     try:
         with torch.device("meta"):
             return build()
     except Exception as exc:
         raise ModelLoadError(WHAT[kind], source, f"its config does not build a {kind}: "
-                             f"{describe_load_error(exc)}", "Only SD 1.x is supported.") from exc
+                             f"{describe_load_error(exc)}", SUPPORTED) from exc
+
+
+def _with_level(key: str) -> str:
+    """A CLIP weight's name with the ``text_model.`` level checkpoints use (transformers
+    >= 5.6 flattened CLIPTextModel; the projection sits beside the level)."""
+    if key.startswith("text_model.") or key == "text_projection.weight":
+        return key
+    return "text_model." + key
 
 
 def _expected_ldm(kind: str, module) -> dict:
     """The LDM names and shapes the module's weights have in a checkpoint."""
-    from .ldm_convert import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+    from .ldm_convert import unet_to_ldm, vae_to_ldm
 
     own = module.state_dict()
     if kind == UNET:
         return unet_to_ldm(own, module.config)
     if kind == VAE:
         return vae_to_ldm(own, module.config)
-    return text_encoder_to_ldm(own)
+    return {PART_PREFIXES[kind] + _with_level(k): v for k, v in own.items()}
 
 
 def _convert(kind: str, prefixed: dict, module) -> dict:
-    """diffusers' own LDM -> diffusers key converters, as the single-file loader uses."""
+    """diffusers' own LDM -> diffusers key converters, as the single-file loader uses;
+    text encoders are already in transformers' names (the part's prefix comes off)."""
     from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
         convert_ldm_vae_checkpoint,
     )
@@ -288,7 +579,8 @@ def _convert(kind: str, prefixed: dict, module) -> dict:
         return convert_ldm_unet_checkpoint(prefixed, module.config)
     if kind == VAE:
         return convert_ldm_vae_checkpoint(prefixed, module.config)
-    state = convert_ldm_clip_checkpoint(prefixed)
+    prefix = PART_PREFIXES[kind]
+    state = {k[len(prefix):]: v for k, v in prefixed.items()}
     if not hasattr(module, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
     return state
@@ -307,21 +599,23 @@ def _materialise_buffers(module, kind: str, source: str) -> None:
                                   persistent=False)
         else:
             raise ModelLoadError(WHAT[kind], source, f"the buffer {name} was not filled",
-                                 "Only SD 1.x is supported.")
+                                 SUPPORTED)
     left = [n for n, p in module.named_parameters() if p.device.type == "meta"]
     if left:
         raise ModelLoadError(WHAT[kind], source, f"{len(left)} weights were not filled "
-                             f"(e.g. {', '.join(left[:4])})", "Only SD 1.x is supported.")
+                             f"(e.g. {', '.join(left[:4])})", SUPPORTED)
 
 
 def build_module(part: LDMPart):
-    """The diffusers UNet / AutoencoderKL or transformers CLIPTextModel of a part, its
-    parameters sharing the part's tensors. Every weight must be present with its shape
-    (names as the checkpoint spells them in the error)."""
+    """The diffusers UNet / AutoencoderKL or transformers CLIPTextModel (SDXL's second:
+    CLIPTextModelWithProjection) of a part, its parameters sharing the part's tensors.
+    Every weight must be present with its shape (names as the checkpoint spells them in
+    the error)."""
     module = _meta_build(part.kind, part.config, part.source)
-    prefix = LDM_PREFIXES[part.kind]
-    prefixed = {prefix + k: v for k, v in part.state.items()}
-    optional = (LDM_PREFIXES[TEXT_ENCODER] + "text_model.embeddings.position_ids",)
+    prefix = PART_PREFIXES[part.kind]
+    prefixed = {prefix + (_with_level(k) if part.kind in (TEXT_ENCODER, TEXT_ENCODER_2)
+                          else k): v for k, v in part.state.items()}
+    optional = (prefix + "text_model.embeddings.position_ids",)
     missing, unexpected, mismatched = compare_state_dicts(
         _expected_ldm(part.kind, module), prefixed, loose_1x1=True)
     check_state_dict_keys(WHAT[part.kind], part.source, missing, unexpected, mismatched,
@@ -331,11 +625,11 @@ def build_module(part: LDMPart):
     except Exception as exc:
         raise ModelLoadError(WHAT[part.kind], part.source, f"its weights could not be "
                              f"converted: {describe_load_error(exc)}",
-                             "Only SD 1.x is supported.") from exc
+                             SUPPORTED) from exc
     own = module.state_dict()
     extra = [k for k in converted if k not in own and not k.endswith("position_ids")]
     absent = [k for k in own if k not in converted]
-    if extra or absent:  # the key check above makes this unreachable for SD 1.x
+    if extra or absent:  # the key check above makes this unreachable
         check_state_dict_keys(WHAT[part.kind], part.source, absent, extra, (),
                               TEXT_ENCODER_OPTIONAL)
     module.load_state_dict({k: v for k, v in converted.items() if k in own}, strict=False,
@@ -372,33 +666,40 @@ def runnable_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 def sd_from_ldm(unet: LDMPart, vae: LDMPart, text_encoder: LDMPart, *, dtype=None,
                 device=None, source: str | None = None) -> SDModel:
-    """The pack's :class:`SDModel` from three LDM parts, the modules' weights being the
-    parts' tensors.
+    """The pack's :class:`SDModel` from the LDM parts, the modules' weights being the
+    parts' tensors. SDXL: ``text_encoder.second`` is OpenCLIP-bigG, which becomes
+    ``text_encoder_2`` with its tokenizer ``tokenizer_2``.
 
     ``device`` None: the device of the UNet's tensors. ``dtype`` None: the UNet's dtype
     (fp8 and other dtypes the modules cannot run in become fp16 on CUDA, fp32 elsewhere);
     the VAE is brought to it, since the pack feeds UNet and VAE the same tensors; the text
-    encoder KEEPS its own dtype (it only turns token ids into features, which the pack
+    encoders KEEP their own dtype (they only turn token ids into features, which the pack
     casts to float32: ComfyUI runs its CLIP in fp16 even on the CPU, and so the bridge's
-    prompts read as ComfyUI's own). An explicit ``dtype`` applies to all three. Tensors
+    prompts read as ComfyUI's own). An explicit ``dtype`` applies to all. Tensors
     already on the device in the dtype are shared; anything moved or cast is a copy (e.g.
     ComfyUI keeps the VAE in bf16 or fp32 next to an fp16 UNet on a GPU)."""
     for part, kind, name in ((unet, UNET, "model"), (vae, VAE, "vae"),
                              (text_encoder, TEXT_ENCODER, "clip")):
         if not isinstance(part, LDMPart) or part.kind != kind:
             got = part.kind if isinstance(part, LDMPart) else type(part).__name__
-            raise InputError(name, f"got {got}", f"the {WHAT[kind]} of an SD 1.x model")
-    if text_encoder.tokenizer is None:
-        raise InputError("clip", "has no tokenizer", "a CLIP text encoder with its tokenizer")
+            raise InputError(name, f"got {got}", f"the {WHAT[kind]} of an SD 1.x, SD 2.x "
+                             "or SDXL model")
+    second = text_encoder.second
+    for part in (text_encoder, second):
+        if part is not None and part.tokenizer is None:
+            raise InputError("clip", "has no tokenizer", "a CLIP text encoder with its "
+                             "tokenizer")
     home_device, home_dtype = _tensor_home(unet.state)
     device = torch.device(device) if device is not None else home_device
     explicit = dtype is not None
     dtype = resolve_dtype(dtype, device) if explicit else runnable_dtype(home_dtype, device)
     modules = {}
-    for part in (unet, vae, text_encoder):
+    for part in (unet, vae, text_encoder, second):
+        if part is None:
+            continue
         module = build_module(part)
         want = dtype
-        if part.kind == TEXT_ENCODER and not explicit:
+        if part.kind in (TEXT_ENCODER, TEXT_ENCODER_2) and not explicit:
             want = runnable_dtype(_tensor_home(part.state)[1], device)
         own_dtypes = {t.dtype for t in module.parameters()}
         module.to(device=device)          # no-op for tensors already there (buffers move)
@@ -406,17 +707,42 @@ def sd_from_ldm(unet: LDMPart, vae: LDMPart, text_encoder: LDMPart, *, dtype=Non
             module.to(dtype=want)         # a copy: documented above
         modules[part.kind] = module
     u, v, t = modules[UNET], modules[VAE], modules[TEXT_ENCODER]
-    if u.config.cross_attention_dim != t.config.hidden_size:
-        raise InputError("clip", f"gives {t.config.hidden_size}-wide text features but the "
-                         f"UNet attends to {u.config.cross_attention_dim}-wide ones",
-                         "the CLIP of the same SD 1.x checkpoint as the model")
-    if v.config.latent_channels != u.config.out_channels:
-        raise InputError("vae", f"has {v.config.latent_channels} latent channels but the UNet "
-                         f"predicts {u.config.out_channels}", "an SD 1.x VAE (4 channels)")
+    t2 = modules.get(TEXT_ENCODER_2)
+    _check_fit(u, v, t, t2)
     tokenizer = fit_tokenizer(copy.deepcopy(text_encoder.tokenizer), t)
+    tokenizer_2 = None if t2 is None else fit_tokenizer(copy.deepcopy(second.tokenizer), t2)
     return SDModel(unet=u, vae=v, text_encoder=t, tokenizer=tokenizer,
                    scheduler=ddim_scheduler(unet.scheduler_config), device=device, dtype=dtype,
-                   source=source or unet.source)
+                   source=source or unet.source, text_encoder_2=t2, tokenizer_2=tokenizer_2)
+
+
+def _check_fit(u, v, t, t2) -> None:
+    """The parts belong together: the UNet attends to the text encoders' width (SDXL:
+    the two side by side), SDXL's added conditioning takes the second encoder's pooled
+    projection and six time ids, and the VAE has the UNet's latent channels."""
+    width = t.config.hidden_size + (t2.config.hidden_size if t2 is not None else 0)
+    text_time = getattr(u.config, "addition_embed_type", None) == "text_time"
+    if text_time != (t2 is not None):
+        raise InputError("clip", "has " + ("two text encoders" if t2 is not None else
+                                           "one text encoder") + " but the UNet is "
+                         + ("an SDXL" if text_time else "not an SDXL") + " UNet",
+                         "the CLIP of the same checkpoint as the model")
+    if u.config.cross_attention_dim != width:
+        raise InputError("clip", f"gives {width}-wide text features but the "
+                         f"UNet attends to {u.config.cross_attention_dim}-wide ones",
+                         "the CLIP of the same checkpoint as the model")
+    if text_time:
+        added = t2.config.projection_dim + 6 * u.config.addition_time_embed_dim
+        if added != u.config.projection_class_embeddings_input_dim:
+            raise InputError("clip", f"gives a {t2.config.projection_dim}-wide pooled "
+                             f"embedding: with the time ids {added} values, but the UNet's "
+                             "added conditioning takes "
+                             f"{u.config.projection_class_embeddings_input_dim}",
+                             "the CLIP of the same SDXL checkpoint as the model")
+    if v.config.latent_channels != u.config.out_channels:
+        raise InputError("vae", f"has {v.config.latent_channels} latent channels but the UNet "
+                         f"predicts {u.config.out_channels}", "the VAE of an SD 1.x, SD 2.x "
+                         "or SDXL model (4 channels)")
 
 
 def shares_storage(module: torch.nn.Module, part: LDMPart) -> float:

@@ -1,10 +1,12 @@
-"""Stable Diffusion 1.x loaders: diffusers folders, single-file checkpoints, the 8-channel
-instruction UNet (InstructPix2Pix folder, or MGIE's unet.pt over SD 1.5 components).
+"""Stable Diffusion loaders (SD 1.x, SD 2.x, SDXL): diffusers folders, single-file
+checkpoints, the 8-channel instruction UNet (InstructPix2Pix folder, SDXL's included, or
+MGIE's unet.pt over SD 1.5 components).
 
 Every loader is offline-first: files come from the search order of :mod:`paths`, never
 from the Hub. Single-file checkpoints are read with diffusers' own converter, given a
-local config folder (the pack's SD 1.5 config, or ``<checkpoint stem>.config/`` beside
-the file), because without one ``from_single_file`` reaches the Hub.
+local config folder (the pack's shipped config of the file's family, or ``<checkpoint
+stem>.config/`` beside the file), because without one ``from_single_file`` reaches the
+Hub.
 """
 
 from __future__ import annotations
@@ -128,21 +130,27 @@ def fit_tokenizer(tokenizer, text_encoder):
 
 
 def _finish(unet, vae, text_encoder, tokenizer, scheduler_config, source: Path,
-            device, dtype) -> SDModel:
+            device, dtype, text_encoder_2=None, tokenizer_2=None) -> SDModel:
     """Freeze and cast the components on the CPU, then hand them to the model registry,
     which places them (standalone: on ``device`` after freeing room there; ComfyUI: on
-    its offload device until a node uses them)."""
+    its offload device until a node uses them). SDXL: the second text encoder and its
+    tokenizer too."""
     tokenizer = fit_tokenizer(tokenizer, text_encoder)
+    if text_encoder_2 is not None:
+        tokenizer_2 = fit_tokenizer(tokenizer_2, text_encoder_2)
     device = torch.device(device) if device is not None else host.device()
     dtype = resolve_dtype(dtype, device)
     modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    if text_encoder_2 is not None:
+        modules["text_encoder_2"] = text_encoder_2
     for m in modules.values():
         m.requires_grad_(False).eval()
         if next(m.parameters()).dtype != dtype:  # diffusers warns on every same-dtype cast
             m.to(dtype=dtype)
     model = SDModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                     scheduler=ddim_scheduler(scheduler_config), device=device, dtype=dtype,
-                    source=str(source))
+                    source=str(source), text_encoder_2=text_encoder_2,
+                    tokenizer_2=tokenizer_2)
     name = Path(source).name
     return memory.manage(model, {f"{name} {k}": m for k, m in modules.items()}, device)
 
@@ -180,27 +188,39 @@ TEXT_ENCODER_OPTIONAL = ("*embeddings.position_ids",)
 
 @grad_mode.builds_weights
 def load_diffusers_folder(path: Path, what: str, dtype="auto", device=None) -> SDModel:
-    """Load unet/vae/text_encoder/tokenizer/scheduler from a diffusers SD 1.x folder.
+    """Load unet/vae/text_encoder/tokenizer/scheduler from a diffusers SD 1.x, SD 2.x or
+    SDXL folder (SDXL: also text_encoder_2/ and tokenizer_2/; SDXL InstructPix2Pix
+    alike).
 
     Every config is read as data first (:func:`validate.read_sd_configs`: the classes
-    model_index.json names must be the SD 1.x ones, no code); the components are then
+    model_index.json names must be Stable Diffusion's, no code); the components are then
     built with the fixed diffusers/transformers classes, never the classes the folder
     names."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     path = Path(path)
     fix = "A diffusers Stable Diffusion folder has unet/, vae/, text_encoder/, tokenizer/ " \
-          "and scheduler/ sub-folders, each with its config and weights."
+          "and scheduler/ sub-folders (SDXL: also text_encoder_2/ and tokenizer_2/), each " \
+          "with its config and weights."
     check_files(path, ["model_index.json", "unet/config.json", "vae/config.json",
                        "text_encoder/config.json", "tokenizer", "scheduler"], what, fix)
     configs = read_sd_configs(path, what)
+    xl = "text_encoder_2" in configs
+    if xl:
+        check_files(path, ["text_encoder_2/config.json", "tokenizer_2"], what, fix)
     tokenizer = _load_tokenizer(path / "tokenizer", what)
     unet = _from_pretrained(UNet2DConditionModel, path, "unet", what, fix)
     vae = _from_pretrained(AutoencoderKL, path, "vae", what, fix)
     text_encoder = _from_pretrained(CLIPTextModel, path, "text_encoder", what, fix,
                                     TEXT_ENCODER_OPTIONAL)
-    return _finish(unet, vae, text_encoder, tokenizer, configs["scheduler"], path, device, dtype)
+    text_encoder_2 = tokenizer_2 = None
+    if xl:
+        tokenizer_2 = _load_tokenizer(path / "tokenizer_2", what)
+        text_encoder_2 = _from_pretrained(CLIPTextModelWithProjection, path, "text_encoder_2",
+                                          what, fix, TEXT_ENCODER_OPTIONAL)
+    return _finish(unet, vae, text_encoder, tokenizer, configs["scheduler"], path, device, dtype,
+                   text_encoder_2, tokenizer_2)
 
 
 def load_sd_diffusers(name: str, dtype="auto", device=None) -> SDModel:
@@ -298,13 +318,19 @@ def _build(what: str, config_dir: Path, component: str, build):
                              "Use the config folder of an SD 1.x model.") from exc
 
 
+def resolve_checkpoint(name: str) -> Path:
+    """The single-file checkpoint ``name`` (models/checkpoints, any family; tiny mode:
+    the tiny model of the family the name says, :func:`paths.tiny_family`)."""
+    return paths.resolve(paths.SD_CHECKPOINT, name)
+
+
 def read_single_file(name: str, config_dir: Path | None = None):
     """What every single-file SD 1.x reader starts from: (path, config folder, configs read
     as data, CLIP tokenizer, raw state dict). The checkpoint is found in models/checkpoints
     (or tiny mode); the configs come from ``<stem>.config/`` beside it, else the pack's
     SD 1.5."""
     what = paths.SD_CHECKPOINT.what
-    path = paths.resolve(paths.SD_CHECKPOINT, name)
+    path = resolve_checkpoint(name)
     config_dir = Path(config_dir) if config_dir else single_file_config(path)
     configs = read_sd_configs(config_dir, f"{what} config")
     tokenizer = _load_tokenizer(find_clip_tokenizer(config_dir), "CLIP tokenizer")
@@ -314,14 +340,20 @@ def read_single_file(name: str, config_dir: Path | None = None):
 @grad_mode.builds_weights
 def load_sd_checkpoint(name: str, dtype="auto", device=None,
                        config_dir: Path | None = None) -> SDModel:
-    """An SD 1.x single-file checkpoint (.safetensors/.ckpt, ComfyUI models/checkpoints).
+    """An SD 1.x, SD 2.x or SDXL single-file checkpoint (.safetensors/.ckpt, ComfyUI
+    models/checkpoints, ComfyUI's layout); the family comes from the file's keys
+    (:func:`.from_ldm.detect_layout`).
 
     The architecture comes from a local config folder (``<stem>.config/`` beside the file,
-    else the pack's SD 1.5), read as data (:func:`validate.read_sd_configs`); the three
-    models are built with the fixed diffusers/transformers classes and filled from the
-    file with diffusers' own LDM key converters. Unlike ``from_single_file``, nothing the
-    config folder names is imported, and every weight must be in the file: a missing or
-    unexpected key, or one of the wrong shape, is an error naming it."""
+    else the pack's shipped config of the family: SD 1.5, SD 2.x 768-v, SDXL base, SDXL
+    InstructPix2Pix), read as data (:func:`validate.read_sd_configs`); the models are
+    built with the fixed diffusers/transformers classes and filled from the file with
+    diffusers' own LDM and OpenCLIP key converters. Unlike ``from_single_file``, nothing
+    is fetched and nothing the config folder names is imported, and every weight must be
+    in the file: a missing or unexpected key, or one of the wrong shape, is an error
+    naming it. SD 2.x with the shipped config: v-prediction when the file says so (the
+    ``v_pred`` key, or ComfyUI's rule, :func:`.from_ldm.file_prediction_type`), else
+    epsilon (the 512 px base model)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
@@ -330,8 +362,14 @@ def load_sd_checkpoint(name: str, dtype="auto", device=None,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from . import from_ldm
+
     what = paths.SD_CHECKPOINT.what
-    path, config_dir, configs, tokenizer, state = read_single_file(name, config_dir)
+    sf = from_ldm.read_any_single_file(name, config_dir)
+    if sf.layout is not from_ldm.SD1_LAYOUT:
+        return _load_ldm_parts(from_ldm.ldm_parts(sf), device, dtype)
+    path, config_dir, configs, tokenizer, state = (sf.path, sf.config_dir, sf.configs,
+                                                   sf.tokenizer, sf.state)
     unet = _build(what, config_dir, "unet",
                   lambda: UNet2DConditionModel.from_config(configs["unet"]))
     vae = _build(what, config_dir, "vae", lambda: AutoencoderKL.from_config(configs["vae"]))
@@ -354,6 +392,21 @@ def load_sd_checkpoint(name: str, dtype="auto", device=None,
         load_state_dict_checked(module, sub_state, f"{what} ({label})", path, optional)
     del state, converted
     return _finish(unet, vae, text_encoder, tokenizer, configs["scheduler"], path, device, dtype)
+
+
+def _load_ldm_parts(parts, device, dtype) -> SDModel:
+    """An SD 2.x or SDXL single file's model: its parts (every key already checked
+    against the configs' models) become the modules, which take the file's tensors."""
+    from . import from_ldm
+
+    unet, text, vae = parts
+    second = text.second
+    modules = [from_ldm.build_module(p) for p in (unet, vae, text)]
+    te2 = from_ldm.build_module(second) if second is not None else None
+    from_ldm._check_fit(*modules, te2)
+    return _finish(*modules[:2], modules[2], text.tokenizer, unet.scheduler_config,
+                   Path(unet.source), device, dtype, te2,
+                   None if second is None else second.tokenizer)
 
 
 @grad_mode.builds_weights

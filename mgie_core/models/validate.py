@@ -205,9 +205,15 @@ SD_COMPONENTS: dict[str, frozenset] = {
     "feature_extractor": frozenset({("transformers", "CLIPImageProcessor"),
                                     ("transformers", "CLIPFeatureExtractor")}),
     "image_encoder": frozenset({("transformers", "CLIPVisionModelWithProjection")}),
+    # SDXL: OpenCLIP-bigG with its projection, and its tokenizer.
+    "text_encoder_2": frozenset({("transformers", "CLIPTextModelWithProjection")}),
+    "tokenizer_2": frozenset({("transformers", "CLIPTokenizer"),
+                              ("transformers", "CLIPTokenizerFast")}),
 }
 SD_PIPELINES = frozenset({"StableDiffusionPipeline", "StableDiffusionInstructPix2PixPipeline",
-                          "StableDiffusionImg2ImgPipeline"})
+                          "StableDiffusionImg2ImgPipeline", "StableDiffusionXLPipeline",
+                          "StableDiffusionXLImg2ImgPipeline",
+                          "StableDiffusionXLInstructPix2PixPipeline"})
 # Component sub-folder -> (config file, field, allowed values) checked in it.
 SD_COMPONENT_CONFIGS = {
     "unet": ("config.json", "_class_name", frozenset({"UNet2DConditionModel"})),
@@ -216,6 +222,7 @@ SD_COMPONENT_CONFIGS = {
     "scheduler": ("scheduler_config.json", "_class_name", SD_SCHEDULERS),
 }
 SD_TEXT_ENCODER_ARCHITECTURES = ("CLIPTextModel",)
+SD_TEXT_ENCODER_2_ARCHITECTURES = ("CLIPTextModelWithProjection",)
 SD_TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
 
 
@@ -224,7 +231,7 @@ def check_model_index(folder: Path | str, what: str) -> dict:
     :data:`SD_COMPONENTS` (never imported)."""
     path = Path(folder) / "model_index.json"
     index = read_json(path, what)
-    fix = ("A Stable Diffusion 1.x model_index.json names diffusers/transformers classes "
+    fix = ("A Stable Diffusion model_index.json names diffusers/transformers classes "
            "only, e.g. \"unet\": [\"diffusers\", \"UNet2DConditionModel\"]. " + NO_CODE_FIX)
     if index.get("_class_name") not in SD_PIPELINES:
         raise ModelLoadError(what, path, f"its _class_name is {_short(index.get('_class_name'))}"
@@ -240,8 +247,8 @@ def check_model_index(folder: Path | str, what: str) -> dict:
         allowed = SD_COMPONENTS.get(name)
         if allowed is None:
             raise ModelLoadError(what, path, f"it names a component '{name}' "
-                                 f"({_short(value)}) that Stable Diffusion 1.x does not have",
-                                 fix)
+                                 f"({_short(value)}) that Stable Diffusion (1.x, 2.x, XL) "
+                                 "does not have", fix)
         if tuple(value) not in allowed:
             shown = ", ".join(f"{lib}.{cls}" for lib, cls in sorted(allowed)[:4])
             raise ModelLoadError(what, path, f"its component '{name}' is {_short(value)}; "
@@ -269,8 +276,16 @@ def read_sd_configs(folder: Path | str, what: str) -> dict[str, dict]:
         out[component] = cfg
     _check_model_classes(out["text_encoder"], folder / "text_encoder" / "config.json", what,
                          None, SD_TEXT_ENCODER_ARCHITECTURES)
-    if (folder / "tokenizer").is_dir():
-        check_tokenizer_folder(folder / "tokenizer", what)
+    if out["model_index"].get("text_encoder_2", [None, None]) != [None, None]:
+        # SDXL's second text encoder
+        path = folder / "text_encoder_2" / "config.json"
+        cfg = read_json(path, what, "An SDXL folder has text_encoder_2/config.json.")
+        _check_model_classes(cfg, path, what, ("clip_text_model",),
+                             SD_TEXT_ENCODER_2_ARCHITECTURES)
+        out["text_encoder_2"] = cfg
+    for name in ("tokenizer", "tokenizer_2"):
+        if (folder / name).is_dir():
+            check_tokenizer_folder(folder / name, what)
     return out
 
 

@@ -29,6 +29,8 @@ MAKERS: dict[str, str] = {
     "sdxl": "sdxl:make_sdxl_diffusers",
     "sdxl_ip2p": "sdxl:make_sdxl_ip2p_diffusers",
     "sd2": "sd2:make_sd2_diffusers",
+    "sdxl_checkpoint": "sdxl_checkpoint:make_sdxl_checkpoint",
+    "sd2_checkpoint": "sdxl_checkpoint:make_sd2_checkpoint",
     "mgie_unet": "sd:make_mgie_unet",
     "clip_tokenizer": "sd:make_clip_tokenizer",
     "sam": "sam:make_sam",
