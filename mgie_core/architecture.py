@@ -43,10 +43,16 @@ class LayerChoices:
 
     map_level: int = 2
     """Cross-attention maps read by MAG (docs/algorithms.md section 6), A-STAR (section 7),
-    the attention masks (section 11) and MMSM: every cross-attention layer at latent / 4
-    (SD 1.5: the five 16x16 layers; SDXL at 1024 px: the 60 layers at 32x32, the
-    10-deep transformers of down_blocks.2, the middle and up_blocks.0). The losses'
-    truncated forward stops after the last of them in execution order."""
+    the attention masks (section 11) and MMSM: the cross-attention layers at latent / 4
+    in the down and up blocks (:attr:`map_blocks`; SD 1.5: the five 16x16 layers; SDXL
+    at 1024 px: the 50 layers at 32x32 of the 10-deep transformers of down_blocks.2 and
+    up_blocks.0). The losses' truncated forward stops after the last of them in
+    execution order."""
+    map_blocks: tuple[str, ...] = ("down_blocks", "up_blocks")
+    """Where the maps are read: prompt-to-prompt's and MAG-Edit's aggregation reads the
+    down and up blocks (``from_where=("up", "down")``), not the middle. On SD 1.x the
+    middle is at latent / 8 anyway; on SDXL it is at latent / 4, and the same rule
+    leaves it out (its 10 layers would otherwise be a sixth of the maps)."""
     injection_self_min_level: int = 1
     """Prompt-to-prompt's self-attention injection (section 3): layers at latent / 2 and
     below ("32x32 and below" at 512 px); cross-attention injection uses every layer."""
@@ -99,8 +105,10 @@ class UNetArchitecture:
 
     def map_layers(self, unet) -> list[str]:
         """The cross-attention layers whose maps MAG, A-STAR and the masks read
-        (:attr:`LayerChoices.map_level`), in execution order."""
-        return self.cross_layers_at(unet, self.layers.map_level)
+        (:attr:`LayerChoices.map_level` in :attr:`LayerChoices.map_blocks`), in execution
+        order."""
+        return [n for n in self.cross_layers_at(unet, self.layers.map_level)
+                if self.block(n)[0] in self.layers.map_blocks]
 
     def map_size(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         """The size of those maps for a latent of ``latent_hw``."""

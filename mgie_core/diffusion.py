@@ -151,8 +151,8 @@ def _ids(tokenizer, prompt: str, device) -> torch.Tensor:
 
 
 def pack_condition(tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """SDXL's packed conditioning: ``tokens`` [B, 77, D] with ``pooled`` [B, P] (P <= D)
-    zero-padded to D as row 77."""
+    """SDXL's packed conditioning: ``tokens`` [B, 77, D] (or [B, k * 77, D]) with
+    ``pooled`` [B, P] (P <= D) zero-padded to D as the last row."""
     b, _, d = tokens.shape
     if pooled.shape[-1] > d:
         raise ValueError(f"a pooled embedding of width {pooled.shape[-1]} does not fit the "
@@ -191,23 +191,26 @@ def split_condition(sd: SDModel, emb: torch.Tensor, latent_hw: tuple[int, int] |
                     ids: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """(encoder_hidden_states, added_cond_kwargs) of a conditioning tensor for the UNet.
-    SD 1.x / 2.x: ``(emb, None)``. SDXL: ``(emb[:, :77], {"text_embeds": the pooled
-    row, "time_ids": ...})`` with the time ids ``ids`` when given (a call that must not
+    SD 1.x / 2.x: ``(emb, None)``. SDXL: ``(emb[:, :-1], {"text_embeds": the pooled
+    row, "time_ids": ...})``: the token rows are 77, or k * 77 when a caller joined
+    several token sets before one pooled row (the instruction sampler's whole-condition
+    CAM keys [cond; null]); the time ids are ``ids`` when given (a call that must not
     make tensors, a captured one) else those of ``latent_hw`` (default: the UNet's
     training size). Differentiable in ``emb``; keeps its dtype and device."""
     if not takes_added_condition(sd.unet):
         return emb, None
-    if emb.dim() != 3 or emb.shape[1] != TOKENS + 1:
+    rows = emb.shape[1] if emb.dim() == 3 else 0
+    if rows <= TOKENS or (rows - 1) % TOKENS:
         raise InputError("conditioning", f"has shape {tuple(emb.shape)}",
-                         f"SDXL's packed [batch, {TOKENS + 1}, width] conditioning (77 token "
-                         "rows and the pooled embedding)",
+                         f"SDXL's packed [batch, {TOKENS + 1}, width] conditioning ({TOKENS} "
+                         "token rows, or a multiple of them, then the pooled embedding)",
                          "Encode the prompt with this SDXL model (diffusion.encode_prompt).")
-    pooled = emb[:, TOKENS, : pooled_width(sd.unet)]
+    pooled = emb[:, -1, : pooled_width(sd.unet)]
     if ids is None:
         side = int(getattr(sd.unet.config, "sample_size", 128) or 128)
         ids = time_ids(sd, latent_hw or (side, side), emb.dtype)
     ids = ids.to(emb.dtype).expand(emb.shape[0], -1)
-    return emb[:, :TOKENS], {"text_embeds": pooled, "time_ids": ids}
+    return emb[:, :-1], {"text_embeds": pooled, "time_ids": ids}
 
 
 def v_to_eps(v: torch.Tensor, z: torch.Tensor, abar) -> torch.Tensor:

@@ -109,6 +109,26 @@ def tiny_ip2p(tiny_root, tiny_models):
                       "tiny-ip2p")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_root, tiny_models):
+    """The tiny SDXL (diffusers folder) through the public loader (shared: do not change
+    its weights)."""
+    return _load_tiny(tiny_root, tiny_models, "sdxl", "load_sd_diffusers", "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tiny_root, tiny_models):
+    """The tiny SD 2.x, 768-v style (v-prediction), through the public loader."""
+    return _load_tiny(tiny_root, tiny_models, "sd2", "load_sd_diffusers", "tiny-sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_ip2p(tiny_root, tiny_models):
+    """The tiny SDXL InstructPix2Pix (8 input channels) through the public loader."""
+    return _load_tiny(tiny_root, tiny_models, "sdxl_ip2p", "load_instruct_diffusers",
+                      "tiny-sdxl-ip2p")
+
+
 @pytest.fixture
 def tiny_env(tiny_root, clean_paths, monkeypatch):
     """CLI runs with --tiny build and find the tiny models in the session's tiny folder."""
