@@ -3,6 +3,7 @@ MAG) + VAE decode + GB blur, in three call patterns, with random-weight models.
 
     python bench/edit_bench.py --size sd15 --device cuda --out results.json   # the GPU run
     python bench/edit_bench.py --size tiny --steps 4 --limit 1                # CPU smoke run
+    python bench/edit_bench.py --size sdxl --device cuda --modes b,c --out sdxl.json  # SDXL
 
 Modes (one full edit per example each; settings in ``MODES``):
   a  reference call pattern: null-text inversion (10 inner iterations), two separate
@@ -48,7 +49,17 @@ Models: ``--size sd15`` builds UNet2DConditionModel / AutoencoderKL / CLIPTextMo
 the shipped SD 1.5 configs (mgie_core/configs/sd15) with random initialisation -- the same
 compute and memory as real weights -- at 512 px; ``--size tiny`` uses the tiny random
 models of mgie_core/tiny at 128 px (seconds on a CPU). The tokenizer is the offline tiny
-CLIP tokenizer in both cases (its ids stay below SD's 49408).
+CLIP tokenizer in both cases (its ids stay below SD's 49408). ``--size sdxl`` builds the
+SDXL UNet, VAE and both text encoders (CLIPTextModel, CLIPTextModelWithProjection) from
+the shipped SDXL configs (mgie_core/configs/sdxl) the same way, at 1024 px, with that
+tokenizer for both encoders; ``--size tiny_sdxl`` builds the tiny SDXL of
+mgie_core/tiny at 128 px (the SDXL code paths in seconds on a CPU). Every UNet call of
+the bench goes through the pack's conditioning (``diffusion.split_condition``: SDXL's
+pooled embedding and time ids).
+
+Memory. On CUDA every stage's peak allocated and reserved memory is recorded
+(``peak_vram_gib``, ``peak_reserved_gib`` per mode): the number to hold against a card's
+size. bench/sdxl_memory.py estimates SDXL's at 1024 px without a GPU (an estimate).
 
 Counting. UNet forwards: a forward PRE-hook on the UNet module (a post-hook would miss the
 forwards that MAG's truncation stops early; a post-hook counts the completed ones, the
@@ -114,6 +125,7 @@ _import_xmgie()
 
 from xmgie.mgie_core import (  # noqa: E402
     blur,
+    diffusion,
     graphs,
     vae,
 )
@@ -153,6 +165,9 @@ MODES = {
 FP16_EDIT_TOLERANCE = 0.06
 STAGES = ("encode", "inversion", "sampling", "decode", "gb")
 COUNTED = ("inversion", "sampling")
+# Image side of each model size (px)
+SIZES = {"tiny": 128, "sd15": 512, "tiny_sdxl": 128, "sdxl": 1024}
+SDXL_CONFIG_DIR = CONFIG_DIR.parent / "sdxl"
 
 
 # --- models -----------------------------------------------------------------------------
@@ -167,30 +182,52 @@ def _tokenizer():
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
+def _text_config(folder: Path, sub: str):
+    from transformers import CLIPTextConfig
+
+    cfg = json.loads((folder / sub / "config.json").read_text())
+    return CLIPTextConfig(**{k: v for k, v in cfg.items()
+                             if not k.startswith("_") and k not in ("architectures",
+                                                                    "torch_dtype")})
+
+
 def build_model(size: str, device: torch.device, dtype: torch.dtype) -> SDModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    sched_cfg = json.loads((CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
+    folder = SDXL_CONFIG_DIR if size == "sdxl" else CONFIG_DIR
+    sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    text_2 = tokenizer_2 = None
     if size == "tiny":
         from xmgie.mgie_core.tiny import sd as tiny
 
         unet, vae_m, text = tiny.build()
+    elif size == "tiny_sdxl":
+        from xmgie.mgie_core.tiny import sdxl as tiny_sdxl
+
+        parts = tiny_sdxl.build()
+        unet, vae_m, text, text_2 = (parts[k] for k in ("unet", "vae", "text_encoder",
+                                                         "text_encoder_2"))
+        tokenizer_2 = _tokenizer()
+        sched_cfg = dict(tiny_sdxl.EULER_SETTINGS)
     else:
-        cfg = lambda sub: json.loads((CONFIG_DIR / sub / "config.json").read_text())  # noqa
-        # Initialise on the target device: random init of 860M parameters on a CPU is slow.
+        cfg = lambda sub: json.loads((folder / sub / "config.json").read_text())  # noqa
+        # Initialise on the target device: random init of 0.9 (SD 1.5) or 3.5 (SDXL)
+        # billion parameters on a CPU is slow.
         with torch.device(device):
             unet = UNet2DConditionModel.from_config(cfg("unet"))
             vae_m = AutoencoderKL.from_config(cfg("vae"))
-            tcfg = {k: v for k, v in cfg("text_encoder").items()
-                    if not k.startswith("_") and k not in ("architectures", "torch_dtype")}
-            text = CLIPTextModel(CLIPTextConfig(**tcfg))
-    for m in (unet, vae_m, text):
-        m.requires_grad_(False).eval().to(device=device, dtype=dtype)
+            text = CLIPTextModel(_text_config(folder, "text_encoder"))
+            if size == "sdxl":
+                text_2 = CLIPTextModelWithProjection(_text_config(folder, "text_encoder_2"))
+                tokenizer_2 = _tokenizer()
+    for m in (unet, vae_m, text, text_2):
+        if m is not None:
+            m.requires_grad_(False).eval().to(device=device, dtype=dtype)
     return SDModel(unet=unet, vae=vae_m, text_encoder=text, tokenizer=_tokenizer(),
                    scheduler=ddim_scheduler(sched_cfg), device=device, dtype=dtype,
-                   source=f"random {size}")
+                   source=f"random {size}", text_encoder_2=text_2, tokenizer_2=tokenizer_2)
 
 
 def _short(mode: dict) -> dict:
@@ -333,6 +370,10 @@ def _peak(device):
     return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
 
 
+def _peak_reserved(device):
+    return torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else None
+
+
 def _median_time(fn, device, warmup: int, repeat: int) -> float:
     for _ in range(warmup):
         fn()
@@ -346,31 +387,43 @@ def _median_time(fn, device, warmup: int, repeat: int) -> float:
     return statistics.median(times)
 
 
+def _condition(sd: SDModel, batch: int, g: torch.Generator) -> torch.Tensor:
+    """A random conditioning of the model's layout (SDXL: the packed 77 token rows and
+    the pooled row), in the model's dtype on its device."""
+    e = diffusion.encode_prompt(sd, "")
+    return torch.randn(batch, *e.shape[1:], generator=g).to(sd.device, sd.dtype)
+
+
+def _unet(sd: SDModel, z, t, e, ids=None) -> torch.Tensor:
+    """One UNet call with the conditioning unpacked as every stage unpacks it."""
+    tokens, added = diffusion.split_condition(sd, e, tuple(z.shape[-2:]), ids)
+    return sd.unet(z, t, encoder_hidden_states=tokens, added_cond_kwargs=added,
+                   return_dict=False)[0]
+
+
 def unet_pass_times(sd: SDModel, latent_hw: int, warmup: int, repeat: int) -> dict:
     """Warm UNet passes on random data (never zeros), in the same state the sampler uses
     (controlled attention processors installed, no hooks active)."""
     from xmgie.mgie_core import attention
 
     attention.install(sd.unet)
-    dev, d = sd.device, sd.text_encoder.config.hidden_size
+    dev = sd.device
     g = torch.Generator("cpu").manual_seed(1)
     out = {}
     for b in (1, 2, 4):
         z = torch.randn(b, 4, latent_hw, latent_hw, generator=g).to(dev, sd.dtype)
-        e = torch.randn(b, 77, d, generator=g).to(dev, sd.dtype)
+        e = _condition(sd, b, g)
         t = torch.full((b,), 501, device=dev, dtype=torch.long)
         with torch.no_grad():
             out[f"fwd_b{b}_ms"] = 1e3 * _median_time(
-                lambda z=z, t=t, e=e: sd.unet(z, t, encoder_hidden_states=e,
-                                              return_dict=False),
-                dev, warmup, repeat)
+                lambda z=z, t=t, e=e: _unet(sd, z, t, e), dev, warmup, repeat)
     z = torch.randn(1, 4, latent_hw, latent_hw, generator=g).to(dev, sd.dtype)
-    e = torch.randn(1, 77, d, generator=g).to(dev, sd.dtype)
+    e = _condition(sd, 1, g)
     t = torch.full((1,), 501, device=dev, dtype=torch.long)
 
     def fwd_bwd():
         zv = z.detach().requires_grad_(True)
-        y = sd.unet(zv, t, encoder_hidden_states=e, return_dict=False)[0]
+        y = _unet(sd, zv, t, e)
         torch.autograd.grad(y.float().square().mean(), zv)
 
     out["fwd_bwd_b1_ms"] = 1e3 * _median_time(fwd_bwd, dev, warmup, repeat)
@@ -384,28 +437,29 @@ def graphed_pass_times(sd: SDModel, latent_hw: int, warmup: int, repeat: int) ->
     cache = graphs.for_run(sd)
     if not cache.active:
         return None
-    dev, d = sd.device, sd.text_encoder.config.hidden_size
+    dev = sd.device
     g = torch.Generator("cpu").manual_seed(1)
     out = {}
+    ids = diffusion.time_ids(sd, (latent_hw, latent_hw))     # made outside the capture
 
     def fwd(z, t, e):
-        return sd.unet(z, t, encoder_hidden_states=e, return_dict=False)[0]
+        return _unet(sd, z, t, e, ids)
 
     def fwd_bwd(z, t, e):
-        y = sd.unet(z, t, encoder_hidden_states=e, return_dict=False)[0]
+        y = _unet(sd, z, t, e, ids)
         return torch.autograd.grad(y.float().square().mean(), z)[0]
 
     for b in (1, 2, 4):
         inputs = {"z": torch.randn(b, 4, latent_hw, latent_hw, generator=g).to(dev, sd.dtype),
                   "t": torch.full((b,), 501, device=dev, dtype=torch.long),
-                  "e": torch.randn(b, 77, d, generator=g).to(dev, sd.dtype)}
+                  "e": _condition(sd, b, g)}
         with torch.no_grad():
             out[f"fwd_b{b}_ms"] = 1e3 * _median_time(
                 lambda inputs=inputs: cache.call("pass", ("fwd",), fwd, inputs), dev,
                 warmup, repeat)
     inputs = {"z": torch.randn(1, 4, latent_hw, latent_hw, generator=g).to(dev, sd.dtype)
               .requires_grad_(True), "t": torch.full((1,), 501, device=dev, dtype=torch.long),
-              "e": torch.randn(1, 77, d, generator=g).to(dev, sd.dtype)}
+              "e": _condition(sd, 1, g)}
     out["fwd_bwd_b1_ms"] = 1e3 * _median_time(
         lambda: cache.call("pass", ("fwd_bwd",), fwd_bwd, inputs), dev, warmup, repeat)
     out["eager_calls"] = cache.stats.get("pass.eager", 0)    # a capture that fell back
@@ -448,6 +502,7 @@ class _Stages:
         self.device, self.counter = device, counter
         self.times: dict[str, float] = {}
         self.peaks: dict[str, float | None] = {}
+        self.reserved: dict[str, float | None] = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str, peak_group: str | None):
@@ -466,9 +521,9 @@ class _Stages:
             if counter is not None:
                 counter.stage = None
             if peak_group is not None:
-                p = _peak(dev)
-                old = self.peaks.get(peak_group)
-                self.peaks[peak_group] = p if old is None or p is None else max(old, p)
+                for store, p in ((self.peaks, _peak(dev)), (self.reserved, _peak_reserved(dev))):
+                    old = store.get(peak_group)
+                    store[peak_group] = p if old is None or p is None else max(old, p)
 
 
 def encode_and_invert(sd: SDModel, ex: dict, method: str, steps: int,
@@ -507,16 +562,17 @@ def full_edit(sd: SDModel, ex: dict, mode: dict, steps: int, counter: PassCounte
     """One full edit; ``shared``: (latents, inversion, stages) of an inversion made for
     another mode with the same method (its times and peaks are reported for this mode
     too). Returns (stage seconds, peaks in GiB, MAG passes, edit latent, image, the
-    inversion's (latents, inversion, stages))."""
+    inversion's (latents, inversion, stages), peaks reserved by the allocator in GiB)."""
     if shared is None:
         shared = encode_and_invert(sd, ex, mode["method"], steps, counter)
     lat, inv, inv_stages = shared
     st = _Stages(sd.device, counter)
     st.times.update(inv_stages.times)
     st.peaks.update(inv_stages.peaks)
+    st.reserved.update(inv_stages.reserved)
     z, image, mag_passes = sample_decode_blur(sd, ex, mode, inv, st)
     st.times["total"] = sum(st.times[s] for s in STAGES)
-    return st.times, dict(st.peaks), mag_passes, z, image, shared
+    return st.times, dict(st.peaks), mag_passes, z, image, shared, dict(st.reserved)
 
 
 def sync_counts(sd: SDModel, ex: dict, mode: dict, steps: int) -> dict:
@@ -568,6 +624,12 @@ def markdown_table(results: dict) -> str:
             f"{_fmt(ov['inversion']['model'])} / {_fmt(ov['sampling']['model'])} | "
             f"{_loop_syncs(m)} | "
             f"{_fmt(m['peak_vram_diffusion_gib'])} / {_fmt(m['peak_vram_gib'])} |")
+    reserved = {k: m.get("peak_reserved_gib") for k, m in results["modes"].items()
+                if m.get("peak_reserved_gib") is not None}
+    if reserved:
+        lines.append("")
+        lines.append("peak reserved by the allocator, GiB (what the card must hold): " + "; ".join(
+            f"{k} {v:.2f}" for k, v in reserved.items()))
     p = results.get("unet_pass", {})
     if p:
         lines.append("")
@@ -633,6 +695,9 @@ def summarise(results: dict) -> None:
             for r in rows for st in COUNTED)
         peaks = [v for r in rows for v in r["peaks_gib"].values() if v is not None]
         m["peak_vram_gib"] = max(peaks) if peaks else None
+        reserved = [v for r in rows for v in r.get("reserved_gib", {}).values()
+                    if v is not None]
+        m["peak_reserved_gib"] = max(reserved) if reserved else None
         dif = [r["peaks_gib"].get("diffusion") for r in rows]
         m["peak_vram_diffusion_gib"] = max(dif) if all(v is not None for v in dif) else None
         m["overhead"] = {}
@@ -661,7 +726,9 @@ def summarise(results: dict) -> None:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=("tiny", "sd15"), default="sd15")
+    ap.add_argument("--size", choices=tuple(SIZES), default="sd15",
+                    help="random models: tiny / tiny_sdxl (128 px), SD 1.5 size (512 px), "
+                         "SDXL size (1024 px)")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
                     help="auto: fp16 on CUDA, fp32 on CPU")
@@ -682,7 +749,7 @@ def parse_args(argv):
     ap.add_argument("--pass-repeat", type=int, default=None,
                     help="timed repeats of each UNet pass (default 10 on CUDA, 3 on CPU)")
     ap.add_argument("--threads", type=int, default=0,
-                    help="torch CPU threads (0: 1 for --size tiny on a CPU, where the "
+                    help="torch CPU threads (0: 1 for the tiny sizes on a CPU, where the "
                          "tiny layers gain nothing from more and contention on a shared "
                          "machine made passes 10-50x slower; else torch's default)")
     ap.add_argument("--compile", choices=COMPILE_MODES, default="off",
@@ -710,7 +777,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("XMGIE_NO_PROGRESS", "1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    threads = args.threads or (1 if args.size == "tiny" and device.type == "cpu" else 0)
+    tiny = args.size.startswith("tiny")
+    threads = args.threads or (1 if tiny and device.type == "cpu" else 0)
     if threads:
         torch.set_num_threads(threads)
     if args.deterministic:
@@ -720,7 +788,7 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.benchmark = False
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
              "auto": torch.float16 if device.type == "cuda" else torch.float32}[args.dtype]
-    size = 128 if args.size == "tiny" else 512
+    size = SIZES[args.size]
     modes = {k: dict(MODES[k]) for k in args.modes}
     if "b" in modes:
         modes["b"]["mag"] = dict(FAST_MAG, iterations=args.fast_mag_iterations)
@@ -795,7 +863,7 @@ def main(argv=None) -> dict:
                 # a and c share one null-text inversion: timed and counted once
                 reuse = shared.get(mode["method"])
                 before = dict(graphs.TOTALS)
-                times, peaks, mag_passes, z, image, inv_run = full_edit(
+                times, peaks, mag_passes, z, image, inv_run, reserved = full_edit(
                     sd, ex, mode, args.steps, counter, reuse[0] if reuse else None)
                 graph_stats = {k: v - before.get(k, 0) for k, v in graphs.TOTALS.items()
                                if v - before.get(k, 0)}
@@ -809,6 +877,7 @@ def main(argv=None) -> dict:
                 edits[key] = (z, image)
                 results["modes"][key]["per_example"].append(
                     {"example": ex["name"], "times_s": times, "peaks_gib": peaks,
+                     "reserved_gib": reserved,
                      "counts": _finish_counts(raw), "mag_passes": mag_passes,
                      "inversion_shared": reuse is not None, "graphs": graph_stats})
                 print(f"[{key}] {ex['name']}: total {times['total']:.3f} s", flush=True)

@@ -8,6 +8,9 @@
 #       bash bench/gpu_run.sh                       # dry run on a CPU (a few minutes)
 #   XMGIE_GPU_RUN_SIZE=tiny XMGIE_GPU_RUN_DEVICE=cpu XMGIE_GPU_RUN_STEPS=7 \
 #       bash bench/gpu_run.sh                       # step 7's dry run on a CPU (seconds)
+#   XMGIE_GPU_RUN_STEPS=8 bash bench/gpu_run.sh     # SDXL at 1024 px (about 6 minutes)
+#   XMGIE_GPU_RUN_SIZE=tiny XMGIE_GPU_RUN_DEVICE=cpu XMGIE_GPU_RUN_STEPS=8 \
+#       XMGIE_GPU_RUN_ARGS="--steps 4" bash bench/gpu_run.sh   # step 8's dry run (a minute)
 #
 # Run it from the repository root. It needs torch (with CUDA for a real run) and the
 # pack's dependencies, e.g. `pip install -e ".[test]"`. On a machine that cannot reach a
@@ -44,10 +47,19 @@
 #                                  steps after 1 warm-up each (bench/train_gpu_memory.py;
 #                                  not in the default run; its own options in
 #                                  XMGIE_GPU_RUN_TRAIN_ARGS, e.g. "--checkpointing on")
+#   8  sdxl_memory_estimate.json, .txt  SDXL's memory at 1024 px estimated without a GPU
+#                                  (bench/sdxl_memory.py: the full-size models on the
+#                                  meta device), beside the measurement:
+#      sdxl.json, sdxl.txt         modes b and c eagerly with SDXL-size random models
+#                                  (1024 px, 50 steps, fp16): times, pass counts and the
+#                                  peak allocated and reserved memory of the two-branch
+#                                  batch of 4 with MAG's backward and null-text (the
+#                                  24 GB question); with XMGIE_GPU_RUN_SIZE=tiny, the
+#                                  tiny SDXL at 128 px. Not in the default run
 # plus gpu.txt (the GPU and library versions). The steps share XMGIE_GPU_RUN_BUDGET
 # seconds (default 570: the default run fits in 10 minutes with the setup); each is
 # also capped (below), and one with under a minute left is skipped.
-# XMGIE_GPU_RUN_ARGS is appended to every benchmark call of steps 1 and 3-6 (later
+# XMGIE_GPU_RUN_ARGS is appended to every benchmark call of steps 1, 3-6 and 8 (later
 # options win, so "--steps 4" shortens every step for a dry run).
 set -u
 OUT=${OUT:-/tmp/xmgie-out}
@@ -123,7 +135,15 @@ for step in $STEPS; do
                 --device "$DEV" --out "$OUT/train_gpu.json" $TRAIN_EXTRA 2>&1 \
                 | tee "$OUT/train_gpu.txt"
         fi ;;
-    *)  echo "unknown step $step (steps are 1 to 7)" ;;
+    8)  echo "== 8. SDXL at 1024 px: memory estimate, modes b and c eagerly ($(left) s left)"
+        timeout 120 python3 bench/sdxl_memory.py --out "$OUT/sdxl_memory_estimate.json" 2>&1 \
+            | grep -v "should be kept in float32" | tee "$OUT/sdxl_memory_estimate.txt"
+        sdxl_size=sdxl
+        [ "$SIZE" = tiny ] && sdxl_size=tiny_sdxl
+        # later options win: this --size over the script's
+        bench "$(cap 480)" sdxl --size "$sdxl_size" --modes b,c --sync-steps 0 \
+            --warmup-steps 1 ;;
+    *)  echo "unknown step $step (steps are 1 to 8)" ;;
     esac
 done
 echo "== done in $(( SECONDS - START )) s; files in $OUT"
