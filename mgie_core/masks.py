@@ -1,8 +1,10 @@
 """Masks from attention (docs/algorithms.md section 11).
 
-The object word's cross-attention, aggregated over the layers at 1/4 of the latent
-resolution (16x16 at 512 px: down_blocks.2 x2 and up_blocks.1 x3 in SD 1.x), their
-heads, a few noise levels and the word's tokens, normalised to 0..1 and upsampled to the
+The object word's cross-attention, aggregated over the layers the UNet's architecture
+reads maps at (``LayerChoices.map_level``: 1/4 of the latent resolution in the down and
+up blocks; 16x16 at 512 px: down_blocks.2 x2 and up_blocks.1 x3 in SD 1.x and 2.x;
+32x32 at 1024 px in SDXL: the 10-deep down_blocks.2 and up_blocks.0), their heads,
+a few noise levels and the word's tokens, normalised to 0..1 and upsampled to the
 image: a soft map of where the model "puts" the word. Thresholded it is a mask; its
 bounding box can prompt SAM for a sharper one.
 
@@ -12,7 +14,7 @@ How the map is made (one batched UNet call, no sampling):
      (forward diffusion q(z_t | z_0), abar from the model's scheduler);
   3. one UNet call on the batch [z_t1, z_t2, ...] with per-row timesteps and the
      prompt's conditional embedding (no guidance: only the maps are used);
-  4. capture the cross-attention probabilities of the factor-4 layers (read-only:
+  4. capture the cross-attention probabilities of those layers (read-only:
      the UNet output is unchanged) and average.
 
 Default timesteps (501, 601, 701) of 1000: mid-schedule noise levels, points of the
@@ -45,15 +47,18 @@ from .tokens import word_token_groups
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMESTEPS = (501, 601, 701)
-MAP_FACTOR = 4   # layers at latent / 4 (16x16 for 64x64 latents, i.e. 512 px images)
+MAP_FACTOR = 4   # the maps' latent / 4 (16x16 for 64x64 latents, i.e. 512 px images)
 
 
 # --- which layers -------------------------------------------------------------------
 
-def map_layers(unet, factor: int = MAP_FACTOR) -> list[str]:
-    """Names of the cross-attention layers at ``factor`` (SD 1.x, factor 4: the five
-    down_blocks.2 / up_blocks.1 attn2 layers)."""
+def map_layers(unet, factor: int | None = None) -> list[str]:
+    """Names of the cross-attention layers the maps are read at, in execution order:
+    the architecture's choice (SD 1.x: the five down_blocks.2 / up_blocks.1 attn2
+    layers), or every cross-attention layer at ``factor`` when one is given."""
     arch = architecture_of(unet)
+    if factor is None:
+        return arch.map_layers(unet)
     return [l.name for l in attention.attention_layers(unet)
             if l.is_cross and arch.factor(l.name) == factor]
 
@@ -63,7 +68,7 @@ def map_layers(unet, factor: int = MAP_FACTOR) -> list[str]:
 def _check_text_to_image(sd: SDModel) -> None:
     if sd.instruct:
         raise InputError("sd_model", "is an instruction UNet (8 input channels, "
-                         "InstructPix2Pix/MGIE)", "a text-to-image SD 1.x model "
+                         "InstructPix2Pix/MGIE)", "a text-to-image model "
                          "(4-channel UNet)", "Attention masks read where a caption's word "
                          "attends; load the base SD 1.5 model (e.g. with xMGIE Load SD) for "
                          "the mask and keep the instruction model for the edit.")
@@ -180,8 +185,7 @@ def attention_map(sd: SDModel, image: torch.Tensor, prompt: str, word: str,
     z_t = noised_latents(sd, z0, ts, seed)
     layers = map_layers(sd.unet)
     maps = capture_maps(sd, z_t, ts, encode_prompt(sd, prompt), layers)
-    m = aggregate_maps(maps, tokens, architecture_of(sd.unet).size_at_factor(
-        tuple(z0.shape[-2:]), MAP_FACTOR))
+    m = aggregate_maps(maps, tokens, architecture_of(sd.unet).map_size(tuple(z0.shape[-2:])))
     return fit.undo_mask(upsample_map(m, fit.fitted)[None])[0]
 
 

@@ -323,3 +323,25 @@ def test_tiny_models_are_in_the_real_layouts(tiny_models, family, pipeline, in_c
     assert model.instruct == (in_channels == 8)
     assert (model.text_encoder_2 is not None) == xl and (model.tokenizer_2 is not None) == xl
     assert model.prediction_type == ("epsilon" if xl else "v_prediction")
+
+
+# --- the attention masks read the architecture's maps -----------------------------------
+
+def test_attention_masks_read_the_architectures_maps_on_sdxl_and_sd2(sdxl, sd2, image):
+    from xmgie.mgie_core import masks
+
+    layers = masks.map_layers(sdxl.unet)
+    # tiny SDXL at latent / 4: down_blocks.2 (2 x 2 deep) and up_blocks.0 (3 x 2 deep)
+    assert len(layers) == 10 and layers == architecture_of(sdxl.unet).map_layers(sdxl.unet)
+    assert {n.split(".attentions")[0] for n in layers} == {"down_blocks.2", "up_blocks.0"}
+    for sd in (sdxl, sd2):
+        z = torch.randn(2, 4, 12, 16, generator=torch.Generator().manual_seed(5))
+        maps = masks.capture_maps(sd, z, [501, 701], diffusion.encode_prompt(sd, PROMPT),
+                                  masks.map_layers(sd.unet))
+        assert sorted(maps) == sorted(masks.map_layers(sd.unet))
+        for probs in maps.values():
+            assert probs.shape[0] == 2 and probs.shape[2:] == (3 * 4, 77)   # 12x16 / 4
+            torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs[..., 0]))
+        m = masks.attention_map(sd, image, PROMPT, "cat")
+        assert m.shape == (128, 128) and 0 <= float(m.min()) and float(m.max()) <= 1
+        assert float(m.max()) - float(m.min()) > 0.5      # min-max normalised: a map
