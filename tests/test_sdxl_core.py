@@ -345,3 +345,41 @@ def test_attention_masks_read_the_architectures_maps_on_sdxl_and_sd2(sdxl, sd2, 
         m = masks.attention_map(sd, image, PROMPT, "cat")
         assert m.shape == (128, 128) and 0 <= float(m.min()) and float(m.max()) <= 1
         assert float(m.max()) - float(m.min()) > 0.5      # min-max normalised: a map
+
+
+# --- the graph cache's calls (eager on the CPU: the same functions a capture records) --
+
+@pytest.mark.parametrize("which", ["sdxl", "sd2", "sdxl_ip2p"])
+def test_graph_cache_calls_equal_unet_eps_and_the_null_text_gradient(which, sdxl, sd2,
+                                                                     tiny_sdxl_ip2p):
+    from xmgie.mgie_core import graphs
+
+    sd = {"sdxl": sdxl, "sd2": sd2, "sdxl_ip2p": tiny_sdxl_ip2p}[which]
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(1, sd.unet.config.in_channels, 16, 12, generator=g)
+    cond = diffusion.encode_prompt(sd, PROMPT)
+    cache = graphs.for_run(sd)
+    torch.testing.assert_close(graphs.unet_eps(cache, "test", sd, z, 601, cond),
+                               diffusion.unet_eps(sd, z, 601, cond))
+    if sd.instruct:
+        return
+    # null-text's loss and gradient w.r.t. the unconditional embedding (SDXL: its pooled
+    # row too), against autograd through diffusion.unet_eps
+    sch = diffusion.make_schedule(sd, 10)
+    i, scale = 3, 7.5
+    coef = graphs.ddim_coefficients(sch, sd.device)[i]
+    eps_c = diffusion.unet_eps(sd, z, sch.t(i), cond)
+    target = torch.randn(z.shape, generator=g)
+    u = diffusion.encode_prompt(sd, "").clone().requires_grad_(True)
+    loss, grad = graphs.null_text_gradient(cache, sd, u, z, sch.t(i), eps_c, target, coef,
+                                           scale, i)
+    u2 = u.detach().clone().requires_grad_(True)
+    eps_u = diffusion.unet_eps(sd, z, sch.t(i), u2)
+    want = torch.nn.functional.mse_loss(
+        diffusion.denoise_step(sch, i, z, eps_u + scale * (eps_c - eps_u)), target)
+    want.backward()
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, u2.grad, rtol=1e-4, atol=1e-7)
+    if which == "sdxl":
+        p = diffusion.pooled_width(sd.unet)
+        assert grad[0, 77, :p].abs().max() > 0 and grad[0, 77, p:].abs().max() == 0
