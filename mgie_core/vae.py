@@ -90,7 +90,7 @@ def encode(sd: SDModel, image: torch.Tensor, name: str = "image", mode: bool = T
            scaled: bool = True) -> Latents:
     """Posterior mode (= mean: encoding is deterministic), times the scaling factor unless
     ``scaled=False`` (ComfyUI's LATENT convention)."""
-    return encode_with(sd.vae, image, sd.device, sd.dtype, name, mode=mode, scaled=scaled)
+    return encode_with(sd.vae, image, sd.device, sd.vae_dtype, name, mode=mode, scaled=scaled)
 
 
 @torch.no_grad()
@@ -124,7 +124,7 @@ def decode(sd: SDModel, latents: Latents | torch.Tensor, name: str = "latent",
     ``fit`` (default: a :class:`Latents`' own): how the photo was fitted to the model; a
     padded photo's edit is cropped back to the photo's size."""
     fit = fit or (latents.fit if isinstance(latents, Latents) else None)
-    image = decode_with(sd.vae, latents, sd.device, sd.dtype, name, scaled, to_cpu)
+    image = decode_with(sd.vae, latents, sd.device, sd.vae_dtype, name, scaled, to_cpu)
     return fit.undo(image) if fit is not None else image
 
 

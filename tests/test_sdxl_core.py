@@ -383,3 +383,20 @@ def test_graph_cache_calls_equal_unet_eps_and_the_null_text_gradient(which, sdxl
     if which == "sdxl":
         p = diffusion.pooled_width(sd.unet)
         assert grad[0, 77, :p].abs().max() > 0 and grad[0, 77, p:].abs().max() == 0
+
+
+def test_the_vae_runs_in_its_own_dtype_under_a_half_precision_unet(sdxl, image):
+    """SDXL's VAE asks for float32 (force_upcast); a model whose UNet runs in half
+    precision encodes and decodes with the VAE's own dtype."""
+    import copy
+
+    from xmgie.mgie_core import vae
+
+    assert sdxl.vae.config.force_upcast
+    half = dataclasses.replace(sdxl, unet=copy.deepcopy(sdxl.unet).to(torch.bfloat16),
+                               dtype=torch.bfloat16)
+    assert half.vae_dtype == torch.float32 and sdxl.vae_dtype == torch.float32
+    lat = vae.encode(half, image)
+    torch.testing.assert_close(lat.samples, vae.encode(sdxl, image).samples)
+    out = vae.decode(half, lat)
+    assert out.shape == (1, 128, 128, 3) and out.dtype == torch.float32

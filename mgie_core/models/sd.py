@@ -75,6 +75,14 @@ class SDModel:
         return architecture_of(self.unet).name
 
     @property
+    def vae_dtype(self) -> torch.dtype:
+        """The dtype the VAE runs in: its weights' own. A loader may keep the VAE in
+        float32 under a half-precision UNet where the VAE's config asks for it
+        (``force_upcast``: SDXL's VAE overflows in float16, as diffusers' SDXL pipelines
+        note)."""
+        return next(self.vae.parameters()).dtype
+
+    @property
     def prediction_type(self) -> str:
         """What the UNet predicts, from the scheduler config: "epsilon" or "v_prediction"
         (SD 2.x 768-v). ``diffusion.unet_eps`` returns epsilon either way."""
