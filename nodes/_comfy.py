@@ -155,10 +155,17 @@ def memory_hooks(mm, model_patcher) -> dict:
 
 # --- ComfyUI's MODEL / CLIP / VAE -> the pack's SD model (the bridge node) ----------------
 
-SUPPORTED_MODEL_TYPES = ("SD15", "SD15_instructpix2pix")
-_NOT_SD1 = ("Load an SD 1.x checkpoint (SD 1.4/1.5 or a model fine-tuned from it, or an "
-            "SD 1.5 InstructPix2Pix) with Load Checkpoint; other families need the pack's "
-            "own loaders, which are SD 1.x too.")
+# ComfyUI model types -> the family the pack reads (comfy.supported_models class names;
+# subclasses such as unCLIP, the x4 upscaler or the distilled SDXLs are not these).
+SUPPORTED_MODEL_TYPES = {"SD15": "sd1", "SD15_instructpix2pix": "sd1", "SD20": "sd2",
+                         "SDXL": "sdxl", "SDXL_instructpix2pix": "sdxl"}
+# The ComfyUI text-encoder models each family's CLIP holds.
+_CLIP_MODELS = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")}
+_NOT_SD = ("Load an SD 1.x, SD 2.x or SDXL checkpoint (or a fine-tune of one, or an SD 1.5 "
+           "or SDXL InstructPix2Pix) with Load Checkpoint.")
+# Above this sigma the schedule is a zero-terminal-SNR one (ComfyUI's zsnr), not the
+# scaled-linear schedule the pack's DDIM uses (whose largest sigma is about 14.6).
+_ZSNR_SIGMA = 100.0
 
 
 def _name(obj) -> str:
@@ -166,50 +173,64 @@ def _name(obj) -> str:
 
 
 def _check_model(model):
-    """The SD 1.x model config of a ComfyUI MODEL (a ModelPatcher), or a clear error."""
+    """(model config, family, prediction type) of a ComfyUI MODEL (a ModelPatcher), or
+    a clear error."""
     from ..mgie_core.errors import InputError
 
     base = getattr(model, "model", None)
     config = getattr(base, "model_config", None)
     if base is None or config is None or not hasattr(model, "patches"):
         raise InputError("model", f"got a {_name(model)}", "ComfyUI's MODEL from Load "
-                         "Checkpoint (or a LoRA loader after it)", _NOT_SD1)
+                         "Checkpoint (or a LoRA loader after it)", _NOT_SD)
     import comfy.model_sampling
-    import comfy.supported_models as supported
 
     kind = _name(config)
-    if not isinstance(config, supported.SD15) or kind not in SUPPORTED_MODEL_TYPES:
-        raise InputError("model", f"is a {kind} model", "an SD 1.x model (ComfyUI model "
-                         f"types {', '.join(SUPPORTED_MODEL_TYPES)})", _NOT_SD1)
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise InputError("model", f"is a {kind} model", "an SD 1.x, SD 2.x or SDXL model "
+                         f"(ComfyUI model types {', '.join(SUPPORTED_MODEL_TYPES)})", _NOT_SD)
+    family = SUPPORTED_MODEL_TYPES[kind]
     sampling = model.get_model_object("model_sampling")
     # The prediction type is the first of comfy.model_sampling's EPS family in the MRO
     # (ComfyUI combines it with the schedule class: ModelSampling(Discrete, EPS)).
     kinds = [c for c in type(sampling).__mro__ if c.__module__ == comfy.model_sampling.__name__
              and issubclass(c, comfy.model_sampling.EPS)]
-    if not kinds or kinds[0] is not comfy.model_sampling.EPS:
+    allowed = {comfy.model_sampling.EPS: "epsilon",
+               comfy.model_sampling.V_PREDICTION: "v_prediction"}
+    if not kinds or kinds[0] not in allowed:
         got = kinds[0].__name__ if kinds else _name(sampling)
         raise InputError("model", f"predicts {got} (a ModelSampling node or a checkpoint "
-                         "of another prediction type)", "an SD 1.x epsilon-prediction (EPS) "
+                         "of another prediction type)", "an epsilon (EPS) or v-prediction "
                          "model", "Remove the ModelSampling node before this one.")
-    return config
+    sigma_max = float(getattr(sampling, "sigma_max", 0.0))
+    if sigma_max > _ZSNR_SIGMA:
+        raise InputError("model", f"samples on a zero-terminal-SNR schedule (largest sigma "
+                         f"{sigma_max:g})", "the scaled-linear schedule SD was trained on",
+                         "Remove the zsnr ModelSampling setting before this node.")
+    return config, family, allowed[kinds[0]]
 
 
-def _check_clip(clip):
+def _check_clip(clip, family: str):
+    """ComfyUI's text-encoder models of the family, in order (SDXL: CLIP-L, OpenCLIP-bigG)."""
     from ..mgie_core.errors import InputError
 
     encoder = getattr(clip, "cond_stage_model", None)
     if encoder is None or not hasattr(clip, "patcher"):
         raise InputError("clip", f"got a {_name(clip)}", "ComfyUI's CLIP from Load Checkpoint",
-                         _NOT_SD1)
-    if getattr(encoder, "clip_name", None) != "l" or not hasattr(encoder, "clip_l"):
-        raise InputError("clip", f"is a {_name(encoder)} text encoder", "SD 1.x's CLIP-L "
-                         "(SD1ClipModel)", _NOT_SD1)
+                         _NOT_SD)
+    want = _CLIP_MODELS[family]
+    held = tuple(n for n in ("clip_l", "clip_g", "clip_h") if hasattr(encoder, n))
+    if set(held) != set(want):
+        raise InputError("clip", f"is a {_name(encoder)} text encoder (holding "
+                         f"{', '.join(held) or 'no CLIP'})", f"the CLIP of the same checkpoint "
+                         f"as the model ({' and '.join(want)})", _NOT_SD)
     layer = getattr(clip, "layer_idx", None)
-    if layer not in (None, -1):
+    # SD 1.x reads the last layer, so -1 is its default; SD 2.x and SDXL read the
+    # penultimate one, which only "no setting" (None) keeps.
+    if layer is not None and not (family == "sd1" and layer == -1):
         raise InputError("clip", f"is set to stop at layer {layer} (CLIP Set Last Layer)",
-                         "the last layer, as SD 1.x and the pack's text encoding use",
-                         "Remove CLIP Set Last Layer (or set it to -1) before this node.")
-    return encoder
+                         "the layer the model was trained with, which the pack's text "
+                         "encoding uses", "Remove CLIP Set Last Layer before this node.")
+    return encoder, [getattr(encoder, n) for n in want]
 
 
 def _check_vae(vae):
@@ -218,12 +239,12 @@ def _check_vae(vae):
     first = getattr(vae, "first_stage_model", None)
     if first is None or not hasattr(vae, "patcher"):
         raise InputError("vae", f"got a {_name(vae)}", "ComfyUI's VAE from Load Checkpoint "
-                         "or Load VAE", _NOT_SD1)
+                         "or Load VAE", _NOT_SD)
     channels = getattr(vae, "latent_channels", None)
     if channels != 4 or getattr(vae, "latent_dim", 2) != 2 or \
             not any(k.startswith("encoder.down.") for k in first.state_dict()):
         raise InputError("vae", f"is a {_name(first)} with {channels} latent channels",
-                         "an SD 1.x AutoencoderKL (4 latent channels)", _NOT_SD1)
+                         "an SD AutoencoderKL (4 latent channels)", _NOT_SD)
     return first
 
 
@@ -236,19 +257,41 @@ def _group_norms(module) -> int:
     return 32
 
 
-def _activation_name(encoder) -> str:
+def _activation_name(clip_model) -> str:
     import comfy.clip_model
 
-    act = encoder.clip_l.transformer.text_model.encoder.layers[0].mlp.activation
+    act = clip_model.transformer.text_model.encoder.layers[0].mlp.activation
     for name, fn in comfy.clip_model.ACTIVATIONS.items():
         if fn is act:
             return name
     return "quick_gelu"
 
 
+def _text_state(encoder_state: dict, name: str, projection: bool, drop_last: bool) -> dict:
+    """One ComfyUI text-encoder model's tensors in transformers' names (``text_model.*``,
+    and ``text_projection.weight`` where the pack's model has the projection). SD 2.x
+    reads OpenCLIP-H's penultimate layer (through the final norm): its last layer is
+    left out, as diffusers' SD 2.x text encoder has one layer fewer."""
+    import re
+
+    prefix = f"{name}.transformer."
+    out = {k[len(prefix):]: v for k, v in encoder_state.items()
+           if k.startswith(prefix + "text_model.")
+           or (projection and k == prefix + "text_projection.weight")}
+    if drop_last:
+        rx = re.compile(r"text_model\.encoder\.layers\.(\d+)\.")
+        last = max(int(m.group(1)) for k in out for m in [rx.match(k)] if m)
+        out = {k: v for k, v in out.items() if not k.startswith(
+            f"text_model.encoder.layers.{last}.")}
+    return out
+
+
 def sd_parts(model, clip, vae):
     """(UNet, text encoder, VAE) :class:`mgie_core.models.from_ldm.LDMPart` of ComfyUI's
-    MODEL, CLIP and VAE, their tensors being ComfyUI's own, LoRA patches applied.
+    MODEL, CLIP and VAE (SD 1.x, SD 2.x or SDXL), their tensors being ComfyUI's own, LoRA
+    patches applied. SDXL: the text-encoder part carries OpenCLIP-bigG (ComfyUI's
+    ``clip_g``, with its projection) as ``second``; SD 2.x: OpenCLIP-H (``clip_h``) up to
+    its penultimate layer, which is what SD 2.x reads.
 
     How the patched weights are obtained: ``comfy.model_management.load_models_gpu(
     [model, clip.patcher, vae.patcher], force_patch_weights=True, force_full_load=True)``
@@ -272,7 +315,8 @@ def sd_parts(model, clip, vae):
         without this node, or ComfyUI's "unload models") before loading others.
       * Sampling-time model patches (FreeU, attention patches, ModelSampling nodes) are
         options of ComfyUI's sampler, not weights, and are not carried over; a
-        ModelSampling other than epsilon, and CLIP Set Last Layer, are refused.
+        ModelSampling other than epsilon or v-prediction, a zero-terminal-SNR schedule,
+        and CLIP Set Last Layer, are refused.
     """
     import logging
 
@@ -280,8 +324,8 @@ def sd_parts(model, clip, vae):
 
     from ..mgie_core.models import from_ldm
 
-    config = _check_model(model)
-    encoder = _check_clip(clip)
+    config, family, prediction = _check_model(model)
+    encoder, clip_models = _check_clip(clip, family)
     first = _check_vae(vae)
     options = getattr(model, "model_options", {}) or {}
     if (options.get("transformer_options") or {}).get("patches") or \
@@ -294,31 +338,50 @@ def sd_parts(model, clip, vae):
                        force_full_load=True)
     unet = model.model.diffusion_model
     unet_state = unet.state_dict()
-    prefix = "clip_l.transformer."
-    text_state = {k[len(prefix):]: v for k, v in encoder.state_dict().items()
-                  if k.startswith(prefix + "text_model.")}
+    encoder_state = encoder.state_dict()
+    names = _CLIP_MODELS[family]
+    text_states = [_text_state(encoder_state, name, projection=(name == "clip_g"),
+                               drop_last=(family == "sd2")) for name in names]
     vae_state = first.state_dict()
     if any(getattr(p, "weight_inplace_update", False)
            for p in (model, clip.patcher, vae.patcher)):
         # Later patches would be written into these very tensors: take copies.
-        unet_state, text_state, vae_state = (
-            {k: v.clone() for k, v in d.items()} for d in (unet_state, text_state, vae_state))
-    heads = config.unet_config.get("num_heads", 8)
-    layers = encoder.clip_l.transformer.text_model.encoder.layers
+        unet_state, vae_state, *text_states = (
+            {k: v.clone() for k, v in d.items()} for d in (unet_state, vae_state, *text_states))
+    unet_config = config.unet_config
+    heads = unet_config.get("num_heads", 8)
+    head_channels = unet_config.get("num_head_channels", -1) if heads == -1 else None
+    embedder = getattr(model.model, "embedder", None)      # SDXL's time-id embedding
     patched = len(getattr(model, "patches", {}) or {})
     clip_patched = len(getattr(clip.patcher, "patches", {}) or {})
     source = (f"ComfyUI {_name(config)} model ({patched} UNet and {clip_patched} CLIP "
               "weights patched)")
+    shipped = from_ldm.shipped_configs(family)
     unet_part = from_ldm.LDMPart(
         "unet", unet_state, from_ldm.unet_config_from_ldm(
-            unet_state, num_heads=heads, norm_num_groups=_group_norms(unet), source=source),
-        source)
-    text_part = from_ldm.LDMPart(
-        "text_encoder", text_state, from_ldm.text_config_from_ldm(
-            text_state, num_attention_heads=layers[0].self_attn.heads,
-            hidden_act=_activation_name(encoder), source=source),
-        source, tokenizer=clip.tokenizer.clip_l.tokenizer)
+            unet_state, num_heads=heads if heads != -1 else 8,
+            num_head_channels=head_channels, norm_num_groups=_group_norms(unet),
+            base=shipped["unet"], source=source,
+            addition_time_embed_dim=int(getattr(embedder, "dim", 256))),
+        source, scheduler_config={**shipped["scheduler"], "prediction_type": prediction})
+    tokenizers = {"clip_l": lambda: clip.tokenizer.clip_l.tokenizer,
+                  "clip_g": lambda: from_ldm.open_clip_tokenizer(clip.tokenizer.clip_g.tokenizer),
+                  "clip_h": lambda: from_ldm.open_clip_tokenizer(clip.tokenizer.clip_h.tokenizer)}
+    text_parts = []
+    for name, cm, state in zip(names, clip_models, text_states):
+        layers = cm.transformer.text_model.encoder.layers
+        kind = "text_encoder_2" if name == "clip_g" else "text_encoder"
+        text_parts.append(from_ldm.LDMPart(
+            kind, state, from_ldm.text_config_from_ldm(
+                state, num_attention_heads=layers[0].self_attn.heads,
+                hidden_act=_activation_name(cm), source=source),
+            source, tokenizer=tokenizers[name]()))
+    text_part = text_parts[0]
+    if len(text_parts) > 1:
+        text_part.second = text_parts[1]
+    latent_format = getattr(config, "latent_format", None)
     vae_part = from_ldm.LDMPart(
         "vae", vae_state, from_ldm.vae_config_from_ldm(
-            vae_state, norm_num_groups=_group_norms(first), source=source), source)
+            vae_state, norm_num_groups=_group_norms(first), source=source,
+            scaling_factor=getattr(latent_format, "scale_factor", None)), source)
     return unet_part, text_part, vae_part

@@ -1,4 +1,4 @@
-"""Loader nodes for the SD 1.x family (text-to-image and instruction UNets)."""
+"""Loader nodes for Stable Diffusion 1.x, 2.x and XL (text-to-image and instruction UNets)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ _DTYPE_TIP = "Weights' precision. auto = fp16 on a CUDA GPU, fp32 on the CPU."
 
 
 class SDLoader:
-    """One loader node for the SD 1.x models that are read by name and precision alone
+    """One loader node for the SD models that are read by name and precision alone
     (a single-file checkpoint, a diffusers folder, an InstructPix2Pix folder): a
     subclass says which family it lists (``FAMILY``), its name input (``NAME_INPUT``,
     kept as saved workflows have it) and the library loader it calls (``LOADER``)."""
@@ -39,19 +39,21 @@ class SDLoader:
 
 class LoadCheckpoint(SDLoader):
     NODE_ID = f"{PREFIX}LoadCheckpoint"
-    DISPLAY_NAME = "xMGIE Load SD1.x Checkpoint"
-    DESCRIPTION = ("Loads a Stable Diffusion 1.x single-file checkpoint (.safetensors or "
-                   ".ckpt from models/checkpoints) with the pack's SD 1.5 configs, offline.")
+    DISPLAY_NAME = "xMGIE Load Checkpoint (SD 1.x / 2.x / XL)"
+    DESCRIPTION = ("Loads a Stable Diffusion 1.x, 2.x or SDXL single-file checkpoint "
+                   "(.safetensors or .ckpt from models/checkpoints; the family is read from "
+                   "the file) with the pack's shipped configs, offline. A file with a "
+                   "missing or unexpected tensor is refused, naming it.")
     FAMILY = paths.SD_CHECKPOINT
     NAME_INPUT = "ckpt_name"
-    NAME_TOOLTIP = "SD 1.x checkpoint file in models/checkpoints."
+    NAME_TOOLTIP = "SD 1.x, SD 2.x or SDXL checkpoint file in models/checkpoints."
     LOADER = staticmethod(sd.load_sd_checkpoint)
 
 
 class LoadDiffusers(SDLoader):
     NODE_ID = f"{PREFIX}LoadDiffusers"
-    DISPLAY_NAME = "xMGIE Load SD1.x Diffusers Folder"
-    DESCRIPTION = ("Loads a Stable Diffusion 1.x model from a diffusers folder "
+    DISPLAY_NAME = "xMGIE Load Diffusers Folder (SD 1.x / 2.x / XL)"
+    DESCRIPTION = ("Loads a Stable Diffusion 1.x, 2.x or SDXL model from a diffusers folder "
                    "(models/diffusers/<name>, or the local Hugging Face cache), offline.")
     FAMILY = paths.SD_DIFFUSERS
     NAME_TOOLTIP = "Diffusers folder in models/diffusers."
@@ -62,7 +64,7 @@ class LoadInstructPix2Pix(SDLoader):
     NODE_ID = f"{PREFIX}LoadInstructPix2Pix"
     DISPLAY_NAME = "xMGIE Load InstructPix2Pix"
     DESCRIPTION = ("Loads an 8-channel instruction model (InstructPix2Pix diffusers "
-                   "layout) for instruction-guided sampling.")
+                   "layout, SD 1.5 or SDXL) for instruction-guided sampling.")
     FAMILY = paths.IP2P_DIFFUSERS
     NAME_TOOLTIP = "InstructPix2Pix diffusers folder in models/diffusers."
     LOADER = staticmethod(sd.load_instruct_diffusers)
@@ -99,9 +101,10 @@ class SDModelFromComfy:
     DESCRIPTION = ("Edits with the models your graph already loaded: takes ComfyUI's MODEL, "
                    "CLIP and VAE (from Load Checkpoint, after any LoRA loaders) and gives the "
                    "pack's SD model, with the LoRAs applied and the weight tensors shared, not "
-                   "copied. SD 1.x only (SD 1.4/1.5 and fine-tunes, SD 1.5 InstructPix2Pix). "
-                   "CLIP Set Last Layer and sampling-time patches (FreeU, ModelSampling) do "
-                   "not carry over.")
+                   "copied. SD 1.x, SD 2.x (epsilon or v-prediction) and SDXL (both text "
+                   "encoders, CLIP-L and OpenCLIP-bigG), and the SD 1.5 and SDXL "
+                   "InstructPix2Pix. CLIP Set Last Layer and sampling-time patches (FreeU, "
+                   "ModelSampling) do not carry over.")
     RETURN_TYPES = (SD_MODEL,)
     RETURN_NAMES = ("sd_model",)
     FUNCTION = "convert"
@@ -110,9 +113,9 @@ class SDModelFromComfy:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", inp("The diffusion model from Load Checkpoint or a LoRA "
-                                   "loader (SD 1.x).")),
+                                   "loader (SD 1.x, SD 2.x or SDXL).")),
             "clip": ("CLIP", inp("The CLIP of the same checkpoint (after the same LoRA "
-                                 "loaders).")),
+                                 "loaders); SDXL's holds both text encoders.")),
             "vae": ("VAE", inp("The checkpoint's VAE, or one from Load VAE.")),
             "dtype": (DTYPES, inp("auto: the UNet's precision and device as ComfyUI loaded "
                                   "it, weights shared; the VAE follows the UNet and CLIP "

@@ -8,9 +8,10 @@ factor) so the same workflow JSON runs in both places.
 
 Models: a workflow may start from core Load Checkpoint and hand its MODEL,
 CLIP and VAE to "xMGIE SD Model From ComfyUI". Here :class:`CheckpointLoaderSimple`
-reads the SD 1.x file the pack's own loader would (models/checkpoints, ``--tiny``) and
-gives :class:`mgie_core.models.from_ldm.LDMPart` values: the file's tensors in the LDM
-layout ComfyUI's loaded models hold, with their configs. The bridge node accepts those
+reads the SD 1.x, SD 2.x or SDXL file the pack's own loader would (models/checkpoints,
+``--tiny``) and gives :class:`mgie_core.models.from_ldm.LDMPart` values: the file's
+tensors in the layout ComfyUI's loaded models hold, with their configs (SDXL's CLIP
+carries both text encoders, CLIP-L and OpenCLIP-bigG). The bridge node accepts those
 as it accepts ComfyUI's objects, and converts both through the same
 ``from_ldm.sd_from_ldm``. :class:`VAEDecode` / :class:`VAEEncode` run that VAE part
 (built once, as a diffusers AutoencoderKL, on the run's device in fp32) in ComfyUI's
@@ -18,7 +19,7 @@ convention, so core decoding of the pack's LATENT is checked headless too.
 :class:`PreviewAny` prints text as core's Preview Any shows it. :class:`LoraLoader` is
 declared so such workflows validate up to it, but REFUSES: the runner applies no LoRAs
 (ComfyUI's LoRA key formats and patch maths are ComfyUI's); run those in ComfyUI, or
-bypass the LoRA node. Only SD 1.x single files load here, as in the bridge.
+bypass the LoRA node. SD 1.x, SD 2.x and SDXL single files load here, as in the bridge.
 
 Where files are read from and written to is the runner's :class:`RunContext`, set with
 :func:`set_context` (the CLI does) or temporarily with :func:`using_context`.
@@ -602,36 +603,40 @@ class CheckpointLoaderSimple:
     NODE_ID = "CheckpointLoaderSimple"
     DISPLAY_NAME = "Load Checkpoint"
     CATEGORY = "loaders"
-    DESCRIPTION = ("Reads an SD 1.x single-file checkpoint (models/checkpoints; --tiny: the "
-                   "tiny model) as its MODEL, CLIP and VAE, for xMGIE SD Model From ComfyUI "
-                   "and the VAE Decode/Encode stand-ins. Headless runner only: in ComfyUI "
-                   "the core node loads any family it knows.")
+    DESCRIPTION = ("Reads an SD 1.x, SD 2.x or SDXL single-file checkpoint "
+                   "(models/checkpoints; --tiny: the tiny model of the family the name says) "
+                   "as its MODEL, CLIP and VAE, for xMGIE SD Model From ComfyUI and the VAE "
+                   "Decode/Encode stand-ins. Headless runner only: in ComfyUI the core node "
+                   "loads any family it knows.")
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     RETURN_NAMES = ("MODEL", "CLIP", "VAE")
     OUTPUT_TOOLTIPS = ("The UNet (LDM layout tensors).",
-                       "The CLIP text encoder and its tokenizer.", "The VAE.")
+                       "The CLIP text encoder(s) and tokenizer(s) (SDXL: CLIP-L and "
+                       "OpenCLIP-bigG).", "The VAE.")
     FUNCTION = "load_checkpoint"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"ckpt_name": (paths.list_models(paths.SD_CHECKPOINT), inp(
-            "SD 1.x checkpoint file in models/checkpoints (--models-dir).")),
+            "SD 1.x, SD 2.x or SDXL checkpoint file in models/checkpoints (--models-dir).")),
         }}
 
     def load_checkpoint(self, ckpt_name: str):
         """The file's UNet, CLIP and VAE tensors in the precisions ComfyUI's own Load
         Checkpoint gives them, whatever the file stores, so the bridge node sees what it
         sees inside ComfyUI: the UNet in ComfyUI's weight dtype for the run's device
-        (``unet_weight_dtype``), CLIP in the run's text-encoder precision (fp16 unless
-        --fp32-text-enc)."""
+        (``unet_weight_dtype``), CLIP (both SDXL encoders) in the run's text-encoder
+        precision (fp16 unless --fp32-text-enc)."""
         unet, text, vae = from_ldm.read_ldm_checkpoint(ckpt_name)
         _cast_floats(unet, unet_weight_dtype(host.device()))
-        _cast_floats(text, context().text_encoder_dtype)
+        for part in (text, text.second):
+            if part is not None:
+                _cast_floats(part, context().text_encoder_dtype)
         return unet, text, vae
 
 
 def unet_weight_dtype(device: torch.device) -> torch.dtype:
-    """ComfyUI's weight dtype for an SD 1.x UNet (model_management.unet_dtype): fp16 on a
+    """ComfyUI's weight dtype for an SD UNet (model_management.unet_dtype): fp16 on a
     CUDA GPU, fp32 elsewhere (on the CPU an fp16 file is loaded as fp32: half-precision
     matrix products are slow there, and ComfyUI never runs them)."""
     return torch.float16 if device.type == "cuda" else torch.float32

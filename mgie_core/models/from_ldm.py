@@ -99,6 +99,11 @@ class Layout:
     text_open_clip: bool = False   # the first text encoder in OpenCLIP's layout (SD 2.x)
     text_2_prefix: str = ""        # SDXL's OpenCLIP-bigG
 
+    @property
+    def what(self) -> str:
+        """The file's kind in messages."""
+        return paths.SD_CHECKPOINT.what if self is SD1_LAYOUT else f"{self.name} checkpoint"
+
     def prefixes(self) -> dict[str, str]:
         out = {UNET: LDM_PREFIXES[UNET], VAE: LDM_PREFIXES[VAE], TEXT_ENCODER: self.text_prefix}
         if self.text_2_prefix:
@@ -174,6 +179,12 @@ def detect_layout(state: dict, what: str, path: Path | str) -> Layout:
     return SD1_LAYOUT
 
 
+def shipped_configs(family: str) -> dict[str, dict]:
+    """The pack's shipped configs of a family ("sd1", "sd2", "sdxl"), read as data."""
+    layout = {"sd1": SD1_LAYOUT, "sd2": SD2_LAYOUT, "sdxl": SDXL_LAYOUT}[family]
+    return read_sd_configs(CONFIGS_ROOT / layout.config, "shipped config")
+
+
 def _shipped_config(layout: Layout, state: dict) -> Path:
     cin = state.get(LDM_PREFIXES[UNET] + "input_blocks.0.0.weight")
     if layout is SDXL_LAYOUT and cin is not None and cin.ndim == 4 and cin.shape[1] == 8:
@@ -195,7 +206,7 @@ def file_prediction_type(layout: Layout, state: dict) -> str | None:
     return None
 
 
-def _open_clip_tokenizer(tokenizer):
+def open_clip_tokenizer(tokenizer):
     """OpenCLIP pads with "!" (id 0), not the end token (ComfyUI and diffusers alike)."""
     tok = copy.deepcopy(tokenizer)
     if "!" in tok.get_vocab():
@@ -234,7 +245,7 @@ def read_any_single_file(name: str, config_dir: Path | None = None) -> SingleFil
     layout = detect_layout(state, what, path)
     shipped = config_dir is None
     config_dir = Path(config_dir) if config_dir is not None else _shipped_config(layout, state)
-    configs = read_sd_configs(config_dir, f"{what} config")
+    configs = read_sd_configs(config_dir, f"{layout.what} config")
     if shipped:
         predicted = file_prediction_type(layout, state)
         if predicted:
@@ -244,11 +255,11 @@ def read_any_single_file(name: str, config_dir: Path | None = None) -> SingleFil
     own = tok_dir == config_dir / "tokenizer"
     tokenizer_2 = None
     if layout is SD2_LAYOUT and not own:
-        tokenizer = _open_clip_tokenizer(tokenizer)
+        tokenizer = open_clip_tokenizer(tokenizer)
     if layout is SDXL_LAYOUT:
         second = config_dir / "tokenizer_2"
         tokenizer_2 = (_load_tokenizer(second, "CLIP tokenizer") if (second / "vocab.json")
-                       .exists() else _open_clip_tokenizer(tokenizer))
+                       .exists() else open_clip_tokenizer(tokenizer))
     return SingleFile(path, layout, config_dir, configs, tokenizer, tokenizer_2, state)
 
 
@@ -281,7 +292,7 @@ def check_file_keys(sf: SingleFile) -> None:
     models are built on the meta device: no memory, whatever their size."""
     from .ldm_convert import text_encoders_to_ldm, unet_to_ldm, vae_to_ldm
 
-    what = paths.SD_CHECKPOINT.what
+    what = sf.layout.what
     modules = {kind: _meta_build(kind, sf.configs[kind], str(sf.config_dir))
                for kind in sf.layout.prefixes()}
     expected = {}
@@ -366,7 +377,7 @@ def read_ldm_checkpoint(name: str, config_dir: Path | None = None
 def ldm_parts(sf: SingleFile) -> tuple[LDMPart, LDMPart, LDMPart]:
     """The parts of a single file read by :func:`read_any_single_file` (its tensors are
     taken: ``sf.state`` is emptied)."""
-    what = paths.SD_CHECKPOINT.what
+    what = sf.layout.what
     if sf.layout is not SD1_LAYOUT:
         check_file_keys(sf)
     state = sf.state
