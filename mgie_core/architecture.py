@@ -42,8 +42,8 @@ class LayerChoices:
     level 3 8x8."""
 
     map_level: int = 2
-    """Cross-attention maps read by MAG (docs/algorithms.md section 6), A-STAR (section 7),
-    the attention masks (section 11) and MMSM: the cross-attention layers at latent / 4
+    """Cross-attention maps read by MAG (docs/algorithms.md section 6), A-STAR (section 7)
+    and the attention masks (section 11): the cross-attention layers at latent / 4
     in the down and up blocks (:attr:`map_blocks`; SD 1.5: the five 16x16 layers; SDXL
     at 1024 px: the 50 layers at 32x32 of the 10-deep transformers of down_blocks.2 and
     up_blocks.0). The losses' truncated forward stops after the last of them in
