@@ -3,7 +3,9 @@
 
 In the first optimised steps, the edit branch's latent takes one gradient step per
 sampling step on two losses over the 16x16 (at 512 px) cross-attention maps of each
-concept word of the target prompt (each map divided by its peak, see peak_normalise):
+concept word of the target prompt (each map divided by its peak, see peak_normalise).
+The maps are the UNet architecture's (MAG's: every cross-attention layer at latent / 4,
+32x32 at 1024 px on SDXL; see mag.py):
 
   segregation  L_seg = sum_{m>n} sum_ij min(A_m, A_n) / sum_ij (A_m + A_n)
   retention    L_ret = sum_m [1 - sum_ij min(A_m, B_m) / sum_ij (A_m + B_m)]
@@ -182,7 +184,7 @@ class AStarControl(Control):
             if self.use_mask else None
         self._pyramid = MaskPyramid(m) if m is not None else None
         self._groups = word_token_groups(run.sd.tokenizer, prompt, list(self.used_words))
-        self._layers = guidance.layers_at_factor(run.sd.unet, 4)
+        self._layers = guidance.map_layers(run.sd.unet)
         self._n_opt = int(round(self.steps_fraction * run.schedule.num_steps))
         self._prev = None
         self.history = []

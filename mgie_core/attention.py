@@ -256,9 +256,14 @@ class ControlledAttnProcessor:
 
         if any(hook.needs_probs(layer, ctx) for hook in hooks):
             ctl.explicit_layers.add(layer.name)
-            logits = (query @ key.transpose(-1, -2)) * attn.scale
+            # SD 2.x's UNet asks for float32 attention scores (``upcast_attention``: its
+            # half-precision logits overflow), as diffusers' explicit processor does; the
+            # hooks then read and write float32 maps.
+            q, k = (query.float(), key.float()) if getattr(attn, "upcast_attention", False) \
+                else (query, key)
+            logits = (q @ k.transpose(-1, -2)) * attn.scale
             if bias is not None:
-                logits = logits + bias
+                logits = logits + bias.to(logits.dtype)
             probs = logits.softmax(dim=-1)
             for hook in sorted(hooks, key=lambda h: h.PROBS_ORDER):
                 probs = hook.edit_probs(layer, ctx, probs)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -40,8 +41,10 @@ class StopAfter(AttnHook):
 class CaptureHook(AttnHook):
     """Keep cross-attention probabilities of chosen layers and rows for the current call.
 
-    ``maps[layer_name]`` is (len(rows), heads, HW, 77). Gradients flow through when the
-    UNet call is under autograd (MAG needs that)."""
+    ``maps[layer_name]`` is (len(rows), heads, HW, 77): the keys are the 77 token rows of
+    the conditioning in every family (SDXL's pooled row goes to the time embedding, not to
+    cross-attention). Gradients flow through when the UNet call is under autograd (MAG
+    needs that)."""
 
     def __init__(self, layers: Sequence[str], rows: Sequence[tuple[str, str]] | None = None,
                  cross: bool = True, steps: Iterable[int] | None = None):
@@ -113,20 +116,26 @@ class CAMHook(AttnHook):
     copied from the reconstruction branch is masked too. Without that, injection would
     overwrite the masked maps of any CAM word that also occurs in the source prompt
     during the cross-replace window (an OUT word kept probability 0.019 inside the mask at
-    step 0 on the tiny model)."""
+    step 0 on the tiny model).
 
-    DEFAULT_LAYERS = ("down_blocks.2", "mid_block", "up_blocks.1",
-                      "up_blocks.2.attentions.0", "up_blocks.2.attentions.1")
+    ``layers`` None (the samplers' default) takes the UNet architecture's CAM layers
+    (``LayerChoices.cam_layers``: PFB-Diff's 16x16, 8x8 and two 32x32 layers at 512 px on
+    SD 1.x; the same levels on SDXL) when the sampler prepares the hook; until then, and
+    for a hook used on its own, SD 1.x's (:attr:`DEFAULT_LAYERS`)."""
+
+    DEFAULT_LAYERS = SD1.layers.cam_layers
     PROBS_ORDER = 100   # after injection and any other rewrite of the maps
 
     def __init__(self, mask: torch.Tensor, in_tokens: Sequence[int], out_tokens: Sequence[int] = (),
-                 layers: Sequence[str] = DEFAULT_LAYERS, mode: str = "logits",
+                 layers: Sequence[str] | None = None, mode: str = "logits",
                  branches: Sequence[str] = ("edit",), steps: Iterable[int] | None = None):
         if mode not in ("logits", "probs"):
             raise ValueError(f"CAM mode must be 'logits' or 'probs', not {mode!r}")
         self.pyramid = mask if isinstance(mask, MaskPyramid) else MaskPyramid(mask)
         self.in_tokens, self.out_tokens = list(in_tokens), list(out_tokens)
-        self.layers, self.mode = tuple(layers), mode
+        self.auto_layers = layers is None
+        self.layers = self.DEFAULT_LAYERS if layers is None else tuple(layers)
+        self.mode = mode
         self.branches = tuple(branches)
         self.steps = set(steps) if steps is not None else None
 
@@ -138,6 +147,8 @@ class CAMHook(AttnHook):
         return [i for i, (b, h) in enumerate(ctx.layout.rows) if h == COND and b in self.branches]
 
     def prepare(self, device, latent_hw, architecture: UNetArchitecture = SD1):
+        if self.auto_layers:
+            self.layers = architecture.layers.cam_layers
         self._tokens(device)
         self.pyramid.prepare(architecture.level_sizes(latent_hw), device)
 
@@ -222,11 +233,18 @@ class ConditionCAMHook(AttnHook):
     masking every token of a row outside the mask leaves nothing to attend to."""
 
     def __init__(self, mask: torch.Tensor, n_tokens: int,
-                 layers: Sequence[str] = CAMHook.DEFAULT_LAYERS,
+                 layers: Sequence[str] | None = None,
                  branches: Sequence[str] = ("edit",)):
         self.pyramid = mask if isinstance(mask, MaskPyramid) else MaskPyramid(mask)
         self.n = int(n_tokens)
-        self.layers, self.branches = tuple(layers), tuple(branches)
+        self.auto_layers = layers is None      # the architecture's, as CAMHook's
+        self.layers = CAMHook.DEFAULT_LAYERS if layers is None else tuple(layers)
+        self.branches = tuple(branches)
+
+    def prepare(self, device, latent_hw, architecture: UNetArchitecture = SD1):
+        if self.auto_layers:
+            self.layers = architecture.layers.cam_layers
+        self.pyramid.prepare(architecture.level_sizes(latent_hw), device)
 
     def logit_bias(self, layer, ctx, n_query, n_key, device, dtype):
         if not layer.is_cross:
@@ -325,28 +343,45 @@ class InjectionHook(AttnHook):
     from :func:`token_alignment`) the edit row's maps of tokens aligned with the source
     take the reconstruction row's maps and new tokens keep their own; with a 2-D mapper
     ("replace", from :func:`replace_mapper`) the edit row's maps are all the source maps
-    mixed by the matrix. Self-attention, steps < self_steps, layers at ``self_max_res``
-    and below: the edit row attends with the reconstruction row's queries and keys (its
-    maps, exactly), in both modes."""
+    mixed by the matrix. Self-attention, steps < self_steps, at the architecture's
+    levels (``LayerChoices.injection_self_min_level``: "32x32 and below" at 512 px on SD
+    1.x, i.e. latent / 2 and coarser; on SDXL every attention layer, since SDXL has none
+    at the latent's own resolution): the edit row attends with the reconstruction row's
+    queries and keys (its maps, exactly), in both modes. ``self_max_res`` overrides the
+    levels as P2P states them, a map side at ``base_latent_res`` (64: SD 1.5's latent at
+    512 px), so 32 means latent / 2 and coarser on every family and at every size."""
 
     def __init__(self, mapper: torch.Tensor, cross_steps: int, self_steps: int,
-                 self_max_res: int = 32, source: str = "rec", target: str = "edit",
+                 self_max_res: int | None = None, source: str = "rec", target: str = "edit",
                  base_latent_res: int = 64):
         if mapper.ndim not in (1, 2):
             raise ValueError("mapper must be a token alignment (1-D) or a replace matrix (2-D)")
+        if self_max_res is not None and not 0 < self_max_res <= base_latent_res:
+            raise ValueError(f"self_max_res must be in 1..{base_latent_res}, not {self_max_res}")
         self.mapper = mapper
         self.mode = "replace" if mapper.ndim == 2 else "refine"
         self.cross_steps, self.self_steps = cross_steps, self_steps
         self.self_max_res = self_max_res
         self.source, self.target = source, target
         self.base_latent_res = base_latent_res
+        # the coarsest level that is not injected is below this one
+        self.self_min_level = SD1.layers.injection_self_min_level if self_max_res is None \
+            else max(0, math.ceil(math.log2(base_latent_res / self_max_res) - 1e-9))
         # Host copy for host-side questions (which target tokens are aligned), so no
         # caller reads the mapper tensor element by element.
         self.aligned: list[int] | None = mapper.tolist() if mapper.ndim == 1 else None
         self._on: dict = {}
 
     def prepare(self, device, latent_hw, architecture: UNetArchitecture = SD1):
+        if self.self_max_res is None:
+            self.self_min_level = architecture.layers.injection_self_min_level
         self._device_mapper(torch.device(device), torch.float32)
+
+    def injects_self(self, ctx, n_query: int) -> bool:
+        """Whether a self-attention layer with ``n_query`` queries is at an injected level
+        (its level read from its size against the call's latent)."""
+        h, _ = layer_hw(ctx.latent_hw, n_query)
+        return round(math.log2(ctx.latent_hw[0] / h)) >= self.self_min_level
 
     def _device_mapper(self, device, dtype):
         """The mapper on ``device`` (made once: a host tensor would be copied to the
@@ -380,11 +415,7 @@ class InjectionHook(AttnHook):
         pair = self._pair(ctx)
         if pair is None or layer.is_cross or ctx.step >= self.self_steps:
             return None
-        # "32x32 and below" at 512 px, i.e. layers downsampled at least 2x from the
-        # latent: compare the downsampling factor so the rule holds at any image size.
-        h, _ = layer_hw(ctx.latent_hw, n_query)
-        factor = ctx.latent_hw[0] / h
-        return {pair[1]: pair[0]} if self.base_latent_res / factor <= self.self_max_res else None
+        return {pair[1]: pair[0]} if self.injects_self(ctx, n_query) else None
 
     def needs_probs(self, layer, ctx):
         return layer.is_cross and ctx.step < self.cross_steps and self._pair(ctx) is not None

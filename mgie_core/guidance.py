@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from . import attention_hooks
-from .architecture import architecture_of, layer_hw
+from .architecture import architecture_of
 from .attention import COND, AttnContext, AttnHook, BatchLayout, Branch
 from .diffusion import unet_eps
 from .errors import GradientError, why_no_gradient
@@ -102,8 +102,7 @@ class CachedInjection(AttnHook):
     def qk_override(self, layer, ctx, query, key):
         if layer.is_cross or ctx.step >= self.inj.self_steps or layer.name not in self.rec.qk:
             return None
-        h, _ = layer_hw(ctx.latent_hw, query.shape[2])
-        if self.inj.base_latent_res / (ctx.latent_hw[0] / h) > self.inj.self_max_res:
+        if not self.inj.injects_self(ctx, query.shape[2]):
             return None
         q_src, k_src = self.rec.qk[layer.name]
         query, key = query.clone(), key.clone()
@@ -160,9 +159,10 @@ def sampler_hooks_for_edit(run) -> list[AttnHook]:
 def edit_maps(run, z: torch.Tensor, step: int, layers: Sequence[str],
               extra_hooks: Sequence[AttnHook] = (), truncate: bool = True,
               cache_source: bool = True) -> dict[str, torch.Tensor]:
-    """Cross-attention maps (heads, HW, 77) of the edit branch's conditional pass at the
-    given layers, differentiable w.r.t. ``z``, after injection and CAM, with the forward
-    stopped after the last of ``layers``.
+    """Cross-attention maps (heads, HW, 77: the token rows of the conditioning, in every
+    family) of the edit branch's conditional pass at the given layers, differentiable
+    w.r.t. ``z``, after injection and CAM, with the forward stopped after the last of
+    ``layers``.
 
     ``truncate=False`` / ``cache_source=False`` reproduce the reference call pattern (full
     forward; reconstruction recomputed for every call) for benchmarks and tests."""
@@ -188,9 +188,17 @@ def edit_maps(run, z: torch.Tensor, step: int, layers: Sequence[str],
 def layers_at_factor(unet, factor: int) -> list[str]:
     """Cross-attention layers working at latent/factor resolution (factor 4: the 16x16
     maps at 512 px), in execution order."""
-    from .masks import map_layers
+    from .masks import map_layers as at_factor
 
-    return sorted(map_layers(unet, factor), key=architecture_of(unet).execution_rank)
+    return sorted(at_factor(unet, factor), key=architecture_of(unet).execution_rank)
+
+
+def map_layers(unet) -> list[str]:
+    """The cross-attention layers whose maps MAG and A-STAR read, as the UNet's
+    architecture chooses them (``LayerChoices.map_level``, latent / 4: the five 16x16
+    layers at 512 px on SD 1.x and 2.x; on SDXL the 60 layers of the 10-deep transformers
+    at 32x32 at 1024 px), in execution order."""
+    return architecture_of(unet).map_layers(unet)
 
 
 def sigma(run, step: int) -> float:

@@ -27,13 +27,18 @@ the RMS change of the predicted clean latent per iteration, in SD latent units (
 latents have a standard deviation of about 1). The default 0.05 moves x0 by about 5 %
 of its spread per step; the next steps' eps partly re-absorbs each move.
 
-Memory: the VAE decoder at 512 px keeps ~GBs of activations for the backward pass.
+Memory: the VAE decoder at 512 px keeps ~GBs of activations for the backward pass (at
+1024 px, SDXL's size, four times as much: the decoder's last blocks hold 128-256 channels
+at the full 1024x1024).
 ``memory="checkpoint"`` (default) recomputes each decoder block in the backward pass
 (torch.utils.checkpoint): the same gradient, about one extra decoder forward per
 iteration, activations of one block at a time. ``"downscale"`` decodes a 2x-downsampled
 latent: a quarter of the memory and time, an approximate gradient (the decoder sees a
 latent it was not trained on; identity encoders work at 112-224 px, so a 256 px decode
 at 512 px still carries the identity). ``"none"``: plain backward, the most memory.
+On SDXL at 1024 px "checkpoint" stays the default (its VAE decoder is SD 1.x's, at twice
+the side); "downscale" is the choice for a card that cannot hold one 1024 px decoder
+block's activations with their gradients.
 """
 
 from __future__ import annotations
@@ -150,7 +155,10 @@ def decode_for_grad(sd, x0: torch.Tensor, memory: str = "checkpoint") -> torch.T
     z = x0
     if memory == "downscale":
         z = F.avg_pool2d(z, 2)
-    z = host.place(z, sd.device, sd.dtype) / sd.vae.config.scaling_factor
+    # the VAE's own dtype: a loader may keep SDXL's VAE in float32 (its half-precision
+    # decoder overflows) under a half-precision UNet
+    vae_dtype = next(sd.vae.parameters()).dtype
+    z = host.place(z, sd.device, vae_dtype) / sd.vae.config.scaling_factor
     ctx = checkpointed_decoder(sd.vae) if memory == "checkpoint" else contextlib.nullcontext()
     with ctx:
         x = sd.vae.decode(z).sample

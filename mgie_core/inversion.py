@@ -41,7 +41,8 @@ class InversionResult:
     latents: torch.Tensor                 # (N+1, B, 4, h, w): [i] = z*_{t_i}, [N] = z*_0
     timesteps: torch.Tensor               # (N,) descending
     guidance_scale: float
-    null_embeddings: torch.Tensor | None = None   # (N, 1, 77, D): per-step uncond
+    # (N, 1, 77, D) per-step uncond; SDXL (N, 1, 78, D): the pooled row too (diffusion.py)
+    null_embeddings: torch.Tensor | None = None
     offsets: torch.Tensor | None = None           # (N, B, 4, h, w): direct inversion
     settings: dict = dataclasses.field(default_factory=dict)
     image_size: tuple[int, int] = (0, 0)
@@ -107,6 +108,11 @@ def null_text_optimisation(sd: SDModel, traj: torch.Tensor, cond: torch.Tensor,
     """Per step i: Adam on the unconditional embedding (warm-started from step i-1),
     lr * (1 - i/100), at most ``inner_steps`` iterations, stopping once the loss is below
     early_stop + i * 2e-5; then advance with it. The embedding and loss stay float32.
+
+    The embedding is the whole conditioning tensor: on SDXL its 77 token rows and the
+    pooled row (which reaches the UNet through the added time embedding, so it receives a
+    gradient and is optimised with the tokens); the pooled row's zero padding gets no
+    gradient and stays zero.
 
     Runs inside :func:`grad_mode.autograd` (ComfyUI calls nodes inside inference mode) with
     its inputs cloned when they are inference tensors. Every Adam step applied, and every
@@ -217,8 +223,8 @@ def invert(sd: SDModel, z0: torch.Tensor, source_prompt: str, method: str = "nul
     _check(z0, method, steps)
     if sd.instruct:
         raise InputError("sd_model", "is an 8-channel instruction model",
-                         "a text-to-image SD 1.x model for inversion",
-                         "Load SD 1.5 with a checkpoint or diffusers loader for this branch.")
+                         "a text-to-image model (SD 1.x, SD 2.x or SDXL) for inversion",
+                         "Load it with a checkpoint or diffusers loader for this branch.")
     sch = make_schedule(sd, steps)
     report = UpdateReport()
     cond = encode_prompt(sd, source_prompt, "source_prompt", report)

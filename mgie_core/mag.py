@@ -17,6 +17,13 @@ and, in the last steps (default 15 of 50), blends the latent with the reconstruc
 through the mask dilated by a 3x3 max-pool. The reconstruction's maps are computed once
 per step and the loss's forward stops after the last 16x16 layer (see guidance.py).
 
+The maps are the UNet architecture's (``LayerChoices.map_level``: every cross-attention
+layer at latent / 4). MAG-Edit's "16x16 at 512 px" on SD 1.5 is latent / 4, 1/32 of the
+image side; at 1024 px on SDXL latent / 4 is 32x32, the same 1/32 of the image, and the
+level of SDXL's 10-deep transformers (down_blocks.2, the middle, up_blocks.0: 60 maps
+instead of SD 1.5's five; SD 1.5's middle is at 8x8, SDXL's at 32x32). The truncated
+forward then stops after up_blocks.0, so its backward skips SDXL's two finest up blocks.
+
 Fewer passes for a close edit (all off by default, which is MAG-Edit's schedule): fewer
 iterations in the later optimised steps (``late_iterations``, dropped at once or decayed
 linearly), fewer optimised steps (``opt_fraction``), and an early exit that ends a step's
@@ -217,7 +224,7 @@ class MAGControl(Control):
         tok = run.sd.tokenizer
         self._groups = word_token_groups(tok, prompt, list(self.used_words))
         self._neg = word_token_groups(tok, prompt, negative) if negative else []
-        self._layers = guidance.layers_at_factor(run.sd.unet, 4)
+        self._layers = guidance.map_layers(run.sd.unet)
         n = run.schedule.num_steps
         self._n_opt = int(round(self.opt_fraction * n))
         self._n_blend = int(round(self.blend_fraction * n))
@@ -230,8 +237,8 @@ class MAGControl(Control):
         dev, hw = z.device, tuple(z.shape[-2:])
         self._insides: dict[tuple[int, int], torch.Tensor | None] = {}
         if self._n_opt > 0:
-            # the 16x16 maps at 512 px
-            self._inside_at(architecture_of(run.sd.unet).feature_size(hw, 2), dev)
+            # the maps' size (16x16 at 512 px on SD 1.x, 32x32 at 1024 px on SDXL)
+            self._inside_at(architecture_of(run.sd.unet).map_size(hw), dev)
         put = lambda g: grad_mode.autograd_input(torch.tensor(list(g), device=dev))  # noqa
         self._groups_on = [put(g) for g in self._groups]
         self._neg_on = [put(g) for g in self._neg]
@@ -247,8 +254,10 @@ class MAGControl(Control):
             self._insides[hw] = grad_mode.autograd_input(inside) if bool(inside.any()) \
                 else None
             if all(v is None for v in self._insides.values()):
-                raise InputError("mask", "vanishes at the 16x16 attention resolution",
-                                 "a larger edit region", "MAG reads 16x16 maps (at 512 px).")
+                raise InputError("mask", f"vanishes at the {hw[1]}x{hw[0]} attention "
+                                 "resolution", "a larger edit region",
+                                 "MAG reads maps at 1/32 of the image's side (16x16 at "
+                                 "512 px, 32x32 at 1024 px).")
         return self._insides[hw]
 
     def loss(self, maps: dict[str, torch.Tensor], latent_hw) -> tuple[torch.Tensor,

@@ -33,7 +33,17 @@ at 512 px (latent 64x64; "16x16" is down block 2, "8x8" down block 3 and the mid
   up unit's input) is not blended.
 
 The same rules, by block index, place the sites on any UNet with SD 1.x's block
-structure (the tiny test UNet has one layer per block, so fewer units).
+structure (the tiny test UNet has one layer per block, so fewer units), and by level on
+the others: the sites are at the architecture's ``LayerChoices.pfb_feature_level`` and
+below (latent / 4: 1/32 of the image side). On SDXL at 1024 px (latent 128x128) that is
+its lowest level, 32x32, the level of its 10-deep transformers; SD 1.x's 8x8 has no
+counterpart there (SDXL has three levels), so its sites are dropped, not moved:
+
+* encoder: ``down_blocks.2.resnets.1`` (the background preset also
+  ``down_blocks.2.resnets.0``, the output of the 64x64 block's downsampler);
+* middle: the mid block's input, blended with the reference's mid block output;
+* decoder: ``up_blocks.0.attentions.0``, ``up_blocks.0.attentions.1`` (the third unit of
+  that block ends in its upsampler, at 64x64, as SD 1.x's ``up_blocks.1`` does).
 ``placement="block_outputs"`` is the earlier xMGIE placement, kept as an option: the
 outputs of whole diffusers blocks (after their up/down samplers), including a down
 block's skip tensors. It is not PFB-Diff's.
@@ -68,7 +78,9 @@ PRESETS = {
 }
 PLACEMENTS = ("pfb_diff", "block_outputs")
 REFERENCES = ("cond", "per_half")
-FEATURE_LEVEL = 2        # PFB-Diff blends at latent / 4 and below (16x16 and 8x8 at 512 px)
+# PFB-Diff blends at latent / 4 and below (16x16 and 8x8 at 512 px): SD 1.x's
+# ``LayerChoices.pfb_feature_level``; each UNet's own comes from its architecture.
+FEATURE_LEVEL = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,15 +96,17 @@ class Site:
 def pfb_diff_sites(unet, preset: str = "object") -> list[Site]:
     """PFB-Diff's blend sites on ``unet`` in execution order (see the module docstring)."""
     downs, ups = list(unet.down_blocks), list(unet.up_blocks)
-    if len(downs) <= FEATURE_LEVEL or len(ups) <= FEATURE_LEVEL or unet.mid_block is None:
+    first = architecture_of(unet).layers.pfb_feature_level    # latent / 2**first
+    if len(downs) <= first or len(ups) <= first or unet.mid_block is None:
         raise InputError("sd_model", f"has a UNet with {len(downs)} down blocks",
-                         "an SD 1.x UNet (four down blocks, a middle, four up blocks)")
+                         f"a UNet with more than {first} resolution levels and a middle "
+                         "block (SD 1.x, SD 2.x, SDXL)")
     sites: list[Site] = []
-    for d in range(FEATURE_LEVEL, len(downs)):
+    for d in range(first, len(downs)):
         units = [f"down_blocks.{d}.resnets.{k}" for k in range(len(downs[d].resnets))]
         if getattr(downs[d], "downsamplers", None):
             units.append(f"down_blocks.{d}.downsamplers.0")
-        if d == FEATURE_LEVEL and not PRESETS[preset]["first_unit"]:
+        if d == first and not PRESETS[preset]["first_unit"]:
             units = units[1:]
         sites += [Site(u, "input", d) for u in units]
     sites.append(Site("mid_block", "input", len(downs) - 1, ref="mid_output"))
@@ -106,9 +120,18 @@ def pfb_diff_sites(unet, preset: str = "object") -> list[Site]:
             else:
                 kind = "attentions" if has_attn else "resnets"
                 module, out_level = f"up_blocks.{u}.{kind}.{k}", level
-            if out_level >= FEATURE_LEVEL:
+            if out_level >= first:
                 sites.append(Site(module, "output", out_level))
     return sites
+
+
+def _preset_blocks(arch, preset: str) -> tuple[str, ...]:
+    """The ``block_outputs`` placement's blocks of ``preset`` on an architecture (its
+    ``LayerChoices``; SD 1.x's where it names none)."""
+    try:
+        return arch.layers.pfb_blocks(preset)
+    except KeyError:
+        return PRESETS[preset]["blocks"]
 
 
 def block_output_sites(unet, blocks: Sequence[str]) -> list[Site]:
@@ -251,11 +274,13 @@ class PFBControl(Control):
         if self.placement == "pfb_diff":
             self.sites = pfb_diff_sites(unet, self.preset)
         else:
-            blocks = tuple(self.blocks or cfg["blocks"])
+            arch = architecture_of(unet)
+            blocks = tuple(self.blocks or _preset_blocks(arch, self.preset))
             missing = [b for b in blocks if b not in modules]
             if missing:
-                raise InputError("blocks", f"names {missing} that this UNet does not have",
-                                 "SD 1.x block names like down_blocks.2, mid_block, up_blocks.1")
+                raise InputError("blocks", f"names {missing} that this {arch.name} UNet "
+                                 "does not have", "block names of this UNet like "
+                                 + ", ".join(_preset_blocks(arch, self.preset)))
             self.sites = block_output_sites(unet, blocks)
         self._site_alpha = self._learned_alphas(z.device)
         if run.reference is None:

@@ -27,10 +27,13 @@ from .architecture import architecture_of
 from .attention import COND, UNCOND, AttnContext, BatchLayout, Branch, Half
 from .control import Control, SamplingRun, check_controls
 from .diffusion import (
+    TOKENS,
     denoise_step,
     encode_prompt,
     instruct_solver,
     make_schedule,
+    pack_condition,
+    takes_added_condition,
     token_ids,
     unet_eps,
 )
@@ -55,12 +58,13 @@ class CAMSettings:
     CLIP-encoded instruction) that attend only inside/outside the mask.
     ``whole_condition`` (instruction sampler): the whole condition acts only inside the
     mask and the null condition outside (:class:`attention_hooks.ConditionCAMHook`), for a
-    condition without word positions such as MGIE's; always on the logits."""
+    condition without word positions such as MGIE's; always on the logits.
+    ``layers`` None: the UNet architecture's CAM layers (``LayerChoices.cam_layers``)."""
 
     in_words: Sequence[str] = ()
     out_words: Sequence[str] = ()
     mode: str = "logits"
-    layers: Sequence[str] = attention_hooks.CAMHook.DEFAULT_LAYERS
+    layers: Sequence[str] | None = None
     whole_condition: bool = False
 
 
@@ -182,7 +186,7 @@ def _cam_from_plan(cam: CAMSettings | None, plan: EditPlan | None,
 def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
          mask: torch.Tensor | None = None, cam: CAMSettings | None = None,
          controls: Sequence[Control] = (), cross_replace: float = 0.8, self_replace: float = 0.5,
-         self_max_res: int = 32, guidance_scale: float | None = None,
+         self_max_res: int | None = None, guidance_scale: float | None = None,
          batched: bool = True, keep_reconstruction: bool = True,
          p2p_mode: str = "refine", plan: EditPlan | None = None,
          target_embedding: torch.Tensor | None = None) -> EditResult:
@@ -200,7 +204,13 @@ def edit(sd: SDModel, inversion: InversionResult, target_prompt: str, *,
     swaps, the same number of words: every map of the edit comes from the source maps
     through P2P's replacement matrix, see :func:`attention_hooks.replace_mapper`).
 
-    ``target_embedding`` (1, 77, D): the edit branch's condition instead of the target
+    ``self_max_res``: where self-attention is injected; None (default) the
+    architecture's levels (latent / 2 and coarser: "32x32 and below" at 512 px on SD 1.x,
+    every attention layer on SDXL), a number a map side at SD 1.5's 64x64 latent
+    (:class:`attention_hooks.InjectionHook`).
+
+    ``target_embedding`` (a prompt's conditioning shape: (1, 77, D), SDXL's (1, 78, D)
+    with its pooled row): the edit branch's condition instead of the target
     prompt's encoding (LayerDiffusion's mixed condition, :mod:`.layered`); the prompt
     still gives the tokens that injection, CAM and the controls' words address."""
     if sd.instruct:
@@ -355,6 +365,20 @@ def instruction_cam(conditioning: Conditioning, cam_in_words: str = "",
     return CAMSettings(whole_condition=True)
 
 
+def _condition_cam_keys(sd: SDModel, cond: torch.Tensor, null: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Whole-condition CAM's conditionings: [cond; null] token rows for the conditional
+    rows, [null; null] for the others, and the token count of one condition. SDXL's
+    packed conditioning joins its token rows only: each keeps its own pooled row (the
+    condition's for the conditional rows), which goes to the time embedding, not to the
+    keys."""
+    if not takes_added_condition(sd.unet):
+        return torch.cat([cond, null], 1), torch.cat([null, null], 1), cond.shape[1]
+    n = TOKENS
+    return (pack_condition(torch.cat([cond[:, :n], null[:, :n]], 1), cond[:, n]),
+            pack_condition(torch.cat([null[:, :n], null[:, :n]], 1), null[:, n]), n)
+
+
 def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditioning, *,
                   steps: int = 100, text_scale: float = 7.5, image_scale: float = 1.5,
                   seed: int = 0, mask: torch.Tensor | None = None,
@@ -418,8 +442,7 @@ def edit_instruct(sd: SDModel, image_latent: torch.Tensor, conditioning: Conditi
             raise InputError("mask", "is missing", "a mask for cross-attention masking (CAM)")
         # The conditional rows attend to [cond; null], the others to [null; null] (the
         # same attention as [null]): see attention_hooks.ConditionCAMHook.
-        n_tokens = cond.shape[1]
-        cond, null = torch.cat([cond, null], 1), torch.cat([null, null], 1)
+        cond, null, n_tokens = _condition_cam_keys(sd, cond, null)
         hooks.append(attention_hooks.ConditionCAMHook(mask, n_tokens, layers=cam.layers))
     elif cam is not None and (cam.in_words or cam.out_words):
         if mask is None:

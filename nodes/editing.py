@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from ..mgie_core import inversion as inv_mod
 from ..mgie_core import pfb, sampler, vae
-from ..mgie_core.attention_hooks import CAMHook
 from ..mgie_core.diffusion import INSTRUCT_SCHEDULERS
 from ..mgie_core.images import check_finite
 from ..mgie_core.mag import SCHEDULES, MAGControl
@@ -226,8 +225,9 @@ class CAMSampler:
         _compile(sd_model, compile_unet)
         # The sampler checks the mask, fits it as the photo was, and fills the empty
         # target prompt and CAM words from the plan (mgie_core.plan.PLAN_RULE).
+        # CAM's layers: the model's architecture's (SD 1.x, SD 2.x, SDXL)
         cam = sampler.CAMSettings(split_words(cam_in_words), split_words(cam_out_words),
-                                  cam_mode, CAMHook.DEFAULT_LAYERS)
+                                  cam_mode)
         res = sampler.edit(sd_model, inversion, target_prompt, mask=mask, cam=cam,
                            controls=list(controls or []), cross_replace=cross_replace,
                            self_replace=self_replace, batched=batched, p2p_mode=p2p_mode,
