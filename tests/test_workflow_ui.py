@@ -38,7 +38,7 @@ def test_every_listed_template_is_a_ui_workflow_with_an_api_twin():
     assert NAMES == sorted(["vae_roundtrip", "edit_carpet_yellow", "edit_carpet_guided",
                             "edit_carpet_checkpoint", "mgie_instruct", "masks_and_seam",
                             "instruction_edit", "mgie_instruction_edit", "edit_trained",
-                            "mmig_layered_edit"])
+                            "mmig_layered_edit", "edit_sdxl", "edit_sdxl_guided"])
     for path in TEMPLATES:
         data = _load(path)
         # The frontend's schema check: a version, nodes and links (API files have none).

@@ -1,0 +1,219 @@
+"""The SDXL templates (workflows/edit_sdxl.json: core Load Checkpoint on an SDXL file
+through the bridge; workflows/edit_sdxl_guided.json: the pack's own loader, null-text and
+four chained controls) run as a user runs them, under ``xmgie run --tiny``, on the tiny
+SDXL single file in ComfyUI's layout that tiny mode gives for an SDXL checkpoint name; and
+the bridge from the runner's Load Checkpoint edits exactly as the pack's own loader does.
+The in-ComfyUI check is at the end (skipped unless ``XMGIE_COMFYUI_DIR`` names a ComfyUI
+checkout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = {"edit_sdxl": ROOT / "workflows" / "edit_sdxl.json",
+             "edit_sdxl_guided": ROOT / "workflows" / "edit_sdxl_guided.json"}
+SDXL_NAME = "sd_xl_base_1.0.safetensors"
+FAST = {"steps": 3, "inner_steps": 2, "iterations": 2, "only_people": False}
+UPDATES = re.compile(r"^(?:\[\d+\] )?([^:\n]+): (\d+) update\(s\) applied, (\d+) skipped",
+                     re.M)
+
+
+def _prompt(wf: Path) -> dict:
+    from xmgie import cli
+    from xmgie.runner import workflow_ui
+
+    return workflow_ui.to_api(json.loads(wf.read_text()), cli.build_registry())
+
+
+def _overrides(prompt: dict) -> list[str]:
+    from xmgie.runner import engine
+
+    sets = [f"{nid}.{name}={json.dumps(value)}" for nid, node in prompt.items()
+            for name, value in FAST.items()
+            if name in node["inputs"] and not engine.is_link(node["inputs"][name])]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def test_templates_name_an_sdxl_checkpoint_that_tiny_mode_maps_to_the_tiny_sdxl():
+    from xmgie.mgie_core import paths
+
+    for name, wf in TEMPLATES.items():
+        prompt = _prompt(wf)
+        loaders = [n for n in prompt.values()
+                   if n["class_type"] in ("CheckpointLoaderSimple", "XMGIELoadCheckpoint")]
+        assert [n["inputs"]["ckpt_name"] for n in loaders] == [SDXL_NAME], name
+    assert paths.tiny_family(paths.SD_CHECKPOINT, SDXL_NAME) is paths.SDXL_CHECKPOINT
+    assert paths.tiny_family(paths.SD_CHECKPOINT, "juggernautXL_v9.safetensors") \
+        is paths.SDXL_CHECKPOINT
+    assert paths.tiny_family(paths.SD_CHECKPOINT, "v1-5-pruned-emaonly.safetensors") \
+        is paths.SD_CHECKPOINT
+    assert SDXL_NAME in paths.SDXL_CHECKPOINT.default_names
+    # the bridge template starts from core Load Checkpoint and goes through the bridge
+    bridge = _prompt(TEMPLATES["edit_sdxl"])
+    assert {n["class_type"] for n in bridge.values()} >= {"CheckpointLoaderSimple",
+                                                           "XMGIESDModelFromComfy", "VAEDecode"}
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_template_runs_under_tiny_on_the_tiny_sdxl(name, tmp_path, tiny_env, capsys,
+                                                   monkeypatch):
+    """`xmgie run --tiny` as a user types it: the run loads the tiny SDXL single file
+    (and no SD 1.x one), saves 128 px images, and every optimising control applies
+    updates."""
+    from xmgie import cli
+    from xmgie.mgie_core import paths
+
+    wf = TEMPLATES[name]
+    resolved: list[Path] = []
+    real_resolve = paths.resolve
+
+    def recording(family, model_name):
+        path = real_resolve(family, model_name)
+        resolved.append(Path(path))
+        return path
+
+    monkeypatch.setattr(paths, "resolve", recording)
+    prompt = _prompt(wf)
+    assert cli.main(["check", str(wf), "--tiny"]) == 0
+    out_dir = tmp_path / "out"
+    rc = cli.main(["run", str(wf), "--tiny", "--output-dir", str(out_dir),
+                   *_overrides(prompt)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    checkpoints = [p.name for p in resolved if p.parent.name == "checkpoints"]
+    assert checkpoints and set(checkpoints) == {"tiny-sdxl.safetensors"}, resolved
+    pngs = list(out_dir.rglob("*.png"))
+    assert pngs, printed.out
+    for p in pngs:
+        with Image.open(p) as im:
+            assert im.mode == "RGB" and im.size == (128, 128)
+    applied: dict[str, list[int]] = {}
+    for stage, n, _ in UPDATES.findall(printed.out):
+        applied.setdefault(stage.strip(), []).append(int(n))
+    if name == "edit_sdxl_guided":
+        for stage in ("null-text inversion", "MAG", "A-STAR", "identity guidance"):
+            assert stage in applied and min(applied[stage]) > 0, (stage, printed.out)
+
+
+# --- the bridge from the runner's Load Checkpoint ------------------------------------------
+
+@pytest.fixture
+def sdxl_run(tiny_root, tiny_models, clean_paths, tmp_path):
+    """The runner's context with the template's photo and mask at 128 px, the tiny SDXL
+    single file, and the text encoders in fp32 (``--fp32-text-enc``, as the pack's own
+    loader has them)."""
+    from xmgie.runner import core_nodes
+
+    tiny_models("sdxl_checkpoint")
+    clean_paths.configure(tiny_root=tiny_root)
+    for name in ("carpet.png", "carpet_mask.png"):
+        with Image.open(ROOT / "workflows" / "inputs" / name) as im:
+            im.resize((128, 128), Image.NEAREST).save(tmp_path / name)
+    with core_nodes.using_context(core_nodes.RunContext(
+            input_dirs=[tmp_path], output_dir=tmp_path / "out")) as ctx:
+        ctx.text_encoder_dtype = torch.float32
+        yield ctx
+
+
+def _run(prompt: dict):
+    from xmgie import cli
+    from xmgie.runner import engine
+
+    registry = cli.build_registry()
+    return engine.execute(engine.check(prompt, registry), registry)
+
+
+def _api(name: str, steps: int = 3) -> dict:
+    prompt = json.loads((ROOT / "workflows" / "api" / f"{name}_api.json").read_text())
+    for node in prompt.values():
+        for key in ("steps", "inner_steps", "iterations"):
+            if key in node["inputs"] and not isinstance(node["inputs"][key], list):
+                node["inputs"][key] = min(node["inputs"][key], steps)
+    return prompt
+
+
+def test_bridge_from_the_runners_load_checkpoint_edits_as_the_packs_loader(sdxl_run):
+    """edit_sdxl headless: Load Checkpoint (the tiny SDXL file's UNet, both text encoders
+    and VAE) -> bridge -> invert -> CAM + PFB edit -> core VAE Decode gives an SDXL model
+    and, bit for bit, what the pack's own loader and decoder give for the same edit."""
+    bridged = _api("edit_sdxl")
+    own = _api("edit_sdxl")
+    own["3"] = {"class_type": "XMGIELoadCheckpoint",
+                "inputs": {"ckpt_name": SDXL_NAME, "dtype": "auto"}}
+    del own["4"]
+    for node in own.values():
+        for key, value in node["inputs"].items():
+            if value == ["4", 0]:
+                node["inputs"][key] = ["3", 0]
+    for nid, latent in (("10", ["9", 0]), ("12", ["9", 1])):
+        own[nid] = {"class_type": "XMGIEVAEDecode",
+                    "inputs": {"sd_model": ["3", 0], "latent": latent}}
+    a, b = _run(bridged), _run(own)
+    (sd,) = a.outputs["4"]
+    assert sd.family == "SDXL" and sd.text_encoder_2 is not None and sd.tokenizer_2 is not None
+    assert b.outputs["3"][0].family == "SDXL"
+    edited, reconstruction = a.outputs["9"][0]["samples"], a.outputs["9"][1]["samples"]
+    assert edited.shape == (1, 4, 16, 16) and torch.isfinite(edited).all()
+    assert not torch.equal(edited, reconstruction)              # the edit changed something
+    for i in (0, 1):
+        assert torch.equal(a.outputs["9"][i]["samples"], b.outputs["9"][i]["samples"])
+    for nid in ("10", "12"):
+        assert a.outputs[nid][0].shape == (1, 128, 128, 3)
+        assert torch.equal(a.outputs[nid][0], b.outputs[nid][0])
+
+
+def test_guided_template_through_the_bridge(sdxl_run):
+    """edit_sdxl_guided's graph with the bridge from the runner's Load Checkpoint in place
+    of the pack's loader: null-text and the four chained controls apply updates on the
+    SDXL model the bridge builds."""
+    prompt = _api("edit_sdxl_guided", steps=2)
+    prompt["3"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SDXL_NAME}}
+    prompt["20"] = {"class_type": "XMGIESDModelFromComfy",
+                    "inputs": {"model": ["3", 0], "clip": ["3", 1], "vae": ["3", 2],
+                               "dtype": "auto"}}
+    for node in list(prompt.values()):
+        for key, value in node["inputs"].items():
+            if value == ["3", 0] and node["class_type"] != "XMGIESDModelFromComfy":
+                node["inputs"][key] = ["20", 0]
+    prompt["10"]["inputs"]["only_people"] = False
+    res = _run(prompt)
+    (sd,) = res.outputs["20"]
+    assert sd.family == "SDXL"
+    report = res.outputs["11"][2]
+    for stage in ("MAG", "A-STAR", "identity guidance"):
+        line = next(ln for ln in report.splitlines() if ln.startswith(stage + ":"))
+        assert int(line.split(":")[1].split()[0]) > 0, report
+    image = res.outputs["13"][0]
+    assert image.shape == (1, 128, 128, 3) and torch.isfinite(image).all()
+
+
+# --- inside a real ComfyUI (skipped unless XMGIE_COMFYUI_DIR names a checkout) -------------
+
+COMFY_DIR = os.environ.get("XMGIE_COMFYUI_DIR")
+
+
+@pytest.mark.skipif(not COMFY_DIR, reason="set XMGIE_COMFYUI_DIR to a ComfyUI checkout")
+def test_comfyui_loads_the_templates_checkpoint_folder_and_lists_the_templates():
+    """ComfyUI's own folder registry knows the checkpoints folder the templates name, and
+    every template's nodes are core nodes or the pack's."""
+    sys.path.insert(0, COMFY_DIR)
+    import folder_paths
+
+    import nodes as comfy_nodes
+    from xmgie.nodes import NODE_CLASS_MAPPINGS
+
+    assert "checkpoints" in folder_paths.folder_names_and_paths
+    for wf in TEMPLATES.values():
+        for node in _prompt(wf).values():
+            ct = node["class_type"]
+            assert ct in NODE_CLASS_MAPPINGS or ct in comfy_nodes.NODE_CLASS_MAPPINGS \
+                or ct == "PreviewAny", ct
