@@ -78,7 +78,7 @@ class Invert:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "sd_model": (SD_MODEL, inp("Text-to-image SD 1.x model.")),
+            "sd_model": (SD_MODEL, inp("Text-to-image model: SD 1.x, SD 2.x or SDXL.")),
             "image": ("IMAGE", inp("Photo to edit (RGB, any size; see fit).")),
             "source_prompt": ("STRING", inp("What the photo shows, e.g. 'a cat wearing a "
                                             "blue shirt'. Empty: the plan's source prompt.",
@@ -121,8 +121,10 @@ class PFBControlNode(ControlNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "preset": (list(pfb.PRESETS), inp("object: edit an object (features at 16x16 "
-                                              "and 8x8, every step). background: replace "
+            "preset": (list(pfb.PRESETS), inp("object: edit an object (features at 1/32 "
+                                              "of the image and below: 16x16 and 8x8 at "
+                                              "512 px, SDXL's 32x32 at 1024 px; every "
+                                              "step). background: replace "
                                               "the background around the object (mask = "
                                               "outside the object dilated by a 36x36 "
                                               "kernel at 512 px, about 18 px each side; "
@@ -144,8 +146,9 @@ class PFBControlNode(ControlNode):
                 "method. per_half: each half its own half's (earlier xMGIE rule).",
                 default="cond")),
             "placement": (list(pfb.PLACEMENTS), inp(
-                "pfb_diff (default): PFB-Diff's sites, inside the 16x16 and 8x8 UNet "
-                "blocks, skip connections left unblended. block_outputs: the outputs of "
+                "pfb_diff (default): PFB-Diff's sites, inside the UNet blocks at 1/32 of "
+                "the image and below (16x16 and 8x8 at 512 px; SDXL: 32x32 at 1024 px), "
+                "skip connections left unblended. block_outputs: the outputs of "
                 "whole blocks and their skips (earlier xMGIE placement, not PFB-Diff's).",
                 default="pfb_diff")),
             "trained": trained_input(
