@@ -205,7 +205,9 @@ def test_split_condition_round_trip_and_time_ids(sdxl, tiny_sd):
     # SD 1.x: the tensor itself, nothing added
     e1 = diffusion.encode_prompt(tiny_sd, PROMPT)
     t1, a1 = diffusion.split_condition(tiny_sd, e1)
-    assert t1 is e1 and a1 is None
+    assert t1 is e1 and a1 is None and e1.shape[1] == 77
+    assert (tiny_sd.family, tiny_sd.prediction_type) == ("SD 1.x", "epsilon")
+    assert tiny_sd.text_encoder_2 is None and tiny_sd.tokenizer_2 is None
     with pytest.raises(InputError, match="packed"):
         diffusion.split_condition(sdxl, emb[:, :77])
 
