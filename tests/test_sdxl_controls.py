@@ -455,3 +455,31 @@ def test_instruction_guidance_formula_on_sdxl_ip2p(ip2p_xl, image):
         eu = diffusion.unet_eps(ip, torch.cat([noise, torch.zeros_like(img)], 1), t, cond.null)
     expected = diffusion.denoise_step(sch, 0, noise, eu + 3.0 * (et - ei) + 2.0 * (ei - eu))
     torch.testing.assert_close(res.edit, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sd2_explicit_attention_scores_are_float32_under_a_half_precision_unet(tiny_sd2,
+                                                                              mask):
+    """SD 2.x asks for float32 attention scores (``upcast_attention``: its half-precision
+    logits overflow); where a hook needs explicit maps (CAM, injection, capture) they
+    are computed, masked and read in float32, and CAM still holds."""
+    import copy
+    import dataclasses
+
+    assert tiny_sd2.unet.config.upcast_attention
+    unet = copy.deepcopy(tiny_sd2.unet).to(torch.bfloat16)
+    sd = dataclasses.replace(tiny_sd2, unet=unet, dtype=torch.bfloat16)
+    u, s, t = (diffusion.encode_prompt(tiny_sd2, p) for p in ("", SRC, TGT))
+    z = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    in_tok = find_word_tokens(sd.tokenizer, TGT, ["yellow"])
+    cam = attention_hooks.CAMHook(mask, in_tok, mode="probs")
+    cam.prepare("cpu", (16, 16), architecture_of(unet))
+    layers = _cross_layers(unet, cam.layers)
+    cap = attention_hooks.CaptureHook(layers, rows=[("edit", "cond")])
+    out = _one_call(sd, [cam, cap], z, torch.cat([u, u, s, t]), _layout())
+    assert torch.isfinite(out).all()
+    pyr = MaskPyramid(mask)
+    for name in layers:
+        p = cap.maps[name][0]
+        assert p.dtype == torch.float32, name
+        m = pyr.at(layer_hw((16, 16), p.shape[1]), p.device).flatten()
+        assert p[:, m < 0.5][..., in_tok].sum() == 0, name
