@@ -196,24 +196,119 @@ def test_guided_template_through_the_bridge(sdxl_run):
     assert image.shape == (1, 128, 128, 3) and torch.isfinite(image).all()
 
 
-# --- inside a real ComfyUI (skipped unless XMGIE_COMFYUI_DIR names a checkout) -------------
+# --- in a real ComfyUI server (skipped unless XMGIE_COMFYUI_DIR names a checkout) ----------
 
 COMFY_DIR = os.environ.get("XMGIE_COMFYUI_DIR")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(url: str, body: dict | None = None, timeout: float = 10.0):
+    """A JSON request to the local server. The tests are offline (conftest.py refuses
+    every connection); this one call may reach 127.0.0.1, and nothing else."""
+    import _socket
+    import socket
+    import urllib.request
+
+    guarded = socket.socket.connect
+
+    def loopback_only(sock, address):
+        if sock.family == socket.AF_INET and address[0] == "127.0.0.1":
+            return _socket.socket.connect(sock, address)
+        return guarded(sock, address)
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data,
+                                 headers={"Content-Type": "application/json"})
+    socket.socket.connect = loopback_only
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    finally:
+        socket.socket.connect = guarded
+
+
+@pytest.fixture(scope="module")
+def comfy_server(tmp_path_factory):
+    """ComfyUI's own server (``main.py --cpu``) on a base directory of its own: the pack
+    in custom_nodes/ (a link to this checkout), under models/checkpoints the random-weight
+    SDXL file ComfyUI's detection takes as SDXL, named as the template names it, and the
+    template's photo and mask (128 px, for speed) in input/."""
+    import subprocess
+    import time
+    import urllib.error
+
+    from xmgie.mgie_core.tiny.sdxl_checkpoint import make_comfy_sdxl_checkpoint
+
+    base = tmp_path_factory.mktemp("comfy-base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "xmgie").symlink_to(ROOT, target_is_directory=True)
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    make_comfy_sdxl_checkpoint(base / "models" / "checkpoints" / SDXL_NAME)
+    (base / "input").mkdir()
+    for name in ("carpet.png", "carpet_mask.png"):
+        with Image.open(ROOT / "workflows" / "inputs" / name) as im:
+            im.resize((128, 128), Image.NEAREST).save(base / "input" / name)
+    port = _free_port()
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--base-directory", str(base), "--listen",
+         "127.0.0.1", "--port", str(port), "--disable-auto-launch"],
+        cwd=COMFY_DIR, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                break
+            try:
+                _http(url + "/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        if proc.poll() is not None:
+            pytest.fail("ComfyUI did not start:\n" + (base / "server.log").read_text()[-4000:])
+        yield url, base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
 @pytest.mark.skipif(not COMFY_DIR, reason="set XMGIE_COMFYUI_DIR to a ComfyUI checkout")
-def test_comfyui_loads_the_templates_checkpoint_folder_and_lists_the_templates():
-    """ComfyUI's own folder registry knows the checkpoints folder the templates name, and
-    every template's nodes are core nodes or the pack's."""
-    sys.path.insert(0, COMFY_DIR)
-    import folder_paths
+def test_edit_sdxl_runs_in_a_real_comfyui_server(comfy_server):
+    """The edit_sdxl template's prompt POSTed to ComfyUI's /prompt: core Load Checkpoint
+    loads the SDXL file (ComfyUI's SDXL model, CLIP-L + bigG, SDXL VAE), the bridge
+    hands them to the pack, which inverts and edits, and core VAE Decode and Save Image
+    write the edit."""
+    import time
 
-    import nodes as comfy_nodes
-    from xmgie.nodes import NODE_CLASS_MAPPINGS
-
-    assert "checkpoints" in folder_paths.folder_names_and_paths
-    for wf in TEMPLATES.values():
-        for node in _prompt(wf).values():
-            ct = node["class_type"]
-            assert ct in NODE_CLASS_MAPPINGS or ct in comfy_nodes.NODE_CLASS_MAPPINGS \
-                or ct == "PreviewAny", ct
+    url, base = comfy_server
+    prompt = _api("edit_sdxl", steps=2)
+    assert prompt["3"]["class_type"] == "CheckpointLoaderSimple"
+    queued = _http(url + "/prompt", {"prompt": prompt, "client_id": "xmgie-test"})
+    pid = queued["prompt_id"]
+    entry = None
+    for _ in range(600):
+        history = _http(url + f"/history/{pid}")
+        if pid in history and history[pid].get("status", {}).get("completed") is not None:
+            entry = history[pid]
+            if entry["status"].get("status_str") in ("success", "error"):
+                break
+        time.sleep(0.5)
+    log = (base / "server.log").read_text()
+    assert entry is not None, "no result in time\n" + log[-4000:]
+    assert entry["status"]["status_str"] == "success", (entry["status"], log[-4000:])
+    saved = entry["outputs"]["11"]["images"]
+    assert len(saved) == 1
+    with Image.open(base / "output" / saved[0]["subfolder"] / saved[0]["filename"]) as im:
+        assert im.size == (128, 128)
+    assert "SDXL" in log          # ComfyUI's detection named the model type it loaded
