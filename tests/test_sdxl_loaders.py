@@ -6,7 +6,9 @@ diffusers models, so each loaded model must equal the one it was written from.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -295,3 +297,71 @@ def test_tiny_mode_gives_each_familys_tiny_file(root, clean_paths):
     assert sd.resolve_checkpoint(XL_NAME).name == "tiny-sdxl.safetensors"
     assert sd.resolve_checkpoint(SD2_NAME).name == "tiny-sd2.safetensors"
     assert paths.list_models(paths.SD_CHECKPOINT)[1:] == [XL_NAME, SD2_NAME]
+
+
+# --- inside a real ComfyUI ------------------------------------------------------------------
+
+COMFY_DIR = os.environ.get("XMGIE_COMFYUI_DIR")
+needs_comfy = pytest.mark.skipif(not COMFY_DIR, reason="set XMGIE_COMFYUI_DIR to a ComfyUI "
+                                 "checkout to check the bridge against it")
+
+
+@pytest.fixture(scope="module")
+def comfy_sdxl(tmp_path_factory):
+    """ComfyUI (CPU mode, text encoders in fp32 as with --fp32-text-enc) and its own Load
+    Checkpoint's MODEL, CLIP and VAE of a random-weight checkpoint it detects as SDXL."""
+    sys.path.insert(0, COMFY_DIR)
+    import comfy.cli_args
+
+    args = comfy.cli_args.args
+    previous = (args.cpu, args.fp32_text_enc)
+    args.cpu, args.fp32_text_enc = True, True
+    import comfy.model_management as mm
+    import comfy.sd
+
+    from xmgie.mgie_core.tiny import sdxl_checkpoint
+
+    path = tmp_path_factory.mktemp("comfy-sdxl") / "sdxl-comfy.safetensors"
+    sdxl_checkpoint.make_comfy_sdxl_checkpoint(path)
+    try:
+        yield comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True,
+                                                    output_clip=True)[:3]
+    finally:
+        mm.unload_all_models()
+        args.cpu, args.fp32_text_enc = previous
+
+
+@needs_comfy
+def test_bridge_takes_comfyuis_sdxl_model_clip_and_vae(comfy_sdxl):
+    """ComfyUI's own SDXL objects: the bridge shares the UNet's and both text encoders'
+    tensors, its packed conditioning is ComfyUI's (CLIP-L and OpenCLIP-bigG penultimate
+    states side by side; bigG's pooled projection), and its UNet call with that
+    conditioning and the time ids is ComfyUI's."""
+    import comfy.supported_models
+
+    model, clip, vae = comfy_sdxl
+    assert type(model.model.model_config) is comfy.supported_models.SDXL
+    with torch.inference_mode():                      # as ComfyUI runs every node
+        (bridged,) = SDModelFromComfy().convert(model, clip, vae, "auto")
+        assert bridged.family == "SDXL" and bridged.prediction_type == "epsilon"
+        assert bridged.vae.config.scaling_factor == pytest.approx(0.13025)
+        for ours, theirs in ((bridged.unet, model.model.diffusion_model),
+                             (bridged.text_encoder, clip.cond_stage_model.clip_l),
+                             (bridged.text_encoder_2, clip.cond_stage_model.clip_g)):
+            ptrs = {t.untyped_storage().data_ptr() for t in theirs.state_dict().values()}
+            assert all(p.untyped_storage().data_ptr() in ptrs for p in ours.parameters())
+        prompt = "a photo of a red car"
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
+        emb = diffusion.encode_prompt(bridged, prompt)
+        torch.testing.assert_close(emb[:, :77], cond.float(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(emb[:, 77, :1280], pooled.float(), rtol=1e-4, atol=1e-4)
+        z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        y = model.model.encode_adm(pooled_output=pooled, width=64, height=64, crop_w=0,
+                                   crop_h=0, target_width=64, target_height=64)
+        unet = model.model.diffusion_model
+        dtype = next(unet.parameters()).dtype
+        theirs = unet(z.to(dtype), torch.tensor([501]), context=cond.to(dtype),
+                      y=y.to(dtype)).float()
+        ours = diffusion.unet_eps(bridged, z, 501, diffusion.pack_condition(cond.float(),
+                                                                           pooled.float()))
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

@@ -84,3 +84,61 @@ def make_sd2_checkpoint(path: Path) -> None:
     _write_configs(path.with_name(path.stem + SIDE_CONFIG_SUFFIX), "StableDiffusionPipeline",
                    modules, DDIMScheduler(**{**DDIM_SETTINGS, "prediction_type": "v_prediction"}),
                    {"tokenizer": "!"}, {"requires_safety_checker": False})
+
+
+# The UNet of the SDXL checkpoint a real ComfyUI detects as SDXL: what its detection
+# compares (320 model channels, linear projections, transformer depths 0/2/10 per level
+# with two res blocks each, 2048-wide context, 2816 added-conditioning inputs) and no
+# more (320 channels at every level instead of 320/640/1280).
+COMFY_SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 320, 320), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=5, use_linear_projection=True, cross_attention_dim=2048,
+    addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32)
+
+
+def make_comfy_sdxl_checkpoint(path: Path, seed: int = 0) -> None:
+    """A random-weight SDXL checkpoint (fp16, about 2 GB) that a real ComfyUI's Load
+    Checkpoint loads as SDXL: the narrowest UNet its detection takes
+    (:data:`COMFY_SDXL_UNET`), SDXL's own VAE, CLIP-L and OpenCLIP-bigG at their full
+    sizes (ComfyUI builds those whatever the file holds). Weights are drawn small
+    (normal, std 0.02; norms 1 and 0) straight into fp16, so writing it takes seconds.
+    ``<stem>.config/`` (with the tiny tokenizers) is written beside it for the pack's
+    own loaders."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ..models.from_ldm import shipped_configs
+
+    path = Path(path)
+    cfg = shipped_configs("sdxl")
+    with torch.device("meta"):
+        modules = dict(
+            unet=UNet2DConditionModel(**COMFY_SDXL_UNET),
+            vae=AutoencoderKL.from_config(cfg["vae"]),
+            text_encoder=CLIPTextModel(CLIPTextConfig.from_dict(cfg["text_encoder"])),
+            text_encoder_2=CLIPTextModelWithProjection(
+                CLIPTextConfig.from_dict(cfg["text_encoder_2"])))
+    g = torch.Generator().manual_seed(seed)
+    for module in modules.values():
+        module.to_empty(device="cpu").to(torch.float16)
+        for name, p in module.named_parameters():
+            with torch.no_grad():
+                if "norm" in name and name.endswith("weight") and p.ndim == 1:
+                    p.fill_(1.0)
+                elif p.ndim == 1:
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        for name, b in module.named_buffers():
+            if name.endswith("position_ids"):
+                b.copy_(torch.arange(b.shape[-1]).expand(b.shape))
+    save_file(pipeline_to_ldm(modules["unet"], modules["vae"], modules["text_encoder"],
+                              modules["text_encoder_2"], family="sdxl"), str(path))
+    _write_configs(path.with_name(path.stem + SIDE_CONFIG_SUFFIX), "StableDiffusionXLPipeline",
+                   modules, EulerDiscreteScheduler(**sdxl.EULER_SETTINGS),
+                   {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"},
+                   {"force_zeros_for_empty_prompt": True})
