@@ -235,7 +235,7 @@ def _http(url: str, body: dict | None = None, timeout: float = 10.0):
 
 
 @pytest.fixture(scope="module")
-def comfy_server(tmp_path_factory):
+def comfy_server(tmp_path_factory, tiny_models):
     """ComfyUI's own server (``main.py --cpu``) on a base directory of its own: the pack
     in custom_nodes/ (a link to this checkout), under models/checkpoints the random-weight
     SDXL file ComfyUI's detection takes as SDXL, named as the template names it, and the
@@ -251,6 +251,11 @@ def comfy_server(tmp_path_factory):
     (base / "custom_nodes" / "xmgie").symlink_to(ROOT, target_is_directory=True)
     (base / "models" / "checkpoints").mkdir(parents=True)
     make_comfy_sdxl_checkpoint(base / "models" / "checkpoints" / SDXL_NAME)
+    # the guided template's identity encoder: the tiny CLIP vision folder under the name
+    # the template gives
+    (base / "models" / "clip_vision").mkdir()
+    (base / "models" / "clip_vision" / "clip-vit-large-patch14").symlink_to(
+        tiny_models("clip_vision"), target_is_directory=True)
     (base / "input").mkdir()
     for name in ("carpet.png", "carpet_mask.png"):
         with Image.open(ROOT / "workflows" / "inputs" / name) as im:
@@ -283,17 +288,10 @@ def comfy_server(tmp_path_factory):
         log.close()
 
 
-@pytest.mark.skipif(not COMFY_DIR, reason="set XMGIE_COMFYUI_DIR to a ComfyUI checkout")
-def test_edit_sdxl_runs_in_a_real_comfyui_server(comfy_server):
-    """The edit_sdxl template's prompt POSTed to ComfyUI's /prompt: core Load Checkpoint
-    loads the SDXL file (ComfyUI's SDXL model, CLIP-L + bigG, SDXL VAE), the bridge
-    hands them to the pack, which inverts and edits, and core VAE Decode and Save Image
-    write the edit."""
+def _queue(url: str, base: Path, prompt: dict) -> dict:
+    """POST the prompt, wait for its history entry; it must have succeeded."""
     import time
 
-    url, base = comfy_server
-    prompt = _api("edit_sdxl", steps=2)
-    assert prompt["3"]["class_type"] == "CheckpointLoaderSimple"
     queued = _http(url + "/prompt", {"prompt": prompt, "client_id": "xmgie-test"})
     pid = queued["prompt_id"]
     entry = None
@@ -307,8 +305,41 @@ def test_edit_sdxl_runs_in_a_real_comfyui_server(comfy_server):
     log = (base / "server.log").read_text()
     assert entry is not None, "no result in time\n" + log[-4000:]
     assert entry["status"]["status_str"] == "success", (entry["status"], log[-4000:])
-    saved = entry["outputs"]["11"]["images"]
-    assert len(saved) == 1
-    with Image.open(base / "output" / saved[0]["subfolder"] / saved[0]["filename"]) as im:
-        assert im.size == (128, 128)
-    assert "SDXL" in log          # ComfyUI's detection named the model type it loaded
+    return entry
+
+
+def _saved_size(base: Path, entry: dict, node: str) -> tuple[int, int]:
+    (saved,) = entry["outputs"][node]["images"]
+    with Image.open(base / "output" / saved["subfolder"] / saved["filename"]) as im:
+        return im.size
+
+
+@pytest.mark.skipif(not COMFY_DIR, reason="set XMGIE_COMFYUI_DIR to a ComfyUI checkout")
+def test_edit_sdxl_runs_in_a_real_comfyui_server(comfy_server):
+    """The edit_sdxl template's prompt POSTed to ComfyUI's /prompt: core Load Checkpoint
+    loads the SDXL file (ComfyUI's SDXL model, CLIP-L + bigG, SDXL VAE), the bridge
+    hands them to the pack, which inverts and edits, and core VAE Decode and Save Image
+    write the edit."""
+    url, base = comfy_server
+    prompt = _api("edit_sdxl", steps=2)
+    assert prompt["3"]["class_type"] == "CheckpointLoaderSimple"
+    entry = _queue(url, base, prompt)
+    assert _saved_size(base, entry, "11") == (128, 128)
+    log = (base / "server.log").read_text()
+    assert "Requested to load SDXL" in log     # ComfyUI's own SDXL model ran the edit
+
+
+@pytest.mark.skipif(not COMFY_DIR, reason="set XMGIE_COMFYUI_DIR to a ComfyUI checkout")
+def test_edit_sdxl_guided_runs_in_a_real_comfyui_server(comfy_server):
+    """The guided template in the same server: the pack's own loader reads the SDXL file
+    from ComfyUI's checkpoints folder; null-text, then MAG, A-STAR and identity guidance
+    apply updates (the report Preview Any shows), and the seam-blurred edit is saved."""
+    url, base = comfy_server
+    prompt = _api("edit_sdxl_guided", steps=2)
+    prompt["10"]["inputs"]["only_people"] = False      # the photo is a carpet
+    entry = _queue(url, base, prompt)
+    assert _saved_size(base, entry, "15") == (128, 128)
+    report = "\n".join(entry["outputs"]["16"]["text"])
+    for stage in ("MAG", "A-STAR", "identity guidance"):
+        line = next(ln for ln in report.splitlines() if ln.startswith(stage + ":"))
+        assert int(line.split(":")[1].split()[0]) > 0, report
