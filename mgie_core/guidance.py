@@ -195,9 +195,10 @@ def layers_at_factor(unet, factor: int) -> list[str]:
 
 def map_layers(unet) -> list[str]:
     """The cross-attention layers whose maps MAG and A-STAR read, as the UNet's
-    architecture chooses them (``LayerChoices.map_level``, latent / 4: the five 16x16
-    layers at 512 px on SD 1.x and 2.x; on SDXL the 60 layers of the 10-deep transformers
-    at 32x32 at 1024 px), in execution order."""
+    architecture chooses them (``LayerChoices.map_level``, latent / 4, in the down and up
+    blocks: the five 16x16 layers at 512 px on SD 1.x and 2.x; on SDXL the 50 layers of
+    the 10-deep transformers of down_blocks.2 and up_blocks.0, 32x32 at 1024 px), in
+    execution order."""
     return architecture_of(unet).map_layers(unet)
 
 

@@ -17,11 +17,13 @@ and, in the last steps (default 15 of 50), blends the latent with the reconstruc
 through the mask dilated by a 3x3 max-pool. The reconstruction's maps are computed once
 per step and the loss's forward stops after the last 16x16 layer (see guidance.py).
 
-The maps are the UNet architecture's (``LayerChoices.map_level``: every cross-attention
-layer at latent / 4). MAG-Edit's "16x16 at 512 px" on SD 1.5 is latent / 4, 1/32 of the
-image side; at 1024 px on SDXL latent / 4 is 32x32, the same 1/32 of the image, and the
-level of SDXL's 10-deep transformers (down_blocks.2, the middle, up_blocks.0: 60 maps
-instead of SD 1.5's five; SD 1.5's middle is at 8x8, SDXL's at 32x32). The truncated
+The maps are the UNet architecture's (``LayerChoices.map_level``: the cross-attention
+layers at latent / 4 in the down and up blocks). MAG-Edit's "16x16 at 512 px" on SD 1.5
+is latent / 4, 1/32 of the image side, read in the down and up blocks
+(``from_where=("up", "down")``); at 1024 px on SDXL latent / 4 is 32x32, the same 1/32
+of the image and the level of SDXL's 10-deep transformers: 50 maps (down_blocks.2 and
+up_blocks.0) instead of SD 1.5's five. SDXL's middle block is at 32x32 too and stays out
+by the same rule (SD 1.5's is at 8x8). The loss averages over the maps. The truncated
 forward then stops after up_blocks.0, so its backward skips SDXL's two finest up blocks.
 
 Fewer passes for a close edit (all off by default, which is MAG-Edit's schedule): fewer
