@@ -4,8 +4,8 @@
 In the first optimised steps, the edit branch's latent takes one gradient step per
 sampling step on two losses over the 16x16 (at 512 px) cross-attention maps of each
 concept word of the target prompt (each map divided by its peak, see peak_normalise).
-The maps are the UNet architecture's (MAG's: every cross-attention layer at latent / 4,
-32x32 at 1024 px on SDXL; see mag.py):
+The maps are the UNet architecture's (MAG's: the cross-attention layers at latent / 4 in
+the down and up blocks, 32x32 at 1024 px on SDXL; see mag.py):
 
   segregation  L_seg = sum_{m>n} sum_ij min(A_m, A_n) / sum_ij (A_m + A_n)
   retention    L_ret = sum_m [1 - sum_ij min(A_m, B_m) / sum_ij (A_m + B_m)]
