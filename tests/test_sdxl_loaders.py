@@ -306,10 +306,10 @@ needs_comfy = pytest.mark.skipif(not COMFY_DIR, reason="set XMGIE_COMFYUI_DIR to
                                  "checkout to check the bridge against it")
 
 
-@pytest.fixture(scope="module")
-def comfy_sdxl(tmp_path_factory):
+def _comfy_loaded(tmp_path_factory, maker: str):
     """ComfyUI (CPU mode, text encoders in fp32 as with --fp32-text-enc) and its own Load
-    Checkpoint's MODEL, CLIP and VAE of a random-weight checkpoint it detects as SDXL."""
+    Checkpoint's MODEL, CLIP and VAE of a random-weight checkpoint written by ``maker``
+    (:mod:`mgie_core.tiny.sdxl_checkpoint`)."""
     sys.path.insert(0, COMFY_DIR)
     import comfy.cli_args
 
@@ -321,14 +321,29 @@ def comfy_sdxl(tmp_path_factory):
 
     from xmgie.mgie_core.tiny import sdxl_checkpoint
 
-    path = tmp_path_factory.mktemp("comfy-sdxl") / "sdxl-comfy.safetensors"
-    sdxl_checkpoint.make_comfy_sdxl_checkpoint(path)
+    path = tmp_path_factory.mktemp("comfy") / f"{maker}.safetensors"
+    getattr(sdxl_checkpoint, maker)(path)
     try:
         yield comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True,
                                                     output_clip=True)[:3]
     finally:
         mm.unload_all_models()
         args.cpu, args.fp32_text_enc = previous
+
+
+@pytest.fixture(scope="module")
+def comfy_sdxl(tmp_path_factory):
+    yield from _comfy_loaded(tmp_path_factory, "make_comfy_sdxl_checkpoint")
+
+
+@pytest.fixture(scope="module")
+def comfy_sd2(tmp_path_factory):
+    yield from _comfy_loaded(tmp_path_factory, "make_comfy_sd2_checkpoint")
+
+
+def _shares(ours: torch.nn.Module, theirs: torch.nn.Module) -> bool:
+    ptrs = {t.untyped_storage().data_ptr() for t in theirs.state_dict().values()}
+    return all(p.untyped_storage().data_ptr() in ptrs for p in ours.parameters())
 
 
 @needs_comfy
@@ -348,8 +363,7 @@ def test_bridge_takes_comfyuis_sdxl_model_clip_and_vae(comfy_sdxl):
         for ours, theirs in ((bridged.unet, model.model.diffusion_model),
                              (bridged.text_encoder, clip.cond_stage_model.clip_l),
                              (bridged.text_encoder_2, clip.cond_stage_model.clip_g)):
-            ptrs = {t.untyped_storage().data_ptr() for t in theirs.state_dict().values()}
-            assert all(p.untyped_storage().data_ptr() in ptrs for p in ours.parameters())
+            assert _shares(ours, theirs)
         prompt = "a photo of a red car"
         cond, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
         emb = diffusion.encode_prompt(bridged, prompt)
@@ -364,4 +378,34 @@ def test_bridge_takes_comfyuis_sdxl_model_clip_and_vae(comfy_sdxl):
                       y=y.to(dtype)).float()
         ours = diffusion.unet_eps(bridged, z, 501, diffusion.pack_condition(cond.float(),
                                                                            pooled.float()))
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@needs_comfy
+def test_bridge_takes_comfyuis_sd2_768_v(comfy_sd2):
+    """ComfyUI's own SD 2.x objects, detected as 768-v: the bridge's model predicts v,
+    reads OpenCLIP-H to its penultimate layer (23 of ComfyUI's 24, shared), and its text
+    features and raw UNet output are ComfyUI's."""
+    import comfy.model_sampling
+    import comfy.supported_models
+
+    model, clip, vae = comfy_sd2
+    assert type(model.model.model_config) is comfy.supported_models.SD20
+    assert isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION)
+    with torch.inference_mode():
+        (bridged,) = SDModelFromComfy().convert(model, clip, vae, "auto")
+        assert bridged.family == "SD 2.x" and bridged.prediction_type == "v_prediction"
+        assert bridged.text_encoder.config.num_hidden_layers == 23
+        assert _shares(bridged.unet, model.model.diffusion_model)
+        assert _shares(bridged.text_encoder, clip.cond_stage_model.clip_h)
+        prompt = "a photo of a red car"
+        cond, _ = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
+        emb = diffusion.encode_prompt(bridged, prompt)
+        torch.testing.assert_close(emb, cond.float(), rtol=1e-4, atol=1e-4)
+        z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        unet = model.model.diffusion_model
+        dtype = next(unet.parameters()).dtype
+        theirs = unet(z.to(dtype), torch.tensor([501]), context=cond.to(dtype)).float()
+        ours = bridged.unet(z.to(bridged.dtype), 501,
+                            encoder_hidden_states=cond.to(bridged.dtype)).sample.float()
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

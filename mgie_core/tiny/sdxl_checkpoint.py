@@ -100,6 +100,25 @@ COMFY_SDXL_UNET = dict(
     projection_class_embeddings_input_dim=2816, norm_num_groups=32)
 
 
+def _fill_small_random(modules, seed: int) -> None:
+    """Materialise meta-device modules in fp16 on the CPU with small random weights
+    (normal, std 0.02; norm weights 1, biases 0) and CLIP's position ids."""
+    g = torch.Generator().manual_seed(seed)
+    for module in modules:
+        module.to_empty(device="cpu").to(torch.float16)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if "norm" in name and name.endswith("weight") and p.ndim == 1:
+                    p.fill_(1.0)
+                elif p.ndim == 1:
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            for name, b in module.named_buffers():
+                if name.endswith("position_ids"):
+                    b.copy_(torch.arange(b.shape[-1]).expand(b.shape))
+
+
 def make_comfy_sdxl_checkpoint(path: Path, seed: int = 0) -> None:
     """A random-weight SDXL checkpoint (fp16, about 2 GB) that a real ComfyUI's Load
     Checkpoint loads as SDXL: the narrowest UNet its detection takes
@@ -122,23 +141,46 @@ def make_comfy_sdxl_checkpoint(path: Path, seed: int = 0) -> None:
             text_encoder=CLIPTextModel(CLIPTextConfig.from_dict(cfg["text_encoder"])),
             text_encoder_2=CLIPTextModelWithProjection(
                 CLIPTextConfig.from_dict(cfg["text_encoder_2"])))
-    g = torch.Generator().manual_seed(seed)
-    for module in modules.values():
-        module.to_empty(device="cpu").to(torch.float16)
-        for name, p in module.named_parameters():
-            with torch.no_grad():
-                if "norm" in name and name.endswith("weight") and p.ndim == 1:
-                    p.fill_(1.0)
-                elif p.ndim == 1:
-                    p.zero_()
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        for name, b in module.named_buffers():
-            if name.endswith("position_ids"):
-                b.copy_(torch.arange(b.shape[-1]).expand(b.shape))
+    _fill_small_random(modules.values(), seed)
     save_file(pipeline_to_ldm(modules["unet"], modules["vae"], modules["text_encoder"],
                               modules["text_encoder_2"], family="sdxl"), str(path))
     _write_configs(path.with_name(path.stem + SIDE_CONFIG_SUFFIX), "StableDiffusionXLPipeline",
                    modules, EulerDiscreteScheduler(**sdxl.EULER_SETTINGS),
                    {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"},
                    {"force_zeros_for_empty_prompt": True})
+
+
+# SD 2.x: ComfyUI's detection compares the context width (1024), 320 model channels and
+# the linear projections; its 768-v test reads output block 11's first norm bias, so the
+# UNet keeps SD 2.x's four levels of two res blocks (at 320 channels each).
+COMFY_SD2_UNET = dict(
+    sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(320,) * 4, attention_head_dim=5, use_linear_projection=True,
+    cross_attention_dim=1024, upcast_attention=True, norm_num_groups=32)
+
+
+def make_comfy_sd2_checkpoint(path: Path, seed: int = 0) -> None:
+    """A random-weight SD 2.x 768-v checkpoint (fp16, about 1 GB) that a real ComfyUI's
+    Load Checkpoint loads as SD 2.x with v-prediction: the narrowest UNet its detection
+    takes (:data:`COMFY_SD2_UNET`), whose output block 11 norm bias is spread as a
+    768-v model's is, SD 2.x's VAE, and OpenCLIP-H with all 24 layers as the published
+    files hold it (SD 2.x reads the penultimate one)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..models.from_ldm import shipped_configs
+
+    path = Path(path)
+    cfg = shipped_configs("sd2")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**COMFY_SD2_UNET)
+        vae = AutoencoderKL.from_config(cfg["vae"])
+        text = CLIPTextModel(CLIPTextConfig.from_dict(
+            {**cfg["text_encoder"], "num_hidden_layers": 24}))
+    _fill_small_random((unet, vae, text), seed)
+    with torch.no_grad():   # the 768-v spread ComfyUI (and the pack's loader) look for
+        bias = unet.up_blocks[3].attentions[2].transformer_blocks[0].norm1.bias
+        bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed)) * 0.2)
+    save_file(pipeline_to_ldm(unet, vae, text, family="sd2"), str(path))
