@@ -338,6 +338,37 @@ def test_sdxl_astar_losses_are_their_formulas_on_the_sdxl_maps(sdxl, inv, mask,
         prev = A
 
 
+def test_sdxl_half_precision_unet_keeps_what_is_optimised_float32(sdxl, z0, mask,
+                                                                 monkeypatch):
+    """A bf16 SDXL UNet (CPU has no fast fp16): null-text's packed embedding (tokens and
+    pooled row) and MAG's latent and loss stay float32, their updates all applied."""
+    import copy
+    import dataclasses
+
+    half = dataclasses.replace(sdxl, unet=copy.deepcopy(sdxl.unet).to(torch.bfloat16),
+                               dtype=torch.bfloat16)
+    null = inversion.invert(half, z0, SRC, method="null_text", steps=STEPS, inner_steps=2)
+    nulls = null.null_embeddings
+    assert nulls.dtype == torch.float32 and torch.isfinite(nulls).all()
+    assert null.updates.counts(inversion.NULL_TEXT).applied == 2 * STEPS
+    empty = diffusion.encode_prompt(sdxl, "")
+    assert (nulls[-1, 0, 77] - empty[0, 77]).abs().max() > 0
+    seen = {}
+    real = MAGControl.loss
+
+    def probe(self, maps, latent_hw):
+        total, act = real(self, maps, latent_hw)
+        seen["loss"], seen["map"] = total.dtype, next(iter(maps.values())).dtype
+        return total, act
+
+    monkeypatch.setattr(MAGControl, "loss", probe)
+    res = sampler.edit(half, null, TGT, mask=mask,
+                       controls=[MAGControl(words=["yellow"], iterations=2)])
+    assert seen == {"loss": torch.float32, "map": torch.bfloat16}
+    assert res.edit.dtype == torch.float32 and torch.isfinite(res.edit).all()
+    assert res.report.counts("MAG").applied == 2 * 2
+
+
 # --- PFB ------------------------------------------------------------------------------------
 
 SDXL_PFB_SITES = [("input", "down_blocks.2.resnets.1"), ("input", "mid_block"),
