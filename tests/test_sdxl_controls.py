@@ -199,6 +199,21 @@ def test_sdxl_layer_choices_are_read_from_the_architecture(sdxl, mask):
     assert arch.map_size((16, 16)) == (4, 4) and arch.map_size((128, 128)) == (32, 32)
 
 
+def test_sdxl_token_rules_address_the_77_token_rows(sdxl):
+    """Prompt-to-prompt's alignment and replace matrix, and the words' positions, are
+    over the 77 token rows (the keys of cross-attention), never the pooled row 77; both
+    SDXL tokenizers put a word at the same positions, so one set of positions addresses
+    both encoders' halves of each row."""
+    ids = diffusion.token_ids(sdxl, SRC)
+    assert len(ids) == 77 == diffusion.encode_prompt(sdxl, SRC).shape[1] - 1
+    assert attention_hooks.token_alignment(ids, diffusion.token_ids(sdxl, TGT)).shape == (77,)
+    assert attention_hooks.replace_mapper(sdxl.tokenizer, SRC, TGT).shape == (77, 77)
+    words = ["red", "carpet", "room"]
+    assert find_word_tokens(sdxl.tokenizer, SRC, words) == \
+        find_word_tokens(sdxl.tokenizer_2, SRC, words)
+    assert max(find_word_tokens(sdxl.tokenizer, SRC, words)) < 77
+
+
 def test_sdxl_self_attention_injection_reaches_every_attention_level(sdxl, z0):
     """SDXL has no attention at the latent's own resolution, so "latent/2 and coarser"
     (P2P's 32x32 and below at 512 px) is every self-attention layer: the edit row's maps
