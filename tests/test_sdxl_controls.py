@@ -199,6 +199,28 @@ def test_sdxl_layer_choices_are_read_from_the_architecture(sdxl, mask):
     assert arch.map_size((16, 16)) == (4, 4) and arch.map_size((128, 128)) == (32, 32)
 
 
+def test_full_size_sdxl_layer_choices_are_the_documented_ones():
+    """On SDXL base's own UNet config (built on the meta device: no weights): 70
+    cross-attention layers; MAG's and A-STAR's 50 maps at 32x32 for 1024 px (the 10-deep
+    transformers of down_blocks.2 and up_blocks.0), their truncated forward stopping in
+    up_blocks.0; CAM's 64 layers; PFB's four sites at 32x32 (docs/algorithms.md §0)."""
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(sdm.CONFIG_DIR.parent / "sdxl" / "unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    arch = architecture_of(unet)
+    assert arch is SDXL
+    assert len(_cross_layers(unet)) == 70
+    maps = guidance.map_layers(unet)
+    assert len(maps) == 50 and {SDXL.level(n) for n in maps} == {2}
+    assert arch.map_size((128, 128)) == (32, 32)
+    assert arch.last_in_execution(maps) == \
+        "up_blocks.0.attentions.2.transformer_blocks.9.attn2"
+    assert len(_cross_layers(unet, SDXL.layers.cam_layers)) == 64
+    assert [(s.hook, s.module) for s in pfb.pfb_diff_sites(unet)] == SDXL_PFB_SITES
+
+
 def test_sdxl_token_rules_address_the_77_token_rows(sdxl):
     """Prompt-to-prompt's alignment and replace matrix, and the words' positions, are
     over the 77 token rows (the keys of cross-attention), never the pooled row 77; both
