@@ -383,5 +383,6 @@ def sd_parts(model, clip, vae):
     vae_part = from_ldm.LDMPart(
         "vae", vae_state, from_ldm.vae_config_from_ldm(
             vae_state, norm_num_groups=_group_norms(first), source=source,
+            base=shipped["vae"],
             scaling_factor=getattr(latent_format, "scale_factor", None)), source)
     return unet_part, text_part, vae_part

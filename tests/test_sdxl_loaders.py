@@ -184,6 +184,44 @@ def test_sd2_single_file_loads_with_v_prediction(root, clean_paths):
         assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in f.keys()
 
 
+def test_sdxl_vae_stays_float32_under_a_float16_unet(root, clean_paths, tmp_path):
+    """SDXL's VAE overflows in float16 (its config says force_upcast): every loader keeps
+    it in float32 next to a float16 UNet; SD 2.x's VAE follows the UNet."""
+    clean_paths.configure(tiny_root=root)
+    xl = sd.load_sd_checkpoint(XL_NAME, dtype="fp16", device="cpu")
+    assert xl.unet.dtype == torch.float16 and xl.vae_dtype == torch.float32
+    assert sd.load_sd_checkpoint(SD2_NAME, dtype="fp16", device="cpu").vae_dtype == \
+        torch.float16
+    with core_nodes.using_context(core_nodes.RunContext(input_dirs=[tmp_path])):
+        parts = core_nodes.CheckpointLoaderSimple().load_checkpoint(XL_NAME)
+    (bridged,) = SDModelFromComfy().convert(*parts, "fp16")
+    assert bridged.unet.dtype == torch.float16 and bridged.vae_dtype == torch.float32
+
+
+def test_sd2_file_with_openclips_unused_tensors_loads(root, clean_paths, tmp_path):
+    """Published SD 2.x files hold OpenCLIP-H whole: a last layer SD 2.x does not read
+    (it takes the penultimate one), the text projection and the logit scale. They are
+    allowed, and left out; a missing tensor of a layer it reads is still refused."""
+    path = _copy_checkpoint(root, tmp_path, "tiny-sd2.safetensors", "sd21-like.safetensors")
+    state = load_file(str(path))
+    pre = "cond_stage_model.model."
+    last = f"{pre}transformer.resblocks.1."
+    extra = {k.replace(last, f"{pre}transformer.resblocks.2."): v.clone()
+             for k, v in state.items() if k.startswith(last)}
+    extra[pre + "text_projection"] = torch.randn(48, 32)
+    extra[pre + "logit_scale"] = torch.tensor(4.6)
+    save_file({**state, **extra}, str(path))
+    clean_paths.configure(models_dir=[tmp_path])
+    got = sd.load_sd_checkpoint("sd21-like.safetensors", dtype="fp32")
+    assert got.text_encoder.config.num_hidden_layers == 2
+    _same_weights(got.text_encoder, _folder(root, "sd2").text_encoder)
+    missing = f"{pre}transformer.resblocks.1.mlp.c_fc.weight"
+    save_file({k: v for k, v in {**state, **extra}.items() if k != missing}, str(path))
+    with pytest.raises(ModelLoadError, match="SD 2.x checkpoint") as err:
+        sd.load_sd_checkpoint("sd21-like.safetensors")
+    assert missing in str(err.value)
+
+
 def test_prediction_type_of_a_file_without_config():
     """What the shipped configs' scheduler takes from the file: the v_pred key, else for
     SD 2.x ComfyUI's rule on one norm bias (768-v models spread it, 512-base ones not)."""

@@ -67,6 +67,7 @@ from .sd import (
     read_checkpoint,
     resolve_checkpoint,
     resolve_dtype,
+    vae_dtype_for,
 )
 from .validate import (
     check_state_dict_keys,
@@ -683,7 +684,8 @@ def sd_from_ldm(unet: LDMPart, vae: LDMPart, text_encoder: LDMPart, *, dtype=Non
 
     ``device`` None: the device of the UNet's tensors. ``dtype`` None: the UNet's dtype
     (fp8 and other dtypes the modules cannot run in become fp16 on CUDA, fp32 elsewhere);
-    the VAE is brought to it, since the pack feeds UNet and VAE the same tensors; the text
+    the VAE is brought to it (SDXL's float32 under a float16 UNet:
+    :func:`.sd.vae_dtype_for`), since the pack feeds UNet and VAE the same tensors; the text
     encoders KEEP their own dtype (they only turn token ids into features, which the pack
     casts to float32: ComfyUI runs its CLIP in fp16 even on the CPU, and so the bridge's
     prompts read as ComfyUI's own). An explicit ``dtype`` applies to all. Tensors
@@ -712,6 +714,8 @@ def sd_from_ldm(unet: LDMPart, vae: LDMPart, text_encoder: LDMPart, *, dtype=Non
         want = dtype
         if part.kind in (TEXT_ENCODER, TEXT_ENCODER_2) and not explicit:
             want = runnable_dtype(_tensor_home(part.state)[1], device)
+        if part.kind == VAE:
+            want = vae_dtype_for(modules[UNET], module, dtype)
         own_dtypes = {t.dtype for t in module.parameters()}
         module.to(device=device)          # no-op for tensors already there (buffers move)
         if own_dtypes != {want}:

@@ -137,6 +137,16 @@ def fit_tokenizer(tokenizer, text_encoder):
     return tokenizer
 
 
+def vae_dtype_for(unet, vae, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a loader gives the VAE next to a UNet in ``dtype``: the same, except
+    float32 for SDXL's VAE under float16 where its config says ``force_upcast`` (it
+    overflows in float16, as diffusers' SDXL pipelines note; ``SDModel.vae_dtype``)."""
+    xl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+    if dtype == torch.float16 and xl and getattr(vae.config, "force_upcast", False):
+        return torch.float32
+    return dtype
+
+
 def _finish(unet, vae, text_encoder, tokenizer, scheduler_config, source: Path,
             device, dtype, text_encoder_2=None, tokenizer_2=None) -> SDModel:
     """Freeze and cast the components on the CPU, then hand them to the model registry,
@@ -151,10 +161,11 @@ def _finish(unet, vae, text_encoder, tokenizer, scheduler_config, source: Path,
     modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
     if text_encoder_2 is not None:
         modules["text_encoder_2"] = text_encoder_2
-    for m in modules.values():
+    for name, m in modules.items():
         m.requires_grad_(False).eval()
-        if next(m.parameters()).dtype != dtype:  # diffusers warns on every same-dtype cast
-            m.to(dtype=dtype)
+        want = vae_dtype_for(unet, vae, dtype) if name == "vae" else dtype
+        if next(m.parameters()).dtype != want:  # diffusers warns on every same-dtype cast
+            m.to(dtype=want)
     model = SDModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                     scheduler=ddim_scheduler(scheduler_config), device=device, dtype=dtype,
                     source=str(source), text_encoder_2=text_encoder_2,
