@@ -78,12 +78,9 @@ SD2_CHECKPOINT = register_family(Family(
               "(v2-1_768-ema-pruned.safetensors), or any SD 2.x fine-tune",
     tiny_name="tiny-sd2.safetensors"))
 
-# How tiny mode tells an SD_CHECKPOINT name's family: by its wording, in this order
-# (a name saying neither is SD 1.x). The loaders also list these families' default names.
-CHECKPOINT_WORDING: tuple[tuple[Family, tuple[str, ...]], ...] = (
-    (SDXL_CHECKPOINT, ("xl",)),
-    (SD2_CHECKPOINT, ("v2", "sd2", "2-1", "2.1", "768-v")),
-)
+# Words by which a name says SDXL or SD 2.x (tiny mode's rule: see tiny_family)
+SDXL_WORDS = ("xl",)
+SD2_WORDS = ("v2", "sd2", "2-1", "2.1", "768-v")
 
 SD_DIFFUSERS = register_family(Family(
     key="sd_diffusers", what="Stable Diffusion 1.x diffusers folder", folder="diffusers",
@@ -291,25 +288,34 @@ def _hf_cache(repo_id: str) -> Path | None:
         return None
 
 
+def _wording() -> dict[str, tuple[tuple[Family, tuple[str, ...]], ...]]:
+    """For a family whose loaders also read SDXL and SD 2.x models (the same folder, the
+    same nodes): those families, each with the words by which a name says it, in order
+    (a name saying none is the family's own)."""
+    return {SD_CHECKPOINT.key: ((SDXL_CHECKPOINT, SDXL_WORDS), (SD2_CHECKPOINT, SD2_WORDS)),
+            SD_DIFFUSERS.key: ((SDXL_DIFFUSERS, SDXL_WORDS), (SD2_DIFFUSERS, SD2_WORDS)),
+            IP2P_DIFFUSERS.key: ((SDXL_IP2P_DIFFUSERS, SDXL_WORDS),)}
+
+
 def tiny_family(family: Family | str, name: str) -> Family:
-    """The family whose tiny model tiny mode gives for ``name``: a checkpoint name that
-    says SDXL or SD 2.x (:data:`CHECKPOINT_WORDING`) gets that family's, so a workflow
-    naming an SDXL file runs on the tiny SDXL; any other name its own family's."""
+    """The family whose tiny model tiny mode gives for ``name``: a checkpoint or folder
+    name that says SDXL or SD 2.x gets that family's (``juggernautXL_v9.safetensors``:
+    the tiny SDXL single file; ``sdxl-instructpix2pix-768``: the tiny SDXL
+    InstructPix2Pix), so a workflow naming an SDXL model runs on the tiny SDXL; any
+    other name its own family's."""
     fam = FAMILIES[family] if isinstance(family, str) else family
-    if fam is SD_CHECKPOINT:
-        low = Path(name or "").name.lower()
-        for other, words in CHECKPOINT_WORDING:
-            if any(w in low for w in words):
-                return other
+    low = Path(name or "").name.lower()
+    for other, words in _wording().get(fam.key, ()):
+        if any(w in low for w in words):
+            return other
     return fam
 
 
 def _default_names(fam: Family) -> list[str]:
-    """The names a loader of ``fam`` offers when nothing is found: its own defaults and,
-    for checkpoints, the SDXL and SD 2.x ones (the same loaders read them)."""
+    """The names a loader of ``fam`` offers when nothing is found: its own defaults, then
+    those of the SDXL and SD 2.x families it also reads."""
     names = list(fam.default_names)
-    if fam is SD_CHECKPOINT:
-        names += [n for other, _ in CHECKPOINT_WORDING for n in other.default_names]
+    names += [n for other, _ in _wording().get(fam.key, ()) for n in other.default_names]
     return names
 
 

@@ -57,18 +57,34 @@ def test_templates_name_an_sdxl_checkpoint_that_tiny_mode_maps_to_the_tiny_sdxl(
     assert paths.tiny_family(paths.SD_CHECKPOINT, "v1-5-pruned-emaonly.safetensors") \
         is paths.SD_CHECKPOINT
     assert SDXL_NAME in paths.SDXL_CHECKPOINT.default_names
+    # folders too: the InstructPix2Pix and diffusers loaders read SDXL and SD 2.x folders
+    assert paths.tiny_family(paths.IP2P_DIFFUSERS, "sdxl-instructpix2pix-768") \
+        is paths.SDXL_IP2P_DIFFUSERS
+    assert paths.tiny_family(paths.IP2P_DIFFUSERS, "instruct-pix2pix") is paths.IP2P_DIFFUSERS
+    assert paths.tiny_family(paths.SD_DIFFUSERS, "stable-diffusion-2-1") is paths.SD2_DIFFUSERS
+    assert paths.tiny_family(paths.SD_DIFFUSERS, "stable-diffusion-xl-base-1.0") \
+        is paths.SDXL_DIFFUSERS
     # the bridge template starts from core Load Checkpoint and goes through the bridge
     bridge = _prompt(TEMPLATES["edit_sdxl"])
     assert {n["class_type"] for n in bridge.values()} >= {"CheckpointLoaderSimple",
                                                            "XMGIESDModelFromComfy", "VAEDecode"}
 
 
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
-def test_template_runs_under_tiny_on_the_tiny_sdxl(name, tmp_path, tiny_env, capsys,
-                                                   monkeypatch):
-    """`xmgie run --tiny` as a user types it: the run loads the tiny SDXL single file
-    (and no SD 1.x one), saves 128 px images, and every optimising control applies
-    updates."""
+SD2_NAME = "v2-1_768-ema-pruned.safetensors"
+RUNS = [("edit_sdxl", None, "tiny-sdxl.safetensors"),
+        ("edit_sdxl_guided", None, "tiny-sdxl.safetensors"),
+        # the same graphs on an SD 2.x 768-v file (v-prediction, OpenCLIP-H)
+        ("edit_sdxl", SD2_NAME, "tiny-sd2.safetensors"),
+        ("edit_sdxl_guided", SD2_NAME, "tiny-sd2.safetensors")]
+
+
+@pytest.mark.parametrize("name,ckpt,tiny_file", RUNS,
+                         ids=[f"{n}-{'sd2' if c else 'sdxl'}" for n, c, _ in RUNS])
+def test_template_runs_under_tiny(name, ckpt, tiny_file, tmp_path, tiny_env, capsys,
+                                  monkeypatch):
+    """`xmgie run --tiny` as a user types it: the run loads the tiny single file of the
+    family the checkpoint name says (and no other), saves 128 px images, and every
+    optimising control applies updates."""
     from xmgie import cli
     from xmgie.mgie_core import paths
 
@@ -83,14 +99,16 @@ def test_template_runs_under_tiny_on_the_tiny_sdxl(name, tmp_path, tiny_env, cap
 
     monkeypatch.setattr(paths, "resolve", recording)
     prompt = _prompt(wf)
-    assert cli.main(["check", str(wf), "--tiny"]) == 0
+    (loader,) = [nid for nid, n in prompt.items() if "ckpt_name" in n["inputs"]]
+    other = ["--set", f"{loader}.ckpt_name={json.dumps(ckpt)}"] if ckpt else []
+    assert cli.main(["check", str(wf), "--tiny", *other]) == 0
     out_dir = tmp_path / "out"
     rc = cli.main(["run", str(wf), "--tiny", "--output-dir", str(out_dir),
-                   *_overrides(prompt)])
+                   *_overrides(prompt), *other])
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     checkpoints = [p.name for p in resolved if p.parent.name == "checkpoints"]
-    assert checkpoints and set(checkpoints) == {"tiny-sdxl.safetensors"}, resolved
+    assert checkpoints and set(checkpoints) == {tiny_file}, resolved
     pngs = list(out_dir.rglob("*.png"))
     assert pngs, printed.out
     for p in pngs:
