@@ -450,23 +450,29 @@ def test_sdxl_pfb_blends_at_the_documented_sites(sdxl, inv, mask):
 
 # --- every control in one run: its updates counted -------------------------------------
 
-def test_every_control_applies_on_sdxl(sdxl, inv, mask, tiny_models, image):
-    """CAM, injection, PFB, MAG, A-STAR and identity guidance chained on the tiny SDXL:
-    each optimising control's updates are all applied (counted in the run's report), and
-    PFB's blend keeps the edit on the photo's trajectory outside the mask."""
+@pytest.mark.parametrize("family", ["sdxl", "sd2"])
+def test_every_control_applies(sdxl, inv, tiny_sd2, mask, tiny_models, image, family):
+    """CAM, injection, PFB, MAG, A-STAR and identity guidance chained on the tiny SDXL
+    and the tiny SD 2.x (v-prediction): each optimising control's updates are all
+    applied (counted in the run's report)."""
+    sd = sdxl if family == "sdxl" else tiny_sd2
+    if family == "sd2":
+        inv = inversion.invert(sd, vae.encode(sd, image).samples, SRC,
+                               method="negative_prompt", steps=STEPS, image_size=(128, 128))
     encoder = id_lib.load_clip_vision(str(tiny_models("clip_vision")), device="cpu")
     emb = idg.embed_identity(encoder, image, mask)
     mag = MAGControl(words=["yellow"], iterations=2)
     star = AStarControl(words=["yellow", "carpet"])
     ident = idg.IdentityGuidance(encoder, emb, start=0.25, end=0.75)
-    res = sampler.edit(sdxl, inv, TGT, mask=mask, cam=sampler.CAMSettings(["yellow"]),
-                       controls=[pfb.PFBControl(), mag, star, ident])
+    blend = pfb.PFBControl()
+    res = sampler.edit(sd, inv, TGT, mask=mask, cam=sampler.CAMSettings(["yellow"]),
+                       controls=[blend, mag, star, ident])
     counts = {name: res.report.counts(name) for name in ("MAG", "A-STAR",
                                                          "identity guidance")}
     assert counts["MAG"].applied == 2 * 2 and counts["A-STAR"].applied == 2
     assert counts["identity guidance"].applied == 2
     assert all(c.total_skipped == 0 for c in counts.values()), counts
-    assert torch.isfinite(res.edit).all()
+    assert torch.isfinite(res.edit).all() and blend.sites
     assert all(h["loss"] > 0 for h in ident.history) and len(mag.history) == 4
 
 
