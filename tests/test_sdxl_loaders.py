@@ -447,3 +447,18 @@ def test_bridge_takes_comfyuis_sd2_768_v(comfy_sd2):
         ours = bridged.unet(z.to(bridged.dtype), 501,
                             encoder_hidden_states=cond.to(bridged.dtype)).sample.float()
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_a_new_unet_on_an_sdxl_model_keeps_both_text_encoders_managed(root, clean_paths):
+    """with_unet (LoRA fine-tuning, MGIE's UNet, MMIG) registers every shared module of
+    an SDXL model with the memory registry, the second text encoder included."""
+    import copy
+
+    from xmgie.mgie_core import memory
+
+    clean_paths.configure(tiny_root=root)
+    base = sd.load_sd_checkpoint(XL_NAME, dtype="fp32")
+    new = sd.with_unet(base, copy.deepcopy(base.unet), "tuned")
+    managed = {e.module for e in memory.registry().entries_of(new)}
+    assert {new.unet, base.vae, base.text_encoder, base.text_encoder_2} <= managed
+    assert new.text_encoder_2 is base.text_encoder_2 and new.tokenizer_2 is base.tokenizer_2

@@ -456,13 +456,15 @@ def load_mgie_unet(name: str, base: SDModel) -> SDModel:
 
 
 def with_unet(sd: SDModel, unet: torch.nn.Module, label: Path | str) -> SDModel:
-    """A new SD model with ``unet`` and ``sd``'s VAE, text encoder, tokenizer and scheduler
-    (shared, not copied), its source ``"<sd's source> + <label>"``, registered with the
-    memory registry as a loader registers a model: the new UNet as ``"<label's name>
-    unet"``, the shared modules under the names they already have. ``sd`` is unchanged."""
+    """A new SD model with ``unet`` and ``sd``'s VAE, text encoder(s), tokenizer(s) and
+    scheduler (shared, not copied), its source ``"<sd's source> + <label>"``, registered
+    with the memory registry as a loader registers a model: the new UNet as ``"<label's
+    name> unet"``, the shared modules under the names they already have. ``sd`` is
+    unchanged."""
     model = dataclasses.replace(sd, unet=unet, source=f"{sd.source} + {label}")
     names = {e.module: e.name for e in memory.registry().entries_of(sd)}
+    shared = {"vae": sd.vae, "text_encoder": sd.text_encoder,
+              "text_encoder_2": sd.text_encoder_2}
     return memory.manage(model, {f"{Path(label).name} unet": unet,
-                                 names.get(sd.vae, "vae"): sd.vae,
-                                 names.get(sd.text_encoder, "text_encoder"): sd.text_encoder},
-                         sd.device)
+                                 **{names.get(m, k): m for k, m in shared.items()
+                                    if m is not None}}, sd.device)
