@@ -232,6 +232,12 @@ def test_prediction_type_of_a_file_without_config():
     assert from_ldm.file_prediction_type(from_ldm.SDXL_LAYOUT, {}) is None
     assert from_ldm.file_prediction_type(from_ldm.SDXL_LAYOUT, {"v_pred": torch.zeros(0)}) \
         == "v_prediction"
+    # an SDXL UNet taking 8 channels gets the shipped SDXL InstructPix2Pix config
+    conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+    assert from_ldm._shipped_config(from_ldm.SDXL_LAYOUT, {conv_in: torch.zeros(320, 8, 3, 3)}) \
+        == from_ldm.CONFIGS_ROOT / "sdxl_ip2p"
+    assert from_ldm._shipped_config(from_ldm.SDXL_LAYOUT, {conv_in: torch.zeros(320, 4, 3, 3)}) \
+        == from_ldm.CONFIGS_ROOT / "sdxl"
     with pytest.raises(ModelLoadError, match="zero-terminal-SNR"):
         from_ldm.detect_layout({"ztsnr": torch.zeros(0)}, "checkpoint", "x.safetensors")
     with pytest.raises(ModelLoadError, match="refiner"):
