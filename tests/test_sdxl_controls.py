@@ -557,3 +557,34 @@ def test_sd2_explicit_attention_scores_are_float32_under_a_half_precision_unet(t
         assert p.dtype == torch.float32, name
         m = pyr.at(layer_hw((16, 16), p.shape[1]), p.device).flatten()
         assert p[:, m < 0.5][..., in_tok].sum() == 0, name
+
+
+def test_sdxl_ip2p_matches_diffusers_sdxl_instructpix2pix_pipeline(ip2p_xl, image):
+    """The instruction sampler on the tiny SDXL InstructPix2Pix gives, with the same seed,
+    what diffusers' StableDiffusionXLInstructPix2PixPipeline gives (Euler ancestral, the
+    image latent unscaled, both encoders' penultimate states, the pooled embedding and
+    the size time ids), with an empty negative prompt encoded as the null condition
+    (the pipeline's default replaces it by zeros)."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLInstructPix2PixPipeline
+
+    ip = ip2p_xl
+    prompt, seed, steps = "make the carpet yellow", 7, 4
+    x = image.permute(0, 3, 1, 2)
+    with torch.no_grad():
+        img_latent = ip.vae.encode(x * 2 - 1).latent_dist.mode()
+    pipe = StableDiffusionXLInstructPix2PixPipeline(
+        vae=ip.vae, text_encoder=ip.text_encoder, text_encoder_2=ip.text_encoder_2,
+        tokenizer=ip.tokenizer, tokenizer_2=ip.tokenizer_2, unet=ip.unet,
+        scheduler=EulerAncestralDiscreteScheduler.from_config(ip.scheduler.config),
+        add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(prompt, image=x, negative_prompt="", num_inference_steps=steps,
+                    guidance_scale=7.5, image_guidance_scale=1.5,
+                    generator=torch.Generator().manual_seed(seed),
+                    output_type="latent").images
+    res = sampler.edit_instruct(ip, img_latent, sampler.encode_instruction(ip, prompt),
+                                steps=steps, seed=seed)
+    torch.testing.assert_close(res.edit, expected, atol=1e-5, rtol=1e-5)
+    other = sampler.edit_instruct(ip, img_latent, sampler.encode_instruction(ip, prompt),
+                                  steps=steps, seed=seed + 1)
+    assert (other.edit - expected).abs().max() > 1e-3
