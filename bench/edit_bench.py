@@ -817,6 +817,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         sd = build_model(args.size, device, dtype)
         results["config"]["build_s"] = time.perf_counter() - t0
+        results["config"]["family"] = sd.family
         # --compile: short edits made eagerly now and again compiled after the warm-up
         # (compile_check; with graphs, every requested mode: b and c are the fast and
         # the seed-faithful edit)
