@@ -356,15 +356,19 @@ class InjectionHook(AttnHook):
                  base_latent_res: int = 64):
         if mapper.ndim not in (1, 2):
             raise ValueError("mapper must be a token alignment (1-D) or a replace matrix (2-D)")
-        if self_max_res is not None and not 0 < self_max_res <= base_latent_res:
-            raise ValueError(f"self_max_res must be in 1..{base_latent_res}, not {self_max_res}")
+        if self_max_res is not None and not self_max_res > 0:
+            from .errors import InputError
+
+            raise InputError("self_max_res", f"is {self_max_res}",
+                             f"a map side at {base_latent_res}x{base_latent_res} latents "
+                             "(SD 1.5 at 512 px), e.g. 32, or None for the model's levels")
         self.mapper = mapper
         self.mode = "replace" if mapper.ndim == 2 else "refine"
         self.cross_steps, self.self_steps = cross_steps, self_steps
         self.self_max_res = self_max_res
         self.source, self.target = source, target
         self.base_latent_res = base_latent_res
-        # the coarsest level that is not injected is below this one
+        # self-attention is injected at this level (latent / 2**level) and coarser
         self.self_min_level = SD1.layers.injection_self_min_level if self_max_res is None \
             else max(0, math.ceil(math.log2(base_latent_res / self_max_res) - 1e-9))
         # Host copy for host-side questions (which target tokens are aligned), so no

@@ -29,6 +29,7 @@ from xmgie.mgie_core import identity_guidance as idg
 from xmgie.mgie_core.architecture import SDXL, architecture_of, layer_hw
 from xmgie.mgie_core.astar import AStarControl
 from xmgie.mgie_core.attention import MaskPyramid
+from xmgie.mgie_core.errors import InputError
 from xmgie.mgie_core.mag import MAGControl
 from xmgie.mgie_core.models import identity as id_lib
 from xmgie.mgie_core.models import sd as sdm
@@ -262,6 +263,8 @@ def test_sdxl_self_attention_injection_reaches_every_attention_level(sdxl, z0):
     for name in names:
         rec, edit = cap.maps[name]
         assert torch.equal(rec, edit) == (SDXL.level(name) == 2), name
+    with pytest.raises(InputError, match="self_max_res"):
+        attention_hooks.InjectionHook(torch.arange(77), 0, 1, self_max_res=0)
 
 
 @pytest.mark.parametrize("mode", ["logits", "probs"])
