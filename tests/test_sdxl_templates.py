@@ -10,37 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from test_shipped_workflows import UPDATES, _overrides, _prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = {"edit_sdxl": ROOT / "workflows" / "edit_sdxl.json",
              "edit_sdxl_guided": ROOT / "workflows" / "edit_sdxl_guided.json"}
 SDXL_NAME = "sd_xl_base_1.0.safetensors"
-FAST = {"steps": 3, "inner_steps": 2, "iterations": 2, "only_people": False}
-UPDATES = re.compile(r"^(?:\[\d+\] )?([^:\n]+): (\d+) update\(s\) applied, (\d+) skipped",
-                     re.M)
-
-
-def _prompt(wf: Path) -> dict:
-    from xmgie import cli
-    from xmgie.runner import workflow_ui
-
-    return workflow_ui.to_api(json.loads(wf.read_text()), cli.build_registry())
-
-
-def _overrides(prompt: dict) -> list[str]:
-    from xmgie.runner import engine
-
-    sets = [f"{nid}.{name}={json.dumps(value)}" for nid, node in prompt.items()
-            for name, value in FAST.items()
-            if name in node["inputs"] and not engine.is_link(node["inputs"][name])]
-    return [a for s in sets for a in ("--set", s)]
 
 
 def test_templates_name_an_sdxl_checkpoint_that_tiny_mode_maps_to_the_tiny_sdxl():
