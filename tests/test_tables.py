@@ -1,5 +1,5 @@
 """The table commands and attribute accuracy inside ``xmgie eval``: datasets in their
-published layouts (CUB-200-2011, Oxford-102, CelebA-HQ) through ``xmgie batch --tiny``, ``xmgie
+published layouts (all six of Table 1) through ``xmgie batch --tiny``, ``xmgie
 eval`` (AA with a classifier whose every answer is known, against a hand computation)
 and ``xmgie table1`` / ``xmgie table2`` (layout, directions and counts in the CSV,
 Markdown and LaTeX files)."""
@@ -261,3 +261,39 @@ def test_dataset_hooks_give_each_attribute_its_wording(tmp_path):
                                 "object": "person"})
     assert manifest.specs([plain])["smiling"].prompt("yes", "person") == \
         "a photo of a person that is smiling"
+
+
+def test_table1_rows_for_coco_cars_and_deepfashion(tmp_path, tiny_env, capsys):
+    """The other three datasets of Table 1 (MS-COCO, Stanford Cars, DeepFashion) go the
+    same way: each adapter's batch, its evaluation with AA on the adapter's own attribute
+    wording, one Table 1 row each with the items behind every cell."""
+    from test_datasets_cars import make_devkit
+    from test_datasets_coco import make_coco
+    from test_datasets_deepfashion import make_deepfashion
+
+    from xmgie import cli
+    from xmgie.evaluation.report import format_value
+    from xmgie.runner.dataset import load_dataset
+
+    folders = {"MS-COCO": (make_coco(tmp_path / "coco"), "val"),
+               "Stanford Cars": (make_devkit(tmp_path / "cars"), "test"),
+               "DeepFashion": (make_deepfashion(tmp_path / "df"), "test")}
+    runs = []
+    for label, (folder, split) in folders.items():
+        run = tmp_path / f"run-{label.replace(' ', '-')}"
+        assert batch(folder, run, "--split", split) == 0
+        assert cli.main(["eval", str(run), "--tiny", "--fid-feature", "64", "--no-pictures",
+                         "--metrics", "fid,psnr,aa,aa_ceiling"]) == 0, capsys.readouterr()
+        runs.append((label, run, len(load_dataset(folder, split=split))))
+    out = tmp_path / "tables"
+    assert cli.main(["table1", *(str(r) for _, r, _ in runs), "--out", str(out),
+                     "--metrics", "fid,psnr,aa"]) == 0
+    rows = _read_csv(out / "table1.csv")
+    assert [r[0] for r in rows[1:]] == [label for label, _, _ in runs]
+    md = (out / "table1.md").read_text()
+    for line, (label, run, n_items) in zip(rows[1:], runs):
+        jrow = json.loads((run / "eval" / "table.json").read_text())["rows"][0]
+        # every item of the split ran and is an attribute edit the classifier read
+        assert jrow["n"]["psnr"] == jrow["n"]["aa"] == n_items > 0
+        assert line[5:7] == [format_value(jrow["values"]["aa"]), str(n_items)]
+        assert f"| {label} | " in md and f"(n={n_items})" in md
