@@ -20,9 +20,9 @@ class AttentionMask:
                    "sharper mask; without one (SAM not connected, or its loader bypassed), "
                    "or when SAM's mask falls apart at the attention resolution (1/32 of "
                    "the image), the attention mask itself is the result. With an edit plan, "
-                   "the word is the plan's object. Needs a text-to-image SD 1.x model (not an "
-                   "instruction model). Also returns the attention map as a heat map "
-                   "preview.")
+                   "the word is the plan's object. Needs a text-to-image SD 1.x, SD 2.x or "
+                   "SDXL model (not an instruction model). Also returns the attention map as "
+                   "a heat map preview.")
     RETURN_TYPES = ("MASK", "IMAGE")
     RETURN_NAMES = ("mask", "heat_map")
     FUNCTION = "run"
@@ -31,8 +31,9 @@ class AttentionMask:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "sd_model": (SD_MODEL, inp("Text-to-image SD 1.x model (4-channel UNet) whose "
-                                           "cross-attention locates the word.")),
+                "sd_model": (SD_MODEL, inp("Text-to-image SD 1.x, SD 2.x or SDXL model "
+                                           "(4-channel UNet) whose cross-attention "
+                                           "locates the word.")),
                 "image": ("IMAGE", inp("Image(s) to find the object in, any size (a photo "
                                        "is reflect-padded to the model's 64 px step for "
                                        "the UNet pass; the mask has the photo's size).")),

@@ -68,9 +68,9 @@ class SAMSegment:
         }, "optional": {
             "plan": plan_input("the prompt when no points or box are typed: the box of "
                                "the attention mask of the plan's object"),
-            "sd_model": (SD_MODEL, inp("Text-to-image SD 1.x model whose cross-attention "
-                                       "finds the plan's object (only with a plan and no "
-                                       "points or box).")),
+            "sd_model": (SD_MODEL, inp("Text-to-image SD 1.x, SD 2.x or SDXL model whose "
+                                       "cross-attention finds the plan's object (only with "
+                                       "a plan and no points or box).")),
         }}
 
     def segment(self, image, sam, points, negative_points, box, multimask, plan=None,
@@ -85,7 +85,8 @@ class SAMSegment:
         if not any(prompts(image[0])) and plan is not None:
             if sd_model is None:
                 raise InputError("sd_model", "is not connected, but the plan's object must "
-                                 "be found to prompt SAM", "a text-to-image SD 1.x model",
+                                 "be found to prompt SAM",
+                                 "a text-to-image SD 1.x, SD 2.x or SDXL model",
                                  "Connect the SD model, or type points or a box.")
             prompt, word = masks_lib.prompt_and_word("", "", plan)
             return (torch.stack([masks_lib.attention_mask_sam(sd_model, sam, img.clone()[None],
