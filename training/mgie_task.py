@@ -58,7 +58,7 @@ from ..mgie_core.errors import InputError
 from ..mgie_core.models.mgie import IM_PATCH, IMG_TOKENS, MGIEModel
 from ..mgie_core.models.mgie import trained as mgie_trained
 from .config import TrainConfigError, merge_section
-from .task import load_trainable_state, unwrap
+from .task import NoCritic, load_trainable_state, unwrap
 
 IGNORE = -100
 DEFAULT_MODEL: dict[str, Any] = {
@@ -547,11 +547,10 @@ def _without_embeddings(body: nn.Module, deep: bool) -> nn.Module:
     return new
 
 
-class MGIETask:
+class MGIETask(NoCritic):
     """The :class:`training.task.TrainTask` of MGIE (module docstring)."""
 
     name = "mgie"
-    critic = None
 
     def __init__(self, model: MGIETrainModel, accelerator, settings: MGIESettings,
                  source: dict[str, Any]):
@@ -560,12 +559,6 @@ class MGIETask:
         self.settings = settings
         self.source = source
         self.weights = {"ins": 1.0, "edit": settings.edit_weight}
-
-    def generator_adversarial(self, critic, fake):  # no critic in MGIE's objective
-        raise NotImplementedError("MGIE's objective has no adversarial term")
-
-    def critic_loss(self, critic, real, fake):
-        raise NotImplementedError("MGIE's objective has no adversarial term")
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         m = unwrap(model, MGIETrainModel)

@@ -75,7 +75,7 @@ from ..mgie_core.errors import InputError
 from ..mgie_core.models.mgie import IM_PATCH
 from .config import TrainConfigError, merge_section
 from .mgie_task import IGNORE, MGIETrainModel, _compute_dtype
-from .task import load_trainable_state, unwrap
+from .task import NoCritic, load_trainable_state, unwrap
 from .xmgie_task import LORA_DEFAULT_TARGETS, LORA_FOLDER, LORA_WEIGHTS, _add_lora
 
 NAME = "mmig"
@@ -591,11 +591,10 @@ def trainable_counts(model: nn.Module) -> dict[str, int]:
 
 # -- the task ---------------------------------------------------------------------------------
 
-class MMIGTask:
+class MMIGTask(NoCritic):
     """The :class:`training.task.TrainTask` of MMIG's stages (module docstring)."""
 
     name = NAME
-    critic = None
 
     def __init__(self, model: MMIGModel, accelerator, s: MMIGSettings, source: dict):
         self.model = model
@@ -603,12 +602,6 @@ class MMIGTask:
         self.settings = s
         self.weights = dict(s.weights)
         self.source = source
-
-    def generator_adversarial(self, critic, fake):  # no critic in MMIG's objective
-        raise NotImplementedError("MMIG's objective has no adversarial term")
-
-    def critic_loss(self, critic, real, fake):
-        raise NotImplementedError("MMIG's objective has no adversarial term")
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         m = unwrap(model, MMIGModel)

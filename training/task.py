@@ -73,6 +73,21 @@ class TrainTask(Protocol):
 
 # --- what both tasks share -----------------------------------------------------------------
 
+class NoCritic:
+    """The two critic methods of a task whose objective has no adversarial term (MGIE's,
+    MMIG's): ``critic`` is None, so the engine never calls them."""
+
+    name: str
+    critic = None
+
+    def generator_adversarial(self, critic: nn.Module, fake: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name}'s objective has no adversarial term")
+
+    def critic_loss(self, critic: nn.Module, real: torch.Tensor, fake: torch.Tensor
+                    ) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name}'s objective has no adversarial term")
+
+
 def unwrap(model: nn.Module, cls: type[M]) -> M:
     """The task's own module ``cls`` inside what the engine hands back (DDP's and
     accelerate's ``.module``, torch.compile's ``._orig_mod`` wrappers peeled off)."""
