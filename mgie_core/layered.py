@@ -262,6 +262,21 @@ FINETUNE = "LayerDiffusion LoRA"
 EVAL_DRAWS = 4     # fixed (t, eps) draws on which a stage's loss is reported before/after
 
 
+def joined_condition(e_a: torch.Tensor, e_b: torch.Tensor, pooled_rows: int = 0
+                     ) -> torch.Tensor:
+    """Eq. 15's condition ``[e_a, e_b]``: the two embeddings' token rows one after the
+    other. On SDXL (``pooled_rows`` 1: each embedding ends with its pooled row, see
+    :func:`mgie_core.diffusion.split_condition`) the token rows are joined and one pooled
+    row follows, the mean of the two."""
+    if not pooled_rows:
+        return torch.cat([e_a, e_b], 1)
+    return torch.cat([e_a[:, :-1], e_b[:, :-1], 0.5 * (e_a[:, -1:] + e_b[:, -1:])], 1)
+
+
+def _pooled_rows(sd: SDModel) -> int:
+    return 1 if getattr(sd, "text_encoder_2", None) is not None else 0
+
+
 def embedding_loss(sd: SDModel, z0: torch.Tensor, mask: torch.Tensor, e_a: torch.Tensor,
                    e_b: torch.Tensor, *, draws: int = EVAL_DRAWS, seed: int = 1234
                    ) -> float:
@@ -269,7 +284,7 @@ def embedding_loss(sd: SDModel, z0: torch.Tensor, mask: torch.Tensor, e_a: torch
     (t, eps) draws (the same for every call with one ``seed``): how a stage's report
     compares before and after."""
     gen = torch.Generator("cpu").manual_seed(seed)
-    cond = torch.cat([e_a, e_b], 1)
+    cond = joined_condition(e_a, e_b, _pooled_rows(sd))
     total = 0.0
     with torch.no_grad():
         for _ in range(draws):
@@ -308,11 +323,13 @@ def optimise_embeddings(sd: SDModel, image_latents: torch.Tensor, mask: torch.Te
         eb = e_b.detach().to(sd.device, torch.float32).clone().requires_grad_(True)
         before = embedding_loss(sd, z0, m, ea.detach(), eb.detach())
         opt = torch.optim.Adam([ea, eb], lr=lr)
+        pooled = _pooled_rows(sd)
         gen = torch.Generator("cpu").manual_seed(int(seed))
         with host.progress(steps, EMBEDDINGS) as bar:
             for k in range(steps):
                 t, eps, zt = _draw(sd, z0, gen)
-                loss = masked_noise_loss(eps, unet_eps(sd, zt, t, torch.cat([ea, eb], 1)), m)
+                cond = joined_condition(ea, eb, pooled)
+                loss = masked_noise_loss(eps, unet_eps(sd, zt, t, cond), m)
                 if not loss.requires_grad:
                     raise GradientError(EMBEDDINGS, k, *why_no_gradient(loss, ea))
                 opt.zero_grad(set_to_none=True)

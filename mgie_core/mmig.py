@@ -315,14 +315,20 @@ def default_site(unet) -> str:
     """The block whose output MMSM replaces by default: the first up block whose output
     is at the resolution where the pack reads cross-attention (latent/4: 16x16 at 512 px
     on SD 1.x, ``up_blocks.0`` after its upsampler), so the fused features feed every
-    cross-attention layer of the decoder at that resolution (docs/algorithms.md §15)."""
-    from .architecture import architecture_of
+    cross-attention layer of the decoder at that resolution (docs/algorithms.md §15); on
+    SDXL, whose lowest level that is, the middle block."""
+    from .architecture import MID, architecture_of
 
     arch = architecture_of(unet)
     level = int(math.log2(CROSS_ATTENTION_FACTOR))
     for i in range(arch.levels):
         if arch.block_output_level(f"up_blocks.{i}") == level:
             return f"up_blocks.{i}"
+    # SDXL: latent/4 is its lowest level, so no up block outputs there; the middle block
+    # does, and its output is what the decoder's first cross-attention blocks at that
+    # level (up_blocks.0, 10 deep) read: the same role as SD 1.x's up_blocks.0.
+    if arch.block_output_level(MID) == level:
+        return MID
     raise InputError("unet", f"({arch.name}) has no up block whose output is at latent/"
                      f"{CROSS_ATTENTION_FACTOR}", "a UNet with that level", "Name a site.")
 

@@ -88,7 +88,7 @@ class LayeredEmbeddingsNode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "sd_model": (SD_MODEL, inp("Text-to-image SD 1.x model.")),
+            "sd_model": (SD_MODEL, inp("Text-to-image model (SD 1.x or SDXL).")),
             "image": ("IMAGE", inp("The photo to edit.")),
             "mask": _MASK,
             "object_description": ("STRING", inp("From xMGIE Layered Descriptions.",
@@ -156,7 +156,7 @@ class LayeredFineTune:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "sd_model": (SD_MODEL, inp("Text-to-image SD 1.x model (left unchanged).")),
+            "sd_model": (SD_MODEL, inp("Text-to-image model, SD 1.x or SDXL (left unchanged).")),
             "image": ("IMAGE", inp("The photo to edit.")),
             "mask": _MASK,
             "embeddings": (LAYERED, inp("Mixed embeddings, from xMGIE Layered Mix.")),

@@ -174,6 +174,15 @@ def test_finetuning_lowers_both_losses_edits_inside_and_leaves_the_model(tiny_sd
     dz = (res.edit - p["z0"]).abs().mean(1, keepdim=True)
     assert dz[p["lm"] > 0.5].mean() > 0.05
     assert dz[p["lm"] <= 0.5].max() < 1e-5
+    # what the fine-tuning itself changes: the same edit with the untuned model differs
+    # inside the object (the tuned UNet draws the object layer) and nowhere outside
+    base = layered.layered_edit(tiny_sd, p["z0"], e_opt, source_prompt=SRC,
+                                target_prompt=TGT, mask=m, steps=4,
+                                controls=[astar.AStarControl(["yellow", "carpet"])],
+                                fit=p["lat"].fit)
+    by_tuning = (res.edit - base.edit).abs().mean(1, keepdim=True)
+    assert by_tuning[p["lm"] > 0.5].mean() > 1e-3, by_tuning.max()
+    assert by_tuning[p["lm"] <= 0.5].max() < 1e-5
 
 
 def test_time_budget_stops_the_finetuning(tiny_sd, prepared):
@@ -274,3 +283,33 @@ def test_template_runs_under_tiny_with_every_optimisation_applied(tmp_path, tiny
     assert applied.get(layered.FINETUNE) == 3, printed.out
     assert applied.get("A-STAR", 0) > 0, printed.out
     assert list(tmp_path.rglob("*.png"))
+
+
+def test_layered_edit_on_sdxl(tiny_sdxl, photo):
+    """On SDXL each embedding ends with its pooled row: eq. 15 joins the token rows and
+    one pooled row (the two's mean); the chain runs and each stage's updates apply."""
+    sd = tiny_sdxl
+    img, m = photo
+    lat = vae.encode_photo(sd, img)
+    z0 = lat.samples
+    lm = layered.latent_mask(m, tuple(z0.shape[-2:]))
+    e_a = encode_prompt(sd, "a photo of a yellow carpet")
+    e_b = encode_prompt(sd, "a photo of the scene in a room")
+    assert e_a.shape[1] == 78                    # 77 token rows and the pooled row
+    joined = layered.joined_condition(e_a, e_b, 1)
+    assert joined.shape[1] == 155
+    torch.testing.assert_close(joined[:, -1], (e_a[:, -1] + e_b[:, -1]) / 2)
+    ea, eb, report = layered.optimise_embeddings(sd, z0, lm, e_a, e_b, steps=3, lr=1e-2)
+    assert report.get(layered.EMBEDDINGS).applied == 3
+    assert not torch.equal(ea[:, -1], e_a[:, -1])      # the pooled rows are optimised too
+    e_opt = layered.mix_embeddings(ea, eb)
+    tuned, report = layered.finetune_lora(sd, z0, lm, e_opt, steps=3, lr=1e-3)
+    assert report.get(layered.FINETUNE).applied == 3
+    assert tuned.text_encoder_2 is sd.text_encoder_2
+    res = layered.layered_edit(tuned, z0, e_opt, source_prompt=SRC, target_prompt=TGT,
+                               mask=m, steps=3,
+                               controls=[astar.AStarControl(["yellow", "carpet"])],
+                               fit=lat.fit)
+    assert res.report.get("A-STAR").applied > 0
+    dz = (res.edit - z0).abs().mean(1, keepdim=True)
+    assert dz[lm > 0.5].mean() > 1e-3 and dz[lm <= 0.5].max() < 1e-5

@@ -190,6 +190,35 @@ def test_mmsm_shapes_and_no_effect_at_initialisation(tiny_sd):
         hook.remove()
 
 
+def test_mmsm_on_sdxl_sits_on_the_middle_block(tiny_sdxl):
+    """SDXL's lowest level is latent/4, so no up block outputs there: MMSM's default site
+    is the middle block, whose output the 10-deep up blocks at that level read. MMSM is
+    the identity there at initialisation and changes the UNet once DD moves."""
+    from xmgie.mgie_core.diffusion import encode_prompt, unet_eps
+
+    sd = tiny_sdxl
+    site = mmig.default_site(sd.unet)
+    assert site == "mid_block"
+    channels = mmig.site_channels(sd.unet, site)
+    assert channels == sd.unet.config.block_out_channels[-1]
+    m = mmig.MMSM(16, channels, hidden=16, heads=2)
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    emb = encode_prompt(sd, "a photo of a yellow carpet")
+    ref = unet_eps(sd, z, 500, emb)
+    hook = mmig.attach_mmsm(sd.unet, m)
+    try:
+        hook.set_text(torch.randn(1, 5, 16))
+        assert torch.equal(unet_eps(sd, z, 500, emb), ref)
+        assert hook.last.e6.shape[-2:] == (4, 4)             # latent/4
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        assert not torch.allclose(unet_eps(sd, z, 500, emb), ref)
+    finally:
+        hook.remove()
+    assert torch.equal(unet_eps(sd, z, 500, emb), ref)
+
+
 def test_one_step_on_mmsm_changes_the_unet_and_only_mmsm_trains(tiny_sd):
     unet = tiny_sd.unet
     m = mmig.MMSM(32, mmig.site_channels(unet, "up_blocks.0"), hidden=32, heads=4)
