@@ -69,6 +69,9 @@ def main(args) -> int:
     except XMGIEError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE if str(exc).startswith("--metrics") else EXIT_FAILED
+    except OSError as exc:         # an unreadable result or an unwritable --out
+        print(f"error: {exc.strerror or exc}: {exc.filename or args.out}", file=sys.stderr)
+        return EXIT_FAILED
     print(table.markdown.split("\n\n", 1)[1].split("\nSources:")[0].rstrip())
     print(f"Wrote {', '.join(str(f) for f in files)}.")
     return EXIT_OK

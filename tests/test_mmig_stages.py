@@ -321,3 +321,25 @@ def test_mixed_precision_with_checkpointing_keeps_trained_tensors_float32(env, b
     assert all(torch.isfinite(g).all() for g in grads.values())
     # llm.: the adapters inside the layers; adapters.: the modality embedding
     assert {k.split(".")[0] for k in grads} == {"llm", "adapters", "mmsm", "unet"}
+
+
+def test_a_lora_missing_a_tensor_is_refused_at_init(stages, tmp_path):
+    """A stage's model.init whose unet_lora lacks one adapter tensor is refused naming
+    the key (peft would load the rest and leave that adapter at its initialisation)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from xmgie.training import engine
+    from xmgie.training.config import TrainConfigError
+    from xmgie.training.xmgie_task import LORA_FOLDER, LORA_WEIGHTS
+
+    init = tmp_path / "final"
+    shutil.copytree(stages(3)["final"], init)
+    weights = init / LORA_FOLDER / LORA_WEIGHTS
+    state = load_file(str(weights))
+    dropped = sorted(state)[0]
+    del state[dropped]
+    save_file(state, str(weights))
+    with pytest.raises(TrainConfigError, match=r"model\.init.*lacks"):
+        engine.train(_config(4, **{"model.init": str(init)}), tmp_path / "run", max_steps=1)

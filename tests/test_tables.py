@@ -297,3 +297,9 @@ def test_table1_rows_for_coco_cars_and_deepfashion(tmp_path, tiny_env, capsys):
         assert jrow["n"]["psnr"] == jrow["n"]["aa"] == n_items > 0
         assert line[5:7] == [format_value(jrow["values"]["aa"]), str(n_items)]
         assert f"| {label} | " in md and f"(n={n_items})" in md
+    # an --out that cannot be written is one error line, not a traceback
+    (tmp_path / "a-file").write_text("")
+    capsys.readouterr()
+    assert cli.main(["table1", str(runs[0][1]), "--out", str(tmp_path / "a-file" / "t")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "a-file" in err and "Traceback" not in err

@@ -724,9 +724,13 @@ def _init_from(folder: Path, adapters: nn.Module, mmsm: nn.Module, unet: nn.Modu
         state = load_file(str(lora_dir / LORA_WEIGHTS))
         state = {k[len("unet."):] if k.startswith("unet.") else k: v for k, v in state.items()}
         result = set_peft_model_state_dict(unet, state)
-        if getattr(result, "unexpected_keys", None):
+        # missing_keys lists the whole UNet (peft loads non-strictly): only a LoRA tensor
+        # the file lacks means a partial load
+        missing = [k for k in getattr(result, "missing_keys", ()) if "lora_" in k]
+        if getattr(result, "unexpected_keys", None) or missing:
             raise TrainConfigError(source, "model.init", f"{lora_dir}'s LoRA does not fit "
-                                   "this stage's model.unet_lora",
+                                   "this stage's model.unet_lora"
+                                   + (f" (it lacks {missing[0]})" if missing else ""),
                                    "the same rank and target modules")
 
 
