@@ -255,6 +255,22 @@ def _finite_grad(params: list[torch.Tensor], loss: torch.Tensor, stage: str, ste
     return bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all())
 
 
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.Tensor],
+          stage: str, k: int, report: UpdateReport) -> None:
+    """One optimiser step of ``stage`` on ``loss``, counted in ``report``: applied, or
+    skipped when a gradient is not finite (a loss without a graph raises)."""
+    if not loss.requires_grad:
+        raise GradientError(stage, k, *why_no_gradient(loss, params[0]))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if _finite_grad(params, loss, stage, k):
+        opt.step()
+        report.applied(stage)
+    else:
+        log.warning("%s: non-finite gradient at step %d; skipped", stage, k)
+        report.skipped(stage, "non-finite gradient")
+
+
 # --- eq. 15: the two embeddings --------------------------------------------------------------
 
 EMBEDDINGS = "LayerDiffusion embeddings"     # the stage's name in reports and errors
@@ -330,16 +346,7 @@ def optimise_embeddings(sd: SDModel, image_latents: torch.Tensor, mask: torch.Te
                 t, eps, zt = _draw(sd, z0, gen)
                 cond = joined_condition(ea, eb, pooled)
                 loss = masked_noise_loss(eps, unet_eps(sd, zt, t, cond), m)
-                if not loss.requires_grad:
-                    raise GradientError(EMBEDDINGS, k, *why_no_gradient(loss, ea))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if _finite_grad([ea, eb], loss, EMBEDDINGS, k):
-                    opt.step()
-                    report.applied(EMBEDDINGS)
-                else:
-                    log.warning("%s: non-finite gradient at step %d; skipped", EMBEDDINGS, k)
-                    report.skipped(EMBEDDINGS, "non-finite gradient")
+                _step(opt, loss, [ea, eb], EMBEDDINGS, k, report)
                 bar.update()              # checks the host's interruption
         ea, eb = ea.detach(), eb.detach()
         after = embedding_loss(sd, z0, m, ea, eb)
@@ -433,16 +440,7 @@ def finetune_lora(sd: SDModel, image_latents: torch.Tensor, mask: torch.Tensor,
                 t, eps, zt = _draw(sd, z0, gen)
                 l_fg, l_bg = layered_losses(eps, unet_eps(tuned, zt, t, cond), m_t, m_r)
                 loss = l_fg + l_bg
-                if not loss.requires_grad:
-                    raise GradientError(FINETUNE, k, *why_no_gradient(loss, params[0]))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if _finite_grad(params, loss, FINETUNE, k):
-                    opt.step()
-                    report.applied(FINETUNE)
-                else:
-                    log.warning("%s: non-finite gradient at step %d; skipped", FINETUNE, k)
-                    report.skipped(FINETUNE, "non-finite gradient")
+                _step(opt, loss, params, FINETUNE, k, report)
                 bar.update()              # checks the host's interruption
     with grad_mode.loading():
         unet.fuse_lora()
