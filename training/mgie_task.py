@@ -186,6 +186,20 @@ def clip_pixels(images: torch.Tensor, processor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def prompt_view(model: nn.Module, mgie: MGIEModel) -> None:
+    """Set on ``model`` the plain attributes (not modules) that MGIETrainModel's sequence
+    and image-feature methods read: the tokenizer and MGIE's prompt settings (the MMIG
+    task's model reuses those methods and sets the same view)."""
+    model.mgie = dataclasses.replace(mgie)   # a view for prompt()/tokens; never run
+    model.tokenizer = mgie.tokenizer
+    model.processor = mgie.image_processor
+    model.select_layer = mgie.select_layer
+    model.num_patches = mgie.num_patches
+    model.img_ids = mgie.img_ids
+    model.patch_id = mgie.token_id(IM_PATCH)
+    model.context = mgie.context_length()
+
+
 class MGIETrainModel(nn.Module):
     """Everything of one MGIE generator step; ``forward(batch)`` returns the loss dict."""
 
@@ -203,15 +217,7 @@ class MGIETrainModel(nn.Module):
         self.vae = sd.vae                 # frozen
         self.peft = peft
         self.body_trains = body_trains
-        # Plain attributes (not modules): the tokenizer and MGIE's prompt settings.
-        self.mgie = dataclasses.replace(mgie)   # a view for prompt()/tokens; never run
-        self.tokenizer = mgie.tokenizer
-        self.processor = mgie.image_processor
-        self.select_layer = mgie.select_layer
-        self.num_patches = mgie.num_patches
-        self.img_ids = mgie.img_ids
-        self.patch_id = mgie.token_id(IM_PATCH)
-        self.context = mgie.context_length()
+        prompt_view(self, mgie)
         self.scaling = float(sd.vae.config.scaling_factor)
         self.p_text, self.p_image, self.edit_weight = s.p_text, s.p_image, s.edit_weight
         sched = sd.scheduler

@@ -72,9 +72,8 @@ from torch import nn
 
 from ..mgie_core import losses
 from ..mgie_core.errors import InputError
-from ..mgie_core.models.mgie import IM_PATCH
 from .config import TrainConfigError, merge_section
-from .mgie_task import IGNORE, MGIETrainModel, _compute_dtype
+from .mgie_task import IGNORE, MGIETrainModel, _compute_dtype, prompt_view
 from .task import NoCritic, load_trainable_state, unwrap
 from .xmgie_task import LORA_DEFAULT_TARGETS, LORA_FOLDER, LORA_WEIGHTS, _add_lora
 
@@ -234,15 +233,7 @@ class MMIGModel(nn.Module):
         self.weights = s.weights
         self.llm_trains = "llm" in s.train
         self.llm_checkpointing = llm_checkpointing   # transformers checkpoints in train mode
-        # plain attributes the reused MGIE methods read
-        self.mgie = dataclasses.replace(mgie)
-        self.tokenizer = mgie.tokenizer
-        self.processor = mgie.image_processor
-        self.select_layer = mgie.select_layer
-        self.num_patches = mgie.num_patches
-        self.img_ids = mgie.img_ids
-        self.patch_id = mgie.token_id(IM_PATCH)
-        self.context = mgie.context_length()
+        prompt_view(self, mgie)          # plain attributes the reused MGIE methods read
         self.sd_tokenizer = sd.tokenizer
         self.sd_source = sd.source
         self.blip2_processor = blip2.processor if blip2 is not None else None
